@@ -1,0 +1,200 @@
+//! paygate-api-log: the append-only SQL log of every downstream request and
+//! response (`api_logs`, DESIGN.md §3).
+//!
+//! The confirm saga writes a `REQUEST` row *before* each downstream call and a
+//! `RESPONSE` or `ERROR` row after it (invariant I3): if the `REQUEST` row
+//! cannot be written, the call is not made. Bodies are scrubbed of card data
+//! and secrets ([`paygate_core::masking::scrub_json`]) before they are stored.
+
+use paygate_core::{masking::scrub_json, PaymentId};
+use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
+use sqlx::Row;
+
+/// Which downstream a row is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The card company's API.
+    CardApi,
+    /// The internal ledger.
+    LedgerApi,
+}
+
+impl Target {
+    /// Stored spelling: `card_api`, `ledger_api`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::CardApi => "card_api",
+            Self::LedgerApi => "ledger_api",
+        }
+    }
+}
+
+/// What a row records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Written before the call.
+    Request,
+    /// An HTTP answer arrived (any status).
+    Response,
+    /// No answer: timeout, connection failure, unreadable body.
+    Error,
+}
+
+impl Kind {
+    /// Stored spelling: `REQUEST`, `RESPONSE`, `ERROR`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Request => "REQUEST",
+            Self::Response => "RESPONSE",
+            Self::Error => "ERROR",
+        }
+    }
+}
+
+/// A row to append.
+#[derive(Clone, Debug)]
+pub struct LogEntry<'a> {
+    /// The payment the call is for.
+    pub payment_id: &'a PaymentId,
+    /// The downstream.
+    pub target: Target,
+    /// Request, response or error.
+    pub kind: Kind,
+    /// Attempt number of this call, from 1.
+    pub attempt: i32,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path (no host, no query secrets).
+    pub path: &'a str,
+    /// HTTP status of the answer.
+    pub status_code: Option<i32>,
+    /// JSON body; scrubbed before it is stored.
+    pub body: Option<serde_json::Value>,
+    /// Time from the request to this row, ms.
+    pub latency_ms: Option<i64>,
+}
+
+/// A stored row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredLogEntry {
+    /// Row id (insertion order).
+    pub id: i64,
+    /// `pay_...`.
+    pub payment_id: String,
+    /// `card_api` or `ledger_api`.
+    pub target: String,
+    /// `REQUEST`, `RESPONSE` or `ERROR`.
+    pub kind: String,
+    /// Attempt number, from 1.
+    pub attempt: i32,
+    /// HTTP method.
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// HTTP status, when an answer arrived.
+    pub status_code: Option<i32>,
+    /// Scrubbed JSON body.
+    pub body: Option<serde_json::Value>,
+    /// Latency, ms.
+    pub latency_ms: Option<i64>,
+    /// Written, epoch ms.
+    pub created_at: i64,
+}
+
+/// The log on the SQL database (SQLite `TEXT` bodies, PostgreSQL `JSONB`).
+#[derive(Clone, Debug)]
+pub struct SqlApiLog {
+    db: SqlDatabase,
+}
+
+impl SqlApiLog {
+    /// The log on `db` (migrated).
+    pub fn new(db: SqlDatabase) -> Self {
+        Self { db }
+    }
+
+    /// Appends one row durably (the statement commits before this returns).
+    ///
+    /// # Errors
+    /// [`StoreError`]: the caller must then not make the downstream call.
+    pub async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError> {
+        let body = entry.body.map(|mut b| {
+            scrub_json(&mut b);
+            b.to_string()
+        });
+        let body_param = match self.db {
+            SqlDatabase::Sqlite(_) => "$8",
+            SqlDatabase::Postgres(_) => "CAST($8 AS JSONB)",
+        };
+        let sql = format!(
+            "INSERT INTO api_logs (payment_id, target, kind, attempt, method, path, status_code, body, latency_ms, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {body_param}, $9, $10)"
+        );
+        with_pool!(&self.db, pool => sqlx::query(&sql)
+            .bind(entry.payment_id.as_str())
+            .bind(entry.target.as_str())
+            .bind(entry.kind.as_str())
+            .bind(entry.attempt)
+            .bind(entry.method)
+            .bind(entry.path)
+            .bind(entry.status_code)
+            .bind(body)
+            .bind(entry.latency_ms)
+            .bind(paygate_core::time::now_ms())
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(map_err))
+    }
+
+    /// Every row for a payment, in insertion order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn for_payment(&self, payment_id: &PaymentId) -> Result<Vec<StoredLogEntry>, StoreError> {
+        let body_col = match self.db {
+            SqlDatabase::Sqlite(_) => "body",
+            SqlDatabase::Postgres(_) => "CAST(body AS TEXT) AS body",
+        };
+        let sql = format!(
+            "SELECT id, payment_id, target, kind, attempt, method, path, status_code, {body_col}, latency_ms, created_at \
+             FROM api_logs WHERE payment_id = $1 ORDER BY id"
+        );
+        let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let body: Option<String> = row.try_get("body").map_err(c)?;
+                    Ok(StoredLogEntry {
+                        id: row.try_get("id").map_err(c)?,
+                        payment_id: row.try_get("payment_id").map_err(c)?,
+                        target: row.try_get("target").map_err(c)?,
+                        kind: row.try_get("kind").map_err(c)?,
+                        attempt: row.try_get("attempt").map_err(c)?,
+                        method: row.try_get("method").map_err(c)?,
+                        path: row.try_get("path").map_err(c)?,
+                        status_code: row.try_get("status_code").map_err(c)?,
+                        body: body.and_then(|b| serde_json::from_str(&b).ok()),
+                        latency_ms: row.try_get("latency_ms").map_err(c)?,
+                        created_at: row.try_get("created_at").map_err(c)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// True when a `REQUEST` row for `payment_id` and `target` exists (used
+    /// by tests and the invariant checker to prove write-ahead ordering).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn has_request(&self, payment_id: &str, target: Target) -> Result<bool, StoreError> {
+        let sql = "SELECT COUNT(*) AS n FROM api_logs WHERE payment_id = $1 AND target = $2 AND kind = 'REQUEST'";
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(sql).bind(payment_id).bind(target.as_str()).fetch_one(pool).await.map_err(map_err)?;
+            let n: i64 = row.try_get("n").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(n > 0)
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! paygate-card-api: the [`CardApi`] trait and its production adapter,
+//! [`TossCardApi`], which speaks the Toss Payments core API v1.
+//!
+//! Use [`CardApi`] wherever paygate needs the card company: the confirm saga,
+//! the batch lookups and the reconciliation. The wire types ([`CardPayment`],
+//! [`ConfirmRequest`], [`Transaction`], [`ErrorBody`]) are shared with the
+//! sandbox simulator so both sides speak one shape.
+//!
+//! Source: Toss Payments v1 — `POST /v1/payments/confirm`,
+//! `GET /v1/payments/orders/{orderId}`, `POST /v1/payments/{paymentKey}/cancel`,
+//! `GET /v1/transactions`.
+
+mod toss;
+mod types;
+
+pub use toss::TossCardApi;
+pub use types::*;
+
+/// What went wrong with a card API call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CardApiError {
+    /// A 4xx answer with the card company's `{code, message}`: a decline or a
+    /// business rule (for confirm, `REJECT_CARD_PAYMENT` and the like).
+    #[error("card API refused the request: {status} {code}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The card company's error code (an open set).
+        code: String,
+        /// The card company's message (may be shown to operators, not logged
+        /// with card data: it carries none).
+        message: String,
+    },
+    /// A 5xx answer. The card company may or may not have acted.
+    #[error("card API server error: {status} {code}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The card company's error code, or `HTTP_<status>` when the body
+        /// had none.
+        code: String,
+        /// The card company's message.
+        message: String,
+    },
+    /// No answer within the per-attempt timeout.
+    #[error("card API call timed out")]
+    Timeout,
+    /// The connection failed or was reset.
+    #[error("card API connection failed: {0}")]
+    Connection(String),
+    /// A 2xx answer whose body could not be read.
+    #[error("card API answer could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl CardApiError {
+    /// The HTTP status, when an answer arrived.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Rejected { status, .. } | Self::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The card company's code, when an answer carried one; paygate's own
+    /// code (`TIMEOUT`, `CONNECTION`, `DECODE`) otherwise.
+    pub fn code(&self) -> &str {
+        match self {
+            Self::Rejected { code, .. } | Self::Server { code, .. } => code,
+            Self::Timeout => "TIMEOUT",
+            Self::Connection(_) => "CONNECTION",
+            Self::Decode(_) => "DECODE",
+        }
+    }
+
+    /// True when the card company may have acted without us learning the
+    /// outcome: a timeout, a reset, a 5xx, an unreadable 2xx, or one of the
+    /// codes that say a payment already exists or is still being processed.
+    /// Such a confirm must be settled by a lookup, never assumed declined.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Rejected { status, code, .. } => {
+                *status == 409
+                    || *status == 429
+                    || code == codes::ALREADY_PROCESSED_PAYMENT
+                    || code == codes::IDEMPOTENT_REQUEST_PROCESSING
+            }
+            Self::Server { .. } | Self::Timeout | Self::Connection(_) | Self::Decode(_) => true,
+        }
+    }
+
+    /// True when asking again (same idempotency key) may succeed: 5xx, 429,
+    /// 409 "still processing", timeouts and connection errors.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Rejected { status, code, .. } => {
+                *status == 429 || code == codes::IDEMPOTENT_REQUEST_PROCESSING
+            }
+            Self::Server { .. } | Self::Timeout | Self::Connection(_) => true,
+            Self::Decode(_) => false,
+        }
+    }
+
+    /// True when the card company definitely did not approve: a 4xx business
+    /// answer that is not one of the "already exists / still running" codes
+    /// and not an authentication failure of our own key.
+    pub fn is_decline(&self) -> bool {
+        matches!(self, Self::Rejected { status, .. } if *status != 401 && *status != 403)
+            && !self.outcome_unknown()
+    }
+}
+
+/// Card company error codes paygate acts on (the set is open; others pass
+/// through to the merchant as they are).
+pub mod codes {
+    /// The payment was already confirmed (by an earlier attempt).
+    pub const ALREADY_PROCESSED_PAYMENT: &str = "ALREADY_PROCESSED_PAYMENT";
+    /// The first request with this idempotency key is still running: ask again.
+    pub const IDEMPOTENT_REQUEST_PROCESSING: &str = "IDEMPOTENT_REQUEST_PROCESSING";
+    /// No payment for that key or order.
+    pub const NOT_FOUND_PAYMENT: &str = "NOT_FOUND_PAYMENT";
+    /// The card was rejected.
+    pub const REJECT_CARD_PAYMENT: &str = "REJECT_CARD_PAYMENT";
+    /// Transient failure at the card network.
+    pub const PROVIDER_ERROR: &str = "PROVIDER_ERROR";
+    /// Internal failure at the card company.
+    pub const FAILED_INTERNAL_SYSTEM_PROCESSING: &str = "FAILED_INTERNAL_SYSTEM_PROCESSING";
+    /// The secret key was refused.
+    pub const UNAUTHORIZED_KEY: &str = "UNAUTHORIZED_KEY";
+}
+
+/// The card company, as paygate uses it. Every method that changes state
+/// takes the idempotency key to send (paygate passes the `payment_id`).
+#[async_trait::async_trait]
+pub trait CardApi: Send + Sync + 'static {
+    /// Confirms (approves) a payment: Toss `POST /v1/payments/confirm`.
+    ///
+    /// # Errors
+    /// [`CardApiError`]; see [`CardApiError::is_decline`] and
+    /// [`CardApiError::outcome_unknown`] for what each means for the payment.
+    async fn confirm(&self, req: &ConfirmRequest, idempotency_key: &str) -> Result<CardPayment, CardApiError>;
+
+    /// Looks a payment up by the merchant's order id: Toss
+    /// `GET /v1/payments/orders/{orderId}`. `Ok(None)` on 404 `NOT_FOUND_PAYMENT`.
+    ///
+    /// # Errors
+    /// [`CardApiError`] for any other failure.
+    async fn payment_by_order_id(&self, order_id: &str) -> Result<Option<CardPayment>, CardApiError>;
+
+    /// Cancels (refunds) an approved payment: Toss
+    /// `POST /v1/payments/{paymentKey}/cancel`.
+    ///
+    /// # Errors
+    /// [`CardApiError`].
+    async fn cancel(
+        &self,
+        payment_key: &str,
+        req: &CancelRequest,
+        idempotency_key: &str,
+    ) -> Result<CardPayment, CardApiError>;
+
+    /// One page of the transaction list: Toss `GET /v1/transactions`.
+    ///
+    /// # Errors
+    /// [`CardApiError`].
+    async fn transactions(&self, query: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError>;
+}

@@ -1,0 +1,120 @@
+//! [`TossCardApi`]: the Toss Payments v1 adapter over `reqwest`.
+
+use std::time::Duration;
+
+use paygate_core::Secret;
+use reqwest::{Client, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    codes, CancelRequest, CardApi, CardApiError, CardPayment, ConfirmRequest, ErrorBody,
+    Transaction, TransactionsQuery, CONFIRM_PATH,
+};
+
+/// Toss Payments v1 client. Authenticates with
+/// `Authorization: Basic base64("<secretKey>:")` and sends `Idempotency-Key`
+/// on every state-changing call. Each call has its own timeout (`timeout`),
+/// so a hung card company never holds a merchant request for longer.
+#[derive(Clone)]
+pub struct TossCardApi {
+    client: Client,
+    base_url: String,
+    secret_key: Secret<String>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TossCardApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TossCardApi")
+            .field("base_url", &self.base_url)
+            .field("secret_key", &self.secret_key)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl TossCardApi {
+    /// A client for `base_url` (e.g. `https://api.tosspayments.com`, no
+    /// trailing slash needed) with a per-call `timeout`.
+    pub fn new(client: Client, base_url: &str, secret_key: Secret<String>, timeout: Duration) -> Self {
+        Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            secret_key,
+            timeout,
+        }
+    }
+
+    fn request(&self, builder: RequestBuilder) -> RequestBuilder {
+        builder
+            .basic_auth(self.secret_key.expose(), Some(""))
+            .timeout(self.timeout)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, CardApiError> {
+        let resp = self.request(builder).send().await.map_err(transport_error)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(transport_error)?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| CardApiError::Decode(e.to_string()));
+        }
+        Err(error_from(status, &bytes))
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> CardApiError {
+    if e.is_timeout() {
+        CardApiError::Timeout
+    } else {
+        // Strip the URL: it may carry an order id, never a key, but errors
+        // travel to logs and we keep them short.
+        CardApiError::Connection(e.without_url().to_string())
+    }
+}
+
+fn error_from(status: StatusCode, bytes: &[u8]) -> CardApiError {
+    let body: Option<ErrorBody> = serde_json::from_slice(bytes).ok();
+    let (code, message) = match body {
+        Some(b) => (b.code, b.message),
+        None => (format!("HTTP_{}", status.as_u16()), String::new()),
+    };
+    if status.is_server_error() {
+        CardApiError::Server { status: status.as_u16(), code, message }
+    } else {
+        CardApiError::Rejected { status: status.as_u16(), code, message }
+    }
+}
+
+#[async_trait::async_trait]
+impl CardApi for TossCardApi {
+    async fn confirm(&self, req: &ConfirmRequest, idempotency_key: &str) -> Result<CardPayment, CardApiError> {
+        let url = format!("{}{CONFIRM_PATH}", self.base_url);
+        self.send(self.client.post(url).header("Idempotency-Key", idempotency_key).json(req))
+            .await
+    }
+
+    async fn payment_by_order_id(&self, order_id: &str) -> Result<Option<CardPayment>, CardApiError> {
+        let url = format!("{}/v1/payments/orders/{order_id}", self.base_url);
+        match self.send(self.client.get(url)).await {
+            Ok(p) => Ok(Some(p)),
+            Err(CardApiError::Rejected { status: 404, code, .. }) if code == codes::NOT_FOUND_PAYMENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        payment_key: &str,
+        req: &CancelRequest,
+        idempotency_key: &str,
+    ) -> Result<CardPayment, CardApiError> {
+        let url = format!("{}/v1/payments/{payment_key}/cancel", self.base_url);
+        self.send(self.client.post(url).header("Idempotency-Key", idempotency_key).json(req))
+            .await
+    }
+
+    async fn transactions(&self, query: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError> {
+        let url = format!("{}/v1/transactions", self.base_url);
+        self.send(self.client.get(url).query(query)).await
+    }
+}

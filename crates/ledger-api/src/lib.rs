@@ -1,0 +1,161 @@
+//! paygate-ledger-api: the internal ledger (the system of record used for
+//! merchant settlement), as the [`LedgerApi`] trait and its HTTP client
+//! [`HttpLedgerApi`] (DESIGN.md §7).
+//!
+//! Use it to record an approved payment. Every record call carries
+//! `Idempotency-Key: <payment_id>`, so any number of retries records the
+//! payment once.
+
+use std::time::Duration;
+
+use reqwest::Client;
+use serde::{Deserialize, Serialize};
+
+/// Path of the record call.
+pub const RECORD_PATH: &str = "/v1/ledger/transactions";
+
+/// Body of `POST /v1/ledger/transactions`. `amount` is in minor units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerEntry {
+    /// paygate's payment id (also the idempotency key).
+    pub payment_id: String,
+    /// The merchant.
+    pub merchant_id: String,
+    /// The merchant's order id.
+    pub order_id: String,
+    /// The card company's key.
+    pub payment_key: String,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// The card company's `approvedAt`, RFC 3339.
+    pub approved_at: String,
+}
+
+/// What a successful record call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerOutcome {
+    /// 201: recorded now.
+    Recorded,
+    /// 200: it was already recorded with the same body.
+    AlreadyRecorded,
+}
+
+/// What went wrong with a ledger call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerApiError {
+    /// 409: the payment id is recorded with a different body. Never retried;
+    /// an operator must look.
+    #[error("ledger holds this payment with a different body")]
+    Conflict,
+    /// Any other 4xx: our request is wrong. Never retried.
+    #[error("ledger refused the request: {0}")]
+    Rejected(u16),
+    /// 5xx: transient, retry.
+    #[error("ledger server error: {0}")]
+    Server(u16),
+    /// No answer in time: transient, retry (idempotent).
+    #[error("ledger call timed out")]
+    Timeout,
+    /// Connection failed or was reset: transient, retry.
+    #[error("ledger connection failed: {0}")]
+    Connection(String),
+    /// An answer that could not be read.
+    #[error("ledger answer could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl LedgerApiError {
+    /// True when a retry (same idempotency key) may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Server(_) | Self::Timeout | Self::Connection(_) | Self::Decode(_))
+    }
+
+    /// The HTTP status, when an answer arrived.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Conflict => Some(409),
+            Self::Rejected(s) | Self::Server(s) => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+/// The ledger, as paygate uses it.
+#[async_trait::async_trait]
+pub trait LedgerApi: Send + Sync + 'static {
+    /// Records an approved payment with `Idempotency-Key: <idempotency_key>`.
+    ///
+    /// # Errors
+    /// [`LedgerApiError`]; [`LedgerApiError::is_transient`] says whether to retry.
+    async fn record(&self, entry: &LedgerEntry, idempotency_key: &str) -> Result<LedgerOutcome, LedgerApiError>;
+
+    /// Reads a recorded payment; `Ok(None)` on 404.
+    ///
+    /// # Errors
+    /// [`LedgerApiError`].
+    async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError>;
+}
+
+/// HTTP client of the ledger API, with a per-call timeout.
+#[derive(Clone, Debug)]
+pub struct HttpLedgerApi {
+    client: Client,
+    base_url: String,
+    timeout: Duration,
+}
+
+impl HttpLedgerApi {
+    /// A client for `base_url` with a per-call `timeout`.
+    pub fn new(client: Client, base_url: &str, timeout: Duration) -> Self {
+        Self { client, base_url: base_url.trim_end_matches('/').to_owned(), timeout }
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> LedgerApiError {
+    if e.is_timeout() {
+        LedgerApiError::Timeout
+    } else {
+        LedgerApiError::Connection(e.without_url().to_string())
+    }
+}
+
+#[async_trait::async_trait]
+impl LedgerApi for HttpLedgerApi {
+    async fn record(&self, entry: &LedgerEntry, idempotency_key: &str) -> Result<LedgerOutcome, LedgerApiError> {
+        let resp = self
+            .client
+            .post(format!("{}{RECORD_PATH}", self.base_url))
+            .header("Idempotency-Key", idempotency_key)
+            .timeout(self.timeout)
+            .json(entry)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        match resp.status().as_u16() {
+            201 => Ok(LedgerOutcome::Recorded),
+            200 => Ok(LedgerOutcome::AlreadyRecorded),
+            409 => Err(LedgerApiError::Conflict),
+            s if s >= 500 => Err(LedgerApiError::Server(s)),
+            s => Err(LedgerApiError::Rejected(s)),
+        }
+    }
+
+    async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {
+        let resp = self
+            .client
+            .get(format!("{}{RECORD_PATH}/{payment_id}", self.base_url))
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        match resp.status().as_u16() {
+            200 => resp.json().await.map(Some).map_err(|e| LedgerApiError::Decode(e.to_string())),
+            404 => Ok(None),
+            s if s >= 500 => Err(LedgerApiError::Server(s)),
+            s => Err(LedgerApiError::Rejected(s)),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! paygate-state-store: the realtime payment state records (DESIGN.md §3).
+//!
+//! [`StateStore`] is the one interface the gateway, the batch and the
+//! reconciliation use. Every change of a record is a single conditional
+//! update guarded by the state it expects ([`Transition`]), so two writers can
+//! never lose each other's update and a transition applied twice is a no-op.
+//!
+//! Backends: [`SqlStateStore`] on SQLite or PostgreSQL ([`SqlDatabase`]).
+//! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
+//! request/response log (crate `paygate-api-log`).
+
+mod merchants;
+pub mod sql;
+
+pub use merchants::{Merchant, SqlMerchantStore};
+pub use sql::{SqlDatabase, SqlStateStore};
+
+use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
+
+/// What went wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached (connection refused or lost, pool closed or
+    /// exhausted). The caller answers 503; nothing was half-written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the statement (constraint, permission, read-only).
+    #[error("store refused the write: {0}")]
+    Rejected(String),
+    /// A stored row could not be read back.
+    #[error("stored data could not be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Result of [`StateStore::create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The record was written and its order (and idempotency key) claimed.
+    Created,
+    /// The order or the idempotency key was already claimed; here is the
+    /// record that holds the claim (compare fingerprints before replaying).
+    Exists(Box<PaymentRecord>),
+}
+
+/// A guarded change to one record in `realtime_payments`. Each applies only
+/// when its guard holds; [`StateStore::transition`] says whether it applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// The card company approved: `is_paid = true`, `card_status = DONE`.
+    /// Guard: not paid yet and `card_status` is `PENDING` or `UNKNOWN`.
+    MarkPaid {
+        /// The card company's `approvedAt`, RFC 3339.
+        approved_at: String,
+    },
+    /// The card company declined, or no call was made: `card_status = ABORTED`.
+    /// Guard: not paid and `card_status` is `PENDING` or `UNKNOWN`.
+    MarkAborted {
+        /// The card company's code, or a paygate no-call code.
+        failure_code: String,
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// The outcome could not be learned: `card_status = UNKNOWN`.
+    /// Guard: `card_status = PENDING`.
+    MarkUnknown {
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// The ledger recorded it: `is_saved = true`, `save_attempts += 1`.
+    /// Guard: paid and not saved.
+    MarkSaved,
+    /// A ledger try failed: `save_attempts += 1`, `last_error` set.
+    /// Guard: paid and not saved.
+    SaveFailed {
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// A no-call abort (see `paygate_core::payment::failure_codes`) is opened
+    /// again for a merchant retry: `card_status = PENDING`, failure cleared.
+    /// Guard: `card_status = ABORTED` with that `failure_code`.
+    Reopen {
+        /// The no-call code the record must carry.
+        failure_code: String,
+    },
+}
+
+/// The realtime state store.
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Writes a new `PENDING` record into `realtime_payments` and claims its
+    /// `(merchant, orderId)` and, when present, `(merchant, idempotency key)`,
+    /// atomically.
+    ///
+    /// # Errors
+    /// [`StoreError`]; on error nothing was written.
+    async fn create(&self, record: &PaymentRecord) -> Result<CreateOutcome, StoreError>;
+
+    /// Finds a record by id in any partition.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn get(&self, payment_id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError>;
+
+    /// Finds the record that claimed `(merchant, orderId)`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn get_by_order(&self, merchant_id: &MerchantId, order_id: &OrderId)
+        -> Result<Option<PaymentRecord>, StoreError>;
+
+    /// Applies a guarded transition to a record in `realtime_payments`;
+    /// `Ok(true)` when it applied, `Ok(false)` when the guard did not hold.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn transition(&self, payment_id: &PaymentId, transition: &Transition) -> Result<bool, StoreError>;
+
+    /// Checks the store answers (for `/readyz`).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn ping(&self) -> Result<(), StoreError>;
+}

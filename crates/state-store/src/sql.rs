@@ -1,0 +1,404 @@
+//! The SQL backends: one [`SqlDatabase`] handle over SQLite or PostgreSQL,
+//! the schema migrations of each, and [`SqlStateStore`].
+//!
+//! Both backends run the same SQL text: it sticks to what SQLite and
+//! PostgreSQL share (`$n` placeholders, `ON CONFLICT`, `TRUE`/`FALSE`), and
+//! [`with_pool!`](crate::with_pool) expands one body once per backend so each
+//! gets sqlx's native, fully typed driver (rather than sqlx's `Any` driver,
+//! which cannot decode booleans from SQLite).
+
+use std::{borrow::Cow, str::FromStr, time::Duration};
+
+use futures_util::future::BoxFuture;
+use paygate_core::{
+    payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
+};
+use sqlx::{
+    migrate::{Migration, MigrationSource, MigrationType, Migrator},
+    postgres::{PgPool, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    Row,
+};
+
+use crate::{CreateOutcome, StateStore, StoreError, Transition};
+
+/// A connection pool to the SQL database: SQLite (`sqlite://path`) or
+/// PostgreSQL (`postgres://...`). Cheap to clone (the pools are shared).
+#[derive(Clone, Debug)]
+pub enum SqlDatabase {
+    /// SQLite, in WAL mode with `synchronous = FULL` and a 5 s busy timeout.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool of a [`SqlDatabase`];
+/// the body is compiled once per backend.
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::sql::SqlDatabase::Sqlite($pool) => $body,
+            $crate::sql::SqlDatabase::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Maps a sqlx error to a [`StoreError`]: lost connections and pool trouble
+/// are `Unavailable` (the caller answers 503), refusals are `Rejected`.
+pub fn map_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(db) => StoreError::Rejected(db.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+#[derive(Debug)]
+struct EmbeddedMigrations(&'static [(i64, &'static str, &'static str)]);
+
+impl<'s> MigrationSource<'s> for EmbeddedMigrations {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(version, desc, sql)| {
+                    Migration::new(*version, Cow::Borrowed(desc), MigrationType::Simple, Cow::Borrowed(sql), false)
+                })
+                .collect())
+        })
+    }
+}
+
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../../migrations/postgres/0001_init.sql"))];
+
+impl SqlDatabase {
+    /// Opens a pool of at most `max_connections` to `url`. A SQLite file is
+    /// created when missing.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the URL is malformed or the database
+    /// cannot be reached.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let acquire = Duration::from_secs(5);
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire)
+                .connect_with(opts)
+                .await
+                .map_err(map_err)?;
+            Ok(Self::Sqlite(pool))
+        } else {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire)
+                .connect(url)
+                .await
+                .map_err(map_err)?;
+            Ok(Self::Postgres(pool))
+        }
+    }
+
+    /// Applies the pending migrations (`migrations/sqlite` or
+    /// `migrations/postgres`, embedded in the binary) under sqlx's migration
+    /// lock; safe to run from several processes.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let err = |e: sqlx::migrate::MigrateError| StoreError::Unavailable(format!("migration failed: {e}"));
+        match self {
+            Self::Sqlite(pool) => {
+                Migrator::new(EmbeddedMigrations(SQLITE_MIGRATIONS)).await.map_err(err)?.run(pool).await.map_err(err)
+            }
+            Self::Postgres(pool) => {
+                Migrator::new(EmbeddedMigrations(POSTGRES_MIGRATIONS)).await.map_err(err)?.run(pool).await.map_err(err)
+            }
+        }
+    }
+
+    /// `SELECT 1`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()).map_err(map_err))
+    }
+
+    /// Closes the pool; later calls fail with `Unavailable`.
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// Columns of the three partition tables, in the order [`record_from_row`] reads.
+pub const RECORD_COLUMNS: &str = "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
+     is_saved, card_status, approved_at, save_attempts, batch_attempts, failure_code, last_error, \
+     request_fingerprint, idempotency_key, created_at, updated_at";
+
+/// Decodes a [`PaymentRecord`] from a row of any partition table.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when a column is missing or of the wrong type.
+pub fn record_from_row<R: Row>(row: &R) -> Result<PaymentRecord, StoreError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    Ok(PaymentRecord {
+        payment_id: PaymentId::from_stored(row.try_get::<String, _>("payment_id").map_err(c)?),
+        merchant_id: MerchantId::from_stored(row.try_get::<String, _>("merchant_id").map_err(c)?),
+        order_id: OrderId::from_stored(row.try_get::<String, _>("order_id").map_err(c)?),
+        payment_key: row.try_get("payment_key").map_err(c)?,
+        amount: row.try_get("amount").map_err(c)?,
+        currency: row.try_get("currency").map_err(c)?,
+        is_paid: row.try_get("is_paid").map_err(c)?,
+        is_saved: row.try_get("is_saved").map_err(c)?,
+        card_status: CardStatus::from_stored(&row.try_get::<String, _>("card_status").map_err(c)?),
+        approved_at: row.try_get("approved_at").map_err(c)?,
+        save_attempts: row.try_get("save_attempts").map_err(c)?,
+        batch_attempts: row.try_get("batch_attempts").map_err(c)?,
+        failure_code: row.try_get("failure_code").map_err(c)?,
+        last_error: row.try_get("last_error").map_err(c)?,
+        request_fingerprint: row.try_get("request_fingerprint").map_err(c)?,
+        idempotency_key: row.try_get("idempotency_key").map_err(c)?,
+        created_at: row.try_get("created_at").map_err(c)?,
+        updated_at: row.try_get("updated_at").map_err(c)?,
+    })
+}
+
+fn partition_from(name: &str) -> Partition {
+    match name {
+        "completed" => Partition::Completed,
+        "unpaid" => Partition::Unpaid,
+        _ => Partition::Realtime,
+    }
+}
+
+/// [`StateStore`] on the SQL database: the three partitions are tables with
+/// the same columns, and `payment_claims` holds the permanent
+/// `(merchant, orderId)` and `(merchant, Idempotency-Key)` claims.
+#[derive(Clone, Debug)]
+pub struct SqlStateStore {
+    db: SqlDatabase,
+}
+
+impl SqlStateStore {
+    /// A store on `db` (migrated).
+    pub fn new(db: SqlDatabase) -> Self {
+        Self { db }
+    }
+
+    /// The underlying database.
+    pub fn database(&self) -> &SqlDatabase {
+        &self.db
+    }
+
+    async fn claimed_payment_id(
+        &self,
+        merchant_id: &MerchantId,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<PaymentId>, StoreError> {
+        let sql = format!("SELECT payment_id FROM payment_claims WHERE merchant_id = $1 AND {column} = $2");
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(&sql)
+                .bind(merchant_id.as_str())
+                .bind(value)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_err)?;
+            row.map(|r| r.try_get::<String, _>("payment_id").map(PaymentId::from_stored))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+    }
+
+    async fn get_record(&self, payment_id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError> {
+        Ok(self.get(payment_id).await?.map(|(_, r)| r))
+    }
+}
+
+#[async_trait::async_trait]
+impl StateStore for SqlStateStore {
+    async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
+        let claim = "INSERT INTO payment_claims (merchant_id, order_id, payment_id, idempotency_key, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+        let insert = format!(
+            "INSERT INTO realtime_payments ({RECORD_COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+        );
+        let claimed = with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let claimed = sqlx::query(claim)
+                .bind(r.merchant_id.as_str())
+                .bind(r.order_id.as_str())
+                .bind(r.payment_id.as_str())
+                .bind(r.idempotency_key.as_deref())
+                .bind(r.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected()
+                == 1;
+            if claimed {
+                sqlx::query(&insert)
+                    .bind(r.payment_id.as_str())
+                    .bind(r.merchant_id.as_str())
+                    .bind(r.order_id.as_str())
+                    .bind(&r.payment_key)
+                    .bind(r.amount)
+                    .bind(&r.currency)
+                    .bind(r.is_paid)
+                    .bind(r.is_saved)
+                    .bind(r.card_status.as_str())
+                    .bind(r.approved_at.as_deref())
+                    .bind(r.save_attempts)
+                    .bind(r.batch_attempts)
+                    .bind(r.failure_code.as_deref())
+                    .bind(r.last_error.as_deref())
+                    .bind(&r.request_fingerprint)
+                    .bind(r.idempotency_key.as_deref())
+                    .bind(r.created_at)
+                    .bind(r.updated_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                tx.commit().await.map_err(map_err)?;
+            } else {
+                tx.rollback().await.map_err(map_err)?;
+            }
+            claimed
+        });
+        if claimed {
+            return Ok(CreateOutcome::Created);
+        }
+        // Someone holds the claim: the idempotency key's owner first, then the order's.
+        if let Some(key) = r.idempotency_key.as_deref() {
+            if let Some(id) = self.claimed_payment_id(&r.merchant_id, "idempotency_key", key).await? {
+                if let Some(existing) = self.get_record(&id).await? {
+                    return Ok(CreateOutcome::Exists(Box::new(existing)));
+                }
+            }
+        }
+        match self.claimed_payment_id(&r.merchant_id, "order_id", r.order_id.as_str()).await? {
+            Some(id) => match self.get_record(&id).await? {
+                Some(existing) => Ok(CreateOutcome::Exists(Box::new(existing))),
+                None => Err(StoreError::Corrupt(format!("claim {id} has no record"))),
+            },
+            None => Err(StoreError::Corrupt("claim conflict without a claim".to_owned())),
+        }
+    }
+
+    async fn get(&self, payment_id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
+        let sql = format!(
+            "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE payment_id = $1 \
+             UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE payment_id = $1 \
+             UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE payment_id = $1"
+        );
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
+            // A move writes the target before deleting the source; while both
+            // copies exist the target (later partition) is the truth.
+            match rows.last() {
+                Some(row) => {
+                    let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    Ok(Some((partition_from(&part), record_from_row(row)?)))
+                }
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn get_by_order(
+        &self,
+        merchant_id: &MerchantId,
+        order_id: &OrderId,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        match self.claimed_payment_id(merchant_id, "order_id", order_id.as_str()).await? {
+            Some(id) => self.get_record(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
+        let now = paygate_core::time::now_ms();
+        // $1 = payment_id, $2 = now, $3.. = the transition's own values.
+        let (sql, values): (&str, Vec<&str>) = match t {
+            Transition::MarkPaid { approved_at } => (
+                "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
+                 failure_code = NULL, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
+                vec![approved_at],
+            ),
+            Transition::MarkAborted { failure_code, last_error } => (
+                "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
+                 updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
+                vec![failure_code, last_error],
+            ),
+            Transition::MarkUnknown { last_error } => (
+                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND card_status = 'PENDING'",
+                vec![last_error],
+            ),
+            Transition::MarkSaved => (
+                "UPDATE realtime_payments SET is_saved = TRUE, save_attempts = save_attempts + 1, \
+                 last_error = NULL, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![],
+            ),
+            Transition::SaveFailed { last_error } => (
+                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![last_error],
+            ),
+            Transition::Reopen { failure_code } => {
+                if !failure_codes::is_no_call(failure_code) {
+                    return Ok(false);
+                }
+                (
+                    "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2 \
+                     WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
+                    vec![failure_code],
+                )
+            }
+        };
+        with_pool!(&self.db, pool => {
+            let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
+            for v in &values {
+                q = q.bind(*v);
+            }
+            q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await
+    }
+}
