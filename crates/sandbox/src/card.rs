@@ -1,0 +1,431 @@
+//! The card API simulator: Toss Payments v1 `confirm`, lookup by orderId,
+//! `cancel` and the transaction list, with idempotency-key replay, Basic auth
+//! and the faults of a [`FaultProfile`].
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Instant,
+};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::HeaderMap,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use base64::Engine;
+use paygate_card_api::{codes, Cancel, CancelRequest, CardPayment, ConfirmRequest, Transaction, TransactionsQuery};
+
+use crate::{
+    error_response,
+    faults::{in_outage, roll, FaultProfile},
+    CallObserver, ObservedCall, SimTarget,
+};
+
+/// One approval the simulator gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    /// The merchant's order id.
+    pub order_id: String,
+    /// The payment key confirmed.
+    pub payment_key: String,
+    /// Amount approved, minor units.
+    pub amount: i64,
+    /// The idempotency key of the confirm that got it.
+    pub idempotency_key: Option<String>,
+    /// `approvedAt`, RFC 3339.
+    pub approved_at: String,
+}
+
+/// Call and approval counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CardStats {
+    /// Confirm calls received (including replays and refusals).
+    pub confirm_calls: u64,
+    /// Lookups by orderId received.
+    pub lookup_calls: u64,
+    /// Cancel calls received.
+    pub cancel_calls: u64,
+    /// Transaction-list pages served.
+    pub transaction_pages: u64,
+    /// Approvals given.
+    pub approvals: u64,
+    /// Orders with more than one approval.
+    pub double_charges: u64,
+    /// Most confirm calls in progress at once.
+    pub max_in_flight: u64,
+}
+
+#[derive(Default)]
+struct CardState {
+    payments: HashMap<String, CardPayment>,
+    replays: HashMap<String, (u16, serde_json::Value)>,
+    approvals: Vec<Approval>,
+    approvals_per_order: HashMap<String, u64>,
+    attempts_per_order: HashMap<String, u64>,
+    transactions: Vec<Transaction>,
+}
+
+/// The card API simulator. Shared behind an `Arc`; see [`router`].
+pub struct CardSim {
+    profile: FaultProfile,
+    auth: String,
+    started: Instant,
+    down: AtomicBool,
+    state: Mutex<CardState>,
+    observer: Mutex<Option<Arc<dyn CallObserver>>>,
+    confirm_calls: AtomicU64,
+    lookup_calls: AtomicU64,
+    cancel_calls: AtomicU64,
+    transaction_pages: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+impl CardSim {
+    /// A simulator that accepts `secret_key` in Basic auth.
+    pub fn new(profile: FaultProfile, secret_key: &str) -> Self {
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{secret_key}:"))
+        );
+        Self {
+            profile,
+            auth,
+            started: Instant::now(),
+            down: AtomicBool::new(false),
+            state: Mutex::new(CardState::default()),
+            observer: Mutex::new(None),
+            confirm_calls: AtomicU64::new(0),
+            lookup_calls: AtomicU64::new(0),
+            cancel_calls: AtomicU64::new(0),
+            transaction_pages: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, CardState> {
+        // A poisoned lock only means another handler panicked mid-update;
+        // the simulator's maps stay usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs an observer of state-changing calls.
+    pub fn set_observer(&self, observer: Arc<dyn CallObserver>) {
+        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    /// Takes the simulator down (every call answers 503) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> CardStats {
+        let st = self.state();
+        CardStats {
+            confirm_calls: self.confirm_calls.load(Ordering::SeqCst),
+            lookup_calls: self.lookup_calls.load(Ordering::SeqCst),
+            cancel_calls: self.cancel_calls.load(Ordering::SeqCst),
+            transaction_pages: self.transaction_pages.load(Ordering::SeqCst),
+            approvals: st.approvals.len() as u64,
+            double_charges: st.approvals_per_order.values().filter(|n| **n > 1).count() as u64,
+            max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Every approval given, in order.
+    pub fn approvals(&self) -> Vec<Approval> {
+        self.state().approvals.clone()
+    }
+
+    /// The simulator's payment for an order, if any.
+    pub fn payment(&self, order_id: &str) -> Option<CardPayment> {
+        self.state().payments.get(order_id).cloned()
+    }
+
+    fn unavailable(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+            || in_outage(&self.profile.card_outages, self.started.elapsed().as_millis() as u64)
+    }
+
+    async fn observe(&self, operation: &'static str, headers: &HeaderMap) {
+        let observer = self.observer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(o) = observer {
+            o.on_call(ObservedCall { target: SimTarget::Card, operation, idempotency_key: idem_key(headers) })
+                .await;
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(self.auth.as_str())
+    }
+}
+
+fn idem_key(headers: &HeaderMap) -> Option<String> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn now_kst() -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .to_offset(time::macros::offset!(+9))
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn json_response(status: u16, body: serde_json::Value) -> Response {
+    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK);
+    (status, Json(body)).into_response()
+}
+
+/// The simulator's HTTP routes (Toss Payments v1 paths).
+pub fn router(sim: Arc<CardSim>) -> Router {
+    Router::new()
+        .route("/v1/payments/confirm", post(confirm))
+        .route("/v1/payments/orders/{order_id}", get(by_order))
+        .route("/v1/payments/{payment_key}/cancel", post(cancel))
+        .route("/v1/transactions", get(transactions))
+        .with_state(sim)
+}
+
+struct InFlight<'a>(&'a CardSim);
+
+impl<'a> InFlight<'a> {
+    fn enter(sim: &'a CardSim) -> Self {
+        let now = sim.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        sim.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(sim)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn confirm(State(sim): State<Arc<CardSim>>, headers: HeaderMap, body: Json<ConfirmRequest>) -> Response {
+    let Json(req) = body;
+    sim.confirm_calls.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&sim);
+    sim.observe("confirm", &headers).await;
+    if !sim.authorized(&headers) {
+        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    }
+    let key = idem_key(&headers);
+    if let Some(k) = &key {
+        if let Some((status, body)) = sim.state().replays.get(k).cloned() {
+            return json_response(status, body);
+        }
+    }
+    if sim.unavailable() {
+        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+    }
+    let p = &sim.profile;
+    let attempt = {
+        let mut st = sim.state();
+        let n = st.attempts_per_order.entry(req.order_id.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    tokio::time::sleep(p.card_latency(&req.order_id, attempt)).await;
+    if roll(p.seed, &req.order_id, "transient", attempt) < p.transient_error_rate {
+        return error_response(500, codes::PROVIDER_ERROR, "card network is temporarily unavailable");
+    }
+    let declined = roll(p.seed, &req.order_id, "decline", 0) < p.decline_rate;
+    let dropped = !declined && roll(p.seed, &req.order_id, "drop", 0) < p.drop_response_rate;
+    let (status, body) = {
+        let mut st = sim.state();
+        // A concurrent request with the same key may have finished meanwhile.
+        if let Some(replay) = key.as_ref().and_then(|k| st.replays.get(k).cloned()) {
+            drop(st);
+            return json_response(replay.0, replay.1);
+        }
+        let now = now_kst();
+        let (status, body) = if declined {
+            let payment = CardPayment {
+                payment_key: req.payment_key.clone(),
+                order_id: req.order_id.clone(),
+                status: "ABORTED".to_owned(),
+                total_amount: req.amount,
+                balance_amount: Some(0),
+                approved_at: None,
+                requested_at: Some(now.clone()),
+                method: Some("카드".to_owned()),
+                currency: Some("KRW".to_owned()),
+                failure: Some(paygate_card_api::Failure {
+                    code: codes::REJECT_CARD_PAYMENT.to_owned(),
+                    message: "card company rejected the payment".to_owned(),
+                }),
+                cancels: None,
+            };
+            st.payments.entry(req.order_id.clone()).or_insert(payment);
+            let err = serde_json::json!({"code": codes::REJECT_CARD_PAYMENT, "message": "card company rejected the payment"});
+            (403u16, err)
+        } else {
+            let payment = CardPayment {
+                payment_key: req.payment_key.clone(),
+                order_id: req.order_id.clone(),
+                status: "DONE".to_owned(),
+                total_amount: req.amount,
+                balance_amount: Some(req.amount),
+                approved_at: Some(now.clone()),
+                requested_at: Some(now.clone()),
+                method: Some("카드".to_owned()),
+                currency: Some("KRW".to_owned()),
+                failure: None,
+                cancels: None,
+            };
+            st.approvals.push(Approval {
+                order_id: req.order_id.clone(),
+                payment_key: req.payment_key.clone(),
+                amount: req.amount,
+                idempotency_key: key.clone(),
+                approved_at: now.clone(),
+            });
+            *st.approvals_per_order.entry(req.order_id.clone()).or_insert(0) += 1;
+            st.transactions.push(Transaction {
+                transaction_key: format!("tx_{}", ulid::Ulid::new()),
+                payment_key: req.payment_key.clone(),
+                order_id: req.order_id.clone(),
+                method: Some("카드".to_owned()),
+                status: "DONE".to_owned(),
+                transaction_at: now,
+                currency: Some("KRW".to_owned()),
+                amount: req.amount,
+            });
+            let body = serde_json::to_value(&payment).unwrap_or_default();
+            st.payments.insert(req.order_id.clone(), payment);
+            (200u16, body)
+        };
+        if let Some(k) = &key {
+            st.replays.insert(k.clone(), (status, body.clone()));
+        }
+        (status, body)
+    };
+    if dropped {
+        // The approval is made and recorded; the answer never arrives in time.
+        tokio::time::sleep(std::time::Duration::from_millis(p.drop_hold_ms)).await;
+    }
+    json_response(status, body)
+}
+
+async fn by_order(State(sim): State<Arc<CardSim>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
+    sim.lookup_calls.fetch_add(1, Ordering::SeqCst);
+    if !sim.authorized(&headers) {
+        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    }
+    if sim.unavailable() {
+        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+    }
+    tokio::time::sleep(sim.profile.card_latency(&order_id, 1_000_000)).await;
+    match sim.payment(&order_id) {
+        Some(p) => Json(p).into_response(),
+        None => error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that order"),
+    }
+}
+
+async fn cancel(
+    State(sim): State<Arc<CardSim>>,
+    headers: HeaderMap,
+    Path(payment_key): Path<String>,
+    Json(req): Json<CancelRequest>,
+) -> Response {
+    sim.cancel_calls.fetch_add(1, Ordering::SeqCst);
+    sim.observe("cancel", &headers).await;
+    if !sim.authorized(&headers) {
+        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    }
+    let key = idem_key(&headers);
+    if sim.unavailable() {
+        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+    }
+    let mut st = sim.state();
+    if let Some((status, body)) = key.as_ref().and_then(|k| st.replays.get(&format!("cancel:{k}")).cloned()) {
+        return json_response(status, body);
+    }
+    let Some(payment) = st.payments.values_mut().find(|p| p.payment_key == payment_key) else {
+        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
+    };
+    if payment.status != "DONE" && payment.status != "PARTIAL_CANCELED" {
+        return error_response(400, "ALREADY_CANCELED_PAYMENT", "payment is not cancelable");
+    }
+    let balance = payment.balance_amount.unwrap_or(payment.total_amount);
+    let amount = req.cancel_amount.unwrap_or(balance).min(balance);
+    let now = now_kst();
+    payment.balance_amount = Some(balance - amount);
+    payment.status = if balance - amount == 0 { "CANCELED" } else { "PARTIAL_CANCELED" }.to_owned();
+    let tx_key = format!("tx_{}", ulid::Ulid::new());
+    payment.cancels.get_or_insert_with(Vec::new).push(Cancel {
+        cancel_amount: amount,
+        cancel_reason: req.cancel_reason.clone(),
+        canceled_at: now.clone(),
+        transaction_key: Some(tx_key.clone()),
+    });
+    let tx = Transaction {
+        transaction_key: tx_key,
+        payment_key: payment.payment_key.clone(),
+        order_id: payment.order_id.clone(),
+        method: payment.method.clone(),
+        status: payment.status.clone(),
+        transaction_at: now,
+        currency: payment.currency.clone(),
+        amount,
+    };
+    let body = serde_json::to_value(&*payment).unwrap_or_default();
+    st.transactions.push(tx);
+    if let Some(k) = key {
+        st.replays.insert(format!("cancel:{k}"), (200, body.clone()));
+    }
+    json_response(200, body)
+}
+
+async fn transactions(
+    State(sim): State<Arc<CardSim>>,
+    headers: HeaderMap,
+    Query(q): Query<TransactionsQuery>,
+) -> Response {
+    sim.transaction_pages.fetch_add(1, Ordering::SeqCst);
+    if !sim.authorized(&headers) {
+        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    }
+    if sim.unavailable() {
+        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+    }
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 5000 {
+        return error_response(400, "INVALID_REQUEST", "limit must be 1 to 5000");
+    }
+    let (Some(start), Some(end)) = (parse_date(&q.start_date), parse_date(&q.end_date)) else {
+        return error_response(400, "INVALID_REQUEST", "startDate and endDate must be ISO 8601 date-times");
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(sim.profile.page_latency_ms)).await;
+    let page: Vec<Transaction> = {
+        let st = sim.state();
+        // Keys are ULIDs issued in order, so the vector is sorted by key.
+        let from = match &q.starting_after {
+            Some(after) => st.transactions.partition_point(|t| &t.transaction_key <= after),
+            None => 0,
+        };
+        st.transactions[from..]
+            .iter()
+            .filter(|t| parse_date(&t.transaction_at).is_some_and(|at| at >= start && at <= end))
+            .take(limit as usize)
+            .cloned()
+            .collect()
+    };
+    Json(page).into_response()
+}
+
+/// Parses RFC 3339, or a local date-time without offset (taken as KST, as
+/// Toss does), into epoch ms.
+fn parse_date(s: &str) -> Option<i64> {
+    paygate_core::time::ms_from_rfc3339(s).or_else(|| paygate_core::time::ms_from_rfc3339(&format!("{s}+09:00")))
+}
