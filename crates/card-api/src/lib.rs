@@ -101,12 +101,19 @@ impl CardApiError {
         }
     }
 
+    /// True when the card company refused paygate's own secret key (401 or
+    /// `UNAUTHORIZED_KEY`): nothing was processed, and it is not the
+    /// customer's decline.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, Self::Rejected { status, code, .. } if *status == 401 || code == codes::UNAUTHORIZED_KEY)
+    }
+
     /// True when the card company definitely did not approve: a 4xx business
-    /// answer that is not one of the "already exists / still running" codes
-    /// and not an authentication failure of our own key.
+    /// answer (Toss sends `REJECT_CARD_PAYMENT` as 403) that is not one of the
+    /// "already exists / still running" codes and not an authentication
+    /// failure of our own key.
     pub fn is_decline(&self) -> bool {
-        matches!(self, Self::Rejected { status, .. } if *status != 401 && *status != 403)
-            && !self.outcome_unknown()
+        matches!(self, Self::Rejected { .. }) && !self.is_auth_failure() && !self.outcome_unknown()
     }
 }
 
@@ -164,4 +171,29 @@ pub trait CardApi: Send + Sync + 'static {
     /// # Errors
     /// [`CardApiError`].
     async fn transactions(&self, query: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, code: &str) -> CardApiError {
+        CardApiError::Rejected { status, code: code.to_owned(), message: String::new() }
+    }
+
+    #[test]
+    fn classification_of_card_answers() {
+        // Toss answers a card rejection with 403: a decline, not our auth.
+        assert!(rejected(403, codes::REJECT_CARD_PAYMENT).is_decline());
+        assert!(!rejected(403, codes::REJECT_CARD_PAYMENT).is_auth_failure());
+        assert!(rejected(401, codes::UNAUTHORIZED_KEY).is_auth_failure());
+        assert!(!rejected(401, codes::UNAUTHORIZED_KEY).is_decline());
+        // "Already processed" and "still processing" are not declines.
+        assert!(!rejected(400, codes::ALREADY_PROCESSED_PAYMENT).is_decline());
+        assert!(rejected(400, codes::ALREADY_PROCESSED_PAYMENT).outcome_unknown());
+        assert!(rejected(409, codes::IDEMPOTENT_REQUEST_PROCESSING).is_transient());
+        assert!(CardApiError::Timeout.outcome_unknown());
+        let server = CardApiError::Server { status: 500, code: codes::PROVIDER_ERROR.to_owned(), message: String::new() };
+        assert!(server.outcome_unknown() && server.is_transient() && !server.is_decline());
+    }
 }

@@ -13,5 +13,6 @@ pub mod payment;
 pub mod time;
 
 pub use ids::{MerchantId, OrderId, PaymentId};
+pub use config::Config;
 pub use masking::Secret;
 pub use payment::{CardStatus, Partition, PaymentRecord, PaymentStatus};

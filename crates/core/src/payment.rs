@@ -110,10 +110,13 @@ pub mod failure_codes {
     pub const LOG_UNAVAILABLE: &str = "PAYGATE_LOG_UNAVAILABLE";
     /// The card API circuit breaker was open.
     pub const CIRCUIT_OPEN: &str = "PAYGATE_CIRCUIT_OPEN";
+    /// The card company refused paygate's own credentials (401/403) on the
+    /// first attempt: nothing was processed.
+    pub const CARD_AUTH_FAILED: &str = "PAYGATE_CARD_AUTH_FAILED";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {
-        code == LOG_UNAVAILABLE || code == CIRCUIT_OPEN
+        code == LOG_UNAVAILABLE || code == CIRCUIT_OPEN || code == CARD_AUTH_FAILED
     }
 }
 

@@ -1,1 +1,221 @@
-//! placeholder
+//! paygate-gateway: the merchant API (axum) and the confirm saga.
+//!
+//! [`Application::build`] takes a bound listener and a [`Config`] and wires
+//! everything: the SQL database (migrated), the state store, the card API and
+//! ledger clients (or the in-process sandbox when their URLs are unset), the
+//! saga and the routes. Tests bind port 0 and build the real thing; `paygate
+//! serve` does the same with the configured address.
+
+pub mod alert;
+pub mod auth;
+pub mod problem;
+pub mod routes;
+pub mod saga;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    extract::DefaultBodyLimit,
+    routing::{get, post},
+    Router,
+};
+use paygate_api_log::SqlApiLog;
+use paygate_card_api::{CardApi, TossCardApi};
+use paygate_core::{
+    config::{ConfigError, StateStoreKind},
+    Config, Secret,
+};
+use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
+use paygate_sandbox::{FaultProfile, SandboxServers};
+use paygate_state_store::{SqlDatabase, SqlMerchantStore, SqlStateStore, StateStore, StoreError};
+use tokio::net::TcpListener;
+
+pub use alert::{Alert, AlertReason, Alerter, LogAlerter};
+pub use saga::{Saga, SagaSettings};
+
+pub use paygate_core::config;
+
+/// Largest accepted request body, bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// The card secret key the in-process sandbox accepts.
+pub const SANDBOX_CARD_SECRET: &str = "test_sk_paygate_sandbox";
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A configuration value is invalid (names the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The SQL database could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// The in-process sandbox could not bind its ports.
+    #[error("sandbox: {0}")]
+    Sandbox(std::io::Error),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(String),
+    /// A configured feature is not available in this build.
+    #[error("not supported yet: {0}")]
+    Unsupported(&'static str),
+    /// The listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    saga: Arc<Saga>,
+    merchants: SqlMerchantStore,
+    api_key_hash_key: Secret<String>,
+    db: SqlDatabase,
+}
+
+/// The built gateway, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: Router,
+    saga: Arc<Saga>,
+    db: SqlDatabase,
+    alerter: Arc<LogAlerter>,
+    sandbox: Option<SandboxServers>,
+}
+
+impl Application {
+    /// Builds the application on `listener` from `config`.
+    ///
+    /// # Errors
+    /// [`StartupError`] when the config is invalid, the database cannot be
+    /// opened or migrated, or the sandbox cannot start.
+    pub async fn build(listener: TcpListener, config: &Config) -> Result<Self, StartupError> {
+        config.validate()?;
+        let addr = listener.local_addr().map_err(StartupError::Listener)?;
+        let db = SqlDatabase::connect(config.database_url.expose(), config.database_max_connections).await?;
+        if config.migrate_on_start {
+            db.migrate().await?;
+        }
+        let store: Arc<dyn StateStore> = match config.state_store {
+            StateStoreKind::Sql => Arc::new(SqlStateStore::new(db.clone())),
+            StateStoreKind::Mongodb => return Err(StartupError::Unsupported("state_store = \"mongodb\"")),
+        };
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| StartupError::Http(e.to_string()))?;
+
+        let sandbox = if config.card_sandbox() || config.ledger_sandbox() {
+            let profile = FaultProfile::preset(&config.sandbox_faults).ok_or(ConfigError {
+                key: "sandbox_faults",
+                reason: format!("unknown preset; one of {:?}", FaultProfile::PRESETS),
+            })?;
+            let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET).await.map_err(StartupError::Sandbox)?;
+            tracing::warn!(
+                card = config.card_sandbox(),
+                ledger = config.ledger_sandbox(),
+                faults = %config.sandbox_faults,
+                "SANDBOX MODE: no card/ledger URL configured, the sandbox simulators run in-process; no real money moves"
+            );
+            Some(servers)
+        } else {
+            None
+        };
+        let card: Arc<dyn CardApi> = {
+            let (url, key) = match (&config.card_api_url, &sandbox) {
+                (Some(url), _) => (url.clone(), config.card_api_secret_key.clone().unwrap_or_default()),
+                (None, Some(s)) => (s.card_url.clone(), Secret::new(SANDBOX_CARD_SECRET.to_owned())),
+                (None, None) => return Err(StartupError::Unsupported("card API without URL or sandbox")),
+            };
+            Arc::new(TossCardApi::new(http.clone(), &url, key, Duration::from_millis(config.card_api_timeout_ms)))
+        };
+        let ledger: Arc<dyn LedgerApi> = {
+            let url = match (&config.ledger_api_url, &sandbox) {
+                (Some(url), _) => url.clone(),
+                (None, Some(s)) => s.ledger_url.clone(),
+                (None, None) => return Err(StartupError::Unsupported("ledger API without URL or sandbox")),
+            };
+            Arc::new(HttpLedgerApi::new(http, &url, Duration::from_millis(config.ledger_api_timeout_ms)))
+        };
+        let alerter = Arc::new(LogAlerter::default());
+        let settings = SagaSettings {
+            currency: config.currency.clone(),
+            card_max_attempts: config.card_api_max_attempts,
+            lookup_attempts: config.card_api_lookup_attempts,
+            ledger_retry_max_attempts: config.ledger_retry_max_attempts,
+            ledger_retry_base_delay: Duration::from_millis(config.ledger_retry_base_delay_ms),
+            ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
+            ..SagaSettings::default()
+        };
+        let saga = Arc::new(Saga::new(
+            store,
+            SqlApiLog::new(db.clone()),
+            card,
+            ledger,
+            alerter.clone(),
+            settings,
+        ));
+        let state = AppState {
+            saga: saga.clone(),
+            merchants: SqlMerchantStore::new(db.clone()),
+            api_key_hash_key: config.api_key_hash_key.clone(),
+            db: db.clone(),
+        };
+        Ok(Self { listener, addr, router: router(state), saga, db, alerter, sandbox })
+    }
+
+    /// The address the merchant API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The saga (for waiting on async ledger retries).
+    pub fn saga(&self) -> Arc<Saga> {
+        self.saga.clone()
+    }
+
+    /// The SQL database.
+    pub fn database(&self) -> SqlDatabase {
+        self.db.clone()
+    }
+
+    /// Alerts raised so far.
+    pub fn alerter(&self) -> Arc<LogAlerter> {
+        self.alerter.clone()
+    }
+
+    /// The in-process sandbox, when one runs.
+    pub fn sandbox(&self) -> Option<&SandboxServers> {
+        self.sandbox.as_ref()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets
+    /// in-flight requests finish.
+    ///
+    /// # Errors
+    /// I/O errors of the server.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let _sandbox = self.sandbox;
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+    }
+}
+
+/// The merchant API routes over `state`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/payments/confirm", post(routes::confirm))
+        .route("/v1/payments/orders/{order_id}", get(routes::get_by_order))
+        .route("/v1/payments/{payment_id}", get(routes::get_payment))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .fallback(routes::fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), merchant_id = tracing::field::Empty)
+            }),
+        )
+        .with_state(state)
+}

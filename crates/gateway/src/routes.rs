@@ -1,0 +1,201 @@
+//! The merchant API handlers (DESIGN.md §5).
+
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    auth::AuthedMerchant,
+    problem::Problem,
+    saga::{ConfirmInput, ConfirmOutcome, Reuse},
+    AppState,
+};
+
+/// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfirmBody {
+    /// The card company's payment key (1-200 printable characters).
+    pub payment_key: String,
+    /// 6-64 characters of `[A-Za-z0-9-_.]`.
+    pub order_id: String,
+    /// Amount in minor units, >= 1.
+    pub amount: i64,
+}
+
+/// The payment as a merchant sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentView {
+    /// `pay_...`.
+    pub payment_id: String,
+    /// The merchant's order id.
+    pub order_id: String,
+    /// The card company's key.
+    pub payment_key: String,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// `DONE`, `ABORTED`, `UNKNOWN`, `IN_PROGRESS` or `CANCELED`.
+    pub status: PaymentStatus,
+    /// True once the ledger recorded it.
+    pub saved: bool,
+    /// The card company's approval time, RFC 3339.
+    pub approved_at: Option<String>,
+    /// When paygate accepted the confirm, RFC 3339 (UTC).
+    pub requested_at: String,
+}
+
+impl From<&PaymentRecord> for PaymentView {
+    fn from(r: &PaymentRecord) -> Self {
+        Self {
+            payment_id: r.payment_id.to_string(),
+            order_id: r.order_id.to_string(),
+            payment_key: r.payment_key.clone(),
+            amount: r.amount,
+            currency: r.currency.clone(),
+            status: r.status(),
+            saved: r.is_saved,
+            approved_at: r.approved_at.clone(),
+            requested_at: paygate_core::time::rfc3339_from_ms(r.created_at),
+        }
+    }
+}
+
+fn view(status: StatusCode, r: &PaymentRecord) -> Response {
+    (status, Json(PaymentView::from(r))).into_response()
+}
+
+/// Reads `Idempotency-Key`, quoted (`"abc"`) or bare: 1-255 visible ASCII.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let s = raw.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?.trim();
+    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Problem::invalid("Idempotency-Key must be 1-255 visible ASCII characters"));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// `POST /v1/payments/confirm`.
+pub async fn confirm(
+    State(state): State<AppState>,
+    AuthedMerchant(merchant): AuthedMerchant,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
+        Problem::invalid("body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}")
+    })?;
+    let order_id = OrderId::parse(&body.order_id).map_err(|e| Problem::invalid(e.to_string()))?;
+    if body.amount < 1 {
+        return Err(Problem::invalid("amount must be an integer >= 1 (minor units)"));
+    }
+    if body.payment_key.is_empty() || body.payment_key.len() > 200 || !body.payment_key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Problem::invalid("paymentKey must be 1-200 visible ASCII characters"));
+    }
+    let input = ConfirmInput {
+        merchant_id: merchant.merchant_id,
+        payment_key: body.payment_key,
+        order_id,
+        amount: body.amount,
+        idempotency_key: idempotency_key(&headers)?,
+    };
+    let outcome = state.saga.confirm(input).await;
+    Ok(match outcome {
+        ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
+        ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),
+        ConfirmOutcome::Declined { record, code, message } => {
+            let detail = if message.is_empty() { "the card company declined the payment".to_owned() } else { message };
+            Problem::new(StatusCode::PAYMENT_REQUIRED, &code, "Payment declined", detail)
+                .with_payment(record.payment_id.as_str())
+                .into_response()
+        }
+        ConfirmOutcome::InFlight(r) => Problem::new(
+            StatusCode::CONFLICT,
+            "PAYMENT_IN_PROGRESS",
+            "Payment in progress",
+            "this confirm is still being processed; poll GET /v1/payments/{paymentId}",
+        )
+        .with_payment(r.payment_id.as_str())
+        .retry_after(1)
+        .into_response(),
+        ConfirmOutcome::Reused { payment_id, reuse } => {
+            let (code, detail) = match reuse {
+                Reuse::IdempotencyKey => ("IDEMPOTENCY_KEY_REUSED", "this Idempotency-Key was used with a different body"),
+                Reuse::OrderId => ("ORDER_ID_REUSED", "this orderId was confirmed with a different body"),
+            };
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, "Conflicting reuse", detail)
+                .with_payment(payment_id.as_str())
+                .into_response()
+        }
+        ConfirmOutcome::Unavailable { detail, payment_id } => {
+            let p = Problem::unavailable(detail);
+            match payment_id {
+                Some(id) => p.with_payment(id.as_str()).into_response(),
+                None => p.into_response(),
+            }
+        }
+    })
+}
+
+/// `GET /v1/payments/{paymentId}`: 404 for another merchant's payment.
+pub async fn get_payment(
+    State(state): State<AppState>,
+    AuthedMerchant(merchant): AuthedMerchant,
+    Path(payment_id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = PaymentId::parse(&payment_id).ok_or_else(Problem::not_found)?;
+    match state.saga.store().get(&id).await {
+        Ok(Some((_, r))) if r.merchant_id == merchant.merchant_id => Ok(view(StatusCode::OK, &r)),
+        Ok(_) => Err(Problem::not_found()),
+        Err(e) => {
+            tracing::error!(error = %e, "state store unavailable");
+            Err(Problem::unavailable("payment state store unavailable"))
+        }
+    }
+}
+
+/// `GET /v1/payments/orders/{orderId}`.
+pub async fn get_by_order(
+    State(state): State<AppState>,
+    AuthedMerchant(merchant): AuthedMerchant,
+    Path(order_id): Path<String>,
+) -> Result<Response, Problem> {
+    let order_id = OrderId::parse(&order_id).map_err(|_| Problem::not_found())?;
+    match state.saga.store().get_by_order(&merchant.merchant_id, &order_id).await {
+        Ok(Some(r)) => Ok(view(StatusCode::OK, &r)),
+        Ok(None) => Err(Problem::not_found()),
+        Err(e) => {
+            tracing::error!(error = %e, "state store unavailable");
+            Err(Problem::unavailable("payment state store unavailable"))
+        }
+    }
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 when the stores answer, 503 otherwise.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state.saga.store().ping().await;
+    let db = state.db.ping().await;
+    match (store, db) {
+        (Ok(()), Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        _ => Problem::unavailable("a store is unreachable").into_response(),
+    }
+}
+
+/// Any other path: 404 problem.
+pub async fn fallback() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found", "no such route")
+}
