@@ -1,0 +1,239 @@
+//! Test helpers: a real gateway on port 0 against the sandbox simulators
+//! over HTTP, with its own database (a temporary SQLite file, or a fresh
+//! PostgreSQL schema when `PAYGATE_TEST_POSTGRES_URL` is set).
+
+use std::{io::Write, sync::Arc, sync::Once, time::Duration};
+
+use paygate_core::{crypto, Config, MerchantId, Secret};
+use paygate_gateway::Application;
+use paygate_sandbox::{FaultProfile, SandboxServers};
+use paygate_state_store::{Merchant, SqlDatabase, SqlMerchantStore};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+pub const SECRET: &str = "test_sk_paygate_tests";
+
+/// A SQL backend the tests can run on.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+}
+
+static SKIP_NOTICE: Once = Once::new();
+
+/// Every reachable backend: SQLite always, PostgreSQL when
+/// `PAYGATE_TEST_POSTGRES_URL` is set. A skipped backend is announced on
+/// stderr directly (not through the test harness's capture).
+pub fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Sqlite];
+    match std::env::var("PAYGATE_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => v.push(Backend::Postgres(url)),
+        _ => SKIP_NOTICE.call_once(|| {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED backend postgres: PAYGATE_TEST_POSTGRES_URL is not set; gateway tests ran on SQLite only"
+            );
+        }),
+    }
+    v
+}
+
+/// A fresh database URL for one test.
+pub async fn fresh_database_url(backend: &Backend) -> (String, Cleanup) {
+    let id = ulid::Ulid::new().to_string().to_lowercase();
+    match backend {
+        Backend::Sqlite => {
+            let path = std::env::temp_dir().join(format!("paygate-test-{id}.db"));
+            (format!("sqlite://{}", path.display()), Cleanup::File(path))
+        }
+        Backend::Postgres(url) => {
+            let schema = format!("t_{id}");
+            let admin = SqlDatabase::connect(url, 1).await.expect("postgres reachable");
+            if let SqlDatabase::Postgres(pool) = &admin {
+                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(pool).await.expect("create schema");
+            }
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (
+                format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+                Cleanup::Schema { admin, schema },
+            )
+        }
+    }
+}
+
+/// What to remove when a test ends.
+pub enum Cleanup {
+    File(std::path::PathBuf),
+    Schema { admin: SqlDatabase, schema: String },
+}
+
+impl Cleanup {
+    pub async fn run(self) {
+        match self {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Schema { admin, schema } => {
+                if let SqlDatabase::Postgres(pool) = &admin {
+                    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(pool).await;
+                }
+                admin.close().await;
+            }
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub sandbox: SandboxServers,
+    pub app_db: SqlDatabase,
+    pub saga: Arc<paygate_gateway::Saga>,
+    pub alerts: Arc<paygate_gateway::LogAlerter>,
+    pub key: String,
+    pub config: Config,
+    cleanup: Option<Cleanup>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Starts the sandbox with `profile` and the real gateway against it.
+pub async fn spawn_app(backend: &Backend, profile: FaultProfile, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let sandbox = SandboxServers::start(profile, SECRET).await.expect("sandbox starts");
+    let (db_url, cleanup) = fresh_database_url(backend).await;
+    let mut config = Config {
+        listen: "127.0.0.1:0".to_owned(),
+        database_url: Secret::new(db_url),
+        card_api_url: Some(sandbox.card_url.clone()),
+        card_api_secret_key: Some(Secret::new(SECRET.to_owned())),
+        ledger_api_url: Some(sandbox.ledger_url.clone()),
+        card_api_timeout_ms: 2_000,
+        ledger_retry_base_delay_ms: 20,
+        ledger_retry_max_delay_ms: 100,
+        ledger_retry_max_attempts: 20,
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = Application::build(listener, &config).await.expect("app builds");
+    let base = format!("http://{}", app.local_addr());
+    let app_db = app.database();
+    let saga = app.saga();
+    let alerts = app.alerter();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let (_, key) = create_merchant(&app_db, &config, "merchant-a").await;
+    TestApp {
+        base,
+        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+        sandbox,
+        app_db,
+        saga,
+        alerts,
+        key,
+        config,
+        cleanup: Some(cleanup),
+        stop: Some(stop),
+    }
+}
+
+pub async fn create_merchant(db: &SqlDatabase, config: &Config, name: &str) -> (MerchantId, String) {
+    let key = crypto::generate_api_key();
+    let merchant = Merchant {
+        merchant_id: MerchantId::generate(),
+        name: name.to_owned(),
+        api_key_prefix: key.expose()[..crypto::API_KEY_DISPLAY_LEN].to_owned(),
+        created_at: paygate_core::time::now_ms(),
+        revoked_at: None,
+    };
+    SqlMerchantStore::new(db.clone())
+        .create(&merchant, &crypto::hash_api_key(&config.api_key_hash_key, key.expose()))
+        .await
+        .expect("merchant created");
+    (merchant.merchant_id, key.expose().clone())
+}
+
+pub fn confirm_body(order_id: &str, amount: i64) -> Value {
+    serde_json::json!({"paymentKey": format!("pk_{order_id}"), "orderId": order_id, "amount": amount})
+}
+
+impl TestApp {
+    pub async fn confirm_with(&self, key: &str, body: &Value, idempotency_key: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(format!("{}/v1/payments/confirm", self.base)).bearer_auth(key).json(body);
+        if let Some(k) = idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    pub async fn confirm(&self, body: &Value) -> reqwest::Response {
+        self.confirm_with(&self.key, body, None).await
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client.get(format!("{}{path}", self.base)).bearer_auth(key).send().await.expect("request sent")
+    }
+
+    pub fn log(&self) -> paygate_api_log::SqlApiLog {
+        paygate_api_log::SqlApiLog::new(self.app_db.clone())
+    }
+
+    /// Stops the server and removes the test's database.
+    pub async fn teardown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.app_db.close().await;
+        if let Some(c) = self.cleanup.take() {
+            c.run().await;
+        }
+    }
+}
+
+/// Makes every insert into `api_logs` fail, as a read-only log table would.
+pub async fn make_log_read_only(db: &SqlDatabase) {
+    match db {
+        SqlDatabase::Sqlite(pool) => {
+            sqlx::query(
+                "CREATE TRIGGER api_logs_read_only BEFORE INSERT ON api_logs BEGIN SELECT RAISE(ABORT, 'api_logs is read-only'); END",
+            )
+            .execute(pool)
+            .await
+            .expect("trigger");
+        }
+        SqlDatabase::Postgres(pool) => {
+            sqlx::query(
+                "CREATE FUNCTION api_logs_refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'api_logs is read-only'; END $$ LANGUAGE plpgsql",
+            )
+            .execute(pool)
+            .await
+            .expect("function");
+            sqlx::query("CREATE TRIGGER api_logs_read_only BEFORE INSERT ON api_logs FOR EACH ROW EXECUTE FUNCTION api_logs_refuse()")
+                .execute(pool)
+                .await
+                .expect("trigger");
+        }
+    }
+}
+
+/// Undoes [`make_log_read_only`].
+pub async fn make_log_writable(db: &SqlDatabase) {
+    let sql = match db {
+        SqlDatabase::Sqlite(_) => "DROP TRIGGER api_logs_read_only",
+        SqlDatabase::Postgres(_) => "DROP TRIGGER api_logs_read_only ON api_logs",
+    };
+    paygate_state_store::with_pool!(db, pool => { sqlx::query(sql).execute(pool).await.expect("drop trigger"); });
+}
