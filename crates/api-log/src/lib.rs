@@ -151,7 +151,10 @@ impl SqlApiLog {
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn for_payment(&self, payment_id: &PaymentId) -> Result<Vec<StoredLogEntry>, StoreError> {
+    pub async fn for_payment(
+        &self,
+        payment_id: &PaymentId,
+    ) -> Result<Vec<StoredLogEntry>, StoreError> {
         let body_col = match self.db {
             SqlDatabase::Sqlite(_) => "body",
             SqlDatabase::Postgres(_) => "CAST(body AS TEXT) AS body",

@@ -145,14 +145,21 @@ pub trait CardApi: Send + Sync + 'static {
     /// # Errors
     /// [`CardApiError`]; see [`CardApiError::is_decline`] and
     /// [`CardApiError::outcome_unknown`] for what each means for the payment.
-    async fn confirm(&self, req: &ConfirmRequest, idempotency_key: &str) -> Result<CardPayment, CardApiError>;
+    async fn confirm(
+        &self,
+        req: &ConfirmRequest,
+        idempotency_key: &str,
+    ) -> Result<CardPayment, CardApiError>;
 
     /// Looks a payment up by the merchant's order id: Toss
     /// `GET /v1/payments/orders/{orderId}`. `Ok(None)` on 404 `NOT_FOUND_PAYMENT`.
     ///
     /// # Errors
     /// [`CardApiError`] for any other failure.
-    async fn payment_by_order_id(&self, order_id: &str) -> Result<Option<CardPayment>, CardApiError>;
+    async fn payment_by_order_id(
+        &self,
+        order_id: &str,
+    ) -> Result<Option<CardPayment>, CardApiError>;
 
     /// Cancels (refunds) an approved payment: Toss
     /// `POST /v1/payments/{paymentKey}/cancel`.
@@ -170,7 +177,10 @@ pub trait CardApi: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`CardApiError`].
-    async fn transactions(&self, query: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError>;
+    async fn transactions(
+        &self,
+        query: &TransactionsQuery,
+    ) -> Result<Vec<Transaction>, CardApiError>;
 }
 
 #[cfg(test)]
@@ -178,7 +188,11 @@ mod tests {
     use super::*;
 
     fn rejected(status: u16, code: &str) -> CardApiError {
-        CardApiError::Rejected { status, code: code.to_owned(), message: String::new() }
+        CardApiError::Rejected {
+            status,
+            code: code.to_owned(),
+            message: String::new(),
+        }
     }
 
     #[test]
@@ -193,7 +207,11 @@ mod tests {
         assert!(rejected(400, codes::ALREADY_PROCESSED_PAYMENT).outcome_unknown());
         assert!(rejected(409, codes::IDEMPOTENT_REQUEST_PROCESSING).is_transient());
         assert!(CardApiError::Timeout.outcome_unknown());
-        let server = CardApiError::Server { status: 500, code: codes::PROVIDER_ERROR.to_owned(), message: String::new() };
+        let server = CardApiError::Server {
+            status: 500,
+            code: codes::PROVIDER_ERROR.to_owned(),
+            message: String::new(),
+        };
         assert!(server.outcome_unknown() && server.is_transient() && !server.is_decline());
     }
 }

@@ -36,7 +36,12 @@ impl std::fmt::Debug for TossCardApi {
 impl TossCardApi {
     /// A client for `base_url` (e.g. `https://api.tosspayments.com`, no
     /// trailing slash needed) with a per-call `timeout`.
-    pub fn new(client: Client, base_url: &str, secret_key: Secret<String>, timeout: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        base_url: &str,
+        secret_key: Secret<String>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),
@@ -52,7 +57,11 @@ impl TossCardApi {
     }
 
     async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, CardApiError> {
-        let resp = self.request(builder).send().await.map_err(transport_error)?;
+        let resp = self
+            .request(builder)
+            .send()
+            .await
+            .map_err(transport_error)?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(transport_error)?;
         if status.is_success() {
@@ -79,25 +88,47 @@ fn error_from(status: StatusCode, bytes: &[u8]) -> CardApiError {
         None => (format!("HTTP_{}", status.as_u16()), String::new()),
     };
     if status.is_server_error() {
-        CardApiError::Server { status: status.as_u16(), code, message }
+        CardApiError::Server {
+            status: status.as_u16(),
+            code,
+            message,
+        }
     } else {
-        CardApiError::Rejected { status: status.as_u16(), code, message }
+        CardApiError::Rejected {
+            status: status.as_u16(),
+            code,
+            message,
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl CardApi for TossCardApi {
-    async fn confirm(&self, req: &ConfirmRequest, idempotency_key: &str) -> Result<CardPayment, CardApiError> {
+    async fn confirm(
+        &self,
+        req: &ConfirmRequest,
+        idempotency_key: &str,
+    ) -> Result<CardPayment, CardApiError> {
         let url = format!("{}{CONFIRM_PATH}", self.base_url);
-        self.send(self.client.post(url).header("Idempotency-Key", idempotency_key).json(req))
-            .await
+        self.send(
+            self.client
+                .post(url)
+                .header("Idempotency-Key", idempotency_key)
+                .json(req),
+        )
+        .await
     }
 
-    async fn payment_by_order_id(&self, order_id: &str) -> Result<Option<CardPayment>, CardApiError> {
+    async fn payment_by_order_id(
+        &self,
+        order_id: &str,
+    ) -> Result<Option<CardPayment>, CardApiError> {
         let url = format!("{}/v1/payments/orders/{order_id}", self.base_url);
         match self.send(self.client.get(url)).await {
             Ok(p) => Ok(Some(p)),
-            Err(CardApiError::Rejected { status: 404, code, .. }) if code == codes::NOT_FOUND_PAYMENT => Ok(None),
+            Err(CardApiError::Rejected {
+                status: 404, code, ..
+            }) if code == codes::NOT_FOUND_PAYMENT => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -109,11 +140,19 @@ impl CardApi for TossCardApi {
         idempotency_key: &str,
     ) -> Result<CardPayment, CardApiError> {
         let url = format!("{}/v1/payments/{payment_key}/cancel", self.base_url);
-        self.send(self.client.post(url).header("Idempotency-Key", idempotency_key).json(req))
-            .await
+        self.send(
+            self.client
+                .post(url)
+                .header("Idempotency-Key", idempotency_key)
+                .json(req),
+        )
+        .await
     }
 
-    async fn transactions(&self, query: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError> {
+    async fn transactions(
+        &self,
+        query: &TransactionsQuery,
+    ) -> Result<Vec<Transaction>, CardApiError> {
         let url = format!("{}/v1/transactions", self.base_url);
         self.send(self.client.get(url).query(query)).await
     }

@@ -79,11 +79,20 @@ async fn send(client: &reqwest::Client, url: &str, key: &str, order: &str, amoun
         Ok(r) => {
             let status = r.status().as_u16();
             let v: serde_json::Value = r.json().await.unwrap_or_default();
-            (status, v.get("paymentId").and_then(|p| p.as_str()).map(str::to_owned))
+            (
+                status,
+                v.get("paymentId")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_owned),
+            )
         }
         Err(_) => (0, None),
     };
-    Sent { status, payment_id, latency: started.elapsed() }
+    Sent {
+        status,
+        payment_id,
+        latency: started.elapsed(),
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -101,7 +110,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// reported through the exit code, not as errors.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut profile = FaultProfile::preset(&args.faults)
-        .with_context(|| format!("unknown fault preset {:?}; one of {:?}", args.faults, FaultProfile::PRESETS))?
+        .with_context(|| {
+            format!(
+                "unknown fault preset {:?}; one of {:?}",
+                args.faults,
+                FaultProfile::PRESETS
+            )
+        })?
         .with_seed(args.seed);
     // A dropped answer is held well past the client timeout below.
     profile.drop_hold_ms = 3_000;
@@ -134,7 +149,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             &Merchant {
                 merchant_id: merchant_id.clone(),
                 name: "demo".to_owned(),
-                api_key_prefix: key.expose().chars().take(crypto::API_KEY_DISPLAY_LEN).collect(),
+                api_key_prefix: key
+                    .expose()
+                    .chars()
+                    .take(crypto::API_KEY_DISPLAY_LEN)
+                    .collect(),
                 created_at: paygate_core::time::now_ms(),
                 revoked_at: None,
             },
@@ -147,10 +166,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_rx.await;
     }));
 
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let url = format!("http://{addr}/v1/payments/confirm");
     let started = Instant::now();
-    let orders: Vec<String> = (0..args.payments).map(|i| format!("demo-{run_id}-{i:06}")).collect();
+    let orders: Vec<String> = (0..args.payments)
+        .map(|i| format!("demo-{run_id}-{i:06}"))
+        .collect();
     let client = Arc::new(client);
     let results: Vec<(String, Vec<Sent>)> = futures_util::stream::iter(orders.iter().enumerate())
         .map(|(i, order)| {
@@ -261,20 +284,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
-        println!("paygate demo: {} payments, concurrency {}, faults {:?} (seed {})", args.payments, args.concurrency, args.faults, args.seed);
+        println!(
+            "paygate demo: {} payments, concurrency {}, faults {:?} (seed {})",
+            args.payments, args.concurrency, args.faults, args.seed
+        );
         println!("  confirms sent        {}", summary.sent);
         println!("  approved             {}", summary.approved);
         println!("  declined             {}", summary.declined);
         println!("  unknown (alerted)    {}", summary.unknown);
         println!("  saved in ledger      {}", summary.saved);
-        println!("  not yet saved        {}  (left for the batch)", summary.unsaved);
+        println!(
+            "  not yet saved        {}  (left for the batch)",
+            summary.unsaved
+        );
         println!("  sandbox approvals    {}", summary.sandbox_approvals);
         println!("  LOST approvals       {}", summary.lost);
         println!("  DOUBLE charges       {}", summary.double_charges);
         println!("  replays with another paymentId {}", replay_mismatches);
-        println!("  throughput           {:.0} confirms/s", summary.throughput_per_s);
-        println!("  latency p50 / p99    {:.1} ms / {:.1} ms", summary.p50_ms, summary.p99_ms);
+        println!(
+            "  throughput           {:.0} confirms/s",
+            summary.throughput_per_s
+        );
+        println!(
+            "  latency p50 / p99    {:.1} ms / {:.1} ms",
+            summary.p50_ms, summary.p99_ms
+        );
     }
     let ok = summary.lost == 0 && summary.double_charges == 0 && replay_mismatches == 0;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

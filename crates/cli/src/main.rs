@@ -75,8 +75,14 @@ enum MerchantsCommand {
 fn init_tracing(default_filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[tokio::main]
@@ -97,13 +103,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("error,tower_http=off", false);
             demo::run(args).await
         }
-        Command::Sim { card_port, ledger_port, faults, seed, secret_key } => {
+        Command::Sim {
+            card_port,
+            ledger_port,
+            faults,
+            seed,
+            secret_key,
+        } => {
             init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
-                .with_context(|| format!("unknown fault preset {faults:?}; one of {:?}", FaultProfile::PRESETS))?
+                .with_context(|| {
+                    format!(
+                        "unknown fault preset {faults:?}; one of {:?}",
+                        FaultProfile::PRESETS
+                    )
+                })?
                 .with_seed(seed);
-            let card_l = TcpListener::bind(("127.0.0.1", card_port)).await.context("binding the card simulator")?;
-            let ledger_l = TcpListener::bind(("127.0.0.1", ledger_port)).await.context("binding the ledger simulator")?;
+            let card_l = TcpListener::bind(("127.0.0.1", card_port))
+                .await
+                .context("binding the card simulator")?;
+            let ledger_l = TcpListener::bind(("127.0.0.1", ledger_port))
+                .await
+                .context("binding the ledger simulator")?;
             let card = std::sync::Arc::new(CardSim::new(profile.clone(), &secret_key));
             let ledger = std::sync::Arc::new(LedgerSim::new(profile));
             let servers = SandboxServers::start_on(card, ledger, card_l, ledger_l).await?;
@@ -141,7 +162,10 @@ async fn serve(config: paygate_core::Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn merchants(config: paygate_core::Config, command: MerchantsCommand) -> anyhow::Result<ExitCode> {
+async fn merchants(
+    config: paygate_core::Config,
+    command: MerchantsCommand,
+) -> anyhow::Result<ExitCode> {
     let db = SqlDatabase::connect(config.database_url.expose(), 1).await?;
     db.migrate().await?;
     let store = SqlMerchantStore::new(db);
@@ -155,17 +179,32 @@ async fn merchants(config: paygate_core::Config, command: MerchantsCommand) -> a
                 created_at: paygate_core::time::now_ms(),
                 revoked_at: None,
             };
-            store.create(&merchant, &hash_api_key(&config.api_key_hash_key, key.expose())).await?;
+            store
+                .create(
+                    &merchant,
+                    &hash_api_key(&config.api_key_hash_key, key.expose()),
+                )
+                .await?;
             println!("merchant_id: {}", merchant.merchant_id);
             println!("name:        {}", merchant.name);
             println!("api_key:     {}", key.expose());
             println!("(the API key is shown once; only its keyed hash is stored)");
         }
         MerchantsCommand::List => {
-            println!("{:<32} {:<14} {:<8} name", "merchant_id", "key prefix", "status");
+            println!(
+                "{:<32} {:<14} {:<8} name",
+                "merchant_id", "key prefix", "status"
+            );
             for m in store.list().await? {
-                let status = if m.revoked_at.is_some() { "revoked" } else { "active" };
-                println!("{:<32} {:<14} {:<8} {}", m.merchant_id, m.api_key_prefix, status, m.name);
+                let status = if m.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<32} {:<14} {:<8} {}",
+                    m.merchant_id, m.api_key_prefix, status, m.name
+                );
             }
         }
     }

@@ -118,7 +118,10 @@ pub struct ConfigError {
 }
 
 fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { key, reason: reason.into() }
+    ConfigError {
+        key,
+        reason: reason.into(),
+    }
 }
 
 impl Config {
@@ -141,16 +144,28 @@ impl Config {
             .parse::<SocketAddr>()
             .map_err(|e| bad("listen", format!("not a socket address: {e}")))?;
         let db = self.database_url.expose();
-        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-            return Err(bad("database_url", "must start with sqlite: or postgres://"));
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return Err(bad(
+                "database_url",
+                "must start with sqlite: or postgres://",
+            ));
         }
         if self.database_max_connections == 0 {
             return Err(bad("database_max_connections", "must be at least 1"));
         }
         if self.state_store == StateStoreKind::Mongodb && self.mongodb_uri.is_none() {
-            return Err(bad("mongodb_uri", "required when state_store = \"mongodb\""));
+            return Err(bad(
+                "mongodb_uri",
+                "required when state_store = \"mongodb\"",
+            ));
         }
-        for (key, url) in [("card_api_url", &self.card_api_url), ("ledger_api_url", &self.ledger_api_url)] {
+        for (key, url) in [
+            ("card_api_url", &self.card_api_url),
+            ("ledger_api_url", &self.ledger_api_url),
+        ] {
             if let Some(u) = url {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     return Err(bad(key, "must be an http:// or https:// URL"));
@@ -162,28 +177,43 @@ impl Config {
             .as_ref()
             .is_some_and(|k| k.expose().starts_with("live_"));
         if self.card_sandbox() && live_key {
-            return Err(bad("card_api_secret_key", "the sandbox refuses a live_ card key"));
+            return Err(bad(
+                "card_api_secret_key",
+                "the sandbox refuses a live_ card key",
+            ));
         }
         if !self.card_sandbox() && self.card_api_secret_key.is_none() {
-            return Err(bad("card_api_secret_key", "required when card_api_url is set"));
+            return Err(bad(
+                "card_api_secret_key",
+                "required when card_api_url is set",
+            ));
         }
         if live_key
             && (self.api_key_hash_key.expose() == DEV_API_KEY_HASH_KEY
                 || self.api_key_hash_key.expose().len() < 32)
         {
-            return Err(bad("api_key_hash_key", "set a secret of at least 32 characters for live keys"));
+            return Err(bad(
+                "api_key_hash_key",
+                "set a secret of at least 32 characters for live keys",
+            ));
         }
         for (key, v) in [
             ("card_api_timeout_ms", self.card_api_timeout_ms),
             ("ledger_api_timeout_ms", self.ledger_api_timeout_ms),
-            ("ledger_retry_base_delay_ms", self.ledger_retry_base_delay_ms),
+            (
+                "ledger_retry_base_delay_ms",
+                self.ledger_retry_base_delay_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be greater than 0"));
             }
         }
         if self.ledger_retry_max_delay_ms < self.ledger_retry_base_delay_ms {
-            return Err(bad("ledger_retry_max_delay_ms", "must be >= ledger_retry_base_delay_ms"));
+            return Err(bad(
+                "ledger_retry_max_delay_ms",
+                "must be >= ledger_retry_base_delay_ms",
+            ));
         }
         if self.card_api_max_attempts == 0 || self.card_api_max_attempts > 10 {
             return Err(bad("card_api_max_attempts", "must be 1 to 10"));
@@ -212,14 +242,20 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let c = Config { listen: "nope".into(), ..Config::default() };
+        let c = Config {
+            listen: "nope".into(),
+            ..Config::default()
+        };
         assert_eq!(c.validate().map_err(|e| e.key), Err("listen"));
         let c = Config {
             card_api_secret_key: Some(Secret::new("live_sk_x".into())),
             ..Config::default()
         };
         assert_eq!(c.validate().map_err(|e| e.key), Err("card_api_secret_key"));
-        let c = Config { card_api_url: Some("http://x".into()), ..Config::default() };
+        let c = Config {
+            card_api_url: Some("http://x".into()),
+            ..Config::default()
+        };
         assert_eq!(c.validate().map_err(|e| e.key), Err("card_api_secret_key"));
     }
 }

@@ -12,7 +12,7 @@ pub mod masking;
 pub mod payment;
 pub mod time;
 
-pub use ids::{MerchantId, OrderId, PaymentId};
 pub use config::Config;
+pub use ids::{MerchantId, OrderId, PaymentId};
 pub use masking::Secret;
 pub use payment::{CardStatus, Partition, PaymentRecord, PaymentStatus};

@@ -33,6 +33,9 @@ mod tests {
         let ms = 1_707_794_294_123;
         let s = rfc3339_from_ms(ms);
         assert_eq!(ms_from_rfc3339(&s), Some(ms));
-        assert_eq!(ms_from_rfc3339("2024-02-13T12:18:14+09:00"), Some(1_707_794_294_000));
+        assert_eq!(
+            ms_from_rfc3339("2024-02-13T12:18:14+09:00"),
+            Some(1_707_794_294_000)
+        );
     }
 }

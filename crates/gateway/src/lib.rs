@@ -93,13 +93,19 @@ impl Application {
     pub async fn build(listener: TcpListener, config: &Config) -> Result<Self, StartupError> {
         config.validate()?;
         let addr = listener.local_addr().map_err(StartupError::Listener)?;
-        let db = SqlDatabase::connect(config.database_url.expose(), config.database_max_connections).await?;
+        let db = SqlDatabase::connect(
+            config.database_url.expose(),
+            config.database_max_connections,
+        )
+        .await?;
         if config.migrate_on_start {
             db.migrate().await?;
         }
         let store: Arc<dyn StateStore> = match config.state_store {
             StateStoreKind::Sql => Arc::new(SqlStateStore::new(db.clone())),
-            StateStoreKind::Mongodb => return Err(StartupError::Unsupported("state_store = \"mongodb\"")),
+            StateStoreKind::Mongodb => {
+                return Err(StartupError::Unsupported("state_store = \"mongodb\""))
+            }
         };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
@@ -112,7 +118,9 @@ impl Application {
                 key: "sandbox_faults",
                 reason: format!("unknown preset; one of {:?}", FaultProfile::PRESETS),
             })?;
-            let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET).await.map_err(StartupError::Sandbox)?;
+            let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET)
+                .await
+                .map_err(StartupError::Sandbox)?;
             tracing::warn!(
                 card = config.card_sandbox(),
                 ledger = config.ledger_sandbox(),
@@ -125,19 +133,40 @@ impl Application {
         };
         let card: Arc<dyn CardApi> = {
             let (url, key) = match (&config.card_api_url, &sandbox) {
-                (Some(url), _) => (url.clone(), config.card_api_secret_key.clone().unwrap_or_default()),
-                (None, Some(s)) => (s.card_url.clone(), Secret::new(SANDBOX_CARD_SECRET.to_owned())),
-                (None, None) => return Err(StartupError::Unsupported("card API without URL or sandbox")),
+                (Some(url), _) => (
+                    url.clone(),
+                    config.card_api_secret_key.clone().unwrap_or_default(),
+                ),
+                (None, Some(s)) => (
+                    s.card_url.clone(),
+                    Secret::new(SANDBOX_CARD_SECRET.to_owned()),
+                ),
+                (None, None) => {
+                    return Err(StartupError::Unsupported("card API without URL or sandbox"))
+                }
             };
-            Arc::new(TossCardApi::new(http.clone(), &url, key, Duration::from_millis(config.card_api_timeout_ms)))
+            Arc::new(TossCardApi::new(
+                http.clone(),
+                &url,
+                key,
+                Duration::from_millis(config.card_api_timeout_ms),
+            ))
         };
         let ledger: Arc<dyn LedgerApi> = {
             let url = match (&config.ledger_api_url, &sandbox) {
                 (Some(url), _) => url.clone(),
                 (None, Some(s)) => s.ledger_url.clone(),
-                (None, None) => return Err(StartupError::Unsupported("ledger API without URL or sandbox")),
+                (None, None) => {
+                    return Err(StartupError::Unsupported(
+                        "ledger API without URL or sandbox",
+                    ))
+                }
             };
-            Arc::new(HttpLedgerApi::new(http, &url, Duration::from_millis(config.ledger_api_timeout_ms)))
+            Arc::new(HttpLedgerApi::new(
+                http,
+                &url,
+                Duration::from_millis(config.ledger_api_timeout_ms),
+            ))
         };
         let alerter = Arc::new(LogAlerter::default());
         let settings = SagaSettings {
@@ -163,7 +192,15 @@ impl Application {
             api_key_hash_key: config.api_key_hash_key.clone(),
             db: db.clone(),
         };
-        Ok(Self { listener, addr, router: router(state), saga, db, alerter, sandbox })
+        Ok(Self {
+            listener,
+            addr,
+            router: router(state),
+            saga,
+            db,
+            alerter,
+            sandbox,
+        })
     }
 
     /// The address the merchant API listens on.
@@ -196,9 +233,14 @@ impl Application {
     ///
     /// # Errors
     /// I/O errors of the server.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let _sandbox = self.sandbox;
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
     }
 }
 

@@ -10,9 +10,13 @@ use axum::{
 };
 use serde::Serialize;
 
-/// One problem answer.
+/// One problem answer (boxed: it travels in `Result::Err`, which should stay small).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem(Box<ProblemDetails>);
+
+/// The members of a problem answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Problem {
+pub struct ProblemDetails {
     /// `urn:paygate:problem:<code in lower case>`.
     #[serde(rename = "type")]
     pub type_: String,
@@ -35,7 +39,7 @@ pub struct Problem {
 impl Problem {
     /// A problem with the given status, code, title and detail.
     pub fn new(status: StatusCode, code: &str, title: &str, detail: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(ProblemDetails {
             type_: format!("urn:paygate:problem:{}", code.to_ascii_lowercase()),
             title: title.to_owned(),
             status: status.as_u16(),
@@ -43,24 +47,34 @@ impl Problem {
             code: code.to_owned(),
             payment_id: None,
             retry_after_s: None,
-        }
+        }))
+    }
+
+    /// The members.
+    pub fn details(&self) -> &ProblemDetails {
+        &self.0
     }
 
     /// Names the payment.
     pub fn with_payment(mut self, payment_id: &str) -> Self {
-        self.payment_id = Some(payment_id.to_owned());
+        self.0.payment_id = Some(payment_id.to_owned());
         self
     }
 
     /// Adds `Retry-After` (seconds).
     pub fn retry_after(mut self, seconds: u64) -> Self {
-        self.retry_after_s = Some(seconds);
+        self.0.retry_after_s = Some(seconds);
         self
     }
 
     /// 400: the request body or a parameter is invalid.
     pub fn invalid(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "Invalid request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "Invalid request",
+            detail,
+        )
     }
 
     /// 401: no or bad API key.
@@ -75,23 +89,37 @@ impl Problem {
 
     /// 404: no such payment for this merchant.
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found", "no such payment")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "Not found",
+            "no such payment",
+        )
     }
 
     /// 503: paygate cannot safely proceed; nothing was charged.
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "Service unavailable", detail)
-            .retry_after(1)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVICE_UNAVAILABLE",
+            "Service unavailable",
+            detail,
+        )
+        .retry_after(1)
     }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let retry = self.retry_after_s;
-        let mut resp = (status, axum::Json(&self)).into_response();
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry = self.0.retry_after_s;
+        let mut resp = (status, axum::Json(&*self.0)).into_response();
         let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(s) = retry {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -75,11 +75,21 @@ fn view(status: StatusCode, r: &PaymentRecord) -> Response {
 
 /// Reads `Idempotency-Key`, quoted (`"abc"`) or bare: 1-255 visible ASCII.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
-    let s = raw.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?.trim();
-    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = raw
+        .to_str()
+        .map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?
+        .trim();
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s);
     if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Problem::invalid("Idempotency-Key must be 1-255 visible ASCII characters"));
+        return Err(Problem::invalid(
+            "Idempotency-Key must be 1-255 visible ASCII characters",
+        ));
     }
     Ok(Some(s.to_owned()))
 }
@@ -92,14 +102,23 @@ pub async fn confirm(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
-        Problem::invalid("body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}")
+        Problem::invalid(
+            "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}",
+        )
     })?;
     let order_id = OrderId::parse(&body.order_id).map_err(|e| Problem::invalid(e.to_string()))?;
     if body.amount < 1 {
-        return Err(Problem::invalid("amount must be an integer >= 1 (minor units)"));
+        return Err(Problem::invalid(
+            "amount must be an integer >= 1 (minor units)",
+        ));
     }
-    if body.payment_key.is_empty() || body.payment_key.len() > 200 || !body.payment_key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Problem::invalid("paymentKey must be 1-200 visible ASCII characters"));
+    if body.payment_key.is_empty()
+        || body.payment_key.len() > 200
+        || !body.payment_key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Problem::invalid(
+            "paymentKey must be 1-200 visible ASCII characters",
+        ));
     }
     let input = ConfirmInput {
         merchant_id: merchant.merchant_id,
@@ -112,11 +131,24 @@ pub async fn confirm(
     Ok(match outcome {
         ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
         ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),
-        ConfirmOutcome::Declined { record, code, message } => {
-            let detail = if message.is_empty() { "the card company declined the payment".to_owned() } else { message };
-            Problem::new(StatusCode::PAYMENT_REQUIRED, &code, "Payment declined", detail)
-                .with_payment(record.payment_id.as_str())
-                .into_response()
+        ConfirmOutcome::Declined {
+            record,
+            code,
+            message,
+        } => {
+            let detail = if message.is_empty() {
+                "the card company declined the payment".to_owned()
+            } else {
+                message
+            };
+            Problem::new(
+                StatusCode::PAYMENT_REQUIRED,
+                &code,
+                "Payment declined",
+                detail,
+            )
+            .with_payment(record.payment_id.as_str())
+            .into_response()
         }
         ConfirmOutcome::InFlight(r) => Problem::new(
             StatusCode::CONFLICT,
@@ -129,12 +161,23 @@ pub async fn confirm(
         .into_response(),
         ConfirmOutcome::Reused { payment_id, reuse } => {
             let (code, detail) = match reuse {
-                Reuse::IdempotencyKey => ("IDEMPOTENCY_KEY_REUSED", "this Idempotency-Key was used with a different body"),
-                Reuse::OrderId => ("ORDER_ID_REUSED", "this orderId was confirmed with a different body"),
+                Reuse::IdempotencyKey => (
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "this Idempotency-Key was used with a different body",
+                ),
+                Reuse::OrderId => (
+                    "ORDER_ID_REUSED",
+                    "this orderId was confirmed with a different body",
+                ),
             };
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, "Conflicting reuse", detail)
-                .with_payment(payment_id.as_str())
-                .into_response()
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                code,
+                "Conflicting reuse",
+                detail,
+            )
+            .with_payment(payment_id.as_str())
+            .into_response()
         }
         ConfirmOutcome::Unavailable { detail, payment_id } => {
             let p = Problem::unavailable(detail);
@@ -170,7 +213,12 @@ pub async fn get_by_order(
     Path(order_id): Path<String>,
 ) -> Result<Response, Problem> {
     let order_id = OrderId::parse(&order_id).map_err(|_| Problem::not_found())?;
-    match state.saga.store().get_by_order(&merchant.merchant_id, &order_id).await {
+    match state
+        .saga
+        .store()
+        .get_by_order(&merchant.merchant_id, &order_id)
+        .await
+    {
         Ok(Some(r)) => Ok(view(StatusCode::OK, &r)),
         Ok(None) => Err(Problem::not_found()),
         Err(e) => {
@@ -197,5 +245,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Any other path: 404 problem.
 pub async fn fallback() -> Problem {
-    Problem::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found", "no such route")
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        "Not found",
+        "no such route",
+    )
 }

@@ -164,7 +164,7 @@ impl RetryTracker {
 
 /// What the card company's answers settled.
 enum CardVerdict {
-    Approved(CardPayment),
+    Approved(Box<CardPayment>),
     Declined { code: String, message: String },
     NoCall { code: &'static str, detail: String },
     Unsettled { detail: String },
@@ -205,30 +205,61 @@ fn backoff(base: Duration, max: Duration, times: u32) -> backon::ExponentialBack
         .build()
 }
 
-fn describe_card<T: serde::Serialize>(res: &Result<T, CardApiError>) -> (Kind, Option<i32>, Option<Value>) {
+fn describe_card<T: serde::Serialize>(
+    res: &Result<T, CardApiError>,
+) -> (Kind, Option<i32>, Option<Value>) {
     match res {
         Ok(v) => (Kind::Response, Some(200), serde_json::to_value(v).ok()),
-        Err(CardApiError::Rejected { status, code, message } | CardApiError::Server { status, code, message }) => {
-            (Kind::Response, Some(i32::from(*status)), Some(json!({"code": code, "message": message})))
-        }
-        Err(e) => (Kind::Error, None, Some(json!({"code": e.code(), "message": e.to_string()}))),
+        Err(
+            CardApiError::Rejected {
+                status,
+                code,
+                message,
+            }
+            | CardApiError::Server {
+                status,
+                code,
+                message,
+            },
+        ) => (
+            Kind::Response,
+            Some(i32::from(*status)),
+            Some(json!({"code": code, "message": message})),
+        ),
+        Err(e) => (
+            Kind::Error,
+            None,
+            Some(json!({"code": e.code(), "message": e.to_string()})),
+        ),
     }
 }
 
-fn describe_lookup(res: &Result<Option<CardPayment>, CardApiError>) -> (Kind, Option<i32>, Option<Value>) {
+fn describe_lookup(
+    res: &Result<Option<CardPayment>, CardApiError>,
+) -> (Kind, Option<i32>, Option<Value>) {
     match res {
-        Ok(None) => (Kind::Response, Some(404), Some(json!({"code": paygate_card_api::codes::NOT_FOUND_PAYMENT}))),
+        Ok(None) => (
+            Kind::Response,
+            Some(404),
+            Some(json!({"code": paygate_card_api::codes::NOT_FOUND_PAYMENT})),
+        ),
         Ok(Some(p)) => (Kind::Response, Some(200), serde_json::to_value(p).ok()),
         Err(e) => describe_card::<()>(&Err(e.clone())),
     }
 }
 
-fn describe_ledger(res: &Result<LedgerOutcome, LedgerApiError>) -> (Kind, Option<i32>, Option<Value>) {
+fn describe_ledger(
+    res: &Result<LedgerOutcome, LedgerApiError>,
+) -> (Kind, Option<i32>, Option<Value>) {
     match res {
         Ok(LedgerOutcome::Recorded) => (Kind::Response, Some(201), None),
         Ok(LedgerOutcome::AlreadyRecorded) => (Kind::Response, Some(200), None),
         Err(e) => match e.status() {
-            Some(s) => (Kind::Response, Some(i32::from(s)), Some(json!({"message": e.to_string()}))),
+            Some(s) => (
+                Kind::Response,
+                Some(i32::from(s)),
+                Some(json!({"message": e.to_string()})),
+            ),
             None => (Kind::Error, None, Some(json!({"message": e.to_string()}))),
         },
     }
@@ -244,7 +275,15 @@ impl Saga {
         alerter: Arc<dyn Alerter>,
         settings: SagaSettings,
     ) -> Self {
-        Self { store, log, card, ledger, alerter, settings, retries: RetryTracker::default() }
+        Self {
+            store,
+            log,
+            card,
+            ledger,
+            alerter,
+            settings,
+            retries: RetryTracker::default(),
+        }
     }
 
     /// The async ledger retries in progress.
@@ -288,12 +327,18 @@ impl Saga {
             body,
             latency_ms,
         };
-        self.log.append(entry(Kind::Request, None, request_body, None)).await?;
+        self.log
+            .append(entry(Kind::Request, None, request_body, None))
+            .await?;
         let started = tokio::time::Instant::now();
         let res = call().await;
         let latency = started.elapsed().as_millis() as i64;
         let (kind, status, body) = describe(&res);
-        if let Err(e) = self.log.append(entry(kind, status, body, Some(latency))).await {
+        if let Err(e) = self
+            .log
+            .append(entry(kind, status, body, Some(latency)))
+            .await
+        {
             tracing::warn!(payment_id = %payment_id, target = target.as_str(), error = %e,
                 "could not write the response row; the call itself was logged as a REQUEST");
         }
@@ -319,21 +364,34 @@ impl Saga {
         );
         match self.store.create(&record).await {
             Ok(CreateOutcome::Created) => self.run(record).await,
-            Ok(CreateOutcome::Exists(existing)) => self.replay(*existing, &input, &fingerprint).await,
+            Ok(CreateOutcome::Exists(existing)) => {
+                self.replay(*existing, &input, &fingerprint).await
+            }
             Err(e) => {
                 tracing::error!(order_id = %input.order_id, error = %e, "state store unavailable; no card call made");
-                ConfirmOutcome::Unavailable { detail: "payment state store unavailable; nothing was charged", payment_id: None }
+                ConfirmOutcome::Unavailable {
+                    detail: "payment state store unavailable; nothing was charged",
+                    payment_id: None,
+                }
             }
         }
     }
 
-    async fn replay(self: &Arc<Self>, existing: PaymentRecord, input: &ConfirmInput, fingerprint: &str) -> ConfirmOutcome {
+    async fn replay(
+        self: &Arc<Self>,
+        existing: PaymentRecord,
+        input: &ConfirmInput,
+        fingerprint: &str,
+    ) -> ConfirmOutcome {
         if existing.request_fingerprint != fingerprint {
             let reuse = match (&input.idempotency_key, &existing.idempotency_key) {
                 (Some(a), Some(b)) if a == b => Reuse::IdempotencyKey,
                 _ => Reuse::OrderId,
             };
-            return ConfirmOutcome::Reused { payment_id: existing.payment_id, reuse };
+            return ConfirmOutcome::Reused {
+                payment_id: existing.payment_id,
+                reuse,
+            };
         }
         match existing.card_status {
             CardStatus::Pending => ConfirmOutcome::InFlight(existing),
@@ -343,7 +401,14 @@ impl Saga {
                 let code = existing.failure_code.clone().unwrap_or_default();
                 if failure_codes::is_no_call(&code) {
                     // No card call was made for it: this retry may try again.
-                    match self.store.transition(&existing.payment_id, &Transition::Reopen { failure_code: code }).await {
+                    match self
+                        .store
+                        .transition(
+                            &existing.payment_id,
+                            &Transition::Reopen { failure_code: code },
+                        )
+                        .await
+                    {
                         Ok(true) => {
                             let mut reopened = existing;
                             reopened.card_status = CardStatus::Pending;
@@ -360,7 +425,11 @@ impl Saga {
                     }
                 }
                 let message = existing.last_error.clone().unwrap_or_default();
-                ConfirmOutcome::Declined { record: existing, code, message }
+                ConfirmOutcome::Declined {
+                    record: existing,
+                    code,
+                    message,
+                }
             }
         }
     }
@@ -370,8 +439,19 @@ impl Saga {
         let pid = record.payment_id.clone();
         match verdict {
             CardVerdict::Approved(p) => {
-                let approved_at = p.approved_at.clone().unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms()));
-                match self.store.transition(&pid, &Transition::MarkPaid { approved_at: approved_at.clone() }).await {
+                let approved_at = p.approved_at.clone().unwrap_or_else(|| {
+                    paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms())
+                });
+                match self
+                    .store
+                    .transition(
+                        &pid,
+                        &Transition::MarkPaid {
+                            approved_at: approved_at.clone(),
+                        },
+                    )
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => {
                         // Another path (batch, reconciliation) settled it first.
@@ -385,7 +465,12 @@ impl Saga {
                         // The approval is real but only in memory now. The
                         // record stays PENDING, which the batch settles by
                         // lookup; the operator hears of it now.
-                        self.alert(&record, AlertReason::StoreFailedAfterApproval, format!("mark paid failed: {e}")).await;
+                        self.alert(
+                            &record,
+                            AlertReason::StoreFailedAfterApproval,
+                            format!("mark paid failed: {e}"),
+                        )
+                        .await;
                         record.is_paid = true;
                         record.card_status = CardStatus::Done;
                         record.approved_at = Some(approved_at);
@@ -400,17 +485,27 @@ impl Saga {
                 ConfirmOutcome::Approved(record)
             }
             CardVerdict::Declined { code, message } => {
-                let t = Transition::MarkAborted { failure_code: code.clone(), last_error: message.clone() };
+                let t = Transition::MarkAborted {
+                    failure_code: code.clone(),
+                    last_error: message.clone(),
+                };
                 if let Err(e) = self.store.transition(&pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %e, "could not record the decline; the batch will settle it");
                 }
                 record.card_status = CardStatus::Aborted;
                 record.failure_code = Some(code.clone());
-                ConfirmOutcome::Declined { record, code, message }
+                ConfirmOutcome::Declined {
+                    record,
+                    code,
+                    message,
+                }
             }
             CardVerdict::NoCall { code, detail } => {
                 tracing::error!(payment_id = %pid, reason = code, detail = %detail, "no card call made");
-                let t = Transition::MarkAborted { failure_code: code.to_owned(), last_error: detail };
+                let t = Transition::MarkAborted {
+                    failure_code: code.to_owned(),
+                    last_error: detail,
+                };
                 if let Err(e) = self.store.transition(&pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
                 }
@@ -419,15 +514,31 @@ impl Saga {
                 } else {
                     "card company unavailable; nothing was charged, retry later"
                 };
-                ConfirmOutcome::Unavailable { detail, payment_id: Some(pid) }
+                ConfirmOutcome::Unavailable {
+                    detail,
+                    payment_id: Some(pid),
+                }
             }
-            CardVerdict::Unsettled { detail } => self.unknown(record, AlertReason::OutcomeUnknown, detail).await,
-            CardVerdict::Mismatch { detail } => self.unknown(record, AlertReason::CardMismatch, detail).await,
+            CardVerdict::Unsettled { detail } => {
+                self.unknown(record, AlertReason::OutcomeUnknown, detail)
+                    .await
+            }
+            CardVerdict::Mismatch { detail } => {
+                self.unknown(record, AlertReason::CardMismatch, detail)
+                    .await
+            }
         }
     }
 
-    async fn unknown(&self, mut record: PaymentRecord, reason: AlertReason, detail: String) -> ConfirmOutcome {
-        let t = Transition::MarkUnknown { last_error: detail.clone() };
+    async fn unknown(
+        &self,
+        mut record: PaymentRecord,
+        reason: AlertReason,
+        detail: String,
+    ) -> ConfirmOutcome {
+        let t = Transition::MarkUnknown {
+            last_error: detail.clone(),
+        };
         if let Err(e) = self.store.transition(&record.payment_id, &t).await {
             tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record unknown");
         }
@@ -468,32 +579,58 @@ impl Saga {
         loop {
             attempt += 1;
             let res = self
-                .logged(pid, Target::CardApi, "POST", CONFIRM_PATH, attempt, body.clone(),
-                    || self.card.confirm(&req, pid.as_str()), describe_card)
+                .logged(
+                    pid,
+                    Target::CardApi,
+                    "POST",
+                    CONFIRM_PATH,
+                    attempt,
+                    body.clone(),
+                    || self.card.confirm(&req, pid.as_str()),
+                    describe_card,
+                )
                 .await;
             let res = match res {
                 Ok(r) => r,
                 Err(e) if attempt == 1 => {
-                    return CardVerdict::NoCall { code: failure_codes::LOG_UNAVAILABLE, detail: e.to_string() };
+                    return CardVerdict::NoCall {
+                        code: failure_codes::LOG_UNAVAILABLE,
+                        detail: e.to_string(),
+                    };
                 }
                 Err(e) => {
-                    return CardVerdict::Unsettled { detail: format!("request log unavailable after attempt {}: {e}", attempt - 1) };
+                    return CardVerdict::Unsettled {
+                        detail: format!(
+                            "request log unavailable after attempt {}: {e}",
+                            attempt - 1
+                        ),
+                    };
                 }
             };
             match res {
                 Ok(p) if p.is_approved() => return self.check_match(record, p),
                 Ok(p) => {
-                    let (code, message) = p.failure.map(|f| (f.code, f.message)).unwrap_or((p.status, String::new()));
+                    let (code, message) = p
+                        .failure
+                        .map(|f| (f.code, f.message))
+                        .unwrap_or((p.status, String::new()));
                     return CardVerdict::Declined { code, message };
                 }
                 Err(e) if e.is_decline() => {
-                    return CardVerdict::Declined { code: e.code().to_owned(), message: card_message(&e) };
+                    return CardVerdict::Declined {
+                        code: e.code().to_owned(),
+                        message: card_message(&e),
+                    };
                 }
                 Err(e) if e.is_auth_failure() && attempt == 1 => {
-                    return CardVerdict::NoCall { code: failure_codes::CARD_AUTH_FAILED, detail: e.to_string() };
+                    return CardVerdict::NoCall {
+                        code: failure_codes::CARD_AUTH_FAILED,
+                        detail: e.to_string(),
+                    };
                 }
                 Err(e) => {
-                    let retry = matches!(e, CardApiError::Server { .. }) || (e.is_transient() && matches!(e, CardApiError::Rejected { .. }));
+                    let retry = matches!(e, CardApiError::Server { .. })
+                        || (e.is_transient() && matches!(e, CardApiError::Rejected { .. }));
                     match delays.next() {
                         Some(d) if retry => {
                             tracing::warn!(payment_id = %pid, attempt, error = %e, "card confirm failed; retrying with the same idempotency key");
@@ -510,8 +647,11 @@ impl Saga {
     }
 
     fn check_match(&self, record: &PaymentRecord, p: CardPayment) -> CardVerdict {
-        if p.order_id == record.order_id.as_str() && p.total_amount == record.amount && p.payment_key == record.payment_key {
-            CardVerdict::Approved(p)
+        if p.order_id == record.order_id.as_str()
+            && p.total_amount == record.amount
+            && p.payment_key == record.payment_key
+        {
+            CardVerdict::Approved(Box::new(p))
         } else {
             CardVerdict::Mismatch {
                 detail: format!(
@@ -532,27 +672,51 @@ impl Saga {
                 tokio::time::sleep(self.settings.lookup_delay * (attempt as u32 - 1)).await;
             }
             let res = self
-                .logged(pid, Target::CardApi, "GET", &path, attempt, None,
-                    || self.card.payment_by_order_id(record.order_id.as_str()), describe_lookup)
+                .logged(
+                    pid,
+                    Target::CardApi,
+                    "GET",
+                    &path,
+                    attempt,
+                    None,
+                    || self.card.payment_by_order_id(record.order_id.as_str()),
+                    describe_lookup,
+                )
                 .await;
             let res = match res {
                 Ok(r) => r,
-                Err(e) => return CardVerdict::Unsettled { detail: format!("request log unavailable; lookup not made: {e}") },
+                Err(e) => {
+                    return CardVerdict::Unsettled {
+                        detail: format!("request log unavailable; lookup not made: {e}"),
+                    }
+                }
             };
             match res {
                 Ok(Some(p)) if p.payment_key != record.payment_key => {
                     return CardVerdict::Mismatch {
-                        detail: format!("order {} is held at the card company by another paymentKey", record.order_id),
+                        detail: format!(
+                            "order {} is held at the card company by another paymentKey",
+                            record.order_id
+                        ),
                     };
                 }
-                Ok(Some(p)) if p.is_approved() || p.status == "CANCELED" || p.status == "PARTIAL_CANCELED" => {
+                Ok(Some(p))
+                    if p.is_approved()
+                        || p.status == "CANCELED"
+                        || p.status == "PARTIAL_CANCELED" =>
+                {
                     if p.is_approved() {
                         return self.check_match(record, p);
                     }
-                    return CardVerdict::Mismatch { detail: format!("card company shows the payment {}", p.status) };
+                    return CardVerdict::Mismatch {
+                        detail: format!("card company shows the payment {}", p.status),
+                    };
                 }
                 Ok(Some(p)) if p.status == "ABORTED" || p.status == "EXPIRED" => {
-                    let (code, message) = p.failure.map(|f| (f.code, f.message)).unwrap_or((p.status, String::new()));
+                    let (code, message) = p
+                        .failure
+                        .map(|f| (f.code, f.message))
+                        .unwrap_or((p.status, String::new()));
                     return CardVerdict::Declined { code, message };
                 }
                 Ok(Some(p)) => last = format!("card company shows status {}", p.status),
@@ -560,7 +724,12 @@ impl Saga {
                 Err(e) => last = format!("lookup failed: {e}"),
             }
         }
-        CardVerdict::Unsettled { detail: format!("outcome unknown after {} lookups: {last}", self.settings.lookup_attempts) }
+        CardVerdict::Unsettled {
+            detail: format!(
+                "outcome unknown after {} lookups: {last}",
+                self.settings.lookup_attempts
+            ),
+        }
     }
 
     /// One synchronous ledger try; on a transient failure, async retries are
@@ -626,8 +795,16 @@ impl Saga {
         };
         let attempt = i32::try_from(record.save_attempts + 1).unwrap_or(i32::MAX);
         let res = self
-            .logged(pid, Target::LedgerApi, "POST", RECORD_PATH, attempt, serde_json::to_value(&entry).ok(),
-                || self.ledger.record(&entry, pid.as_str()), describe_ledger)
+            .logged(
+                pid,
+                Target::LedgerApi,
+                "POST",
+                RECORD_PATH,
+                attempt,
+                serde_json::to_value(&entry).ok(),
+                || self.ledger.record(&entry, pid.as_str()),
+                describe_ledger,
+            )
             .await;
         let res = match res {
             Ok(r) => r,
@@ -647,14 +824,17 @@ impl Saga {
                 }
             },
             Err(e) => {
-                let t = Transition::SaveFailed { last_error: e.to_string() };
+                let t = Transition::SaveFailed {
+                    last_error: e.to_string(),
+                };
                 if let Err(se) = self.store.transition(pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %se, "could not count the failed ledger try");
                 }
                 if e.is_transient() {
                     SaveResult::Retry
                 } else {
-                    self.alert(record, AlertReason::LedgerRefused, e.to_string()).await;
+                    self.alert(record, AlertReason::LedgerRefused, e.to_string())
+                        .await;
                     SaveResult::Refused
                 }
             }
@@ -664,7 +844,9 @@ impl Saga {
 
 fn card_message(e: &CardApiError) -> String {
     match e {
-        CardApiError::Rejected { message, .. } | CardApiError::Server { message, .. } => message.clone(),
+        CardApiError::Rejected { message, .. } | CardApiError::Server { message, .. } => {
+            message.clone()
+        }
         other => other.to_string(),
     }
 }

@@ -70,7 +70,10 @@ pub enum LedgerApiError {
 impl LedgerApiError {
     /// True when a retry (same idempotency key) may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Server(_) | Self::Timeout | Self::Connection(_) | Self::Decode(_))
+        matches!(
+            self,
+            Self::Server(_) | Self::Timeout | Self::Connection(_) | Self::Decode(_)
+        )
     }
 
     /// The HTTP status, when an answer arrived.
@@ -90,7 +93,11 @@ pub trait LedgerApi: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`LedgerApiError`]; [`LedgerApiError::is_transient`] says whether to retry.
-    async fn record(&self, entry: &LedgerEntry, idempotency_key: &str) -> Result<LedgerOutcome, LedgerApiError>;
+    async fn record(
+        &self,
+        entry: &LedgerEntry,
+        idempotency_key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError>;
 
     /// Reads a recorded payment; `Ok(None)` on 404.
     ///
@@ -110,7 +117,11 @@ pub struct HttpLedgerApi {
 impl HttpLedgerApi {
     /// A client for `base_url` with a per-call `timeout`.
     pub fn new(client: Client, base_url: &str, timeout: Duration) -> Self {
-        Self { client, base_url: base_url.trim_end_matches('/').to_owned(), timeout }
+        Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            timeout,
+        }
     }
 }
 
@@ -124,7 +135,11 @@ fn transport_error(e: reqwest::Error) -> LedgerApiError {
 
 #[async_trait::async_trait]
 impl LedgerApi for HttpLedgerApi {
-    async fn record(&self, entry: &LedgerEntry, idempotency_key: &str) -> Result<LedgerOutcome, LedgerApiError> {
+    async fn record(
+        &self,
+        entry: &LedgerEntry,
+        idempotency_key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
         let resp = self
             .client
             .post(format!("{}{RECORD_PATH}", self.base_url))
@@ -152,7 +167,11 @@ impl LedgerApi for HttpLedgerApi {
             .await
             .map_err(transport_error)?;
         match resp.status().as_u16() {
-            200 => resp.json().await.map(Some).map_err(|e| LedgerApiError::Decode(e.to_string())),
+            200 => resp
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| LedgerApiError::Decode(e.to_string())),
             404 => Ok(None),
             s if s >= 500 => Err(LedgerApiError::Server(s)),
             s => Err(LedgerApiError::Rejected(s)),

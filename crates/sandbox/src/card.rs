@@ -19,7 +19,9 @@ use axum::{
     Json, Router,
 };
 use base64::Engine;
-use paygate_card_api::{codes, Cancel, CancelRequest, CardPayment, ConfirmRequest, Transaction, TransactionsQuery};
+use paygate_card_api::{
+    codes, Cancel, CancelRequest, CardPayment, ConfirmRequest, Transaction, TransactionsQuery,
+};
 
 use crate::{
     error_response,
@@ -152,14 +154,25 @@ impl CardSim {
 
     fn unavailable(&self) -> bool {
         self.down.load(Ordering::SeqCst)
-            || in_outage(&self.profile.card_outages, self.started.elapsed().as_millis() as u64)
+            || in_outage(
+                &self.profile.card_outages,
+                self.started.elapsed().as_millis() as u64,
+            )
     }
 
     async fn observe(&self, operation: &'static str, headers: &HeaderMap) {
-        let observer = self.observer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let observer = self
+            .observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(o) = observer {
-            o.on_call(ObservedCall { target: SimTarget::Card, operation, idempotency_key: idem_key(headers) })
-                .await;
+            o.on_call(ObservedCall {
+                target: SimTarget::Card,
+                operation,
+                idempotency_key: idem_key(headers),
+            })
+            .await;
         }
     }
 
@@ -169,7 +182,10 @@ impl CardSim {
 }
 
 fn idem_key(headers: &HeaderMap) -> Option<String> {
-    headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn now_kst() -> String {
@@ -177,7 +193,8 @@ fn now_kst() -> String {
         .to_offset(time::macros::offset!(+9))
         .replace_nanosecond(0)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn json_response(status: u16, body: serde_json::Value) -> Response {
@@ -211,7 +228,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn confirm(State(sim): State<Arc<CardSim>>, headers: HeaderMap, body: Json<ConfirmRequest>) -> Response {
+async fn confirm(
+    State(sim): State<Arc<CardSim>>,
+    headers: HeaderMap,
+    body: Json<ConfirmRequest>,
+) -> Response {
     let Json(req) = body;
     sim.confirm_calls.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight::enter(&sim);
@@ -226,18 +247,29 @@ async fn confirm(State(sim): State<Arc<CardSim>>, headers: HeaderMap, body: Json
         }
     }
     if sim.unavailable() {
-        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+        return error_response(
+            503,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "card API outage",
+        );
     }
     let p = &sim.profile;
     let attempt = {
         let mut st = sim.state();
-        let n = st.attempts_per_order.entry(req.order_id.clone()).or_insert(0);
+        let n = st
+            .attempts_per_order
+            .entry(req.order_id.clone())
+            .or_insert(0);
         *n += 1;
         *n
     };
     tokio::time::sleep(p.card_latency(&req.order_id, attempt)).await;
     if roll(p.seed, &req.order_id, "transient", attempt) < p.transient_error_rate {
-        return error_response(500, codes::PROVIDER_ERROR, "card network is temporarily unavailable");
+        return error_response(
+            500,
+            codes::PROVIDER_ERROR,
+            "card network is temporarily unavailable",
+        );
     }
     let declined = roll(p.seed, &req.order_id, "decline", 0) < p.decline_rate;
     let dropped = !declined && roll(p.seed, &req.order_id, "drop", 0) < p.drop_response_rate;
@@ -290,7 +322,9 @@ async fn confirm(State(sim): State<Arc<CardSim>>, headers: HeaderMap, body: Json
                 idempotency_key: key.clone(),
                 approved_at: now.clone(),
             });
-            *st.approvals_per_order.entry(req.order_id.clone()).or_insert(0) += 1;
+            *st.approvals_per_order
+                .entry(req.order_id.clone())
+                .or_insert(0) += 1;
             st.transactions.push(Transaction {
                 transaction_key: format!("tx_{}", ulid::Ulid::new()),
                 payment_key: req.payment_key.clone(),
@@ -317,13 +351,21 @@ async fn confirm(State(sim): State<Arc<CardSim>>, headers: HeaderMap, body: Json
     json_response(status, body)
 }
 
-async fn by_order(State(sim): State<Arc<CardSim>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
+async fn by_order(
+    State(sim): State<Arc<CardSim>>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Response {
     sim.lookup_calls.fetch_add(1, Ordering::SeqCst);
     if !sim.authorized(&headers) {
         return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
     }
     if sim.unavailable() {
-        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+        return error_response(
+            503,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "card API outage",
+        );
     }
     tokio::time::sleep(sim.profile.card_latency(&order_id, 1_000_000)).await;
     match sim.payment(&order_id) {
@@ -345,13 +387,24 @@ async fn cancel(
     }
     let key = idem_key(&headers);
     if sim.unavailable() {
-        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+        return error_response(
+            503,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "card API outage",
+        );
     }
     let mut st = sim.state();
-    if let Some((status, body)) = key.as_ref().and_then(|k| st.replays.get(&format!("cancel:{k}")).cloned()) {
+    if let Some((status, body)) = key
+        .as_ref()
+        .and_then(|k| st.replays.get(&format!("cancel:{k}")).cloned())
+    {
         return json_response(status, body);
     }
-    let Some(payment) = st.payments.values_mut().find(|p| p.payment_key == payment_key) else {
+    let Some(payment) = st
+        .payments
+        .values_mut()
+        .find(|p| p.payment_key == payment_key)
+    else {
         return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
     };
     if payment.status != "DONE" && payment.status != "PARTIAL_CANCELED" {
@@ -361,7 +414,12 @@ async fn cancel(
     let amount = req.cancel_amount.unwrap_or(balance).min(balance);
     let now = now_kst();
     payment.balance_amount = Some(balance - amount);
-    payment.status = if balance - amount == 0 { "CANCELED" } else { "PARTIAL_CANCELED" }.to_owned();
+    payment.status = if balance - amount == 0 {
+        "CANCELED"
+    } else {
+        "PARTIAL_CANCELED"
+    }
+    .to_owned();
     let tx_key = format!("tx_{}", ulid::Ulid::new());
     payment.cancels.get_or_insert_with(Vec::new).push(Cancel {
         cancel_amount: amount,
@@ -382,7 +440,8 @@ async fn cancel(
     let body = serde_json::to_value(&*payment).unwrap_or_default();
     st.transactions.push(tx);
     if let Some(k) = key {
-        st.replays.insert(format!("cancel:{k}"), (200, body.clone()));
+        st.replays
+            .insert(format!("cancel:{k}"), (200, body.clone()));
     }
     json_response(200, body)
 }
@@ -397,21 +456,34 @@ async fn transactions(
         return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
     }
     if sim.unavailable() {
-        return error_response(503, codes::FAILED_INTERNAL_SYSTEM_PROCESSING, "card API outage");
+        return error_response(
+            503,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "card API outage",
+        );
     }
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 5000 {
         return error_response(400, "INVALID_REQUEST", "limit must be 1 to 5000");
     }
     let (Some(start), Some(end)) = (parse_date(&q.start_date), parse_date(&q.end_date)) else {
-        return error_response(400, "INVALID_REQUEST", "startDate and endDate must be ISO 8601 date-times");
+        return error_response(
+            400,
+            "INVALID_REQUEST",
+            "startDate and endDate must be ISO 8601 date-times",
+        );
     };
-    tokio::time::sleep(std::time::Duration::from_millis(sim.profile.page_latency_ms)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        sim.profile.page_latency_ms,
+    ))
+    .await;
     let page: Vec<Transaction> = {
         let st = sim.state();
         // Keys are ULIDs issued in order, so the vector is sorted by key.
         let from = match &q.starting_after {
-            Some(after) => st.transactions.partition_point(|t| &t.transaction_key <= after),
+            Some(after) => st
+                .transactions
+                .partition_point(|t| &t.transaction_key <= after),
             None => 0,
         };
         st.transactions[from..]
@@ -427,5 +499,6 @@ async fn transactions(
 /// Parses RFC 3339, or a local date-time without offset (taken as KST, as
 /// Toss does), into epoch ms.
 fn parse_date(s: &str) -> Option<i64> {
-    paygate_core::time::ms_from_rfc3339(s).or_else(|| paygate_core::time::ms_from_rfc3339(&format!("{s}+09:00")))
+    paygate_core::time::ms_from_rfc3339(s)
+        .or_else(|| paygate_core::time::ms_from_rfc3339(&format!("{s}+09:00")))
 }

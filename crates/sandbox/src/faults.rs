@@ -112,16 +112,30 @@ impl FaultProfile {
     }
 
     pub(crate) fn card_latency(&self, key: &str, n: u64) -> Duration {
-        latency(self.seed, key, n, self.card_latency_min_ms, self.card_latency_max_ms)
+        latency(
+            self.seed,
+            key,
+            n,
+            self.card_latency_min_ms,
+            self.card_latency_max_ms,
+        )
     }
 
     pub(crate) fn ledger_latency(&self, key: &str, n: u64) -> Duration {
-        latency(self.seed, key, n, self.ledger_latency_min_ms, self.ledger_latency_max_ms)
+        latency(
+            self.seed,
+            key,
+            n,
+            self.ledger_latency_min_ms,
+            self.ledger_latency_max_ms,
+        )
     }
 }
 
 pub(crate) fn in_outage(windows: &[OutageWindow], since_start_ms: u64) -> bool {
-    windows.iter().any(|w| (w.start_ms..w.end_ms).contains(&since_start_ms))
+    windows
+        .iter()
+        .any(|w| (w.start_ms..w.end_ms).contains(&since_start_ms))
 }
 
 fn latency(seed: u64, key: &str, n: u64, min: u64, max: u64) -> Duration {
@@ -136,7 +150,12 @@ fn latency(seed: u64, key: &str, n: u64, min: u64, max: u64) -> Duration {
 /// FNV-1a over the inputs, finished with SplitMix64.
 pub fn roll(seed: u64, key: &str, what: &str, n: u64) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in key.bytes().chain([0xff]).chain(what.bytes()).chain(n.to_le_bytes()) {
+    for b in key
+        .bytes()
+        .chain([0xff])
+        .chain(what.bytes())
+        .chain(n.to_le_bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -153,16 +172,27 @@ mod tests {
 
     #[test]
     fn rolls_are_reproducible_and_spread() {
-        assert_eq!(roll(1, "order-1", "decline", 0), roll(1, "order-1", "decline", 0));
-        assert_ne!(roll(1, "order-1", "decline", 0), roll(2, "order-1", "decline", 0));
+        assert_eq!(
+            roll(1, "order-1", "decline", 0),
+            roll(1, "order-1", "decline", 0)
+        );
+        assert_ne!(
+            roll(1, "order-1", "decline", 0),
+            roll(2, "order-1", "decline", 0)
+        );
         let n = 10_000;
-        let hits = (0..n).filter(|i| roll(7, &format!("o{i}"), "x", 0) < 0.1).count();
+        let hits = (0..n)
+            .filter(|i| roll(7, &format!("o{i}"), "x", 0) < 0.1)
+            .count();
         assert!((800..1200).contains(&hits), "10% rate gave {hits} of {n}");
     }
 
     #[test]
     fn outage_windows() {
-        let w = [OutageWindow { start_ms: 100, end_ms: 200 }];
+        let w = [OutageWindow {
+            start_ms: 100,
+            end_ms: 200,
+        }];
         assert!(!in_outage(&w, 99));
         assert!(in_outage(&w, 100));
         assert!(!in_outage(&w, 200));

@@ -93,7 +93,10 @@ impl LedgerSim {
 
     fn unavailable(&self) -> bool {
         self.down.load(Ordering::SeqCst)
-            || in_outage(&self.profile.ledger_outages, self.started.elapsed().as_millis() as u64)
+            || in_outage(
+                &self.profile.ledger_outages,
+                self.started.elapsed().as_millis() as u64,
+            )
     }
 }
 
@@ -105,13 +108,28 @@ pub fn router(sim: Arc<LedgerSim>) -> Router {
         .with_state(sim)
 }
 
-async fn record(State(sim): State<Arc<LedgerSim>>, headers: HeaderMap, Json(entry): Json<LedgerEntry>) -> Response {
+async fn record(
+    State(sim): State<Arc<LedgerSim>>,
+    headers: HeaderMap,
+    Json(entry): Json<LedgerEntry>,
+) -> Response {
     sim.record_calls.fetch_add(1, Ordering::SeqCst);
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let observer = sim.observer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let observer = sim
+        .observer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     if let Some(o) = observer {
-        o.on_call(ObservedCall { target: SimTarget::Ledger, operation: "record", idempotency_key: key.clone() })
-            .await;
+        o.on_call(ObservedCall {
+            target: SimTarget::Ledger,
+            operation: "record",
+            idempotency_key: key.clone(),
+        })
+        .await;
     }
     let attempt = {
         let mut a = sim.attempts.lock().unwrap_or_else(|p| p.into_inner());
@@ -120,16 +138,25 @@ async fn record(State(sim): State<Arc<LedgerSim>>, headers: HeaderMap, Json(entr
         *n
     };
     tokio::time::sleep(sim.profile.ledger_latency(&entry.payment_id, attempt)).await;
-    if sim.unavailable() || roll(sim.profile.seed, &entry.payment_id, "ledger", attempt) < sim.profile.ledger_error_rate {
+    if sim.unavailable()
+        || roll(sim.profile.seed, &entry.payment_id, "ledger", attempt)
+            < sim.profile.ledger_error_rate
+    {
         sim.failures.fetch_add(1, Ordering::SeqCst);
         return error_response(503, "LEDGER_UNAVAILABLE", "ledger is unavailable");
     }
     if key.as_deref() != Some(entry.payment_id.as_str()) {
-        return error_response(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must equal paymentId");
+        return error_response(
+            400,
+            "INVALID_IDEMPOTENCY_KEY",
+            "Idempotency-Key must equal paymentId",
+        );
     }
     let mut records = sim.records();
     match records.get(&entry.payment_id) {
-        Some(existing) if *existing == entry => (axum::http::StatusCode::OK, Json(entry)).into_response(),
+        Some(existing) if *existing == entry => {
+            (axum::http::StatusCode::OK, Json(entry)).into_response()
+        }
         Some(_) => error_response(409, "CONFLICT", "payment recorded with a different body"),
         None => {
             records.insert(entry.payment_id.clone(), entry.clone());

@@ -94,7 +94,13 @@ impl SandboxServers {
             spawn_server(card_listener, card::router(card.clone())),
             spawn_server(ledger_listener, ledger::router(ledger.clone())),
         ];
-        Ok(Self { card, ledger, card_url, ledger_url, tasks })
+        Ok(Self {
+            card,
+            ledger,
+            card_url,
+            ledger_url,
+            tasks,
+        })
     }
 }
 
@@ -119,7 +125,14 @@ fn spawn_server(listener: TcpListener, router: axum::Router) -> JoinHandle<()> {
 /// A JSON error answer in the Toss Payments v1 shape `{code, message}`.
 pub(crate) fn error_response(status: u16, code: &str, message: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    (status, axum::Json(paygate_card_api::ErrorBody { code: code.to_owned(), message: message.to_owned() }))
+    let status = axum::http::StatusCode::from_u16(status)
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(paygate_card_api::ErrorBody {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        }),
+    )
         .into_response()
 }

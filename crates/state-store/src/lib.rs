@@ -99,21 +99,31 @@ pub trait StateStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError`].
-    async fn get(&self, payment_id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError>;
+    async fn get(
+        &self,
+        payment_id: &PaymentId,
+    ) -> Result<Option<(Partition, PaymentRecord)>, StoreError>;
 
     /// Finds the record that claimed `(merchant, orderId)`.
     ///
     /// # Errors
     /// [`StoreError`].
-    async fn get_by_order(&self, merchant_id: &MerchantId, order_id: &OrderId)
-        -> Result<Option<PaymentRecord>, StoreError>;
+    async fn get_by_order(
+        &self,
+        merchant_id: &MerchantId,
+        order_id: &OrderId,
+    ) -> Result<Option<PaymentRecord>, StoreError>;
 
     /// Applies a guarded transition to a record in `realtime_payments`;
     /// `Ok(true)` when it applied, `Ok(false)` when the guard did not hold.
     ///
     /// # Errors
     /// [`StoreError`].
-    async fn transition(&self, payment_id: &PaymentId, transition: &Transition) -> Result<bool, StoreError>;
+    async fn transition(
+        &self,
+        payment_id: &PaymentId,
+        transition: &Transition,
+    ) -> Result<bool, StoreError>;
 
     /// Checks the store answers (for `/readyz`).
     ///

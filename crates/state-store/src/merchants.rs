@@ -38,7 +38,9 @@ where
 {
     let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     Ok(Merchant {
-        merchant_id: MerchantId::from_stored(row.try_get::<String, _>("merchant_id").map_err(corrupt)?),
+        merchant_id: MerchantId::from_stored(
+            row.try_get::<String, _>("merchant_id").map_err(corrupt)?,
+        ),
         name: row.try_get("name").map_err(corrupt)?,
         api_key_prefix: row.try_get("api_key_prefix").map_err(corrupt)?,
         created_at: row.try_get("created_at").map_err(corrupt)?,
@@ -76,8 +78,13 @@ impl SqlMerchantStore {
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn find_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Merchant>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM merchants WHERE api_key_hash = $1 AND revoked_at IS NULL");
+    pub async fn find_by_key_hash(
+        &self,
+        api_key_hash: &str,
+    ) -> Result<Option<Merchant>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM merchants WHERE api_key_hash = $1 AND revoked_at IS NULL"
+        );
         with_pool!(&self.db, pool => {
             let row = sqlx::query(&sql).bind(api_key_hash).fetch_optional(pool).await.map_err(map_err)?;
             row.as_ref().map(from_row).transpose()

@@ -16,7 +16,9 @@ use paygate_core::{
 use sqlx::{
     migrate::{Migration, MigrationSource, MigrationType, Migrator},
     postgres::{PgPool, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
     Row,
 };
 
@@ -49,9 +51,9 @@ macro_rules! with_pool {
 pub fn map_err(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(db) => StoreError::Rejected(db.to_string()),
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
-            StoreError::Corrupt(e.to_string())
-        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => StoreError::Corrupt(e.to_string()),
         other => StoreError::Unavailable(other.to_string()),
     }
 }
@@ -66,17 +68,29 @@ impl<'s> MigrationSource<'s> for EmbeddedMigrations {
                 .0
                 .iter()
                 .map(|(version, desc, sql)| {
-                    Migration::new(*version, Cow::Borrowed(desc), MigrationType::Simple, Cow::Borrowed(sql), false)
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(desc),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
                 })
                 .collect())
         })
     }
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../../migrations/postgres/0001_init.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+)];
 
 impl SqlDatabase {
     /// Opens a pool of at most `max_connections` to `url`. A SQLite file is
@@ -120,14 +134,22 @@ impl SqlDatabase {
     /// # Errors
     /// [`StoreError::Unavailable`] when a migration fails.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let err = |e: sqlx::migrate::MigrateError| StoreError::Unavailable(format!("migration failed: {e}"));
+        let err = |e: sqlx::migrate::MigrateError| {
+            StoreError::Unavailable(format!("migration failed: {e}"))
+        };
         match self {
-            Self::Sqlite(pool) => {
-                Migrator::new(EmbeddedMigrations(SQLITE_MIGRATIONS)).await.map_err(err)?.run(pool).await.map_err(err)
-            }
-            Self::Postgres(pool) => {
-                Migrator::new(EmbeddedMigrations(POSTGRES_MIGRATIONS)).await.map_err(err)?.run(pool).await.map_err(err)
-            }
+            Self::Sqlite(pool) => Migrator::new(EmbeddedMigrations(SQLITE_MIGRATIONS))
+                .await
+                .map_err(err)?
+                .run(pool)
+                .await
+                .map_err(err),
+            Self::Postgres(pool) => Migrator::new(EmbeddedMigrations(POSTGRES_MIGRATIONS))
+                .await
+                .map_err(err)?
+                .run(pool)
+                .await
+                .map_err(err),
         }
     }
 
@@ -154,7 +176,8 @@ impl SqlDatabase {
 }
 
 /// Columns of the three partition tables, in the order [`record_from_row`] reads.
-pub const RECORD_COLUMNS: &str = "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
+pub const RECORD_COLUMNS: &str =
+    "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
      is_saved, card_status, approved_at, save_attempts, batch_attempts, failure_code, last_error, \
      request_fingerprint, idempotency_key, created_at, updated_at";
 
@@ -225,7 +248,9 @@ impl SqlStateStore {
         column: &str,
         value: &str,
     ) -> Result<Option<PaymentId>, StoreError> {
-        let sql = format!("SELECT payment_id FROM payment_claims WHERE merchant_id = $1 AND {column} = $2");
+        let sql = format!(
+            "SELECT payment_id FROM payment_claims WHERE merchant_id = $1 AND {column} = $2"
+        );
         with_pool!(&self.db, pool => {
             let row = sqlx::query(&sql)
                 .bind(merchant_id.as_str())
@@ -239,7 +264,10 @@ impl SqlStateStore {
         })
     }
 
-    async fn get_record(&self, payment_id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError> {
+    async fn get_record(
+        &self,
+        payment_id: &PaymentId,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
         Ok(self.get(payment_id).await?.map(|(_, r)| r))
     }
 }
@@ -300,22 +328,33 @@ impl StateStore for SqlStateStore {
         }
         // Someone holds the claim: the idempotency key's owner first, then the order's.
         if let Some(key) = r.idempotency_key.as_deref() {
-            if let Some(id) = self.claimed_payment_id(&r.merchant_id, "idempotency_key", key).await? {
+            if let Some(id) = self
+                .claimed_payment_id(&r.merchant_id, "idempotency_key", key)
+                .await?
+            {
                 if let Some(existing) = self.get_record(&id).await? {
                     return Ok(CreateOutcome::Exists(Box::new(existing)));
                 }
             }
         }
-        match self.claimed_payment_id(&r.merchant_id, "order_id", r.order_id.as_str()).await? {
+        match self
+            .claimed_payment_id(&r.merchant_id, "order_id", r.order_id.as_str())
+            .await?
+        {
             Some(id) => match self.get_record(&id).await? {
                 Some(existing) => Ok(CreateOutcome::Exists(Box::new(existing))),
                 None => Err(StoreError::Corrupt(format!("claim {id} has no record"))),
             },
-            None => Err(StoreError::Corrupt("claim conflict without a claim".to_owned())),
+            None => Err(StoreError::Corrupt(
+                "claim conflict without a claim".to_owned(),
+            )),
         }
     }
 
-    async fn get(&self, payment_id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
+    async fn get(
+        &self,
+        payment_id: &PaymentId,
+    ) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
         let sql = format!(
             "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE payment_id = $1 \
              UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE payment_id = $1 \
@@ -340,7 +379,10 @@ impl StateStore for SqlStateStore {
         merchant_id: &MerchantId,
         order_id: &OrderId,
     ) -> Result<Option<PaymentRecord>, StoreError> {
-        match self.claimed_payment_id(merchant_id, "order_id", order_id.as_str()).await? {
+        match self
+            .claimed_payment_id(merchant_id, "order_id", order_id.as_str())
+            .await?
+        {
             Some(id) => self.get_record(&id).await,
             None => Ok(None),
         }

@@ -58,9 +58,14 @@ pub async fn fresh_database_url(backend: &Backend) -> (String, Cleanup) {
         }
         Backend::Postgres(url) => {
             let schema = format!("t_{id}");
-            let admin = SqlDatabase::connect(url, 1).await.expect("postgres reachable");
+            let admin = SqlDatabase::connect(url, 1)
+                .await
+                .expect("postgres reachable");
             if let SqlDatabase::Postgres(pool) = &admin {
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(pool).await.expect("create schema");
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(pool)
+                    .await
+                    .expect("create schema");
             }
             let sep = if url.contains('?') { '&' } else { '?' };
             (
@@ -87,7 +92,9 @@ impl Cleanup {
             }
             Cleanup::Schema { admin, schema } => {
                 if let SqlDatabase::Postgres(pool) = &admin {
-                    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(pool).await;
+                    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                        .execute(pool)
+                        .await;
                 }
                 admin.close().await;
             }
@@ -109,8 +116,14 @@ pub struct TestApp {
 }
 
 /// Starts the sandbox with `profile` and the real gateway against it.
-pub async fn spawn_app(backend: &Backend, profile: FaultProfile, tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let sandbox = SandboxServers::start(profile, SECRET).await.expect("sandbox starts");
+pub async fn spawn_app(
+    backend: &Backend,
+    profile: FaultProfile,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    let sandbox = SandboxServers::start(profile, SECRET)
+        .await
+        .expect("sandbox starts");
     let (db_url, cleanup) = fresh_database_url(backend).await;
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
@@ -126,7 +139,9 @@ pub async fn spawn_app(backend: &Backend, profile: FaultProfile, tweak: impl FnO
     };
     tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = Application::build(listener, &config).await.expect("app builds");
+    let app = Application::build(listener, &config)
+        .await
+        .expect("app builds");
     let base = format!("http://{}", app.local_addr());
     let app_db = app.database();
     let saga = app.saga();
@@ -138,7 +153,10 @@ pub async fn spawn_app(backend: &Backend, profile: FaultProfile, tweak: impl FnO
     let (_, key) = create_merchant(&app_db, &config, "merchant-a").await;
     TestApp {
         base,
-        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
         sandbox,
         app_db,
         saga,
@@ -150,7 +168,11 @@ pub async fn spawn_app(backend: &Backend, profile: FaultProfile, tweak: impl FnO
     }
 }
 
-pub async fn create_merchant(db: &SqlDatabase, config: &Config, name: &str) -> (MerchantId, String) {
+pub async fn create_merchant(
+    db: &SqlDatabase,
+    config: &Config,
+    name: &str,
+) -> (MerchantId, String) {
     let key = crypto::generate_api_key();
     let merchant = Merchant {
         merchant_id: MerchantId::generate(),
@@ -160,7 +182,10 @@ pub async fn create_merchant(db: &SqlDatabase, config: &Config, name: &str) -> (
         revoked_at: None,
     };
     SqlMerchantStore::new(db.clone())
-        .create(&merchant, &crypto::hash_api_key(&config.api_key_hash_key, key.expose()))
+        .create(
+            &merchant,
+            &crypto::hash_api_key(&config.api_key_hash_key, key.expose()),
+        )
         .await
         .expect("merchant created");
     (merchant.merchant_id, key.expose().clone())
@@ -171,8 +196,17 @@ pub fn confirm_body(order_id: &str, amount: i64) -> Value {
 }
 
 impl TestApp {
-    pub async fn confirm_with(&self, key: &str, body: &Value, idempotency_key: Option<&str>) -> reqwest::Response {
-        let mut req = self.client.post(format!("{}/v1/payments/confirm", self.base)).bearer_auth(key).json(body);
+    pub async fn confirm_with(
+        &self,
+        key: &str,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(format!("{}/v1/payments/confirm", self.base))
+            .bearer_auth(key)
+            .json(body);
         if let Some(k) = idempotency_key {
             req = req.header("Idempotency-Key", k);
         }
@@ -184,7 +218,12 @@ impl TestApp {
     }
 
     pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
-        self.client.get(format!("{}{path}", self.base)).bearer_auth(key).send().await.expect("request sent")
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub fn log(&self) -> paygate_api_log::SqlApiLog {

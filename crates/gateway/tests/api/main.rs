@@ -2,6 +2,8 @@
 //! real HTTP server against the sandbox simulators over HTTP, on every
 //! reachable SQL backend.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
 mod helpers;
 
 use std::{
@@ -9,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use helpers::{backends, confirm_body, create_merchant, make_log_read_only, make_log_writable, spawn_app, Backend};
+use helpers::{
+    backends, confirm_body, create_merchant, make_log_read_only, make_log_writable, spawn_app,
+    Backend,
+};
 use paygate_api_log::{SqlApiLog, Target};
 use paygate_sandbox::{CallObserver, FaultProfile, ObservedCall, SimTarget};
 use serde_json::Value;
@@ -47,8 +52,15 @@ async fn happy_path_logs_every_request_before_the_call() {
 
 async fn happy_path(backend: &Backend) {
     let app = spawn_app(backend, FaultProfile::none(), |_| {}).await;
-    assert_eq!(app.app_db.backend(), backend.name(), "the app runs on the backend under test");
-    let checker = Arc::new(RequestRowChecker { log: app.log(), seen: Mutex::new(Vec::new()) });
+    assert_eq!(
+        app.app_db.backend(),
+        backend.name(),
+        "the app runs on the backend under test"
+    );
+    let checker = Arc::new(RequestRowChecker {
+        log: app.log(),
+        seen: Mutex::new(Vec::new()),
+    });
     app.sandbox.card.set_observer(checker.clone());
     app.sandbox.ledger.set_observer(checker.clone());
 
@@ -65,10 +77,22 @@ async fn happy_path(backend: &Backend) {
     // The simulator saw exactly one card call and one ledger call, and each
     // found its REQUEST row already written.
     let seen = checker.seen.lock().unwrap().clone();
-    assert_eq!(seen, vec![(SimTarget::Card, true), (SimTarget::Ledger, true)], "{}", backend.name());
+    assert_eq!(
+        seen,
+        vec![(SimTarget::Card, true), (SimTarget::Ledger, true)],
+        "{}",
+        backend.name()
+    );
 
-    let rows = app.log().for_payment(&paygate_core::PaymentId::from_stored(&payment_id)).await.unwrap();
-    let kinds: Vec<(String, String)> = rows.iter().map(|r| (r.target.clone(), r.kind.clone())).collect();
+    let rows = app
+        .log()
+        .for_payment(&paygate_core::PaymentId::from_stored(&payment_id))
+        .await
+        .unwrap();
+    let kinds: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.target.clone(), r.kind.clone()))
+        .collect();
     assert_eq!(
         kinds,
         vec![
@@ -85,9 +109,16 @@ async fn happy_path(backend: &Backend) {
     let stats = app.sandbox.card.stats();
     assert_eq!((stats.confirm_calls, stats.approvals), (1, 1));
     assert_eq!(app.sandbox.ledger.stats().records, 1);
-    assert_eq!(app.sandbox.ledger.record(&payment_id).unwrap().amount, 15_000);
+    assert_eq!(
+        app.sandbox.ledger.record(&payment_id).unwrap().amount,
+        15_000
+    );
 
-    let got = json(app.get(&app.key, &format!("/v1/payments/{payment_id}")).await).await;
+    let got = json(
+        app.get(&app.key, &format!("/v1/payments/{payment_id}"))
+            .await,
+    )
+    .await;
     assert_eq!(got, body);
     let by_order = json(app.get(&app.key, "/v1/payments/orders/order-happy-1").await).await;
     assert_eq!(by_order, body);
@@ -97,7 +128,10 @@ async fn happy_path(backend: &Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decline_is_402_problem_with_the_card_code() {
     for backend in backends() {
-        let profile = FaultProfile { decline_rate: 1.0, ..FaultProfile::none() };
+        let profile = FaultProfile {
+            decline_rate: 1.0,
+            ..FaultProfile::none()
+        };
         let app = spawn_app(&backend, profile, |_| {}).await;
         let resp = app.confirm(&confirm_body("order-decline", 5_000)).await;
         assert_eq!(resp.status(), 402, "{}", backend.name());
@@ -105,14 +139,22 @@ async fn decline_is_402_problem_with_the_card_code() {
         let problem = json(resp).await;
         assert_eq!(problem["code"], "REJECT_CARD_PAYMENT");
         assert_eq!(problem["status"], 402);
-        assert!(problem["type"].is_string() && problem["title"].is_string() && problem["detail"].is_string());
+        assert!(
+            problem["type"].is_string()
+                && problem["title"].is_string()
+                && problem["detail"].is_string()
+        );
 
         let got = json(app.get(&app.key, "/v1/payments/orders/order-decline").await).await;
         assert_eq!(got["status"], "ABORTED");
         assert_eq!(got["saved"], false);
         assert!(got["approvedAt"].is_null());
         assert_eq!(app.sandbox.card.stats().approvals, 0);
-        assert_eq!(app.sandbox.ledger.stats().record_calls, 0, "a decline is never sent to the ledger");
+        assert_eq!(
+            app.sandbox.ledger.stats().record_calls,
+            0,
+            "a decline is never sent to the ledger"
+        );
 
         // A retry of the declined confirm replays the decline without a new card call.
         let again = app.confirm(&confirm_body("order-decline", 5_000)).await;
@@ -125,7 +167,11 @@ async fn decline_is_402_problem_with_the_card_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_with_a_dropped_response_is_settled_by_lookup() {
     for backend in backends() {
-        let profile = FaultProfile { drop_response_rate: 1.0, drop_hold_ms: 3_000, ..FaultProfile::none() };
+        let profile = FaultProfile {
+            drop_response_rate: 1.0,
+            drop_hold_ms: 3_000,
+            ..FaultProfile::none()
+        };
         let app = spawn_app(&backend, profile, |c| c.card_api_timeout_ms = 300).await;
         let resp = app.confirm(&confirm_body("order-dropped", 7_000)).await;
         assert_eq!(resp.status(), 200, "{}", backend.name());
@@ -134,14 +180,25 @@ async fn approval_with_a_dropped_response_is_settled_by_lookup() {
         assert_eq!(body["saved"], true);
         let stats = app.sandbox.card.stats();
         assert_eq!(stats.approvals, 1, "exactly one approval");
-        assert_eq!(stats.confirm_calls, 1, "a timed-out confirm is settled by lookup, not re-sent");
+        assert_eq!(
+            stats.confirm_calls, 1,
+            "a timed-out confirm is settled by lookup, not re-sent"
+        );
         assert!(stats.lookup_calls >= 1);
         assert_eq!(stats.double_charges, 0);
 
         let pid = paygate_core::PaymentId::from_stored(body["paymentId"].as_str().unwrap());
         let rows = app.log().for_payment(&pid).await.unwrap();
-        assert!(rows.iter().any(|r| r.target == "card_api" && r.kind == "ERROR"), "the timeout is logged");
-        assert!(rows.iter().any(|r| r.method == "GET" && r.kind == "REQUEST"), "the lookup is logged first");
+        assert!(
+            rows.iter()
+                .any(|r| r.target == "card_api" && r.kind == "ERROR"),
+            "the timeout is logged"
+        );
+        assert!(
+            rows.iter()
+                .any(|r| r.method == "GET" && r.kind == "REQUEST"),
+            "the lookup is logged first"
+        );
         app.teardown().await;
     }
 }
@@ -156,7 +213,10 @@ async fn ledger_down_answers_200_unsaved_then_async_retries_save_it() {
         let body = json(resp).await;
         assert_eq!(body["status"], "DONE");
         assert_eq!(body["saved"], false);
-        assert!(app.saga.retries().pending() >= 1, "async retries are running");
+        assert!(
+            app.saga.retries().pending() >= 1,
+            "async retries are running"
+        );
 
         tokio::time::sleep(Duration::from_millis(100)).await;
         app.sandbox.ledger.set_down(false);
@@ -185,8 +245,15 @@ async fn failed_log_write_is_503_with_no_card_call() {
         assert_eq!(resp.headers()["content-type"], "application/problem+json");
         assert!(resp.headers().contains_key("retry-after"));
         let problem = json(resp).await;
-        assert!(!problem["detail"].as_str().unwrap().contains("read-only"), "internal error text must not leak");
-        assert_eq!(app.sandbox.card.stats().confirm_calls, 0, "no card call without its REQUEST row");
+        assert!(
+            !problem["detail"].as_str().unwrap().contains("read-only"),
+            "internal error text must not leak"
+        );
+        assert_eq!(
+            app.sandbox.card.stats().confirm_calls,
+            0,
+            "no card call without its REQUEST row"
+        );
 
         let got = json(app.get(&app.key, "/v1/payments/orders/order-nolog").await).await;
         assert_eq!(got["status"], "ABORTED");
@@ -206,12 +273,26 @@ async fn failed_log_write_is_503_with_no_card_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_replay_concurrency_and_reuse() {
     for backend in backends() {
-        let app = spawn_app(&backend, FaultProfile { card_latency_min_ms: 20, card_latency_max_ms: 40, ..FaultProfile::none() }, |_| {}).await;
+        let app = spawn_app(
+            &backend,
+            FaultProfile {
+                card_latency_min_ms: 20,
+                card_latency_max_ms: 40,
+                ..FaultProfile::none()
+            },
+            |_| {},
+        )
+        .await;
 
         // The same confirm twice: the same payment.
         let first = json(app.confirm(&confirm_body("order-twice", 3_000)).await).await;
         let second = json(app.confirm(&confirm_body("order-twice", 3_000)).await).await;
-        assert_eq!(first["paymentId"], second["paymentId"], "{}", backend.name());
+        assert_eq!(
+            first["paymentId"],
+            second["paymentId"],
+            "{}",
+            backend.name()
+        );
         assert_eq!(second["status"], "DONE");
 
         // 50 identical confirms at once: one approval.
@@ -234,11 +315,21 @@ async fn idempotent_replay_concurrency_and_reuse() {
         assert_eq!(json(resp).await["code"], "ORDER_ID_REUSED");
 
         // Idempotency-Key (quoted or bare) reused for another body: 422.
-        let ok = app.confirm_with(&app.key, &confirm_body("order-key-1", 100), Some("\"key-123\"")).await;
+        let ok = app
+            .confirm_with(
+                &app.key,
+                &confirm_body("order-key-1", 100),
+                Some("\"key-123\""),
+            )
+            .await;
         assert_eq!(ok.status(), 200);
-        let replay = app.confirm_with(&app.key, &confirm_body("order-key-1", 100), Some("key-123")).await;
+        let replay = app
+            .confirm_with(&app.key, &confirm_body("order-key-1", 100), Some("key-123"))
+            .await;
         assert_eq!(replay.status(), 200);
-        let reused = app.confirm_with(&app.key, &confirm_body("order-key-2", 100), Some("key-123")).await;
+        let reused = app
+            .confirm_with(&app.key, &confirm_body("order-key-2", 100), Some("key-123"))
+            .await;
         assert_eq!(reused.status(), 422);
         assert_eq!(json(reused).await["code"], "IDEMPOTENCY_KEY_REUSED");
         assert_eq!(app.sandbox.card.stats().approvals, 3);
@@ -259,16 +350,33 @@ async fn auth_and_merchant_isolation() {
             .unwrap();
         assert_eq!(no_key.status(), 401, "{}", backend.name());
         assert_eq!(no_key.headers()["content-type"], "application/problem+json");
-        let bad_key = app.confirm_with("pgk_0000", &confirm_body("order-auth", 100), None).await;
+        let bad_key = app
+            .confirm_with("pgk_0000", &confirm_body("order-auth", 100), None)
+            .await;
         assert_eq!(bad_key.status(), 401);
         assert_eq!(app.sandbox.card.stats().confirm_calls, 0);
 
         let a = json(app.confirm(&confirm_body("order-of-a", 100)).await).await;
         let (_, key_b) = create_merchant(&app.app_db, &app.config, "merchant-b").await;
         let pid = a["paymentId"].as_str().unwrap();
-        assert_eq!(app.get(&key_b, &format!("/v1/payments/{pid}")).await.status(), 404);
-        assert_eq!(app.get(&key_b, "/v1/payments/orders/order-of-a").await.status(), 404);
-        assert_eq!(app.get(&app.key, &format!("/v1/payments/{pid}")).await.status(), 200);
+        assert_eq!(
+            app.get(&key_b, &format!("/v1/payments/{pid}"))
+                .await
+                .status(),
+            404
+        );
+        assert_eq!(
+            app.get(&key_b, "/v1/payments/orders/order-of-a")
+                .await
+                .status(),
+            404
+        );
+        assert_eq!(
+            app.get(&app.key, &format!("/v1/payments/{pid}"))
+                .await
+                .status(),
+            200
+        );
         app.teardown().await;
     }
 }
@@ -283,7 +391,10 @@ async fn card_outage_leaves_unknown_with_an_alert_and_no_approval() {
         let body = json(resp).await;
         assert_eq!(body["status"], "UNKNOWN");
         let stats = app.sandbox.card.stats();
-        assert_eq!(stats.confirm_calls, 3, "5xx is retried up to card_api_max_attempts");
+        assert_eq!(
+            stats.confirm_calls, 3,
+            "5xx is retried up to card_api_max_attempts"
+        );
         assert_eq!(stats.lookup_calls, 3);
         assert_eq!(stats.approvals, 0);
         assert_eq!(app.alerts.raised(), 1, "an operator is told");
@@ -312,8 +423,24 @@ async fn invalid_bodies_are_400_problems() {
     }
     let resp = app.get(&app.key, "/v1/payments/not-an-id").await;
     assert_eq!(resp.status(), 404);
-    assert_eq!(app.client.get(format!("{}/healthz", app.base)).send().await.unwrap().status(), 200);
-    assert_eq!(app.client.get(format!("{}/readyz", app.base)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        app.client
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.client
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(app.sandbox.card.stats().confirm_calls, 0);
     app.teardown().await;
 }

@@ -1,0 +1,210 @@
+//! Tests of the `paygate` binary as a user runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn paygate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_paygate"));
+    // Start from a clean configuration environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAYGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn temp_db(name: &str) -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("paygate-cli-{name}-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    (format!("sqlite://{}", path.display()), path)
+}
+
+#[test]
+fn demo_under_flaky_faults_reports_no_lost_or_double_charges() {
+    let out = paygate()
+        .args([
+            "demo",
+            "--payments",
+            "300",
+            "--concurrency",
+            "16",
+            "--faults",
+            "flaky",
+            "--json",
+        ])
+        .output()
+        .expect("demo runs");
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "sent",
+        "approved",
+        "declined",
+        "unknown",
+        "saved",
+        "unsaved",
+        "sandbox_approvals",
+        "lost",
+        "double_charges",
+        "throughput_per_s",
+        "p50_ms",
+        "p99_ms",
+    ] {
+        assert!(summary.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(summary["lost"], 0);
+    assert_eq!(summary["double_charges"], 0);
+    // 300 orders, every 10th repeated, every 50th also sent concurrently.
+    assert_eq!(summary["sent"], 300 + 30 + 6);
+    assert!(
+        summary["declined"].as_u64().unwrap() > 0,
+        "flaky declines some"
+    );
+    assert!(summary["sandbox_approvals"].as_u64().unwrap() > 250);
+}
+
+#[test]
+fn a_typo_or_a_bad_value_fails_startup_naming_the_key() {
+    let (url, _) = temp_db("typo");
+    let out = paygate()
+        .args(["migrate"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_LISTN", "x")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listn"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = paygate()
+        .args(["migrate"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_LISTEN", "nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`listen`"));
+
+    let out = paygate()
+        .args(["serve"])
+        .env("PAYGATE_CARD_API_SECRET_KEY", "live_sk_x")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the sandbox refuses a live key");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("card_api_secret_key"));
+}
+
+#[test]
+fn merchants_create_shows_the_key_once_and_list_never_does() {
+    let (url, path) = temp_db("merchants");
+    let out = paygate()
+        .args(["merchants", "create", "Acme Shop"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api_key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(key.starts_with("pgk_"));
+
+    let out = paygate()
+        .args(["merchants", "list"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("Acme Shop") && list.contains(&key[..12]));
+    assert!(!list.contains(&key), "the full key is never shown again");
+    let _ = std::fs::remove_file(path);
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_in_sandbox_mode_confirms_a_payment() {
+    let (url, path) = temp_db("serve");
+    let out = paygate()
+        .args(["merchants", "create", "shop"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api_key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = paygate()
+        .args(["serve"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = KillOnDrop(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let mut saw_sandbox = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        saw_sandbox |= line.contains("SANDBOX MODE");
+        if line.contains("paygate listening") {
+            break;
+        }
+    }
+    assert!(saw_sandbox, "startup says the sandbox runs in-process");
+
+    let client = reqwest::blocking::Client::new();
+    let resp = client
+        .post(format!("http://127.0.0.1:{port}/v1/payments/confirm"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"paymentKey": "pk_cli_1", "orderId": "order-cli-1", "amount": 12000}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["status"], "DONE");
+    assert_eq!(body["saved"], true);
+    drop(child);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
