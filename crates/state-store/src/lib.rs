@@ -5,16 +5,24 @@
 //! update guarded by the state it expects ([`Transition`]), so two writers can
 //! never lose each other's update and a transition applied twice is a no-op.
 //!
-//! Backends: [`SqlStateStore`] on SQLite or PostgreSQL ([`SqlDatabase`]).
+//! Backends: [`SqlStateStore`] on SQLite or PostgreSQL ([`SqlDatabase`]);
+//! `MongoStateStore` on MongoDB (feature `mongodb`, on by default).
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
 mod merchants;
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 pub mod sql;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use merchants::{Merchant, SqlMerchantStore};
+#[cfg(feature = "mongodb")]
+pub use mongo::{MongoOptions, MongoStateStore};
 pub use sql::{SqlDatabase, SqlStateStore};
 
+use futures_util::stream::BoxStream;
 use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 
 /// What went wrong in a store.
@@ -75,6 +83,12 @@ pub enum Transition {
         /// Detail for operators.
         last_error: String,
     },
+    /// The batch tried the ledger and failed: `batch_attempts += 1`,
+    /// `last_error` set. Guard: paid and not saved.
+    BatchSaveFailed {
+        /// Detail for operators.
+        last_error: String,
+    },
     /// A no-call abort (see `paygate_core::payment::failure_codes`) is opened
     /// again for a merchant retry: `card_status = PENDING`, failure cleared.
     /// Guard: `card_status = ABORTED` with that `failure_code`.
@@ -124,6 +138,45 @@ pub trait StateStore: Send + Sync + 'static {
         payment_id: &PaymentId,
         transition: &Transition,
     ) -> Result<bool, StoreError>;
+
+    /// Moves a record from one partition to another: writes it into `to`
+    /// with the same `payment_id` (replacing a copy left by an interrupted
+    /// move), then deletes it from `from`. Idempotent and crash-safe: rerun
+    /// after a crash between the two steps, it leaves exactly one copy.
+    /// `Ok(false)` when the record is not in `from` (already moved).
+    ///
+    /// # Errors
+    /// [`StoreError`]; the record is then in `from`, or in both (a rerun
+    /// finishes the move).
+    async fn move_record(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+    ) -> Result<bool, StoreError>;
+
+    /// The first step of [`StateStore::move_record`] alone: writes the
+    /// record of `from` into `to` (replacing any copy) and leaves the source.
+    /// Exposed so the conformance suite can stage a move interrupted by a
+    /// crash; the batch always calls `move_record`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn copy_to_partition(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+    ) -> Result<bool, StoreError>;
+
+    /// Streams every record of a partition in `payment_id` order (which is
+    /// creation order: ids are ULIDs), fetching `batch_size` records per round
+    /// trip, so memory stays bounded by the batch, not the partition.
+    fn scan(
+        &self,
+        partition: Partition,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
 
     /// Checks the store answers (for `/readyz`).
     ///

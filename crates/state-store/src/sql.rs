@@ -9,7 +9,7 @@
 
 use std::{borrow::Cow, str::FromStr, time::Duration};
 
-use futures_util::future::BoxFuture;
+use futures_util::{future::BoxFuture, stream::BoxStream, TryStreamExt};
 use paygate_core::{
     payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
@@ -362,15 +362,17 @@ impl StateStore for SqlStateStore {
         );
         with_pool!(&self.db, pool => {
             let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
-            // A move writes the target before deleting the source; while both
-            // copies exist the target (later partition) is the truth.
-            match rows.last() {
-                Some(row) => {
-                    let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    Ok(Some((partition_from(&part), record_from_row(row)?)))
+            // A move writes the target (with a fresh updated_at) before
+            // deleting the source; while both copies exist the newer is the truth.
+            let mut best: Option<(Partition, PaymentRecord)> = None;
+            for row in &rows {
+                let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let record = record_from_row(row)?;
+                if best.as_ref().is_none_or(|(_, b)| record.updated_at >= b.updated_at) {
+                    best = Some((partition_from(&part), record));
                 }
-                None => Ok(None),
             }
+            Ok(best)
         })
     }
 
@@ -420,6 +422,11 @@ impl StateStore for SqlStateStore {
                  WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
                 vec![last_error],
             ),
+            Transition::BatchSaveFailed { last_error } => (
+                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![last_error],
+            ),
             Transition::Reopen { failure_code } => {
                 if !failure_codes::is_no_call(failure_code) {
                     return Ok(false);
@@ -440,7 +447,109 @@ impl StateStore for SqlStateStore {
         })
     }
 
+    async fn move_record(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+    ) -> Result<bool, StoreError> {
+        let copy = copy_sql(from, to);
+        let delete = format!("DELETE FROM {} WHERE payment_id = $1", from.table());
+        let now = paygate_core::time::now_ms();
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let copied = sqlx::query(&copy)
+                .bind(payment_id.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+            sqlx::query(&delete).bind(payment_id.as_str()).execute(&mut *tx).await.map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            Ok(copied == 1)
+        })
+    }
+
+    async fn copy_to_partition(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+    ) -> Result<bool, StoreError> {
+        let copy = copy_sql(from, to);
+        let now = paygate_core::time::now_ms();
+        with_pool!(&self.db, pool => sqlx::query(&copy)
+            .bind(payment_id.as_str())
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1)
+            .map_err(map_err))
+    }
+
+    fn scan(
+        &self,
+        partition: Partition,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM {} WHERE payment_id > $1 ORDER BY payment_id LIMIT $2",
+            partition.table()
+        );
+        let limit = i64::from(batch_size.max(1));
+        // Keyset paging: each page starts after the last id of the one before,
+        // so a page costs an index range scan and nothing is held across pages.
+        let pages = futures_util::stream::try_unfold(Some(String::new()), move |after| {
+            let sql = sql.clone();
+            async move {
+                let Some(after) = after else { return Ok(None) };
+                let page: Vec<PaymentRecord> = with_pool!(&self.db, pool => {
+                    let rows = sqlx::query(&sql).bind(&after).bind(limit).fetch_all(pool).await.map_err(map_err)?;
+                    rows.iter().map(record_from_row).collect::<Result<Vec<_>, StoreError>>()?
+                });
+                let next = match page.last() {
+                    Some(last) if page.len() as i64 == limit => Some(last.payment_id.to_string()),
+                    _ => None,
+                };
+                if page.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    futures_util::stream::iter(page.into_iter().map(Ok)),
+                    next,
+                )))
+            }
+        });
+        Box::pin(pages.try_flatten())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.db.ping().await
     }
+}
+
+/// `INSERT INTO <to> SELECT ... FROM <from>` for one record, replacing a copy
+/// already in `to` (left by an interrupted move). `$1` = payment_id, `$2` =
+/// now (the copy's `updated_at`, which makes it the newer one).
+fn copy_sql(from: Partition, to: Partition) -> String {
+    let cols: Vec<&str> = RECORD_COLUMNS.split(',').map(str::trim).collect();
+    let select: Vec<&str> = cols
+        .iter()
+        .map(|c| if *c == "updated_at" { "$2" } else { c })
+        .collect();
+    let updates: Vec<String> = cols
+        .iter()
+        .filter(|c| **c != "payment_id")
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {to} ({cols}) SELECT {select} FROM {from} WHERE payment_id = $1 \
+         ON CONFLICT (payment_id) DO UPDATE SET {updates}",
+        to = to.table(),
+        from = from.table(),
+        cols = cols.join(", "),
+        select = select.join(", "),
+        updates = updates.join(", "),
+    )
 }

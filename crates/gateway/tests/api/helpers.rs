@@ -2,7 +2,7 @@
 //! over HTTP, with its own database (a temporary SQLite file, or a fresh
 //! PostgreSQL schema when `PAYGATE_TEST_POSTGRES_URL` is set).
 
-use std::{io::Write, sync::Arc, sync::Once, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use paygate_core::{crypto, Config, MerchantId, Secret};
 use paygate_gateway::Application;
@@ -13,94 +13,8 @@ use tokio::net::TcpListener;
 
 pub const SECRET: &str = "test_sk_paygate_tests";
 
-/// A SQL backend the tests can run on.
-#[derive(Clone, Debug)]
-pub enum Backend {
-    Sqlite,
-    Postgres(String),
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
-    }
-}
-
-static SKIP_NOTICE: Once = Once::new();
-
-/// Every reachable backend: SQLite always, PostgreSQL when
-/// `PAYGATE_TEST_POSTGRES_URL` is set. A skipped backend is announced on
-/// stderr directly (not through the test harness's capture).
-pub fn backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Sqlite];
-    match std::env::var("PAYGATE_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => v.push(Backend::Postgres(url)),
-        _ => SKIP_NOTICE.call_once(|| {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED backend postgres: PAYGATE_TEST_POSTGRES_URL is not set; gateway tests ran on SQLite only"
-            );
-        }),
-    }
-    v
-}
-
-/// A fresh database URL for one test.
-pub async fn fresh_database_url(backend: &Backend) -> (String, Cleanup) {
-    let id = ulid::Ulid::new().to_string().to_lowercase();
-    match backend {
-        Backend::Sqlite => {
-            let path = std::env::temp_dir().join(format!("paygate-test-{id}.db"));
-            (format!("sqlite://{}", path.display()), Cleanup::File(path))
-        }
-        Backend::Postgres(url) => {
-            let schema = format!("t_{id}");
-            let admin = SqlDatabase::connect(url, 1)
-                .await
-                .expect("postgres reachable");
-            if let SqlDatabase::Postgres(pool) = &admin {
-                sqlx::query(&format!("CREATE SCHEMA {schema}"))
-                    .execute(pool)
-                    .await
-                    .expect("create schema");
-            }
-            let sep = if url.contains('?') { '&' } else { '?' };
-            (
-                format!("{url}{sep}options=-c%20search_path%3D{schema}"),
-                Cleanup::Schema { admin, schema },
-            )
-        }
-    }
-}
-
-/// What to remove when a test ends.
-pub enum Cleanup {
-    File(std::path::PathBuf),
-    Schema { admin: SqlDatabase, schema: String },
-}
-
-impl Cleanup {
-    pub async fn run(self) {
-        match self {
-            Cleanup::File(path) => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-            }
-            Cleanup::Schema { admin, schema } => {
-                if let SqlDatabase::Postgres(pool) = &admin {
-                    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                        .execute(pool)
-                        .await;
-                }
-                admin.close().await;
-            }
-        }
-    }
-}
+use paygate_state_store::testing::{fresh_sql_url, Cleanup};
+pub use paygate_state_store::testing::{sql_backends as backends, Backend};
 
 pub struct TestApp {
     pub base: String,
@@ -124,7 +38,7 @@ pub async fn spawn_app(
     let sandbox = SandboxServers::start(profile, SECRET)
         .await
         .expect("sandbox starts");
-    let (db_url, cleanup) = fresh_database_url(backend).await;
+    let (db_url, cleanup) = fresh_sql_url(backend).await;
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
         database_url: Secret::new(db_url),
