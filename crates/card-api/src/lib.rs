@@ -30,6 +30,8 @@ pub enum CardApiError {
         /// The card company's message (may be shown to operators, not logged
         /// with card data: it carries none).
         message: String,
+        /// `Retry-After` of the answer, in seconds (429).
+        retry_after_s: Option<u64>,
     },
     /// A 5xx answer. The card company may or may not have acted.
     #[error("card API server error: {status} {code}")]
@@ -41,6 +43,8 @@ pub enum CardApiError {
         code: String,
         /// The card company's message.
         message: String,
+        /// `Retry-After` of the answer, in seconds (503).
+        retry_after_s: Option<u64>,
     },
     /// No answer within the per-attempt timeout.
     #[error("card API call timed out")]
@@ -58,6 +62,16 @@ impl CardApiError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Rejected { status, .. } | Self::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The answer's `Retry-After`, when it had one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Rejected { retry_after_s, .. } | Self::Server { retry_after_s, .. } => {
+                retry_after_s.map(std::time::Duration::from_secs)
+            }
             _ => None,
         }
     }
@@ -192,6 +206,7 @@ mod tests {
             status,
             code: code.to_owned(),
             message: String::new(),
+            retry_after_s: None,
         }
     }
 
@@ -211,7 +226,12 @@ mod tests {
             status: 500,
             code: codes::PROVIDER_ERROR.to_owned(),
             message: String::new(),
+            retry_after_s: Some(2),
         };
+        assert_eq!(
+            server.retry_after(),
+            Some(std::time::Duration::from_secs(2))
+        );
         assert!(server.outcome_unknown() && server.is_transient() && !server.is_decline());
     }
 }

@@ -63,11 +63,18 @@ impl TossCardApi {
             .await
             .map_err(transport_error)?;
         let status = resp.status();
+        // Retry-After in delta-seconds; an HTTP-date form is not used by the
+        // card company and is ignored (the backoff applies instead).
+        let retry_after_s = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let bytes = resp.bytes().await.map_err(transport_error)?;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| CardApiError::Decode(e.to_string()));
         }
-        Err(error_from(status, &bytes))
+        Err(error_from(status, &bytes, retry_after_s))
     }
 }
 
@@ -81,7 +88,7 @@ fn transport_error(e: reqwest::Error) -> CardApiError {
     }
 }
 
-fn error_from(status: StatusCode, bytes: &[u8]) -> CardApiError {
+fn error_from(status: StatusCode, bytes: &[u8], retry_after_s: Option<u64>) -> CardApiError {
     let body: Option<ErrorBody> = serde_json::from_slice(bytes).ok();
     let (code, message) = match body {
         Some(b) => (b.code, b.message),
@@ -92,12 +99,14 @@ fn error_from(status: StatusCode, bytes: &[u8]) -> CardApiError {
             status: status.as_u16(),
             code,
             message,
+            retry_after_s,
         }
     } else {
         CardApiError::Rejected {
             status: status.as_u16(),
             code,
             message,
+            retry_after_s,
         }
     }
 }

@@ -130,7 +130,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(DEMO_SECRET.to_owned())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
-        card_api_timeout_ms: 1_000,
+        card_api_policy: paygate_core::config::DownstreamPolicy {
+            attempt_timeout_ms: 1_000,
+            ..paygate_core::config::DownstreamPolicy::card_api()
+        },
+        // The demo drives its own load; the per-merchant limit is for real merchants.
+        inbound_rate_limit_per_second: 0,
         ledger_retry_max_attempts: 10,
         ledger_retry_base_delay_ms: 20,
         ledger_retry_max_delay_ms: 500,

@@ -41,21 +41,25 @@ pub struct Config {
     pub mongodb_uri: Option<Secret<String>>,
     /// MongoDB database name. Default `paygate`.
     pub mongodb_database: String,
+    /// MongoDB driver pool size per server. Default 20.
+    pub mongodb_max_pool_size: u32,
+    /// MongoDB write concern `w`: `majority` (default), a node count, or a tag.
+    pub mongodb_write_concern: String,
+    /// MongoDB journaled writes (`j`). Default true.
+    pub mongodb_journal: bool,
     /// Card API base URL (Toss Payments v1 shape). Unset: the in-process sandbox.
     pub card_api_url: Option<String>,
     /// Card API secret key (`test_sk_...` / `live_sk_...`), sent as Basic auth.
     pub card_api_secret_key: Option<Secret<String>>,
-    /// Per-attempt timeout of a card API call, ms. Default 10000.
-    pub card_api_timeout_ms: u64,
-    /// Card confirm attempts on a transient (5xx) answer, including the first.
-    /// Default 3.
-    pub card_api_max_attempts: u32,
+    /// Resilience policy of card API calls (`[card_api_policy]`).
+    pub card_api_policy: DownstreamPolicy,
     /// Lookups by orderId after a confirm got no answer. Default 3.
     pub card_api_lookup_attempts: u32,
     /// Ledger API base URL. Unset: the in-process sandbox ledger.
     pub ledger_api_url: Option<String>,
-    /// Per-attempt timeout of a ledger call, ms. Default 3000.
-    pub ledger_api_timeout_ms: u64,
+    /// Resilience policy of ledger calls (`[ledger_api_policy]`); its
+    /// `max_attempts` applies to the synchronous try and defaults to 1.
+    pub ledger_api_policy: DownstreamPolicy,
     /// Async ledger retries after the one synchronous try. Default 5.
     pub ledger_retry_max_attempts: u32,
     /// First async retry delay, ms (doubles each time, full jitter). Default 200.
@@ -67,6 +71,15 @@ pub struct Config {
     /// Key of the HMAC that hashes merchant API keys. Must be set (>= 32
     /// characters) when a `live_` card key is configured.
     pub api_key_hash_key: Secret<String>,
+    /// Requests per second a merchant may make (GCRA); 0 turns it off. Default 50.
+    pub inbound_rate_limit_per_second: u32,
+    /// Burst a merchant may make above its rate. Default 100.
+    pub inbound_rate_limit_burst: u32,
+    /// Merchant requests handled at once; more are shed with 503. Default 256.
+    pub inbound_max_concurrent: u32,
+    /// Time before a merchant request is answered 503 (the confirm itself
+    /// carries on and can be polled), ms. Default 30000.
+    pub inbound_request_timeout_ms: u64,
     /// Currency of confirmed payments. Default `KRW`.
     pub currency: String,
     /// Fault profile of the in-process sandbox: `none` (default) or `flaky`.
@@ -88,18 +101,24 @@ impl Default for Config {
             state_store: StateStoreKind::Sql,
             mongodb_uri: None,
             mongodb_database: "paygate".to_owned(),
+            mongodb_max_pool_size: 20,
+            mongodb_write_concern: "majority".to_owned(),
+            mongodb_journal: true,
             card_api_url: None,
             card_api_secret_key: None,
-            card_api_timeout_ms: 10_000,
-            card_api_max_attempts: 3,
+            card_api_policy: DownstreamPolicy::card_api(),
             card_api_lookup_attempts: 3,
             ledger_api_url: None,
-            ledger_api_timeout_ms: 3_000,
+            ledger_api_policy: DownstreamPolicy::ledger_api(),
             ledger_retry_max_attempts: 5,
             ledger_retry_base_delay_ms: 200,
             ledger_retry_max_delay_ms: 10_000,
             discord_webhook_url: None,
             api_key_hash_key: Secret::new(DEV_API_KEY_HASH_KEY.to_owned()),
+            inbound_rate_limit_per_second: 50,
+            inbound_rate_limit_burst: 100,
+            inbound_max_concurrent: 256,
+            inbound_request_timeout_ms: 30_000,
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
@@ -111,15 +130,15 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration `{key}`: {reason}")]
 pub struct ConfigError {
-    /// The offending key, as written in the TOML file.
-    pub key: &'static str,
+    /// The offending key, as written in the TOML file (`table.key` when nested).
+    pub key: String,
     /// What is wrong with it.
     pub reason: String,
 }
 
-fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
-        key,
+        key: key.into(),
         reason: reason.into(),
     }
 }
@@ -162,6 +181,18 @@ impl Config {
                 "required when state_store = \"mongodb\"",
             ));
         }
+        if self.mongodb_max_pool_size == 0 {
+            return Err(bad("mongodb_max_pool_size", "must be at least 1"));
+        }
+        if self.mongodb_write_concern.trim().is_empty() || self.mongodb_write_concern == "0" {
+            return Err(bad(
+                "mongodb_write_concern",
+                "must be majority, a node count >= 1, or a tag",
+            ));
+        }
+        if self.mongodb_database.is_empty() {
+            return Err(bad("mongodb_database", "must not be empty"));
+        }
         for (key, url) in [
             ("card_api_url", &self.card_api_url),
             ("ledger_api_url", &self.ledger_api_url),
@@ -197,26 +228,22 @@ impl Config {
                 "set a secret of at least 32 characters for live keys",
             ));
         }
-        for (key, v) in [
-            ("card_api_timeout_ms", self.card_api_timeout_ms),
-            ("ledger_api_timeout_ms", self.ledger_api_timeout_ms),
-            (
-                "ledger_retry_base_delay_ms",
-                self.ledger_retry_base_delay_ms,
-            ),
-        ] {
-            if v == 0 {
-                return Err(bad(key, "must be greater than 0"));
-            }
+        self.card_api_policy.validate("card_api_policy")?;
+        self.ledger_api_policy.validate("ledger_api_policy")?;
+        if self.ledger_retry_base_delay_ms == 0 {
+            return Err(bad("ledger_retry_base_delay_ms", "must be greater than 0"));
+        }
+        if self.inbound_max_concurrent == 0 {
+            return Err(bad("inbound_max_concurrent", "must be at least 1"));
+        }
+        if self.inbound_request_timeout_ms == 0 {
+            return Err(bad("inbound_request_timeout_ms", "must be greater than 0"));
         }
         if self.ledger_retry_max_delay_ms < self.ledger_retry_base_delay_ms {
             return Err(bad(
                 "ledger_retry_max_delay_ms",
                 "must be >= ledger_retry_base_delay_ms",
             ));
-        }
-        if self.card_api_max_attempts == 0 || self.card_api_max_attempts > 10 {
-            return Err(bad("card_api_max_attempts", "must be 1 to 10"));
         }
         if self.card_api_lookup_attempts == 0 || self.card_api_lookup_attempts > 10 {
             return Err(bad("card_api_lookup_attempts", "must be 1 to 10"));
@@ -226,6 +253,178 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             return Err(bad("log_format", "must be pretty or json"));
+        }
+        Ok(())
+    }
+}
+
+/// Resilience knobs of one downstream (see crate `paygate-resilience`).
+/// Durations in ms, rates in percent.
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamPolicy {
+    /// Whole call, retries included.
+    pub deadline_ms: u64,
+    /// One attempt.
+    pub attempt_timeout_ms: u64,
+    /// Attempts, including the first (idempotent calls only).
+    pub max_attempts: u32,
+    /// First retry backoff (doubles, full jitter).
+    pub retry_base_delay_ms: u64,
+    /// Cap on one retry backoff.
+    pub retry_max_delay_ms: u64,
+    /// Retries may add at most this share of the requests, percent.
+    pub retry_budget_percent: f32,
+    /// Retries always allowed per second, whatever the share.
+    pub retry_budget_min_per_second: u32,
+    /// How long a request counts toward the budget.
+    pub retry_budget_ttl_ms: u64,
+    /// `count` or `time`.
+    pub breaker_window_type: String,
+    /// Calls (count window) or seconds (time window).
+    pub breaker_window_size: u32,
+    /// Failure rate that opens the breaker, percent.
+    pub breaker_failure_rate_threshold: f64,
+    /// Slow-call rate that opens the breaker, percent.
+    pub breaker_slow_call_rate_threshold: f64,
+    /// A call at least this long is slow.
+    pub breaker_slow_call_duration_ms: u64,
+    /// Calls needed in the window before rates count.
+    pub breaker_minimum_number_of_calls: u32,
+    /// Time open before probing.
+    pub breaker_wait_duration_in_open_ms: u64,
+    /// Probes in half-open.
+    pub breaker_permitted_calls_in_half_open: u32,
+    /// `normal`, `forced_open` or `disabled`.
+    pub breaker_mode: String,
+    /// Calls in flight at once; more are rejected at once.
+    pub bulkhead_max_concurrent: u32,
+    /// Outbound calls per second (GCRA); 0 turns it off.
+    pub rate_limit_per_second: u32,
+    /// Burst above the rate.
+    pub rate_limit_burst: u32,
+    /// Longest wait for a rate-limit slot before refusing.
+    pub rate_limit_max_wait_ms: u64,
+}
+
+impl DownstreamPolicy {
+    /// Card API defaults: 10 s per attempt (a confirm can be slow), 3
+    /// attempts, 30 s overall, breaker over the last 100 calls.
+    pub fn card_api() -> Self {
+        Self {
+            deadline_ms: 30_000,
+            attempt_timeout_ms: 10_000,
+            max_attempts: 3,
+            retry_base_delay_ms: 50,
+            retry_max_delay_ms: 1_000,
+            retry_budget_percent: 20.0,
+            retry_budget_min_per_second: 10,
+            retry_budget_ttl_ms: 10_000,
+            breaker_window_type: "count".to_owned(),
+            breaker_window_size: 100,
+            breaker_failure_rate_threshold: 50.0,
+            breaker_slow_call_rate_threshold: 100.0,
+            breaker_slow_call_duration_ms: 8_000,
+            breaker_minimum_number_of_calls: 20,
+            breaker_wait_duration_in_open_ms: 30_000,
+            breaker_permitted_calls_in_half_open: 5,
+            breaker_mode: "normal".to_owned(),
+            bulkhead_max_concurrent: 100,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 0,
+            rate_limit_max_wait_ms: 1_000,
+        }
+    }
+
+    /// Ledger defaults: 3 s per attempt, one synchronous attempt (the async
+    /// retries and the batch do the rest), breaker over the last 50 calls.
+    pub fn ledger_api() -> Self {
+        Self {
+            deadline_ms: 5_000,
+            attempt_timeout_ms: 3_000,
+            max_attempts: 1,
+            breaker_window_size: 50,
+            breaker_slow_call_duration_ms: 2_500,
+            breaker_minimum_number_of_calls: 10,
+            breaker_wait_duration_in_open_ms: 10_000,
+            breaker_permitted_calls_in_half_open: 3,
+            bulkhead_max_concurrent: 50,
+            ..Self::card_api()
+        }
+    }
+
+    /// Checks every knob; `table` names the table in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `table.key`.
+    pub fn validate(&self, table: &str) -> Result<(), ConfigError> {
+        let k = |key: &str| format!("{table}.{key}");
+        for (key, v) in [
+            ("deadline_ms", self.deadline_ms),
+            ("attempt_timeout_ms", self.attempt_timeout_ms),
+            ("retry_base_delay_ms", self.retry_base_delay_ms),
+            ("retry_budget_ttl_ms", self.retry_budget_ttl_ms),
+            (
+                "breaker_slow_call_duration_ms",
+                self.breaker_slow_call_duration_ms,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(k(key), "must be greater than 0"));
+            }
+        }
+        if self.deadline_ms < self.attempt_timeout_ms {
+            return Err(bad(k("deadline_ms"), "must be >= attempt_timeout_ms"));
+        }
+        if self.retry_max_delay_ms < self.retry_base_delay_ms {
+            return Err(bad(
+                k("retry_max_delay_ms"),
+                "must be >= retry_base_delay_ms",
+            ));
+        }
+        if !(1..=10).contains(&self.max_attempts) {
+            return Err(bad(k("max_attempts"), "must be 1 to 10"));
+        }
+        if !(0.0..=1000.0).contains(&self.retry_budget_percent) {
+            return Err(bad(k("retry_budget_percent"), "must be 0 to 1000"));
+        }
+        if !matches!(self.breaker_window_type.as_str(), "count" | "time") {
+            return Err(bad(k("breaker_window_type"), "must be count or time"));
+        }
+        if self.breaker_window_size == 0 {
+            return Err(bad(k("breaker_window_size"), "must be at least 1"));
+        }
+        for (key, v) in [
+            (
+                "breaker_failure_rate_threshold",
+                self.breaker_failure_rate_threshold,
+            ),
+            (
+                "breaker_slow_call_rate_threshold",
+                self.breaker_slow_call_rate_threshold,
+            ),
+        ] {
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(bad(k(key), "must be a percentage in (0, 100]"));
+            }
+        }
+        if self.breaker_permitted_calls_in_half_open == 0 {
+            return Err(bad(
+                k("breaker_permitted_calls_in_half_open"),
+                "must be at least 1",
+            ));
+        }
+        if !matches!(
+            self.breaker_mode.as_str(),
+            "normal" | "forced_open" | "disabled"
+        ) {
+            return Err(bad(
+                k("breaker_mode"),
+                "must be normal, forced_open or disabled",
+            ));
+        }
+        if self.bulkhead_max_concurrent == 0 {
+            return Err(bad(k("bulkhead_max_concurrent"), "must be at least 1"));
         }
         Ok(())
     }
@@ -246,16 +445,28 @@ mod tests {
             listen: "nope".into(),
             ..Config::default()
         };
-        assert_eq!(c.validate().map_err(|e| e.key), Err("listen"));
+        assert_eq!(c.validate().map_err(|e| e.key), Err("listen".to_owned()));
         let c = Config {
             card_api_secret_key: Some(Secret::new("live_sk_x".into())),
             ..Config::default()
         };
-        assert_eq!(c.validate().map_err(|e| e.key), Err("card_api_secret_key"));
+        assert_eq!(
+            c.validate().map_err(|e| e.key),
+            Err("card_api_secret_key".to_owned())
+        );
         let c = Config {
             card_api_url: Some("http://x".into()),
             ..Config::default()
         };
-        assert_eq!(c.validate().map_err(|e| e.key), Err("card_api_secret_key"));
+        assert_eq!(
+            c.validate().map_err(|e| e.key),
+            Err("card_api_secret_key".to_owned())
+        );
+        let mut c = Config::default();
+        c.ledger_api_policy.breaker_window_type = "sliding".into();
+        assert_eq!(
+            c.validate().map_err(|e| e.key),
+            Err("ledger_api_policy.breaker_window_type".to_owned())
+        );
     }
 }

@@ -113,10 +113,15 @@ pub mod failure_codes {
     /// The card company refused paygate's own credentials (401/403) on the
     /// first attempt: nothing was processed.
     pub const CARD_AUTH_FAILED: &str = "PAYGATE_CARD_AUTH_FAILED";
+    /// The card API's bulkhead or outbound rate limit refused the call.
+    pub const OVERLOADED: &str = "PAYGATE_OVERLOADED";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {
-        code == LOG_UNAVAILABLE || code == CIRCUIT_OPEN || code == CARD_AUTH_FAILED
+        code == LOG_UNAVAILABLE
+            || code == CIRCUIT_OPEN
+            || code == CARD_AUTH_FAILED
+            || code == OVERLOADED
     }
 }
 

@@ -12,7 +12,7 @@ pub mod problem;
 pub mod routes;
 pub mod saga;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
 use axum::{
     extract::DefaultBodyLimit,
@@ -26,6 +26,7 @@ use paygate_core::{
     Config, Secret,
 };
 use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
+use paygate_resilience::Downstream;
 use paygate_sandbox::{FaultProfile, SandboxServers};
 use paygate_state_store::{SqlDatabase, SqlMerchantStore, SqlStateStore, StateStore, StoreError};
 use tokio::net::TcpListener;
@@ -71,6 +72,16 @@ pub struct AppState {
     merchants: SqlMerchantStore,
     api_key_hash_key: Secret<String>,
     db: SqlDatabase,
+    merchant_limiter: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
+}
+
+/// Protection of the merchant API on the way in.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    /// Requests handled at once; more are shed with 503.
+    pub max_concurrent: usize,
+    /// Time before a request is answered 503 (a confirm carries on).
+    pub request_timeout: Duration,
 }
 
 /// The built gateway, ready to serve.
@@ -115,7 +126,7 @@ impl Application {
 
         let sandbox = if config.card_sandbox() || config.ledger_sandbox() {
             let profile = FaultProfile::preset(&config.sandbox_faults).ok_or(ConfigError {
-                key: "sandbox_faults",
+                key: "sandbox_faults".to_owned(),
                 reason: format!("unknown preset; one of {:?}", FaultProfile::PRESETS),
             })?;
             let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET)
@@ -149,7 +160,7 @@ impl Application {
                 http.clone(),
                 &url,
                 key,
-                Duration::from_millis(config.card_api_timeout_ms),
+                Duration::from_millis(config.card_api_policy.attempt_timeout_ms),
             ))
         };
         let ledger: Arc<dyn LedgerApi> = {
@@ -165,13 +176,12 @@ impl Application {
             Arc::new(HttpLedgerApi::new(
                 http,
                 &url,
-                Duration::from_millis(config.ledger_api_timeout_ms),
+                Duration::from_millis(config.ledger_api_policy.attempt_timeout_ms),
             ))
         };
         let alerter = Arc::new(LogAlerter::default());
         let settings = SagaSettings {
             currency: config.currency.clone(),
-            card_max_attempts: config.card_api_max_attempts,
             lookup_attempts: config.card_api_lookup_attempts,
             ledger_retry_max_attempts: config.ledger_retry_max_attempts,
             ledger_retry_base_delay: Duration::from_millis(config.ledger_retry_base_delay_ms),
@@ -183,6 +193,8 @@ impl Application {
             SqlApiLog::new(db.clone()),
             card,
             ledger,
+            Arc::new(Downstream::new("card_api", &config.card_api_policy)),
+            Arc::new(Downstream::new("ledger_api", &config.ledger_api_policy)),
             alerter.clone(),
             settings,
         ));
@@ -191,11 +203,21 @@ impl Application {
             merchants: SqlMerchantStore::new(db.clone()),
             api_key_hash_key: config.api_key_hash_key.clone(),
             db: db.clone(),
+            merchant_limiter: NonZeroU32::new(config.inbound_rate_limit_per_second).map(|rate| {
+                let burst = NonZeroU32::new(config.inbound_rate_limit_burst).unwrap_or(rate);
+                Arc::new(governor::RateLimiter::keyed(
+                    governor::Quota::per_second(rate).allow_burst(burst),
+                ))
+            }),
+        };
+        let inbound = Inbound {
+            max_concurrent: config.inbound_max_concurrent as usize,
+            request_timeout: Duration::from_millis(config.inbound_request_timeout_ms),
         };
         Ok(Self {
             listener,
             addr,
-            router: router(state),
+            router: router(state, &inbound),
             saga,
             db,
             alerter,
@@ -244,8 +266,34 @@ impl Application {
     }
 }
 
-/// The merchant API routes over `state`.
-pub fn router(state: AppState) -> Router {
+/// Maps the inbound stack's refusals to problem answers: load shed and
+/// request timeout are 503 with `Retry-After`.
+async fn inbound_error(e: tower::BoxError) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!("paygate_inbound_shed_total").increment(1);
+        return problem::Problem::unavailable("too many requests in flight; retry shortly")
+            .into_response();
+    }
+    if e.is::<tower::timeout::error::Elapsed>() {
+        return problem::Problem::unavailable(
+            "the request took too long; a confirm carries on: poll GET /v1/payments/orders/{orderId}",
+        )
+        .into_response();
+    }
+    tracing::error!(error = %e, "inbound stack error");
+    problem::Problem::unavailable("internal error").into_response()
+}
+
+/// The merchant API routes over `state`, behind the inbound protections.
+pub fn router(state: AppState, inbound: &Inbound) -> Router {
+    let protect = tower::ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(inbound_error))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            inbound.max_concurrent,
+        ))
+        .layer(tower::timeout::TimeoutLayer::new(inbound.request_timeout));
     Router::new()
         .route("/v1/payments/confirm", post(routes::confirm))
         .route("/v1/payments/orders/{order_id}", get(routes::get_by_order))
@@ -254,6 +302,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(routes::readyz))
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(protect)
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), merchant_id = tracing::field::Empty)

@@ -127,7 +127,19 @@ pub async fn confirm(
         amount: body.amount,
         idempotency_key: idempotency_key(&headers)?,
     };
-    let outcome = state.saga.confirm(input).await;
+    // The saga runs in its own task: a client that disconnects (or a request
+    // timeout) must not cancel it between the card approval and the writes
+    // that record it.
+    let saga = state.saga.clone();
+    let outcome = match tokio::spawn(async move { saga.confirm(input).await }).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!(error = %e, "confirm task failed");
+            return Err(Problem::unavailable(
+                "internal error; poll GET /v1/payments/orders/{orderId}",
+            ));
+        }
+    };
     Ok(match outcome {
         ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
         ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),
@@ -179,8 +191,12 @@ pub async fn confirm(
             .with_payment(payment_id.as_str())
             .into_response()
         }
-        ConfirmOutcome::Unavailable { detail, payment_id } => {
-            let p = Problem::unavailable(detail);
+        ConfirmOutcome::Unavailable {
+            detail,
+            payment_id,
+            retry_after_s,
+        } => {
+            let p = Problem::unavailable(detail).retry_after(retry_after_s.unwrap_or(1));
             match payment_id {
                 Some(id) => p.with_payment(id.as_str()).into_response(),
                 None => p.into_response(),

@@ -12,22 +12,23 @@
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
 };
 
 use paygate_api_log::{Kind, LogEntry, SqlApiLog, Target};
-use paygate_card_api::{CardApi, CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
+use paygate_card_api::{codes, CardApi, CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
 use paygate_core::{
     payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
 use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome, RECORD_PATH};
-use paygate_state_store::{CreateOutcome, StateStore, StoreError, Transition};
-use rand::Rng;
+use paygate_resilience::{CallError, CallOutcome, Downstream, ErrorClass};
+use paygate_state_store::{CreateOutcome, StateStore, Transition};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use tower::retry::budget::Budget;
 
 use crate::alert::{Alert, AlertReason, Alerter};
 
@@ -36,10 +37,6 @@ use crate::alert::{Alert, AlertReason, Alerter};
 pub struct SagaSettings {
     /// Currency of every payment (`KRW`).
     pub currency: String,
-    /// Card confirm attempts on 5xx / 429 / "still processing", including the first.
-    pub card_max_attempts: u32,
-    /// First delay between card confirm attempts (doubles, full jitter).
-    pub card_retry_base_delay: Duration,
     /// Lookups by orderId after a lost answer.
     pub lookup_attempts: u32,
     /// Delay before the second lookup (grows linearly).
@@ -56,8 +53,6 @@ impl Default for SagaSettings {
     fn default() -> Self {
         Self {
             currency: "KRW".to_owned(),
-            card_max_attempts: 3,
-            card_retry_base_delay: Duration::from_millis(50),
             lookup_attempts: 3,
             lookup_delay: Duration::from_millis(100),
             ledger_retry_max_attempts: 5,
@@ -122,6 +117,8 @@ pub enum ConfirmOutcome {
         detail: &'static str,
         /// The payment, when a record exists.
         payment_id: Option<PaymentId>,
+        /// Seconds after which a retry may succeed (an open breaker's wait).
+        retry_after_s: Option<u64>,
     },
 }
 
@@ -165,10 +162,21 @@ impl RetryTracker {
 /// What the card company's answers settled.
 enum CardVerdict {
     Approved(Box<CardPayment>),
-    Declined { code: String, message: String },
-    NoCall { code: &'static str, detail: String },
-    Unsettled { detail: String },
-    Mismatch { detail: String },
+    Declined {
+        code: String,
+        message: String,
+    },
+    NoCall {
+        code: &'static str,
+        detail: String,
+        retry_after_s: Option<u64>,
+    },
+    Unsettled {
+        detail: String,
+    },
+    Mismatch {
+        detail: String,
+    },
 }
 
 /// Result of one ledger try.
@@ -179,30 +187,101 @@ enum SaveResult {
     Refused,
 }
 
+/// One attempt's failure: the downstream's error, or the `REQUEST` row could
+/// not be written, in which case this attempt made no call (invariant I3).
+#[derive(Debug, thiserror::Error)]
+enum AttemptError<E> {
+    #[error(transparent)]
+    Downstream(E),
+    #[error("request log unavailable: {0}")]
+    LogUnavailable(String),
+}
+
+const NO_RETRY_IGNORED: ErrorClass = ErrorClass {
+    outcome: CallOutcome::Ignored,
+    retryable: false,
+    retry_after: None,
+};
+
+/// Card confirm: 5xx, 429 and "still processing" are retried with the same
+/// idempotency key; a timeout or reset is settled by lookup, not re-sent; a
+/// decline is a healthy answer for the breaker.
+fn classify_confirm(e: &AttemptError<CardApiError>) -> ErrorClass {
+    let AttemptError::Downstream(e) = e else {
+        return NO_RETRY_IGNORED;
+    };
+    let class = |outcome, retryable| ErrorClass {
+        outcome,
+        retryable,
+        retry_after: e.retry_after(),
+    };
+    if e.is_auth_failure() {
+        return NO_RETRY_IGNORED;
+    }
+    if e.is_decline() {
+        return class(CallOutcome::Success, false);
+    }
+    match e {
+        CardApiError::Server { .. } => class(CallOutcome::Failure, true),
+        CardApiError::Rejected { status: 429, .. } => class(CallOutcome::Failure, true),
+        CardApiError::Rejected { code, .. } if code == codes::IDEMPOTENT_REQUEST_PROCESSING => {
+            class(CallOutcome::Success, true)
+        }
+        CardApiError::Rejected { .. } => class(CallOutcome::Success, false),
+        CardApiError::Timeout | CardApiError::Connection(_) | CardApiError::Decode(_) => {
+            class(CallOutcome::Failure, false)
+        }
+    }
+}
+
+/// Lookups: the saga's own loop spaces them out; the stack makes one attempt.
+fn classify_lookup(e: &AttemptError<CardApiError>) -> ErrorClass {
+    let AttemptError::Downstream(e) = e else {
+        return NO_RETRY_IGNORED;
+    };
+    let outcome = match e {
+        CardApiError::Rejected { status, .. } if *status != 429 => CallOutcome::Success,
+        _ => CallOutcome::Failure,
+    };
+    ErrorClass {
+        outcome,
+        retryable: false,
+        retry_after: e.retry_after(),
+    }
+}
+
+/// Ledger: 5xx, timeouts and resets are failures and may be retried; a 409 or
+/// other 4xx is a healthy refusal that no retry will change.
+fn classify_ledger(e: &AttemptError<LedgerApiError>) -> ErrorClass {
+    let AttemptError::Downstream(e) = e else {
+        return NO_RETRY_IGNORED;
+    };
+    if e.is_transient() {
+        ErrorClass {
+            outcome: CallOutcome::Failure,
+            retryable: true,
+            retry_after: None,
+        }
+    } else {
+        ErrorClass {
+            outcome: CallOutcome::Success,
+            retryable: false,
+            retry_after: None,
+        }
+    }
+}
+
 /// The saga and everything it calls. Shared as `Arc<Saga>`.
 pub struct Saga {
     store: Arc<dyn StateStore>,
     log: SqlApiLog,
     card: Arc<dyn CardApi>,
     ledger: Arc<dyn LedgerApi>,
+    card_stack: Arc<Downstream>,
+    ledger_stack: Arc<Downstream>,
     alerter: Arc<dyn Alerter>,
     settings: SagaSettings,
     retries: RetryTracker,
-}
-
-/// Full jitter: a uniformly random delay in `[0, d]`.
-fn full_jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(0..=ms))
-}
-
-fn backoff(base: Duration, max: Duration, times: u32) -> backon::ExponentialBackoff {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(base)
-        .with_max_delay(max)
-        .with_max_times(times as usize)
-        .build()
 }
 
 fn describe_card<T: serde::Serialize>(
@@ -215,11 +294,13 @@ fn describe_card<T: serde::Serialize>(
                 status,
                 code,
                 message,
+                ..
             }
             | CardApiError::Server {
                 status,
                 code,
                 message,
+                ..
             },
         ) => (
             Kind::Response,
@@ -241,7 +322,7 @@ fn describe_lookup(
         Ok(None) => (
             Kind::Response,
             Some(404),
-            Some(json!({"code": paygate_card_api::codes::NOT_FOUND_PAYMENT})),
+            Some(json!({"code": codes::NOT_FOUND_PAYMENT})),
         ),
         Ok(Some(p)) => (Kind::Response, Some(200), serde_json::to_value(p).ok()),
         Err(e) => describe_card::<()>(&Err(e.clone())),
@@ -265,13 +346,33 @@ fn describe_ledger(
     }
 }
 
+/// A logged row's kind, status and body for a call's result.
+type Row = (Kind, Option<i32>, Option<Value>);
+
+/// Turns a call's result into its `RESPONSE`/`ERROR` row.
+type Describe<T, E> = fn(&Result<T, E>) -> Row;
+
+/// Where one logged downstream call goes.
+struct CallSite {
+    payment_id: PaymentId,
+    target: Target,
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+    /// Added to the stack's attempt number (from 1) for the log's `attempt`.
+    attempt_offset: i32,
+}
+
 impl Saga {
-    /// A saga over its downstreams.
+    /// A saga over its downstreams and their resilience stacks.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn StateStore>,
         log: SqlApiLog,
         card: Arc<dyn CardApi>,
         ledger: Arc<dyn LedgerApi>,
+        card_stack: Arc<Downstream>,
+        ledger_stack: Arc<Downstream>,
         alerter: Arc<dyn Alerter>,
         settings: SagaSettings,
     ) -> Self {
@@ -280,6 +381,8 @@ impl Saga {
             log,
             card,
             ledger,
+            card_stack,
+            ledger_stack,
             alerter,
             settings,
             retries: RetryTracker::default(),
@@ -296,53 +399,79 @@ impl Saga {
         &self.store
     }
 
-    /// Writes the REQUEST row, makes the call only if that succeeded, then
-    /// writes the RESPONSE/ERROR row (best effort: the call already happened).
-    ///
-    /// `Err` means the REQUEST row could not be written and no call was made.
+    /// The card API's resilience stack.
+    pub fn card_stack(&self) -> &Arc<Downstream> {
+        &self.card_stack
+    }
+
+    /// The ledger's resilience stack.
+    pub fn ledger_stack(&self) -> &Arc<Downstream> {
+        &self.ledger_stack
+    }
+
+    /// Makes a downstream call through `stack`. Every attempt first writes
+    /// its `REQUEST` row and makes the call only if that succeeded (I3), then
+    /// writes the `RESPONSE`/`ERROR` row (best effort: the call happened).
+    /// `sent` counts the attempts that actually left.
     #[allow(clippy::too_many_arguments)]
-    async fn logged<T, E, F, Fut>(
-        &self,
-        payment_id: &PaymentId,
-        target: Target,
-        method: &str,
-        path: &str,
-        attempt: i32,
-        request_body: Option<Value>,
+    fn through<T, E, F, Fut>(
+        self: &Arc<Self>,
+        stack: &Arc<Downstream>,
+        max_attempts: Option<u32>,
+        site: CallSite,
         call: F,
-        describe: impl FnOnce(&Result<T, E>) -> (Kind, Option<i32>, Option<Value>),
-    ) -> Result<Result<T, E>, StoreError>
+        describe: Describe<T, E>,
+        classify: fn(&AttemptError<E>) -> ErrorClass,
+        sent: Arc<AtomicU32>,
+    ) -> impl Future<Output = Result<T, CallError<AttemptError<E>>>> + Send + 'static
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        T: Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let entry = |kind, status_code, body, latency_ms| LogEntry {
-            payment_id,
-            target,
-            kind,
-            attempt,
-            method,
-            path,
-            status_code,
-            body,
-            latency_ms,
+        let saga = Arc::clone(self);
+        let site = Arc::new(site);
+        let stack = Arc::clone(stack);
+        let attempt = move |n: u32| {
+            let saga = saga.clone();
+            let site = site.clone();
+            let sent = sent.clone();
+            let fut = call();
+            async move {
+                let attempt = site.attempt_offset + i32::try_from(n).unwrap_or(i32::MAX);
+                let entry = |kind, status_code, body, latency_ms| LogEntry {
+                    payment_id: &site.payment_id,
+                    target: site.target,
+                    kind,
+                    attempt,
+                    method: site.method,
+                    path: &site.path,
+                    status_code,
+                    body,
+                    latency_ms,
+                };
+                saga.log
+                    .append(entry(Kind::Request, None, site.body.clone(), None))
+                    .await
+                    .map_err(|e| AttemptError::LogUnavailable(e.to_string()))?;
+                sent.fetch_add(1, Ordering::SeqCst);
+                let started = tokio::time::Instant::now();
+                let res = fut.await;
+                let latency = started.elapsed().as_millis() as i64;
+                let (kind, status, body) = describe(&res);
+                if let Err(e) = saga
+                    .log
+                    .append(entry(kind, status, body, Some(latency)))
+                    .await
+                {
+                    tracing::warn!(payment_id = %site.payment_id, target = site.target.as_str(), error = %e,
+                        "could not write the response row; the call itself was logged as a REQUEST");
+                }
+                res.map_err(AttemptError::Downstream)
+            }
         };
-        self.log
-            .append(entry(Kind::Request, None, request_body, None))
-            .await?;
-        let started = tokio::time::Instant::now();
-        let res = call().await;
-        let latency = started.elapsed().as_millis() as i64;
-        let (kind, status, body) = describe(&res);
-        if let Err(e) = self
-            .log
-            .append(entry(kind, status, body, Some(latency)))
-            .await
-        {
-            tracing::warn!(payment_id = %payment_id, target = target.as_str(), error = %e,
-                "could not write the response row; the call itself was logged as a REQUEST");
-        }
-        Ok(res)
+        async move { stack.call(true, max_attempts, attempt, classify).await }
     }
 
     /// Runs the confirm saga for one request.
@@ -372,6 +501,7 @@ impl Saga {
                 ConfirmOutcome::Unavailable {
                     detail: "payment state store unavailable; nothing was charged",
                     payment_id: None,
+                    retry_after_s: None,
                 }
             }
         }
@@ -401,7 +531,7 @@ impl Saga {
                 let code = existing.failure_code.clone().unwrap_or_default();
                 if failure_codes::is_no_call(&code) {
                     // No card call was made for it: this retry may try again.
-                    match self
+                    return match self
                         .store
                         .transition(
                             &existing.payment_id,
@@ -413,16 +543,15 @@ impl Saga {
                             let mut reopened = existing;
                             reopened.card_status = CardStatus::Pending;
                             reopened.failure_code = None;
-                            return self.run(reopened).await;
+                            self.run(reopened).await
                         }
-                        Ok(false) => return ConfirmOutcome::InFlight(existing),
-                        Err(_) => {
-                            return ConfirmOutcome::Unavailable {
-                                detail: "payment state store unavailable; nothing was charged",
-                                payment_id: Some(existing.payment_id),
-                            }
-                        }
-                    }
+                        Ok(false) => ConfirmOutcome::InFlight(existing),
+                        Err(_) => ConfirmOutcome::Unavailable {
+                            detail: "payment state store unavailable; nothing was charged",
+                            payment_id: Some(existing.payment_id),
+                            retry_after_s: None,
+                        },
+                    };
                 }
                 let message = existing.last_error.clone().unwrap_or_default();
                 ConfirmOutcome::Declined {
@@ -482,6 +611,7 @@ impl Saga {
                 record.approved_at = Some(approved_at);
                 record.failure_code = None;
                 record.is_saved = self.save_with_retries(&record).await;
+                metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
                 ConfirmOutcome::Approved(record)
             }
             CardVerdict::Declined { code, message } => {
@@ -494,13 +624,18 @@ impl Saga {
                 }
                 record.card_status = CardStatus::Aborted;
                 record.failure_code = Some(code.clone());
+                metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
                 ConfirmOutcome::Declined {
                     record,
                     code,
                     message,
                 }
             }
-            CardVerdict::NoCall { code, detail } => {
+            CardVerdict::NoCall {
+                code,
+                detail,
+                retry_after_s,
+            } => {
                 tracing::error!(payment_id = %pid, reason = code, detail = %detail, "no card call made");
                 let t = Transition::MarkAborted {
                     failure_code: code.to_owned(),
@@ -509,14 +644,24 @@ impl Saga {
                 if let Err(e) = self.store.transition(&pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
                 }
-                let detail = if code == failure_codes::LOG_UNAVAILABLE {
-                    "request log unavailable; nothing was charged, retry later"
-                } else {
-                    "card company unavailable; nothing was charged, retry later"
+                let detail = match code {
+                    failure_codes::LOG_UNAVAILABLE => {
+                        "request log unavailable; nothing was charged, retry later"
+                    }
+                    failure_codes::CIRCUIT_OPEN => {
+                        "card company unavailable (circuit open); nothing was charged, retry later"
+                    }
+                    failure_codes::OVERLOADED => {
+                        "too many payments in flight; nothing was charged, retry later"
+                    }
+                    _ => "card company unavailable; nothing was charged, retry later",
                 };
+                metrics::counter!("paygate_payments_total", "outcome" => "not_attempted")
+                    .increment(1);
                 ConfirmOutcome::Unavailable {
                     detail,
                     payment_id: Some(pid),
+                    retry_after_s,
                 }
             }
             CardVerdict::Unsettled { detail } => {
@@ -544,6 +689,7 @@ impl Saga {
         }
         self.alert(&record, reason, detail).await;
         record.card_status = CardStatus::Unknown;
+        metrics::counter!("paygate_payments_total", "outcome" => "unknown").increment(1);
         ConfirmOutcome::Unknown(record)
     }
 
@@ -560,88 +706,95 @@ impl Saga {
             .await;
     }
 
-    /// Confirms at the card company, retrying 5xx with the same idempotency
-    /// key, then settles a lost answer by lookups.
-    async fn settle_at_card(&self, record: &PaymentRecord) -> CardVerdict {
+    /// Confirms at the card company through its stack (5xx retried with the
+    /// same idempotency key), then settles a lost answer by lookups.
+    async fn settle_at_card(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
         let req = ConfirmRequest {
             payment_key: record.payment_key.clone(),
             order_id: record.order_id.to_string(),
             amount: record.amount,
         };
-        let body = serde_json::to_value(&req).ok();
+        let site = CallSite {
+            payment_id: record.payment_id.clone(),
+            target: Target::CardApi,
+            method: "POST",
+            path: CONFIRM_PATH.to_owned(),
+            body: serde_json::to_value(&req).ok(),
+            attempt_offset: 0,
+        };
+        let card = self.card.clone();
+        let key = record.payment_id.to_string();
+        let sent = Arc::new(AtomicU32::new(0));
+        let call = move || {
+            let (card, req, key) = (card.clone(), req.clone(), key.clone());
+            async move { card.confirm(&req, &key).await }
+        };
+        let res = self
+            .through(
+                &self.card_stack,
+                None,
+                site,
+                call,
+                describe_card,
+                classify_confirm,
+                sent.clone(),
+            )
+            .await;
+        let sent = sent.load(Ordering::SeqCst);
         let pid = &record.payment_id;
-        let mut delays = backoff(
-            self.settings.card_retry_base_delay,
-            self.settings.card_retry_base_delay * 8,
-            self.settings.card_max_attempts.saturating_sub(1),
-        );
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let res = self
-                .logged(
-                    pid,
-                    Target::CardApi,
-                    "POST",
-                    CONFIRM_PATH,
-                    attempt,
-                    body.clone(),
-                    || self.card.confirm(&req, pid.as_str()),
-                    describe_card,
-                )
-                .await;
-            let res = match res {
-                Ok(r) => r,
-                Err(e) if attempt == 1 => {
-                    return CardVerdict::NoCall {
-                        code: failure_codes::LOG_UNAVAILABLE,
-                        detail: e.to_string(),
-                    };
+        match res {
+            Ok(p) if p.is_approved() => self.check_match(record, p),
+            Ok(p) => {
+                let (code, message) = p
+                    .failure
+                    .map(|f| (f.code, f.message))
+                    .unwrap_or((p.status, String::new()));
+                CardVerdict::Declined { code, message }
+            }
+            Err(CallError::Downstream(AttemptError::Downstream(e))) if e.is_decline() => {
+                CardVerdict::Declined {
+                    code: e.code().to_owned(),
+                    message: card_message(&e),
                 }
-                Err(e) => {
-                    return CardVerdict::Unsettled {
-                        detail: format!(
-                            "request log unavailable after attempt {}: {e}",
-                            attempt - 1
-                        ),
-                    };
+            }
+            Err(CallError::Downstream(AttemptError::Downstream(e)))
+                if e.is_auth_failure() && sent == 1 =>
+            {
+                CardVerdict::NoCall {
+                    code: failure_codes::CARD_AUTH_FAILED,
+                    detail: e.to_string(),
+                    retry_after_s: None,
                 }
-            };
-            match res {
-                Ok(p) if p.is_approved() => return self.check_match(record, p),
-                Ok(p) => {
-                    let (code, message) = p
-                        .failure
-                        .map(|f| (f.code, f.message))
-                        .unwrap_or((p.status, String::new()));
-                    return CardVerdict::Declined { code, message };
+            }
+            Err(CallError::Downstream(AttemptError::LogUnavailable(detail))) if sent == 0 => {
+                CardVerdict::NoCall {
+                    code: failure_codes::LOG_UNAVAILABLE,
+                    detail,
+                    retry_after_s: None,
                 }
-                Err(e) if e.is_decline() => {
-                    return CardVerdict::Declined {
-                        code: e.code().to_owned(),
-                        message: card_message(&e),
-                    };
+            }
+            Err(CallError::Downstream(AttemptError::LogUnavailable(detail))) => {
+                CardVerdict::Unsettled {
+                    detail: format!("request log unavailable after {sent} attempts: {detail}"),
                 }
-                Err(e) if e.is_auth_failure() && attempt == 1 => {
-                    return CardVerdict::NoCall {
-                        code: failure_codes::CARD_AUTH_FAILED,
-                        detail: e.to_string(),
-                    };
+            }
+            Err(e) if e.no_call_made() && sent == 0 => {
+                let (code, retry_after_s) = match &e {
+                    CallError::BreakerOpen { retry_after } => (
+                        failure_codes::CIRCUIT_OPEN,
+                        Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                    ),
+                    _ => (failure_codes::OVERLOADED, Some(1)),
+                };
+                CardVerdict::NoCall {
+                    code,
+                    detail: e.to_string(),
+                    retry_after_s,
                 }
-                Err(e) => {
-                    let retry = matches!(e, CardApiError::Server { .. })
-                        || (e.is_transient() && matches!(e, CardApiError::Rejected { .. }));
-                    match delays.next() {
-                        Some(d) if retry => {
-                            tracing::warn!(payment_id = %pid, attempt, error = %e, "card confirm failed; retrying with the same idempotency key");
-                            tokio::time::sleep(full_jitter(d)).await;
-                        }
-                        _ => {
-                            tracing::warn!(payment_id = %pid, attempt, error = %e, "card confirm got no usable answer; looking the payment up");
-                            return self.settle_by_lookup(record).await;
-                        }
-                    }
-                }
+            }
+            Err(e) => {
+                tracing::warn!(payment_id = %pid, attempts = sent, error = %e, "card confirm got no usable answer; looking the payment up");
+                self.settle_by_lookup(record).await
             }
         }
     }
@@ -663,35 +816,39 @@ impl Saga {
     }
 
     /// Looks the payment up by orderId until the card company's answer settles it.
-    async fn settle_by_lookup(&self, record: &PaymentRecord) -> CardVerdict {
-        let pid = &record.payment_id;
-        let path = format!("/v1/payments/orders/{}", record.order_id);
+    async fn settle_by_lookup(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
         let mut last = String::from("no lookup made");
-        for attempt in 1..=self.settings.lookup_attempts as i32 {
+        for attempt in 1..=self.settings.lookup_attempts {
             if attempt > 1 {
-                tokio::time::sleep(self.settings.lookup_delay * (attempt as u32 - 1)).await;
+                tokio::time::sleep(self.settings.lookup_delay * (attempt - 1)).await;
             }
-            let res = self
-                .logged(
-                    pid,
-                    Target::CardApi,
-                    "GET",
-                    &path,
-                    attempt,
-                    None,
-                    || self.card.payment_by_order_id(record.order_id.as_str()),
-                    describe_lookup,
-                )
-                .await;
-            let res = match res {
-                Ok(r) => r,
-                Err(e) => {
-                    return CardVerdict::Unsettled {
-                        detail: format!("request log unavailable; lookup not made: {e}"),
-                    }
-                }
+            let site = CallSite {
+                payment_id: record.payment_id.clone(),
+                target: Target::CardApi,
+                method: "GET",
+                path: format!("/v1/payments/orders/{}", record.order_id),
+                body: None,
+                attempt_offset: i32::try_from(attempt).unwrap_or(i32::MAX) - 1,
             };
-            match res {
+            let card = self.card.clone();
+            let order = record.order_id.to_string();
+            let call = move || {
+                let (card, order) = (card.clone(), order.clone());
+                async move { card.payment_by_order_id(&order).await }
+            };
+            let sent = Arc::new(AtomicU32::new(0));
+            match self
+                .through(
+                    &self.card_stack,
+                    Some(1),
+                    site,
+                    call,
+                    describe_lookup,
+                    classify_lookup,
+                    sent,
+                )
+                .await
+            {
                 Ok(Some(p)) if p.payment_key != record.payment_key => {
                     return CardVerdict::Mismatch {
                         detail: format!(
@@ -700,14 +857,8 @@ impl Saga {
                         ),
                     };
                 }
-                Ok(Some(p))
-                    if p.is_approved()
-                        || p.status == "CANCELED"
-                        || p.status == "PARTIAL_CANCELED" =>
-                {
-                    if p.is_approved() {
-                        return self.check_match(record, p);
-                    }
+                Ok(Some(p)) if p.is_approved() => return self.check_match(record, p),
+                Ok(Some(p)) if p.status == "CANCELED" || p.status == "PARTIAL_CANCELED" => {
                     return CardVerdict::Mismatch {
                         detail: format!("card company shows the payment {}", p.status),
                     };
@@ -721,6 +872,11 @@ impl Saga {
                 }
                 Ok(Some(p)) => last = format!("card company shows status {}", p.status),
                 Ok(None) => last = "card company has no payment for the order yet".to_owned(),
+                Err(CallError::Downstream(AttemptError::LogUnavailable(e))) => {
+                    return CardVerdict::Unsettled {
+                        detail: format!("request log unavailable; lookup not made: {e}"),
+                    };
+                }
                 Err(e) => last = format!("lookup failed: {e}"),
             }
         }
@@ -748,21 +904,29 @@ impl Saga {
     /// Starts bounded async ledger retries for a paid, unsaved payment.
     pub fn spawn_ledger_retry(self: &Arc<Self>, payment_id: PaymentId) {
         self.retries.begin();
+        metrics::gauge!("paygate_ledger_retry_queue_depth").set(self.retries.pending() as f64);
         let saga = Arc::clone(self);
         tokio::spawn(async move {
             saga.retry_ledger(&payment_id).await;
             saga.retries.end();
+            metrics::gauge!("paygate_ledger_retry_queue_depth").set(saga.retries.pending() as f64);
         });
     }
 
-    async fn retry_ledger(&self, pid: &PaymentId) {
-        let delays = backoff(
-            self.settings.ledger_retry_base_delay,
-            self.settings.ledger_retry_max_delay,
-            self.settings.ledger_retry_max_attempts,
-        );
-        for delay in delays {
-            tokio::time::sleep(full_jitter(delay)).await;
+    async fn retry_ledger(self: &Arc<Self>, pid: &PaymentId) {
+        for attempt in 2..=self.settings.ledger_retry_max_attempts.saturating_add(1) {
+            let delay = paygate_resilience::retry::full_jitter_backoff(
+                self.settings.ledger_retry_base_delay,
+                self.settings.ledger_retry_max_delay,
+                attempt,
+            );
+            tokio::time::sleep(delay).await;
+            // Async retries draw on the ledger's retry budget like any retry.
+            if !self.ledger_stack.budget().withdraw() {
+                tracing::warn!(payment_id = %pid, "ledger retry budget exhausted; the batch sweep will retry");
+                metrics::counter!("paygate_retry_budget_exhausted_total", "downstream" => "ledger_api").increment(1);
+                return;
+            }
             let record = match self.store.get(pid).await {
                 Ok(Some((Partition::Realtime, r))) => r,
                 Ok(_) => return,
@@ -774,6 +938,7 @@ impl Saga {
             if !record.is_paid || record.is_saved {
                 return;
             }
+            metrics::counter!("paygate_retries_total", "downstream" => "ledger_api").increment(1);
             match self.save_once(&record).await {
                 SaveResult::Saved | SaveResult::Refused => return,
                 SaveResult::Retry => {}
@@ -782,7 +947,7 @@ impl Saga {
         tracing::warn!(payment_id = %pid, "async ledger retries exhausted; the batch sweep will retry");
     }
 
-    async fn save_once(&self, record: &PaymentRecord) -> SaveResult {
+    async fn save_once(self: &Arc<Self>, record: &PaymentRecord) -> SaveResult {
         let pid = &record.payment_id;
         let entry = LedgerEntry {
             payment_id: pid.to_string(),
@@ -793,26 +958,32 @@ impl Saga {
             currency: record.currency.clone(),
             approved_at: record.approved_at.clone().unwrap_or_default(),
         };
-        let attempt = i32::try_from(record.save_attempts + 1).unwrap_or(i32::MAX);
+        let site = CallSite {
+            payment_id: pid.clone(),
+            target: Target::LedgerApi,
+            method: "POST",
+            path: RECORD_PATH.to_owned(),
+            body: serde_json::to_value(&entry).ok(),
+            attempt_offset: i32::try_from(record.save_attempts).unwrap_or(i32::MAX),
+        };
+        let ledger = self.ledger.clone();
+        let key = pid.to_string();
+        let call = move || {
+            let (ledger, entry, key) = (ledger.clone(), entry.clone(), key.clone());
+            async move { ledger.record(&entry, &key).await }
+        };
+        let sent = Arc::new(AtomicU32::new(0));
         let res = self
-            .logged(
-                pid,
-                Target::LedgerApi,
-                "POST",
-                RECORD_PATH,
-                attempt,
-                serde_json::to_value(&entry).ok(),
-                || self.ledger.record(&entry, pid.as_str()),
+            .through(
+                &self.ledger_stack,
+                None,
+                site,
+                call,
                 describe_ledger,
+                classify_ledger,
+                sent,
             )
             .await;
-        let res = match res {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(payment_id = %pid, error = %e, "request log unavailable; ledger call not made");
-                return SaveResult::Retry;
-            }
-        };
         match res {
             Ok(_) => match self.store.transition(pid, &Transition::MarkSaved).await {
                 Ok(_) => SaveResult::Saved,
@@ -823,7 +994,7 @@ impl Saga {
                     SaveResult::Retry
                 }
             },
-            Err(e) => {
+            Err(CallError::Downstream(AttemptError::Downstream(e))) => {
                 let t = Transition::SaveFailed {
                     last_error: e.to_string(),
                 };
@@ -837,6 +1008,24 @@ impl Saga {
                         .await;
                     SaveResult::Refused
                 }
+            }
+            Err(e)
+                if e.no_call_made()
+                    || matches!(e, CallError::Downstream(AttemptError::LogUnavailable(_))) =>
+            {
+                // Breaker open, bulkhead full, rate limited or no log row:
+                // the try is skipped, not failed; retries and the batch follow.
+                tracing::info!(payment_id = %pid, reason = %e, "ledger try skipped");
+                SaveResult::Retry
+            }
+            Err(e) => {
+                let t = Transition::SaveFailed {
+                    last_error: e.to_string(),
+                };
+                if let Err(se) = self.store.transition(pid, &t).await {
+                    tracing::warn!(payment_id = %pid, error = %se, "could not count the failed ledger try");
+                }
+                SaveResult::Retry
             }
         }
     }

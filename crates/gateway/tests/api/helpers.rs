@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use paygate_core::{crypto, Config, MerchantId, Secret};
+use paygate_core::{config::DownstreamPolicy, crypto, Config, MerchantId, Secret};
 use paygate_gateway::Application;
 use paygate_sandbox::{FaultProfile, SandboxServers};
 use paygate_state_store::{Merchant, SqlDatabase, SqlMerchantStore};
@@ -45,7 +45,10 @@ pub async fn spawn_app(
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.to_owned())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
-        card_api_timeout_ms: 2_000,
+        card_api_policy: DownstreamPolicy {
+            attempt_timeout_ms: 2_000,
+            ..DownstreamPolicy::card_api()
+        },
         ledger_retry_base_delay_ms: 20,
         ledger_retry_max_delay_ms: 100,
         ledger_retry_max_attempts: 20,

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
+mod chaos;
 mod helpers;
 
 use std::{
@@ -172,7 +173,10 @@ async fn approval_with_a_dropped_response_is_settled_by_lookup() {
             drop_hold_ms: 3_000,
             ..FaultProfile::none()
         };
-        let app = spawn_app(&backend, profile, |c| c.card_api_timeout_ms = 300).await;
+        let app = spawn_app(&backend, profile, |c| {
+            c.card_api_policy.attempt_timeout_ms = 300
+        })
+        .await;
         let resp = app.confirm(&confirm_body("order-dropped", 7_000)).await;
         assert_eq!(resp.status(), 200, "{}", backend.name());
         let body = json(resp).await;
