@@ -24,7 +24,7 @@ use paygate_core::{
     payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
 use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome, RECORD_PATH};
-use paygate_resilience::{CallError, CallOutcome, Downstream, ErrorClass};
+use paygate_resilience::{CallError, CallOutcome, Downstream, ErrorClass, RequestKind};
 use paygate_state_store::{CreateOutcome, StateStore, Transition};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -417,6 +417,7 @@ impl Saga {
     fn through<T, E, F, Fut>(
         self: &Arc<Self>,
         stack: &Arc<Downstream>,
+        kind: RequestKind,
         max_attempts: Option<u32>,
         site: CallSite,
         call: F,
@@ -471,7 +472,7 @@ impl Saga {
                 res.map_err(AttemptError::Downstream)
             }
         };
-        async move { stack.call(true, max_attempts, attempt, classify).await }
+        async move { stack.call(kind, max_attempts, attempt, classify).await }
     }
 
     /// Runs the confirm saga for one request.
@@ -732,6 +733,7 @@ impl Saga {
         let res = self
             .through(
                 &self.card_stack,
+                RequestKind::Idempotent,
                 None,
                 site,
                 call,
@@ -840,6 +842,7 @@ impl Saga {
             match self
                 .through(
                     &self.card_stack,
+                    RequestKind::Idempotent,
                     Some(1),
                     site,
                     call,
@@ -891,7 +894,7 @@ impl Saga {
     /// One synchronous ledger try; on a transient failure, async retries are
     /// started. Returns whether the ledger has it now.
     async fn save_with_retries(self: &Arc<Self>, record: &PaymentRecord) -> bool {
-        match self.save_once(record).await {
+        match self.save_once(record, RequestKind::Idempotent).await {
             SaveResult::Saved => true,
             SaveResult::Refused => false,
             SaveResult::Retry => {
@@ -939,7 +942,7 @@ impl Saga {
                 return;
             }
             metrics::counter!("paygate_retries_total", "downstream" => "ledger_api").increment(1);
-            match self.save_once(&record).await {
+            match self.save_once(&record, RequestKind::CallerRetry).await {
                 SaveResult::Saved | SaveResult::Refused => return,
                 SaveResult::Retry => {}
             }
@@ -947,7 +950,9 @@ impl Saga {
         tracing::warn!(payment_id = %pid, "async ledger retries exhausted; the batch sweep will retry");
     }
 
-    async fn save_once(self: &Arc<Self>, record: &PaymentRecord) -> SaveResult {
+    /// One ledger try: `Idempotent` for the synchronous try (it deposits into
+    /// the retry budget), `CallerRetry` for an async retry (which withdrew).
+    async fn save_once(self: &Arc<Self>, record: &PaymentRecord, kind: RequestKind) -> SaveResult {
         let pid = &record.payment_id;
         let entry = LedgerEntry {
             payment_id: pid.to_string(),
@@ -976,6 +981,7 @@ impl Saga {
         let res = self
             .through(
                 &self.ledger_stack,
+                kind,
                 None,
                 site,
                 call,

@@ -48,6 +48,20 @@ pub use breaker::{
 /// a call that ignores its own timeout.
 pub const ATTEMPT_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 
+/// What kind of request a call is, for retries and the retry budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A new request that carries an idempotency key: it deposits into the
+    /// retry budget and may be retried within it.
+    Idempotent,
+    /// A new request without an idempotency key: never retried.
+    NonIdempotent,
+    /// A retry the caller schedules itself (paygate's async ledger retries),
+    /// which has already withdrawn from the budget: it deposits nothing and
+    /// gets no further retries from the stack.
+    CallerRetry,
+}
+
 /// How the stack should treat one kind of error of the downstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ErrorClass {
@@ -187,8 +201,8 @@ impl Downstream {
         &self.policy
     }
 
-    /// Makes one call through the stack, retrying when `idempotent` and the
-    /// error class allows, up to `max_attempts` (`None`: the policy's).
+    /// Makes one call through the stack, retrying an idempotent request when
+    /// the error class allows, up to `max_attempts` (`None`: the policy's).
     /// `attempt(n)` makes attempt `n` (from 1); `classify` tells the stack how
     /// to treat each downstream error.
     ///
@@ -200,7 +214,7 @@ impl Downstream {
     /// on higher-ranked lifetimes when the call is spawned.
     pub fn call<T, E, F, Fut>(
         &self,
-        idempotent: bool,
+        kind: RequestKind,
         max_attempts: Option<u32>,
         attempt: F,
         classify: fn(&E) -> ErrorClass,
@@ -211,12 +225,12 @@ impl Downstream {
         F: Fn(u32) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        Box::pin(self.call_inner(idempotent, max_attempts, attempt, classify))
+        Box::pin(self.call_inner(kind, max_attempts, attempt, classify))
     }
 
     async fn call_inner<T, E, F, Fut>(
         &self,
-        idempotent: bool,
+        kind: RequestKind,
         max_attempts: Option<u32>,
         attempt: F,
         classify: fn(&E) -> ErrorClass,
@@ -227,7 +241,12 @@ impl Downstream {
         F: Fn(u32) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let max_attempts = max_attempts.unwrap_or(self.policy.max_attempts).max(1);
+        let idempotent = kind == RequestKind::Idempotent;
+        let max_attempts = if idempotent {
+            max_attempts.unwrap_or(self.policy.max_attempts).max(1)
+        } else {
+            1
+        };
         if idempotent {
             tower::retry::budget::Budget::deposit(&*self.budget);
         }
@@ -238,11 +257,14 @@ impl Downstream {
             make: Arc::new(attempt),
         };
         let deadline = Duration::from_millis(self.policy.deadline_ms);
+        let started = tokio::time::Instant::now();
         let result = match tokio::time::timeout(deadline, service.oneshot(req)).await {
-            Ok(r) => r,
-            Err(_) => return Err(self.count(CallError::DeadlineExceeded)),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unbox::<E>(e)),
+            Err(_) => Err(CallError::DeadlineExceeded),
         };
-        result.map_err(|e| self.count(unbox::<E>(e)))
+        self.observe(&result, started.elapsed());
+        result
     }
 
     /// Builds the layers around the attempt, erased to a `BoxService` (built
@@ -288,23 +310,28 @@ impl Downstream {
         tower::util::BoxService::new(service)
     }
 
-    fn count<E>(&self, e: CallError<E>) -> CallError<E> {
-        let kind = match &e {
-            CallError::Downstream(_) => "downstream_error",
-            CallError::BreakerOpen { .. } => "breaker_open",
-            CallError::BulkheadFull => "bulkhead_full",
-            CallError::RateLimited => "rate_limited",
-            CallError::AttemptTimeout => "attempt_timeout",
-            CallError::DeadlineExceeded => "deadline_exceeded",
-            CallError::Other(_) => "other",
+    /// Counts every call by outcome (`paygate_downstream_calls_total`) with
+    /// its latency, and logs bulkhead rejections.
+    fn observe<T, E>(&self, result: &Result<T, CallError<E>>, elapsed: Duration) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(CallError::Downstream(_)) => "downstream_error",
+            Err(CallError::BreakerOpen { .. }) => "breaker_open",
+            Err(CallError::BulkheadFull) => "bulkhead_full",
+            Err(CallError::RateLimited) => "rate_limited",
+            Err(CallError::AttemptTimeout) => "attempt_timeout",
+            Err(CallError::DeadlineExceeded) => "deadline_exceeded",
+            Err(CallError::Other(_)) => "other",
         };
-        if matches!(e, CallError::BulkheadFull) {
+        if matches!(result, Err(CallError::BulkheadFull)) {
             tracing::warn!(downstream = self.name, "bulkhead full; call rejected");
             metrics::counter!("paygate_bulkhead_rejections_total", "downstream" => self.name)
                 .increment(1);
         }
-        metrics::counter!("paygate_downstream_failures_total", "downstream" => self.name, "kind" => kind).increment(1);
-        e
+        metrics::counter!("paygate_downstream_calls_total", "downstream" => self.name, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("paygate_downstream_call_duration_seconds", "downstream" => self.name)
+            .record(elapsed.as_secs_f64());
     }
 }
 

@@ -12,7 +12,9 @@ use std::{
 };
 
 use paygate_core::config::DownstreamPolicy;
-use paygate_resilience::{BreakerState, CallError, CallOutcome, Downstream, ErrorClass};
+use paygate_resilience::{
+    BreakerState, CallError, CallOutcome, Downstream, ErrorClass, RequestKind,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 enum FakeError {
@@ -78,7 +80,7 @@ async fn retry_after_delays_the_next_attempt() {
     let started = tokio::time::Instant::now();
     let out: Result<u32, _> = d
         .call(
-            true,
+            RequestKind::Idempotent,
             None,
             move |n| {
                 let f = f.clone();
@@ -110,7 +112,7 @@ async fn a_non_idempotent_call_is_never_retried() {
     let f = fake.clone();
     let out: Result<(), _> = d
         .call(
-            false,
+            RequestKind::NonIdempotent,
             None,
             move |_| {
                 let f = f.clone();
@@ -136,7 +138,7 @@ async fn failing_call(
 ) -> Result<(), CallError<FakeError>> {
     let f = fake.clone();
     d.call(
-        true,
+        RequestKind::Idempotent,
         Some(1),
         move |_| {
             let f = f.clone();
@@ -191,8 +193,12 @@ async fn an_open_breaker_sends_nothing_and_declines_never_open_it() {
             }
         }
     };
-    d.call(true, None, ok(&fake), classify).await.unwrap();
-    d.call(true, None, ok(&fake), classify).await.unwrap();
+    d.call(RequestKind::Idempotent, None, ok(&fake), classify)
+        .await
+        .unwrap();
+    d.call(RequestKind::Idempotent, None, ok(&fake), classify)
+        .await
+        .unwrap();
     assert_eq!(d.breaker().state(), BreakerState::Closed);
     assert_eq!(fake.calls.load(Ordering::SeqCst), before + 2);
 }
@@ -208,7 +214,7 @@ async fn the_bulkhead_caps_concurrency_and_rejects_the_excess_at_once() {
             let started = tokio::time::Instant::now();
             let out: Result<(), CallError<FakeError>> = d
                 .call(
-                    true,
+                    RequestKind::Idempotent,
                     Some(1),
                     move |_| {
                         let f = f.clone();
@@ -269,7 +275,7 @@ async fn retries_stay_within_the_budget_when_everything_fails() {
         let f = fake.clone();
         let _ = d
             .call(
-                true,
+                RequestKind::Idempotent,
                 None,
                 move |_| {
                     let f = f.clone();

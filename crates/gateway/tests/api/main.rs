@@ -6,6 +6,7 @@
 
 mod chaos;
 mod helpers;
+mod resilience;
 
 use std::{
     sync::{Arc, Mutex},
