@@ -6,7 +6,6 @@
 //! saga and the routes. Tests bind port 0 and build the real thing; `paygate
 //! serve` does the same with the configured address.
 
-pub mod alert;
 pub mod auth;
 pub mod problem;
 pub mod routes;
@@ -31,7 +30,7 @@ use paygate_sandbox::{FaultProfile, SandboxServers};
 use paygate_state_store::{SqlDatabase, SqlMerchantStore, SqlStateStore, StateStore, StoreError};
 use tokio::net::TcpListener;
 
-pub use alert::{Alert, AlertReason, Alerter, LogAlerter};
+pub use paygate_alert::{Alert, AlertReason, Alerter, OutboxAlerter};
 pub use saga::{Saga, SagaSettings};
 
 pub use paygate_core::config;
@@ -91,7 +90,7 @@ pub struct Application {
     router: Router,
     saga: Arc<Saga>,
     db: SqlDatabase,
-    alerter: Arc<LogAlerter>,
+    alerter: Arc<OutboxAlerter>,
     sandbox: Option<SandboxServers>,
 }
 
@@ -174,12 +173,19 @@ impl Application {
                 }
             };
             Arc::new(HttpLedgerApi::new(
-                http,
+                http.clone(),
                 &url,
                 Duration::from_millis(config.ledger_api_policy.attempt_timeout_ms),
             ))
         };
-        let alerter = Arc::new(LogAlerter::default());
+        let discord = config
+            .discord_webhook_url
+            .as_ref()
+            .map(|url| paygate_alert::DiscordClient::new(http.clone(), url.clone(), 5));
+        if discord.is_none() {
+            tracing::warn!("no Discord webhook configured (PAYGATE_DISCORD_WEBHOOK_URL): alerts are logged and kept in the outbox");
+        }
+        let alerter = OutboxAlerter::new(paygate_alert::SqlOutbox::new(db.clone()), discord);
         let settings = SagaSettings {
             currency: config.currency.clone(),
             lookup_attempts: config.card_api_lookup_attempts,
@@ -240,8 +246,8 @@ impl Application {
         self.db.clone()
     }
 
-    /// Alerts raised so far.
-    pub fn alerter(&self) -> Arc<LogAlerter> {
+    /// The alerter (its outbox holds every alert raised).
+    pub fn alerter(&self) -> Arc<OutboxAlerter> {
         self.alerter.clone()
     }
 
@@ -260,9 +266,22 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let _sandbox = self.sandbox;
-        axum::serve(self.listener, self.router)
+        // The alert sender delivers the outbox in the background and stops
+        // after the server has drained.
+        let (stop_sender, sender_stopped) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(
+            self.alerter
+                .clone()
+                .run_sender(Duration::from_secs(5), async {
+                    let _ = sender_stopped.await;
+                }),
+        );
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        let _ = stop_sender.send(());
+        let _ = sender.await;
+        served
     }
 }
 

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tower::retry::budget::Budget;
 
-use crate::alert::{Alert, AlertReason, Alerter};
+use paygate_alert::{Alert, AlertReason, Alerter};
 
 /// Tunables of the saga. Durations are wall-clock (tokio time).
 #[derive(Clone, Debug)]

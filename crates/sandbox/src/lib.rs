@@ -13,12 +13,14 @@
 //! measures paygate's protection, not the simulator's.
 
 pub mod card;
+pub mod discord;
 pub mod faults;
 pub mod ledger;
 
 use std::{net::SocketAddr, sync::Arc};
 
 pub use card::{Approval, CardSim, CardStats};
+pub use discord::{DiscordSim, DiscordStats};
 pub use faults::{FaultProfile, OutageWindow};
 pub use ledger::{LedgerSim, LedgerStats};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -49,6 +51,22 @@ pub struct ObservedCall {
 pub trait CallObserver: Send + Sync + 'static {
     /// Sees one call.
     async fn on_call(&self, call: ObservedCall);
+}
+
+/// Serves the Discord simulator on `listener`; returns its webhook URL and
+/// the server task.
+///
+/// # Errors
+/// I/O errors reading the listener's address.
+pub fn serve_discord(
+    sim: Arc<DiscordSim>,
+    listener: TcpListener,
+) -> std::io::Result<(String, JoinHandle<()>)> {
+    let url = format!(
+        "{}/api/webhooks/1000/sandbox-token",
+        url_of(listener.local_addr()?)
+    );
+    Ok((url, spawn_server(listener, discord::router(sim))))
 }
 
 /// Both simulators serving HTTP on loopback ports, as one handle.

@@ -81,16 +81,30 @@ impl<'s> MigrationSource<'s> for EmbeddedMigrations {
     }
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "alert outbox",
+        include_str!("../../../migrations/sqlite/0002_alert_outbox.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "alert outbox",
+        include_str!("../../../migrations/postgres/0002_alert_outbox.sql"),
+    ),
+];
 
 impl SqlDatabase {
     /// Opens a pool of at most `max_connections` to `url`. A SQLite file is

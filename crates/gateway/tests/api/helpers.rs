@@ -22,7 +22,7 @@ pub struct TestApp {
     pub sandbox: SandboxServers,
     pub app_db: SqlDatabase,
     pub saga: Arc<paygate_gateway::Saga>,
-    pub alerts: Arc<paygate_gateway::LogAlerter>,
+    pub alerts: Arc<paygate_gateway::OutboxAlerter>,
     pub key: String,
     pub config: Config,
     cleanup: Option<Cleanup>,

@@ -402,7 +402,16 @@ async fn card_outage_leaves_unknown_with_an_alert_and_no_approval() {
         );
         assert_eq!(stats.lookup_calls, 3);
         assert_eq!(stats.approvals, 0);
-        assert_eq!(app.alerts.raised(), 1, "an operator is told");
+        let alerts = app.alerts.outbox().all().await.unwrap();
+        assert_eq!(alerts.len(), 1, "an operator is told");
+        assert_eq!(
+            alerts[0].dedup_key,
+            format!("{}:outcome_unknown", body["paymentId"].as_str().unwrap())
+        );
+        assert_eq!(
+            alerts[0].sent_at, None,
+            "no webhook configured: kept in the outbox"
+        );
         // A retry while the outcome is unknown replays 202 and makes no new call.
         let again = app.confirm(&confirm_body("order-outage", 2_000)).await;
         assert_eq!(again.status(), 202);

@@ -1,0 +1,250 @@
+//! Discord webhook client (DESIGN.md §8): `POST <webhook url>?wait=true`.
+//!
+//! - The message is built within Discord's limits: `content` <= 2000
+//!   characters, an embed with title <= 256, description <= 4096, field
+//!   values <= 1024, <= 25 fields, all embed text <= 6000; mentions are off
+//!   (`allowed_mentions: {"parse": []}`).
+//! - 429: waits the body's `retry_after` (seconds, float) or the
+//!   `Retry-After` header, then resends (a bounded number of times).
+//! - The `X-RateLimit-Remaining` / `X-RateLimit-Reset-After` headers are
+//!   read, and the next send waits for the reset when the bucket is empty,
+//!   rather than hard-coding Discord's limits.
+//! - 404 (unknown webhook, code 10015): the URL is not used again by this
+//!   process; an error is logged and alerts stay in the outbox.
+//!
+//! The webhook URL is a credential: it is held as a [`Secret`] and never logged.
+
+use std::{sync::atomic::AtomicBool, sync::atomic::Ordering, time::Duration};
+
+use paygate_core::Secret;
+use serde_json::{json, Value};
+use tokio::{sync::Mutex, time::Instant};
+
+use crate::Alert;
+
+/// Why a message was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiscordError {
+    /// 404: the webhook no longer exists; this client is disabled.
+    #[error("unknown webhook (404); alerts stay in the outbox")]
+    UnknownWebhook,
+    /// 400 or another 4xx: this message was refused (the next may pass).
+    #[error("Discord refused the message: {0}")]
+    Rejected(u16),
+    /// Still rate limited after the allowed waits.
+    #[error("still rate limited after {0} waits")]
+    RateLimited(u32),
+    /// 5xx, timeout or connection failure.
+    #[error("Discord unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl DiscordError {
+    /// True when no further message should be tried in this flush.
+    pub fn stops_delivery(&self) -> bool {
+        !matches!(self, Self::Rejected(_))
+    }
+}
+
+/// Longest single wait for a 429, seconds; a longer one gives up this flush.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A Discord webhook client.
+pub struct DiscordClient {
+    http: reqwest::Client,
+    url: Secret<String>,
+    disabled: AtomicBool,
+    not_before: Mutex<Option<Instant>>,
+    max_waits: u32,
+}
+
+impl std::fmt::Debug for DiscordClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscordClient")
+            .field("url", &self.url)
+            .field("disabled", &self.is_disabled())
+            .finish()
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    if s.chars().count() <= max_chars {
+        return s.to_owned();
+    }
+    let mut t: String = s.chars().take(max_chars.saturating_sub(1)).collect();
+    t.push('…');
+    t
+}
+
+/// The webhook body for an alert, within Discord's limits.
+pub fn message_for(a: &Alert) -> Value {
+    let content = truncate(
+        &format!(
+            "🚨 paygate: {} — payment `{}` (order `{}`)",
+            a.reason.title(),
+            a.payment_id,
+            a.order_id
+        ),
+        2000,
+    );
+    let fields = [
+        ("payment", a.payment_id.as_str()),
+        ("merchant", a.merchant_id.as_str()),
+        ("order", a.order_id.as_str()),
+        ("reason", a.reason.as_str()),
+    ];
+    let mut fields: Vec<Value> = fields
+        .iter()
+        .map(|(name, value)| json!({"name": name, "value": truncate(value, 1024), "inline": true}))
+        .collect();
+    fields.push(
+        json!({"name": "amount (minor units)", "value": a.amount.to_string(), "inline": true}),
+    );
+    // Title 256 + description 1500 + five short fields stays well under 6000.
+    json!({
+        "content": content,
+        "username": "paygate",
+        "embeds": [{
+            "title": truncate(a.reason.title(), 256),
+            "description": truncate(&a.detail, 1500),
+            "fields": fields,
+        }],
+        "allowed_mentions": {"parse": []},
+    })
+}
+
+impl DiscordClient {
+    /// A client for `url`, resending after at most `max_waits` 429s per message.
+    pub fn new(http: reqwest::Client, url: Secret<String>, max_waits: u32) -> Self {
+        Self {
+            http,
+            url,
+            disabled: AtomicBool::new(false),
+            not_before: Mutex::new(None),
+            max_waits,
+        }
+    }
+
+    /// True once a 404 has been seen.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::SeqCst)
+    }
+
+    /// Sends one message.
+    ///
+    /// # Errors
+    /// [`DiscordError`].
+    pub async fn send(&self, body: &Value) -> Result<(), DiscordError> {
+        if self.is_disabled() {
+            return Err(DiscordError::UnknownWebhook);
+        }
+        let url = {
+            let u = self.url.expose();
+            if u.contains('?') {
+                format!("{u}&wait=true")
+            } else {
+                format!("{u}?wait=true")
+            }
+        };
+        let mut waits = 0;
+        loop {
+            if let Some(t) = *self.not_before.lock().await {
+                tokio::time::sleep_until(t).await;
+            }
+            let resp = self
+                .http
+                .post(&url)
+                .timeout(Duration::from_secs(10))
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| DiscordError::Unavailable(e.without_url().to_string()))?;
+            let status = resp.status().as_u16();
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            let remaining = header("x-ratelimit-remaining");
+            let reset_after = header("x-ratelimit-reset-after");
+            let retry_after_header = header("retry-after");
+            *self.not_before.lock().await = match (remaining, reset_after) {
+                (Some(r), Some(after)) if r <= 0.0 => {
+                    Some(Instant::now() + Duration::from_secs_f64(after.max(0.0)))
+                }
+                _ => None,
+            };
+            match status {
+                200 | 204 => return Ok(()),
+                429 => {
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    let secs = body
+                        .get("retry_after")
+                        .and_then(Value::as_f64)
+                        .or(retry_after_header)
+                        .unwrap_or(1.0);
+                    let wait =
+                        Duration::from_secs_f64(secs.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64()));
+                    waits += 1;
+                    metrics::counter!("paygate_alert_rate_limited_total").increment(1);
+                    if waits > self.max_waits {
+                        return Err(DiscordError::RateLimited(self.max_waits));
+                    }
+                    tracing::info!(
+                        wait_ms = wait.as_millis() as u64,
+                        "Discord rate limit; waiting retry_after"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                404 => {
+                    self.disabled.store(true, Ordering::SeqCst);
+                    tracing::error!("Discord webhook unknown (404); not using it again, alerts stay in the outbox");
+                    return Err(DiscordError::UnknownWebhook);
+                }
+                s if (400..500).contains(&s) => {
+                    tracing::error!(status = s, "Discord refused an alert message");
+                    return Err(DiscordError::Rejected(s));
+                }
+                s => return Err(DiscordError::Unavailable(format!("HTTP {s}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AlertReason;
+
+    #[test]
+    fn messages_fit_discord_limits() {
+        let a = Alert {
+            reason: AlertReason::OutcomeUnknown,
+            payment_id: "pay_1".into(),
+            merchant_id: "mer_1".into(),
+            order_id: "o".repeat(3000),
+            amount: 1000,
+            detail: "d".repeat(10_000),
+        };
+        let m = message_for(&a);
+        assert!(m["content"].as_str().unwrap().chars().count() <= 2000);
+        let embed = &m["embeds"][0];
+        assert!(embed["description"].as_str().unwrap().chars().count() <= 4096);
+        let fields = embed["fields"].as_array().unwrap();
+        assert!(fields.len() <= 25);
+        assert!(fields
+            .iter()
+            .all(|f| f["value"].as_str().unwrap().chars().count() <= 1024));
+        let total: usize = embed["title"].as_str().unwrap().chars().count()
+            + embed["description"].as_str().unwrap().chars().count()
+            + fields
+                .iter()
+                .map(|f| {
+                    f["name"].as_str().unwrap().len() + f["value"].as_str().unwrap().chars().count()
+                })
+                .sum::<usize>();
+        assert!(total <= 6000);
+        assert_eq!(m["allowed_mentions"]["parse"], serde_json::json!([]));
+    }
+}

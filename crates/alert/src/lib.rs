@@ -1,0 +1,229 @@
+//! paygate-alert: operator alerts, so that every approval ends recorded or
+//! in front of a human (invariant I1).
+//!
+//! An alert is written to the SQL outbox first ([`outbox::SqlOutbox`]), then
+//! sent to Discord ([`discord::DiscordClient`], DESIGN.md §8), then marked
+//! sent. A dedup key (payment id + reason) means an operator sees one alert
+//! per problem however often it is raised. Unsent alerts are resent by the
+//! background sender in `serve` ([`OutboxAlerter::run_sender`]) and by the
+//! batch; with no webhook configured they are logged and kept in the outbox.
+
+pub mod discord;
+pub mod outbox;
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+pub use discord::{DiscordClient, DiscordError};
+pub use outbox::SqlOutbox;
+
+/// Why an operator is needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertReason {
+    /// The card outcome could not be learned (`UNKNOWN`): check the payment.
+    OutcomeUnknown,
+    /// The card company's answer does not match the payment (amount, key).
+    CardMismatch,
+    /// The ledger refused the payment (409 or 4xx): it will not retry.
+    LedgerRefused,
+    /// The ledger save kept failing up to the batch threshold.
+    LedgerSaveFailed,
+    /// The state store failed after an approval; the record is left for the batch.
+    StoreFailedAfterApproval,
+}
+
+impl AlertReason {
+    /// Stable name, part of the dedup key.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::OutcomeUnknown => "outcome_unknown",
+            Self::CardMismatch => "card_mismatch",
+            Self::LedgerRefused => "ledger_refused",
+            Self::LedgerSaveFailed => "ledger_save_failed",
+            Self::StoreFailedAfterApproval => "store_failed_after_approval",
+        }
+    }
+
+    /// Headline for the operator.
+    pub fn title(&self) -> &'static str {
+        match self {
+            Self::OutcomeUnknown => "Payment needs checking: card outcome unknown",
+            Self::CardMismatch => "Card answer does not match the payment",
+            Self::LedgerRefused => "Ledger refused an approved payment",
+            Self::LedgerSaveFailed => "Ledger save failed repeatedly",
+            Self::StoreFailedAfterApproval => "State store failed after an approval",
+        }
+    }
+}
+
+/// An alert about one payment. Holds no card data or secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    /// Why.
+    pub reason: AlertReason,
+    /// `pay_...`.
+    pub payment_id: String,
+    /// `mer_...`.
+    pub merchant_id: String,
+    /// The merchant's order id.
+    pub order_id: String,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// Detail for the operator.
+    pub detail: String,
+}
+
+impl Alert {
+    /// `payment_id:reason`: one alert per problem.
+    pub fn dedup_key(&self) -> String {
+        format!("{}:{}", self.payment_id, self.reason.as_str())
+    }
+}
+
+/// Where alerts go.
+#[async_trait::async_trait]
+pub trait Alerter: Send + Sync + 'static {
+    /// Raises one alert. Never fails the caller's flow: a failure to record
+    /// it is logged at `ERROR` with the whole alert, so it still reaches logs.
+    async fn raise(&self, alert: Alert);
+}
+
+/// The production alerter: outbox first, then Discord.
+pub struct OutboxAlerter {
+    outbox: SqlOutbox,
+    client: Option<DiscordClient>,
+    wake: Notify,
+}
+
+impl std::fmt::Debug for OutboxAlerter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxAlerter")
+            .field("discord", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// What one flush of the outbox did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushSummary {
+    /// Alerts delivered.
+    pub sent: u64,
+    /// Alerts that failed this time (kept for the next flush).
+    pub failed: u64,
+}
+
+impl OutboxAlerter {
+    /// An alerter over `outbox`, delivering through `client` when a webhook
+    /// is configured.
+    pub fn new(outbox: SqlOutbox, client: Option<DiscordClient>) -> Arc<Self> {
+        Arc::new(Self {
+            outbox,
+            client,
+            wake: Notify::new(),
+        })
+    }
+
+    /// The outbox.
+    pub fn outbox(&self) -> &SqlOutbox {
+        &self.outbox
+    }
+
+    /// Sends every unsent alert, oldest first, marking each sent; stops at the
+    /// first failure that is not about one message (Discord down, webhook
+    /// gone), leaving the rest for the next flush.
+    pub async fn flush(&self) -> FlushSummary {
+        let mut summary = FlushSummary::default();
+        let Some(client) = &self.client else {
+            return summary;
+        };
+        if client.is_disabled() {
+            return summary;
+        }
+        loop {
+            let batch = match self.outbox.unsent(50).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "alert outbox unreadable");
+                    return summary;
+                }
+            };
+            if batch.is_empty() {
+                return summary;
+            }
+            for row in batch {
+                match client.send(&row.payload).await {
+                    Ok(()) => {
+                        if let Err(e) = self.outbox.mark_sent(row.id).await {
+                            tracing::error!(error = %e, id = row.id, "alert sent but not marked; it may be sent again");
+                        }
+                        metrics::counter!("paygate_alerts_sent_total").increment(1);
+                        summary.sent += 1;
+                    }
+                    Err(e) => {
+                        summary.failed += 1;
+                        let _ = self.outbox.record_failure(row.id, &e.to_string()).await;
+                        if e.stops_delivery() {
+                            return summary;
+                        }
+                    }
+                }
+            }
+            self.publish_depth().await;
+        }
+    }
+
+    async fn publish_depth(&self) {
+        if let Ok(n) = self.outbox.unsent_count().await {
+            metrics::gauge!("paygate_alert_outbox_depth").set(n as f64);
+        }
+    }
+
+    /// Flushes whenever an alert is raised, and every `every` regardless,
+    /// until `shutdown` completes. Run it as a background task in `serve`.
+    pub async fn run_sender(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let _ = self.flush().await;
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Alerter for OutboxAlerter {
+    async fn raise(&self, a: Alert) {
+        tracing::error!(
+            alert = a.reason.as_str(),
+            payment_id = %a.payment_id,
+            merchant_id = %a.merchant_id,
+            order_id = %a.order_id,
+            amount = a.amount,
+            detail = %a.detail,
+            "operator alert"
+        );
+        let payload = discord::message_for(&a);
+        match self.outbox.enqueue(&a, &payload).await {
+            Ok(true) => {
+                metrics::counter!("paygate_alerts_raised_total", "reason" => a.reason.as_str())
+                    .increment(1);
+                if self.client.is_none() {
+                    tracing::warn!(payment_id = %a.payment_id, "no Discord webhook configured; alert kept in the outbox");
+                }
+                self.wake.notify_one();
+            }
+            Ok(false) => tracing::debug!(dedup_key = %a.dedup_key(), "alert already raised"),
+            Err(e) => {
+                tracing::error!(error = %e, payment_id = %a.payment_id, "alert could not be written to the outbox")
+            }
+        }
+    }
+}
