@@ -84,9 +84,10 @@ impl Alert {
 /// Where alerts go.
 #[async_trait::async_trait]
 pub trait Alerter: Send + Sync + 'static {
-    /// Raises one alert. Never fails the caller's flow: a failure to record
+    /// Raises one alert; `true` when it is new (not a repeat of the same
+    /// payment and reason). Never fails the caller's flow: a failure to record
     /// it is logged at `ERROR` with the whole alert, so it still reaches logs.
-    async fn raise(&self, alert: Alert);
+    async fn raise(&self, alert: Alert) -> bool;
 }
 
 /// The production alerter: outbox first, then Discord.
@@ -200,7 +201,7 @@ impl OutboxAlerter {
 
 #[async_trait::async_trait]
 impl Alerter for OutboxAlerter {
-    async fn raise(&self, a: Alert) {
+    async fn raise(&self, a: Alert) -> bool {
         tracing::error!(
             alert = a.reason.as_str(),
             payment_id = %a.payment_id,
@@ -219,10 +220,15 @@ impl Alerter for OutboxAlerter {
                     tracing::warn!(payment_id = %a.payment_id, "no Discord webhook configured; alert kept in the outbox");
                 }
                 self.wake.notify_one();
+                true
             }
-            Ok(false) => tracing::debug!(dedup_key = %a.dedup_key(), "alert already raised"),
+            Ok(false) => {
+                tracing::debug!(dedup_key = %a.dedup_key(), "alert already raised");
+                false
+            }
             Err(e) => {
-                tracing::error!(error = %e, payment_id = %a.payment_id, "alert could not be written to the outbox")
+                tracing::error!(error = %e, payment_id = %a.payment_id, "alert could not be written to the outbox");
+                false
             }
         }
     }

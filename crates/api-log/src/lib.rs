@@ -187,6 +187,27 @@ impl SqlApiLog {
         })
     }
 
+    /// What the log shows of the card company's answers for a payment:
+    /// `(card requests made, decline answers)`. A decline answer is a 4xx
+    /// other than 401 (our key), 409 (still processing) and 429 (slow down).
+    /// The batch uses it to tell a decline or a no-call abort (nothing was
+    /// ever sent) from an outcome it must look up.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn card_evidence(&self, payment_id: &str) -> Result<(i64, i64), StoreError> {
+        let sql = "SELECT \
+             COALESCE(SUM(CASE WHEN kind = 'REQUEST' THEN 1 ELSE 0 END), 0) AS requests, \
+             COALESCE(SUM(CASE WHEN kind = 'RESPONSE' AND status_code >= 400 AND status_code < 500 \
+                 AND status_code NOT IN (401, 409, 429) THEN 1 ELSE 0 END), 0) AS declines \
+             FROM api_logs WHERE payment_id = $1 AND target = 'card_api'";
+        let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(sql).bind(payment_id).fetch_one(pool).await.map_err(map_err)?;
+            Ok((row.try_get::<i64, _>("requests").map_err(c)?, row.try_get::<i64, _>("declines").map_err(c)?))
+        })
+    }
+
     /// True when a `REQUEST` row for `payment_id` and `target` exists (used
     /// by tests and the invariant checker to prove write-ahead ordering).
     ///

@@ -1,8 +1,10 @@
 //! `paygate`: the one binary. Subcommands: `serve` (the merchant API),
-//! `merchants` (create and list API keys), `migrate`, `sim` (the sandbox
+//! `merchants` (create and list API keys), `migrate`, `batch` (the sweep
+//! sidecar job), `sim` (the sandbox
 //! simulators as HTTP servers) and `demo` (an end-to-end run under faults
 //! that checks invariants I1-I3).
 
+mod batch;
 mod demo;
 mod settings;
 
@@ -56,6 +58,9 @@ enum Command {
         #[arg(long, default_value = paygate_gateway::SANDBOX_CARD_SECRET)]
         secret_key: String,
     },
+    /// Sweep realtime payments: complete, move unpaid, settle unknown
+    /// outcomes, retry the ledger, alert (the sidecar job).
+    Batch(batch::BatchArgs),
     /// Drive real HTTP confirms through the real server under faults and
     /// check that no approval is lost and none is doubled.
     Demo(demo::DemoArgs),
@@ -145,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Command::Merchants { command } => merchants(config, command).await,
+                Command::Batch(args) => batch::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
         }
@@ -212,7 +218,7 @@ async fn merchants(
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");

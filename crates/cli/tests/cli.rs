@@ -208,3 +208,42 @@ fn serve_in_sandbox_mode_confirms_a_payment() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+#[test]
+fn batch_once_prints_its_summary_as_json_and_rejects_a_bad_cron() {
+    let (url, path) = temp_db("batch");
+    let out = paygate()
+        .args(["batch", "--once", "--grace", "0s", "--json"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "scanned",
+        "completed",
+        "unpaid",
+        "settled",
+        "retried",
+        "saved",
+        "alerts",
+        "failures",
+        "duration_ms",
+    ] {
+        assert!(summary.get(key).is_some(), "missing {key}");
+    }
+    let out = paygate()
+        .args(["batch", "--cron", "every day"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cron"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

@@ -83,26 +83,30 @@ pub struct Inbound {
     pub request_timeout: Duration,
 }
 
-/// The built gateway, ready to serve.
-pub struct Application {
-    listener: TcpListener,
-    addr: SocketAddr,
-    router: Router,
-    saga: Arc<Saga>,
-    db: SqlDatabase,
-    alerter: Arc<OutboxAlerter>,
-    sandbox: Option<SandboxServers>,
+/// Everything but the HTTP server: the SQL database (migrated when
+/// configured), the state store, the saga with its downstream stacks, the
+/// alerter, and the in-process sandbox when no downstream URL is set. The
+/// batch and the reconciliation build these too.
+pub struct Components {
+    /// The SQL database (log, merchants, outbox, leases; state with `sql`).
+    pub db: SqlDatabase,
+    /// The state store.
+    pub store: Arc<dyn StateStore>,
+    /// The saga and its downstream stacks.
+    pub saga: Arc<Saga>,
+    /// The alerter.
+    pub alerter: Arc<OutboxAlerter>,
+    /// The in-process sandbox, when one runs.
+    pub sandbox: Option<SandboxServers>,
 }
 
-impl Application {
-    /// Builds the application on `listener` from `config`.
+impl Components {
+    /// Builds the components from `config`.
     ///
     /// # Errors
-    /// [`StartupError`] when the config is invalid, the database cannot be
-    /// opened or migrated, or the sandbox cannot start.
-    pub async fn build(listener: TcpListener, config: &Config) -> Result<Self, StartupError> {
+    /// [`StartupError`].
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
         config.validate()?;
-        let addr = listener.local_addr().map_err(StartupError::Listener)?;
         let db = SqlDatabase::connect(
             config.database_url.expose(),
             config.database_max_connections,
@@ -195,7 +199,7 @@ impl Application {
             ..SagaSettings::default()
         };
         let saga = Arc::new(Saga::new(
-            store,
+            store.clone(),
             SqlApiLog::new(db.clone()),
             card,
             ledger,
@@ -204,6 +208,42 @@ impl Application {
             alerter.clone(),
             settings,
         ));
+        Ok(Self {
+            db,
+            store,
+            saga,
+            alerter,
+            sandbox,
+        })
+    }
+}
+
+/// The built gateway, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: Router,
+    saga: Arc<Saga>,
+    db: SqlDatabase,
+    alerter: Arc<OutboxAlerter>,
+    sandbox: Option<SandboxServers>,
+}
+
+impl Application {
+    /// Builds the application on `listener` from `config`.
+    ///
+    /// # Errors
+    /// [`StartupError`] when the config is invalid, the database cannot be
+    /// opened or migrated, or the sandbox cannot start.
+    pub async fn build(listener: TcpListener, config: &Config) -> Result<Self, StartupError> {
+        let addr = listener.local_addr().map_err(StartupError::Listener)?;
+        let Components {
+            db,
+            saga,
+            alerter,
+            sandbox,
+            ..
+        } = Components::build(config).await?;
         let state = AppState {
             saga: saga.clone(),
             merchants: SqlMerchantStore::new(db.clone()),

@@ -179,6 +179,19 @@ enum CardVerdict {
     },
 }
 
+/// What a lookup settled (see [`Saga::settle_unknown`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// The card company approved it; the record is now paid.
+    Paid,
+    /// The card company declined it; the record is now `ABORTED`.
+    Declined,
+    /// Still not known.
+    Unknown(String),
+    /// The card company's answer does not match the payment.
+    Mismatch(String),
+}
+
 /// Result of one ledger try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SaveResult {
@@ -532,6 +545,19 @@ impl Saga {
                 let code = existing.failure_code.clone().unwrap_or_default();
                 if failure_codes::is_no_call(&code) {
                     // No card call was made for it: this retry may try again.
+                    // The batch may have moved it to unpaid_payments already.
+                    if let Ok(Some((Partition::Unpaid, _))) =
+                        self.store.get(&existing.payment_id).await
+                    {
+                        let _ = self
+                            .store
+                            .move_record(
+                                &existing.payment_id,
+                                Partition::Unpaid,
+                                Partition::Realtime,
+                            )
+                            .await;
+                    }
                     return match self
                         .store
                         .transition(
@@ -694,7 +720,8 @@ impl Saga {
         ConfirmOutcome::Unknown(record)
     }
 
-    async fn alert(&self, record: &PaymentRecord, reason: AlertReason, detail: String) {
+    /// Raises an alert about a payment; `true` when it is new.
+    pub async fn alert(&self, record: &PaymentRecord, reason: AlertReason, detail: String) -> bool {
         self.alerter
             .raise(Alert {
                 reason,
@@ -704,7 +731,7 @@ impl Saga {
                 amount: record.amount,
                 detail,
             })
-            .await;
+            .await
     }
 
     /// Confirms at the card company through its stack (5xx retried with the
@@ -891,6 +918,43 @@ impl Saga {
         }
     }
 
+    /// Settles a payment whose card outcome is not known (`PENDING` past its
+    /// grace period, or `UNKNOWN`) by looking it up at the card company, and
+    /// records what it learns: paid, or declined. Used by the batch sweep
+    /// and the reconciliation.
+    ///
+    /// # Errors
+    /// [`paygate_state_store::StoreError`] when the outcome could not be recorded.
+    pub async fn settle_unknown(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+    ) -> Result<Settlement, paygate_state_store::StoreError> {
+        let pid = &record.payment_id;
+        match self.settle_by_lookup(record).await {
+            CardVerdict::Approved(p) => {
+                let approved_at = p.approved_at.clone().unwrap_or_else(|| {
+                    paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms())
+                });
+                self.store
+                    .transition(pid, &Transition::MarkPaid { approved_at })
+                    .await?;
+                Ok(Settlement::Paid)
+            }
+            CardVerdict::Declined { code, message } => {
+                let t = Transition::MarkAborted {
+                    failure_code: code,
+                    last_error: message,
+                };
+                self.store.transition(pid, &t).await?;
+                Ok(Settlement::Declined)
+            }
+            CardVerdict::Unsettled { detail } | CardVerdict::NoCall { detail, .. } => {
+                Ok(Settlement::Unknown(detail))
+            }
+            CardVerdict::Mismatch { detail } => Ok(Settlement::Mismatch(detail)),
+        }
+    }
+
     /// One synchronous ledger try; on a transient failure, async retries are
     /// started. Returns whether the ledger has it now.
     async fn save_with_retries(self: &Arc<Self>, record: &PaymentRecord) -> bool {
@@ -953,6 +1017,37 @@ impl Saga {
     /// One ledger try: `Idempotent` for the synchronous try (it deposits into
     /// the retry budget), `CallerRetry` for an async retry (which withdrew).
     async fn save_once(self: &Arc<Self>, record: &PaymentRecord, kind: RequestKind) -> SaveResult {
+        self.save_counted(record, kind, false).await
+    }
+
+    /// One ledger try for the batch sweep: a failure counts in
+    /// `batch_attempts` rather than `save_attempts`. `Ok(true)` when saved,
+    /// `Ok(false)` when it failed or was skipped (retry later), `Err(())`
+    /// when the ledger refused it for good (an operator was alerted).
+    pub async fn batch_save(self: &Arc<Self>, record: &PaymentRecord) -> Result<bool, ()> {
+        match self
+            .save_counted(record, RequestKind::Idempotent, true)
+            .await
+        {
+            SaveResult::Saved => Ok(true),
+            SaveResult::Retry => Ok(false),
+            SaveResult::Refused => Err(()),
+        }
+    }
+
+    async fn save_counted(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        kind: RequestKind,
+        batch: bool,
+    ) -> SaveResult {
+        let failed = |last_error: String| {
+            if batch {
+                Transition::BatchSaveFailed { last_error }
+            } else {
+                Transition::SaveFailed { last_error }
+            }
+        };
         let pid = &record.payment_id;
         let entry = LedgerEntry {
             payment_id: pid.to_string(),
@@ -1001,9 +1096,7 @@ impl Saga {
                 }
             },
             Err(CallError::Downstream(AttemptError::Downstream(e))) => {
-                let t = Transition::SaveFailed {
-                    last_error: e.to_string(),
-                };
+                let t = failed(e.to_string());
                 if let Err(se) = self.store.transition(pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %se, "could not count the failed ledger try");
                 }
@@ -1025,9 +1118,7 @@ impl Saga {
                 SaveResult::Retry
             }
             Err(e) => {
-                let t = Transition::SaveFailed {
-                    last_error: e.to_string(),
-                };
+                let t = failed(e.to_string());
                 if let Err(se) = self.store.transition(pid, &t).await {
                     tracing::warn!(payment_id = %pid, error = %se, "could not count the failed ledger try");
                 }

@@ -92,6 +92,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "alert outbox",
         include_str!("../../../migrations/sqlite/0002_alert_outbox.sql"),
     ),
+    (
+        3,
+        "batch leases",
+        include_str!("../../../migrations/sqlite/0003_batch_leases.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -103,6 +108,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "alert outbox",
         include_str!("../../../migrations/postgres/0002_alert_outbox.sql"),
+    ),
+    (
+        3,
+        "batch leases",
+        include_str!("../../../migrations/postgres/0003_batch_leases.sql"),
     ),
 ];
 

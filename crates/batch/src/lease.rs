@@ -1,0 +1,111 @@
+//! A lease in the SQL database so that one sweep runs at a time across
+//! replicas. A lease has an owner and an expiry; the holder renews it while
+//! it works; a lease past its expiry (its holder died) is taken over.
+
+use std::time::Duration;
+
+use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
+use sqlx::Row;
+
+/// A lease on the SQL database.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    db: SqlDatabase,
+    name: String,
+    owner: String,
+    ttl: Duration,
+}
+
+/// Who holds a lease another process wanted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The holder.
+    pub owner: String,
+    /// Until when, epoch ms.
+    pub expires_at: i64,
+}
+
+impl Lease {
+    /// A lease `name` for `owner`, valid `ttl` after each acquire or renew.
+    pub fn new(db: SqlDatabase, name: &str, owner: &str, ttl: Duration) -> Self {
+        Self {
+            db,
+            name: name.to_owned(),
+            owner: owner.to_owned(),
+            ttl,
+        }
+    }
+
+    /// The owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn expiry(&self) -> i64 {
+        paygate_core::time::now_ms() + self.ttl.as_millis() as i64
+    }
+
+    /// Takes the lease when it is free, expired, or already ours.
+    ///
+    /// # Errors
+    /// `Ok(Err(Held))` when another owner holds it; [`StoreError`] when the
+    /// database cannot be reached.
+    pub async fn acquire(&self) -> Result<Result<(), Held>, StoreError> {
+        let sql = "INSERT INTO batch_leases (name, owner, expires_at) VALUES ($1, $2, $3) \
+                   ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
+                   WHERE batch_leases.expires_at < $4 OR batch_leases.owner = excluded.owner";
+        let now = paygate_core::time::now_ms();
+        let taken = with_pool!(&self.db, pool => sqlx::query(sql)
+            .bind(&self.name)
+            .bind(&self.owner)
+            .bind(self.expiry())
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1)
+            .map_err(map_err))?;
+        if taken {
+            return Ok(Ok(()));
+        }
+        let held = with_pool!(&self.db, pool => {
+            let row = sqlx::query("SELECT owner, expires_at FROM batch_leases WHERE name = $1")
+                .bind(&self.name)
+                .fetch_one(pool)
+                .await
+                .map_err(map_err)?;
+            let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            Held { owner: row.try_get("owner").map_err(c)?, expires_at: row.try_get("expires_at").map_err(c)? }
+        });
+        Ok(Err(held))
+    }
+
+    /// Extends the lease; `Ok(false)` when it is no longer ours.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn renew(&self) -> Result<bool, StoreError> {
+        let sql = "UPDATE batch_leases SET expires_at = $3 WHERE name = $1 AND owner = $2";
+        with_pool!(&self.db, pool => sqlx::query(sql)
+            .bind(&self.name)
+            .bind(&self.owner)
+            .bind(self.expiry())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1)
+            .map_err(map_err))
+    }
+
+    /// Gives the lease up (only if still ours).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn release(&self) -> Result<(), StoreError> {
+        with_pool!(&self.db, pool => sqlx::query("DELETE FROM batch_leases WHERE name = $1 AND owner = $2")
+            .bind(&self.name)
+            .bind(&self.owner)
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(map_err))
+    }
+}

@@ -1,0 +1,388 @@
+//! paygate-batch: the batch sweep of DESIGN.md §9, run as a sidecar job
+//! (`paygate batch`), daily in production and by hand or at short intervals
+//! in staging.
+//!
+//! For each record in `realtime_payments` older than the grace period:
+//! - paid and saved: move to `completed_payments`;
+//! - paid, not saved: try the ledger again (`batch_attempts += 1` on
+//!   failure); at the threshold (default 5) alert "ledger save failed" once;
+//!   once saved, move to `completed_payments`;
+//! - not paid, and the SQL log shows a decline answer or no card call at
+//!   all: move to `unpaid_payments`;
+//! - not paid, outcome unknown: look it up at the card company by orderId
+//!   and settle it (paid: then save and complete; declined: unpaid); still
+//!   unknown: alert "payment needs checking".
+//!
+//! Records are streamed (bounded memory), handled with bounded concurrency,
+//! and one record's failure is counted and logged without stopping the
+//! others. A [`lease::Lease`] keeps sweeps from overlapping across replicas.
+
+pub mod lease;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::TryStreamExt;
+use paygate_alert::AlertReason;
+use paygate_api_log::SqlApiLog;
+use paygate_core::{CardStatus, Partition, PaymentRecord};
+use paygate_gateway::saga::{Saga, Settlement};
+use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
+use serde::Serialize;
+
+/// How a sweep runs.
+#[derive(Clone, Debug)]
+pub struct SweepOptions {
+    /// Records younger than this are left alone (their saga may be running).
+    pub grace: Duration,
+    /// Classify and count, change nothing, call nothing.
+    pub dry_run: bool,
+    /// Records handled at once.
+    pub concurrency: usize,
+    /// `batch_attempts` at which "ledger save failed" is raised.
+    pub ledger_alert_threshold: i64,
+    /// Lease time to live (renewed every third of it).
+    pub lease_ttl: Duration,
+    /// Records per scan round trip.
+    pub scan_batch: u32,
+}
+
+impl Default for SweepOptions {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(120),
+            dry_run: false,
+            concurrency: 8,
+            ledger_alert_threshold: 5,
+            lease_ttl: Duration::from_secs(60),
+            scan_batch: 500,
+        }
+    }
+}
+
+/// What a sweep did. `--json` prints exactly these keys. In a dry run the
+/// counts are what it would do (`settled` = records it would look up).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Records read from `realtime_payments`.
+    pub scanned: u64,
+    /// Moved to `completed_payments`.
+    pub completed: u64,
+    /// Moved to `unpaid_payments`.
+    pub unpaid: u64,
+    /// Unknown outcomes settled by a lookup.
+    pub settled: u64,
+    /// Ledger tries made.
+    pub retried: u64,
+    /// Ledger tries that saved the payment.
+    pub saved: u64,
+    /// New alerts raised.
+    pub alerts: u64,
+    /// Records whose handling failed (counted, logged, skipped).
+    pub failures: u64,
+    /// Wall time, ms.
+    pub duration_ms: u64,
+}
+
+/// Why a sweep could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// Another sweep holds the lease.
+    #[error("lease held by {owner} for {expires_in_ms} ms more")]
+    LeaseHeld {
+        /// The holder.
+        owner: String,
+        /// Until its expiry, ms.
+        expires_in_ms: i64,
+    },
+    /// The lease was lost mid-sweep (another process took it over); the
+    /// sweep stopped cleanly. The partial summary is attached.
+    #[error("lease lost mid-sweep; stopped after {} records", .0.scanned)]
+    LeaseLost(Summary),
+    /// The store could not be read.
+    #[error("store unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Default)]
+struct Counters {
+    scanned: AtomicU64,
+    completed: AtomicU64,
+    unpaid: AtomicU64,
+    settled: AtomicU64,
+    retried: AtomicU64,
+    saved: AtomicU64,
+    alerts: AtomicU64,
+    failures: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn summary(&self, started: Instant) -> Summary {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Summary {
+            scanned: g(&self.scanned),
+            completed: g(&self.completed),
+            unpaid: g(&self.unpaid),
+            settled: g(&self.settled),
+            retried: g(&self.retried),
+            saved: g(&self.saved),
+            alerts: g(&self.alerts),
+            failures: g(&self.failures),
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// The sweep over its dependencies.
+pub struct Sweeper {
+    store: Arc<dyn StateStore>,
+    saga: Arc<Saga>,
+    log: SqlApiLog,
+    db: SqlDatabase,
+}
+
+impl Sweeper {
+    /// A sweeper over the store, the saga (card lookups and ledger saves go
+    /// through its resilience stacks and SQL log) and the SQL database (lease).
+    pub fn new(store: Arc<dyn StateStore>, saga: Arc<Saga>, db: SqlDatabase) -> Self {
+        Self {
+            store,
+            saga,
+            log: SqlApiLog::new(db.clone()),
+            db,
+        }
+    }
+
+    /// Runs one sweep under the lease `batch-sweep`.
+    ///
+    /// # Errors
+    /// [`BatchError::LeaseHeld`] when another sweep runs;
+    /// [`BatchError::LeaseLost`] when the lease was taken mid-sweep;
+    /// [`BatchError::Store`] when the store cannot be read.
+    pub async fn sweep(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
+        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
+        let lease = lease::Lease::new(self.db.clone(), "batch-sweep", &owner, opts.lease_ttl);
+        if let Err(held) = lease.acquire().await? {
+            return Err(BatchError::LeaseHeld {
+                owner: held.owner,
+                expires_in_ms: held.expires_at - paygate_core::time::now_ms(),
+            });
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (lease, lost, every) = (lease.clone(), lost.clone(), opts.lease_ttl / 3);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match lease.renew().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::error!(
+                                "batch lease lost to another process; stopping the sweep"
+                            );
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not renew the batch lease"),
+                    }
+                }
+            })
+        };
+        let result = self.sweep_records(opts, &lost).await;
+        renewer.abort();
+        if !lost.load(Ordering::SeqCst) {
+            if let Err(e) = lease.release().await {
+                tracing::warn!(error = %e, "could not release the batch lease; it expires by itself");
+            }
+        }
+        result
+    }
+
+    async fn sweep_records(
+        &self,
+        opts: &SweepOptions,
+        lost: &AtomicBool,
+    ) -> Result<Summary, BatchError> {
+        let started = Instant::now();
+        let counters = Counters::default();
+        let cutoff = paygate_core::time::now_ms() - opts.grace.as_millis() as i64;
+        let records = self.store.scan(Partition::Realtime, opts.scan_batch);
+        let outcome = records
+            .map_err(BatchError::Store)
+            .try_for_each_concurrent(opts.concurrency.max(1), |record| {
+                let counters = &counters;
+                async move {
+                    if lost.load(Ordering::SeqCst) {
+                        return Err(BatchError::LeaseLost(Summary::default()));
+                    }
+                    bump(&counters.scanned);
+                    if record.created_at > cutoff {
+                        return Ok(());
+                    }
+                    let pid = record.payment_id.clone();
+                    if let Err(e) = self.handle(record, opts, counters).await {
+                        bump(&counters.failures);
+                        tracing::error!(payment_id = %pid, error = %e, "batch: record failed; continuing");
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+        let summary = counters.summary(started);
+        metrics::counter!("paygate_batch_runs_total").increment(1);
+        metrics::gauge!("paygate_batch_last_scanned").set(summary.scanned as f64);
+        metrics::gauge!("paygate_batch_last_failures").set(summary.failures as f64);
+        match outcome {
+            Ok(()) => Ok(summary),
+            Err(BatchError::LeaseLost(_)) => Err(BatchError::LeaseLost(summary)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn handle(
+        &self,
+        r: PaymentRecord,
+        opts: &SweepOptions,
+        c: &Counters,
+    ) -> Result<(), StoreError> {
+        let pid = r.payment_id.clone();
+        if r.is_paid && r.is_saved {
+            if !opts.dry_run {
+                self.store
+                    .move_record(&pid, Partition::Realtime, Partition::Completed)
+                    .await?;
+            }
+            bump(&c.completed);
+            return Ok(());
+        }
+        if r.is_paid {
+            return self.save(r, opts, c).await;
+        }
+        match r.card_status {
+            CardStatus::Aborted => {
+                let (requests, declines) = self.log.card_evidence(pid.as_str()).await?;
+                if requests == 0 || declines > 0 {
+                    if !opts.dry_run {
+                        self.store
+                            .move_record(&pid, Partition::Realtime, Partition::Unpaid)
+                            .await?;
+                    }
+                    bump(&c.unpaid);
+                    return Ok(());
+                }
+                self.settle(r, opts, c).await
+            }
+            CardStatus::Pending | CardStatus::Unknown => self.settle(r, opts, c).await,
+            // Paid-state statuses on an unpaid record do not occur; leave them.
+            CardStatus::Done | CardStatus::Canceled => Ok(()),
+        }
+    }
+
+    async fn save(
+        &self,
+        r: PaymentRecord,
+        opts: &SweepOptions,
+        c: &Counters,
+    ) -> Result<(), StoreError> {
+        bump(&c.retried);
+        if opts.dry_run {
+            return Ok(());
+        }
+        match self.saga.batch_save(&r).await {
+            Ok(true) => {
+                bump(&c.saved);
+                self.store
+                    .move_record(&r.payment_id, Partition::Realtime, Partition::Completed)
+                    .await?;
+                bump(&c.completed);
+            }
+            Ok(false) => {
+                let attempts = match self.store.get(&r.payment_id).await? {
+                    Some((_, now)) => now.batch_attempts,
+                    None => r.batch_attempts,
+                };
+                if attempts >= opts.ledger_alert_threshold {
+                    let detail = format!(
+                        "ledger save failed {attempts} times in the batch; last error: {}",
+                        r.last_error.clone().unwrap_or_default()
+                    );
+                    if self
+                        .saga
+                        .alert(&r, AlertReason::LedgerSaveFailed, detail)
+                        .await
+                    {
+                        bump(&c.alerts);
+                    }
+                }
+            }
+            // Refused for good: the saga alerted (ledger_refused).
+            Err(()) => {}
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &self,
+        r: PaymentRecord,
+        opts: &SweepOptions,
+        c: &Counters,
+    ) -> Result<(), StoreError> {
+        if opts.dry_run {
+            bump(&c.settled);
+            return Ok(());
+        }
+        match self.saga.settle_unknown(&r).await? {
+            Settlement::Paid => {
+                bump(&c.settled);
+                if let Some((Partition::Realtime, paid)) = self.store.get(&r.payment_id).await? {
+                    self.save(paid, opts, c).await?;
+                }
+            }
+            Settlement::Declined => {
+                bump(&c.settled);
+                self.store
+                    .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
+                    .await?;
+                bump(&c.unpaid);
+            }
+            Settlement::Unknown(detail) => {
+                if r.card_status == CardStatus::Pending {
+                    self.store
+                        .transition(
+                            &r.payment_id,
+                            &Transition::MarkUnknown {
+                                last_error: detail.clone(),
+                            },
+                        )
+                        .await?;
+                }
+                if self
+                    .saga
+                    .alert(
+                        &r,
+                        AlertReason::OutcomeUnknown,
+                        format!("payment needs checking: {detail}"),
+                    )
+                    .await
+                {
+                    bump(&c.alerts);
+                }
+            }
+            Settlement::Mismatch(detail) => {
+                if self.saga.alert(&r, AlertReason::CardMismatch, detail).await {
+                    bump(&c.alerts);
+                }
+            }
+        }
+        Ok(())
+    }
+}

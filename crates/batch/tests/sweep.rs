@@ -1,0 +1,395 @@
+//! The batch sweep against the sandbox and a real store, on every SQL backend.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use paygate_api_log::{Kind, LogEntry, SqlApiLog, Target};
+use paygate_batch::{BatchError, SweepOptions, Sweeper};
+use paygate_card_api::{CardApi, ConfirmRequest, TossCardApi};
+use paygate_core::{
+    payment::failure_codes, Config, MerchantId, OrderId, Partition, PaymentRecord, Secret,
+};
+use paygate_gateway::Components;
+use paygate_sandbox::{FaultProfile, SandboxServers};
+use paygate_state_store::{
+    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    Transition,
+};
+
+const SECRET: &str = "test_sk_batch";
+
+struct Env {
+    sandbox: SandboxServers,
+    c: Components,
+    cleanup: Cleanup,
+    merchant: MerchantId,
+}
+
+async fn env(backend: &Backend, profile: FaultProfile) -> Env {
+    let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
+    let (url, cleanup) = fresh_sql_url(backend).await;
+    let config = Config {
+        database_url: Secret::new(url),
+        card_api_url: Some(sandbox.card_url.clone()),
+        card_api_secret_key: Some(Secret::new(SECRET.into())),
+        ledger_api_url: Some(sandbox.ledger_url.clone()),
+        ..Config::default()
+    };
+    let c = Components::build(&config).await.unwrap();
+    Env {
+        sandbox,
+        c,
+        cleanup,
+        merchant: MerchantId::generate(),
+    }
+}
+
+impl Env {
+    async fn record(&self, order: &str) -> PaymentRecord {
+        let r = PaymentRecord::new_pending(
+            self.merchant.clone(),
+            OrderId::parse(order).unwrap(),
+            format!("pk_{order}"),
+            5_000,
+            "KRW".into(),
+            format!("fp_{order}"),
+            None,
+            paygate_core::time::now_ms(),
+        );
+        self.c.store.create(&r).await.unwrap();
+        r
+    }
+
+    async fn t(&self, r: &PaymentRecord, t: Transition) {
+        assert!(
+            self.c.store.transition(&r.payment_id, &t).await.unwrap(),
+            "{t:?}"
+        );
+    }
+
+    fn sweeper(&self) -> Sweeper {
+        Sweeper::new(self.c.store.clone(), self.c.saga.clone(), self.c.db.clone())
+    }
+
+    async fn count(&self, p: Partition) -> usize {
+        self.c
+            .store
+            .scan(p, 100)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+fn paid() -> Transition {
+    Transition::MarkPaid {
+        approved_at: "2026-11-21T12:00:00+09:00".into(),
+    }
+}
+
+fn now_opts() -> SweepOptions {
+    SweepOptions {
+        grace: Duration::ZERO,
+        ..SweepOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
+    for backend in sql_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        // A: paid and saved.
+        let a = e.record("order-a-done").await;
+        e.t(&a, paid()).await;
+        e.t(&a, Transition::MarkSaved).await;
+        // B: paid, not saved.
+        let b = e.record("order-b-unsaved").await;
+        e.t(&b, paid()).await;
+        // C: declined, the log holds the 403.
+        let c = e.record("order-c-declined").await;
+        e.t(
+            &c,
+            Transition::MarkAborted {
+                failure_code: "REJECT_CARD_PAYMENT".into(),
+                last_error: "no".into(),
+            },
+        )
+        .await;
+        let log = SqlApiLog::new(e.c.db.clone());
+        for (kind, status) in [(Kind::Request, None), (Kind::Response, Some(403))] {
+            log.append(LogEntry {
+                payment_id: &c.payment_id,
+                target: Target::CardApi,
+                kind,
+                attempt: 1,
+                method: "POST",
+                path: "/v1/payments/confirm",
+                status_code: status,
+                body: None,
+                latency_ms: None,
+            })
+            .await
+            .unwrap();
+        }
+        // C2: aborted before any card call (no log rows).
+        let c2 = e.record("order-c2-nocall").await;
+        e.t(
+            &c2,
+            Transition::MarkAborted {
+                failure_code: failure_codes::LOG_UNAVAILABLE.into(),
+                last_error: "log".into(),
+            },
+        )
+        .await;
+        // D: PENDING, but the card company approved it (the gateway died after the call).
+        let d = e.record("order-d-orphan").await;
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &e.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: d.payment_key.clone(),
+                order_id: d.order_id.to_string(),
+                amount: d.amount,
+            },
+            d.payment_id.as_str(),
+        )
+        .await
+        .unwrap();
+        // E: UNKNOWN, and the card company has nothing.
+        let u = e.record("order-e-unknown").await;
+        e.t(
+            &u,
+            Transition::MarkUnknown {
+                last_error: "timeout".into(),
+            },
+        )
+        .await;
+
+        let s = e.sweeper().sweep(&now_opts()).await.unwrap();
+        assert_eq!(
+            (
+                s.scanned,
+                s.completed,
+                s.unpaid,
+                s.settled,
+                s.retried,
+                s.saved,
+                s.alerts,
+                s.failures
+            ),
+            (6, 3, 2, 1, 2, 2, 1, 0),
+            "{name}: {s:?}"
+        );
+        let card_stats = e.sandbox.card.stats();
+        assert_eq!(
+            card_stats.lookup_calls,
+            1 + 3,
+            "{name}: one lookup settles D, three leave E unknown"
+        );
+        assert_eq!(card_stats.approvals, 1);
+        assert_eq!(
+            e.sandbox.ledger.stats().records,
+            2,
+            "{name}: B and D recorded"
+        );
+        assert!(
+            e.sandbox.ledger.record(b.payment_id.as_str()).is_some()
+                && e.sandbox.ledger.record(d.payment_id.as_str()).is_some()
+        );
+        assert_eq!(
+            (
+                e.count(Partition::Realtime).await,
+                e.count(Partition::Completed).await,
+                e.count(Partition::Unpaid).await
+            ),
+            (1, 3, 2)
+        );
+        let (part, settled_d) = e.c.store.get(&d.payment_id).await.unwrap().unwrap();
+        assert!(part == Partition::Completed && settled_d.is_paid && settled_d.is_saved);
+        let alerts = e.c.alerter.outbox().all().await.unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(
+            alerts[0].dedup_key,
+            format!("{}:outcome_unknown", u.payment_id)
+        );
+
+        // A rerun: E is looked up again, nothing else happens, no new alert.
+        let again = e.sweeper().sweep(&now_opts()).await.unwrap();
+        assert_eq!(
+            (
+                again.scanned,
+                again.completed,
+                again.unpaid,
+                again.saved,
+                again.alerts
+            ),
+            (1, 0, 0, 0, 0),
+            "{name}"
+        );
+        assert_eq!(e.c.alerter.outbox().all().await.unwrap().len(), 1);
+        assert_eq!(e.sandbox.ledger.stats().records, 2);
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn young_records_are_left_alone_and_a_dry_run_changes_nothing() {
+    let e = env(&Backend::Sqlite, FaultProfile::none()).await;
+    let a = e.record("order-young-1").await;
+    e.t(&a, paid()).await;
+    let s = e
+        .sweeper()
+        .sweep(&SweepOptions {
+            grace: Duration::from_secs(120),
+            ..SweepOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.scanned, s.retried, s.completed),
+        (1, 0, 0),
+        "inside the grace period"
+    );
+    let dry = e
+        .sweeper()
+        .sweep(&SweepOptions {
+            dry_run: true,
+            ..now_opts()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.retried, 1, "the plan");
+    assert_eq!(
+        e.sandbox.ledger.stats().record_calls,
+        0,
+        "a dry run calls nothing"
+    );
+    assert_eq!(e.count(Partition::Realtime).await, 1, "and moves nothing");
+    e.cleanup.run().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_killed_mid_move_is_finished_by_the_next_and_the_threshold_alerts_once() {
+    for backend in sql_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        // G: the previous sweep died between writing completed and deleting realtime.
+        let g = e.record("order-g-crash").await;
+        e.t(&g, paid()).await;
+        e.t(&g, Transition::MarkSaved).await;
+        e.c.store
+            .copy_to_partition(&g.payment_id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap();
+        // F: paid, the ledger is down for every sweep.
+        let f = e.record("order-f-ledger").await;
+        e.t(&f, paid()).await;
+        e.sandbox.ledger.set_down(true);
+        let opts = SweepOptions {
+            ledger_alert_threshold: 3,
+            ..now_opts()
+        };
+        let mut alerts = 0;
+        for _ in 0..5 {
+            let s = e.sweeper().sweep(&opts).await.unwrap();
+            assert_eq!(s.failures, 0, "{}", backend.name());
+            alerts += s.alerts;
+        }
+        assert_eq!(
+            alerts,
+            1,
+            "{}: one alert across five sweeps",
+            backend.name()
+        );
+        let (_, f_now) = e.c.store.get(&f.payment_id).await.unwrap().unwrap();
+        assert_eq!(f_now.batch_attempts, 5);
+        let rows = e.c.alerter.outbox().all().await.unwrap();
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.dedup_key.ends_with("ledger_save_failed"))
+                .count(),
+            1
+        );
+        // G: exactly one copy, in completed.
+        let completed: Vec<_> =
+            e.c.store
+                .scan(Partition::Completed, 10)
+                .try_collect()
+                .await
+                .unwrap();
+        assert_eq!(
+            completed
+                .iter()
+                .filter(|r| r.payment_id == g.payment_id)
+                .count(),
+            1
+        );
+        assert!(e
+            .c
+            .store
+            .scan(Partition::Realtime, 10)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.payment_id != g.payment_id));
+        // The ledger is back: F is saved and completed.
+        e.sandbox.ledger.set_down(false);
+        let s = e.sweeper().sweep(&opts).await.unwrap();
+        assert_eq!((s.saved, s.completed), (1, 1));
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sweep_at_a_time_and_a_dead_holders_lease_is_taken_over() {
+    let profile = FaultProfile {
+        card_latency_min_ms: 200,
+        card_latency_max_ms: 200,
+        ..FaultProfile::none()
+    };
+    let e = env(&Backend::Sqlite, profile).await;
+    for i in 0..3 {
+        e.record(&format!("order-lease-{i}")).await;
+    }
+    let (s1, s2, opts) = (e.sweeper(), e.sweeper(), now_opts());
+    let (first, second) = tokio::join!(s1.sweep(&opts), s2.sweep(&opts));
+    let held = [&first, &second]
+        .iter()
+        .filter(|r| matches!(r, Err(BatchError::LeaseHeld { .. })))
+        .count();
+    let ran = [&first, &second].iter().filter(|r| r.is_ok()).count();
+    assert_eq!((ran, held), (1, 1), "{first:?} / {second:?}");
+
+    // A lease left by a killed process: taken over once expired, refused before.
+    let dead = paygate_batch::lease::Lease::new(
+        e.c.db.clone(),
+        "batch-sweep",
+        "killed-process",
+        Duration::from_secs(60),
+    );
+    dead.acquire().await.unwrap().unwrap();
+    assert!(matches!(
+        e.sweeper().sweep(&now_opts()).await,
+        Err(BatchError::LeaseHeld { .. })
+    ));
+    // The holder died long ago: its lease expired.
+    if let paygate_state_store::SqlDatabase::Sqlite(pool) = &e.c.db {
+        sqlx::query("UPDATE batch_leases SET expires_at = 0")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    assert!(
+        e.sweeper().sweep(&now_opts()).await.is_ok(),
+        "the expired lease is taken over"
+    );
+    e.cleanup.run().await;
+}

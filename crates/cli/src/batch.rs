@@ -1,0 +1,137 @@
+//! `paygate batch`: the batch sweep as a sidecar job — once (default), on a
+//! stable interval (`--every 10m`), or on a seconds-resolution cron schedule
+//! (`--cron "0 0 4 * * *"`, the default when `--cron` has no value: daily at
+//! 04:00 UTC).
+//!
+//! Exit code: 0 when the sweep ran (per-record failures are counted in the
+//! summary, not fatal), 2 when another sweep holds the lease, 1 when it
+//! could not run (store down, lease lost).
+
+use std::{process::ExitCode, str::FromStr, time::Duration};
+
+use anyhow::Context;
+use paygate_batch::{BatchError, Summary, SweepOptions, Sweeper};
+use paygate_gateway::Components;
+
+/// Options of `paygate batch`.
+#[derive(clap::Args, Debug)]
+pub struct BatchArgs {
+    /// Run one sweep and exit (the default).
+    #[arg(long, conflicts_with_all = ["every", "cron"])]
+    once: bool,
+    /// Run a sweep every DURATION (e.g. `10m`); the next starts no sooner
+    /// than DURATION after the previous start, never overlapping.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "cron")]
+    every: Option<Duration>,
+    /// Run on a cron schedule with seconds (`sec min hour day month weekday`), UTC.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0 0 4 * * *")]
+    cron: Option<String>,
+    /// Classify and print the plan; change nothing, call nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Leave records younger than this alone.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    grace: Duration,
+    /// Records handled at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Ledger failures in the batch before "ledger save failed" is raised.
+    #[arg(long, default_value_t = 5)]
+    alert_threshold: i64,
+    /// Print each summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print(summary: &Summary, json: bool, dry_run: bool) {
+    if json {
+        if let Ok(s) = serde_json::to_string(summary) {
+            println!("{s}");
+        }
+        return;
+    }
+    let plan = if dry_run {
+        " (dry run: what it would do)"
+    } else {
+        ""
+    };
+    println!(
+        "batch sweep{plan}: scanned {} | completed {} | unpaid {} | settled {} | ledger retried {} saved {} | alerts {} | failures {} | {} ms",
+        summary.scanned, summary.completed, summary.unpaid, summary.settled, summary.retried, summary.saved,
+        summary.alerts, summary.failures, summary.duration_ms
+    );
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// Setup failures (config, database) and an invalid cron expression.
+pub async fn run(config: paygate_core::Config, args: BatchArgs) -> anyhow::Result<ExitCode> {
+    let schedule = match &args.cron {
+        Some(expr) => Some(
+            cron::Schedule::from_str(expr)
+                .with_context(|| format!("invalid --cron expression {expr:?}"))?,
+        ),
+        None => None,
+    };
+    let components = Components::build(&config).await?;
+    let sweeper = Sweeper::new(
+        components.store.clone(),
+        components.saga.clone(),
+        components.db.clone(),
+    );
+    let opts = SweepOptions {
+        grace: args.grace,
+        dry_run: args.dry_run,
+        concurrency: args.concurrency,
+        ledger_alert_threshold: args.alert_threshold,
+        ..SweepOptions::default()
+    };
+    let once = || async {
+        let result = sweeper.sweep(&opts).await;
+        // Deliver what this sweep raised, and anything older still unsent.
+        let _ = components.alerter.flush().await;
+        result
+    };
+    if args.every.is_none() && schedule.is_none() {
+        return Ok(match once().await {
+            Ok(summary) => {
+                print(&summary, args.json, args.dry_run);
+                ExitCode::SUCCESS
+            }
+            Err(BatchError::LeaseHeld {
+                owner,
+                expires_in_ms,
+            }) => {
+                eprintln!("lease held by {owner} (expires in {expires_in_ms} ms); another sweep is running");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("batch sweep failed: {e}");
+                ExitCode::FAILURE
+            }
+        });
+    }
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let started = tokio::time::Instant::now();
+        match once().await {
+            Ok(summary) => print(&summary, args.json, args.dry_run),
+            Err(e) => tracing::error!(error = %e, "batch sweep did not run"),
+        }
+        let wait = match (&args.every, &schedule) {
+            // Stable interval: from the previous start, not its end.
+            (Some(every), _) => every.saturating_sub(started.elapsed()),
+            (None, Some(s)) => match s.upcoming(chrono::Utc).next() {
+                Some(next) => (next - chrono::Utc::now()).to_std().unwrap_or_default(),
+                None => return Ok(ExitCode::SUCCESS),
+            },
+            (None, None) => return Ok(ExitCode::SUCCESS),
+        };
+        tokio::select! {
+            () = &mut shutdown => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
