@@ -17,49 +17,26 @@
 use futures_util::TryStreamExt;
 use paygate_core::{MerchantId, OrderId, Partition, PaymentRecord};
 use paygate_state_store::{
-    sql::RECORD_COLUMNS,
-    testing::{fresh_sql_url, sql_backends},
-    with_pool, SqlDatabase, SqlStateStore, StateStore,
+    testing::{fresh_sql_url, peak_rss_kib, seed_realtime, sql_backends},
+    SqlDatabase, SqlStateStore, StateStore,
 };
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
 async fn seed(db: &SqlDatabase, n: usize) {
-    let sql = format!(
-        "INSERT INTO realtime_payments ({RECORD_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-    );
     let merchant = MerchantId::generate();
     let now = paygate_core::time::now_ms();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
-        with_pool!(db, pool => {
-            let mut tx = pool.begin().await.unwrap();
-            for i in chunk {
-                let r = PaymentRecord::new_pending(
-                    merchant.clone(), OrderId::from_stored(format!("order-{i:08}")), format!("pk_{i}"),
-                    1_000, "KRW".into(), "fp".into(), None, now,
-                );
-                sqlx::query(&sql)
-                    .bind(r.payment_id.as_str()).bind(r.merchant_id.as_str()).bind(r.order_id.as_str())
-                    .bind(&r.payment_key).bind(r.amount).bind(&r.currency).bind(r.is_paid).bind(r.is_saved)
-                    .bind(r.card_status.as_str()).bind(r.approved_at.as_deref()).bind(r.save_attempts)
-                    .bind(r.batch_attempts).bind(r.failure_code.as_deref()).bind(r.last_error.as_deref())
-                    .bind(&r.request_fingerprint).bind(r.idempotency_key.as_deref()).bind(r.created_at).bind(r.updated_at)
-                    .execute(&mut *tx).await.unwrap();
-            }
-            tx.commit().await.unwrap();
-        });
-    }
+    seed_realtime(db, n, |i| {
+        PaymentRecord::new_pending(
+            merchant.clone(),
+            OrderId::from_stored(format!("order-{i:08}")),
+            format!("pk_{i}"),
+            1_000,
+            "KRW".into(),
+            "fp".into(),
+            None,
+            now,
+        )
+    })
+    .await;
 }
 
 async fn scan_only(url: &str, batch: u32) {
