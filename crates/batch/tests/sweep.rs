@@ -393,3 +393,41 @@ async fn one_sweep_at_a_time_and_a_dead_holders_lease_is_taken_over() {
     );
     e.cleanup.run().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
+    // Slow lookups, one at a time: the sweep takes about a second.
+    let profile = FaultProfile {
+        card_latency_min_ms: 100,
+        card_latency_max_ms: 100,
+        ..FaultProfile::none()
+    };
+    let e = env(&Backend::Sqlite, profile).await;
+    for i in 0..10 {
+        e.record(&format!("order-lost-{i}")).await;
+    }
+    let db = e.c.db.clone();
+    let thief = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let paygate_state_store::SqlDatabase::Sqlite(pool) = &db {
+            sqlx::query("UPDATE batch_leases SET owner = 'another-replica'")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    });
+    let opts = SweepOptions {
+        concurrency: 1,
+        lease_ttl: Duration::from_millis(150),
+        ..now_opts()
+    };
+    let result = e.sweeper().sweep(&opts).await;
+    thief.await.unwrap();
+    match result {
+        Err(BatchError::LeaseLost(partial)) => {
+            assert!(partial.scanned < 10, "stopped early: {partial:?}")
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+    e.cleanup.run().await;
+}
