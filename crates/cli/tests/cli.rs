@@ -26,6 +26,12 @@ fn temp_db(name: &str) -> (String, std::path::PathBuf) {
     (format!("sqlite://{}", path.display()), path)
 }
 
+fn remove_db(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
 #[test]
 fn demo_under_flaky_faults_reports_no_lost_or_double_charges() {
     let out = paygate()
@@ -138,7 +144,7 @@ fn merchants_create_shows_the_key_once_and_list_never_does() {
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(list.contains("Acme Shop") && list.contains(&key[..12]));
     assert!(!list.contains(&key), "the full key is never shown again");
-    let _ = std::fs::remove_file(path);
+    remove_db(&path);
 }
 
 struct KillOnDrop(Child);
@@ -204,9 +210,7 @@ fn serve_in_sandbox_mode_confirms_a_payment() {
     assert_eq!(body["status"], "DONE");
     assert_eq!(body["saved"], true);
     drop(child);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
 
 #[test]
@@ -243,7 +247,5 @@ fn batch_once_prints_its_summary_as_json_and_rejects_a_bad_cron() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cron"));
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }

@@ -176,6 +176,26 @@ impl CardSim {
         }
     }
 
+    /// The answer to a call that may not proceed: 401 for a bad key, 503
+    /// during an outage; `None` when it may.
+    fn refuse(&self, headers: &HeaderMap) -> Option<Response> {
+        if !self.authorized(headers) {
+            return Some(error_response(
+                401,
+                codes::UNAUTHORIZED_KEY,
+                "secret key is not valid",
+            ));
+        }
+        if self.unavailable() {
+            return Some(error_response(
+                503,
+                codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+                "card API outage",
+            ));
+        }
+        None
+    }
+
     fn authorized(&self, headers: &HeaderMap) -> bool {
         headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(self.auth.as_str())
     }
@@ -357,15 +377,8 @@ async fn by_order(
     Path(order_id): Path<String>,
 ) -> Response {
     sim.lookup_calls.fetch_add(1, Ordering::SeqCst);
-    if !sim.authorized(&headers) {
-        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
-    }
-    if sim.unavailable() {
-        return error_response(
-            503,
-            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
-            "card API outage",
-        );
+    if let Some(refused) = sim.refuse(&headers) {
+        return refused;
     }
     tokio::time::sleep(sim.profile.card_latency(&order_id, 1_000_000)).await;
     match sim.payment(&order_id) {
@@ -382,17 +395,10 @@ async fn cancel(
 ) -> Response {
     sim.cancel_calls.fetch_add(1, Ordering::SeqCst);
     sim.observe("cancel", &headers).await;
-    if !sim.authorized(&headers) {
-        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    if let Some(refused) = sim.refuse(&headers) {
+        return refused;
     }
     let key = idem_key(&headers);
-    if sim.unavailable() {
-        return error_response(
-            503,
-            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
-            "card API outage",
-        );
-    }
     let mut st = sim.state();
     if let Some((status, body)) = key
         .as_ref()
@@ -452,15 +458,8 @@ async fn transactions(
     Query(q): Query<TransactionsQuery>,
 ) -> Response {
     sim.transaction_pages.fetch_add(1, Ordering::SeqCst);
-    if !sim.authorized(&headers) {
-        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
-    }
-    if sim.unavailable() {
-        return error_response(
-            503,
-            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
-            "card API outage",
-        );
+    if let Some(refused) = sim.refuse(&headers) {
+        return refused;
     }
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 5000 {

@@ -161,20 +161,14 @@ impl SqlDatabase {
         let err = |e: sqlx::migrate::MigrateError| {
             StoreError::Unavailable(format!("migration failed: {e}"))
         };
-        match self {
-            Self::Sqlite(pool) => Migrator::new(EmbeddedMigrations(SQLITE_MIGRATIONS))
-                .await
-                .map_err(err)?
-                .run(pool)
-                .await
-                .map_err(err),
-            Self::Postgres(pool) => Migrator::new(EmbeddedMigrations(POSTGRES_MIGRATIONS))
-                .await
-                .map_err(err)?
-                .run(pool)
-                .await
-                .map_err(err),
-        }
+        let migrations = match self {
+            Self::Sqlite(_) => SQLITE_MIGRATIONS,
+            Self::Postgres(_) => POSTGRES_MIGRATIONS,
+        };
+        let migrator = Migrator::new(EmbeddedMigrations(migrations))
+            .await
+            .map_err(err)?;
+        with_pool!(self, pool => migrator.run(pool).await.map_err(err))
     }
 
     /// `SELECT 1`.
