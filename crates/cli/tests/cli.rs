@@ -26,6 +26,26 @@ fn temp_db(name: &str) -> (String, std::path::PathBuf) {
     (format!("sqlite://{}", path.display()), path)
 }
 
+/// `paygate merchants create NAME`, returning the key it prints once.
+fn create_merchant(url: &str, name: &str) -> String {
+    let out = paygate()
+        .args(["merchants", "create", name])
+        .env("PAYGATE_DATABASE_URL", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("api_key:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 fn remove_db(path: &std::path::Path) {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -117,23 +137,7 @@ fn a_typo_or_a_bad_value_fails_startup_naming_the_key() {
 #[test]
 fn merchants_create_shows_the_key_once_and_list_never_does() {
     let (url, path) = temp_db("merchants");
-    let out = paygate()
-        .args(["merchants", "create", "Acme Shop"])
-        .env("PAYGATE_DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let key = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api_key:"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = create_merchant(&url, "Acme Shop");
     assert!(key.starts_with("pgk_"));
 
     let out = paygate()
@@ -159,18 +163,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn serve_in_sandbox_mode_confirms_a_payment() {
     let (url, path) = temp_db("serve");
-    let out = paygate()
-        .args(["merchants", "create", "shop"])
-        .env("PAYGATE_DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let key = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api_key:"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = create_merchant(&url, "shop");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -247,5 +240,52 @@ fn batch_once_prints_its_summary_as_json_and_rejects_a_bad_cron() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cron"));
+    remove_db(&path);
+}
+
+#[test]
+fn mongodb_state_store_is_selected_and_its_uri_never_echoed() {
+    let (url, path) = temp_db("mongo");
+    // Without a URI: refused by validation, naming the key.
+    let out = paygate()
+        .args(["serve"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_STATE_STORE", "mongodb")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mongodb_uri"));
+    // With a URI to a closed port: the MongoDB backend is tried and fails
+    // fast, and the password in the URI never reaches the output.
+    let out = paygate()
+        .args(["serve"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_LISTEN", "127.0.0.1:0")
+        .env("PAYGATE_STATE_STORE", "mongodb")
+        .env(
+            "PAYGATE_MONGODB_URI",
+            "mongodb://paygate:s3cret-pw@127.0.0.1:9/?serverSelectionTimeoutMS=300",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("store unavailable"), "{stderr}");
+    assert!(
+        !stderr.contains("s3cret-pw"),
+        "the URI's password leaked: {stderr}"
+    );
+    let out = paygate()
+        .args(["serve"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_STATE_STORE", "mongodb")
+        .env("PAYGATE_MONGODB_URI", "mongodb://paygate:s3cret-pw@[bad")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid MongoDB connection string") && !stderr.contains("s3cret-pw"),
+        "{stderr}"
+    );
     remove_db(&path);
 }

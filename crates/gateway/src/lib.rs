@@ -48,7 +48,7 @@ pub enum StartupError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The SQL database could not be opened or migrated.
-    #[error("database: {0}")]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
     /// The in-process sandbox could not bind its ports.
     #[error("sandbox: {0}")]
@@ -118,7 +118,23 @@ impl Components {
         let store: Arc<dyn StateStore> = match config.state_store {
             StateStoreKind::Sql => Arc::new(SqlStateStore::new(db.clone())),
             StateStoreKind::Mongodb => {
-                return Err(StartupError::Unsupported("state_store = \"mongodb\""))
+                let uri = config.mongodb_uri.as_ref().ok_or(ConfigError {
+                    key: "mongodb_uri".to_owned(),
+                    reason: "required when state_store = \"mongodb\"".to_owned(),
+                })?;
+                let options = paygate_state_store::MongoOptions {
+                    database: config.mongodb_database.clone(),
+                    max_pool_size: config.mongodb_max_pool_size,
+                    write_concern_w: config.mongodb_write_concern.clone(),
+                    journal: config.mongodb_journal,
+                };
+                let store =
+                    paygate_state_store::MongoStateStore::connect(uri.expose(), &options).await?;
+                tracing::info!(
+                    transactions = store.uses_transactions(),
+                    "state store: MongoDB"
+                );
+                Arc::new(store)
             }
         };
         let http = reqwest::Client::builder()

@@ -50,11 +50,6 @@ impl Problem {
         }))
     }
 
-    /// The members.
-    pub fn details(&self) -> &ProblemDetails {
-        &self.0
-    }
-
     /// Names the payment.
     pub fn with_payment(mut self, payment_id: &str) -> Self {
         self.0.payment_id = Some(payment_id.to_owned());

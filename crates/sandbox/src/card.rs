@@ -26,7 +26,7 @@ use paygate_card_api::{
 use crate::{
     error_response,
     faults::{in_outage, roll, FaultProfile},
-    CallObserver, ObservedCall, SimTarget,
+    CallObserver, ObserverSlot, SimTarget,
 };
 
 /// One approval the simulator gave.
@@ -80,7 +80,7 @@ pub struct CardSim {
     started: Instant,
     down: AtomicBool,
     state: Mutex<CardState>,
-    observer: Mutex<Option<Arc<dyn CallObserver>>>,
+    observer: ObserverSlot,
     confirm_calls: AtomicU64,
     lookup_calls: AtomicU64,
     cancel_calls: AtomicU64,
@@ -102,7 +102,7 @@ impl CardSim {
             started: Instant::now(),
             down: AtomicBool::new(false),
             state: Mutex::new(CardState::default()),
-            observer: Mutex::new(None),
+            observer: ObserverSlot::default(),
             confirm_calls: AtomicU64::new(0),
             lookup_calls: AtomicU64::new(0),
             cancel_calls: AtomicU64::new(0),
@@ -120,7 +120,7 @@ impl CardSim {
 
     /// Installs an observer of state-changing calls.
     pub fn set_observer(&self, observer: Arc<dyn CallObserver>) {
-        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+        self.observer.set(observer);
     }
 
     /// Takes the simulator down (every call answers 503) or brings it back.
@@ -161,19 +161,9 @@ impl CardSim {
     }
 
     async fn observe(&self, operation: &'static str, headers: &HeaderMap) {
-        let observer = self
-            .observer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(o) = observer {
-            o.on_call(ObservedCall {
-                target: SimTarget::Card,
-                operation,
-                idempotency_key: idem_key(headers),
-            })
+        self.observer
+            .notify(SimTarget::Card, operation, idem_key(headers))
             .await;
-        }
     }
 
     /// The answer to a call that may not proceed: 401 for a bad key, 503

@@ -22,7 +22,7 @@ use paygate_ledger_api::LedgerEntry;
 use crate::{
     error_response,
     faults::{in_outage, roll, FaultProfile},
-    CallObserver, ObservedCall, SimTarget,
+    CallObserver, ObserverSlot, SimTarget,
 };
 
 /// Call and record counts.
@@ -43,7 +43,7 @@ pub struct LedgerSim {
     down: AtomicBool,
     records: Mutex<HashMap<String, LedgerEntry>>,
     attempts: Mutex<HashMap<String, u64>>,
-    observer: Mutex<Option<Arc<dyn CallObserver>>>,
+    observer: ObserverSlot,
     record_calls: AtomicU64,
     failures: AtomicU64,
 }
@@ -57,7 +57,7 @@ impl LedgerSim {
             down: AtomicBool::new(false),
             records: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
-            observer: Mutex::new(None),
+            observer: ObserverSlot::default(),
             record_calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
@@ -69,7 +69,7 @@ impl LedgerSim {
 
     /// Installs an observer of record calls.
     pub fn set_observer(&self, observer: Arc<dyn CallObserver>) {
-        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+        self.observer.set(observer);
     }
 
     /// Takes the ledger down (503 to everything) or brings it back.
@@ -118,19 +118,9 @@ async fn record(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let observer = sim
-        .observer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if let Some(o) = observer {
-        o.on_call(ObservedCall {
-            target: SimTarget::Ledger,
-            operation: "record",
-            idempotency_key: key.clone(),
-        })
+    sim.observer
+        .notify(SimTarget::Ledger, "record", key.clone())
         .await;
-    }
     let attempt = {
         let mut a = sim.attempts.lock().unwrap_or_else(|p| p.into_inner());
         let n = a.entry(entry.payment_id.clone()).or_insert(0);

@@ -69,6 +69,34 @@ pub fn serve_discord(
     Ok((url, spawn_server(listener, discord::router(sim))))
 }
 
+/// The observer a simulator may have, shared by the card and ledger simulators.
+#[derive(Default)]
+pub(crate) struct ObserverSlot(std::sync::Mutex<Option<Arc<dyn CallObserver>>>);
+
+impl ObserverSlot {
+    pub(crate) fn set(&self, observer: Arc<dyn CallObserver>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    /// Tells the observer, if any, of a call, and waits for it.
+    pub(crate) async fn notify(
+        &self,
+        target: SimTarget,
+        operation: &'static str,
+        idempotency_key: Option<String>,
+    ) {
+        let observer = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(o) = observer {
+            o.on_call(ObservedCall {
+                target,
+                operation,
+                idempotency_key,
+            })
+            .await;
+        }
+    }
+}
+
 /// Both simulators serving HTTP on loopback ports, as one handle.
 pub struct SandboxServers {
     /// The card API simulator.

@@ -25,6 +25,18 @@ pub use sql::{SqlDatabase, SqlStateStore};
 use futures_util::stream::BoxStream;
 use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 
+/// The copy of a record to believe when a move between partitions was
+/// interrupted and left it in two: the newer one (a move stamps the target
+/// copy's `updated_at`); on a tie, the later in the iteration.
+pub fn newest_copy(
+    copies: impl IntoIterator<Item = (Partition, PaymentRecord)>,
+) -> Option<(Partition, PaymentRecord)> {
+    copies.into_iter().fold(None, |best, copy| match best {
+        Some(b) if b.1.updated_at > copy.1.updated_at => Some(b),
+        _ => Some(copy),
+    })
+}
+
 /// What went wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -166,8 +166,17 @@ impl MongoStateStore {
     /// [`StoreError::Unavailable`] when the URI is malformed or the server
     /// cannot be reached; [`StoreError::Rejected`] when an index cannot be built.
     pub async fn connect(uri: &str, options: &MongoOptions) -> Result<Self, StoreError> {
-        let mut client_options = ClientOptions::parse(uri).await.map_err(map_err)?;
+        // The parse error may quote the URI, which can hold a password (I6):
+        // report that it failed, not what it read.
+        let mut client_options = ClientOptions::parse(uri).await.map_err(|_| {
+            StoreError::Unavailable("invalid MongoDB connection string (mongodb_uri)".to_owned())
+        })?;
         client_options.app_name = Some("paygate".to_owned());
+        // Fail a startup or a readiness check within 10 s unless the URI's
+        // serverSelectionTimeoutMS says otherwise (the driver's default is 30 s).
+        if client_options.server_selection_timeout.is_none() {
+            client_options.server_selection_timeout = Some(std::time::Duration::from_secs(10));
+        }
         client_options.max_pool_size = Some(options.max_pool_size);
         let mut wc = match options.write_concern_w.parse::<u32>() {
             Ok(n) => WriteConcern::nodes(n),
@@ -411,7 +420,7 @@ impl StateStore for MongoStateStore {
         &self,
         payment_id: &PaymentId,
     ) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
-        let mut best: Option<(Partition, PaymentRecord)> = None;
+        let mut copies = Vec::new();
         for p in Partition::ALL {
             if let Some(d) = self
                 .partition(p)
@@ -419,16 +428,10 @@ impl StateStore for MongoStateStore {
                 .await
                 .map_err(map_err)?
             {
-                let r = record_from_doc(&d)?;
-                if best
-                    .as_ref()
-                    .is_none_or(|(_, b)| r.updated_at >= b.updated_at)
-                {
-                    best = Some((p, r));
-                }
+                copies.push((p, record_from_doc(&d)?));
             }
         }
-        Ok(best)
+        Ok(crate::newest_copy(copies))
     }
 
     async fn get_by_order(

@@ -382,15 +382,14 @@ impl StateStore for SqlStateStore {
             let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
             // A move writes the target (with a fresh updated_at) before
             // deleting the source; while both copies exist the newer is the truth.
-            let mut best: Option<(Partition, PaymentRecord)> = None;
-            for row in &rows {
-                let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let record = record_from_row(row)?;
-                if best.as_ref().is_none_or(|(_, b)| record.updated_at >= b.updated_at) {
-                    best = Some((partition_from(&part), record));
-                }
-            }
-            Ok(best)
+            let copies = rows
+                .iter()
+                .map(|row| {
+                    let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    Ok((partition_from(&part), record_from_row(row)?))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(crate::newest_copy(copies))
         })
     }
 
