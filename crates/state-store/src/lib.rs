@@ -37,6 +37,24 @@ pub fn newest_copy(
     })
 }
 
+/// [`newest_copy`] for many records at once: one entry per `payment_id`,
+/// the newest copy where an interrupted move left two.
+pub fn newest_copies(
+    copies: impl IntoIterator<Item = (Partition, PaymentRecord)>,
+) -> Vec<(Partition, PaymentRecord)> {
+    let mut by_id: std::collections::HashMap<String, (Partition, PaymentRecord)> =
+        std::collections::HashMap::new();
+    for copy in copies {
+        match by_id.get(copy.1.payment_id.as_str()) {
+            Some(kept) if kept.1.updated_at > copy.1.updated_at => {}
+            _ => {
+                by_id.insert(copy.1.payment_id.to_string(), copy);
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
 /// What went wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -187,6 +205,31 @@ pub trait StateStore: Send + Sync + 'static {
     fn scan(
         &self,
         partition: Partition,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
+
+    /// Finds the records of these orderIds in every partition and for every
+    /// merchant (the card company knows paygate as one merchant, so its
+    /// transaction list carries orderIds without paygate's merchant ids).
+    /// One entry per payment (the newest copy while a move is interrupted),
+    /// in no particular order. One round trip: callers bound the slice they
+    /// pass (the reconciliation sends at most `lookup_chunk` ids).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn find_by_order_ids(
+        &self,
+        order_ids: &[String],
+    ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError>;
+
+    /// Streams the records of a partition with `from_ms <= created_at <
+    /// to_ms` (epoch ms) in `(created_at, payment_id)` order, `batch_size`
+    /// per round trip, so memory stays bounded by the batch.
+    fn scan_created(
+        &self,
+        partition: Partition,
+        from_ms: i64,
+        to_ms: i64,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
 

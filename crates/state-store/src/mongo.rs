@@ -233,6 +233,21 @@ impl MongoStateStore {
                 .create_index(index)
                 .await
                 .map_err(map_err)?;
+            // The reconciliation's lookups: by orderId across merchants, and
+            // paid records by creation time.
+            for (keys, name) in [
+                (doc! {"order_id": 1}, "order_id"),
+                (doc! {"created_at": 1, "_id": 1}, "created_at"),
+            ] {
+                let index = IndexModel::builder()
+                    .keys(keys)
+                    .options(IndexOptions::builder().name(name.to_owned()).build())
+                    .build();
+                self.partition(p)
+                    .create_index(index)
+                    .await
+                    .map_err(map_err)?;
+            }
         }
         Ok(())
     }
@@ -515,6 +530,47 @@ impl StateStore for MongoStateStore {
         let stream = futures_util::stream::once(async move {
             coll.find(doc! {})
                 .sort(doc! {"_id": 1})
+                .batch_size(batch_size.max(1))
+                .await
+                .map_err(map_err)
+        })
+        .map_ok(|cursor| cursor.map(|d| d.map_err(map_err).and_then(|d| record_from_doc(&d))))
+        .try_flatten();
+        Box::pin(stream)
+    }
+
+    async fn find_by_order_ids(
+        &self,
+        order_ids: &[String],
+    ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
+        let mut copies = Vec::new();
+        if order_ids.is_empty() {
+            return Ok(copies);
+        }
+        for p in Partition::ALL {
+            let mut cursor = self
+                .partition(p)
+                .find(doc! {"order_id": {"$in": order_ids.to_vec()}})
+                .await
+                .map_err(map_err)?;
+            while let Some(d) = cursor.try_next().await.map_err(map_err)? {
+                copies.push((p, record_from_doc(&d)?));
+            }
+        }
+        Ok(crate::newest_copies(copies))
+    }
+
+    fn scan_created(
+        &self,
+        partition: Partition,
+        from_ms: i64,
+        to_ms: i64,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        let coll = self.partition(partition);
+        let stream = futures_util::stream::once(async move {
+            coll.find(doc! {"created_at": {"$gte": from_ms, "$lt": to_ms}})
+                .sort(doc! {"created_at": 1, "_id": 1})
                 .batch_size(batch_size.max(1))
                 .await
                 .map_err(map_err)

@@ -97,6 +97,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "batch leases",
         include_str!("../../../migrations/sqlite/0003_batch_leases.sql"),
     ),
+    (
+        4,
+        "reconciliation indexes",
+        include_str!("../../../migrations/sqlite/0004_reconcile_indexes.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -113,6 +118,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "batch leases",
         include_str!("../../../migrations/postgres/0003_batch_leases.sql"),
+    ),
+    (
+        4,
+        "reconciliation indexes",
+        include_str!("../../../migrations/postgres/0004_reconcile_indexes.sql"),
     ),
 ];
 
@@ -527,6 +537,81 @@ impl StateStore for SqlStateStore {
                 });
                 let next = match page.last() {
                     Some(last) if page.len() as i64 == limit => Some(last.payment_id.to_string()),
+                    _ => None,
+                };
+                if page.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    futures_util::stream::iter(page.into_iter().map(Ok)),
+                    next,
+                )))
+            }
+        });
+        Box::pin(pages.try_flatten())
+    }
+
+    async fn find_by_order_ids(
+        &self,
+        order_ids: &[String],
+    ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
+        if order_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=order_ids.len()).map(|i| format!("${i}")).collect();
+        let list = placeholders.join(", ");
+        let sql = format!(
+            "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE order_id IN ({list}) \
+             UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE order_id IN ({list}) \
+             UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE order_id IN ({list})"
+        );
+        let copies = with_pool!(&self.db, pool => {
+            let mut q = sqlx::query(&sql);
+            for id in order_ids {
+                q = q.bind(id);
+            }
+            let rows = q.fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    Ok((partition_from(&part), record_from_row(row)?))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?
+        });
+        Ok(crate::newest_copies(copies))
+    }
+
+    fn scan_created(
+        &self,
+        partition: Partition,
+        from_ms: i64,
+        to_ms: i64,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM {} \
+             WHERE (created_at > $1 OR (created_at = $1 AND payment_id > $2)) AND created_at < $3 \
+             ORDER BY created_at, payment_id LIMIT $4",
+            partition.table()
+        );
+        let limit = i64::from(batch_size.max(1));
+        // Keyset paging on (created_at, payment_id), the index of migration 4.
+        let start = Some((from_ms, String::new()));
+        let pages = futures_util::stream::try_unfold(start, move |after| {
+            let sql = sql.clone();
+            async move {
+                let Some((after_ms, after_id)) = after else {
+                    return Ok(None);
+                };
+                let page: Vec<PaymentRecord> = with_pool!(&self.db, pool => {
+                    let rows = sqlx::query(&sql).bind(after_ms).bind(&after_id).bind(to_ms).bind(limit)
+                        .fetch_all(pool).await.map_err(map_err)?;
+                    rows.iter().map(record_from_row).collect::<Result<Vec<_>, StoreError>>()?
+                });
+                let next = match page.last() {
+                    Some(last) if page.len() as i64 == limit => {
+                        Some((last.created_at, last.payment_id.to_string()))
+                    }
                     _ => None,
                 };
                 if page.is_empty() {

@@ -407,3 +407,80 @@ async fn scan_streams_every_record_in_id_order() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_ids_are_found_across_merchants_and_partitions() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let (m1, m2) = (MerchantId::generate(), MerchantId::generate());
+        let a = pending(&m1, "order-shared", None);
+        let b = pending(&m2, "order-shared", None);
+        let c = pending(&m1, "order-moved", None);
+        let d = pending(&m1, "order-other", None);
+        for r in [&a, &b, &c, &d] {
+            store.create(r).await.unwrap();
+        }
+        store.transition(&c.payment_id, &paid()).await.unwrap();
+        store
+            .move_record(&c.payment_id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap();
+        // An interrupted move of `a`: a copy in both partitions, one answer.
+        store
+            .copy_to_partition(&a.payment_id, Partition::Realtime, Partition::Unpaid)
+            .await
+            .unwrap();
+        let ids = ["order-shared", "order-moved", "order-missing"].map(String::from);
+        let mut found = store.find_by_order_ids(&ids).await.unwrap();
+        found.sort_by(|x, y| x.1.payment_id.as_str().cmp(y.1.payment_id.as_str()));
+        let mut want = vec![
+            (Partition::Unpaid, a.payment_id.clone()),
+            (Partition::Realtime, b.payment_id.clone()),
+            (Partition::Completed, c.payment_id.clone()),
+        ];
+        want.sort_by(|x, y| x.1.as_str().cmp(y.1.as_str()));
+        let got: Vec<_> = found
+            .iter()
+            .map(|(p, r)| (*p, r.payment_id.clone()))
+            .collect();
+        assert_eq!(got, want, "{name}");
+        assert!(store.find_by_order_ids(&[]).await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_created_streams_a_time_range_in_order() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let base = 1_700_000_000_000_i64;
+        // 25 records, five per millisecond, from base to base + 4.
+        let mut made = Vec::new();
+        for i in 0..25_i64 {
+            let mut r = pending(&m, &format!("order-range-{i:03}"), None);
+            r.created_at = base + i / 5;
+            r.updated_at = r.created_at;
+            store.create(&r).await.unwrap();
+            made.push(r);
+        }
+        // [base + 1, base + 4): 15 records, over pages of 4.
+        let got: Vec<PaymentRecord> = store
+            .scan_created(Partition::Realtime, base + 1, base + 4, 4)
+            .try_collect()
+            .await
+            .unwrap();
+        let mut want: Vec<&PaymentRecord> = made
+            .iter()
+            .filter(|r| r.created_at >= base + 1 && r.created_at < base + 4)
+            .collect();
+        want.sort_by(|x, y| {
+            (x.created_at, x.payment_id.as_str()).cmp(&(y.created_at, y.payment_id.as_str()))
+        });
+        let got_ids: Vec<_> = got.iter().map(|r| r.payment_id.clone()).collect();
+        let want_ids: Vec<_> = want.iter().map(|r| r.payment_id.clone()).collect();
+        assert_eq!(got_ids.len(), 15, "{name}");
+        assert_eq!(got_ids, want_ids, "{name}");
+    })
+    .await;
+}
