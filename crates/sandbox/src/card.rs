@@ -3,12 +3,12 @@
 //! and the faults of a [`FaultProfile`].
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
@@ -44,6 +44,42 @@ pub struct Approval {
     pub approved_at: String,
 }
 
+/// An approval placed in the simulator's books directly, as if it had been
+/// given long ago or through another channel (see
+/// [`CardSim::seed_approvals`]): a `DONE` payment and its transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedApproval {
+    /// The order id.
+    pub order_id: String,
+    /// The payment key.
+    pub payment_key: String,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// When it was approved, epoch ms (kept to the second, as Toss dates).
+    pub at_ms: i64,
+}
+
+/// `n` generated approvals spread evenly over `[from_ms, to_ms)`, in time
+/// order: orderIds `gen-000000000`, `gen-000000001`, ..., payment keys
+/// `pk_gen-…`, amounts 1,000 to 100,000 (KRW). Deterministic, so a
+/// benchmark can seed paygate's store with the matching records.
+pub fn generated_approvals(
+    n: usize,
+    from_ms: i64,
+    to_ms: i64,
+) -> impl Iterator<Item = SeedApproval> {
+    let span = (to_ms - from_ms).max(1);
+    (0..n).map(move |i| {
+        let at_ms = from_ms + (i128::from(span) * i as i128 / n.max(1) as i128) as i64;
+        SeedApproval {
+            order_id: format!("gen-{i:09}"),
+            payment_key: format!("pk_gen-{i:09}"),
+            amount: 1_000 * (1 + (i as i64 % 100)),
+            at_ms,
+        }
+    })
+}
+
 /// Call and approval counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CardStats {
@@ -70,7 +106,45 @@ struct CardState {
     approvals: Vec<Approval>,
     approvals_per_order: HashMap<String, u64>,
     attempts_per_order: HashMap<String, u64>,
+    /// Sorted by `transaction_key`; keys are `tx_` + a ULID whose time part
+    /// is the transaction's time, so the list is in time order as well.
     transactions: Vec<Transaction>,
+    /// `transactionAt` of each transaction, epoch ms (binary-searched).
+    tx_at_ms: Vec<i64>,
+    tx_keys: ulid::Generator,
+    /// Transaction-list pages served per `(startDate, endDate)`, epoch ms.
+    pages_per_window: BTreeMap<(i64, i64), u64>,
+}
+
+impl CardState {
+    /// Appends a transaction dated `at_ms` (to the second), keeping the list
+    /// sorted; `make` gets the new key and the `transactionAt` text.
+    fn push_tx(&mut self, at_ms: i64, make: impl FnOnce(String, String) -> Transaction) -> String {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.max(0) as u64);
+        let id = self
+            .tx_keys
+            .generate_from_datetime(at)
+            .unwrap_or_else(|_| ulid::Ulid::from_datetime(at));
+        // The key's time part is the transaction's time, even if the clock
+        // stepped back and the generator kept the later time.
+        let at_ms = id.timestamp_ms() as i64;
+        let tx = make(
+            format!("tx_{id}"),
+            paygate_core::time::kst_rfc3339_from_ms(at_ms),
+        );
+        let pos = self
+            .transactions
+            .partition_point(|t| t.transaction_key <= tx.transaction_key);
+        let key = tx.transaction_key.clone();
+        self.transactions.insert(pos, tx);
+        self.tx_at_ms.insert(pos, at_ms);
+        key
+    }
+}
+
+/// Now, to the second (Toss dates transactions to the second).
+fn now_s_ms() -> i64 {
+    paygate_core::time::now_ms().div_euclid(1000) * 1000
 }
 
 /// The card API simulator. Shared behind an `Arc`; see [`router`].
@@ -126,6 +200,69 @@ impl CardSim {
     /// Takes the simulator down (every call answers 503) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Places approvals in the books directly: each becomes a `DONE` payment
+    /// (found by lookup, cancelable) and a `DONE` transaction at its time.
+    /// They are not counted in [`CardStats::approvals`], which counts what
+    /// confirms obtained. For `paygate sim --transactions` and tests.
+    pub fn seed_approvals(&self, approvals: impl IntoIterator<Item = SeedApproval>) {
+        let mut st = self.state();
+        for a in approvals {
+            let at_ms = a.at_ms.div_euclid(1000) * 1000;
+            let at = paygate_core::time::kst_rfc3339_from_ms(at_ms);
+            let payment = CardPayment {
+                payment_key: a.payment_key.clone(),
+                order_id: a.order_id.clone(),
+                status: "DONE".to_owned(),
+                total_amount: a.amount,
+                balance_amount: Some(a.amount),
+                approved_at: Some(at.clone()),
+                requested_at: Some(at.clone()),
+                method: Some("카드".to_owned()),
+                currency: Some("KRW".to_owned()),
+                failure: None,
+                cancels: None,
+            };
+            st.payments.insert(a.order_id.clone(), payment);
+            let id = ulid::Ulid::from_datetime(
+                SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.max(0) as u64),
+            );
+            st.transactions.push(Transaction {
+                transaction_key: format!("tx_{id}"),
+                payment_key: a.payment_key,
+                order_id: a.order_id,
+                method: Some("카드".to_owned()),
+                status: "DONE".to_owned(),
+                transaction_at: at,
+                currency: Some("KRW".to_owned()),
+                amount: a.amount,
+            });
+        }
+        // One sort for the whole batch (O(n log n)) rather than n inserts.
+        st.transactions
+            .sort_unstable_by(|x, y| x.transaction_key.cmp(&y.transaction_key));
+        let times = st
+            .transactions
+            .iter()
+            .map(|t| {
+                t.transaction_key
+                    .strip_prefix("tx_")
+                    .and_then(|k| ulid::Ulid::from_string(k).ok())
+                    .map_or(0, |u| u.timestamp_ms() as i64)
+            })
+            .collect();
+        st.tx_at_ms = times;
+    }
+
+    /// Transaction-list pages served per `(startDate, endDate)` (epoch ms).
+    pub fn pages_per_window(&self) -> BTreeMap<(i64, i64), u64> {
+        self.state().pages_per_window.clone()
+    }
+
+    /// Transactions held.
+    pub fn transaction_count(&self) -> usize {
+        self.state().transactions.len()
     }
 
     /// Counts so far.
@@ -196,15 +333,6 @@ fn idem_key(headers: &HeaderMap) -> Option<String> {
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-fn now_kst() -> String {
-    let now = time::OffsetDateTime::now_utc()
-        .to_offset(time::macros::offset!(+9))
-        .replace_nanosecond(0)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn json_response(status: u16, body: serde_json::Value) -> Response {
@@ -290,7 +418,8 @@ async fn confirm(
             drop(st);
             return json_response(replay.0, replay.1);
         }
-        let now = now_kst();
+        let now_ms = now_s_ms();
+        let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
         let (status, body) = if declined {
             let payment = CardPayment {
                 payment_key: req.payment_key.clone(),
@@ -335,13 +464,13 @@ async fn confirm(
             *st.approvals_per_order
                 .entry(req.order_id.clone())
                 .or_insert(0) += 1;
-            st.transactions.push(Transaction {
-                transaction_key: format!("tx_{}", ulid::Ulid::new()),
+            st.push_tx(now_ms, |transaction_key, transaction_at| Transaction {
+                transaction_key,
                 payment_key: req.payment_key.clone(),
                 order_id: req.order_id.clone(),
                 method: Some("카드".to_owned()),
                 status: "DONE".to_owned(),
-                transaction_at: now,
+                transaction_at,
                 currency: Some("KRW".to_owned()),
                 amount: req.amount,
             });
@@ -396,11 +525,15 @@ async fn cancel(
     {
         return json_response(status, body);
     }
-    let Some(payment) = st
+    let Some(order_id) = st
         .payments
-        .values_mut()
+        .values()
         .find(|p| p.payment_key == payment_key)
+        .map(|p| p.order_id.clone())
     else {
+        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
+    };
+    let Some(payment) = st.payments.get(&order_id).cloned() else {
         return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
     };
     if payment.status != "DONE" && payment.status != "PARTIAL_CANCELED" {
@@ -408,33 +541,34 @@ async fn cancel(
     }
     let balance = payment.balance_amount.unwrap_or(payment.total_amount);
     let amount = req.cancel_amount.unwrap_or(balance).min(balance);
-    let now = now_kst();
-    payment.balance_amount = Some(balance - amount);
-    payment.status = if balance - amount == 0 {
+    let status = if balance - amount == 0 {
         "CANCELED"
     } else {
         "PARTIAL_CANCELED"
-    }
-    .to_owned();
-    let tx_key = format!("tx_{}", ulid::Ulid::new());
-    payment.cancels.get_or_insert_with(Vec::new).push(Cancel {
-        cancel_amount: amount,
-        cancel_reason: req.cancel_reason.clone(),
-        canceled_at: now.clone(),
-        transaction_key: Some(tx_key.clone()),
-    });
-    let tx = Transaction {
-        transaction_key: tx_key,
+    };
+    let now_ms = now_s_ms();
+    let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| Transaction {
+        transaction_key,
         payment_key: payment.payment_key.clone(),
         order_id: payment.order_id.clone(),
         method: payment.method.clone(),
-        status: payment.status.clone(),
-        transaction_at: now,
+        status: status.to_owned(),
+        transaction_at,
         currency: payment.currency.clone(),
         amount,
+    });
+    let Some(payment) = st.payments.get_mut(&order_id) else {
+        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
     };
+    payment.balance_amount = Some(balance - amount);
+    payment.status = status.to_owned();
+    payment.cancels.get_or_insert_with(Vec::new).push(Cancel {
+        cancel_amount: amount,
+        cancel_reason: req.cancel_reason.clone(),
+        canceled_at: paygate_core::time::kst_rfc3339_from_ms(now_ms),
+        transaction_key: Some(tx_key),
+    });
     let body = serde_json::to_value(&*payment).unwrap_or_default();
-    st.transactions.push(tx);
     if let Some(k) = key {
         st.replays
             .insert(format!("cancel:{k}"), (200, body.clone()));
@@ -462,25 +596,25 @@ async fn transactions(
             "startDate and endDate must be ISO 8601 date-times",
         );
     };
-    tokio::time::sleep(std::time::Duration::from_millis(
-        sim.profile.page_latency_ms,
-    ))
-    .await;
+    *sim.state()
+        .pages_per_window
+        .entry((start, end))
+        .or_insert(0) += 1;
+    tokio::time::sleep(Duration::from_millis(sim.profile.page_latency_ms)).await;
     let page: Vec<Transaction> = {
         let st = sim.state();
-        // Keys are ULIDs issued in order, so the vector is sorted by key.
-        let from = match &q.starting_after {
+        // Keys and times are both sorted: the page is a slice found by
+        // binary search, O(log n + limit) however long the list is.
+        let after_cursor = match &q.starting_after {
             Some(after) => st
                 .transactions
                 .partition_point(|t| &t.transaction_key <= after),
             None => 0,
         };
-        st.transactions[from..]
-            .iter()
-            .filter(|t| parse_date(&t.transaction_at).is_some_and(|at| at >= start && at <= end))
-            .take(limit as usize)
-            .cloned()
-            .collect()
+        let from = after_cursor.max(st.tx_at_ms.partition_point(|&at| at < start));
+        let to = st.tx_at_ms.partition_point(|&at| at <= end);
+        let to = to.min(from.saturating_add(limit as usize)).max(from);
+        st.transactions[from..to].to_vec()
     };
     Json(page).into_response()
 }
@@ -488,6 +622,5 @@ async fn transactions(
 /// Parses RFC 3339, or a local date-time without offset (taken as KST, as
 /// Toss does), into epoch ms.
 fn parse_date(s: &str) -> Option<i64> {
-    paygate_core::time::ms_from_rfc3339(s)
-        .or_else(|| paygate_core::time::ms_from_rfc3339(&format!("{s}+09:00")))
+    paygate_core::time::ms_from_rfc3339_or_kst(s)
 }

@@ -19,7 +19,7 @@ pub mod ledger;
 
 use std::{net::SocketAddr, sync::Arc};
 
-pub use card::{Approval, CardSim, CardStats};
+pub use card::{generated_approvals, Approval, CardSim, CardStats, SeedApproval};
 pub use discord::{DiscordSim, DiscordStats};
 pub use faults::{FaultProfile, OutageWindow};
 pub use ledger::{LedgerSim, LedgerStats};
