@@ -31,6 +31,18 @@ pub enum AlertReason {
     LedgerSaveFailed,
     /// The state store failed after an approval; the record is left for the batch.
     StoreFailedAfterApproval,
+    /// Reconciliation: the card company approved a different amount than
+    /// paygate recorded. No automatic action.
+    AmountMismatch,
+    /// Reconciliation: paid in paygate, but the card company shows no
+    /// approval (its list does not have it and a lookup confirms).
+    PaidNotApproved,
+    /// Reconciliation: an approval with no paygate record at all was
+    /// canceled at the card company.
+    OrphanCanceled,
+    /// Reconciliation: an approval with no paygate record could not be
+    /// canceled; it is still charged.
+    OrphanNotCanceled,
 }
 
 impl AlertReason {
@@ -42,6 +54,10 @@ impl AlertReason {
             Self::LedgerRefused => "ledger_refused",
             Self::LedgerSaveFailed => "ledger_save_failed",
             Self::StoreFailedAfterApproval => "store_failed_after_approval",
+            Self::AmountMismatch => "amount_mismatch",
+            Self::PaidNotApproved => "paid_not_approved",
+            Self::OrphanCanceled => "orphan_canceled",
+            Self::OrphanNotCanceled => "orphan_not_canceled",
         }
     }
 
@@ -53,6 +69,10 @@ impl AlertReason {
             Self::LedgerRefused => "Ledger refused an approved payment",
             Self::LedgerSaveFailed => "Ledger save failed repeatedly",
             Self::StoreFailedAfterApproval => "State store failed after an approval",
+            Self::AmountMismatch => "Card company approved a different amount",
+            Self::PaidNotApproved => "Paid in paygate but not approved at the card company",
+            Self::OrphanCanceled => "Approval without a paygate payment was canceled",
+            Self::OrphanNotCanceled => "Approval without a paygate payment could NOT be canceled",
         }
     }
 }

@@ -109,3 +109,69 @@ impl Lease {
             .map_err(map_err))
     }
 }
+
+/// A held lease being renewed in the background (every third of its time to
+/// live) until [`Renewal::finish`]. See [`Lease::keep_alive`].
+#[derive(Debug)]
+pub struct Renewal {
+    lease: Lease,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Starts renewing a lease this owner holds. When a renewal finds the
+    /// lease taken over by another owner, [`Renewal::lost`] turns true and
+    /// the work under it should stop; a failed renewal (database trouble) is
+    /// logged and tried again at the next tick.
+    pub fn keep_alive(&self, ttl: Duration) -> Renewal {
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let (lease, lost, every) = (self.clone(), lost.clone(), ttl / 3);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match lease.renew().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::error!(lease = %lease.name, "lease lost to another process; stopping");
+                            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(lease = %lease.name, error = %e, "could not renew the lease")
+                        }
+                    }
+                }
+            })
+        };
+        Renewal {
+            lease: self.clone(),
+            lost,
+            task,
+        }
+    }
+}
+
+impl Renewal {
+    /// True once the lease was found taken over.
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The flag [`Renewal::lost`] reads, to share with workers.
+    pub fn lost_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.lost.clone()
+    }
+
+    /// Stops renewing and releases the lease (unless it was lost). A failed
+    /// release is logged: the lease then expires by itself.
+    pub async fn finish(self) {
+        self.task.abort();
+        if !self.lost() {
+            if let Err(e) = self.lease.release().await {
+                tracing::warn!(lease = %self.lease.name, error = %e, "could not release the lease; it expires by itself");
+            }
+        }
+    }
+}

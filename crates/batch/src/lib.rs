@@ -18,6 +18,7 @@
 //! others. A [`lease::Lease`] keeps sweeps from overlapping across replicas.
 
 pub mod lease;
+pub mod schedule;
 
 use std::{
     sync::{
@@ -354,33 +355,9 @@ impl Sweeper {
                 expires_in_ms: held.expires_at - paygate_core::time::now_ms(),
             });
         }
-        let lost = Arc::new(AtomicBool::new(false));
-        let renewer = {
-            let (lease, lost, every) = (lease.clone(), lost.clone(), opts.lease_ttl / 3);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match lease.renew().await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::error!(
-                                "batch lease lost to another process; stopping the sweep"
-                            );
-                            lost.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not renew the batch lease"),
-                    }
-                }
-            })
-        };
-        let result = self.sweep_records(opts, &lost).await;
-        renewer.abort();
-        if !lost.load(Ordering::SeqCst) {
-            if let Err(e) = lease.release().await {
-                tracing::warn!(error = %e, "could not release the batch lease; it expires by itself");
-            }
-        }
+        let renewal = lease.keep_alive(opts.lease_ttl);
+        let result = self.sweep_records(opts, &renewal.lost_flag()).await;
+        renewal.finish().await;
         result
     }
 

@@ -19,7 +19,10 @@ use std::{
 };
 
 use paygate_api_log::{Kind, LogEntry, SqlApiLog, Target};
-use paygate_card_api::{codes, CardApi, CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
+use paygate_card_api::{
+    codes, CancelRequest, CardApi, CardApiError, CardPayment, ConfirmRequest, Transaction,
+    TransactionsQuery, CONFIRM_PATH,
+};
 use paygate_core::{
     payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
@@ -260,6 +263,30 @@ fn classify_lookup(e: &AttemptError<CardApiError>) -> ErrorClass {
         outcome,
         retryable: false,
         retry_after: e.retry_after(),
+    }
+}
+
+/// Transaction-list pages: reads, so 5xx, 429, timeouts and resets are
+/// retried (within the budget); other 4xx are healthy refusals.
+fn classify_page(e: &CardApiError) -> ErrorClass {
+    let transient = e.is_transient() || matches!(e, CardApiError::Rejected { status: 429, .. });
+    ErrorClass {
+        outcome: if transient {
+            CallOutcome::Failure
+        } else {
+            CallOutcome::Success
+        },
+        retryable: transient,
+        retry_after: e.retry_after(),
+    }
+}
+
+/// Cancels carry an idempotency key, so a timed-out or failed one is sent
+/// again with the same key (the card company replays the first answer).
+fn classify_cancel(e: &AttemptError<CardApiError>) -> ErrorClass {
+    match e {
+        AttemptError::Downstream(e) => classify_page(e),
+        AttemptError::LogUnavailable(_) => NO_RETRY_IGNORED,
     }
 }
 
@@ -720,6 +747,12 @@ impl Saga {
         ConfirmOutcome::Unknown(record)
     }
 
+    /// Raises an alert as it is (the reconciliation's alerts about
+    /// approvals paygate holds no record of); `true` when it is new.
+    pub async fn raise_alert(&self, alert: Alert) -> bool {
+        self.alerter.raise(alert).await
+    }
+
     /// Raises an alert about a payment; `true` when it is new.
     pub async fn alert(&self, record: &PaymentRecord, reason: AlertReason, detail: String) -> bool {
         self.alerter
@@ -851,32 +884,9 @@ impl Saga {
             if attempt > 1 {
                 tokio::time::sleep(self.settings.lookup_delay * (attempt - 1)).await;
             }
-            let site = CallSite {
-                payment_id: record.payment_id.clone(),
-                target: Target::CardApi,
-                method: "GET",
-                path: format!("/v1/payments/orders/{}", record.order_id),
-                body: None,
-                attempt_offset: i32::try_from(attempt).unwrap_or(i32::MAX) - 1,
-            };
-            let card = self.card.clone();
-            let order = record.order_id.to_string();
-            let call = move || {
-                let (card, order) = (card.clone(), order.clone());
-                async move { card.payment_by_order_id(&order).await }
-            };
-            let sent = Arc::new(AtomicU32::new(0));
+            let offset = i32::try_from(attempt).unwrap_or(i32::MAX) - 1;
             match self
-                .through(
-                    &self.card_stack,
-                    RequestKind::Idempotent,
-                    Some(1),
-                    site,
-                    call,
-                    describe_lookup,
-                    classify_lookup,
-                    sent,
-                )
+                .lookup_once(&record.payment_id, record.order_id.as_str(), offset)
                 .await
             {
                 Ok(Some(p)) if p.payment_key != record.payment_key => {
@@ -916,6 +926,132 @@ impl Saga {
                 self.settings.lookup_attempts
             ),
         }
+    }
+
+    /// One logged lookup by orderId through the card stack (one attempt).
+    fn lookup_once(
+        self: &Arc<Self>,
+        subject: &PaymentId,
+        order_id: &str,
+        attempt_offset: i32,
+    ) -> impl Future<Output = Result<Option<CardPayment>, CallError<AttemptError<CardApiError>>>>
+           + Send
+           + 'static {
+        let site = CallSite {
+            payment_id: subject.clone(),
+            target: Target::CardApi,
+            method: "GET",
+            path: format!("/v1/payments/orders/{order_id}"),
+            body: None,
+            attempt_offset,
+        };
+        let card = self.card.clone();
+        let order = order_id.to_owned();
+        let call = move || {
+            let (card, order) = (card.clone(), order.clone());
+            async move { card.payment_by_order_id(&order).await }
+        };
+        self.through(
+            &self.card_stack,
+            RequestKind::Idempotent,
+            Some(1),
+            site,
+            call,
+            describe_lookup,
+            classify_lookup,
+            Arc::new(AtomicU32::new(0)),
+        )
+    }
+
+    /// Looks an order up at the card company (Toss
+    /// `GET /v1/payments/orders/{orderId}`), logged in the SQL log under
+    /// `subject` like every downstream call: a payment's id, or for an order
+    /// paygate has no record of, the reconciliation's `orphan_<orderId>`.
+    /// `Ok(None)` when the card company has no payment for the order.
+    ///
+    /// # Errors
+    /// A description of why no answer was had (the stack refused, the log
+    /// could not be written, or the card API failed).
+    pub async fn lookup_order(
+        self: &Arc<Self>,
+        subject: &PaymentId,
+        order_id: &str,
+    ) -> Result<Option<CardPayment>, String> {
+        self.lookup_once(subject, order_id, 0)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Cancels a payment at the card company (Toss
+    /// `POST /v1/payments/{paymentKey}/cancel`, full amount) with
+    /// `idempotency_key`, through the card stack (retried on 5xx and lost
+    /// answers with the same key) and logged under `subject`.
+    ///
+    /// # Errors
+    /// A description of why it was not canceled (the card company refused,
+    /// the stack refused, or no answer).
+    pub async fn cancel_at_card(
+        self: &Arc<Self>,
+        subject: &PaymentId,
+        payment_key: &str,
+        reason: &str,
+        idempotency_key: &str,
+    ) -> Result<CardPayment, String> {
+        let req = CancelRequest {
+            cancel_reason: reason.to_owned(),
+            cancel_amount: None,
+        };
+        let site = CallSite {
+            payment_id: subject.clone(),
+            target: Target::CardApi,
+            method: "POST",
+            path: format!("/v1/payments/{payment_key}/cancel"),
+            body: serde_json::to_value(&req).ok(),
+            attempt_offset: 0,
+        };
+        let (card, key, pk) = (
+            self.card.clone(),
+            idempotency_key.to_owned(),
+            payment_key.to_owned(),
+        );
+        let call = move || {
+            let (card, req, key, pk) = (card.clone(), req.clone(), key.clone(), pk.clone());
+            async move { card.cancel(&pk, &req, &key).await }
+        };
+        self.through(
+            &self.card_stack,
+            RequestKind::Idempotent,
+            None,
+            site,
+            call,
+            describe_card,
+            classify_cancel,
+            Arc::new(AtomicU32::new(0)),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    /// One page of the card company's transaction list (Toss
+    /// `GET /v1/transactions`) through the card stack: breaker, bulkhead,
+    /// rate limit and budgeted retries of 5xx/429/timeouts. A read with no
+    /// payment to file it under, so it is traced, not written to the SQL log.
+    ///
+    /// # Errors
+    /// [`CallError`] after retries, or the stack's refusal.
+    pub async fn transactions_page(
+        &self,
+        query: TransactionsQuery,
+    ) -> Result<Vec<Transaction>, CallError<CardApiError>> {
+        let card = self.card.clone();
+        let query = Arc::new(query);
+        let attempt = move |_n: u32| {
+            let (card, query) = (card.clone(), query.clone());
+            async move { card.transactions(&query).await }
+        };
+        self.card_stack
+            .call(RequestKind::Idempotent, None, attempt, classify_page)
+            .await
     }
 
     /// Settles a payment whose card outcome is not known (`PENDING` past its

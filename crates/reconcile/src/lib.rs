@@ -1,0 +1,771 @@
+//! paygate-reconcile: reconciliation of paygate's records against the card
+//! company's transaction list (DESIGN.md §10), run as `paygate reconcile`,
+//! once or on a stable interval.
+//!
+//! A run over a window `[from, to)`:
+//! 1. **Stale pending.** Records in `realtime_payments` that are not paid,
+//!    `PENDING` or `UNKNOWN`, and older than `stale_after` (default 10 min)
+//!    are looked up by orderId, `stale_concurrency` at a time, each in
+//!    isolation, and filed by the batch's own [`paygate_batch::Settler`].
+//! 2. **The list.** The window is cut into `slices` (whole seconds, as Toss
+//!    dates transactions) fetched `slice_concurrency` at a time; each slice
+//!    is paged in order with `startingAfter`, stopping at the first short
+//!    page, and the next page is fetched while the current one is matched.
+//! 3. **Match.** For each page, paygate's records are read in chunks of at
+//!    most `lookup_chunk` orderIds and joined to the page's approvals with a
+//!    hash map (O(n + m)); then, per approval (`DONE`):
+//!    - paid in paygate, same amount → *matched*;
+//!    - not paid (`PENDING`/`UNKNOWN`, older than `min_age`) → *recover*:
+//!      settled as the batch settles it (lookup, mark paid, ledger);
+//!    - amounts differ → alert `amount_mismatch`, no action;
+//!    - no paygate record at all → *orphan*: after a lookup shows it still
+//!      approved, cancel it at the card company with the idempotency key
+//!      `reconcile-cancel-<paymentKey>` and alert `orphan_canceled`;
+//!    - recorded by paygate as declined, or under another paymentKey →
+//!      alert `card_mismatch` (contradicting evidence is for a human).
+//! 4. **Paid but not approved.** Paid records created in the slice whose
+//!    order the slice's list did not show approved are looked up (an
+//!    approval just across a slice edge is found this way) and, if the card
+//!    company has no approval, alerted as `paid_not_approved`.
+//!
+//! Memory is bounded by the slice (the set of approved orderIds seen in it)
+//! times the slice concurrency, not by the window. Every card call except
+//! the pages goes through the saga's logged calls, so it is in the SQL log
+//! (I3); an order with no paygate record is logged under `orphan_<orderId>`.
+//! All card calls share the card API's resilience stack and rate limit.
+//! A lease (`reconcile`) keeps two runs from overlapping across replicas.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{StreamExt, TryStreamExt};
+use paygate_alert::{Alert, AlertReason};
+use paygate_batch::{lease::Lease, Settler};
+use paygate_card_api::{Transaction, TransactionsQuery};
+use paygate_core::{CardStatus, Partition, PaymentId, PaymentRecord};
+use paygate_gateway::saga::{Saga, Settlement};
+use paygate_state_store::{SqlDatabase, StateStore, StoreError};
+use serde::Serialize;
+
+/// How a run goes. Times are epoch ms; durations are wall clock.
+#[derive(Clone, Debug)]
+pub struct ReconcileOptions {
+    /// Window start (inclusive), epoch ms. Floored to the second.
+    pub from_ms: i64,
+    /// Window end (exclusive), epoch ms. Rounded up to the second.
+    pub to_ms: i64,
+    /// Transactions per page (`limit`, 1-5000).
+    pub page_size: u32,
+    /// Slices the window is cut into (at most one per second of window).
+    pub slices: u32,
+    /// Slices fetched at once.
+    pub slice_concurrency: usize,
+    /// Most orderIds per store query.
+    pub lookup_chunk: usize,
+    /// Not-paid records older than this are settled by lookup.
+    pub stale_after: Duration,
+    /// Stale lookups (and not-approved checks) at once.
+    pub stale_concurrency: usize,
+    /// A not-paid record younger than this may still be in its saga: it is
+    /// not recovered from the list (the next run or the stale pass will).
+    pub min_age: Duration,
+    /// Print the plan, change nothing, make no call but the list's pages.
+    pub dry_run: bool,
+    /// Lease time to live (renewed every third of it).
+    pub lease_ttl: Duration,
+    /// "ledger save failed" threshold of the shared batch save.
+    pub ledger_alert_threshold: i64,
+}
+
+impl ReconcileOptions {
+    /// Defaults for the window `[from_ms, to_ms)`.
+    pub fn window(from_ms: i64, to_ms: i64) -> Self {
+        Self {
+            from_ms,
+            to_ms,
+            page_size: 1_000,
+            slices: 8,
+            slice_concurrency: 4,
+            lookup_chunk: 500,
+            stale_after: Duration::from_secs(600),
+            stale_concurrency: 10,
+            min_age: Duration::from_secs(120),
+            dry_run: false,
+            lease_ttl: Duration::from_secs(60),
+            ledger_alert_threshold: 5,
+        }
+    }
+
+    /// Defaults for the last 24 hours.
+    pub fn last_24h() -> Self {
+        let now = paygate_core::time::now_ms();
+        Self::window(now - 86_400_000, now)
+    }
+
+    /// Checks the options; the message names the bad one.
+    ///
+    /// # Errors
+    /// [`ReconcileError::Invalid`].
+    pub fn validate(&self) -> Result<(), ReconcileError> {
+        let bad = |m: &str| Err(ReconcileError::Invalid(m.to_owned()));
+        if self.to_ms <= self.from_ms {
+            return bad("--to must be after --from");
+        }
+        if self.page_size == 0 || self.page_size > 5_000 {
+            return bad("page size must be 1 to 5000 (the card API's limit)");
+        }
+        if self.slices == 0 || self.slice_concurrency == 0 {
+            return bad("slices and slice concurrency must be at least 1");
+        }
+        if self.lookup_chunk == 0 || self.stale_concurrency == 0 {
+            return bad("lookup chunk and stale concurrency must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What a run did. `--json` prints exactly these keys. In a dry run the
+/// counts are what it would do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Transactions read from the card company's list.
+    pub transactions: u64,
+    /// Pages fetched.
+    pub pages: u64,
+    /// Approvals that match a paid paygate record.
+    pub matched: u64,
+    /// Approvals recovered: a not-paid record now paid (and saved if the
+    /// ledger took it), from the list or the stale pass.
+    pub recovered: u64,
+    /// Orphan approvals canceled at the card company.
+    pub cancelled: u64,
+    /// New alerts raised (repeats of an open alert are not counted).
+    pub alerts: u64,
+    /// Records, orders or slices whose handling failed (logged; the next
+    /// run tries again).
+    pub failures: u64,
+    /// Wall time, ms.
+    pub duration_ms: u64,
+    /// Slices whose pages could not all be fetched: the window was not
+    /// fully reconciled (not in the JSON keys; the CLI exits 1).
+    #[serde(skip)]
+    pub incomplete_slices: u64,
+}
+
+/// One planned or taken action, for the dry run's plan and the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A not-paid record older than the stale threshold: look it up, settle it.
+    SettleStale {
+        /// The payment.
+        payment_id: String,
+        /// Its order.
+        order_id: String,
+    },
+    /// Approved at the card company, not paid in paygate: settle (recover) it.
+    Recover {
+        /// The payment.
+        payment_id: String,
+        /// Its order.
+        order_id: String,
+    },
+    /// Approved at the card company with no paygate record: cancel it.
+    CancelOrphan {
+        /// The order.
+        order_id: String,
+        /// The card company's payment key.
+        payment_key: String,
+        /// Amount, minor units.
+        amount: i64,
+    },
+    /// An alert to raise.
+    Alert {
+        /// Why.
+        reason: AlertReason,
+        /// The payment (or `orphan_<orderId>`).
+        payment_id: String,
+        /// What was seen.
+        detail: String,
+    },
+    /// Paid in paygate, not in the list: look it up; alert if not approved.
+    CheckNotApproved {
+        /// The payment.
+        payment_id: String,
+        /// Its order.
+        order_id: String,
+    },
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SettleStale {
+                payment_id,
+                order_id,
+            } => write!(f, "settle stale {payment_id} (order {order_id}) by lookup"),
+            Self::Recover {
+                payment_id,
+                order_id,
+            } => write!(
+                f,
+                "recover {payment_id} (order {order_id}): approved at the card company, not paid here"
+            ),
+            Self::CancelOrphan {
+                order_id,
+                payment_key,
+                amount,
+            } => write!(
+                f,
+                "cancel orphan approval order {order_id} paymentKey {payment_key} amount {amount}"
+            ),
+            Self::Alert {
+                reason,
+                payment_id,
+                detail,
+            } => write!(f, "alert {} for {payment_id}: {detail}", reason.as_str()),
+            Self::CheckNotApproved {
+                payment_id,
+                order_id,
+            } => write!(
+                f,
+                "look up {payment_id} (order {order_id}): paid here, not in the card company's list"
+            ),
+        }
+    }
+}
+
+/// Receives each action as it is planned (dry run) or taken.
+pub type ActionSink = Arc<dyn Fn(&Action) + Send + Sync>;
+
+/// Why a run could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The options are not usable.
+    #[error("invalid options: {0}")]
+    Invalid(String),
+    /// Another run holds the lease.
+    #[error("lease held by {owner} for {expires_in_ms} ms more")]
+    LeaseHeld {
+        /// The holder.
+        owner: String,
+        /// Until its expiry, ms.
+        expires_in_ms: i64,
+    },
+    /// The lease was lost mid-run (another process took it over); the run
+    /// stopped. The partial summary is attached.
+    #[error("lease lost mid-run")]
+    LeaseLost(Summary),
+    /// The store could not be read.
+    #[error("store unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Default)]
+struct Counters {
+    transactions: AtomicU64,
+    pages: AtomicU64,
+    matched: AtomicU64,
+    recovered: AtomicU64,
+    cancelled: AtomicU64,
+    alerts: AtomicU64,
+    failures: AtomicU64,
+    incomplete_slices: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn summary(&self, started: Instant) -> Summary {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Summary {
+            transactions: g(&self.transactions),
+            pages: g(&self.pages),
+            matched: g(&self.matched),
+            recovered: g(&self.recovered),
+            cancelled: g(&self.cancelled),
+            alerts: g(&self.alerts),
+            failures: g(&self.failures),
+            duration_ms: started.elapsed().as_millis() as u64,
+            incomplete_slices: g(&self.incomplete_slices),
+        }
+    }
+}
+
+/// One slice of the window: `[start_ms, end_ms]`, whole seconds, inclusive
+/// (the card API's `endDate` is inclusive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// First second, epoch ms.
+    pub start_ms: i64,
+    /// Last second, epoch ms (inclusive).
+    pub end_ms: i64,
+}
+
+/// Cuts `[from_ms, to_ms)` into at most `n` slices of whole seconds that
+/// cover it without overlap.
+pub fn slices(from_ms: i64, to_ms: i64, n: u32) -> Vec<Slice> {
+    let first = from_ms.div_euclid(1000);
+    let end = (to_ms + 999).div_euclid(1000); // exclusive, in seconds
+    let secs = (end - first).max(0);
+    let n = i64::from(n.max(1)).min(secs);
+    (0..n)
+        .map(|i| Slice {
+            start_ms: (first + secs * i / n) * 1000,
+            end_ms: (first + secs * (i + 1) / n - 1) * 1000,
+        })
+        .collect()
+}
+
+/// The reconciliation over its dependencies.
+pub struct Reconciler {
+    store: Arc<dyn StateStore>,
+    saga: Arc<Saga>,
+    db: SqlDatabase,
+    sink: Option<ActionSink>,
+}
+
+/// What one run shares between its tasks.
+struct Run<'a> {
+    opts: &'a ReconcileOptions,
+    counters: Counters,
+    settler: Settler,
+    lost: Arc<AtomicBool>,
+    now_ms: i64,
+}
+
+impl Reconciler {
+    /// A reconciler over the store, the saga (its card stack, logged calls
+    /// and alerter) and the SQL database (lease).
+    pub fn new(store: Arc<dyn StateStore>, saga: Arc<Saga>, db: SqlDatabase) -> Self {
+        Self {
+            store,
+            saga,
+            db,
+            sink: None,
+        }
+    }
+
+    /// Sends every planned or taken action to `sink` (the CLI prints a dry
+    /// run's plan this way).
+    pub fn with_sink(mut self, sink: ActionSink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    fn emit(&self, action: Action) {
+        tracing::info!(action = %action, "reconcile");
+        if let Some(sink) = &self.sink {
+            sink(&action);
+        }
+    }
+
+    /// Runs one reconciliation under the lease `reconcile`.
+    ///
+    /// # Errors
+    /// [`ReconcileError::Invalid`] for bad options; [`ReconcileError::LeaseHeld`]
+    /// when another run is going; [`ReconcileError::LeaseLost`] when the lease
+    /// was taken mid-run; [`ReconcileError::Store`] when the store cannot be read.
+    pub async fn run(&self, opts: &ReconcileOptions) -> Result<Summary, ReconcileError> {
+        opts.validate()?;
+        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
+        let lease = Lease::new(self.db.clone(), "reconcile", &owner, opts.lease_ttl);
+        if let Err(held) = lease.acquire().await? {
+            return Err(ReconcileError::LeaseHeld {
+                owner: held.owner,
+                expires_in_ms: held.expires_at - paygate_core::time::now_ms(),
+            });
+        }
+        let renewal = lease.keep_alive(opts.lease_ttl);
+        let run = Run {
+            opts,
+            counters: Counters::default(),
+            settler: Settler::new(
+                self.store.clone(),
+                self.saga.clone(),
+                opts.ledger_alert_threshold,
+            ),
+            lost: renewal.lost_flag(),
+            now_ms: paygate_core::time::now_ms(),
+        };
+        let started = Instant::now();
+        let result = self.run_under_lease(&run).await;
+        renewal.finish().await;
+        let summary = run.counters.summary(started);
+        metrics::counter!("paygate_reconcile_runs_total").increment(1);
+        for (name, v) in [
+            ("paygate_reconcile_last_transactions", summary.transactions),
+            ("paygate_reconcile_last_recovered", summary.recovered),
+            ("paygate_reconcile_last_cancelled", summary.cancelled),
+            ("paygate_reconcile_last_failures", summary.failures),
+        ] {
+            metrics::gauge!(name).set(v as f64);
+        }
+        match result {
+            Ok(()) if run.lost.load(Ordering::SeqCst) => Err(ReconcileError::LeaseLost(summary)),
+            Ok(()) => Ok(summary),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn run_under_lease(&self, run: &Run<'_>) -> Result<(), ReconcileError> {
+        self.stale_pass(run).await?;
+        let slices = slices(run.opts.from_ms, run.opts.to_ms, run.opts.slices);
+        futures_util::stream::iter(slices)
+            .for_each_concurrent(run.opts.slice_concurrency, |slice| async move {
+                if run.lost.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.slice(run, slice).await;
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Step 1: not-paid records past `stale_after`, settled as the batch does.
+    async fn stale_pass(&self, run: &Run<'_>) -> Result<(), ReconcileError> {
+        let cutoff = run.now_ms - run.opts.stale_after.as_millis() as i64;
+        self.store
+            .scan(Partition::Realtime, 500)
+            .map_err(ReconcileError::Store)
+            .try_filter(|r| {
+                let stale = !r.is_paid
+                    && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
+                    && r.created_at <= cutoff;
+                std::future::ready(stale)
+            })
+            .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
+                if run.lost.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                self.emit(Action::SettleStale {
+                    payment_id: r.payment_id.to_string(),
+                    order_id: r.order_id.to_string(),
+                });
+                self.settle(run, r).await;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Settles one record through the batch's code; each in isolation.
+    async fn settle(&self, run: &Run<'_>, r: PaymentRecord) {
+        let pid = r.payment_id.clone();
+        match run.settler.settle(r, run.opts.dry_run).await {
+            Ok((settlement, tally)) => {
+                add(&run.counters.alerts, tally.alerts);
+                if settlement == Some(Settlement::Paid) {
+                    add(&run.counters.recovered, 1);
+                }
+            }
+            Err(e) => {
+                add(&run.counters.failures, 1);
+                tracing::error!(payment_id = %pid, error = %e, "reconcile: settling failed; continuing");
+            }
+        }
+    }
+
+    /// Steps 2-4 for one slice.
+    async fn slice(&self, run: &Run<'_>, slice: Slice) {
+        let limit = run.opts.page_size;
+        let query = |after: Option<String>| TransactionsQuery {
+            start_date: paygate_core::time::kst_local_from_ms(slice.start_ms),
+            end_date: paygate_core::time::kst_local_from_ms(slice.end_ms),
+            starting_after: after,
+            limit: Some(limit),
+        };
+        let mut approved: HashSet<String> = HashSet::new();
+        let mut page = self.saga.transactions_page(query(None)).await;
+        let complete = loop {
+            let txs = match page {
+                Ok(txs) => txs,
+                Err(e) => {
+                    tracing::error!(start = slice.start_ms, end = slice.end_ms, error = %e,
+                        "reconcile: a page of the transaction list could not be fetched; slice left unreconciled");
+                    break false;
+                }
+            };
+            add(&run.counters.pages, 1);
+            add(&run.counters.transactions, txs.len() as u64);
+            // A short page is the last: no request for an empty page after it.
+            let last = txs.len() < limit as usize || run.lost.load(Ordering::SeqCst);
+            let next = (!last)
+                .then(|| txs.last().map(|t| t.transaction_key.clone()))
+                .flatten();
+            // Fetch the next page while this one is matched.
+            let fetch_next = async {
+                match next {
+                    Some(after) => Some(self.saga.transactions_page(query(Some(after))).await),
+                    None => None,
+                }
+            };
+            let (_, fetched) = tokio::join!(self.match_page(run, &txs, &mut approved), fetch_next);
+            match fetched {
+                Some(p) => page = p,
+                None => break true,
+            }
+        };
+        if !complete {
+            add(&run.counters.failures, 1);
+            add(&run.counters.incomplete_slices, 1);
+            return;
+        }
+        self.paid_not_approved(run, slice, &approved).await;
+    }
+
+    /// Step 3: one page's approvals against paygate's records.
+    async fn match_page(&self, run: &Run<'_>, txs: &[Transaction], approved: &mut HashSet<String>) {
+        let approvals: Vec<&Transaction> = txs.iter().filter(|t| t.status == "DONE").collect();
+        for chunk in approvals.chunks(run.opts.lookup_chunk) {
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|t| t.order_id.clone())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let records = match self.store.find_by_order_ids(&ids).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, orders = ids.len(), "reconcile: could not read records; these orders are left for the next run");
+                    add(&run.counters.failures, 1);
+                    // Counted as seen so they are not also alerted as "not approved".
+                    approved.extend(ids);
+                    continue;
+                }
+            };
+            let mut by_order: HashMap<&str, Vec<&(Partition, PaymentRecord)>> = HashMap::new();
+            for rec in &records {
+                by_order
+                    .entry(rec.1.order_id.as_str())
+                    .or_default()
+                    .push(rec);
+            }
+            let work = chunk.iter().map(|tx| {
+                let found = by_order
+                    .get(tx.order_id.as_str())
+                    .cloned()
+                    .unwrap_or_default();
+                self.match_one(run, tx, found)
+            });
+            futures_util::stream::iter(work)
+                .buffer_unordered(run.opts.stale_concurrency)
+                .collect::<Vec<()>>()
+                .await;
+            approved.extend(chunk.iter().map(|t| t.order_id.clone()));
+        }
+    }
+
+    async fn match_one(
+        &self,
+        run: &Run<'_>,
+        tx: &Transaction,
+        found: Vec<&(Partition, PaymentRecord)>,
+    ) {
+        if found.is_empty() {
+            return self.orphan(run, tx).await;
+        }
+        let Some((partition, r)) = found.iter().find(|(_, r)| r.payment_key == tx.payment_key)
+        else {
+            let r = &found[0].1;
+            let detail = format!(
+                "order {} is approved at the card company under another paymentKey",
+                tx.order_id
+            );
+            return self.alert(run, r, AlertReason::CardMismatch, detail).await;
+        };
+        if r.amount != tx.amount {
+            let detail = format!(
+                "card company approved amount={} for order {}; paygate has amount={}",
+                tx.amount, tx.order_id, r.amount
+            );
+            return self
+                .alert(run, r, AlertReason::AmountMismatch, detail)
+                .await;
+        }
+        if r.is_paid {
+            add(&run.counters.matched, 1);
+            return;
+        }
+        let pending = matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
+        if *partition == Partition::Realtime && pending {
+            if r.created_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
+                // Its saga may be finishing right now; leave it to the saga.
+                return;
+            }
+            self.emit(Action::Recover {
+                payment_id: r.payment_id.to_string(),
+                order_id: r.order_id.to_string(),
+            });
+            return self.settle(run, r.clone()).await;
+        }
+        let detail = format!(
+            "card company approved order {} but paygate recorded it as {} ({})",
+            tx.order_id,
+            r.card_status.as_str(),
+            r.failure_code.clone().unwrap_or_default()
+        );
+        self.alert(run, r, AlertReason::CardMismatch, detail).await;
+    }
+
+    async fn alert(&self, run: &Run<'_>, r: &PaymentRecord, reason: AlertReason, detail: String) {
+        self.emit(Action::Alert {
+            reason,
+            payment_id: r.payment_id.to_string(),
+            detail: detail.clone(),
+        });
+        if !run.opts.dry_run && self.saga.alert(r, reason, detail).await {
+            add(&run.counters.alerts, 1);
+        }
+    }
+
+    /// An approval paygate has no record of: cancel it, then alert.
+    async fn orphan(&self, run: &Run<'_>, tx: &Transaction) {
+        self.emit(Action::CancelOrphan {
+            order_id: tx.order_id.clone(),
+            payment_key: tx.payment_key.clone(),
+            amount: tx.amount,
+        });
+        if run.opts.dry_run {
+            add(&run.counters.cancelled, 1);
+            return;
+        }
+        let subject = PaymentId::from_stored(format!("orphan_{}", tx.order_id));
+        // The list is history; the lookup tells whether it is still charged
+        // (a rerun finds it canceled and does nothing).
+        match self.saga.lookup_order(&subject, &tx.order_id).await {
+            Ok(Some(p))
+                if p.payment_key == tx.payment_key
+                    && (p.status == "DONE" || p.status == "PARTIAL_CANCELED") => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(order_id = %tx.order_id, error = %e, "reconcile: orphan lookup failed; next run");
+                add(&run.counters.failures, 1);
+                return;
+            }
+        }
+        let key = format!("reconcile-cancel-{}", tx.payment_key);
+        let reason = "reconciliation: approval without a paygate payment";
+        let alert = |reason, detail| Alert {
+            reason,
+            payment_id: subject.to_string(),
+            merchant_id: String::new(),
+            order_id: tx.order_id.clone(),
+            amount: tx.amount,
+            detail,
+        };
+        let raised = match self
+            .saga
+            .cancel_at_card(&subject, &tx.payment_key, reason, &key)
+            .await
+        {
+            Ok(_) => {
+                add(&run.counters.cancelled, 1);
+                let detail = format!(
+                    "approval of order {} (amount {}) had no paygate payment; canceled at the card company",
+                    tx.order_id, tx.amount
+                );
+                self.saga
+                    .raise_alert(alert(AlertReason::OrphanCanceled, detail))
+                    .await
+            }
+            Err(e) => {
+                add(&run.counters.failures, 1);
+                let detail = format!(
+                    "approval of order {} (amount {}) has no paygate payment and the cancel failed: {e}",
+                    tx.order_id, tx.amount
+                );
+                self.saga
+                    .raise_alert(alert(AlertReason::OrphanNotCanceled, detail))
+                    .await
+            }
+        };
+        if raised {
+            add(&run.counters.alerts, 1);
+        }
+    }
+
+    /// Step 4: paid records created in the slice that its list did not show.
+    async fn paid_not_approved(&self, run: &Run<'_>, slice: Slice, approved: &HashSet<String>) {
+        let (from, to) = (slice.start_ms, slice.end_ms + 1000);
+        let candidates = futures_util::stream::iter([Partition::Realtime, Partition::Completed])
+            .flat_map(|p| self.store.scan_created(p, from, to, 500))
+            .try_filter(|r| {
+                std::future::ready(r.is_paid && !approved.contains(r.order_id.as_str()))
+            });
+        let result = candidates
+            .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
+                self.emit(Action::CheckNotApproved {
+                    payment_id: r.payment_id.to_string(),
+                    order_id: r.order_id.to_string(),
+                });
+                if run.opts.dry_run {
+                    return Ok(());
+                }
+                match self.saga.lookup_order(&r.payment_id, r.order_id.as_str()).await {
+                    Ok(Some(p)) if p.is_approved() && p.payment_key == r.payment_key => {
+                        // Approved just across the slice's edge (or later).
+                        add(&run.counters.matched, 1);
+                    }
+                    Ok(found) => {
+                        let seen = found.map_or_else(
+                            || "no payment".to_owned(),
+                            |p| format!("status {}", p.status),
+                        );
+                        let detail = format!(
+                            "paid in paygate, but the card company shows {seen} for order {}",
+                            r.order_id
+                        );
+                        self.alert(run, &r, AlertReason::PaidNotApproved, detail).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(payment_id = %r.payment_id, error = %e, "reconcile: lookup failed; next run");
+                        add(&run.counters.failures, 1);
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "reconcile: could not scan paid records of a slice");
+            add(&run.counters.failures, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_the_window_in_whole_seconds_without_overlap() {
+        let s = slices(10_500, 20_000, 3);
+        // Seconds 10..=19 (20 is exclusive), cut in three.
+        assert_eq!(
+            s,
+            vec![
+                Slice {
+                    start_ms: 10_000,
+                    end_ms: 12_000
+                },
+                Slice {
+                    start_ms: 13_000,
+                    end_ms: 15_000
+                },
+                Slice {
+                    start_ms: 16_000,
+                    end_ms: 19_000
+                },
+            ]
+        );
+        // Never more slices than seconds.
+        assert_eq!(slices(0, 2_000, 8).len(), 2);
+        assert!(slices(5_000, 5_000, 4).is_empty());
+    }
+}
