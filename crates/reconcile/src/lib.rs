@@ -53,6 +53,12 @@ use paygate_gateway::saga::{Saga, Settlement};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError};
 use serde::Serialize;
 
+/// How long after its record's creation an approval may be dated: the
+/// not-approved check of a slice reads records created up to this long
+/// before the slice (the card deadline is 30 s by default; a lookup-settled
+/// payment carries the card company's own `approvedAt`).
+pub const APPROVAL_LAG_MS: i64 = 15 * 60_000;
+
 /// How a run goes. Times are epoch ms; durations are wall clock.
 #[derive(Clone, Debug)]
 pub struct ReconcileOptions {
@@ -691,13 +697,26 @@ impl Reconciler {
         }
     }
 
-    /// Step 4: paid records created in the slice that its list did not show.
+    /// Step 4: paid records approved (by their `approvedAt`, the time of the
+    /// card company's `DONE` transaction) in the slice that its list did not
+    /// show. Records are found by creation time, reaching back
+    /// [`APPROVAL_LAG_MS`] before the slice for approvals that came late.
     async fn paid_not_approved(&self, run: &Run<'_>, slice: Slice, approved: &HashSet<String>) {
         let (from, to) = (slice.start_ms, slice.end_ms + 1000);
+        let in_slice = move |r: &PaymentRecord| {
+            let at = r
+                .approved_at
+                .as_deref()
+                .and_then(paygate_core::time::ms_from_rfc3339_or_kst)
+                .unwrap_or(r.created_at);
+            at >= from && at < to
+        };
         let candidates = futures_util::stream::iter([Partition::Realtime, Partition::Completed])
-            .flat_map(|p| self.store.scan_created(p, from, to, 500))
+            .flat_map(|p| self.store.scan_created(p, from - APPROVAL_LAG_MS, to, 500))
             .try_filter(|r| {
-                std::future::ready(r.is_paid && !approved.contains(r.order_id.as_str()))
+                std::future::ready(
+                    r.is_paid && in_slice(r) && !approved.contains(r.order_id.as_str()),
+                )
             });
         let result = candidates
             .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
@@ -710,8 +729,8 @@ impl Reconciler {
                 }
                 match self.saga.lookup_order(&r.payment_id, r.order_id.as_str()).await {
                     Ok(Some(p)) if p.is_approved() && p.payment_key == r.payment_key => {
-                        // Approved just across the slice's edge (or later).
-                        add(&run.counters.matched, 1);
+                        // Approved, its transaction dated outside the slice
+                        // (the slice that holds it counted it).
                     }
                     Ok(found) => {
                         let seen = found.map_or_else(

@@ -1,0 +1,356 @@
+//! The reconciliation against the card simulator and a real store, on every
+//! SQL backend: each case gets exactly its action, a rerun does nothing new,
+//! paging stops at the first short page, stale records are settled, and a
+//! dry run changes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use paygate_alert::SqlOutbox;
+use paygate_core::{Config, MerchantId, OrderId, Partition, PaymentRecord, Secret};
+use paygate_gateway::Components;
+use paygate_reconcile::{slices, Action, ReconcileOptions, Reconciler};
+use paygate_sandbox::{FaultProfile, SandboxServers, SeedApproval};
+use paygate_state_store::{
+    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    Transition,
+};
+
+const SECRET: &str = "test_sk_reconcile";
+const MINUTE: i64 = 60_000;
+
+struct Env {
+    sandbox: SandboxServers,
+    c: Components,
+    cleanup: Cleanup,
+    merchant: MerchantId,
+    now: i64,
+}
+
+async fn env(backend: &Backend) -> Env {
+    let sandbox = SandboxServers::start(FaultProfile::none(), SECRET)
+        .await
+        .unwrap();
+    let (url, cleanup) = fresh_sql_url(backend).await;
+    let config = Config {
+        database_url: Secret::new(url),
+        card_api_url: Some(sandbox.card_url.clone()),
+        card_api_secret_key: Some(Secret::new(SECRET.into())),
+        ledger_api_url: Some(sandbox.ledger_url.clone()),
+        ..Config::default()
+    };
+    let c = Components::build(&config).await.unwrap();
+    Env {
+        sandbox,
+        c,
+        cleanup,
+        merchant: MerchantId::generate(),
+        now: paygate_core::time::now_ms(),
+    }
+}
+
+impl Env {
+    /// A `PENDING` record created `age_min` minutes ago.
+    async fn record(&self, order: &str, amount: i64, age_min: i64) -> PaymentRecord {
+        let r = PaymentRecord::new_pending(
+            self.merchant.clone(),
+            OrderId::parse(order).unwrap(),
+            format!("pk_{order}"),
+            amount,
+            "KRW".into(),
+            format!("fp_{order}"),
+            None,
+            self.now - age_min * MINUTE,
+        );
+        self.c.store.create(&r).await.unwrap();
+        r
+    }
+
+    async fn paid(&self, r: &PaymentRecord) {
+        let t = Transition::MarkPaid {
+            approved_at: paygate_core::time::kst_rfc3339_from_ms(r.created_at),
+        };
+        assert!(self.c.store.transition(&r.payment_id, &t).await.unwrap());
+    }
+
+    /// The card company approved `order` for `amount`, `age_min` minutes ago
+    /// (a paid record's `approvedAt` is its creation time, see `paid`).
+    fn approval(&self, order: &str, amount: i64, age_min: i64) {
+        self.sandbox.card.seed_approvals([SeedApproval {
+            order_id: order.into(),
+            payment_key: format!("pk_{order}"),
+            amount,
+            at_ms: self.now - age_min * MINUTE,
+        }]);
+    }
+
+    fn reconciler(&self) -> Reconciler {
+        Reconciler::new(self.c.store.clone(), self.c.saga.clone(), self.c.db.clone())
+    }
+
+    /// The hour up to a minute ago (so the cancels a run makes now are not in
+    /// it), with the stale pass out of the way (it has its own test).
+    fn opts(&self) -> ReconcileOptions {
+        ReconcileOptions {
+            stale_after: Duration::from_secs(86_400),
+            ..ReconcileOptions::window(self.now - 60 * MINUTE, self.now - MINUTE)
+        }
+    }
+
+    async fn outbox_reasons(&self) -> Vec<String> {
+        let mut v: Vec<String> = SqlOutbox::new(self.c.db.clone())
+            .all()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.dedup_key.split(':').nth(1).unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
+    for backend in sql_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        // Matched: paid and saved here, approved there.
+        let m = e.record("order-matched", 5_000, 30).await;
+        e.paid(&m).await;
+        e.c.store
+            .transition(&m.payment_id, &Transition::MarkSaved)
+            .await
+            .unwrap();
+        e.approval("order-matched", 5_000, 30);
+        // Lost response: PENDING here (the gateway died mid-call), approved there.
+        let l = e.record("order-lost", 5_000, 30).await;
+        e.approval("order-lost", 5_000, 30);
+        // Orphan: approved there, no record here at all.
+        e.approval("order-orphan", 9_000, 28);
+        // Amount mismatch.
+        let a = e.record("order-amount", 5_000, 30).await;
+        e.paid(&a).await;
+        e.approval("order-amount", 7_000, 30);
+        // Paid here, never approved there.
+        let p = e.record("order-notthere", 5_000, 30).await;
+        e.paid(&p).await;
+
+        let s = e.reconciler().run(&e.opts()).await.unwrap();
+        assert_eq!(
+            (
+                s.transactions,
+                s.matched,
+                s.recovered,
+                s.cancelled,
+                s.alerts,
+                s.failures
+            ),
+            (4, 1, 1, 1, 3, 0),
+            "{name}: {s:?}"
+        );
+        assert_eq!(s.pages, 8, "{name}: one short page per slice");
+        let card = e.sandbox.card.stats();
+        assert_eq!(
+            card.lookup_calls, 3,
+            "{name}: lost, orphan, not-approved each looked up once"
+        );
+        assert_eq!(card.cancel_calls, 1, "{name}");
+        assert_eq!(e.sandbox.ledger.stats().records, 1, "{name}: the recovery");
+        let (part, lost) = e.c.store.get(&l.payment_id).await.unwrap().unwrap();
+        assert_eq!(part, Partition::Completed, "{name}");
+        assert!(lost.is_paid && lost.is_saved, "{name}");
+        let orphan = e.sandbox.card.payment("order-orphan").unwrap();
+        assert_eq!(orphan.status, "CANCELED", "{name}");
+        assert_eq!(
+            e.outbox_reasons().await,
+            ["amount_mismatch", "orphan_canceled", "paid_not_approved"],
+            "{name}"
+        );
+        // Every card call of the run is in the SQL log, orphan included.
+        let log = paygate_api_log::SqlApiLog::new(e.c.db.clone());
+        let orphan_rows = log
+            .for_payment(&paygate_core::PaymentId::from_stored("orphan_order-orphan"))
+            .await
+            .unwrap();
+        let paths: Vec<(&str, &str)> = orphan_rows
+            .iter()
+            .map(|r| (r.kind.as_str(), r.path.as_str()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("REQUEST", "/v1/payments/orders/order-orphan"),
+                ("RESPONSE", "/v1/payments/orders/order-orphan"),
+                ("REQUEST", "/v1/payments/pk_order-orphan/cancel"),
+                ("RESPONSE", "/v1/payments/pk_order-orphan/cancel"),
+            ],
+            "{name}"
+        );
+
+        // A second run does nothing new.
+        let again = e.reconciler().run(&e.opts()).await.unwrap();
+        assert_eq!(
+            (
+                again.recovered,
+                again.cancelled,
+                again.alerts,
+                again.failures
+            ),
+            (0, 0, 0, 0),
+            "{name}: {again:?}"
+        );
+        assert_eq!(
+            again.matched, 2,
+            "{name}: the recovered payment now matches"
+        );
+        assert_eq!(e.sandbox.card.stats().cancel_calls, 1, "{name}");
+        assert_eq!(e.sandbox.ledger.stats().records, 1, "{name}");
+        assert_eq!(e.outbox_reasons().await.len(), 3, "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_prints_the_plan_and_changes_nothing() {
+    for backend in sql_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        let l = e.record("order-lost", 5_000, 30).await;
+        e.approval("order-lost", 5_000, 30);
+        e.approval("order-orphan", 9_000, 28);
+        let a = e.record("order-amount", 5_000, 30).await;
+        e.paid(&a).await;
+        e.approval("order-amount", 7_000, 30);
+        let plan = Arc::new(Mutex::new(Vec::new()));
+        let sink = plan.clone();
+        let s = e
+            .reconciler()
+            .with_sink(Arc::new(move |a: &Action| {
+                sink.lock().unwrap().push(a.to_string())
+            }))
+            .run(&ReconcileOptions {
+                dry_run: true,
+                ..e.opts()
+            })
+            .await
+            .unwrap();
+        let mut plan = plan.lock().unwrap().clone();
+        plan.sort();
+        assert_eq!(plan.len(), 3, "{name}: {plan:?}");
+        assert!(
+            plan[0].starts_with("alert amount_mismatch"),
+            "{name}: {plan:?}"
+        );
+        assert!(plan[1].starts_with("cancel orphan approval order order-orphan"));
+        assert!(plan[2].starts_with(&format!("recover {}", l.payment_id)));
+        assert_eq!((s.cancelled, s.alerts), (1, 0), "{name}: {s:?}");
+        let card = e.sandbox.card.stats();
+        assert_eq!((card.lookup_calls, card.cancel_calls), (0, 0), "{name}");
+        let (part, lost) = e.c.store.get(&l.payment_id).await.unwrap().unwrap();
+        assert_eq!(part, Partition::Realtime);
+        assert!(!lost.is_paid, "{name}");
+        assert!(e.outbox_reasons().await.is_empty(), "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_stops_at_the_first_short_page_of_each_slice() {
+    let backend = Backend::Sqlite;
+    let e = env(&backend).await;
+    // A 400 s window in four 100 s slices, 100 transactions per page.
+    let from = (e.now - 60 * MINUTE).div_euclid(100_000) * 100_000;
+    let window = slices(from, from + 400_000, 4);
+    assert_eq!(window.len(), 4);
+    // Per slice: 300 (a multiple: 3 full pages + 1 empty), 250 (3), 0 (1), 99 (1).
+    let counts = [300_usize, 250, 0, 99];
+    let mut seeds = Vec::new();
+    for (slice, n) in window.iter().zip(counts) {
+        for k in 0..n {
+            seeds.push(SeedApproval {
+                order_id: format!("gen-{}-{k:04}", slice.start_ms),
+                payment_key: format!("pk_gen-{}-{k:04}", slice.start_ms),
+                amount: 1_000,
+                at_ms: slice.start_ms + (k as i64 % 100) * 1_000,
+            });
+        }
+    }
+    e.sandbox.card.seed_approvals(seeds);
+    let opts = ReconcileOptions {
+        page_size: 100,
+        slices: 4,
+        slice_concurrency: 2,
+        dry_run: true,
+        ..ReconcileOptions::window(from, from + 400_000)
+    };
+    let s = e.reconciler().run(&opts).await.unwrap();
+    let per_slice: BTreeMap<(i64, i64), u64> = e.sandbox.card.pages_per_window();
+    let want: BTreeMap<(i64, i64), u64> = window
+        .iter()
+        .map(|s| (s.start_ms, s.end_ms))
+        .zip([4, 3, 1, 1])
+        .collect();
+    assert_eq!(per_slice, want);
+    assert_eq!((s.pages, s.transactions), (9, 649), "{s:?}");
+    assert_eq!(e.sandbox.card.stats().transaction_pages, 9);
+
+    // One slice over all of it: ceil(649 / 100) = 7 pages.
+    let one = ReconcileOptions {
+        slices: 1,
+        ..opts.clone()
+    };
+    let s = e.reconciler().run(&one).await.unwrap();
+    assert_eq!((s.pages, s.transactions), (7, 649), "{s:?}");
+    e.cleanup.run().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pending_records_are_settled_each_in_isolation() {
+    for backend in sql_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        // Stale and approved at the card company (outside the window, so only
+        // the stale pass can find it).
+        let approved = e.record("order-stale-paid", 5_000, 200).await;
+        e.approval("order-stale-paid", 5_000, 199);
+        // Stale, UNKNOWN, and the card company has nothing: alert.
+        let unknown = e.record("order-stale-unknown", 5_000, 30).await;
+        e.c.store
+            .transition(
+                &unknown.payment_id,
+                &Transition::MarkUnknown {
+                    last_error: "timeout".into(),
+                },
+            )
+            .await
+            .unwrap();
+        // Young: its saga may still run; left alone.
+        let young = e.record("order-young", 5_000, 1).await;
+        let opts = ReconcileOptions {
+            stale_after: Duration::from_secs(600),
+            ..e.opts()
+        };
+        let s = e.reconciler().run(&opts).await.unwrap();
+        assert_eq!(
+            (s.recovered, s.alerts, s.failures),
+            (1, 1, 0),
+            "{name}: {s:?}"
+        );
+        let (part, r) = e.c.store.get(&approved.payment_id).await.unwrap().unwrap();
+        assert_eq!(part, Partition::Completed, "{name}");
+        assert!(r.is_paid && r.is_saved);
+        let (part, r) = e.c.store.get(&young.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (part, r.card_status.as_str()),
+            (Partition::Realtime, "PENDING")
+        );
+        assert_eq!(e.outbox_reasons().await, ["outcome_unknown"], "{name}");
+        e.cleanup.run().await;
+    }
+}
