@@ -112,22 +112,27 @@ pub async fn run(config: paygate_core::Config, args: BatchArgs) -> anyhow::Resul
             }
         });
     }
+    let report = |result: Result<Summary, BatchError>| match result {
+        Ok(summary) => print(&summary, args.json, args.dry_run),
+        Err(e) => tracing::error!(error = %e, "batch sweep did not run"),
+    };
+    if let Some(every) = args.every {
+        paygate_batch::schedule::every(every, crate::shutdown_signal(), || async {
+            report(once().await);
+        })
+        .await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(schedule) = schedule else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        let started = tokio::time::Instant::now();
-        match once().await {
-            Ok(summary) => print(&summary, args.json, args.dry_run),
-            Err(e) => tracing::error!(error = %e, "batch sweep did not run"),
-        }
-        let wait = match (&args.every, &schedule) {
-            // Stable interval: from the previous start, not its end.
-            (Some(every), _) => every.saturating_sub(started.elapsed()),
-            (None, Some(s)) => match s.upcoming(chrono::Utc).next() {
-                Some(next) => (next - chrono::Utc::now()).to_std().unwrap_or_default(),
-                None => return Ok(ExitCode::SUCCESS),
-            },
-            (None, None) => return Ok(ExitCode::SUCCESS),
+        report(once().await);
+        let wait = match schedule.upcoming(chrono::Utc).next() {
+            Some(next) => (next - chrono::Utc::now()).to_std().unwrap_or_default(),
+            None => return Ok(ExitCode::SUCCESS),
         };
         tokio::select! {
             () = &mut shutdown => return Ok(ExitCode::SUCCESS),

@@ -1,11 +1,13 @@
 //! `paygate`: the one binary. Subcommands: `serve` (the merchant API),
 //! `merchants` (create and list API keys), `migrate`, `batch` (the sweep
-//! sidecar job), `sim` (the sandbox
+//! sidecar job), `reconcile` (against the card company's transaction
+//! list), `sim` (the sandbox
 //! simulators as HTTP servers) and `demo` (an end-to-end run under faults
 //! that checks invariants I1-I3).
 
 mod batch;
 mod demo;
+mod reconcile;
 mod settings;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -57,10 +59,21 @@ enum Command {
         /// Secret key the card simulator accepts.
         #[arg(long, default_value = paygate_gateway::SANDBOX_CARD_SECRET)]
         secret_key: String,
+        /// Generated approvals to hold in the transaction list, spread over
+        /// the last 24 h (orderIds `gen-000000000`...; paygate has no
+        /// record of them, so reconcile them with `--dry-run`).
+        #[arg(long, default_value_t = 0)]
+        transactions: usize,
+        /// Latency of each transaction-list page, ms.
+        #[arg(long)]
+        page_latency_ms: Option<u64>,
     },
     /// Sweep realtime payments: complete, move unpaid, settle unknown
     /// outcomes, retry the ledger, alert (the sidecar job).
     Batch(batch::BatchArgs),
+    /// Match paygate's records against the card company's transaction list
+    /// for a window: recover, cancel orphan approvals, alert.
+    Reconcile(reconcile::ReconcileArgs),
     /// Drive real HTTP confirms through the real server under faults and
     /// check that no approval is lost and none is doubled.
     Demo(demo::DemoArgs),
@@ -114,6 +127,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             faults,
             seed,
             secret_key,
+            transactions,
+            page_latency_ms,
         } => {
             init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
@@ -124,6 +139,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 })?
                 .with_seed(seed);
+            let profile = match page_latency_ms {
+                Some(ms) => FaultProfile {
+                    page_latency_ms: ms,
+                    ..profile
+                },
+                None => profile,
+            };
             let card_l = TcpListener::bind(("127.0.0.1", card_port))
                 .await
                 .context("binding the card simulator")?;
@@ -131,6 +153,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .context("binding the ledger simulator")?;
             let card = std::sync::Arc::new(CardSim::new(profile.clone(), &secret_key));
+            if transactions > 0 {
+                let now = paygate_core::time::now_ms();
+                card.seed_approvals(paygate_sandbox::generated_approvals(
+                    transactions,
+                    now - 86_400_000,
+                    now,
+                ));
+                println!("transaction list: {transactions} generated approvals over the last 24 h");
+            }
             let ledger = std::sync::Arc::new(LedgerSim::new(profile));
             let servers = SandboxServers::start_on(card, ledger, card_l, ledger_l).await?;
             println!("card API simulator: {}", servers.card_url);
@@ -151,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Command::Merchants { command } => merchants(config, command).await,
                 Command::Batch(args) => batch::run(config, args).await,
+                Command::Reconcile(args) => reconcile::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
         }

@@ -289,3 +289,104 @@ fn mongodb_state_store_is_selected_and_its_uri_never_echoed() {
     );
     remove_db(&path);
 }
+
+/// The key `paygate sim` accepts by default (`paygate_gateway::SANDBOX_CARD_SECRET`).
+const SIM_SECRET: &str = "test_sk_paygate_sandbox";
+
+/// A port free a moment ago (the OS picks it; the child binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
+    let (card_port, ledger_port) = (free_port(), free_port());
+    let mut sim = Killed(
+        paygate()
+            .args(["sim", "--transactions", "120", "--page-latency-ms", "5"])
+            .args(["--card-port", &card_port.to_string()])
+            .args(["--ledger-port", &ledger_port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Ready once it printed its addresses.
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let banner: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
+    assert!(
+        banner.iter().any(|l| l.contains("120 generated")),
+        "{banner:?}"
+    );
+    let (url, path) = temp_db("reconcile");
+    let out = paygate()
+        .args(["reconcile", "--dry-run", "--json", "--from", "25h"])
+        .args(["--page-size", "50", "--slices", "1"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env(
+            "PAYGATE_CARD_API_URL",
+            format!("http://127.0.0.1:{card_port}"),
+        )
+        .env("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET)
+        .env(
+            "PAYGATE_LEDGER_API_URL",
+            format!("http://127.0.0.1:{ledger_port}"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let keys: Vec<&str> = summary
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut want = [
+        "transactions",
+        "pages",
+        "matched",
+        "recovered",
+        "cancelled",
+        "alerts",
+        "failures",
+        "duration_ms",
+    ];
+    want.sort_unstable();
+    let mut keys = keys;
+    keys.sort_unstable();
+    assert_eq!(keys, want);
+    // 120 in pages of 50: 50, 50, 20 — three requests, no empty fourth.
+    assert_eq!(summary["transactions"], 120);
+    assert_eq!(summary["pages"], 3);
+    // paygate has none of them: the plan cancels every one, and nothing ran.
+    assert_eq!(summary["cancelled"], 120);
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("plan: cancel orphan approval"))
+            .count(),
+        120
+    );
+    let out = paygate()
+        .args(["reconcile", "--from", "1h", "--to", "2h"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--to must be after --from"));
+    remove_db(&path);
+}
