@@ -422,17 +422,21 @@ impl Reconciler {
     }
 
     async fn run_under_lease(&self, run: &Run<'_>) -> Result<(), ReconcileError> {
-        self.stale_pass(run).await?;
+        // The stale pass owns not-paid records older than `stale_after`; the
+        // list owns younger ones: they never act on the same record, so they
+        // run side by side.
         let slices = slices(run.opts.from_ms, run.opts.to_ms, run.opts.slices);
-        futures_util::stream::iter(slices)
-            .for_each_concurrent(run.opts.slice_concurrency, |slice| async move {
+        let list = futures_util::stream::iter(slices).for_each_concurrent(
+            run.opts.slice_concurrency,
+            |slice| async move {
                 if run.lost.load(Ordering::SeqCst) {
                     return;
                 }
                 self.slice(run, slice).await;
-            })
-            .await;
-        Ok(())
+            },
+        );
+        let (stale, ()) = tokio::join!(self.stale_pass(run), list);
+        stale
     }
 
     /// Step 1: not-paid records past `stale_after`, settled as the batch does.
@@ -478,8 +482,41 @@ impl Reconciler {
         }
     }
 
-    /// Steps 2-4 for one slice.
+    /// Steps 2-4 for one slice. The scan for step 4 runs while the pages
+    /// are fetched and matched; its candidates are checked once the slice's
+    /// list is complete.
     async fn slice(&self, run: &Run<'_>, slice: Slice) {
+        let seen: std::sync::Mutex<HashSet<String>> = std::sync::Mutex::new(HashSet::new());
+        let (complete, candidates) = tokio::join!(
+            self.page_through(run, slice, &seen),
+            self.paid_in_slice(run, slice, &seen)
+        );
+        if !complete {
+            add(&run.counters.failures, 1);
+            add(&run.counters.incomplete_slices, 1);
+            return;
+        }
+        let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+        match candidates {
+            Ok(c) => {
+                let unseen = c.into_iter().filter(|(_, order)| !seen.contains(order));
+                self.check_not_approved(run, unseen).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile: could not scan paid records of a slice");
+                add(&run.counters.failures, 1);
+            }
+        }
+    }
+
+    /// Steps 2-3: pages the slice in order, matching each page while the
+    /// next is fetched. `false` when a page could not be fetched.
+    async fn page_through(
+        &self,
+        run: &Run<'_>,
+        slice: Slice,
+        seen: &std::sync::Mutex<HashSet<String>>,
+    ) -> bool {
         let limit = run.opts.page_size;
         let query = |after: Option<String>| TransactionsQuery {
             start_date: paygate_core::time::kst_local_from_ms(slice.start_ms),
@@ -487,15 +524,14 @@ impl Reconciler {
             starting_after: after,
             limit: Some(limit),
         };
-        let mut approved: HashSet<String> = HashSet::new();
         let mut page = self.saga.transactions_page(query(None)).await;
-        let complete = loop {
+        loop {
             let txs = match page {
                 Ok(txs) => txs,
                 Err(e) => {
                     tracing::error!(start = slice.start_ms, end = slice.end_ms, error = %e,
                         "reconcile: a page of the transaction list could not be fetched; slice left unreconciled");
-                    break false;
+                    return false;
                 }
             };
             add(&run.counters.pages, 1);
@@ -512,22 +548,24 @@ impl Reconciler {
                     None => None,
                 }
             };
-            let (_, fetched) = tokio::join!(self.match_page(run, &txs, &mut approved), fetch_next);
+            let (_, fetched) = tokio::join!(self.match_page(run, &txs, seen), fetch_next);
             match fetched {
                 Some(p) => page = p,
-                None => break true,
+                None => return true,
             }
-        };
-        if !complete {
-            add(&run.counters.failures, 1);
-            add(&run.counters.incomplete_slices, 1);
-            return;
         }
-        self.paid_not_approved(run, slice, &approved).await;
     }
 
     /// Step 3: one page's approvals against paygate's records.
-    async fn match_page(&self, run: &Run<'_>, txs: &[Transaction], approved: &mut HashSet<String>) {
+    async fn match_page(
+        &self,
+        run: &Run<'_>,
+        txs: &[Transaction],
+        seen: &std::sync::Mutex<HashSet<String>>,
+    ) {
+        let approved = |ids: Vec<String>| {
+            seen.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
+        };
         let approvals: Vec<&Transaction> = txs.iter().filter(|t| t.status == "DONE").collect();
         for chunk in approvals.chunks(run.opts.lookup_chunk) {
             let ids: Vec<String> = chunk
@@ -542,7 +580,7 @@ impl Reconciler {
                     tracing::error!(error = %e, orders = ids.len(), "reconcile: could not read records; these orders are left for the next run");
                     add(&run.counters.failures, 1);
                     // Counted as seen so they are not also alerted as "not approved".
-                    approved.extend(ids);
+                    approved(ids);
                     continue;
                 }
             };
@@ -564,7 +602,7 @@ impl Reconciler {
                 .buffer_unordered(run.opts.stale_concurrency)
                 .collect::<Vec<()>>()
                 .await;
-            approved.extend(chunk.iter().map(|t| t.order_id.clone()));
+            approved(chunk.iter().map(|t| t.order_id.clone()).collect());
         }
     }
 
@@ -603,6 +641,10 @@ impl Reconciler {
         if *partition == Partition::Realtime && pending {
             if r.created_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
                 // Its saga may be finishing right now; leave it to the saga.
+                return;
+            }
+            if r.created_at <= run.now_ms - run.opts.stale_after.as_millis() as i64 {
+                // The stale pass of this run owns it.
                 return;
             }
             self.emit(Action::Recover {
@@ -697,11 +739,17 @@ impl Reconciler {
         }
     }
 
-    /// Step 4: paid records approved (by their `approvedAt`, the time of the
-    /// card company's `DONE` transaction) in the slice that its list did not
-    /// show. Records are found by creation time, reaching back
-    /// [`APPROVAL_LAG_MS`] before the slice for approvals that came late.
-    async fn paid_not_approved(&self, run: &Run<'_>, slice: Slice, approved: &HashSet<String>) {
+    /// Step 4, first half: paid records approved (by their `approvedAt`,
+    /// the time of the card company's `DONE` transaction) in the slice and
+    /// not yet seen in its list, as `(payment_id, order_id)`. Records are
+    /// found by creation time, reaching back [`APPROVAL_LAG_MS`] before the
+    /// slice for approvals that came late.
+    async fn paid_in_slice(
+        &self,
+        run: &Run<'_>,
+        slice: Slice,
+        seen: &std::sync::Mutex<HashSet<String>>,
+    ) -> Result<Vec<(PaymentId, String)>, StoreError> {
         let (from, to) = (slice.start_ms, slice.end_ms + 1000);
         let in_slice = move |r: &PaymentRecord| {
             let at = r
@@ -711,23 +759,53 @@ impl Reconciler {
                 .unwrap_or(r.created_at);
             at >= from && at < to
         };
-        let candidates = futures_util::stream::iter([Partition::Realtime, Partition::Completed])
-            .flat_map(|p| self.store.scan_created(p, from - APPROVAL_LAG_MS, to, 500))
-            .try_filter(|r| {
-                std::future::ready(
-                    r.is_paid && in_slice(r) && !approved.contains(r.order_id.as_str()),
-                )
-            });
-        let result = candidates
-            .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
+        let mut candidates = Vec::new();
+        for p in [Partition::Realtime, Partition::Completed] {
+            let mut records = self.store.scan_created(p, from - APPROVAL_LAG_MS, to, 500);
+            while let Some(r) = records.try_next().await? {
+                if run.lost.load(Ordering::SeqCst) {
+                    return Ok(Vec::new());
+                }
+                let unseen = || {
+                    !seen
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(r.order_id.as_str())
+                };
+                if r.is_paid && in_slice(&r) && unseen() {
+                    candidates.push((r.payment_id.clone(), r.order_id.to_string()));
+                }
+            }
+        }
+        Ok(candidates)
+    }
+
+    /// Step 4, second half: each paid record the complete list did not show
+    /// is looked up; no approval at the card company → alert.
+    async fn check_not_approved(
+        &self,
+        run: &Run<'_>,
+        unseen: impl Iterator<Item = (PaymentId, String)>,
+    ) {
+        futures_util::stream::iter(unseen)
+            .for_each_concurrent(run.opts.stale_concurrency, |(pid, order_id)| async move {
                 self.emit(Action::CheckNotApproved {
-                    payment_id: r.payment_id.to_string(),
-                    order_id: r.order_id.to_string(),
+                    payment_id: pid.to_string(),
+                    order_id: order_id.clone(),
                 });
                 if run.opts.dry_run {
-                    return Ok(());
+                    return;
                 }
-                match self.saga.lookup_order(&r.payment_id, r.order_id.as_str()).await {
+                let r = match self.store.get(&pid).await {
+                    Ok(Some((_, r))) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(payment_id = %pid, error = %e, "reconcile: record unreadable; next run");
+                        add(&run.counters.failures, 1);
+                        return;
+                    }
+                };
+                match self.saga.lookup_order(&pid, &order_id).await {
                     Ok(Some(p)) if p.is_approved() && p.payment_key == r.payment_key => {
                         // Approved, its transaction dated outside the slice
                         // (the slice that holds it counted it).
@@ -738,23 +816,18 @@ impl Reconciler {
                             |p| format!("status {}", p.status),
                         );
                         let detail = format!(
-                            "paid in paygate, but the card company shows {seen} for order {}",
-                            r.order_id
+                            "paid in paygate, but the card company shows {seen} for order {order_id}"
                         );
-                        self.alert(run, &r, AlertReason::PaidNotApproved, detail).await;
+                        self.alert(run, &r, AlertReason::PaidNotApproved, detail)
+                            .await;
                     }
                     Err(e) => {
-                        tracing::warn!(payment_id = %r.payment_id, error = %e, "reconcile: lookup failed; next run");
+                        tracing::warn!(payment_id = %pid, error = %e, "reconcile: lookup failed; next run");
                         add(&run.counters.failures, 1);
                     }
                 }
-                Ok(())
             })
             .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "reconcile: could not scan paid records of a slice");
-            add(&run.counters.failures, 1);
-        }
     }
 }
 

@@ -590,12 +590,15 @@ impl StateStore for SqlStateStore {
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         let sql = format!(
             "SELECT {RECORD_COLUMNS} FROM {} \
-             WHERE (created_at > $1 OR (created_at = $1 AND payment_id > $2)) AND created_at < $3 \
+             WHERE (created_at, payment_id) > ($1, $2) AND created_at < $3 \
              ORDER BY created_at, payment_id LIMIT $4",
             partition.table()
         );
         let limit = i64::from(batch_size.max(1));
         // Keyset paging on (created_at, payment_id), the index of migration 4.
+        // The row-value comparison is what lets both databases start the
+        // index range at the cursor; the equivalent `a > x OR (a = x AND
+        // b > y)` made PostgreSQL filter from the range's start on every page.
         let start = Some((from_ms, String::new()));
         let pages = futures_util::stream::try_unfold(start, move |after| {
             let sql = sql.clone();
