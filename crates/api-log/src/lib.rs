@@ -222,3 +222,56 @@ impl SqlApiLog {
         })
     }
 }
+
+/// The last run of each sidecar job (`job_runs`): the batch and the
+/// reconciliation write their summary here when they finish, and the serving
+/// process's `GET /metrics` exposes it (nothing scrapes a job's own process).
+#[derive(Clone, Debug)]
+pub struct JobRuns {
+    db: SqlDatabase,
+}
+
+impl JobRuns {
+    /// Job runs on `db` (migrated).
+    pub fn new(db: SqlDatabase) -> Self {
+        Self { db }
+    }
+
+    /// Records `job`'s latest summary (a JSON object of counts), replacing
+    /// the previous one.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn record(&self, job: &str, summary: &serde_json::Value) -> Result<(), StoreError> {
+        let sql = "INSERT INTO job_runs (job, finished_at, summary) VALUES ($1, $2, $3) \
+                   ON CONFLICT (job) DO UPDATE SET finished_at = excluded.finished_at, summary = excluded.summary";
+        let now = paygate_core::time::now_ms();
+        let text = summary.to_string();
+        with_pool!(&self.db, pool => {
+            sqlx::query(sql).bind(job).bind(now).bind(&text).execute(pool).await.map_err(map_err)?;
+        });
+        Ok(())
+    }
+
+    /// Every job's latest run: `(job, finished_at epoch ms, summary)`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn latest(&self) -> Result<Vec<(String, i64, serde_json::Value)>, StoreError> {
+        let sql = "SELECT job, finished_at, summary FROM job_runs ORDER BY job";
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                    let text: String = row.try_get("summary").map_err(c)?;
+                    Ok((
+                        row.try_get("job").map_err(c)?,
+                        row.try_get("finished_at").map_err(c)?,
+                        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                    ))
+                })
+                .collect()
+        })
+    }
+}

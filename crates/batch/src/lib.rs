@@ -321,6 +321,20 @@ impl std::ops::AddAssign for Tally {
     }
 }
 
+/// Writes a job's summary to `job_runs` (for `/metrics` of `serve`); a
+/// failure is logged, never fatal to the job.
+pub async fn record_run(db: &SqlDatabase, job: &str, summary: &impl Serialize) {
+    let Ok(value) = serde_json::to_value(summary) else {
+        return;
+    };
+    if let Err(e) = paygate_api_log::JobRuns::new(db.clone())
+        .record(job, &value)
+        .await
+    {
+        tracing::warn!(job, error = %e, "could not record the run summary");
+    }
+}
+
 /// The sweep over its dependencies.
 pub struct Sweeper {
     store: Arc<dyn StateStore>,
@@ -358,6 +372,9 @@ impl Sweeper {
         let renewal = lease.keep_alive(opts.lease_ttl);
         let result = self.sweep_records(opts, &renewal.lost_flag()).await;
         renewal.finish().await;
+        if let (Ok(summary), false) = (&result, opts.dry_run) {
+            record_run(&self.db, "batch", summary).await;
+        }
         result
     }
 

@@ -118,7 +118,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => {
-            init_tracing("error,tower_http=off", false);
+            init_tracing("error", false);
             demo::run(args).await
         }
         Command::Sim {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::masking::Secret;
 
 /// Which store keeps the realtime state records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StateStoreKind {
     /// The SQL database at `database_url` (SQLite or PostgreSQL).
@@ -22,7 +22,10 @@ pub enum StateStoreKind {
 /// The whole configuration. Field names are the keys of the TOML file and,
 /// upper-cased with a `PAYGATE_` prefix, of the environment
 /// (`card_api_url` = `PAYGATE_CARD_API_URL`). Durations are milliseconds.
-#[derive(Clone, Debug, Deserialize)]
+///
+/// `Serialize` writes the effective configuration with every secret as
+/// `"***"` (see [`Secret`]), for `paygate config check`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Merchant API listen address. Default `127.0.0.1:8080`.
@@ -86,6 +89,10 @@ pub struct Config {
     pub sandbox_faults: String,
     /// `pretty` (default) or `json`.
     pub log_format: String,
+    /// On SIGTERM/Ctrl-C, how long in-flight requests may take to finish
+    /// before the server stops waiting, ms. Default 25,000 (inside
+    /// Kubernetes' default 30 s grace period).
+    pub shutdown_timeout_ms: u64,
 }
 
 /// The development HMAC key used when none is configured.
@@ -122,6 +129,7 @@ impl Default for Config {
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
+            shutdown_timeout_ms: 25_000,
         }
     }
 }
@@ -171,6 +179,9 @@ impl Config {
                 "database_url",
                 "must start with sqlite: or postgres://",
             ));
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return Err(bad("shutdown_timeout_ms", "must be greater than 0"));
         }
         if self.database_max_connections == 0 {
             return Err(bad("database_max_connections", "must be at least 1"));

@@ -10,7 +10,9 @@ use std::fmt;
 /// A value that must never be printed: API keys, the card API secret key,
 /// webhook URLs (their path is a credential).
 ///
-/// `Debug`/`Display` print `***`; serialization is deliberately not derived.
+/// `Debug`/`Display` print `***`, and serializing one writes `"***"`: a
+/// serialized configuration (`paygate config check`) shows that a secret is
+/// set, never its value. Deserializing reads the value.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret<T>(T);
 
@@ -36,6 +38,12 @@ impl<T> fmt::Debug for Secret<T> {
 impl<T> fmt::Display for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+impl<T> serde::Serialize for Secret<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
     }
 }
 

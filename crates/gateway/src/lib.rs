@@ -10,6 +10,7 @@ pub mod auth;
 pub mod problem;
 pub mod routes;
 pub mod saga;
+pub mod telemetry;
 
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
@@ -72,6 +73,9 @@ pub struct AppState {
     api_key_hash_key: Secret<String>,
     db: SqlDatabase,
     merchant_limiter: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
+    /// Set when shutdown begins: `/readyz` then answers 503 so the load
+    /// balancer stops sending new requests.
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Protection of the merchant API on the way in.
@@ -238,6 +242,8 @@ impl Components {
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    shutdown_timeout: Duration,
     router: Router,
     saga: Arc<Saga>,
     db: SqlDatabase,
@@ -253,6 +259,9 @@ impl Application {
     /// opened or migrated, or the sandbox cannot start.
     pub async fn build(listener: TcpListener, config: &Config) -> Result<Self, StartupError> {
         let addr = listener.local_addr().map_err(StartupError::Listener)?;
+        // The recorder goes in before anything records.
+        telemetry::prometheus();
+        telemetry::register_families();
         let Components {
             db,
             saga,
@@ -265,6 +274,7 @@ impl Application {
             merchants: SqlMerchantStore::new(db.clone()),
             api_key_hash_key: config.api_key_hash_key.clone(),
             db: db.clone(),
+            shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             merchant_limiter: NonZeroU32::new(config.inbound_rate_limit_per_second).map(|rate| {
                 let burst = NonZeroU32::new(config.inbound_rate_limit_burst).unwrap_or(rate);
                 Arc::new(governor::RateLimiter::keyed(
@@ -276,9 +286,12 @@ impl Application {
             max_concurrent: config.inbound_max_concurrent as usize,
             request_timeout: Duration::from_millis(config.inbound_request_timeout_ms),
         };
+        let shutting_down = state.shutting_down.clone();
         Ok(Self {
             listener,
             addr,
+            shutting_down,
+            shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
             router: router(state, &inbound),
             saga,
             db,
@@ -312,8 +325,13 @@ impl Application {
         self.sandbox.as_ref()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and lets
-    /// in-flight requests finish.
+    /// Serves until `shutdown` completes; then `/readyz` turns 503, the
+    /// listener closes, and in-flight requests get up to
+    /// `shutdown_timeout_ms` to finish (a confirm runs in its own task, so it
+    /// is not cut between the card approval and the writes that record it).
+    /// Async ledger retries still running are not waited for: their payments
+    /// are already stored paid-and-unsaved, which is what the batch sweep
+    /// picks up, so nothing is left only in memory.
     ///
     /// # Errors
     /// I/O errors of the server.
@@ -332,9 +350,38 @@ impl Application {
                     let _ = sender_stopped.await;
                 }),
         );
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutting_down = self.shutting_down.clone();
+        let signal = async move {
+            shutdown.await;
+            shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("shutdown: no new connections; draining in-flight requests");
+            let _ = begun_tx.send(());
+        };
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        let deadline = self.shutdown_timeout;
+        let drained = async move {
+            // Pending forever when the server ends without a shutdown signal.
+            if begun_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(deadline).await;
+        };
+        let served = tokio::select! {
+            served = server => served,
+            () = drained => {
+                tracing::warn!(deadline_ms = deadline.as_millis() as u64,
+                    "shutdown deadline reached with requests still in flight; their payments are left for the batch");
+                Ok(())
+            }
+        };
+        let retries = self.saga.retries().pending();
+        if retries > 0 {
+            tracing::info!(
+                pending = retries,
+                "async ledger retries not finished; their payments are stored paid-unsaved for the batch"
+            );
+        }
         let _ = stop_sender.send(());
         let _ = sender.await;
         served
@@ -375,13 +422,10 @@ pub fn router(state: AppState, inbound: &Inbound) -> Router {
         .route("/v1/payments/{payment_id}", get(routes::get_payment))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(protect)
-        .layer(
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), merchant_id = tracing::field::Empty)
-            }),
-        )
+        .layer(axum::middleware::from_fn(telemetry::request_context))
         .with_state(state)
 }

@@ -9,6 +9,7 @@ use axum::{
 };
 use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::{
     auth::AuthedMerchant,
@@ -131,15 +132,17 @@ pub async fn confirm(
     // timeout) must not cancel it between the card approval and the writes
     // that record it.
     let saga = state.saga.clone();
-    let outcome = match tokio::spawn(async move { saga.confirm(input).await }).await {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            tracing::error!(error = %e, "confirm task failed");
-            return Err(Problem::unavailable(
-                "internal error; poll GET /v1/payments/orders/{orderId}",
-            ));
-        }
-    };
+    let span = tracing::Span::current();
+    let outcome =
+        match tokio::spawn(async move { saga.confirm(input).await }.instrument(span)).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "confirm task failed");
+                return Err(Problem::unavailable(
+                    "internal error; poll GET /v1/payments/orders/{orderId}",
+                ));
+            }
+        };
     Ok(match outcome {
         ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
         ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),
@@ -212,6 +215,7 @@ pub async fn get_payment(
     Path(payment_id): Path<String>,
 ) -> Result<Response, Problem> {
     let id = PaymentId::parse(&payment_id).ok_or_else(Problem::not_found)?;
+    tracing::Span::current().record("payment_id", id.as_str());
     match state.saga.store().get(&id).await {
         Ok(Some((_, r))) if r.merchant_id == merchant.merchant_id => Ok(view(StatusCode::OK, &r)),
         Ok(_) => Err(Problem::not_found()),
@@ -249,8 +253,38 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: 200 when the stores answer, 503 otherwise.
+/// `GET /metrics`: Prometheus text exposition format 0.0.4. The sidecar
+/// jobs' last summaries are read from `job_runs` at each scrape.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match paygate_api_log::JobRuns::new(state.db.clone())
+        .latest()
+        .await
+    {
+        Ok(runs) => crate::telemetry::set_job_gauges(&runs),
+        Err(e) => tracing::warn!(error = %e, "could not read job runs for /metrics"),
+    }
+    match crate::telemetry::prometheus() {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => Problem::unavailable("metrics are not available in this process").into_response(),
+    }
+}
+
+/// `GET /readyz`: 200 when the stores answer and the process is not
+/// shutting down, 503 otherwise.
 pub async fn readyz(State(state): State<AppState>) -> Response {
+    if state
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Problem::unavailable("shutting down").into_response();
+    }
     let store = state.saga.store().ping().await;
     let db = state.db.ping().await;
     match (store, db) {

@@ -532,9 +532,14 @@ impl Saga {
             input.idempotency_key.clone(),
             paygate_core::time::now_ms(),
         );
+        let span = tracing::Span::current();
         match self.store.create(&record).await {
-            Ok(CreateOutcome::Created) => self.run(record).await,
+            Ok(CreateOutcome::Created) => {
+                span.record("payment_id", record.payment_id.as_str());
+                self.run(record).await
+            }
             Ok(CreateOutcome::Exists(existing)) => {
+                span.record("payment_id", existing.payment_id.as_str());
                 self.replay(*existing, &input, &fingerprint).await
             }
             Err(e) => {

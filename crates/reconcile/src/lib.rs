@@ -405,6 +405,9 @@ impl Reconciler {
         let result = self.run_under_lease(&run).await;
         renewal.finish().await;
         let summary = run.counters.summary(started);
+        if !opts.dry_run && result.is_ok() {
+            paygate_batch::record_run(&self.db, "reconcile", &summary).await;
+        }
         metrics::counter!("paygate_reconcile_runs_total").increment(1);
         for (name, v) in [
             ("paygate_reconcile_last_transactions", summary.transactions),

@@ -102,6 +102,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconciliation indexes",
         include_str!("../../../migrations/sqlite/0004_reconcile_indexes.sql"),
     ),
+    (
+        5,
+        "job runs",
+        include_str!("../../../migrations/sqlite/0005_job_runs.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -123,6 +128,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "reconciliation indexes",
         include_str!("../../../migrations/postgres/0004_reconcile_indexes.sql"),
+    ),
+    (
+        5,
+        "job runs",
+        include_str!("../../../migrations/postgres/0005_job_runs.sql"),
     ),
 ];
 

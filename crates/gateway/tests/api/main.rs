@@ -6,6 +6,7 @@
 
 mod chaos;
 mod helpers;
+mod operations;
 mod resilience;
 
 use std::{
