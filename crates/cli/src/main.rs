@@ -1,9 +1,9 @@
 //! `paygate`: the one binary. Subcommands: `serve` (the merchant API),
-//! `merchants` (create and list API keys), `migrate`, `batch` (the sweep
-//! sidecar job), `reconcile` (against the card company's transaction
-//! list), `sim` (the sandbox
-//! simulators as HTTP servers) and `demo` (an end-to-end run under faults
-//! that checks invariants I1-I3).
+//! `merchants` (create and list API keys), `migrate`, `config check` (the
+//! effective configuration, secrets masked), `batch` (the sweep sidecar job),
+//! `reconcile` (against the card company's transaction list), `sim` (the
+//! sandbox simulators as HTTP servers) and `demo` (an end-to-end run under
+//! faults that checks invariants I1-I3).
 
 mod batch;
 mod demo;
@@ -67,6 +67,16 @@ enum Command {
         /// Latency of each transaction-list page, ms.
         #[arg(long)]
         page_latency_ms: Option<u64>,
+        /// Latency of every ledger call, ms (a slow ledger).
+        #[arg(long)]
+        ledger_latency_ms: Option<u64>,
+    },
+    /// Configuration: `paygate config check` validates it and prints the
+    /// effective values (defaults, then --config, then PAYGATE_*), secrets
+    /// masked.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Sweep realtime payments: complete, move unpaid, settle unknown
     /// outcomes, retry the ledger, alert (the sidecar job).
@@ -77,6 +87,12 @@ enum Command {
     /// Drive real HTTP confirms through the real server under faults and
     /// check that no approval is lost and none is doubled.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate and print the effective configuration as JSON, secrets as "***".
+    Check,
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret_key,
             transactions,
             page_latency_ms,
+            ledger_latency_ms,
         } => {
             init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
@@ -142,6 +159,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let profile = match page_latency_ms {
                 Some(ms) => FaultProfile {
                     page_latency_ms: ms,
+                    ..profile
+                },
+                None => profile,
+            };
+            let profile = match ledger_latency_ms {
+                Some(ms) => FaultProfile {
+                    ledger_latency_min_ms: ms,
+                    ledger_latency_max_ms: ms,
                     ..profile
                 },
                 None => profile,
@@ -181,6 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Command::Merchants { command } => merchants(config, command).await,
+                Command::Config {
+                    command: ConfigCommand::Check,
+                } => {
+                    // `settings::load` already validated every key and value.
+                    println!("{}", serde_json::to_string_pretty(&config)?);
+                    Ok(ExitCode::SUCCESS)
+                }
                 Command::Batch(args) => batch::run(config, args).await,
                 Command::Reconcile(args) => reconcile::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),

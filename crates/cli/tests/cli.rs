@@ -302,19 +302,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
     let (card_port, ledger_port) = (free_port(), free_port());
-    let mut sim = Killed(
+    let mut sim = KillOnDrop(
         paygate()
             .args(["sim", "--transactions", "120", "--page-latency-ms", "5"])
             .args(["--card-port", &card_port.to_string()])
@@ -389,4 +380,220 @@ fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--to must be after --from"));
     remove_db(&path);
+}
+
+/// Starts `paygate sim` on free ports; returns it and (card, ledger) URLs.
+fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
+    let (card_port, ledger_port) = (free_port(), free_port());
+    let mut sim = KillOnDrop(
+        paygate()
+            .arg("sim")
+            .args(extra)
+            .args(["--card-port", &card_port.to_string()])
+            .args(["--ledger-port", &ledger_port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    // Ready once it printed its two addresses.
+    for _ in 0..2 {
+        lines.next().unwrap().unwrap();
+    }
+    (
+        sim,
+        format!("http://127.0.0.1:{card_port}"),
+        format!("http://127.0.0.1:{ledger_port}"),
+    )
+}
+
+#[test]
+fn sigterm_during_in_flight_confirms_loses_no_approval() {
+    const N: usize = 200;
+    // Every ledger call takes 1.5 s; serve gives each ledger try 1 s, so every
+    // sync try (and async retry) fails and each payment ends paid-unsaved.
+    let (_sim, card_url, ledger_url) = start_sim(&["--ledger-latency-ms", "1500"]);
+    let (url, path) = temp_db("sigterm");
+    let key = create_merchant(&url, "shop");
+    let port = free_port();
+    let env = |c: &mut Command| {
+        c.env("PAYGATE_DATABASE_URL", &url)
+            .env("PAYGATE_CARD_API_URL", &card_url)
+            .env("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET)
+            .env("PAYGATE_LEDGER_API_URL", &ledger_url);
+    };
+    let mut serve = paygate();
+    serve
+        .arg("serve")
+        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
+        .env("PAYGATE_LEDGER_API_POLICY__ATTEMPT_TIMEOUT_MS", "1000")
+        .env("PAYGATE_CARD_API_POLICY__BULKHEAD_MAX_CONCURRENT", "256")
+        .env("PAYGATE_SHUTDOWN_TIMEOUT_MS", "10000")
+        .stderr(Stdio::piped());
+    env(&mut serve);
+    let mut child = serve.spawn().unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    while let Some(Ok(line)) = lines.next() {
+        if line.contains("paygate listening") {
+            break;
+        }
+    }
+    let log_writer = log.clone();
+    let drain = std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            log_writer.lock().unwrap().push(line);
+        }
+    });
+    let child = std::sync::Arc::new(std::sync::Mutex::new(KillOnDrop(child)));
+
+    // 200 confirms at once; SIGTERM while they wait on the slow ledger.
+    let base = format!("http://127.0.0.1:{port}");
+    let senders: Vec<_> = (0..N)
+        .map(|i| {
+            let (base, key) = (base.clone(), key.clone());
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::new()
+                    .post(format!("{base}/v1/payments/confirm"))
+                    .bearer_auth(&key)
+                    .json(&serde_json::json!({"paymentKey": format!("pk_term_{i}"), "orderId": format!("order-term-{i:03}"), "amount": 1000}))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let signalled = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let exit = loop {
+        if let Some(status) = child.lock().unwrap().0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(12),
+            "serve did not exit within its 10 s deadline"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let exited_after = signalled.elapsed();
+    assert!(exit.success(), "graceful exit: {exit:?}");
+    let statuses: Vec<u16> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    drain.join().unwrap();
+    let answered = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        answered > 0,
+        "requests were in flight at the signal: {statuses:?}"
+    );
+    // 200: approved (saved: false); 503: refused before any card call (the
+    // card bulkhead is full, or the server stopped accepting); 0: refused at
+    // connect. Nothing else: an in-flight confirm is never cut.
+    assert!(
+        statuses.iter().all(|s| matches!(*s, 200 | 503 | 0)),
+        "{statuses:?}"
+    );
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("draining in-flight requests"), "{log}");
+
+    // The card company's truth, order by order, against the store.
+    let card = reqwest::blocking::Client::new();
+    let mut approved = Vec::new();
+    for i in 0..N {
+        let order = format!("order-term-{i:03}");
+        let resp = card
+            .get(format!("{card_url}/v1/payments/orders/{order}"))
+            .basic_auth(SIM_SECRET, Some(""))
+            .send()
+            .unwrap();
+        if resp.status() == 200 {
+            approved.push(order);
+        }
+    }
+    assert_eq!(approved.len(), answered, "every approval was answered 200");
+    let dry = paygate()
+        .args(["batch", "--once", "--grace", "0s", "--dry-run", "--json"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let dry: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(
+        dry["retried"],
+        approved.len(),
+        "every approval is stored paid-unsaved for the batch: {dry}"
+    );
+    // The batch, with the ledger's default 3 s per try, saves them all.
+    let mut batch = paygate();
+    batch.args([
+        "batch",
+        "--once",
+        "--grace",
+        "0s",
+        "--json",
+        "--concurrency",
+        "50",
+    ]);
+    env(&mut batch);
+    let out = batch.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["saved"], approved.len(), "{s}");
+    assert_eq!(s["completed"], approved.len(), "{s}");
+    eprintln!(
+        "SIGTERM with {answered} approved confirms in flight ({} refused with 503, {} at connect): exited after {} ms; batch saved {}",
+        statuses.iter().filter(|s| **s == 503).count(),
+        statuses.iter().filter(|s| **s == 0).count(),
+        exited_after.as_millis(),
+        s["saved"]
+    );
+    remove_db(&path);
+}
+
+#[test]
+fn config_check_prints_the_effective_config_with_secrets_masked() {
+    let out = paygate()
+        .args(["config", "check"])
+        .env(
+            "PAYGATE_DATABASE_URL",
+            "postgres://paygate:db-pw-123@127.0.0.1/paygate",
+        )
+        .env("PAYGATE_CARD_API_URL", "https://api.tosspayments.com")
+        .env("PAYGATE_CARD_API_SECRET_KEY", "test_sk_do_not_print")
+        .env("PAYGATE_SHUTDOWN_TIMEOUT_MS", "15000")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["card_api_secret_key"], "***");
+    assert_eq!(v["database_url"], "***");
+    assert_eq!(v["card_api_url"], "https://api.tosspayments.com");
+    assert_eq!(v["shutdown_timeout_ms"], 15000);
+    assert_eq!(
+        v["card_api_policy"]["max_attempts"], 3,
+        "defaults are filled in"
+    );
+    assert!(!text.contains("test_sk_do_not_print") && !text.contains("db-pw-123"));
+    // A bad value: non-zero exit before anything binds, naming the key.
+    let out = paygate()
+        .args(["config", "check"])
+        .env("PAYGATE_SHUTDOWN_TIMEOUT_MS", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown_timeout_ms"));
 }
