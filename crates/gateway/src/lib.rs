@@ -7,6 +7,7 @@
 //! serve` does the same with the configured address.
 
 pub mod auth;
+pub mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod saga;
@@ -407,6 +408,28 @@ async fn inbound_error(e: tower::BoxError) -> axum::response::Response {
     problem::Problem::unavailable("internal error").into_response()
 }
 
+/// Every route: (method, path, handler). The router is built from this table,
+/// and the OpenAPI test checks the document against it.
+pub fn routes_table() -> Vec<(
+    &'static str,
+    &'static str,
+    axum::routing::MethodRouter<AppState>,
+)> {
+    vec![
+        ("POST", "/v1/payments/confirm", post(routes::confirm)),
+        (
+            "GET",
+            "/v1/payments/orders/{order_id}",
+            get(routes::get_by_order),
+        ),
+        ("GET", "/v1/payments/{payment_id}", get(routes::get_payment)),
+        ("GET", "/healthz", get(routes::healthz)),
+        ("GET", "/readyz", get(routes::readyz)),
+        ("GET", "/metrics", get(routes::metrics)),
+        ("GET", "/openapi.json", get(routes::openapi_json)),
+    ]
+}
+
 /// The merchant API routes over `state`, behind the inbound protections.
 pub fn router(state: AppState, inbound: &Inbound) -> Router {
     let protect = tower::ServiceBuilder::new()
@@ -416,13 +439,11 @@ pub fn router(state: AppState, inbound: &Inbound) -> Router {
             inbound.max_concurrent,
         ))
         .layer(tower::timeout::TimeoutLayer::new(inbound.request_timeout));
-    Router::new()
-        .route("/v1/payments/confirm", post(routes::confirm))
-        .route("/v1/payments/orders/{order_id}", get(routes::get_by_order))
-        .route("/v1/payments/{payment_id}", get(routes::get_payment))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
+    routes_table()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(protect)

@@ -15,7 +15,7 @@ use serde::Serialize;
 pub struct Problem(Box<ProblemDetails>);
 
 /// The members of a problem answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ProblemDetails {
     /// `urn:paygate:problem:<code in lower case>`.
     #[serde(rename = "type")]
@@ -33,6 +33,7 @@ pub struct ProblemDetails {
     pub payment_id: Option<String>,
     /// Seconds to wait before retrying (also sent as `Retry-After`).
     #[serde(skip)]
+    #[schema(ignore)]
     pub retry_after_s: Option<u64>,
 }
 

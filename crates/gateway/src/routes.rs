@@ -19,19 +19,21 @@ use crate::{
 };
 
 /// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfirmBody {
     /// The card company's payment key (1-200 printable characters).
     pub payment_key: String,
     /// 6-64 characters of `[A-Za-z0-9-_.]`.
+    #[schema(min_length = 6, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
     pub order_id: String,
     /// Amount in minor units, >= 1.
+    #[schema(minimum = 1)]
     pub amount: i64,
 }
 
 /// The payment as a merchant sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentView {
     /// `pay_...`.
@@ -45,6 +47,7 @@ pub struct PaymentView {
     /// ISO 4217 currency.
     pub currency: String,
     /// `DONE`, `ABORTED`, `UNKNOWN`, `IN_PROGRESS` or `CANCELED`.
+    #[schema(value_type = String, example = "DONE")]
     pub status: PaymentStatus,
     /// True once the ledger recorded it.
     pub saved: bool,
@@ -96,6 +99,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 }
 
 /// `POST /v1/payments/confirm`.
+#[utoipa::path(post, path = "/v1/payments/confirm", tag = "payments",
+    request_body = ConfirmBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; quoted or bare; the same key replays the same payment")),
+    responses(
+        (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
+        (status = 202, description = "outcome unknown; poll GET", body = PaymentView),
+        (status = 400, description = "invalid body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "cannot safely proceed; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn confirm(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
@@ -209,6 +227,15 @@ pub async fn confirm(
 }
 
 /// `GET /v1/payments/{paymentId}`: 404 for another merchant's payment.
+#[utoipa::path(get, path = "/v1/payments/{payment_id}", tag = "payments",
+    params(("payment_id" = String, Path, description = "pay_ + ULID")),
+    responses(
+        (status = 200, description = "the payment", body = PaymentView),
+        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "no such payment for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn get_payment(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
@@ -227,6 +254,15 @@ pub async fn get_payment(
 }
 
 /// `GET /v1/payments/orders/{orderId}`.
+#[utoipa::path(get, path = "/v1/payments/orders/{order_id}", tag = "payments",
+    params(("order_id" = String, Path, description = "the merchant's order id")),
+    responses(
+        (status = 200, description = "the payment", body = PaymentView),
+        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "no such order for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn get_by_order(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
@@ -249,12 +285,16 @@ pub async fn get_by_order(
 }
 
 /// `GET /healthz`: the process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "the process is alive", body = Object, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
 /// `GET /metrics`: Prometheus text exposition format 0.0.4. The sidecar
 /// jobs' last summaries are read from `job_runs` at each scrape.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match paygate_api_log::JobRuns::new(state.db.clone())
         .latest()
@@ -278,6 +318,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `GET /readyz`: 200 when the stores answer and the process is not
 /// shutting down, 503 otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "stores reachable, not shutting down", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "a store is unreachable, or shutting down", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state
         .shutting_down
@@ -291,6 +336,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         (Ok(()), Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
         _ => Problem::unavailable("a store is unreachable").into_response(),
     }
+}
+
+/// `GET /openapi.json`: this API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object)))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(crate::openapi::document())
 }
 
 /// Any other path: 404 problem.

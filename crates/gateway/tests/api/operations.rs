@@ -95,5 +95,13 @@ async fn every_answer_carries_a_request_id() {
     assert_eq!(made.status(), 401);
     let id = made.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    // The OpenAPI document is served without a key.
+    let doc: serde_json::Value = reqwest::get(format!("{}/openapi.json", app.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v1/payments/confirm"]["post"].is_object());
     app.teardown().await;
 }
