@@ -304,37 +304,16 @@ fn free_port() -> u16 {
 
 #[test]
 fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
-    let (card_port, ledger_port) = (free_port(), free_port());
-    let mut sim = KillOnDrop(
-        paygate()
-            .args(["sim", "--transactions", "120", "--page-latency-ms", "5"])
-            .args(["--card-port", &card_port.to_string()])
-            .args(["--ledger-port", &ledger_port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Ready once it printed its addresses.
-    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    let banner: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
-    assert!(
-        banner.iter().any(|l| l.contains("120 generated")),
-        "{banner:?}"
-    );
+    let (_sim, card_url, ledger_url) =
+        start_sim(&["--transactions", "120", "--page-latency-ms", "5"]);
     let (url, path) = temp_db("reconcile");
     let out = paygate()
         .args(["reconcile", "--dry-run", "--json", "--from", "25h"])
         .args(["--page-size", "50", "--slices", "1"])
         .env("PAYGATE_DATABASE_URL", &url)
-        .env(
-            "PAYGATE_CARD_API_URL",
-            format!("http://127.0.0.1:{card_port}"),
-        )
+        .env("PAYGATE_CARD_API_URL", &card_url)
         .env("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET)
-        .env(
-            "PAYGATE_LEDGER_API_URL",
-            format!("http://127.0.0.1:{ledger_port}"),
-        )
+        .env("PAYGATE_LEDGER_API_URL", &ledger_url)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
