@@ -1,11 +1,13 @@
 //! `paygate`: the one binary. Subcommands: `serve` (the merchant API),
 //! `merchants` (create and list API keys), `migrate`, `config check` (the
 //! effective configuration, secrets masked), `batch` (the sweep sidecar job),
-//! `reconcile` (against the card company's transaction list), `sim` (the
+//! `reconcile` (against the card company's transaction list), `check`
+//! (invariants I1/I2 against the sandbox), `sim` (the
 //! sandbox simulators as HTTP servers) and `demo` (an end-to-end run under
 //! faults that checks invariants I1-I3).
 
 mod batch;
+mod check;
 mod demo;
 mod reconcile;
 mod settings;
@@ -84,6 +86,9 @@ enum Command {
     /// Match paygate's records against the card company's transaction list
     /// for a window: recover, cancel orphan approvals, alert.
     Reconcile(reconcile::ReconcileArgs),
+    /// Check invariants I1/I2 against the sandbox card API's approvals:
+    /// exit 1 when an approval is lost or an order was charged twice.
+    Check(check::CheckArgs),
     /// Drive real HTTP confirms through the real server under faults and
     /// check that no approval is lost and none is doubled.
     Demo(demo::DemoArgs),
@@ -215,6 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Command::Batch(args) => batch::run(config, args).await,
                 Command::Reconcile(args) => reconcile::run(config, args).await,
+                Command::Check(args) => check::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
         }

@@ -2,55 +2,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
+mod common;
+
+use common::*;
+
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
-
-fn paygate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_paygate"));
-    // Start from a clean configuration environment.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PAYGATE_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("RUST_LOG", "info");
-    c
-}
-
-fn temp_db(name: &str) -> (String, std::path::PathBuf) {
-    let path = std::env::temp_dir().join(format!("paygate-cli-{name}-{}.db", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    (format!("sqlite://{}", path.display()), path)
-}
-
-/// `paygate merchants create NAME`, returning the key it prints once.
-fn create_merchant(url: &str, name: &str) -> String {
-    let out = paygate()
-        .args(["merchants", "create", name])
-        .env("PAYGATE_DATABASE_URL", url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix("api_key:"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
-
-fn remove_db(path: &std::path::Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-}
 
 #[test]
 fn demo_under_flaky_faults_reports_no_lost_or_double_charges() {
@@ -149,15 +109,6 @@ fn merchants_create_shows_the_key_once_and_list_never_does() {
     assert!(list.contains("Acme Shop") && list.contains(&key[..12]));
     assert!(!list.contains(&key), "the full key is never shown again");
     remove_db(&path);
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -290,18 +241,6 @@ fn mongodb_state_store_is_selected_and_its_uri_never_echoed() {
     remove_db(&path);
 }
 
-/// The key `paygate sim` accepts by default (`paygate_gateway::SANDBOX_CARD_SECRET`).
-const SIM_SECRET: &str = "test_sk_paygate_sandbox";
-
-/// A port free a moment ago (the OS picks it; the child binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
     let (_sim, card_url, ledger_url) =
@@ -359,31 +298,6 @@ fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--to must be after --from"));
     remove_db(&path);
-}
-
-/// Starts `paygate sim` on free ports; returns it and (card, ledger) URLs.
-fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
-    let (card_port, ledger_port) = (free_port(), free_port());
-    let mut sim = KillOnDrop(
-        paygate()
-            .arg("sim")
-            .args(extra)
-            .args(["--card-port", &card_port.to_string()])
-            .args(["--ledger-port", &ledger_port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    // Ready once it printed its two addresses.
-    for _ in 0..2 {
-        lines.next().unwrap().unwrap();
-    }
-    (
-        sim,
-        format!("http://127.0.0.1:{card_port}"),
-        format!("http://127.0.0.1:{ledger_port}"),
-    )
 }
 
 #[test]

@@ -35,6 +35,8 @@
 //! All card calls share the card API's resilience stack and rate limit.
 //! A lease (`reconcile`) keeps two runs from overlapping across replicas.
 
+pub mod check;
+
 use std::{
     collections::{HashMap, HashSet},
     sync::{

@@ -29,8 +29,10 @@ use crate::{
     CallObserver, ObserverSlot, SimTarget,
 };
 
-/// One approval the simulator gave.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One approval the simulator gave. Served (camelCase JSON) by the
+/// sandbox-only `GET /sandbox/approvals`, which `paygate check` reads.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Approval {
     /// The merchant's order id.
     pub order_id: String,
@@ -347,7 +349,18 @@ pub fn router(sim: Arc<CardSim>) -> Router {
         .route("/v1/payments/orders/{order_id}", get(by_order))
         .route("/v1/payments/{payment_key}/cancel", post(cancel))
         .route("/v1/transactions", get(transactions))
+        .route("/sandbox/approvals", get(approvals))
         .with_state(sim)
+}
+
+/// `GET /sandbox/approvals` (not a Toss API): every approval the simulator
+/// gave through a confirm, in order: the truth the invariant checker
+/// compares paygate's stores with.
+async fn approvals(State(sim): State<Arc<CardSim>>, headers: HeaderMap) -> Response {
+    if !sim.authorized(&headers) {
+        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+    }
+    Json(sim.approvals()).into_response()
 }
 
 struct InFlight<'a>(&'a CardSim);

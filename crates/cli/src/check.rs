@@ -1,0 +1,81 @@
+//! `paygate check`: the invariant checker against the sandbox card API.
+//! Reads every approval the simulator gave (`GET /sandbox/approvals` on
+//! `card_api_url`, Basic auth with `card_api_secret_key`) and classifies each
+//! against paygate's stores and alert outbox (see
+//! `paygate_reconcile::check`). Exit code 1 when an approval is lost or an
+//! order was charged twice; 0 otherwise.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use paygate_alert::SqlOutbox;
+use paygate_gateway::Components;
+use paygate_reconcile::check::{check, CardApproval};
+use paygate_sandbox::Approval;
+
+/// Options of `paygate check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// Setup failures, and a card API that is not the sandbox.
+pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let card_url = config.card_api_url.clone().context(
+        "paygate check needs card_api_url: the sandbox card API whose approvals it checks",
+    )?;
+    let secret = config
+        .card_api_secret_key
+        .as_ref()
+        .map(|s| s.expose().clone())
+        .unwrap_or_default();
+    let approvals: Vec<Approval> = reqwest::Client::new()
+        .get(format!(
+            "{}/sandbox/approvals",
+            card_url.trim_end_matches('/')
+        ))
+        .basic_auth(secret, Some(""))
+        .send()
+        .await
+        .context("reading the card simulator's approvals")?
+        .error_for_status()
+        .context(
+            "the card API has no /sandbox/approvals: paygate check runs against `paygate sim`",
+        )?
+        .json()
+        .await
+        .context("decoding the approvals")?;
+    let approvals: Vec<CardApproval> = approvals
+        .into_iter()
+        .map(|a| CardApproval {
+            order_id: a.order_id,
+            payment_key: a.payment_key,
+        })
+        .collect();
+    let c = Components::build(&config).await?;
+    let report = check(c.store.as_ref(), &SqlOutbox::new(c.db.clone()), &approvals).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("approvals        {}", report.approvals);
+        println!("completed        {}", report.completed);
+        println!("paid-unsaved     {}", report.paid_unsaved);
+        println!("pending          {}", report.pending);
+        println!("unknown-alerted  {}", report.unknown_alerted);
+        println!("lost             {}", report.lost);
+        println!("double charges   {}", report.double_charges);
+        if !report.lost_orders.is_empty() {
+            println!("lost orders      {}", report.lost_orders.join(", "));
+        }
+    }
+    Ok(if report.holds() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,99 @@
+//! Helpers shared by the binary's test files: the binary with a clean
+//! environment, temporary databases, merchants, child processes.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+/// The key `paygate sim` accepts by default (`paygate_gateway::SANDBOX_CARD_SECRET`).
+pub const SIM_SECRET: &str = "test_sk_paygate_sandbox";
+
+pub fn paygate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_paygate"));
+    // Start from a clean configuration environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAYGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "info");
+    c
+}
+
+pub fn temp_db(name: &str) -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("paygate-cli-{name}-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    (format!("sqlite://{}", path.display()), path)
+}
+
+/// `paygate merchants create NAME`, returning the key it prints once.
+pub fn create_merchant(url: &str, name: &str) -> String {
+    let out = paygate()
+        .args(["merchants", "create", name])
+        .env("PAYGATE_DATABASE_URL", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("api_key:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+pub fn remove_db(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free a moment ago (the OS picks it; the child binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `paygate sim` on free ports; returns it and (card, ledger) URLs.
+pub fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
+    let (card_port, ledger_port) = (free_port(), free_port());
+    let mut sim = KillOnDrop(
+        paygate()
+            .arg("sim")
+            .args(extra)
+            .args(["--card-port", &card_port.to_string()])
+            .args(["--ledger-port", &ledger_port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    // Ready once it printed its two addresses.
+    for _ in 0..2 {
+        lines.next().unwrap().unwrap();
+    }
+    (
+        sim,
+        format!("http://127.0.0.1:{card_port}"),
+        format!("http://127.0.0.1:{ledger_port}"),
+    )
+}
