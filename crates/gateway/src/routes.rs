@@ -23,6 +23,7 @@ use crate::{
 #[serde(rename_all = "camelCase")]
 pub struct ConfirmBody {
     /// The card company's payment key (1-200 printable characters).
+    #[schema(min_length = 1, max_length = 200)]
     pub payment_key: String,
     /// 6-64 characters of `[A-Za-z0-9-_.]`.
     #[schema(min_length = 6, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]

@@ -1,0 +1,305 @@
+//! Confirm benchmarks (issue 8, benchmarks 1-3): the real gateway on a
+//! loopback port against the sandbox simulators over HTTP, driven by
+//! `--concurrency` clients for `--confirms` confirms.
+//!
+//! ```sh
+//! cargo run --release -p paygate-gateway --example confirm_bench
+//! PAYGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
+//!   cargo run --release -p paygate-gateway --example confirm_bench -- 5000 32
+//! #                                                      confirms, concurrency
+//! ```
+//!
+//! 1. Throughput and latency (p50, p99, p99.9) at zero downstream latency, on
+//!    SQLite and PostgreSQL.
+//! 2. On PostgreSQL: `pgbench` (TPC-B-like, same concurrency, 10 s) in a
+//!    database of its own, and the ratio confirms/s ÷ (commits/s ÷ commits
+//!    per confirm); commits per confirm are measured from
+//!    `pg_stat_database.xact_commit` over the confirm run.
+//! 3. Gateway overhead: confirm latency minus the simulators' own latency
+//!    (card + ledger, each fixed at 1 ms, then 50 ms), p50 and p99.
+//!
+//! Prints tables and writes `target/bench/confirm.json`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a measurement tool
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use paygate_core::{crypto, Config, MerchantId, Secret};
+use paygate_gateway::Application;
+use paygate_sandbox::{FaultProfile, SandboxServers};
+use paygate_state_store::{
+    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    Merchant, SqlDatabase, SqlMerchantStore,
+};
+use serde_json::json;
+
+const SECRET: &str = "test_sk_bench";
+
+struct Run {
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    ok: usize,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// One run: a fresh database, the app, `n` confirms at `c` concurrent clients.
+/// Returns the run and the database URL (PostgreSQL keeps it for stats).
+async fn run(
+    backend: &Backend,
+    latency_ms: u64,
+    n: usize,
+    c: usize,
+) -> (Run, SqlDatabase, i64, Cleanup) {
+    let profile = FaultProfile {
+        card_latency_min_ms: latency_ms,
+        card_latency_max_ms: latency_ms,
+        ledger_latency_min_ms: latency_ms,
+        ledger_latency_max_ms: latency_ms,
+        ..FaultProfile::none()
+    };
+    let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
+    let (url, cleanup) = fresh_sql_url(backend).await;
+    let config = Config {
+        listen: "127.0.0.1:0".into(),
+        database_url: Secret::new(url),
+        database_max_connections: 20,
+        card_api_url: Some(sandbox.card_url.clone()),
+        card_api_secret_key: Some(Secret::new(SECRET.into())),
+        ledger_api_url: Some(sandbox.ledger_url.clone()),
+        inbound_rate_limit_per_second: 0,
+        inbound_max_concurrent: 1024,
+        ..Config::default()
+    };
+    let app = Application::build(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &config,
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let db = app.database();
+    let key = crypto::generate_api_key();
+    SqlMerchantStore::new(db.clone())
+        .create(
+            &Merchant {
+                merchant_id: MerchantId::generate(),
+                name: "bench".into(),
+                api_key_prefix: key.expose()[..crypto::API_KEY_DISPLAY_LEN].to_owned(),
+                created_at: 0,
+                revoked_at: None,
+            },
+            &crypto::hash_api_key(&config.api_key_hash_key, key.expose()),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(app.run_until(std::future::pending()));
+    let commits_before = xact_commit(&db).await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(c)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..c)
+        .map(|_| {
+            let (next, client, base, key) =
+                (next.clone(), client.clone(), base.clone(), key.expose().clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return lat;
+                    }
+                    let t = Instant::now();
+                    let resp = client
+                        .post(format!("{base}/v1/payments/confirm"))
+                        .bearer_auth(&key)
+                        .json(&json!({"paymentKey": format!("pk_b{i}"), "orderId": format!("bench-{i:08}"), "amount": 1000}))
+                        .send()
+                        .await
+                        .unwrap();
+                    if resp.status() == 200 {
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut lat: Vec<f64> = Vec::new();
+    for w in workers {
+        lat.extend(w.await.unwrap());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let commits = xact_commit(&db).await - commits_before;
+    lat.sort_by(f64::total_cmp);
+    (
+        Run {
+            throughput: lat.len() as f64 / wall,
+            p50: pct(&lat, 0.50),
+            p99: pct(&lat, 0.99),
+            p999: pct(&lat, 0.999),
+            ok: lat.len(),
+        },
+        db,
+        commits,
+        cleanup,
+    )
+}
+
+/// Commits of the current PostgreSQL database so far (0 on SQLite).
+async fn xact_commit(db: &SqlDatabase) -> i64 {
+    match db {
+        SqlDatabase::Postgres(pool) => sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        SqlDatabase::Sqlite(_) => 0,
+    }
+}
+
+/// `pgbench` TPC-B-like at `c` clients for 10 s in a database of its own: tps.
+fn pgbench(admin_url: &str, c: usize) -> Option<f64> {
+    let db = format!("paygate_pgbench_{}", std::process::id());
+    let (host, user) = ("127.0.0.1", "postgres");
+    let user = url_user(admin_url).unwrap_or(user.to_owned());
+    let psql = |sql: &str| {
+        std::process::Command::new("psql")
+            .args(["-h", host, "-U", &user, "-d", "test", "-qc", sql])
+            .status()
+            .ok()
+            .filter(|s| s.success())
+    };
+    psql(&format!("CREATE DATABASE {db}"))?;
+    let init = std::process::Command::new("pgbench")
+        .args(["-h", host, "-U", &user, "-i", "-s", "10", "-q", &db])
+        .output()
+        .ok()?;
+    let out = init.status.success().then(|| {
+        std::process::Command::new("pgbench")
+            .args([
+                "-h",
+                host,
+                "-U",
+                &user,
+                "-c",
+                &c.to_string(),
+                "-j",
+                "2",
+                "-T",
+                "10",
+                &db,
+            ])
+            .output()
+            .ok()
+    });
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    let text = String::from_utf8_lossy(&out??.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("tps ="))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+}
+
+fn url_user(url: &str) -> Option<String> {
+    let rest = url.split("://").nth(1)?;
+    let userinfo = rest.split('@').next().filter(|_| rest.contains('@'))?;
+    Some(userinfo.split(':').next()?.to_owned())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).map_or(5_000, |v| v.parse().unwrap());
+    let c: usize = args.get(2).map_or(32, |v| v.parse().unwrap());
+    let mut out = serde_json::Map::new();
+
+    println!("1. confirm throughput at zero downstream latency ({n} confirms, concurrency {c})");
+    println!(
+        "{:<9} {:>8} {:>12} {:>9} {:>9} {:>10}",
+        "backend", "ok", "confirms/s", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    let mut pg_run = None;
+    for backend in sql_backends() {
+        let (r, db, commits, cleanup) = run(&backend, 0, n, c).await;
+        println!(
+            "{:<9} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>10.2}",
+            backend.name(),
+            r.ok,
+            r.throughput,
+            r.p50,
+            r.p99,
+            r.p999
+        );
+        out.insert(
+            format!("throughput_{}", backend.name()),
+            json!({"confirms": r.ok, "confirms_per_s": r.throughput, "p50_ms": r.p50, "p99_ms": r.p99, "p999_ms": r.p999, "concurrency": c}),
+        );
+        if let Backend::Postgres(url) = &backend {
+            pg_run = Some((url.clone(), r, commits));
+        }
+        db.close().await;
+        cleanup.run().await;
+    }
+
+    if let Some((url, r, commits)) = pg_run {
+        let per_confirm = commits as f64 / r.ok.max(1) as f64;
+        println!("\n2. PostgreSQL against pgbench (TPC-B-like, {c} clients, 10 s)");
+        match pgbench(&url, c) {
+            Some(tps) => {
+                let ratio = r.throughput / (tps / per_confirm);
+                println!("pgbench commits/s {tps:.0}; paygate commits per confirm {per_confirm:.2} (measured); confirms/s {:.0}; ratio {ratio:.2}", r.throughput);
+                out.insert(
+                    "pgbench".into(),
+                    json!({"pgbench_tps": tps, "commits_per_confirm": per_confirm, "confirms_per_s": r.throughput, "ratio": ratio}),
+                );
+            }
+            None => println!("pgbench did not run (is it installed?)"),
+        }
+    } else {
+        println!("\n2. skipped: set PAYGATE_TEST_POSTGRES_URL for the PostgreSQL and pgbench runs");
+    }
+
+    println!("\n3. gateway overhead: confirm latency minus the simulators' (card + ledger) latency, SQLite");
+    println!(
+        "{:>11} {:>10} {:>12} {:>12}",
+        "downstream", "sim ms", "overhead p50", "overhead p99"
+    );
+    for latency in [1_u64, 50] {
+        let (r, db, _, cleanup) = run(&Backend::Sqlite, latency, n.min(2_000), c).await;
+        let sim = 2.0 * latency as f64;
+        println!(
+            "{:>9}ms {:>10.0} {:>10.2}ms {:>10.2}ms",
+            latency,
+            sim,
+            r.p50 - sim,
+            r.p99 - sim
+        );
+        out.insert(
+            format!("overhead_{latency}ms"),
+            json!({"downstream_ms_each": latency, "sim_ms": sim, "overhead_p50_ms": r.p50 - sim, "overhead_p99_ms": r.p99 - sim}),
+        );
+        db.close().await;
+        cleanup.run().await;
+    }
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write(
+        "target/bench/confirm.json",
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    println!("\nwrote target/bench/confirm.json");
+}
