@@ -12,6 +12,7 @@
 //! Every record is paid and saved, so the sweep moves each one from
 //! `realtime_payments` to `completed_payments` (one transaction each). The
 //! sweep runs in a child process, so its peak RSS is the sweep's alone.
+//! Writes `target/bench/sweep.json`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a measurement tool
 
@@ -63,6 +64,7 @@ async fn main() {
         "{:<9} {:>9} {:>10} {:>10} {:>12} {:>15}",
         "backend", "records", "completed", "sweep ms", "records/s", "sweep peak RSS"
     );
+    let mut rows = Vec::new();
     for backend in sql_backends() {
         for &n in &sizes {
             let (url, cleanup) = fresh_sql_url(&backend).await;
@@ -114,7 +116,18 @@ async fn main() {
                 rate,
                 f[3]
             );
+            rows.push(
+                serde_json::json!({"backend": backend.name(), "records": n, "completed": f[1],
+                "sweep_ms": f[2], "records_per_s": rate, "peak_rss_kib": f[3]}),
+            );
             cleanup.run().await;
         }
     }
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write(
+        "target/bench/sweep.json",
+        serde_json::to_string_pretty(&rows).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/sweep.json");
 }

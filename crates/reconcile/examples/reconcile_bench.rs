@@ -14,7 +14,8 @@
 //! The simulator and the seeding run in this process; each reconciliation
 //! runs in a fresh child process over HTTP, so its peak RSS and CPU time
 //! (`cpu ms`, user + system) are its own. The database server's CPU is not
-//! in `cpu ms`; on a 2-core machine it competes with the run.
+//! in `cpu ms`; on a 2-core machine it competes with the run. Writes
+//! `target/bench/reconcile.json`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a measurement tool
 
@@ -120,6 +121,7 @@ async fn main() {
         "peak RSS",
         "cpu ms"
     );
+    let mut rows = Vec::new();
     for backend in sql_backends() {
         let (url, cleanup) = fresh_sql_url(&backend).await;
         let db = SqlDatabase::connect(&url, 2).await.unwrap();
@@ -181,7 +183,20 @@ async fn main() {
                 rss,
                 cpu
             );
+            rows.push(
+                serde_json::json!({"backend": backend.name(), "slices": slices,
+                "slice_concurrency": concurrency, "transactions": txs, "pages": pages,
+                "matched": matched, "wall_ms": wall, "bound_ms": bound,
+                "ratio": wall as f64 / bound.max(1) as f64, "peak_rss_kib": rss, "cpu_ms": cpu}),
+            );
         }
         cleanup.run().await;
     }
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write(
+        "target/bench/reconcile.json",
+        serde_json::to_string_pretty(&rows).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/reconcile.json");
 }
