@@ -44,7 +44,8 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     }
     figment = figment.merge(
         Env::prefixed("PAYGATE_")
-            .filter(|k| !k.as_str().starts_with("test_"))
+            // Keys arrive as written (`TEST_POSTGRES_URL`): compare uncased.
+            .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
             .split("__"),
     );
     let config: Config = figment.extract().context("invalid configuration")?;

@@ -463,6 +463,8 @@ fn config_check_prints_the_effective_config_with_secrets_masked() {
         .env("PAYGATE_CARD_API_URL", "https://api.tosspayments.com")
         .env("PAYGATE_CARD_API_SECRET_KEY", "test_sk_do_not_print")
         .env("PAYGATE_SHUTDOWN_TIMEOUT_MS", "15000")
+        // The test suite's own variables are not configuration keys.
+        .env("PAYGATE_TEST_POSTGRES_URL", "postgres://elsewhere/test")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
