@@ -266,9 +266,14 @@ fn classify_lookup(e: &AttemptError<CardApiError>) -> ErrorClass {
     }
 }
 
-/// Transaction-list pages: reads, so 5xx, 429, timeouts and resets are
-/// retried (within the budget); other 4xx are healthy refusals.
-fn classify_page(e: &CardApiError) -> ErrorClass {
+/// Transaction-list pages (reads) and cancels (which carry an idempotency
+/// key, so the card company replays the first answer): 5xx, 429, timeouts
+/// and resets are retried within the budget; other 4xx are healthy refusals;
+/// a failed `REQUEST` row is no call and no retry.
+fn classify_repeatable(e: &AttemptError<CardApiError>) -> ErrorClass {
+    let AttemptError::Downstream(e) = e else {
+        return NO_RETRY_IGNORED;
+    };
     let transient = e.is_transient() || matches!(e, CardApiError::Rejected { status: 429, .. });
     ErrorClass {
         outcome: if transient {
@@ -278,15 +283,6 @@ fn classify_page(e: &CardApiError) -> ErrorClass {
         },
         retryable: transient,
         retry_after: e.retry_after(),
-    }
-}
-
-/// Cancels carry an idempotency key, so a timed-out or failed one is sent
-/// again with the same key (the card company replays the first answer).
-fn classify_cancel(e: &AttemptError<CardApiError>) -> ErrorClass {
-    match e {
-        AttemptError::Downstream(e) => classify_page(e),
-        AttemptError::LogUnavailable(_) => NO_RETRY_IGNORED,
     }
 }
 
@@ -365,6 +361,17 @@ fn describe_lookup(
             Some(json!({"code": codes::NOT_FOUND_PAYMENT})),
         ),
         Ok(Some(p)) => (Kind::Response, Some(200), serde_json::to_value(p).ok()),
+        Err(e) => describe_card::<()>(&Err(e.clone())),
+    }
+}
+
+fn describe_page(res: &Result<Vec<Transaction>, CardApiError>) -> Row {
+    match res {
+        Ok(page) => (
+            Kind::Response,
+            Some(200),
+            Some(json!({"transactions": page.len()})),
+        ),
         Err(e) => describe_card::<()>(&Err(e.clone())),
     }
 }
@@ -1030,7 +1037,7 @@ impl Saga {
             site,
             call,
             describe_card,
-            classify_cancel,
+            classify_repeatable,
             Arc::new(AtomicU32::new(0)),
         )
         .await
@@ -1039,24 +1046,51 @@ impl Saga {
 
     /// One page of the card company's transaction list (Toss
     /// `GET /v1/transactions`) through the card stack: breaker, bulkhead,
-    /// rate limit and budgeted retries of 5xx/429/timeouts. A read with no
-    /// payment to file it under, so it is traced, not written to the SQL log.
+    /// rate limit and budgeted retries of 5xx/429/timeouts. Like every
+    /// downstream call, each attempt is in the SQL log first (I3), under
+    /// `subject` (the reconciliation run's `reconcile_<ULID>`); the
+    /// `RESPONSE` row holds the page's size, not its transactions.
     ///
     /// # Errors
-    /// [`CallError`] after retries, or the stack's refusal.
+    /// [`CallError`] after retries, or the stack's refusal; a `REQUEST` row
+    /// that could not be written is an error and no call.
     pub async fn transactions_page(
-        &self,
+        self: &Arc<Self>,
+        subject: &PaymentId,
         query: TransactionsQuery,
-    ) -> Result<Vec<Transaction>, CallError<CardApiError>> {
-        let card = self.card.clone();
-        let query = Arc::new(query);
-        let attempt = move |_n: u32| {
+    ) -> Result<Vec<Transaction>, String> {
+        let path = format!(
+            "/v1/transactions?startDate={}&endDate={}&startingAfter={}&limit={}",
+            query.start_date,
+            query.end_date,
+            query.starting_after.as_deref().unwrap_or(""),
+            query.limit.unwrap_or(100)
+        );
+        let site = CallSite {
+            payment_id: subject.clone(),
+            target: Target::CardApi,
+            method: "GET",
+            path,
+            body: None,
+            attempt_offset: 0,
+        };
+        let (card, query) = (self.card.clone(), Arc::new(query));
+        let call = move || {
             let (card, query) = (card.clone(), query.clone());
             async move { card.transactions(&query).await }
         };
-        self.card_stack
-            .call(RequestKind::Idempotent, None, attempt, classify_page)
-            .await
+        self.through(
+            &self.card_stack,
+            RequestKind::Idempotent,
+            None,
+            site,
+            call,
+            describe_page,
+            classify_repeatable,
+            Arc::new(AtomicU32::new(0)),
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Settles a payment whose card outcome is not known (`PENDING` past its

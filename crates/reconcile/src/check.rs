@@ -103,19 +103,16 @@ pub async fn check(
             let pending = |r: &PaymentRecord| {
                 matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
             };
-            let state = match found {
-                Some((_, r)) if r.is_paid && r.is_saved => "completed",
-                Some((Partition::Realtime, r)) if r.is_paid => "paid_unsaved",
-                Some((_, r)) if alerted.contains(r.payment_id.as_str()) => "alerted",
-                Some((Partition::Realtime, r)) if pending(r) => "pending",
-                None if alerted.contains(&format!("orphan_{order}")) => "alerted",
-                _ => "lost",
-            };
-            match state {
-                "completed" => report.completed += 1,
-                "paid_unsaved" => report.paid_unsaved += 1,
-                "alerted" => report.unknown_alerted += 1,
-                "pending" => report.pending += 1,
+            match found {
+                Some((_, r)) if r.is_paid && r.is_saved => report.completed += 1,
+                Some((Partition::Realtime, r)) if r.is_paid => report.paid_unsaved += 1,
+                Some((_, r)) if alerted.contains(r.payment_id.as_str()) => {
+                    report.unknown_alerted += 1;
+                }
+                Some((Partition::Realtime, r)) if pending(r) => report.pending += 1,
+                None if alerted.contains(&format!("orphan_{order}")) => {
+                    report.unknown_alerted += 1;
+                }
                 _ => {
                     report.lost += 1;
                     if report.lost_orders.len() < 20 {

@@ -29,9 +29,10 @@
 //!    company has no approval, alerted as `paid_not_approved`.
 //!
 //! Memory is bounded by the slice (the set of approved orderIds seen in it)
-//! times the slice concurrency, not by the window. Every card call except
-//! the pages goes through the saga's logged calls, so it is in the SQL log
-//! (I3); an order with no paygate record is logged under `orphan_<orderId>`.
+//! times the slice concurrency, not by the window. Every card call, pages
+//! included, goes through the saga's logged calls, so it is in the SQL log
+//! (I3); an order with no paygate record is logged under `orphan_<orderId>`,
+//! and the run's page requests under `reconcile_<ULID>`.
 //! All card calls share the card API's resilience stack and rate limit.
 //! A lease (`reconcile`) keeps two runs from overlapping across replicas.
 
@@ -108,12 +109,6 @@ impl ReconcileOptions {
             lease_ttl: Duration::from_secs(60),
             ledger_alert_threshold: 5,
         }
-    }
-
-    /// Defaults for the last 24 hours.
-    pub fn last_24h() -> Self {
-        let now = paygate_core::time::now_ms();
-        Self::window(now - 86_400_000, now)
     }
 
     /// Checks the options; the message names the bad one.
@@ -347,6 +342,8 @@ struct Run<'a> {
     settler: Settler,
     lost: Arc<AtomicBool>,
     now_ms: i64,
+    /// The SQL log subject of this run's page requests: `reconcile_<ULID>`.
+    log_subject: PaymentId,
 }
 
 impl Reconciler {
@@ -402,6 +399,7 @@ impl Reconciler {
             ),
             lost: renewal.lost_flag(),
             now_ms: paygate_core::time::now_ms(),
+            log_subject: PaymentId::from_stored(format!("reconcile_{}", ulid::Ulid::new())),
         };
         let started = Instant::now();
         let result = self.run_under_lease(&run).await;
@@ -529,7 +527,10 @@ impl Reconciler {
             starting_after: after,
             limit: Some(limit),
         };
-        let mut page = self.saga.transactions_page(query(None)).await;
+        let mut page = self
+            .saga
+            .transactions_page(&run.log_subject, query(None))
+            .await;
         loop {
             let txs = match page {
                 Ok(txs) => txs,
@@ -549,7 +550,11 @@ impl Reconciler {
             // Fetch the next page while this one is matched.
             let fetch_next = async {
                 match next {
-                    Some(after) => Some(self.saga.transactions_page(query(Some(after))).await),
+                    Some(after) => Some(
+                        self.saga
+                            .transactions_page(&run.log_subject, query(Some(after)))
+                            .await,
+                    ),
                     None => None,
                 }
             };

@@ -155,6 +155,16 @@ async fn every_case_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
             "{name}: {s:?}"
         );
         assert_eq!(s.pages, 8, "{name}: one short page per slice");
+        // Each page request is in the SQL log before it is made (I3).
+        let page_rows: i64 = paygate_state_store::with_pool!(&e.c.db, pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM api_logs WHERE kind = 'REQUEST' AND path LIKE '/v1/transactions?%' AND payment_id LIKE 'reconcile_%'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap()
+        });
+        assert_eq!(page_rows, 8, "{name}");
         let card = e.sandbox.card.stats();
         assert_eq!(
             card.lookup_calls, 3,

@@ -262,11 +262,6 @@ impl CardSim {
         self.state().pages_per_window.clone()
     }
 
-    /// Transactions held.
-    pub fn transaction_count(&self) -> usize {
-        self.state().transactions.len()
-    }
-
     /// Counts so far.
     pub fn stats(&self) -> CardStats {
         let st = self.state();

@@ -151,6 +151,26 @@ pub fn record_from_doc(d: &Document) -> Result<PaymentRecord, StoreError> {
     })
 }
 
+/// The records matching `filter` in `sort` order, streamed from one cursor
+/// `batch_size` documents per round trip.
+fn stream_records(
+    coll: Collection<Document>,
+    filter: Document,
+    sort: Document,
+    batch_size: u32,
+) -> BoxStream<'static, Result<PaymentRecord, StoreError>> {
+    let stream = futures_util::stream::once(async move {
+        coll.find(filter)
+            .sort(sort)
+            .batch_size(batch_size.max(1))
+            .await
+            .map_err(map_err)
+    })
+    .map_ok(|cursor| cursor.map(|d| d.map_err(map_err).and_then(|d| record_from_doc(&d))))
+    .try_flatten();
+    Box::pin(stream)
+}
+
 fn order_claim_id(merchant: &MerchantId, order: &str) -> String {
     format!("order:{merchant}:{order}")
 }
@@ -526,17 +546,12 @@ impl StateStore for MongoStateStore {
         partition: Partition,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
-        let coll = self.partition(partition);
-        let stream = futures_util::stream::once(async move {
-            coll.find(doc! {})
-                .sort(doc! {"_id": 1})
-                .batch_size(batch_size.max(1))
-                .await
-                .map_err(map_err)
-        })
-        .map_ok(|cursor| cursor.map(|d| d.map_err(map_err).and_then(|d| record_from_doc(&d))))
-        .try_flatten();
-        Box::pin(stream)
+        stream_records(
+            self.partition(partition),
+            doc! {},
+            doc! {"_id": 1},
+            batch_size,
+        )
     }
 
     async fn find_by_order_ids(
@@ -567,17 +582,12 @@ impl StateStore for MongoStateStore {
         to_ms: i64,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
-        let coll = self.partition(partition);
-        let stream = futures_util::stream::once(async move {
-            coll.find(doc! {"created_at": {"$gte": from_ms, "$lt": to_ms}})
-                .sort(doc! {"created_at": 1, "_id": 1})
-                .batch_size(batch_size.max(1))
-                .await
-                .map_err(map_err)
-        })
-        .map_ok(|cursor| cursor.map(|d| d.map_err(map_err).and_then(|d| record_from_doc(&d))))
-        .try_flatten();
-        Box::pin(stream)
+        stream_records(
+            self.partition(partition),
+            doc! {"created_at": {"$gte": from_ms, "$lt": to_ms}},
+            doc! {"created_at": 1, "_id": 1},
+            batch_size,
+        )
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
