@@ -87,10 +87,15 @@ pub fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
             .unwrap(),
     );
     let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    // Ready once it printed its two addresses.
-    for _ in 0..2 {
-        lines.next().unwrap().unwrap();
+    // Ready once it printed its last address (both servers are bound by then).
+    loop {
+        let line = lines.next().expect("sim exited before it was ready").unwrap();
+        if line.starts_with("ledger simulator:") {
+            break;
+        }
     }
+    // Keep reading, so the sim never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     (
         sim,
         format!("http://127.0.0.1:{card_port}"),
