@@ -89,7 +89,10 @@ pub fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
     let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
     // Ready once it printed its last address (both servers are bound by then).
     loop {
-        let line = lines.next().expect("sim exited before it was ready").unwrap();
+        let line = lines
+            .next()
+            .expect("sim exited before it was ready")
+            .unwrap();
         if line.starts_with("ledger simulator:") {
             break;
         }
