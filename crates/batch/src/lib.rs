@@ -29,11 +29,10 @@ use std::{
 };
 
 use futures_util::TryStreamExt;
-use paygate_alert::AlertReason;
 use paygate_api_log::SqlApiLog;
 use paygate_core::{CardStatus, Partition, PaymentRecord};
-use paygate_gateway::saga::{Saga, Settlement};
-use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
+use paygate_payments::{Saga, Settler, Tally};
+use paygate_state_store::{SqlDatabase, StateStore, StoreError};
 use serde::Serialize;
 
 /// How a sweep runs.
@@ -126,24 +125,6 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What settling or saving records did, in the units of [`Summary`]; the
-/// batch and the reconciliation add these up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
-    /// Moved to `completed_payments`.
-    pub completed: u64,
-    /// Moved to `unpaid_payments`.
-    pub unpaid: u64,
-    /// Unknown outcomes settled by a lookup.
-    pub settled: u64,
-    /// Ledger tries made.
-    pub retried: u64,
-    /// Ledger tries that saved the payment.
-    pub saved: u64,
-    /// New alerts raised.
-    pub alerts: u64,
-}
-
 impl Counters {
     fn add(&self, t: Tally) {
         let add = |c: &AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
@@ -168,156 +149,6 @@ impl Counters {
             failures: g(&self.failures),
             duration_ms: started.elapsed().as_millis() as u64,
         }
-    }
-}
-
-/// Settles and saves single records exactly as the batch does: shared by
-/// the batch sweep and the reconciliation (which settles stale pending
-/// records and recovers approvals the same way).
-pub struct Settler {
-    store: Arc<dyn StateStore>,
-    saga: Arc<Saga>,
-    ledger_alert_threshold: i64,
-}
-
-impl Settler {
-    /// A settler over the store and the saga (card lookups and ledger saves
-    /// go through its resilience stacks and SQL log); "ledger save failed"
-    /// is raised at `ledger_alert_threshold` batch attempts.
-    pub fn new(store: Arc<dyn StateStore>, saga: Arc<Saga>, ledger_alert_threshold: i64) -> Self {
-        Self {
-            store,
-            saga,
-            ledger_alert_threshold,
-        }
-    }
-
-    /// Paid, not saved: one ledger try (`batch_attempts += 1` on failure);
-    /// saved: move to `completed_payments`; at the threshold, alert once.
-    /// A dry run counts the try and does nothing.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the store fails.
-    pub async fn save(&self, r: PaymentRecord, dry_run: bool) -> Result<Tally, StoreError> {
-        let mut t = Tally {
-            retried: 1,
-            ..Tally::default()
-        };
-        if dry_run {
-            return Ok(t);
-        }
-        match self.saga.batch_save(&r).await {
-            Ok(true) => {
-                t.saved += 1;
-                self.store
-                    .move_record(&r.payment_id, Partition::Realtime, Partition::Completed)
-                    .await?;
-                t.completed += 1;
-            }
-            Ok(false) => {
-                let attempts = match self.store.get(&r.payment_id).await? {
-                    Some((_, now)) => now.batch_attempts,
-                    None => r.batch_attempts,
-                };
-                if attempts >= self.ledger_alert_threshold {
-                    let detail = format!(
-                        "ledger save failed {attempts} times in the batch; last error: {}",
-                        r.last_error.clone().unwrap_or_default()
-                    );
-                    if self
-                        .saga
-                        .alert(&r, AlertReason::LedgerSaveFailed, detail)
-                        .await
-                    {
-                        t.alerts += 1;
-                    }
-                }
-            }
-            // Refused for good: the saga alerted (ledger_refused).
-            Err(()) => {}
-        }
-        Ok(t)
-    }
-
-    /// Not paid, outcome unknown: looks the payment up at the card company
-    /// by orderId and files it: approved → paid, then [`Settler::save`];
-    /// declined → `unpaid_payments`; still unknown → `UNKNOWN` + alert
-    /// "payment needs checking"; the card's answer does not match → alert.
-    /// Returns what the lookup settled (`None` in a dry run, which calls
-    /// nothing and counts one settlement).
-    ///
-    /// # Errors
-    /// [`StoreError`] when the store fails.
-    pub async fn settle(
-        &self,
-        r: PaymentRecord,
-        dry_run: bool,
-    ) -> Result<(Option<Settlement>, Tally), StoreError> {
-        let mut t = Tally::default();
-        if dry_run {
-            t.settled += 1;
-            return Ok((None, t));
-        }
-        let settlement = self.saga.settle_unknown(&r).await?;
-        match &settlement {
-            Settlement::Paid => {
-                t.settled += 1;
-                if let Some((Partition::Realtime, paid)) = self.store.get(&r.payment_id).await? {
-                    t += self.save(paid, false).await?;
-                }
-            }
-            Settlement::Declined => {
-                t.settled += 1;
-                self.store
-                    .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
-                    .await?;
-                t.unpaid += 1;
-            }
-            Settlement::Unknown(detail) => {
-                if r.card_status == CardStatus::Pending {
-                    self.store
-                        .transition(
-                            &r.payment_id,
-                            &Transition::MarkUnknown {
-                                last_error: detail.clone(),
-                            },
-                        )
-                        .await?;
-                }
-                if self
-                    .saga
-                    .alert(
-                        &r,
-                        AlertReason::OutcomeUnknown,
-                        format!("payment needs checking: {detail}"),
-                    )
-                    .await
-                {
-                    t.alerts += 1;
-                }
-            }
-            Settlement::Mismatch(detail) => {
-                if self
-                    .saga
-                    .alert(&r, AlertReason::CardMismatch, detail.clone())
-                    .await
-                {
-                    t.alerts += 1;
-                }
-            }
-        }
-        Ok((Some(settlement), t))
-    }
-}
-
-impl std::ops::AddAssign for Tally {
-    fn add_assign(&mut self, b: Tally) {
-        self.completed += b.completed;
-        self.unpaid += b.unpaid;
-        self.settled += b.settled;
-        self.retried += b.retried;
-        self.saved += b.saved;
-        self.alerts += b.alerts;
     }
 }
 

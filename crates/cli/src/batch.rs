@@ -11,7 +11,6 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use anyhow::Context;
 use paygate_batch::{BatchError, Summary, SweepOptions, Sweeper};
-use paygate_gateway::Components;
 
 /// Options of `paygate batch`.
 #[derive(clap::Args, Debug)]
@@ -74,7 +73,7 @@ pub async fn run(config: paygate_core::Config, args: BatchArgs) -> anyhow::Resul
         ),
         None => None,
     };
-    let components = Components::build(&config).await?;
+    let (components, _sandbox) = paygate_gateway::components(&config).await?;
     let sweeper = Sweeper::new(
         components.store.clone(),
         components.saga.clone(),

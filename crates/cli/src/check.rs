@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use paygate_alert::SqlOutbox;
-use paygate_gateway::Components;
 use paygate_reconcile::check::{check, CardApproval};
 use paygate_sandbox::Approval;
 
@@ -57,7 +56,7 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
             payment_key: a.payment_key,
         })
         .collect();
-    let c = Components::build(&config).await?;
+    let (c, _sandbox) = paygate_gateway::components(&config).await?;
     let report = check(c.store.as_ref(), &SqlOutbox::new(c.db.clone()), &approvals).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

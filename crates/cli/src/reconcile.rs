@@ -15,7 +15,6 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use paygate_gateway::Components;
 use paygate_reconcile::{Action, ReconcileError, ReconcileOptions, Reconciler, Summary};
 
 /// Options of `paygate reconcile`.
@@ -114,7 +113,7 @@ fn print(summary: &Summary, json: bool, dry_run: bool) {
 /// Setup failures (config, database) and bad options.
 pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     options(&args)?;
-    let components = Components::build(&config).await?;
+    let (components, _sandbox) = paygate_gateway::components(&config).await?;
     let json = args.json;
     let mut reconciler = Reconciler::new(
         components.store.clone(),

@@ -1,16 +1,17 @@
-//! paygate-gateway: the merchant API (axum) and the confirm saga.
+//! paygate-gateway: the merchant API over HTTP (axum): routes, auth,
+//! problem+json, OpenAPI, telemetry. The money logic lives in
+//! `paygate-payments`; this crate only adapts it to HTTP.
 //!
 //! [`Application::build`] takes a bound listener and a [`Config`] and wires
-//! everything: the SQL database (migrated), the state store, the card API and
-//! ledger clients (or the in-process sandbox when their URLs are unset), the
-//! saga and the routes. Tests bind port 0 and build the real thing; `paygate
+//! everything: the components of `paygate-payments` (stores, clients, the
+//! saga), the in-process sandbox when no card or ledger URL is set, and the
+//! routes. Tests bind port 0 and build the real thing; `paygate
 //! serve` does the same with the configured address.
 
 pub mod auth;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
-pub mod saga;
 pub mod telemetry;
 
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
@@ -20,28 +21,20 @@ use axum::{
     routing::{get, post},
     Router,
 };
-use paygate_api_log::SqlApiLog;
-use paygate_card_api::{CardApi, TossCardApi};
-use paygate_core::{
-    config::{ConfigError, StateStoreKind},
-    Config, Secret,
-};
-use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
-use paygate_resilience::Downstream;
+use paygate_core::{config::ConfigError, Config, Secret};
+use paygate_payments::{Components, SandboxUrls, WiringError};
 use paygate_sandbox::{FaultProfile, SandboxServers};
-use paygate_state_store::{SqlDatabase, SqlMerchantStore, SqlStateStore, StateStore, StoreError};
+use paygate_state_store::{SqlDatabase, SqlMerchantStore, StoreError};
 use tokio::net::TcpListener;
 
 pub use paygate_alert::{Alert, AlertReason, Alerter, OutboxAlerter};
-pub use saga::{Saga, SagaSettings};
+pub use paygate_payments::{Saga, SagaSettings};
+pub use paygate_sandbox::SANDBOX_CARD_SECRET;
 
 pub use paygate_core::config;
 
 /// Largest accepted request body, bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
-
-/// The card secret key the in-process sandbox accepts.
-pub const SANDBOX_CARD_SECRET: &str = "test_sk_paygate_sandbox";
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +48,9 @@ pub enum StartupError {
     /// The in-process sandbox could not bind its ports.
     #[error("sandbox: {0}")]
     Sandbox(std::io::Error),
-    /// The HTTP client could not be built.
-    #[error("http client: {0}")]
-    Http(String),
-    /// A configured feature is not available in this build.
-    #[error("not supported yet: {0}")]
-    Unsupported(&'static str),
+    /// The stores, clients or saga could not be built.
+    #[error(transparent)]
+    Wiring(#[from] WiringError),
     /// The listener's address could not be read.
     #[error("listener: {0}")]
     Listener(std::io::Error),
@@ -88,155 +78,50 @@ pub struct Inbound {
     pub request_timeout: Duration,
 }
 
-/// Everything but the HTTP server: the SQL database (migrated when
-/// configured), the state store, the saga with its downstream stacks, the
-/// alerter, and the in-process sandbox when no downstream URL is set. The
-/// batch and the reconciliation build these too.
-pub struct Components {
-    /// The SQL database (log, merchants, outbox, leases; state with `sql`).
-    pub db: SqlDatabase,
-    /// The state store.
-    pub store: Arc<dyn StateStore>,
-    /// The saga and its downstream stacks.
-    pub saga: Arc<Saga>,
-    /// The alerter.
-    pub alerter: Arc<OutboxAlerter>,
-    /// The in-process sandbox, when one runs.
-    pub sandbox: Option<SandboxServers>,
+/// The in-process sandbox, started when the config names no card API or
+/// ledger URL (DESIGN.md §11), with the fault preset `sandbox_faults`.
+///
+/// # Errors
+/// [`StartupError::Config`] for an unknown preset, [`StartupError::Sandbox`]
+/// when its ports cannot be bound.
+pub async fn start_sandbox(config: &Config) -> Result<Option<SandboxServers>, StartupError> {
+    if !(config.card_sandbox() || config.ledger_sandbox()) {
+        return Ok(None);
+    }
+    let profile = FaultProfile::preset(&config.sandbox_faults).ok_or(ConfigError {
+        key: "sandbox_faults".to_owned(),
+        reason: format!("unknown preset; one of {:?}", FaultProfile::PRESETS),
+    })?;
+    let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET)
+        .await
+        .map_err(StartupError::Sandbox)?;
+    tracing::warn!(
+        card = config.card_sandbox(),
+        ledger = config.ledger_sandbox(),
+        faults = %config.sandbox_faults,
+        "SANDBOX MODE: no card/ledger URL configured, the sandbox simulators run in-process; no real money moves"
+    );
+    Ok(Some(servers))
 }
 
-impl Components {
-    /// Builds the components from `config`.
-    ///
-    /// # Errors
-    /// [`StartupError`].
-    pub async fn build(config: &Config) -> Result<Self, StartupError> {
-        config.validate()?;
-        let db = SqlDatabase::connect(
-            config.database_url.expose(),
-            config.database_max_connections,
-        )
-        .await?;
-        if config.migrate_on_start {
-            db.migrate().await?;
-        }
-        let store: Arc<dyn StateStore> = match config.state_store {
-            StateStoreKind::Sql => Arc::new(SqlStateStore::new(db.clone())),
-            StateStoreKind::Mongodb => {
-                let uri = config.mongodb_uri.as_ref().ok_or(ConfigError {
-                    key: "mongodb_uri".to_owned(),
-                    reason: "required when state_store = \"mongodb\"".to_owned(),
-                })?;
-                let options = paygate_state_store::MongoOptions {
-                    database: config.mongodb_database.clone(),
-                    max_pool_size: config.mongodb_max_pool_size,
-                    write_concern_w: config.mongodb_write_concern.clone(),
-                    journal: config.mongodb_journal,
-                };
-                let store =
-                    paygate_state_store::MongoStateStore::connect(uri.expose(), &options).await?;
-                tracing::info!(
-                    transactions = store.uses_transactions(),
-                    "state store: MongoDB"
-                );
-                Arc::new(store)
-            }
-        };
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| StartupError::Http(e.to_string()))?;
-
-        let sandbox = if config.card_sandbox() || config.ledger_sandbox() {
-            let profile = FaultProfile::preset(&config.sandbox_faults).ok_or(ConfigError {
-                key: "sandbox_faults".to_owned(),
-                reason: format!("unknown preset; one of {:?}", FaultProfile::PRESETS),
-            })?;
-            let servers = SandboxServers::start(profile, SANDBOX_CARD_SECRET)
-                .await
-                .map_err(StartupError::Sandbox)?;
-            tracing::warn!(
-                card = config.card_sandbox(),
-                ledger = config.ledger_sandbox(),
-                faults = %config.sandbox_faults,
-                "SANDBOX MODE: no card/ledger URL configured, the sandbox simulators run in-process; no real money moves"
-            );
-            Some(servers)
-        } else {
-            None
-        };
-        let card: Arc<dyn CardApi> = {
-            let (url, key) = match (&config.card_api_url, &sandbox) {
-                (Some(url), _) => (
-                    url.clone(),
-                    config.card_api_secret_key.clone().unwrap_or_default(),
-                ),
-                (None, Some(s)) => (
-                    s.card_url.clone(),
-                    Secret::new(SANDBOX_CARD_SECRET.to_owned()),
-                ),
-                (None, None) => {
-                    return Err(StartupError::Unsupported("card API without URL or sandbox"))
-                }
-            };
-            Arc::new(TossCardApi::new(
-                http.clone(),
-                &url,
-                key,
-                Duration::from_millis(config.card_api_policy.attempt_timeout_ms),
-            ))
-        };
-        let ledger: Arc<dyn LedgerApi> = {
-            let url = match (&config.ledger_api_url, &sandbox) {
-                (Some(url), _) => url.clone(),
-                (None, Some(s)) => s.ledger_url.clone(),
-                (None, None) => {
-                    return Err(StartupError::Unsupported(
-                        "ledger API without URL or sandbox",
-                    ))
-                }
-            };
-            Arc::new(HttpLedgerApi::new(
-                http.clone(),
-                &url,
-                Duration::from_millis(config.ledger_api_policy.attempt_timeout_ms),
-            ))
-        };
-        let discord = config
-            .discord_webhook_url
-            .as_ref()
-            .map(|url| paygate_alert::DiscordClient::new(http.clone(), url.clone(), 5));
-        if discord.is_none() {
-            tracing::warn!("no Discord webhook configured (PAYGATE_DISCORD_WEBHOOK_URL): alerts are logged and kept in the outbox");
-        }
-        let alerter = OutboxAlerter::new(paygate_alert::SqlOutbox::new(db.clone()), discord);
-        let settings = SagaSettings {
-            currency: config.currency.clone(),
-            lookup_attempts: config.card_api_lookup_attempts,
-            ledger_retry_max_attempts: config.ledger_retry_max_attempts,
-            ledger_retry_base_delay: Duration::from_millis(config.ledger_retry_base_delay_ms),
-            ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
-            ..SagaSettings::default()
-        };
-        let saga = Arc::new(Saga::new(
-            store.clone(),
-            SqlApiLog::new(db.clone()),
-            card,
-            ledger,
-            Arc::new(Downstream::new("card_api", &config.card_api_policy)),
-            Arc::new(Downstream::new("ledger_api", &config.ledger_api_policy)),
-            alerter.clone(),
-            settings,
-        ));
-        Ok(Self {
-            db,
-            store,
-            saga,
-            alerter,
-            sandbox,
-        })
-    }
+/// [`Components::build`] with the in-process sandbox for the downstreams
+/// the config leaves unset (see [`start_sandbox`]); the sandbox's servers
+/// run as long as the returned handle lives.
+///
+/// # Errors
+/// [`StartupError`].
+pub async fn components(
+    config: &Config,
+) -> Result<(Components, Option<SandboxServers>), StartupError> {
+    config.validate()?;
+    let sandbox = start_sandbox(config).await?;
+    let urls = sandbox.as_ref().map(|s| SandboxUrls {
+        card_url: s.card_url.clone(),
+        card_secret: Secret::new(SANDBOX_CARD_SECRET.to_owned()),
+        ledger_url: s.ledger_url.clone(),
+    });
+    let components = Components::build(config, urls.as_ref()).await?;
+    Ok((components, sandbox))
 }
 
 /// The built gateway, ready to serve.
@@ -263,13 +148,12 @@ impl Application {
         // The recorder goes in before anything records.
         telemetry::prometheus();
         telemetry::register_families();
-        let Components {
-            db,
-            saga,
-            alerter,
+        let (
+            Components {
+                db, saga, alerter, ..
+            },
             sandbox,
-            ..
-        } = Components::build(config).await?;
+        ) = components(config).await?;
         let state = AppState {
             saga: saga.clone(),
             merchants: SqlMerchantStore::new(db.clone()),

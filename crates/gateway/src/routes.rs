@@ -11,12 +11,9 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::{
-    auth::AuthedMerchant,
-    problem::Problem,
-    saga::{ConfirmInput, ConfirmOutcome, Reuse},
-    AppState,
-};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, Reuse};
+
+use crate::{auth::AuthedMerchant, problem::Problem, AppState};
 
 /// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

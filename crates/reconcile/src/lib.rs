@@ -6,7 +6,7 @@
 //! 1. **Stale pending.** Records in `realtime_payments` that are not paid,
 //!    `PENDING` or `UNKNOWN`, and older than `stale_after` (default 10 min)
 //!    are looked up by orderId, `stale_concurrency` at a time, each in
-//!    isolation, and filed by the batch's own [`paygate_batch::Settler`].
+//!    isolation, and filed by the batch's own [`paygate_payments::Settler`].
 //! 2. **The list.** The window is cut into `slices` (whole seconds, as Toss
 //!    dates transactions) fetched `slice_concurrency` at a time; each slice
 //!    is paged in order with `startingAfter`, stopping at the first short
@@ -49,10 +49,10 @@ use std::{
 
 use futures_util::{StreamExt, TryStreamExt};
 use paygate_alert::{Alert, AlertReason};
-use paygate_batch::{lease::Lease, Settler};
+use paygate_batch::lease::Lease;
 use paygate_card_api::{Transaction, TransactionsQuery};
 use paygate_core::{CardStatus, Partition, PaymentId, PaymentRecord};
-use paygate_gateway::saga::{Saga, Settlement};
+use paygate_payments::{Saga, Settlement, Settler};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError};
 use serde::Serialize;
 

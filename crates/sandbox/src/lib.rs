@@ -22,6 +22,10 @@ use std::{net::SocketAddr, sync::Arc};
 pub use card::{generated_approvals, Approval, CardSim, CardStats, SeedApproval};
 pub use discord::{DiscordSim, DiscordStats};
 pub use faults::{FaultProfile, OutageWindow};
+
+/// The card secret key the in-process sandbox (and `paygate sim`) accepts by
+/// default.
+pub const SANDBOX_CARD_SECRET: &str = "test_sk_paygate_sandbox";
 pub use ledger::{LedgerSim, LedgerStats};
 use tokio::{net::TcpListener, task::JoinHandle};
 

@@ -4,11 +4,11 @@
 //! `ceil(pages / slice concurrency) * page latency` and the run's peak RSS.
 //!
 //! ```sh
-//! cargo run --release -p paygate-reconcile --example reconcile_bench
-//! cargo run --release -p paygate-reconcile --example reconcile_bench -- 100000 50 8x8,16x16
+//! cargo run --release -p paygate-e2e --example reconcile_bench
+//! cargo run --release -p paygate-e2e --example reconcile_bench -- 100000 50 8x8,16x16
 //! #                                          transactions, page latency ms, slices x concurrency
 //! PAYGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo run --release -p paygate-reconcile --example reconcile_bench   # PostgreSQL too
+//!   cargo run --release -p paygate-e2e --example reconcile_bench   # PostgreSQL too
 //! ```
 //!
 //! The simulator and the seeding run in this process; each reconciliation
@@ -20,7 +20,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a measurement tool
 
 use paygate_core::{CardStatus, Config, MerchantId, OrderId, PaymentRecord, Secret};
-use paygate_gateway::Components;
+
 use paygate_reconcile::{ReconcileOptions, Reconciler};
 use paygate_sandbox::{generated_approvals, FaultProfile, SandboxServers};
 use paygate_state_store::{
@@ -44,7 +44,7 @@ async fn reconcile_only(args: &[String]) {
         ledger_api_url: Some(ledger.clone()),
         ..Config::default()
     };
-    let c = Components::build(&config).await.unwrap();
+    let (c, _sandbox) = paygate_gateway::components(&config).await.unwrap();
     let r = Reconciler::new(c.store.clone(), c.saga.clone(), c.db.clone());
     let opts = ReconcileOptions {
         page_size: PAGE_SIZE,

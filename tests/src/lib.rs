@@ -1,18 +1,39 @@
-//! Helpers shared by the binary's test files: the binary with a clean
-//! environment, temporary databases, merchants, child processes.
-
-#![allow(dead_code)] // each test file uses its own subset
+//! paygate-e2e: helpers shared by the workspace-level end-to-end suites in
+//! `tests/tests/`: the `paygate` command with a clean environment, temporary
+//! databases, merchants, and child processes that are killed on drop.
+//!
+//! The suites run the real binary as a child process over real HTTP, the way
+//! an operator does; the binary is `paygate-under-test`, this package's build
+//! of the CLI library (the same code as `paygate`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // test helpers
 
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
 };
 
-/// The key `paygate sim` accepts by default (`paygate_gateway::SANDBOX_CARD_SECRET`).
+/// The key `paygate sim` accepts by default (`paygate_sandbox::SANDBOX_CARD_SECRET`).
 pub const SIM_SECRET: &str = "test_sk_paygate_sandbox";
 
+/// The binary under test: `target/<profile>/paygate-under-test`, beside the
+/// suite's own executable in `target/<profile>/deps/` (where
+/// `CARGO_BIN_EXE_paygate-under-test` points; that variable is set for the
+/// suites, not for this library).
+pub fn binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    profile_dir.join(format!(
+        "paygate-under-test{}",
+        std::env::consts::EXE_SUFFIX
+    ))
+}
+
+/// The `paygate` command with a clean configuration environment.
 pub fn paygate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_paygate"));
+    let mut c = Command::new(binary());
     // Start from a clean configuration environment.
     for (k, _) in std::env::vars() {
         if k.starts_with("PAYGATE_") {

@@ -13,7 +13,7 @@ use std::{
 
 use paygate_alert::SqlOutbox;
 use paygate_core::{Config, MerchantId, OrderId, Partition, PaymentRecord, Secret};
-use paygate_gateway::Components;
+use paygate_payments::Components;
 use paygate_reconcile::{slices, Action, ReconcileOptions, Reconciler};
 use paygate_sandbox::{FaultProfile, SandboxServers, SeedApproval};
 use paygate_state_store::{
@@ -44,7 +44,7 @@ async fn env(backend: &Backend) -> Env {
         ledger_api_url: Some(sandbox.ledger_url.clone()),
         ..Config::default()
     };
-    let c = Components::build(&config).await.unwrap();
+    let c = Components::build(&config, None).await.unwrap();
     Env {
         sandbox,
         c,

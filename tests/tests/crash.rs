@@ -6,13 +6,11 @@
 //! SQLite, and on PostgreSQL when `PAYGATE_TEST_POSTGRES_URL` is set.
 //!
 //! Kills per backend: `PAYGATE_CRASH_KILLS` (default 5, the short form CI
-//! runs; `PAYGATE_CRASH_KILLS=20 cargo test -p paygate --test crash` is the
+//! runs; `PAYGATE_CRASH_KILLS=20 cargo test -p paygate-e2e --test crash` is the
 //! full run). The random schedule's seed is printed and can be replayed with
 //! `PAYGATE_CRASH_SEED`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
-
-mod common;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -25,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use paygate_e2e::*;
 use paygate_state_store::testing::{fresh_sql_url, sql_backends};
 
 /// A small deterministic generator (xorshift64*): the schedule is replayable

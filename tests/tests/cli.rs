@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
-mod common;
-
-use common::*;
+use paygate_e2e::*;
 
 use std::{
     io::{BufRead, BufReader},

@@ -3,10 +3,10 @@
 //! not grow with the count.
 //!
 //! ```sh
-//! cargo run --release -p paygate-batch --example sweep_bench            # 100k and 1M, SQLite
-//! cargo run --release -p paygate-batch --example sweep_bench -- 200000  # other sizes, comma-separated
+//! cargo run --release -p paygate-e2e --example sweep_bench            # 100k and 1M, SQLite
+//! cargo run --release -p paygate-e2e --example sweep_bench -- 200000  # other sizes, comma-separated
 //! PAYGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo run --release -p paygate-batch --example sweep_bench          # PostgreSQL too
+//!   cargo run --release -p paygate-e2e --example sweep_bench          # PostgreSQL too
 //! ```
 //!
 //! Every record is paid and saved, so the sweep moves each one from
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use paygate_batch::{SweepOptions, Sweeper};
 use paygate_core::{CardStatus, Config, MerchantId, OrderId, PaymentRecord, Secret};
-use paygate_gateway::Components;
+
 use paygate_state_store::{
     testing::{fresh_sql_url, peak_rss_kib, seed_realtime, sql_backends},
     SqlDatabase,
@@ -31,7 +31,7 @@ async fn sweep_only(url: &str) {
         database_url: Secret::new(url.to_owned()),
         ..Config::default()
     };
-    let c = Components::build(&config).await.unwrap();
+    let (c, _sandbox) = paygate_gateway::components(&config).await.unwrap();
     let sweeper = Sweeper::new(c.store.clone(), c.saga.clone(), c.db.clone());
     let opts = SweepOptions {
         grace: Duration::ZERO,

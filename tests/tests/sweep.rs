@@ -11,7 +11,7 @@ use paygate_card_api::{CardApi, ConfirmRequest, TossCardApi};
 use paygate_core::{
     payment::failure_codes, Config, MerchantId, OrderId, Partition, PaymentRecord, Secret,
 };
-use paygate_gateway::Components;
+use paygate_payments::Components;
 use paygate_sandbox::{FaultProfile, SandboxServers};
 use paygate_state_store::{
     testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
@@ -37,7 +37,7 @@ async fn env(backend: &Backend, profile: FaultProfile) -> Env {
         ledger_api_url: Some(sandbox.ledger_url.clone()),
         ..Config::default()
     };
-    let c = Components::build(&config).await.unwrap();
+    let c = Components::build(&config, None).await.unwrap();
     Env {
         sandbox,
         c,
@@ -431,3 +431,4 @@ async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
     }
     e.cleanup.run().await;
 }
+

@@ -1,0 +1,342 @@
+//! Guards I2 and I3: the confirm saga of DESIGN.md §4, steps 1-4.
+//!
+//! Order of work for one confirm, each step durable before the next:
+//! 1. the state record (`PENDING`) and its order / idempotency-key claims
+//!    (an existing claim goes to `replay`);
+//! 2. the card `REQUEST` row in the SQL log (no row, no call: I3);
+//! 3. the card confirm with `Idempotency-Key: <payment_id>`, retried on 5xx;
+//!    after a lost answer, lookups by orderId settle it (I1, see `lookup`);
+//! 4. the `RESPONSE`/`ERROR` row and the record's new state, then the
+//!    ledger (see [`crate::ledger`]).
+
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use paygate_alert::AlertReason;
+use paygate_api_log::Target;
+use paygate_card_api::{CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
+use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
+use paygate_resilience::{CallError, RequestKind};
+use paygate_state_store::{CreateOutcome, Transition};
+
+use crate::{
+    classify::{self, card_message, AttemptError},
+    logged_call::{describe_card, CallSite, Policy},
+    outcome::{CardVerdict, ConfirmInput, ConfirmOutcome},
+    Saga,
+};
+
+/// The card company's `approvedAt`, or now when an approval carried none.
+pub(crate) fn approved_at_of(p: &CardPayment) -> String {
+    p.approved_at
+        .clone()
+        .unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms()))
+}
+
+impl Saga {
+    /// Runs the confirm saga for one request.
+    pub async fn confirm(self: &Arc<Self>, input: ConfirmInput) -> ConfirmOutcome {
+        let fingerprint = paygate_core::crypto::fingerprint(&[
+            &input.payment_key,
+            input.order_id.as_str(),
+            &input.amount.to_string(),
+        ]);
+        let record = PaymentRecord::new_pending(
+            input.merchant_id.clone(),
+            input.order_id.clone(),
+            input.payment_key.clone(),
+            input.amount,
+            self.settings.currency.clone(),
+            fingerprint.clone(),
+            input.idempotency_key.clone(),
+            paygate_core::time::now_ms(),
+        );
+        let span = tracing::Span::current();
+        match self.store.create(&record).await {
+            Ok(CreateOutcome::Created) => {
+                span.record("payment_id", record.payment_id.as_str());
+                self.run(record).await
+            }
+            Ok(CreateOutcome::Exists(existing)) => {
+                span.record("payment_id", existing.payment_id.as_str());
+                self.replay(*existing, &input, &fingerprint).await
+            }
+            Err(e) => {
+                tracing::error!(order_id = %input.order_id, error = %e, "state store unavailable; no card call made");
+                ConfirmOutcome::Unavailable {
+                    detail: "payment state store unavailable; nothing was charged",
+                    payment_id: None,
+                    retry_after_s: None,
+                }
+            }
+        }
+    }
+
+    /// Steps 2-6 for a `PENDING` record this confirm owns.
+    pub(crate) async fn run(self: &Arc<Self>, record: PaymentRecord) -> ConfirmOutcome {
+        match self.settle_at_card(&record).await {
+            CardVerdict::Approved(p) => self.approved(record, &p).await,
+            CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
+            CardVerdict::NoCall {
+                code,
+                detail,
+                retry_after_s,
+            } => {
+                self.not_attempted(record, code, detail, retry_after_s)
+                    .await
+            }
+            CardVerdict::Unsettled { detail } => {
+                self.unknown(record, AlertReason::OutcomeUnknown, detail)
+                    .await
+            }
+            CardVerdict::Mismatch { detail } => {
+                self.unknown(record, AlertReason::CardMismatch, detail)
+                    .await
+            }
+        }
+    }
+
+    async fn approved(
+        self: &Arc<Self>,
+        mut record: PaymentRecord,
+        p: &CardPayment,
+    ) -> ConfirmOutcome {
+        let pid = record.payment_id.clone();
+        let approved_at = approved_at_of(p);
+        let paid = Transition::MarkPaid {
+            approved_at: approved_at.clone(),
+        };
+        match self.store.transition(&pid, &paid).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another path (batch, reconciliation) settled it first.
+                if let Ok(Some((_, current))) = self.store.get(&pid).await {
+                    if current.is_paid && current.is_saved {
+                        return ConfirmOutcome::Approved(current);
+                    }
+                }
+            }
+            Err(e) => {
+                // The approval is real but only in memory now. The record
+                // stays PENDING, which the batch settles by lookup; the
+                // operator hears of it now.
+                self.alert(
+                    &record,
+                    AlertReason::StoreFailedAfterApproval,
+                    format!("mark paid failed: {e}"),
+                )
+                .await;
+                record.is_paid = true;
+                record.card_status = CardStatus::Done;
+                record.approved_at = Some(approved_at);
+                return ConfirmOutcome::Approved(record);
+            }
+        }
+        record.is_paid = true;
+        record.card_status = CardStatus::Done;
+        record.approved_at = Some(approved_at);
+        record.failure_code = None;
+        record.is_saved = self.save_with_retries(&record).await;
+        metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
+        ConfirmOutcome::Approved(record)
+    }
+
+    async fn declined(
+        &self,
+        mut record: PaymentRecord,
+        code: String,
+        message: String,
+    ) -> ConfirmOutcome {
+        let pid = &record.payment_id;
+        let t = Transition::MarkAborted {
+            failure_code: code.clone(),
+            last_error: message.clone(),
+        };
+        if let Err(e) = self.store.transition(pid, &t).await {
+            tracing::warn!(payment_id = %pid, error = %e, "could not record the decline; the batch will settle it");
+        }
+        record.card_status = CardStatus::Aborted;
+        record.failure_code = Some(code.clone());
+        metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
+        ConfirmOutcome::Declined {
+            record,
+            code,
+            message,
+        }
+    }
+
+    async fn not_attempted(
+        &self,
+        record: PaymentRecord,
+        code: &'static str,
+        detail: String,
+        retry_after_s: Option<u64>,
+    ) -> ConfirmOutcome {
+        let pid = record.payment_id;
+        tracing::error!(payment_id = %pid, reason = code, detail = %detail, "no card call made");
+        let t = Transition::MarkAborted {
+            failure_code: code.to_owned(),
+            last_error: detail,
+        };
+        if let Err(e) = self.store.transition(&pid, &t).await {
+            tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
+        }
+        let detail = match code {
+            failure_codes::LOG_UNAVAILABLE => {
+                "request log unavailable; nothing was charged, retry later"
+            }
+            failure_codes::CIRCUIT_OPEN => {
+                "card company unavailable (circuit open); nothing was charged, retry later"
+            }
+            failure_codes::OVERLOADED => {
+                "too many payments in flight; nothing was charged, retry later"
+            }
+            _ => "card company unavailable; nothing was charged, retry later",
+        };
+        metrics::counter!("paygate_payments_total", "outcome" => "not_attempted").increment(1);
+        ConfirmOutcome::Unavailable {
+            detail,
+            payment_id: Some(pid),
+            retry_after_s,
+        }
+    }
+
+    async fn unknown(
+        &self,
+        mut record: PaymentRecord,
+        reason: AlertReason,
+        detail: String,
+    ) -> ConfirmOutcome {
+        let t = Transition::MarkUnknown {
+            last_error: detail.clone(),
+        };
+        if let Err(e) = self.store.transition(&record.payment_id, &t).await {
+            tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record unknown");
+        }
+        self.alert(&record, reason, detail).await;
+        record.card_status = CardStatus::Unknown;
+        metrics::counter!("paygate_payments_total", "outcome" => "unknown").increment(1);
+        ConfirmOutcome::Unknown(record)
+    }
+
+    /// Confirms at the card company through its stack (5xx retried with the
+    /// same idempotency key), then settles a lost answer by lookups.
+    async fn settle_at_card(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
+        let req = ConfirmRequest {
+            payment_key: record.payment_key.clone(),
+            order_id: record.order_id.to_string(),
+            amount: record.amount,
+        };
+        let site = CallSite {
+            payment_id: record.payment_id.clone(),
+            target: Target::CardApi,
+            method: "POST",
+            path: CONFIRM_PATH.to_owned(),
+            body: serde_json::to_value(&req).ok(),
+            attempt_offset: 0,
+        };
+        let card = self.card.clone();
+        let key = record.payment_id.to_string();
+        let sent = Arc::new(AtomicU32::new(0));
+        let call = move || {
+            let (card, req, key) = (card.clone(), req.clone(), key.clone());
+            async move { card.confirm(&req, &key).await }
+        };
+        let policy = Policy {
+            stack: self.card_stack.clone(),
+            kind: RequestKind::Idempotent,
+            max_attempts: None,
+            classify: classify::confirm,
+        };
+        let res = self
+            .through(policy, site, call, describe_card, sent.clone())
+            .await;
+        let sent = sent.load(Ordering::SeqCst);
+        match res {
+            Ok(p) if p.is_approved() => self.check_match(record, p),
+            Ok(p) => {
+                let (code, message) = p
+                    .failure
+                    .map(|f| (f.code, f.message))
+                    .unwrap_or((p.status, String::new()));
+                CardVerdict::Declined { code, message }
+            }
+            Err(e) => self.verdict_of_error(record, e, sent).await,
+        }
+    }
+
+    /// What a confirm that ended in an error settled; `sent` is the number
+    /// of attempts that actually left (0: no card call was made).
+    async fn verdict_of_error(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        e: CallError<AttemptError<CardApiError>>,
+        sent: u32,
+    ) -> CardVerdict {
+        match e {
+            CallError::Downstream(AttemptError::Downstream(e)) if e.is_decline() => {
+                CardVerdict::Declined {
+                    code: e.code().to_owned(),
+                    message: card_message(&e),
+                }
+            }
+            CallError::Downstream(AttemptError::Downstream(e))
+                if e.is_auth_failure() && sent == 1 =>
+            {
+                CardVerdict::NoCall {
+                    code: failure_codes::CARD_AUTH_FAILED,
+                    detail: e.to_string(),
+                    retry_after_s: None,
+                }
+            }
+            CallError::Downstream(AttemptError::LogUnavailable(detail)) if sent == 0 => {
+                CardVerdict::NoCall {
+                    code: failure_codes::LOG_UNAVAILABLE,
+                    detail,
+                    retry_after_s: None,
+                }
+            }
+            CallError::Downstream(AttemptError::LogUnavailable(detail)) => CardVerdict::Unsettled {
+                detail: format!("request log unavailable after {sent} attempts: {detail}"),
+            },
+            e if e.no_call_made() && sent == 0 => {
+                let (code, retry_after_s) = match &e {
+                    CallError::BreakerOpen { retry_after } => (
+                        failure_codes::CIRCUIT_OPEN,
+                        Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                    ),
+                    _ => (failure_codes::OVERLOADED, Some(1)),
+                };
+                CardVerdict::NoCall {
+                    code,
+                    detail: e.to_string(),
+                    retry_after_s,
+                }
+            }
+            e => {
+                tracing::warn!(payment_id = %record.payment_id, attempts = sent, error = %e,
+                    "card confirm got no usable answer; looking the payment up");
+                self.settle_by_lookup(record).await
+            }
+        }
+    }
+
+    /// An approval counts only when it is for this order, key and amount.
+    pub(crate) fn check_match(&self, record: &PaymentRecord, p: CardPayment) -> CardVerdict {
+        if p.order_id == record.order_id.as_str()
+            && p.total_amount == record.amount
+            && p.payment_key == record.payment_key
+        {
+            CardVerdict::Approved(Box::new(p))
+        } else {
+            CardVerdict::Mismatch {
+                detail: format!(
+                    "card company approved orderId={} amount={} for a payment of amount={}",
+                    p.order_id, p.total_amount, record.amount
+                ),
+            }
+        }
+    }
+}

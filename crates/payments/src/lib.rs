@@ -1,0 +1,43 @@
+//! paygate-payments: what happens to a payment, with no HTTP in it.
+//!
+//! The confirm saga of DESIGN.md §4 ([`Saga::confirm`]), the settle path
+//! shared by the batch sweep and the reconciliation ([`Settler`],
+//! [`Saga::settle_unknown`]), the ledger's synchronous try and async retries,
+//! and the classification of card and ledger answers. The merchant API
+//! (`paygate-gateway`), the batch (`paygate-batch`) and the reconciliation
+//! (`paygate-reconcile`) are adapters around it; [`Components`] wires it from
+//! a [`paygate_core::Config`] for any of them.
+//!
+//! One file per concept, each naming the invariant it guards:
+//!
+//! | module | holds | guards |
+//! |---|---|---|
+//! | [`saga`] | the [`Saga`] and its settings | — |
+//! | [`outcome`] | [`ConfirmInput`], [`ConfirmOutcome`], [`Settlement`] | I4 |
+//! | `confirm` | saga steps 1-4: record, card call, verdict | I1, I2, I3 |
+//! | `replay` | a confirm for an order that already has a payment | I2 |
+//! | `logged_call` | every downstream call, `REQUEST` row first | I3 |
+//! | [`classify`] | an answer's retry and breaker class | I5 |
+//! | `lookup` | settling a lost answer by orderId | I1 |
+//! | `card_calls` | cancels and transaction-list pages | I3 |
+//! | [`ledger`] | the ledger's sync try and async retries | I1, I4 |
+//! | [`settle`] | lookups and saves for the batch and reconciliation | I1 |
+//! | [`wiring`] | building stores, stacks and the saga from config | — |
+
+mod card_calls;
+pub mod classify;
+mod confirm;
+pub mod ledger;
+mod logged_call;
+mod lookup;
+pub mod outcome;
+mod replay;
+pub mod saga;
+pub mod settle;
+pub mod wiring;
+
+pub use ledger::{RetryTracker, SaveResult};
+pub use outcome::{ConfirmInput, ConfirmOutcome, Reuse, Settlement};
+pub use saga::{Saga, SagaSettings};
+pub use settle::{Settler, Tally};
+pub use wiring::{Components, SandboxUrls, WiringError};

@@ -1,0 +1,140 @@
+//! The [`Saga`]: one value holding everything a payment's life touches (the
+//! state store, the SQL log, the card API and the ledger behind their
+//! resilience stacks, the alerter) and the tunables of the saga.
+//!
+//! Use it as `Arc<Saga>`: the confirm path, the async ledger retries, the
+//! batch's [`crate::Settler`] and the reconciliation all act through it, so
+//! every downstream call they make is logged first (I3) and goes through
+//! the same breaker, bulkhead and retry budget (I5). Its methods live in the
+//! modules named after what they do (`confirm`, `lookup`, `ledger`, ...).
+
+use std::{sync::Arc, time::Duration};
+
+use paygate_alert::{Alert, AlertReason, Alerter};
+use paygate_api_log::SqlApiLog;
+use paygate_card_api::CardApi;
+use paygate_core::PaymentRecord;
+use paygate_ledger_api::LedgerApi;
+use paygate_resilience::Downstream;
+use paygate_state_store::StateStore;
+
+use crate::ledger::RetryTracker;
+
+/// Tunables of the saga. Durations are wall-clock (tokio time).
+#[derive(Clone, Debug)]
+pub struct SagaSettings {
+    /// Currency of every payment (`KRW`).
+    pub currency: String,
+    /// Lookups by orderId after a lost answer.
+    pub lookup_attempts: u32,
+    /// Delay before the second lookup (grows linearly).
+    pub lookup_delay: Duration,
+    /// Async ledger retries after the synchronous try.
+    pub ledger_retry_max_attempts: u32,
+    /// First async ledger retry delay (doubles, full jitter).
+    pub ledger_retry_base_delay: Duration,
+    /// Cap on one ledger retry delay.
+    pub ledger_retry_max_delay: Duration,
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        Self {
+            currency: "KRW".to_owned(),
+            lookup_attempts: 3,
+            lookup_delay: Duration::from_millis(100),
+            ledger_retry_max_attempts: 5,
+            ledger_retry_base_delay: Duration::from_millis(200),
+            ledger_retry_max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The saga and everything it calls. Shared as `Arc<Saga>`.
+pub struct Saga {
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) log: SqlApiLog,
+    pub(crate) card: Arc<dyn CardApi>,
+    pub(crate) ledger: Arc<dyn LedgerApi>,
+    pub(crate) card_stack: Arc<Downstream>,
+    pub(crate) ledger_stack: Arc<Downstream>,
+    pub(crate) alerter: Arc<dyn Alerter>,
+    pub(crate) settings: SagaSettings,
+    pub(crate) retries: RetryTracker,
+}
+
+/// The downstreams a [`Saga`] calls, each with its resilience stack.
+pub struct Downstreams {
+    /// The card company (Toss Payments v1 shape).
+    pub card: Arc<dyn CardApi>,
+    /// The card API's stack: breaker, bulkhead, rate limit, retry budget.
+    pub card_stack: Arc<Downstream>,
+    /// The internal ledger.
+    pub ledger: Arc<dyn LedgerApi>,
+    /// The ledger's stack.
+    pub ledger_stack: Arc<Downstream>,
+}
+
+impl Saga {
+    /// A saga over the state store, the SQL log, the downstreams and the
+    /// alerter.
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        log: SqlApiLog,
+        downstreams: Downstreams,
+        alerter: Arc<dyn Alerter>,
+        settings: SagaSettings,
+    ) -> Self {
+        Self {
+            store,
+            log,
+            card: downstreams.card,
+            ledger: downstreams.ledger,
+            card_stack: downstreams.card_stack,
+            ledger_stack: downstreams.ledger_stack,
+            alerter,
+            settings,
+            retries: RetryTracker::default(),
+        }
+    }
+
+    /// The async ledger retries in progress.
+    pub fn retries(&self) -> &RetryTracker {
+        &self.retries
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// The card API's resilience stack.
+    pub fn card_stack(&self) -> &Arc<Downstream> {
+        &self.card_stack
+    }
+
+    /// The ledger's resilience stack.
+    pub fn ledger_stack(&self) -> &Arc<Downstream> {
+        &self.ledger_stack
+    }
+
+    /// Raises an alert as it is (the reconciliation's alerts about
+    /// approvals paygate holds no record of); `true` when it is new.
+    pub async fn raise_alert(&self, alert: Alert) -> bool {
+        self.alerter.raise(alert).await
+    }
+
+    /// Raises an alert about a payment; `true` when it is new.
+    pub async fn alert(&self, record: &PaymentRecord, reason: AlertReason, detail: String) -> bool {
+        self.alerter
+            .raise(Alert {
+                reason,
+                payment_id: record.payment_id.to_string(),
+                merchant_id: record.merchant_id.to_string(),
+                order_id: record.order_id.to_string(),
+                amount: record.amount,
+                detail,
+            })
+            .await
+    }
+}

@@ -1,0 +1,217 @@
+//! Guards I1 (no lost approval) for the actors that come after the confirm:
+//! the batch sweep and the reconciliation settle a payment whose card outcome
+//! is not known by looking it up ([`Saga::settle_unknown`]), and save a paid,
+//! unsaved payment in the ledger ([`Settler::save`]), filing each record in
+//! its partition. Both share [`Settler`], so a payment is settled the same
+//! way whoever finds it.
+
+use std::sync::Arc;
+
+use paygate_alert::AlertReason;
+use paygate_core::{CardStatus, Partition, PaymentRecord};
+use paygate_state_store::{StateStore, StoreError, Transition};
+
+use crate::{
+    confirm::approved_at_of,
+    ledger::SaveResult,
+    outcome::{CardVerdict, Settlement},
+    Saga,
+};
+
+impl Saga {
+    /// Settles a payment whose card outcome is not known (`PENDING` past its
+    /// grace period, or `UNKNOWN`) by looking it up at the card company, and
+    /// records what it learns: paid, or declined. Used by the batch sweep
+    /// and the reconciliation.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the outcome could not be recorded.
+    pub async fn settle_unknown(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+    ) -> Result<Settlement, StoreError> {
+        let pid = &record.payment_id;
+        match self.settle_by_lookup(record).await {
+            CardVerdict::Approved(p) => {
+                let approved_at = approved_at_of(&p);
+                self.store
+                    .transition(pid, &Transition::MarkPaid { approved_at })
+                    .await?;
+                Ok(Settlement::Paid)
+            }
+            CardVerdict::Declined { code, message } => {
+                let t = Transition::MarkAborted {
+                    failure_code: code,
+                    last_error: message,
+                };
+                self.store.transition(pid, &t).await?;
+                Ok(Settlement::Declined)
+            }
+            CardVerdict::Unsettled { detail } | CardVerdict::NoCall { detail, .. } => {
+                Ok(Settlement::Unknown(detail))
+            }
+            CardVerdict::Mismatch { detail } => Ok(Settlement::Mismatch(detail)),
+        }
+    }
+}
+
+/// What settling or saving records did, in the units of the batch's
+/// summary; the batch and the reconciliation add these up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Moved to `completed_payments`.
+    pub completed: u64,
+    /// Moved to `unpaid_payments`.
+    pub unpaid: u64,
+    /// Unknown outcomes settled by a lookup.
+    pub settled: u64,
+    /// Ledger tries made.
+    pub retried: u64,
+    /// Ledger tries that saved the payment.
+    pub saved: u64,
+    /// New alerts raised.
+    pub alerts: u64,
+}
+
+impl std::ops::AddAssign for Tally {
+    fn add_assign(&mut self, b: Tally) {
+        self.completed += b.completed;
+        self.unpaid += b.unpaid;
+        self.settled += b.settled;
+        self.retried += b.retried;
+        self.saved += b.saved;
+        self.alerts += b.alerts;
+    }
+}
+
+/// Settles and saves single records exactly as the batch does: shared by
+/// the batch sweep and the reconciliation (which settles stale pending
+/// records and recovers approvals the same way).
+pub struct Settler {
+    store: Arc<dyn StateStore>,
+    saga: Arc<Saga>,
+    ledger_alert_threshold: i64,
+}
+
+impl Settler {
+    /// A settler over the store and the saga (card lookups and ledger saves
+    /// go through its resilience stacks and SQL log); "ledger save failed"
+    /// is raised at `ledger_alert_threshold` batch attempts.
+    pub fn new(store: Arc<dyn StateStore>, saga: Arc<Saga>, ledger_alert_threshold: i64) -> Self {
+        Self {
+            store,
+            saga,
+            ledger_alert_threshold,
+        }
+    }
+
+    /// Paid, not saved: one ledger try (`batch_attempts += 1` on failure);
+    /// saved: move to `completed_payments`; at the threshold, alert once.
+    /// A dry run counts the try and does nothing.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn save(&self, r: PaymentRecord, dry_run: bool) -> Result<Tally, StoreError> {
+        let mut t = Tally {
+            retried: 1,
+            ..Tally::default()
+        };
+        if dry_run {
+            return Ok(t);
+        }
+        match self.saga.batch_save(&r).await {
+            SaveResult::Saved => {
+                t.saved += 1;
+                self.store
+                    .move_record(&r.payment_id, Partition::Realtime, Partition::Completed)
+                    .await?;
+                t.completed += 1;
+            }
+            SaveResult::Retry => {
+                let attempts = match self.store.get(&r.payment_id).await? {
+                    Some((_, now)) => now.batch_attempts,
+                    None => r.batch_attempts,
+                };
+                if attempts >= self.ledger_alert_threshold {
+                    let detail = format!(
+                        "ledger save failed {attempts} times in the batch; last error: {}",
+                        r.last_error.clone().unwrap_or_default()
+                    );
+                    if self
+                        .saga
+                        .alert(&r, AlertReason::LedgerSaveFailed, detail)
+                        .await
+                    {
+                        t.alerts += 1;
+                    }
+                }
+            }
+            // Refused for good: the saga alerted (ledger_refused).
+            SaveResult::Refused => {}
+        }
+        Ok(t)
+    }
+
+    /// Not paid, outcome unknown: looks the payment up at the card company
+    /// by orderId and files it: approved → paid, then [`Settler::save`];
+    /// declined → `unpaid_payments`; still unknown → `UNKNOWN` + alert
+    /// "payment needs checking"; the card's answer does not match → alert.
+    /// Returns what the lookup settled (`None` in a dry run, which calls
+    /// nothing and counts one settlement).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn settle(
+        &self,
+        r: PaymentRecord,
+        dry_run: bool,
+    ) -> Result<(Option<Settlement>, Tally), StoreError> {
+        let mut t = Tally::default();
+        if dry_run {
+            t.settled += 1;
+            return Ok((None, t));
+        }
+        let settlement = self.saga.settle_unknown(&r).await?;
+        match &settlement {
+            Settlement::Paid => {
+                t.settled += 1;
+                if let Some((Partition::Realtime, paid)) = self.store.get(&r.payment_id).await? {
+                    t += self.save(paid, false).await?;
+                }
+            }
+            Settlement::Declined => {
+                t.settled += 1;
+                self.store
+                    .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
+                    .await?;
+                t.unpaid += 1;
+            }
+            Settlement::Unknown(detail) => {
+                if r.card_status == CardStatus::Pending {
+                    let t = Transition::MarkUnknown {
+                        last_error: detail.clone(),
+                    };
+                    self.store.transition(&r.payment_id, &t).await?;
+                }
+                let detail = format!("payment needs checking: {detail}");
+                if self
+                    .saga
+                    .alert(&r, AlertReason::OutcomeUnknown, detail)
+                    .await
+                {
+                    t.alerts += 1;
+                }
+            }
+            Settlement::Mismatch(detail) => {
+                if self
+                    .saga
+                    .alert(&r, AlertReason::CardMismatch, detail.clone())
+                    .await
+                {
+                    t.alerts += 1;
+                }
+            }
+        }
+        Ok((Some(settlement), t))
+    }
+}

@@ -1,0 +1,191 @@
+//! Builds what every command needs from a [`Config`], with no HTTP server:
+//! the SQL database (migrated when configured), the state store (SQL or
+//! MongoDB), the card API and ledger clients behind their resilience
+//! stacks, the alerter with its outbox, and the [`Saga`] over them.
+//!
+//! `serve`, `batch`, `reconcile` and `check` all start here. When the config
+//! names no card or ledger URL, the caller starts the sandbox simulators
+//! (crate `paygate-sandbox`, which needs an HTTP server and so is not a
+//! dependency of this crate) and passes their [`SandboxUrls`].
+
+use std::{sync::Arc, time::Duration};
+
+use paygate_alert::OutboxAlerter;
+use paygate_api_log::SqlApiLog;
+use paygate_card_api::{CardApi, TossCardApi};
+use paygate_core::{
+    config::{ConfigError, StateStoreKind},
+    Config, Secret,
+};
+use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
+use paygate_resilience::Downstream;
+use paygate_state_store::{SqlDatabase, SqlStateStore, StateStore, StoreError};
+
+use crate::{saga::Downstreams, Saga, SagaSettings};
+
+/// Why the components could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum WiringError {
+    /// A configuration value is invalid (names the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The SQL database or the state store could not be opened or migrated.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(String),
+    /// A downstream has neither a URL nor a sandbox.
+    #[error("not configured: {0}")]
+    Unconfigured(&'static str),
+}
+
+/// The in-process sandbox's addresses, for the downstreams the config leaves
+/// unset.
+#[derive(Clone, Debug)]
+pub struct SandboxUrls {
+    /// Base URL of the card API simulator.
+    pub card_url: String,
+    /// The secret key the card simulator accepts.
+    pub card_secret: Secret<String>,
+    /// Base URL of the ledger simulator.
+    pub ledger_url: String,
+}
+
+/// Everything but the HTTP server. The batch and the reconciliation build
+/// these too.
+pub struct Components {
+    /// The SQL database (log, merchants, outbox, leases; state with `sql`).
+    pub db: SqlDatabase,
+    /// The state store.
+    pub store: Arc<dyn StateStore>,
+    /// The saga and its downstream stacks.
+    pub saga: Arc<Saga>,
+    /// The alerter.
+    pub alerter: Arc<OutboxAlerter>,
+}
+
+impl Components {
+    /// Builds the components from `config`; `sandbox` supplies the URLs the
+    /// config leaves unset.
+    ///
+    /// # Errors
+    /// [`WiringError`].
+    pub async fn build(
+        config: &Config,
+        sandbox: Option<&SandboxUrls>,
+    ) -> Result<Self, WiringError> {
+        config.validate()?;
+        let db = SqlDatabase::connect(
+            config.database_url.expose(),
+            config.database_max_connections,
+        )
+        .await?;
+        if config.migrate_on_start {
+            db.migrate().await?;
+        }
+        let store = state_store(config, &db).await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| WiringError::Http(e.to_string()))?;
+        let downstreams = downstreams(config, &http, sandbox)?;
+        let discord = config
+            .discord_webhook_url
+            .as_ref()
+            .map(|url| paygate_alert::DiscordClient::new(http.clone(), url.clone(), 5));
+        if discord.is_none() {
+            tracing::warn!("no Discord webhook configured (PAYGATE_DISCORD_WEBHOOK_URL): alerts are logged and kept in the outbox");
+        }
+        let alerter = OutboxAlerter::new(paygate_alert::SqlOutbox::new(db.clone()), discord);
+        let settings = SagaSettings {
+            currency: config.currency.clone(),
+            lookup_attempts: config.card_api_lookup_attempts,
+            ledger_retry_max_attempts: config.ledger_retry_max_attempts,
+            ledger_retry_base_delay: Duration::from_millis(config.ledger_retry_base_delay_ms),
+            ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
+            ..SagaSettings::default()
+        };
+        let saga = Arc::new(Saga::new(
+            store.clone(),
+            SqlApiLog::new(db.clone()),
+            downstreams,
+            alerter.clone(),
+            settings,
+        ));
+        Ok(Self {
+            db,
+            store,
+            saga,
+            alerter,
+        })
+    }
+}
+
+/// The state store the config selects.
+async fn state_store(
+    config: &Config,
+    db: &SqlDatabase,
+) -> Result<Arc<dyn StateStore>, WiringError> {
+    match config.state_store {
+        StateStoreKind::Sql => Ok(Arc::new(SqlStateStore::new(db.clone()))),
+        StateStoreKind::Mongodb => {
+            let uri = config.mongodb_uri.as_ref().ok_or(ConfigError {
+                key: "mongodb_uri".to_owned(),
+                reason: "required when state_store = \"mongodb\"".to_owned(),
+            })?;
+            let options = paygate_state_store::MongoOptions {
+                database: config.mongodb_database.clone(),
+                max_pool_size: config.mongodb_max_pool_size,
+                write_concern_w: config.mongodb_write_concern.clone(),
+                journal: config.mongodb_journal,
+            };
+            let store =
+                paygate_state_store::MongoStateStore::connect(uri.expose(), &options).await?;
+            tracing::info!(
+                transactions = store.uses_transactions(),
+                "state store: MongoDB"
+            );
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The card API and ledger clients behind their stacks.
+fn downstreams(
+    config: &Config,
+    http: &reqwest::Client,
+    sandbox: Option<&SandboxUrls>,
+) -> Result<Downstreams, WiringError> {
+    let (card_url, card_key) = match (&config.card_api_url, sandbox) {
+        (Some(url), _) => (
+            url.clone(),
+            config.card_api_secret_key.clone().unwrap_or_default(),
+        ),
+        (None, Some(s)) => (s.card_url.clone(), s.card_secret.clone()),
+        (None, None) => return Err(WiringError::Unconfigured("card API URL (card_api_url)")),
+    };
+    let card: Arc<dyn CardApi> = Arc::new(TossCardApi::new(
+        http.clone(),
+        &card_url,
+        card_key,
+        Duration::from_millis(config.card_api_policy.attempt_timeout_ms),
+    ));
+    let ledger_url = match (&config.ledger_api_url, sandbox) {
+        (Some(url), _) => url.clone(),
+        (None, Some(s)) => s.ledger_url.clone(),
+        (None, None) => return Err(WiringError::Unconfigured("ledger URL (ledger_api_url)")),
+    };
+    let ledger: Arc<dyn LedgerApi> = Arc::new(HttpLedgerApi::new(
+        http.clone(),
+        &ledger_url,
+        Duration::from_millis(config.ledger_api_policy.attempt_timeout_ms),
+    ));
+    Ok(Downstreams {
+        card,
+        card_stack: Arc::new(Downstream::new("card_api", &config.card_api_policy)),
+        ledger,
+        ledger_stack: Arc::new(Downstream::new("ledger_api", &config.ledger_api_policy)),
+    })
+}
