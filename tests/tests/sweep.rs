@@ -432,3 +432,56 @@ async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
     e.cleanup.run().await;
 }
 
+/// Issue 13, point 1: ages count from the last transition. A record created
+/// an hour ago and reopened by a merchant's retry a moment ago is in flight:
+/// the batch leaves it alone (before, its old `created_at` made the batch
+/// look it up, find nothing yet, and mark it UNKNOWN under a live confirm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_record_is_young_again() {
+    for backend in sql_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let hour_ago = paygate_core::time::now_ms() - 3_600_000;
+        let r = PaymentRecord::new_pending(
+            e.merchant.clone(),
+            OrderId::parse("order-reopened-1").unwrap(),
+            "pk_reopened".into(),
+            5_000,
+            "KRW".into(),
+            "fp_reopened".into(),
+            None,
+            hour_ago,
+        );
+        e.c.store.create(&r).await.unwrap();
+        let code = failure_codes::CIRCUIT_OPEN.to_owned();
+        e.t(
+            &r,
+            Transition::MarkAborted {
+                failure_code: code.clone(),
+                last_error: "open".into(),
+            },
+        )
+        .await;
+        e.t(&r, Transition::Reopen { failure_code: code }).await;
+        let s = e
+            .sweeper()
+            .sweep(&SweepOptions {
+                grace: Duration::from_secs(120),
+                ..SweepOptions::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (s.scanned, s.settled, s.unpaid, s.alerts),
+            (1, 0, 0, 0),
+            "{}",
+            backend.name()
+        );
+        assert_eq!(e.sandbox.card.stats().lookup_calls, 0, "{}", backend.name());
+        let (part, now) = e.c.store.get(&r.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (part, now.card_status),
+            (Partition::Realtime, paygate_core::CardStatus::Pending)
+        );
+        e.cleanup.run().await;
+    }
+}

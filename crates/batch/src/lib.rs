@@ -2,7 +2,9 @@
 //! (`paygate batch`), daily in production and by hand or at short intervals
 //! in staging.
 //!
-//! For each record in `realtime_payments` older than the grace period:
+//! For each record in `realtime_payments` whose last transition is older
+//! than the grace period (ages count from `updated_at`, not from creation: a
+//! record reopened by a merchant retry is young again):
 //! - paid and saved: move to `completed_payments`;
 //! - paid, not saved: try the ledger again (`batch_attempts += 1` on
 //!   failure); at the threshold (default 5) alert "ledger save failed" once;
@@ -38,7 +40,8 @@ use serde::Serialize;
 /// How a sweep runs.
 #[derive(Clone, Debug)]
 pub struct SweepOptions {
-    /// Records younger than this are left alone (their saga may be running).
+    /// Records whose last transition is younger than this are left alone
+    /// (their saga may be running).
     pub grace: Duration,
     /// Classify and count, change nothing, call nothing.
     pub dry_run: bool,
@@ -227,7 +230,7 @@ impl Sweeper {
                         return Err(BatchError::LeaseLost(Summary::default()));
                     }
                     bump(&counters.scanned);
-                    if record.created_at > cutoff {
+                    if record.updated_at > cutoff {
                         return Ok(());
                     }
                     let pid = record.payment_id.clone();

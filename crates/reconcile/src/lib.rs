@@ -451,7 +451,7 @@ impl Reconciler {
             .try_filter(|r| {
                 let stale = !r.is_paid
                     && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
-                    && r.created_at <= cutoff;
+                    && r.updated_at <= cutoff;
                 std::future::ready(stale)
             })
             .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
@@ -649,11 +649,11 @@ impl Reconciler {
         }
         let pending = matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
         if *partition == Partition::Realtime && pending {
-            if r.created_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
+            if r.updated_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
                 // Its saga may be finishing right now; leave it to the saga.
                 return;
             }
-            if r.created_at <= run.now_ms - run.opts.stale_after.as_millis() as i64 {
+            if r.updated_at <= run.now_ms - run.opts.stale_after.as_millis() as i64 {
                 // The stale pass of this run owns it.
                 return;
             }

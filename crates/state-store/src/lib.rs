@@ -55,6 +55,22 @@ pub fn newest_copies(
     by_id.into_values().collect()
 }
 
+/// Whether a record may enter `partition`: a move is guarded on the state
+/// that justifies it (DESIGN.md §1), checked atomically with the move, so a
+/// move decided on a stale read (the batch scanned the record, then a
+/// merchant's retry reopened it) does not apply.
+///
+/// - `completed_payments`: paid and saved;
+/// - `unpaid_payments`: not paid and `ABORTED` (declined, or no card call);
+/// - `realtime_payments`: anything (it is where work happens).
+pub fn may_enter(partition: Partition, r: &PaymentRecord) -> bool {
+    match partition {
+        Partition::Completed => r.is_paid && r.is_saved,
+        Partition::Unpaid => !r.is_paid && r.card_status == paygate_core::CardStatus::Aborted,
+        Partition::Realtime => true,
+    }
+}
+
 /// What went wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -173,7 +189,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// with the same `payment_id` (replacing a copy left by an interrupted
     /// move), then deletes it from `from`. Idempotent and crash-safe: rerun
     /// after a crash between the two steps, it leaves exactly one copy.
-    /// `Ok(false)` when the record is not in `from` (already moved).
+    /// Guarded: the record moves only when, at the moment of the move, it
+    /// may enter `to` ([`may_enter`]); a concurrent transition either
+    /// happens before the move (and the guard sees it) or finds the record
+    /// gone from `from` (and reports that it did not apply).
+    /// `Ok(false)` when the record is not in `from` (already moved) or the
+    /// guard does not hold.
     ///
     /// # Errors
     /// [`StoreError`]; the record is then in `from`, or in both (a rerun

@@ -113,6 +113,16 @@ pub fn record_to_doc(r: &PaymentRecord) -> Document {
     }
 }
 
+/// The filter of a guarded move of `id` into `to` (see
+/// [`crate::may_enter`]).
+fn guarded(id: &str, to: Partition) -> Document {
+    match to {
+        Partition::Completed => doc! {"_id": id, "is_paid": true, "is_saved": true},
+        Partition::Unpaid => doc! {"_id": id, "is_paid": false, "card_status": "ABORTED"},
+        Partition::Realtime => doc! {"_id": id},
+    }
+}
+
 /// Reads a record from its BSON document.
 ///
 /// # Errors
@@ -359,9 +369,12 @@ impl MongoStateStore {
         let mut session = self.client.start_session().await?;
         session.start_transaction().await?;
         let id = payment_id.as_str();
+        // The read and the delete carry the guard; a transition that
+        // commits after the read makes the delete a write conflict, which
+        // aborts the transaction.
         let Some(mut d) = self
             .partition(from)
-            .find_one(doc! {"_id": id})
+            .find_one(guarded(id, to))
             .session(&mut session)
             .await?
         else {
@@ -375,7 +388,7 @@ impl MongoStateStore {
             .session(&mut session)
             .await?;
         self.partition(from)
-            .delete_one(doc! {"_id": id})
+            .delete_one(guarded(id, to))
             .session(&mut session)
             .await?;
         session.commit_transaction().await?;
@@ -509,12 +522,50 @@ impl StateStore for MongoStateStore {
                 .await
                 .map_err(map_err);
         }
-        let moved = self.copy_to_partition(payment_id, from, to).await?;
-        self.partition(from)
-            .delete_one(doc! {"_id": payment_id.as_str()})
+        // Without transactions: copy what may enter `to`, then delete the
+        // source under the same guard. When a transition changed the source
+        // in between, the delete finds nothing and the copy is taken back
+        // (only our own copy: it still carries our move's stamp).
+        let id = payment_id.as_str();
+        let Some(mut d) = self
+            .partition(from)
+            .find_one(guarded(id, to))
+            .await
+            .map_err(map_err)?
+        else {
+            return Ok(false);
+        };
+        let stamp = paygate_core::time::now_ms();
+        d.insert("updated_at", stamp);
+        self.partition(to)
+            .replace_one(doc! {"_id": id}, d)
+            .upsert(true)
             .await
             .map_err(map_err)?;
-        Ok(moved)
+        let deleted = self
+            .partition(from)
+            .delete_one(guarded(id, to))
+            .await
+            .map_err(map_err)?
+            .deleted_count;
+        if deleted == 1 {
+            return Ok(true);
+        }
+        let still_there = self
+            .partition(from)
+            .find_one(doc! {"_id": id})
+            .await
+            .map_err(map_err)?
+            .is_some();
+        if still_there {
+            self.partition(to)
+                .delete_one(doc! {"_id": id, "updated_at": stamp})
+                .await
+                .map_err(map_err)?;
+            return Ok(false);
+        }
+        // Another mover finished the same move.
+        Ok(true)
     }
 
     async fn copy_to_partition(

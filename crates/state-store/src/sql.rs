@@ -490,22 +490,54 @@ impl StateStore for SqlStateStore {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        let copy = copy_sql(from, to);
-        let delete = format!("DELETE FROM {} WHERE payment_id = $1", from.table());
         let now = paygate_core::time::now_ms();
-        with_pool!(&self.db, pool => {
-            let mut tx = pool.begin().await.map_err(map_err)?;
-            let copied = sqlx::query(&copy)
+        match &self.db {
+            // One statement: the guarded DELETE locks the row (a concurrent
+            // UPDATE waits, then finds it gone; an UPDATE that committed first
+            // is re-checked against the guard), and the INSERT writes exactly
+            // the row it deleted. Two statements under READ COMMITTED would
+            // let an update committed between them be deleted with the row.
+            SqlDatabase::Postgres(pool) => sqlx::query(&move_sql_postgres(from, to))
                 .bind(payment_id.as_str())
                 .bind(now)
-                .execute(&mut *tx)
+                .execute(pool)
                 .await
-                .map_err(map_err)?
-                .rows_affected();
-            sqlx::query(&delete).bind(payment_id.as_str()).execute(&mut *tx).await.map_err(map_err)?;
-            tx.commit().await.map_err(map_err)?;
-            Ok(copied == 1)
-        })
+                .map(|r| r.rows_affected() == 1)
+                .map_err(map_err),
+            // SQLite has one writer: the INSERT ... SELECT takes the write
+            // lock before it reads, so no transition can land between the
+            // guarded copy and the guarded delete of the same transaction.
+            SqlDatabase::Sqlite(pool) => {
+                let copy = copy_sql(from, to, true);
+                let delete = format!(
+                    "DELETE FROM {} WHERE payment_id = $1 AND {}",
+                    from.table(),
+                    guard_sql(to)
+                );
+                let mut tx = pool.begin().await.map_err(map_err)?;
+                let copied = sqlx::query(&copy)
+                    .bind(payment_id.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected();
+                let deleted = sqlx::query(&delete)
+                    .bind(payment_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected();
+                if copied != deleted {
+                    tx.rollback().await.map_err(map_err)?;
+                    return Err(StoreError::Rejected(format!(
+                        "move of {payment_id}: copied {copied} rows but deleted {deleted}"
+                    )));
+                }
+                tx.commit().await.map_err(map_err)?;
+                Ok(copied == 1)
+            }
+        }
     }
 
     async fn copy_to_partition(
@@ -514,7 +546,7 @@ impl StateStore for SqlStateStore {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        let copy = copy_sql(from, to);
+        let copy = copy_sql(from, to, false);
         let now = paygate_core::time::now_ms();
         with_pool!(&self.db, pool => sqlx::query(&copy)
             .bind(payment_id.as_str())
@@ -644,10 +676,18 @@ impl StateStore for SqlStateStore {
     }
 }
 
-/// `INSERT INTO <to> SELECT ... FROM <from>` for one record, replacing a copy
-/// already in `to` (left by an interrupted move). `$1` = payment_id, `$2` =
-/// now (the copy's `updated_at`, which makes it the newer one).
-fn copy_sql(from: Partition, to: Partition) -> String {
+/// The SQL form of [`crate::may_enter`]: what a record must be to enter `to`.
+fn guard_sql(to: Partition) -> &'static str {
+    match to {
+        Partition::Completed => "is_paid = TRUE AND is_saved = TRUE",
+        Partition::Unpaid => "is_paid = FALSE AND card_status = 'ABORTED'",
+        Partition::Realtime => "TRUE",
+    }
+}
+
+/// The columns of [`RECORD_COLUMNS`], the `SELECT` list that stamps
+/// `updated_at` with `$2`, and the `ON CONFLICT` update of every column.
+fn move_columns() -> (String, String, String) {
     let cols: Vec<&str> = RECORD_COLUMNS.split(',').map(str::trim).collect();
     let select: Vec<&str> = cols
         .iter()
@@ -658,13 +698,34 @@ fn copy_sql(from: Partition, to: Partition) -> String {
         .filter(|c| **c != "payment_id")
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
+    (cols.join(", "), select.join(", "), updates.join(", "))
+}
+
+/// `INSERT INTO <to> SELECT ... FROM <from>` for one record, replacing a copy
+/// already in `to` (left by an interrupted move). `$1` = payment_id, `$2` =
+/// now (the copy's `updated_at`, which makes it the newer one). With
+/// `guarded`, only a record that may enter `to` is copied.
+fn copy_sql(from: Partition, to: Partition, guarded: bool) -> String {
+    let (cols, select, updates) = move_columns();
+    let guard = if guarded { guard_sql(to) } else { "TRUE" };
     format!(
-        "INSERT INTO {to} ({cols}) SELECT {select} FROM {from} WHERE payment_id = $1 \
+        "INSERT INTO {to} ({cols}) SELECT {select} FROM {from} WHERE payment_id = $1 AND {guard} \
          ON CONFLICT (payment_id) DO UPDATE SET {updates}",
         to = to.table(),
         from = from.table(),
-        cols = cols.join(", "),
-        select = select.join(", "),
-        updates = updates.join(", "),
+    )
+}
+
+/// PostgreSQL's one-statement guarded move: delete the row if it may enter
+/// `to`, and insert exactly what was deleted. `$1` = payment_id, `$2` = now.
+fn move_sql_postgres(from: Partition, to: Partition) -> String {
+    let (cols, select, updates) = move_columns();
+    format!(
+        "WITH moved AS (DELETE FROM {from} WHERE payment_id = $1 AND {guard} RETURNING {cols}) \
+         INSERT INTO {to} ({cols}) SELECT {select} FROM moved \
+         ON CONFLICT (payment_id) DO UPDATE SET {updates}",
+        to = to.table(),
+        from = from.table(),
+        guard = guard_sql(to),
     )
 }

@@ -421,10 +421,15 @@ async fn order_ids_are_found_across_merchants_and_partitions() {
             store.create(r).await.unwrap();
         }
         store.transition(&c.payment_id, &paid()).await.unwrap();
+        // Only a paid and saved record may enter completed_payments.
         store
-            .move_record(&c.payment_id, Partition::Realtime, Partition::Completed)
+            .transition(&c.payment_id, &Transition::MarkSaved)
             .await
             .unwrap();
+        assert!(store
+            .move_record(&c.payment_id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap());
         // An interrupted move of `a`: a copy in both partitions, one answer.
         store
             .copy_to_partition(&a.payment_id, Partition::Realtime, Partition::Unpaid)
@@ -481,6 +486,80 @@ async fn scan_created_streams_a_time_range_in_order() {
         let want_ids: Vec<_> = want.iter().map(|r| r.payment_id.clone()).collect();
         assert_eq!(got_ids.len(), 15, "{name}");
         assert_eq!(got_ids, want_ids, "{name}");
+    })
+    .await;
+}
+
+/// Issue 13, point 1: a move decided on a stale read does not apply. The
+/// batch read a no-call abort; the merchant's retry reopened it to PENDING;
+/// the batch's move to `unpaid_payments` must now leave it in realtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_applies_only_while_the_record_may_enter_the_target() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-guard-1", None);
+        store.create(&r).await.unwrap();
+        let pid = &r.payment_id;
+
+        // PENDING may enter neither completed nor unpaid.
+        for to in [Partition::Completed, Partition::Unpaid] {
+            assert!(
+                !store
+                    .move_record(pid, Partition::Realtime, to)
+                    .await
+                    .unwrap(),
+                "{name}: a PENDING record moved to {to:?}"
+            );
+        }
+
+        // The batch reads a no-call abort ...
+        let aborted = Transition::MarkAborted {
+            failure_code: failure_codes::CIRCUIT_OPEN.into(),
+            last_error: "open".into(),
+        };
+        assert!(store.transition(pid, &aborted).await.unwrap());
+        // ... a merchant retry reopens it before the batch's move lands.
+        let reopen = Transition::Reopen {
+            failure_code: failure_codes::CIRCUIT_OPEN.into(),
+        };
+        assert!(store.transition(pid, &reopen).await.unwrap());
+        assert!(
+            !store
+                .move_record(pid, Partition::Realtime, Partition::Unpaid)
+                .await
+                .unwrap(),
+            "{name}: the reopened PENDING record was moved to unpaid"
+        );
+        let (part, now) = store.get(pid).await.unwrap().unwrap();
+        assert_eq!(
+            (part, now.card_status),
+            (Partition::Realtime, CardStatus::Pending),
+            "{name}"
+        );
+        // The card approves; MarkPaid finds it where it belongs.
+        assert!(store.transition(pid, &paid()).await.unwrap(), "{name}");
+        // Paid but not saved may not complete yet, nor ever be unpaid.
+        for to in [Partition::Completed, Partition::Unpaid] {
+            assert!(
+                !store
+                    .move_record(pid, Partition::Realtime, to)
+                    .await
+                    .unwrap(),
+                "{name}: a paid, unsaved record moved to {to:?}"
+            );
+        }
+        assert!(store.transition(pid, &Transition::MarkSaved).await.unwrap());
+        assert!(store
+            .move_record(pid, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap());
+        let (part, done) = store.get(pid).await.unwrap().unwrap();
+        assert_eq!(
+            (part, done.is_paid, done.is_saved),
+            (Partition::Completed, true, true),
+            "{name}"
+        );
     })
     .await;
 }
