@@ -485,3 +485,100 @@ async fn a_reopened_record_is_young_again() {
         e.cleanup.run().await;
     }
 }
+
+/// Issue 13, point 8: only the confirm call's answers are evidence of a
+/// decline. A record whose confirm was sent (and its answer lost) and whose
+/// lookup answered 404 is not "declined": the batch looks it up again and
+/// alerts, it never files it as unpaid on a lookup's 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_404_is_not_evidence_of_a_decline() {
+    for backend in sql_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let r = e.record("order-lookup-404").await;
+        e.t(
+            &r,
+            Transition::MarkAborted {
+                failure_code: "NOT_FOUND_PAYMENT".into(),
+                last_error: "looked up: not found".into(),
+            },
+        )
+        .await;
+        let log = SqlApiLog::new(e.c.db.clone());
+        let rows = [
+            (Kind::Request, "POST", "/v1/payments/confirm", None),
+            (
+                Kind::Request,
+                "GET",
+                "/v1/payments/orders/order-lookup-404",
+                None,
+            ),
+            (
+                Kind::Response,
+                "GET",
+                "/v1/payments/orders/order-lookup-404",
+                Some(404),
+            ),
+        ];
+        for (kind, method, path, status) in rows {
+            log.append(LogEntry {
+                payment_id: &r.payment_id,
+                target: Target::CardApi,
+                kind,
+                attempt: 1,
+                method,
+                path,
+                status_code: status,
+                body: Some(serde_json::json!({"code": "NOT_FOUND_PAYMENT"})),
+                latency_ms: None,
+            })
+            .await
+            .unwrap();
+        }
+        let s = e.sweeper().sweep(&now_opts()).await.unwrap();
+        assert_eq!(
+            s.unpaid,
+            0,
+            "{}: filed as unpaid on a lookup's 404",
+            backend.name()
+        );
+        assert_eq!(e.count(Partition::Unpaid).await, 0, "{}", backend.name());
+        assert!(
+            e.sandbox.card.stats().lookup_calls >= 1,
+            "{}: looked up again",
+            backend.name()
+        );
+        e.cleanup.run().await;
+    }
+}
+
+/// Issue 13, point 8: a lease whose renewals keep failing (the database is
+/// gone) is lost once its time to live has passed since the last renewal
+/// that succeeded; before, it was never marked lost, so a sweep could go on
+/// beside another that took the expired lease over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_cannot_be_renewed_within_its_ttl_is_lost() {
+    let path = std::env::temp_dir().join(format!("paygate-lease-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let db = paygate_state_store::SqlDatabase::connect(&format!("sqlite://{}", path.display()), 2)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    let ttl = Duration::from_millis(300);
+    let lease = paygate_batch::lease::Lease::new(db.clone(), "batch-sweep", "owner-a", ttl);
+    assert!(lease.acquire().await.unwrap().is_ok());
+    let renewal = lease.keep_alive(ttl);
+    db.close().await; // every renewal from now on fails
+    let started = std::time::Instant::now();
+    while !renewal.lost() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        renewal.lost(),
+        "renewals failed for {:?} but the lease was not lost",
+        started.elapsed()
+    );
+    renewal.finish().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

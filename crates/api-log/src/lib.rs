@@ -187,25 +187,42 @@ impl SqlApiLog {
         })
     }
 
-    /// What the log shows of the card company's answers for a payment:
-    /// `(card requests made, decline answers)`. A decline answer is a 4xx
-    /// other than 401 (our key), 409 (still processing) and 429 (slow down).
-    /// The batch uses it to tell a decline or a no-call abort (nothing was
-    /// ever sent) from an outcome it must look up.
+    /// What the log shows of the card company's answers to the *confirm*
+    /// of a payment (rows of `target = card_api` and `path =
+    /// confirm_path`; lookups, cancels and pages are not evidence of a
+    /// decline): how many confirm requests were made, and each answer's
+    /// HTTP status and the card company's `code` (from the logged body).
+    /// The batch uses it to tell a decline or a no-call abort (no confirm
+    /// was ever sent) from an outcome it must look up.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn card_evidence(&self, payment_id: &str) -> Result<(i64, i64), StoreError> {
-        let sql = "SELECT \
-             COALESCE(SUM(CASE WHEN kind = 'REQUEST' THEN 1 ELSE 0 END), 0) AS requests, \
-             COALESCE(SUM(CASE WHEN kind = 'RESPONSE' AND status_code >= 400 AND status_code < 500 \
-                 AND status_code NOT IN (401, 409, 429) THEN 1 ELSE 0 END), 0) AS declines \
-             FROM api_logs WHERE payment_id = $1 AND target = 'card_api'";
+    pub async fn confirm_evidence(
+        &self,
+        payment_id: &str,
+        confirm_path: &str,
+    ) -> Result<ConfirmEvidence, StoreError> {
+        let sql = "SELECT kind, status_code, body FROM api_logs \
+             WHERE payment_id = $1 AND target = 'card_api' AND path = $2 ORDER BY id";
         let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-        with_pool!(&self.db, pool => {
-            let row = sqlx::query(sql).bind(payment_id).fetch_one(pool).await.map_err(map_err)?;
-            Ok((row.try_get::<i64, _>("requests").map_err(c)?, row.try_get::<i64, _>("declines").map_err(c)?))
-        })
+        let rows: Vec<(String, Option<i32>, Option<String>)> = with_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).bind(payment_id).bind(confirm_path).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("kind").map_err(c)?, r.try_get("status_code").map_err(c)?, r.try_get("body").map_err(c)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?
+        });
+        let mut evidence = ConfirmEvidence::default();
+        for (kind, status, body) in rows {
+            if kind == Kind::Request.as_str() {
+                evidence.requests += 1;
+            } else if let Some(status) = status {
+                let code = body
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+                evidence.answers.push((status, code));
+            }
+        }
+        Ok(evidence)
     }
 
     /// True when a `REQUEST` row for `payment_id` and `target` exists (used
@@ -221,6 +238,16 @@ impl SqlApiLog {
             Ok(n > 0)
         })
     }
+}
+
+/// The confirm calls of one payment as the log shows them (see
+/// [`SqlApiLog::confirm_evidence`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfirmEvidence {
+    /// `REQUEST` rows: confirm attempts that were sent.
+    pub requests: i64,
+    /// Each answer that arrived: HTTP status and the card company's code.
+    pub answers: Vec<(i32, Option<String>)>,
 }
 
 /// The last run of each sidecar job (`job_runs`): the batch and the

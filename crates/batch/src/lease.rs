@@ -122,19 +122,29 @@ pub struct Renewal {
 impl Lease {
     /// Starts renewing a lease this owner holds. When a renewal finds the
     /// lease taken over by another owner, [`Renewal::lost`] turns true and
-    /// the work under it should stop; a failed renewal (database trouble) is
-    /// logged and tried again at the next tick.
+    /// the work under it should stop. A failed renewal (database trouble) is
+    /// logged and tried again at the next tick, until `ttl` has passed since
+    /// the last renewal that succeeded: from then on another process may
+    /// have taken the lease over, so it counts as lost too (two sweeps must
+    /// never overlap, even after a database outage longer than the lease).
     pub fn keep_alive(&self, ttl: Duration) -> Renewal {
         let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = {
             let (lease, lost, every) = (self.clone(), lost.clone(), ttl / 3);
             tokio::spawn(async move {
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(every).await;
                     match lease.renew().await {
-                        Ok(true) => {}
+                        Ok(true) => renewed = tokio::time::Instant::now(),
                         Ok(false) => {
                             tracing::error!(lease = %lease.name, "lease lost to another process; stopping");
+                            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) if renewed.elapsed() >= ttl => {
+                            tracing::error!(lease = %lease.name, error = %e,
+                                "could not renew the lease within its time to live; it may be another's now: stopping");
                             lost.store(true, std::sync::atomic::Ordering::SeqCst);
                             return;
                         }

@@ -32,9 +32,9 @@ use std::{
 
 use futures_util::TryStreamExt;
 use paygate_api_log::SqlApiLog;
-use paygate_core::{CardStatus, Partition, PaymentRecord};
+use paygate_core::{payment::failure_codes, CardStatus, Partition, PaymentRecord};
 use paygate_payments::{Saga, Settler, Tally};
-use paygate_state_store::{SqlDatabase, StateStore, StoreError};
+use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
 use serde::Serialize;
 
 /// How a sweep runs.
@@ -264,35 +264,49 @@ impl Sweeper {
             self.saga.clone(),
             opts.ledger_alert_threshold,
         );
-        let pid = r.payment_id.clone();
         if r.is_paid && r.is_saved {
-            if !opts.dry_run {
-                self.store
-                    .move_record(&pid, Partition::Realtime, Partition::Completed)
-                    .await?;
+            if self.file(&r, Partition::Completed, opts.dry_run).await? {
+                bump(&c.completed);
             }
-            bump(&c.completed);
             return Ok(());
         }
         if r.is_paid {
             c.add(settler.save(r, opts.dry_run).await?);
             return Ok(());
         }
+        let evidence = self
+            .log
+            .confirm_evidence(r.payment_id.as_str(), paygate_card_api::CONFIRM_PATH)
+            .await?;
         match r.card_status {
-            CardStatus::Aborted => {
-                let (requests, declines) = self.log.card_evidence(pid.as_str()).await?;
-                if requests == 0 || declines > 0 {
-                    if !opts.dry_run {
-                        self.store
-                            .move_record(&pid, Partition::Realtime, Partition::Unpaid)
-                            .await?;
-                    }
+            CardStatus::Aborted if evidence.requests == 0 || declined(&evidence) => {
+                if self.file(&r, Partition::Unpaid, opts.dry_run).await? {
+                    bump(&c.unpaid);
+                }
+            }
+            // By I3 no confirm was sent without its REQUEST row: a record
+            // left PENDING (or UNKNOWN) with none is a no-call abort (a crash
+            // between the record and the log write). A merchant's retry
+            // reopens it; nothing to look up, no operator needed.
+            CardStatus::Pending | CardStatus::Unknown if evidence.requests == 0 => {
+                if opts.dry_run {
                     bump(&c.unpaid);
                     return Ok(());
                 }
-                c.add(settler.settle(r, opts.dry_run).await?.1);
+                let t = Transition::MarkAborted {
+                    failure_code: failure_codes::NOT_SENT.to_owned(),
+                    last_error: "no card confirm was logged for it; none was sent".to_owned(),
+                };
+                if self.store.transition(&r.payment_id, &t).await?
+                    && self
+                        .store
+                        .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
+                        .await?
+                {
+                    bump(&c.unpaid);
+                }
             }
-            CardStatus::Pending | CardStatus::Unknown => {
+            CardStatus::Aborted | CardStatus::Pending | CardStatus::Unknown => {
                 c.add(settler.settle(r, opts.dry_run).await?.1);
             }
             // Paid-state statuses on an unpaid record do not occur; leave them.
@@ -300,4 +314,37 @@ impl Sweeper {
         }
         Ok(())
     }
+
+    /// Moves a record out of realtime into `to` (a dry run only counts it);
+    /// `true` when it moved. The move is guarded in the store: a record
+    /// changed since the scan read it stays where it is.
+    async fn file(
+        &self,
+        r: &PaymentRecord,
+        to: Partition,
+        dry_run: bool,
+    ) -> Result<bool, StoreError> {
+        if dry_run {
+            return Ok(true);
+        }
+        self.store
+            .move_record(&r.payment_id, Partition::Realtime, to)
+            .await
+    }
+}
+
+/// True when a confirm answer in the log is the card company's decline
+/// (by its code, as the card API's code table classes it).
+fn declined(evidence: &paygate_api_log::ConfirmEvidence) -> bool {
+    evidence.answers.iter().any(|(status, code)| {
+        let status = u16::try_from(*status).unwrap_or(0);
+        (400..500).contains(&status)
+            && paygate_card_api::CardApiError::Rejected {
+                status,
+                code: code.clone().unwrap_or_default(),
+                message: String::new(),
+                retry_after_s: None,
+            }
+            .is_decline()
+    })
 }

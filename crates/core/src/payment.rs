@@ -115,6 +115,10 @@ pub mod failure_codes {
     pub const CARD_AUTH_FAILED: &str = "PAYGATE_CARD_AUTH_FAILED";
     /// The card API's bulkhead or outbound rate limit refused the call.
     pub const OVERLOADED: &str = "PAYGATE_OVERLOADED";
+    /// The record was written but the SQL log holds no confirm `REQUEST`
+    /// for it (a crash, or a failed log write followed by a failed
+    /// `MarkAborted`): by I3 no confirm was sent.
+    pub const NOT_SENT: &str = "PAYGATE_NOT_SENT";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {
@@ -122,6 +126,7 @@ pub mod failure_codes {
             || code == CIRCUIT_OPEN
             || code == CARD_AUTH_FAILED
             || code == OVERLOADED
+            || code == NOT_SENT
     }
 }
 

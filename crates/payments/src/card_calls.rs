@@ -59,6 +59,7 @@ impl Saga {
             kind: RequestKind::Idempotent,
             max_attempts: None,
             classify: classify::repeatable,
+            attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE,
         };
         self.through(
             policy,
@@ -111,6 +112,7 @@ impl Saga {
             kind: RequestKind::Idempotent,
             max_attempts: None,
             classify: classify::repeatable,
+            attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE,
         };
         self.through(
             policy,

@@ -57,6 +57,8 @@ impl Saga {
         match self.store.create(&record).await {
             Ok(CreateOutcome::Created) => {
                 span.record("payment_id", record.payment_id.as_str());
+                // A fresh id: no one else can own it.
+                let _live = self.live.claim(&record.payment_id);
                 self.run(record).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
@@ -109,37 +111,61 @@ impl Saga {
             approved_at: approved_at.clone(),
         };
         match self.store.transition(&pid, &paid).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Another path (batch, reconciliation) settled it first.
-                if let Ok(Some((_, current))) = self.store.get(&pid).await {
-                    if current.is_paid && current.is_saved {
-                        return ConfirmOutcome::Approved(current);
-                    }
-                }
-            }
-            Err(e) => {
-                // The approval is real but only in memory now. The record
-                // stays PENDING, which the batch settles by lookup; the
-                // operator hears of it now.
-                self.alert(
-                    &record,
-                    AlertReason::StoreFailedAfterApproval,
-                    format!("mark paid failed: {e}"),
-                )
-                .await;
+            Ok(true) => {
                 record.is_paid = true;
                 record.card_status = CardStatus::Done;
                 record.approved_at = Some(approved_at);
-                return ConfirmOutcome::Approved(record);
+                record.failure_code = None;
             }
+            // The guard failed: another actor (the batch, the
+            // reconciliation, a merchant's retry) changed the record since
+            // this confirm read it. Go on from what is stored, never from
+            // this confirm's memory.
+            Ok(false) => match self.store.get(&pid).await {
+                Ok(Some((_, current))) if current.is_paid => {
+                    if current.is_saved {
+                        return ConfirmOutcome::Approved(current);
+                    }
+                    record = current;
+                }
+                Ok(current) => {
+                    let state = current.map_or("gone".to_owned(), |(part, r)| {
+                        format!("{} in {}", r.card_status.as_str(), part.table())
+                    });
+                    let detail = format!(
+                        "the card company approved, but the record could not be marked paid (it is {state})"
+                    );
+                    return self
+                        .unknown(record, AlertReason::CardMismatch, detail)
+                        .await;
+                }
+                Err(e) => return self.approval_not_recorded(record, approved_at, e).await,
+            },
+            Err(e) => return self.approval_not_recorded(record, approved_at, e).await,
         }
+        record.is_saved = self.save_with_retries(&record).await;
+        metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
+        ConfirmOutcome::Approved(record)
+    }
+
+    /// The approval is real but the store failed: the record stays PENDING,
+    /// which the batch settles by lookup; the operator hears of it now. The
+    /// merchant is told the truth: approved.
+    async fn approval_not_recorded(
+        &self,
+        mut record: PaymentRecord,
+        approved_at: String,
+        e: paygate_state_store::StoreError,
+    ) -> ConfirmOutcome {
+        self.alert(
+            &record,
+            AlertReason::StoreFailedAfterApproval,
+            format!("mark paid failed: {e}"),
+        )
+        .await;
         record.is_paid = true;
         record.card_status = CardStatus::Done;
         record.approved_at = Some(approved_at);
-        record.failure_code = None;
-        record.is_saved = self.save_with_retries(&record).await;
-        metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
         ConfirmOutcome::Approved(record)
     }
 
@@ -203,7 +229,7 @@ impl Saga {
         }
     }
 
-    async fn unknown(
+    pub(crate) async fn unknown(
         &self,
         mut record: PaymentRecord,
         reason: AlertReason,
@@ -249,20 +275,25 @@ impl Saga {
             kind: RequestKind::Idempotent,
             max_attempts: None,
             classify: classify::confirm,
+            attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_NOT_RETRIED,
         };
         let res = self
             .through(policy, site, call, describe_card, sent.clone())
             .await;
         let sent = sent.load(Ordering::SeqCst);
         match res {
-            Ok(p) if p.is_approved() => self.check_match(record, p),
-            Ok(p) => {
-                let (code, message) = p
-                    .failure
-                    .map(|f| (f.code, f.message))
-                    .unwrap_or((p.status, String::new()));
-                CardVerdict::Declined { code, message }
-            }
+            // A 200 settles the payment only when its status is final
+            // (approved, or aborted/expired); IN_PROGRESS or
+            // WAITING_FOR_DEPOSIT may still turn DONE: look it up, never
+            // call it a decline.
+            Ok(p) => match self.verdict_of_lookup(record, p) {
+                Ok(verdict) => verdict,
+                Err(status) => {
+                    tracing::warn!(payment_id = %record.payment_id, status = %status,
+                        "card confirm answered a status that is not final; looking the payment up");
+                    self.settle_by_lookup(record).await
+                }
+            },
             Err(e) => self.verdict_of_error(record, e, sent).await,
         }
     }

@@ -91,7 +91,17 @@ impl Saga {
     }
 
     /// Starts bounded async ledger retries for a paid, unsaved payment.
+    /// At most `ledger_retry_max_pending` run at once; past that the payment
+    /// is left to the batch (it is stored paid and unsaved, so nothing is
+    /// only in memory), which keeps a long ledger outage from growing the
+    /// task count without bound.
     pub fn spawn_ledger_retry(self: &Arc<Self>, payment_id: PaymentId) {
+        if self.retries.pending() >= self.settings.ledger_retry_max_pending {
+            tracing::warn!(payment_id = %payment_id, pending = self.retries.pending(),
+                "too many async ledger retries in progress; the batch sweep will save this payment");
+            metrics::counter!("paygate_ledger_retries_deferred_total").increment(1);
+            return;
+        }
         self.retries.begin();
         metrics::gauge!("paygate_ledger_retry_queue_depth").set(self.retries.pending() as f64);
         let saga = Arc::clone(self);
@@ -156,6 +166,12 @@ impl Saga {
         batch: bool,
     ) -> SaveResult {
         let pid = &record.payment_id;
+        // Only a paid record with its stored approval time is ever sent:
+        // the ledger is the system of record for settlement.
+        let Some(approved_at) = record.approved_at.clone().filter(|_| record.is_paid) else {
+            tracing::error!(payment_id = %pid, "ledger try refused: the record is not paid");
+            return SaveResult::Refused;
+        };
         let entry = LedgerEntry {
             payment_id: pid.to_string(),
             merchant_id: record.merchant_id.to_string(),
@@ -163,7 +179,7 @@ impl Saga {
             payment_key: record.payment_key.clone(),
             amount: record.amount,
             currency: record.currency.clone(),
-            approved_at: record.approved_at.clone().unwrap_or_default(),
+            approved_at,
         };
         let site = CallSite {
             payment_id: pid.clone(),
@@ -184,6 +200,7 @@ impl Saga {
             kind,
             max_attempts: None,
             classify: classify::ledger,
+            attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE,
         };
         let res = self
             .through(
@@ -196,7 +213,16 @@ impl Saga {
             .await;
         match res {
             Ok(_) => match self.store.transition(pid, &Transition::MarkSaved).await {
-                Ok(_) => SaveResult::Saved,
+                Ok(true) => SaveResult::Saved,
+                // Saved by another actor already, or changed under us: the
+                // store decides, never this try's hope.
+                Ok(false) => match self.store.get(pid).await {
+                    Ok(Some((_, now))) if now.is_saved => SaveResult::Saved,
+                    _ => {
+                        tracing::warn!(payment_id = %pid, "ledger recorded the payment but MarkSaved's guard failed; retrying later");
+                        SaveResult::Retry
+                    }
+                },
                 Err(e) => {
                     // The ledger has it; the flag will be set by the batch's
                     // idempotent re-record.

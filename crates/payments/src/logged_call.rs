@@ -54,6 +54,10 @@ pub(crate) struct Policy<E: 'static> {
     pub max_attempts: Option<u32>,
     /// What each error means for the breaker and retries.
     pub classify: fn(&AttemptError<E>) -> ErrorClass,
+    /// What the stack's own per-attempt timeout means: retried for reads,
+    /// cancels and the ledger; never for a confirm (its answer may have
+    /// been lost after an approval: it is settled by lookup instead).
+    pub attempt_timeout: ErrorClass,
 }
 
 impl Saga {
@@ -120,8 +124,13 @@ impl Saga {
             kind,
             max_attempts,
             classify,
+            attempt_timeout,
         } = policy;
-        async move { stack.call(kind, max_attempts, attempt, classify).await }
+        async move {
+            stack
+                .call_with_timeout_class(kind, max_attempts, attempt, classify, attempt_timeout)
+                .await
+        }
     }
 }
 

@@ -56,7 +56,7 @@ impl Saga {
 
     /// What one found payment settles; `Err(status)` when its status is not
     /// final yet (look again).
-    fn verdict_of_lookup(
+    pub(crate) fn verdict_of_lookup(
         &self,
         record: &PaymentRecord,
         p: CardPayment,
@@ -115,6 +115,7 @@ impl Saga {
             kind: RequestKind::Idempotent,
             max_attempts: Some(1),
             classify: classify::lookup,
+            attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE,
         };
         self.through(
             policy,

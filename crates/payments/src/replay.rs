@@ -1,15 +1,26 @@
-//! Guards I2 (no double charge): a confirm for an order (or idempotency key)
-//! that already has a payment. The same body replays the payment's outcome;
-//! another body is refused (422); a payment that was never sent to the card
-//! company (a no-call abort) is reopened so this retry may try the card.
+//! Guards I2 (no double charge) and I1: a confirm for an order (or
+//! idempotency key) that already has a payment. The same body replays the
+//! payment's outcome; another body is refused (422); a payment that was
+//! never sent to the card company (a no-call abort) is reopened so this
+//! retry may try the card.
+//!
+//! A `PENDING` payment that no live confirm in this process owns (its
+//! gateway died, or its confirm task was dropped) is settled on access, as
+//! Kill Bill's Janitor does: when the SQL log proves no confirm was sent
+//! (I3), it is a no-call abort that this retry reopens; otherwise it is
+//! looked up at the card company and filed through the same guarded
+//! transitions the batch uses. The retry gets the true answer at once
+//! instead of 409 until the batch runs.
 
 use std::sync::Arc;
 
+use paygate_alert::AlertReason;
+use paygate_card_api::CONFIRM_PATH;
 use paygate_core::{payment::failure_codes, CardStatus, Partition, PaymentRecord};
 use paygate_state_store::Transition;
 
 use crate::{
-    outcome::{ConfirmInput, ConfirmOutcome, Reuse},
+    outcome::{ConfirmInput, ConfirmOutcome, Reuse, Settlement},
     Saga,
 };
 
@@ -32,7 +43,7 @@ impl Saga {
             };
         }
         match existing.card_status {
-            CardStatus::Pending => ConfirmOutcome::InFlight(existing),
+            CardStatus::Pending => self.pending_on_access(existing).await,
             CardStatus::Done | CardStatus::Canceled => ConfirmOutcome::Approved(existing),
             CardStatus::Unknown => ConfirmOutcome::Unknown(existing),
             CardStatus::Aborted => {
@@ -50,15 +61,106 @@ impl Saga {
         }
     }
 
+    /// A retry of a `PENDING` payment (see the module's doc).
+    async fn pending_on_access(self: &Arc<Self>, existing: PaymentRecord) -> ConfirmOutcome {
+        let age_ms = paygate_core::time::now_ms() - existing.updated_at;
+        let young = age_ms < self.settings.settle_on_access_after.as_millis() as i64;
+        if young {
+            return ConfirmOutcome::InFlight(existing);
+        }
+        let Some(live) = self.live.claim(&existing.payment_id) else {
+            return ConfirmOutcome::InFlight(existing);
+        };
+        let pid = existing.payment_id.clone();
+        let evidence = self.log.confirm_evidence(pid.as_str(), CONFIRM_PATH).await;
+        match evidence {
+            Err(_) => ConfirmOutcome::InFlight(existing),
+            Ok(e) if e.requests == 0 => {
+                let t = Transition::MarkAborted {
+                    failure_code: failure_codes::NOT_SENT.to_owned(),
+                    last_error: "no card confirm was logged for it; none was sent".to_owned(),
+                };
+                match self.store.transition(&pid, &t).await {
+                    Ok(true) => {
+                        tracing::info!(payment_id = %pid, "retry of a PENDING payment that was never sent: reopened");
+                        drop(live);
+                        self.reopen(existing, failure_codes::NOT_SENT.to_owned())
+                            .await
+                    }
+                    Ok(false) => ConfirmOutcome::InFlight(existing),
+                    Err(_) => ConfirmOutcome::Unavailable {
+                        detail: "payment state store unavailable; nothing was charged",
+                        payment_id: Some(pid),
+                        retry_after_s: None,
+                    },
+                }
+            }
+            Ok(_) => self.settle_on_access(existing).await,
+        }
+    }
+
+    /// Looks a `PENDING` payment up and answers what the card company says,
+    /// recorded through the guarded transitions of [`Saga::settle_unknown`].
+    async fn settle_on_access(self: &Arc<Self>, existing: PaymentRecord) -> ConfirmOutcome {
+        let pid = existing.payment_id.clone();
+        tracing::info!(payment_id = %pid, "retry of a PENDING payment no live confirm owns: settling it by lookup");
+        let settlement = match self.settle_unknown(&existing).await {
+            Ok(s) => s,
+            Err(_) => return ConfirmOutcome::InFlight(existing),
+        };
+        let stored = match self.store.get(&pid).await {
+            Ok(Some((_, r))) => r,
+            _ => return ConfirmOutcome::InFlight(existing),
+        };
+        match settlement {
+            Settlement::Paid if stored.is_saved => ConfirmOutcome::Approved(stored),
+            Settlement::Paid => {
+                let mut r = stored;
+                r.is_saved = self.save_with_retries(&r).await;
+                ConfirmOutcome::Approved(r)
+            }
+            Settlement::Declined => ConfirmOutcome::Declined {
+                code: stored.failure_code.clone().unwrap_or_default(),
+                message: stored.last_error.clone().unwrap_or_default(),
+                record: stored,
+            },
+            Settlement::Unknown(detail) => {
+                self.unknown(stored, AlertReason::OutcomeUnknown, detail)
+                    .await
+            }
+            Settlement::Mismatch(detail) => {
+                self.unknown(stored, AlertReason::CardMismatch, detail)
+                    .await
+            }
+        }
+    }
+
     /// A no-call abort: no card call was made for it, so this retry may try
     /// again. The batch may have moved it to `unpaid_payments` already.
     async fn reopen(self: &Arc<Self>, existing: PaymentRecord, code: String) -> ConfirmOutcome {
-        if let Ok(Some((Partition::Unpaid, _))) = self.store.get(&existing.payment_id).await {
-            let _ = self
-                .store
-                .move_record(&existing.payment_id, Partition::Unpaid, Partition::Realtime)
-                .await;
+        let unavailable = ConfirmOutcome::Unavailable {
+            detail: "payment state store unavailable; nothing was charged",
+            payment_id: Some(existing.payment_id.clone()),
+            retry_after_s: None,
+        };
+        match self.store.get(&existing.payment_id).await {
+            Ok(Some((Partition::Unpaid, _))) => {
+                let moved = self
+                    .store
+                    .move_record(&existing.payment_id, Partition::Unpaid, Partition::Realtime)
+                    .await;
+                if let Err(e) = moved {
+                    tracing::warn!(payment_id = %existing.payment_id, error = %e,
+                        "could not move a no-call abort back to realtime; no card call made");
+                    return unavailable;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return unavailable,
         }
+        let Some(_live) = self.live.claim(&existing.payment_id) else {
+            return ConfirmOutcome::InFlight(existing);
+        };
         let reopen = Transition::Reopen { failure_code: code };
         match self.store.transition(&existing.payment_id, &reopen).await {
             Ok(true) => {
@@ -68,11 +170,7 @@ impl Saga {
                 self.run(reopened).await
             }
             Ok(false) => ConfirmOutcome::InFlight(existing),
-            Err(_) => ConfirmOutcome::Unavailable {
-                detail: "payment state store unavailable; nothing was charged",
-                payment_id: Some(existing.payment_id),
-                retry_after_s: None,
-            },
+            Err(_) => unavailable,
         }
     }
 }

@@ -35,6 +35,13 @@ pub struct SagaSettings {
     pub ledger_retry_base_delay: Duration,
     /// Cap on one ledger retry delay.
     pub ledger_retry_max_delay: Duration,
+    /// Async ledger retries in progress at most; past it the batch saves.
+    pub ledger_retry_max_pending: usize,
+    /// A merchant's retry of a `PENDING` payment that no live confirm in
+    /// this process owns, and whose last transition is at least this old,
+    /// settles it on the spot (by the log, or by lookup) instead of
+    /// answering 409 until the batch runs.
+    pub settle_on_access_after: Duration,
 }
 
 impl Default for SagaSettings {
@@ -46,6 +53,8 @@ impl Default for SagaSettings {
             ledger_retry_max_attempts: 5,
             ledger_retry_base_delay: Duration::from_millis(200),
             ledger_retry_max_delay: Duration::from_secs(10),
+            ledger_retry_max_pending: 10_000,
+            settle_on_access_after: Duration::from_secs(5),
         }
     }
 }
@@ -61,6 +70,39 @@ pub struct Saga {
     pub(crate) alerter: Arc<dyn Alerter>,
     pub(crate) settings: SagaSettings,
     pub(crate) retries: RetryTracker,
+    pub(crate) live: LiveConfirms,
+}
+
+/// The payments whose confirm is running in this process right now. A
+/// merchant's retry of one of them is answered 409; any other `PENDING`
+/// payment may be settled on access (see [`SagaSettings::settle_on_access_after`]).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LiveConfirms(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+/// Ownership of one live confirm; dropping it (the confirm ended, or its
+/// task was dropped) gives the payment up.
+#[derive(Debug)]
+pub(crate) struct LiveConfirm {
+    set: LiveConfirms,
+    payment_id: String,
+}
+
+impl LiveConfirms {
+    /// Takes ownership of `payment_id`; `None` when a live confirm has it.
+    pub(crate) fn claim(&self, payment_id: &paygate_core::PaymentId) -> Option<LiveConfirm> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(payment_id.to_string()).then(|| LiveConfirm {
+            set: self.clone(),
+            payment_id: payment_id.to_string(),
+        })
+    }
+}
+
+impl Drop for LiveConfirm {
+    fn drop(&mut self) {
+        let mut set = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.payment_id);
+    }
 }
 
 /// The downstreams a [`Saga`] calls, each with its resilience stack.
@@ -95,6 +137,7 @@ impl Saga {
             alerter,
             settings,
             retries: RetryTracker::default(),
+            live: LiveConfirms::default(),
         }
     }
 

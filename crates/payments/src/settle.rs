@@ -34,18 +34,40 @@ impl Saga {
         match self.settle_by_lookup(record).await {
             CardVerdict::Approved(p) => {
                 let approved_at = approved_at_of(&p);
-                self.store
-                    .transition(pid, &Transition::MarkPaid { approved_at })
-                    .await?;
-                Ok(Settlement::Paid)
+                let t = Transition::MarkPaid { approved_at };
+                if self.store.transition(pid, &t).await? {
+                    return Ok(Settlement::Paid);
+                }
+                // The guard failed: believe the store, not the lookup alone.
+                match self.store.get(pid).await? {
+                    Some((_, now)) if now.is_paid => Ok(Settlement::Paid),
+                    now => Ok(Settlement::Mismatch(format!(
+                        "the card company approved, but the record could not be marked paid (it is {})",
+                        describe(now.as_ref())
+                    ))),
+                }
             }
             CardVerdict::Declined { code, message } => {
                 let t = Transition::MarkAborted {
                     failure_code: code,
                     last_error: message,
                 };
-                self.store.transition(pid, &t).await?;
-                Ok(Settlement::Declined)
+                if self.store.transition(pid, &t).await? {
+                    return Ok(Settlement::Declined);
+                }
+                match self.store.get(pid).await? {
+                    Some((_, now)) if now.card_status == CardStatus::Aborted && !now.is_paid => {
+                        Ok(Settlement::Declined)
+                    }
+                    Some((_, now)) if now.is_paid => Ok(Settlement::Mismatch(format!(
+                        "the card company shows the order not approved, but the record is paid ({})",
+                        now.card_status.as_str()
+                    ))),
+                    now => Ok(Settlement::Unknown(format!(
+                        "the decline could not be recorded (the record is {})",
+                        describe(now.as_ref())
+                    ))),
+                }
             }
             CardVerdict::Unsettled { detail } | CardVerdict::NoCall { detail, .. } => {
                 Ok(Settlement::Unknown(detail))
@@ -53,6 +75,13 @@ impl Saga {
             CardVerdict::Mismatch { detail } => Ok(Settlement::Mismatch(detail)),
         }
     }
+}
+
+/// "PENDING in realtime_payments", or "gone".
+fn describe(r: Option<&(Partition, PaymentRecord)>) -> String {
+    r.map_or("gone".to_owned(), |(part, r)| {
+        format!("{} in {}", r.card_status.as_str(), part.table())
+    })
 }
 
 /// What settling or saving records did, in the units of the batch's
@@ -122,10 +151,13 @@ impl Settler {
         match self.saga.batch_save(&r).await {
             SaveResult::Saved => {
                 t.saved += 1;
-                self.store
+                if self
+                    .store
                     .move_record(&r.payment_id, Partition::Realtime, Partition::Completed)
-                    .await?;
-                t.completed += 1;
+                    .await?
+                {
+                    t.completed += 1;
+                }
             }
             SaveResult::Retry => {
                 let attempts = match self.store.get(&r.payment_id).await? {
@@ -181,10 +213,13 @@ impl Settler {
             }
             Settlement::Declined => {
                 t.settled += 1;
-                self.store
+                if self
+                    .store
                     .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
-                    .await?;
-                t.unpaid += 1;
+                    .await?
+                {
+                    t.unpaid += 1;
+                }
             }
             Settlement::Unknown(detail) => {
                 if r.card_status == CardStatus::Pending {

@@ -225,7 +225,42 @@ impl Downstream {
         F: Fn(u32) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        Box::pin(self.call_inner(kind, max_attempts, attempt, classify))
+        self.call_with_timeout_class(
+            kind,
+            max_attempts,
+            attempt,
+            classify,
+            ATTEMPT_TIMEOUT_RETRYABLE,
+        )
+    }
+
+    /// [`Downstream::call`], with the class of the stack's own per-attempt
+    /// timeout given by the caller instead of "a retryable failure". A call
+    /// whose answer may have been lost with a timeout and must not be sent
+    /// again (a card confirm: DESIGN.md §4 settles it by lookup) passes
+    /// [`ATTEMPT_TIMEOUT_NOT_RETRIED`].
+    ///
+    /// # Errors
+    /// [`CallError`], as [`Downstream::call`].
+    pub fn call_with_timeout_class<T, E, F, Fut>(
+        &self,
+        kind: RequestKind,
+        max_attempts: Option<u32>,
+        attempt: F,
+        classify: fn(&E) -> ErrorClass,
+        on_attempt_timeout: ErrorClass,
+    ) -> Pin<Box<dyn Future<Output = Result<T, CallError<E>>> + Send + '_>>
+    where
+        T: Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+        F: Fn(u32) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let classes = Classes {
+            error: classify,
+            attempt_timeout: on_attempt_timeout,
+        };
+        Box::pin(self.call_inner(kind, max_attempts, attempt, classes))
     }
 
     async fn call_inner<T, E, F, Fut>(
@@ -233,7 +268,7 @@ impl Downstream {
         kind: RequestKind,
         max_attempts: Option<u32>,
         attempt: F,
-        classify: fn(&E) -> ErrorClass,
+        classify: Classes<E>,
     ) -> Result<T, CallError<E>>
     where
         T: Send + 'static,
@@ -273,7 +308,7 @@ impl Downstream {
     fn stack<T, E, F, Fut>(
         &self,
         max_attempts: u32,
-        classify: fn(&E) -> ErrorClass,
+        classify: Classes<E>,
     ) -> tower::util::BoxService<Attempt<F>, T, BoxError>
     where
         T: Send + 'static,
@@ -335,18 +370,49 @@ impl Downstream {
     }
 }
 
+/// How one call's errors are classed: the downstream's own errors, and the
+/// stack's per-attempt timeout.
+struct Classes<E> {
+    error: fn(&E) -> ErrorClass,
+    attempt_timeout: ErrorClass,
+}
+
+impl<E> Clone for Classes<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Classes<E> {}
+
+/// The stack's per-attempt timeout as [`Downstream::call`] classes it: the
+/// downstream is slow or gone; a failure for the breaker, retried.
+pub const ATTEMPT_TIMEOUT_RETRYABLE: ErrorClass = ErrorClass {
+    outcome: CallOutcome::Failure,
+    retryable: true,
+    retry_after: None,
+};
+
+/// A per-attempt timeout that must not be retried (the answer may have been
+/// lost after the downstream acted): still a failure for the breaker.
+pub const ATTEMPT_TIMEOUT_NOT_RETRIED: ErrorClass = ErrorClass {
+    outcome: CallOutcome::Failure,
+    retryable: false,
+    retry_after: None,
+};
+
 fn retry_classifier<E: std::error::Error + 'static>(
-    classify: fn(&E) -> ErrorClass,
+    classify: Classes<E>,
 ) -> impl Fn(&BoxError) -> ErrorClass + Send + Sync + 'static {
     move |e: &BoxError| classify_box::<E>(e, classify)
 }
 
 fn breaker_classifier<T, E: std::error::Error + 'static>(
-    classify: fn(&E) -> ErrorClass,
+    classify: Classes<E>,
 ) -> breaker::Classifier<T> {
     fn outcome<T, E: std::error::Error + 'static>(
         r: &Result<T, BoxError>,
-        classify: fn(&E) -> ErrorClass,
+        classify: Classes<E>,
     ) -> CallOutcome {
         match r {
             Ok(_) => CallOutcome::Success,
@@ -356,12 +422,9 @@ fn breaker_classifier<T, E: std::error::Error + 'static>(
     Arc::new(move |r: &Result<T, BoxError>| outcome::<T, E>(r, classify))
 }
 
-fn classify_box<E: std::error::Error + 'static>(
-    e: &BoxError,
-    classify: fn(&E) -> ErrorClass,
-) -> ErrorClass {
+fn classify_box<E: std::error::Error + 'static>(e: &BoxError, classify: Classes<E>) -> ErrorClass {
     if let Some(inner) = e.downcast_ref::<E>() {
-        return classify(inner);
+        return (classify.error)(inner);
     }
     let stack_refusal = e.is::<tower::load_shed::error::Overloaded>()
         || e.is::<ratelimit::RateLimited>()
@@ -375,11 +438,7 @@ fn classify_box<E: std::error::Error + 'static>(
         };
     }
     // A per-attempt timeout: the downstream is slow or gone.
-    ErrorClass {
-        outcome: CallOutcome::Failure,
-        retryable: true,
-        retry_after: None,
-    }
+    classify.attempt_timeout
 }
 
 fn unbox<E: std::error::Error + Send + Sync + 'static>(e: BoxError) -> CallError<E> {

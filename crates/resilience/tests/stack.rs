@@ -301,3 +301,30 @@ async fn retries_stay_within_the_budget_when_everything_fails() {
         "retry budget: {calls} calls for {requests} requests, ratio {ratio:.3} <= bound {bound:.3}"
     );
 }
+
+/// Issue 13, point 8: the stack's own per-attempt timeout is retried for a
+/// plain call, but not for a call whose answer may have been lost after the
+/// downstream acted (a card confirm is settled by lookup, not re-sent).
+#[tokio::test(start_paused = true)]
+async fn an_attempt_timeout_is_resent_only_when_the_caller_allows_it() {
+    for (class, want_attempts) in [
+        (paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE, 3),
+        (paygate_resilience::ATTEMPT_TIMEOUT_NOT_RETRIED, 1),
+    ] {
+        let d = Downstream::new("fake", &policy());
+        let sent = Arc::new(AtomicU32::new(0));
+        let counter = sent.clone();
+        let hang = move |_n: u32| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(3_600)).await;
+                Ok::<(), FakeError>(())
+            }
+        };
+        let res = d
+            .call_with_timeout_class(RequestKind::Idempotent, None, hang, classify, class)
+            .await;
+        assert!(matches!(res, Err(CallError::AttemptTimeout)), "{res:?}");
+        assert_eq!(sent.load(Ordering::SeqCst), want_attempts);
+    }
+}

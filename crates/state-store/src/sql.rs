@@ -490,6 +490,12 @@ impl StateStore for SqlStateStore {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
+        if from == to {
+            return Err(StoreError::Rejected(format!(
+                "move of {payment_id} from {} to itself",
+                from.table()
+            )));
+        }
         let now = paygate_core::time::now_ms();
         match &self.db {
             // One statement: the guarded DELETE locks the row (a concurrent
