@@ -576,3 +576,231 @@ impl StateStore for MemoryStateStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+    use std::sync::atomic::AtomicI64;
+
+    use super::*;
+
+    fn pending(merchant: &MerchantId, order: &str, created_at: i64) -> PaymentRecord {
+        PaymentRecord::new_pending(
+            merchant.clone(),
+            OrderId::parse(order).unwrap(),
+            format!("pk_{order}"),
+            10_000,
+            "KRW".into(),
+            format!("fp_{order}"),
+            None,
+            created_at,
+        )
+    }
+
+    fn paid() -> Transition {
+        Transition::MarkPaid {
+            approved_at: "2026-11-21T12:00:00+09:00".into(),
+        }
+    }
+
+    /// A store on a clock the test sets.
+    fn store_at(start: i64) -> (MemoryStateStore, Arc<AtomicI64>) {
+        let now = Arc::new(AtomicI64::new(start));
+        let clock = now.clone();
+        let store = MemoryStateStore::new(Arc::new(move || clock.load(Ordering::SeqCst)));
+        (store, now)
+    }
+
+    fn is_unavailable<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Unavailable(_)))
+    }
+
+    #[tokio::test]
+    async fn fail_before_changes_nothing_and_fail_after_applies() {
+        let (store, _) = store_at(1_000);
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-fault-1", 1_000);
+
+        store.fail_next_writes(1, Fault::FailBefore);
+        assert!(is_unavailable(store.create(&r).await));
+        assert!(
+            store.snapshot().is_empty(),
+            "nothing written, nothing claimed"
+        );
+        assert_eq!(store.create(&r).await.unwrap(), CreateOutcome::Created);
+
+        // A lost acknowledgement: the write is there, the caller was told 503.
+        store.fail_next_writes(1, Fault::FailAfter);
+        assert!(is_unavailable(
+            store.transition(&r.payment_id, &paid()).await
+        ));
+        let (_, got) = store.get(&r.payment_id).await.unwrap().unwrap();
+        assert!(got.is_paid);
+        assert!(!store.transition(&r.payment_id, &paid()).await.unwrap());
+
+        // A create whose acknowledgement is lost is found by the retry.
+        let again = pending(&m, "order-fault-2", 1_000);
+        store.fail_next_writes(1, Fault::FailAfter);
+        assert!(is_unavailable(store.create(&again).await));
+        match store
+            .create(&pending(&m, "order-fault-2", 1_000))
+            .await
+            .unwrap()
+        {
+            CreateOutcome::Exists(existing) => assert_eq!(existing.payment_id, again.payment_id),
+            other => panic!("expected Exists, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fault_closure_sees_the_kind_and_the_payment() {
+        let (store, _) = store_at(1_000);
+        let m = MerchantId::generate();
+        let (a, b) = (
+            pending(&m, "order-pred-a", 1_000),
+            pending(&m, "order-pred-b", 1_000),
+        );
+        for r in [&a, &b] {
+            store.create(r).await.unwrap();
+            store.transition(&r.payment_id, &paid()).await.unwrap();
+            store
+                .transition(&r.payment_id, &Transition::MarkSaved)
+                .await
+                .unwrap();
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, target) = (seen.clone(), a.payment_id.clone());
+        store.set_fault(Some(Arc::new(move |kind, id: &PaymentId| {
+            log.lock().unwrap().push(kind);
+            if kind == WriteKind::Move && *id == target {
+                Fault::FailBefore
+            } else {
+                Fault::None
+            }
+        })));
+        let (rt, done) = (Partition::Realtime, Partition::Completed);
+        assert!(is_unavailable(
+            store.move_record(&a.payment_id, rt, done).await
+        ));
+        assert!(store.move_record(&b.payment_id, rt, done).await.unwrap());
+        assert!(store
+            .copy_to_partition(&a.payment_id, rt, done)
+            .await
+            .unwrap());
+        // A Reopen with a code that is not a no-call code never reaches the store.
+        let reopen = Transition::Reopen {
+            failure_code: "REJECT_CARD_PAYMENT".into(),
+        };
+        assert!(!store.transition(&a.payment_id, &reopen).await.unwrap());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [WriteKind::Move, WriteKind::Move, WriteKind::Copy]
+        );
+        store.set_fault(None);
+        assert!(store.move_record(&a.payment_id, rt, done).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn writes_are_stamped_by_the_given_clock() {
+        let (store, now) = store_at(1_000);
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-clock", 500);
+        store.create(&r).await.unwrap();
+        let updated = |store: &MemoryStateStore| {
+            store
+                .snapshot()
+                .into_iter()
+                .map(|(p, r)| (p, r.updated_at))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            updated(&store),
+            [(Partition::Realtime, 500)],
+            "create keeps the record's own"
+        );
+
+        now.store(2_000, Ordering::SeqCst);
+        store.transition(&r.payment_id, &paid()).await.unwrap();
+        assert_eq!(updated(&store), [(Partition::Realtime, 2_000)]);
+        now.store(3_000, Ordering::SeqCst);
+        store
+            .transition(&r.payment_id, &Transition::MarkSaved)
+            .await
+            .unwrap();
+        now.store(4_000, Ordering::SeqCst);
+        let (rt, done) = (Partition::Realtime, Partition::Completed);
+        store
+            .copy_to_partition(&r.payment_id, rt, done)
+            .await
+            .unwrap();
+        assert_eq!(
+            updated(&store),
+            [(Partition::Realtime, 3_000), (Partition::Completed, 4_000)],
+            "an interrupted move: both copies, side by side"
+        );
+        now.store(5_000, Ordering::SeqCst);
+        assert!(store.move_record(&r.payment_id, rt, done).await.unwrap());
+        assert_eq!(updated(&store), [(Partition::Completed, 5_000)]);
+    }
+
+    #[tokio::test]
+    async fn results_come_out_in_a_fixed_order() {
+        let (store, _) = store_at(1_000);
+        let (m1, m2) = (MerchantId::generate(), MerchantId::generate());
+        let mut made = Vec::new();
+        for i in 0..20 {
+            let m = if i % 2 == 0 { &m1 } else { &m2 };
+            let r = pending(m, &format!("order-fixed-{}", i % 5), 1_000 - i);
+            // Two merchants share each orderId; the second create per merchant is a duplicate.
+            if store.create(&r).await.unwrap() == CreateOutcome::Created {
+                made.push(r);
+            }
+        }
+        assert_eq!(made.len(), 10);
+        let mut ids: Vec<PaymentId> = made.iter().map(|r| r.payment_id.clone()).collect();
+        ids.sort();
+        let found: Vec<PaymentId> = store
+            .find_by_order_ids(
+                &(0..5)
+                    .map(|i| format!("order-fixed-{i}"))
+                    .collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.payment_id)
+            .collect();
+        assert_eq!(found, ids, "find_by_order_ids: payment_id order");
+        let snap: Vec<PaymentId> = store
+            .snapshot()
+            .into_iter()
+            .map(|(_, r)| r.payment_id)
+            .collect();
+        assert_eq!(snap, ids, "snapshot: payment_id order");
+    }
+
+    #[tokio::test]
+    async fn refusals_write_nothing() {
+        let (store, _) = store_at(1_000);
+        let m = MerchantId::generate();
+        let mut r = pending(&m, "order-refused", 1_000);
+        r.amount = 0;
+        assert!(matches!(
+            store.create(&r).await,
+            Err(StoreError::Rejected(_))
+        ));
+        r.amount = 1;
+        assert_eq!(
+            store.create(&r).await.unwrap(),
+            CreateOutcome::Created,
+            "no claim left behind"
+        );
+        let rt = Partition::Realtime;
+        assert!(matches!(
+            store.move_record(&r.payment_id, rt, rt).await,
+            Err(StoreError::Rejected(_))
+        ));
+        assert_eq!(store.snapshot().len(), 1);
+    }
+}
