@@ -6,10 +6,14 @@
 //! never lose each other's update and a transition applied twice is a no-op.
 //!
 //! Backends: [`SqlStateStore`] on SQLite or PostgreSQL ([`SqlDatabase`]);
-//! `MongoStateStore` on MongoDB (feature `mongodb`, on by default).
+//! `MongoStateStore` on MongoDB (feature `mongodb`, on by default);
+//! `MemoryStateStore` in memory, for the deterministic simulation (feature
+//! `memory`, also enabled by `testing`).
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
+#[cfg(feature = "memory")]
+pub mod memory;
 mod merchants;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
@@ -17,6 +21,8 @@ pub mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "memory")]
+pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};

@@ -1,6 +1,8 @@
 //! Test support (feature `testing`): a fresh, isolated database per test on
 //! every reachable backend, and the one line that says a backend was skipped.
 //!
+//! - Memory: always, state store tests only; a fresh [`MemoryStateStore`]
+//!   on the wall clock (listed by [`state_backends`], not [`sql_backends`]).
 //! - SQLite: always; a temporary file.
 //! - PostgreSQL: when `PAYGATE_TEST_POSTGRES_URL` is set; a fresh schema in
 //!   that database (selected through the connection's `search_path`).
@@ -15,11 +17,13 @@
 
 use std::{io::Write, sync::Arc, sync::Once};
 
-use crate::{SqlDatabase, SqlStateStore, StateStore};
+use crate::{MemoryStateStore, SqlDatabase, SqlStateStore, StateStore};
 
 /// A backend the tests can run on.
 #[derive(Clone, Debug)]
 pub enum Backend {
+    /// The in-memory store (always; state store tests only, it has no SQL).
+    Memory,
     /// SQLite (always).
     Sqlite,
     /// PostgreSQL at this URL.
@@ -29,9 +33,10 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// `sqlite`, `postgres` or `mongodb`.
+    /// `memory`, `sqlite`, `postgres` or `mongodb`.
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Memory => "memory",
             Self::Sqlite => "sqlite",
             Self::Postgres(_) => "postgres",
             Self::Mongodb(_) => "mongodb",
@@ -65,9 +70,11 @@ pub fn sql_backends() -> Vec<Backend> {
     v
 }
 
-/// [`sql_backends`], plus MongoDB when `PAYGATE_TEST_MONGODB_URI` is set.
+/// The memory backend, then [`sql_backends`], plus MongoDB when
+/// `PAYGATE_TEST_MONGODB_URI` is set.
 pub fn state_backends() -> Vec<Backend> {
-    let mut v = sql_backends();
+    let mut v = vec![Backend::Memory];
+    v.extend(sql_backends());
     match env("PAYGATE_TEST_MONGODB_URI") {
         Some(uri) => v.push(Backend::Mongodb(uri)),
         None => say_skipped(
@@ -80,6 +87,8 @@ pub fn state_backends() -> Vec<Backend> {
 
 /// What to remove when a test ends.
 pub enum Cleanup {
+    /// Nothing to remove (the memory backend).
+    Nothing,
     /// A SQLite file and its WAL files.
     File(std::path::PathBuf),
     /// A PostgreSQL schema, dropped through the admin pool.
@@ -98,6 +107,7 @@ impl Cleanup {
     /// Removes what the test created.
     pub async fn run(self) {
         match self {
+            Self::Nothing => {}
             Self::File(path) => {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -122,7 +132,7 @@ impl Cleanup {
 /// A fresh SQL database URL for one test (`Backend::Sqlite` or `Postgres`).
 ///
 /// # Panics
-/// On MongoDB, or when PostgreSQL cannot be reached.
+/// On the memory or MongoDB backend, or when PostgreSQL cannot be reached.
 pub async fn fresh_sql_url(backend: &Backend) -> (String, Cleanup) {
     let id = ulid::Ulid::new().to_string().to_lowercase();
     match backend {
@@ -146,7 +156,7 @@ pub async fn fresh_sql_url(backend: &Backend) -> (String, Cleanup) {
                 format!("{url}{sep}options=-c%20search_path%3D{schema}&application_name={schema}");
             (url, Cleanup::Schema { admin, schema })
         }
-        Backend::Mongodb(_) => panic!("fresh_sql_url takes a SQL backend"),
+        Backend::Memory | Backend::Mongodb(_) => panic!("fresh_sql_url takes a SQL backend"),
     }
 }
 
@@ -156,6 +166,10 @@ pub async fn fresh_sql_url(backend: &Backend) -> (String, Cleanup) {
 /// When the backend cannot be reached.
 pub async fn fresh_state_store(backend: &Backend) -> (Arc<dyn StateStore>, Cleanup) {
     match backend {
+        Backend::Memory => (
+            Arc::new(MemoryStateStore::with_system_clock()),
+            Cleanup::Nothing,
+        ),
         Backend::Sqlite | Backend::Postgres(_) => {
             let (url, cleanup) = fresh_sql_url(backend).await;
             let db = SqlDatabase::connect(&url, 8)

@@ -1,7 +1,7 @@
 //! The store conformance suite: one set of tests, run against every
-//! reachable backend (SQLite always; PostgreSQL with
+//! reachable backend (the in-memory store and SQLite always; PostgreSQL with
 //! `PAYGATE_TEST_POSTGRES_URL`; MongoDB with `PAYGATE_TEST_MONGODB_URI`).
-//! Each test gets its own database/schema and removes it at the end.
+//! Each test gets its own store (database/schema) and removes it at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
