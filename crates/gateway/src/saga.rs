@@ -243,6 +243,7 @@ fn classify_confirm(e: &AttemptError<CardApiError>) -> ErrorClass {
         CardApiError::Rejected { code, .. } if code == codes::IDEMPOTENT_REQUEST_PROCESSING => {
             class(CallOutcome::Success, true)
         }
+        CardApiError::Rejected { .. } if e.is_transient() => class(CallOutcome::Failure, true),
         CardApiError::Rejected { .. } => class(CallOutcome::Success, false),
         CardApiError::Timeout | CardApiError::Connection(_) | CardApiError::Decode(_) => {
             class(CallOutcome::Failure, false)
