@@ -10,17 +10,24 @@
 //! `GET /v1/payments/orders/{orderId}`, `POST /v1/payments/{paymentKey}/cancel`,
 //! `GET /v1/transactions`.
 
+mod amount;
+mod class;
+#[cfg(test)]
+mod fixtures;
 mod toss;
 mod types;
 
-pub use toss::TossCardApi;
+pub use amount::{minor_unit_exponent, AmountError};
+pub use class::{class_of_answer, class_of_code, CodeClass, DocumentedCode, CODE_TABLE};
+pub use toss::{TossCardApi, DEFAULT_LIST_TIMEOUT};
 pub use types::*;
 
 /// What went wrong with a card API call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CardApiError {
-    /// A 4xx answer with the card company's `{code, message}`: a decline or a
-    /// business rule (for confirm, `REJECT_CARD_PAYMENT` and the like).
+    /// A non-5xx error answer with the card company's `{code, message}`
+    /// (a decline, a refused request, our key refused, a temporary error sent
+    /// as 400, ...): see [`CardApiError::class`] for what it means.
     #[error("card API refused the request: {status} {code}")]
     Rejected {
         /// HTTP status.
@@ -87,47 +94,59 @@ impl CardApiError {
         }
     }
 
+    /// What the answer means for the payment, from the code table
+    /// ([`CODE_TABLE`]); a code it does not know is read by its status (see
+    /// [`class_of_answer`]). A timeout or a reset is [`CodeClass::Transient`];
+    /// an unreadable 2xx is [`CodeClass::Unknown`].
+    pub fn class(&self) -> CodeClass {
+        match self {
+            Self::Rejected { status, code, .. } | Self::Server { status, code, .. } => {
+                class_of_answer(*status, code)
+            }
+            Self::Timeout | Self::Connection(_) => CodeClass::Transient,
+            Self::Decode(_) => CodeClass::Unknown,
+        }
+    }
+
     /// True when the card company may have acted without us learning the
-    /// outcome: a timeout, a reset, a 5xx, an unreadable 2xx, or one of the
-    /// codes that say a payment already exists or is still being processed.
-    /// Such a confirm must be settled by a lookup, never assumed declined.
+    /// outcome: a timeout, a reset, an unreadable 2xx, or an answer of class
+    /// [`CodeClass::Transient`], [`CodeClass::AlreadyProcessed`],
+    /// [`CodeClass::InProgress`] or [`CodeClass::Unknown`] (a 4xx code Toss
+    /// does not document). Such a confirm must be settled by a lookup, never
+    /// assumed declined.
     pub fn outcome_unknown(&self) -> bool {
-        match self {
-            Self::Rejected { status, code, .. } => {
-                *status == 409
-                    || *status == 429
-                    || code == codes::ALREADY_PROCESSED_PAYMENT
-                    || code == codes::IDEMPOTENT_REQUEST_PROCESSING
-            }
-            Self::Server { .. } | Self::Timeout | Self::Connection(_) | Self::Decode(_) => true,
-        }
+        self.class().outcome_unknown()
     }
 
-    /// True when asking again (same idempotency key) may succeed: 5xx, 429,
-    /// 409 "still processing", timeouts and connection errors.
+    /// True when asking again with the same idempotency key may succeed:
+    /// [`CodeClass::Transient`] (`PROVIDER_ERROR` even as 400, 5xx, 429,
+    /// timeouts and resets) and [`CodeClass::InProgress`] (409
+    /// `IDEMPOTENT_REQUEST_PROCESSING`).
     pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Rejected { status, code, .. } => {
-                *status == 429 || code == codes::IDEMPOTENT_REQUEST_PROCESSING
-            }
-            Self::Server { .. } | Self::Timeout | Self::Connection(_) => true,
-            Self::Decode(_) => false,
-        }
+        matches!(self.class(), CodeClass::Transient | CodeClass::InProgress)
     }
 
-    /// True when the card company refused paygate's own secret key (401 or
-    /// `UNAUTHORIZED_KEY`): nothing was processed, and it is not the
-    /// customer's decline.
+    /// True when the card company refused paygate's own secret key
+    /// ([`CodeClass::OwnCredentials`]: 400 `INVALID_API_KEY`, 401
+    /// `UNAUTHORIZED_KEY`, 403 `INCORRECT_BASIC_AUTH_FORMAT`, any 401):
+    /// nothing was processed, and it is not the customer's decline.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, Self::Rejected { status, code, .. } if *status == 401 || code == codes::UNAUTHORIZED_KEY)
+        self.class() == CodeClass::OwnCredentials
     }
 
-    /// True when the card company definitely did not approve: a 4xx business
-    /// answer (Toss sends `REJECT_CARD_PAYMENT` as 403) that is not one of the
-    /// "already exists / still running" codes and not an authentication
-    /// failure of our own key.
+    /// True only for [`CodeClass::Decline`]: the card or the customer was
+    /// refused (`REJECT_CARD_PAYMENT`, `INVALID_STOPPED_CARD`, ...). Not for
+    /// a temporary error (`PROVIDER_ERROR`), our own key, a refused request
+    /// ([`CodeClass::InvalidRequest`]) or a code Toss does not document.
     pub fn is_decline(&self) -> bool {
-        matches!(self, Self::Rejected { .. }) && !self.is_auth_failure() && !self.outcome_unknown()
+        self.class() == CodeClass::Decline
+    }
+
+    /// True when, by this answer, the card company did not approve and will
+    /// not on a retry of the same request (see
+    /// [`CodeClass::definitely_not_approved`]).
+    pub fn definitely_not_approved(&self) -> bool {
+        self.class().definitely_not_approved()
     }
 }
 
@@ -142,12 +161,20 @@ pub mod codes {
     pub const NOT_FOUND_PAYMENT: &str = "NOT_FOUND_PAYMENT";
     /// The card was rejected.
     pub const REJECT_CARD_PAYMENT: &str = "REJECT_CARD_PAYMENT";
-    /// Transient failure at the card network.
+    /// Temporary error at the card company; Toss sends it as HTTP 400.
     pub const PROVIDER_ERROR: &str = "PROVIDER_ERROR";
     /// Internal failure at the card company.
     pub const FAILED_INTERNAL_SYSTEM_PROCESSING: &str = "FAILED_INTERNAL_SYSTEM_PROCESSING";
-    /// The secret key was refused.
+    /// The secret key was refused (401).
     pub const UNAUTHORIZED_KEY: &str = "UNAUTHORIZED_KEY";
+    /// The secret key is wrong (Toss sends it as 400).
+    pub const INVALID_API_KEY: &str = "INVALID_API_KEY";
+    /// A cancel amount above what is left to cancel (403).
+    pub const NOT_CANCELABLE_AMOUNT: &str = "NOT_CANCELABLE_AMOUNT";
+    /// The payment was already cancelled (400).
+    pub const ALREADY_CANCELED_PAYMENT: &str = "ALREADY_CANCELED_PAYMENT";
+    /// The payment session expired before the confirm (404).
+    pub const NOT_FOUND_PAYMENT_SESSION: &str = "NOT_FOUND_PAYMENT_SESSION";
 }
 
 /// The card company, as paygate uses it. Every method that changes state

@@ -58,6 +58,12 @@ pub struct Config {
     pub card_api_policy: DownstreamPolicy,
     /// Lookups by orderId after a confirm got no answer. Default 3.
     pub card_api_lookup_attempts: u32,
+    /// Per-attempt timeout of one page of the card company's transaction
+    /// list (Toss Payments v1 `GET /v1/transactions`), ms: the list has its
+    /// own, longer, timeout because Toss asks clients to allow at least
+    /// 60 s for it. Default 60000; 1 to 600000, and at least 60000 when
+    /// `card_api_url` names a real card API.
+    pub card_api_list_attempt_timeout_ms: u64,
     /// Ledger API base URL. Unset: the in-process sandbox ledger.
     pub ledger_api_url: Option<String>,
     /// Resilience policy of ledger calls (`[ledger_api_policy]`); its
@@ -83,7 +89,9 @@ pub struct Config {
     /// Time before a merchant request is answered 503 (the confirm itself
     /// carries on and can be polled), ms. Default 30000.
     pub inbound_request_timeout_ms: u64,
-    /// Currency of confirmed payments. Default `KRW`.
+    /// Currency of confirmed payments. Default `KRW`, and the only one
+    /// accepted: paygate is KRW-only today (amounts are whole won, the
+    /// ledger and reconciliation compare them as such).
     pub currency: String,
     /// Fault profile of the in-process sandbox: `none` (default) or `flaky`.
     pub sandbox_faults: String,
@@ -94,6 +102,14 @@ pub struct Config {
     /// Kubernetes' default 30 s grace period).
     pub shutdown_timeout_ms: u64,
 }
+
+/// The least per-attempt timeout Toss Payments asks clients to allow for
+/// `GET /v1/transactions`, ms (and the default of
+/// [`Config::card_api_list_attempt_timeout_ms`]).
+pub const CARD_API_LIST_MIN_TIMEOUT_MS: u64 = 60_000;
+
+/// Currencies paygate accepts in `currency`.
+pub const SUPPORTED_CURRENCIES: &[&str] = &["KRW"];
 
 /// The development HMAC key used when none is configured.
 pub const DEV_API_KEY_HASH_KEY: &str = "paygate-development-key-hash-key-change-me";
@@ -115,6 +131,7 @@ impl Default for Config {
             card_api_secret_key: None,
             card_api_policy: DownstreamPolicy::card_api(),
             card_api_lookup_attempts: 3,
+            card_api_list_attempt_timeout_ms: CARD_API_LIST_MIN_TIMEOUT_MS,
             ledger_api_url: None,
             ledger_api_policy: DownstreamPolicy::ledger_api(),
             ledger_retry_max_attempts: 5,
@@ -261,6 +278,29 @@ impl Config {
         }
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(bad("currency", "must be a 3-letter ISO 4217 code"));
+        }
+        if !SUPPORTED_CURRENCIES.contains(&self.currency.as_str()) {
+            return Err(bad(
+                "currency",
+                format!(
+                    "{} is not supported: paygate is KRW-only today (set currency = \"KRW\")",
+                    self.currency
+                ),
+            ));
+        }
+        if !(1..=600_000).contains(&self.card_api_list_attempt_timeout_ms) {
+            return Err(bad(
+                "card_api_list_attempt_timeout_ms",
+                "must be 1 to 600000 (ms)",
+            ));
+        }
+        if !self.card_sandbox()
+            && self.card_api_list_attempt_timeout_ms < CARD_API_LIST_MIN_TIMEOUT_MS
+        {
+            return Err(bad(
+                "card_api_list_attempt_timeout_ms",
+                "must be at least 60000 against a real card API (Toss asks clients to allow 60 s for the transaction list)",
+            ));
         }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             return Err(bad("log_format", "must be pretty or json"));
@@ -473,11 +513,67 @@ mod tests {
             c.validate().map_err(|e| e.key),
             Err("card_api_secret_key".to_owned())
         );
+        let c = Config {
+            currency: "usd".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.validate().map_err(|e| e.key), Err("currency".to_owned()));
         let mut c = Config::default();
         c.ledger_api_policy.breaker_window_type = "sliding".into();
         assert_eq!(
             c.validate().map_err(|e| e.key),
             Err("ledger_api_policy.breaker_window_type".to_owned())
         );
+    }
+
+    #[test]
+    fn a_currency_other_than_krw_stops_the_start_naming_the_key() {
+        for currency in ["USD", "JPY", "EUR"] {
+            let c = Config {
+                currency: currency.into(),
+                ..Config::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "currency");
+            assert!(e.reason.contains("KRW-only"), "{e}");
+            assert!(e.to_string().contains("`currency`"), "{e}");
+        }
+        let krw = Config {
+            currency: "KRW".into(),
+            ..Config::default()
+        };
+        assert_eq!(krw.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_list_timeout_is_its_own_and_at_least_60_s_against_a_real_card_api() {
+        assert_eq!(Config::default().card_api_list_attempt_timeout_ms, 60_000);
+        let real = |ms| Config {
+            card_api_url: Some("https://api.example.invalid".into()),
+            card_api_secret_key: Some(Secret::new("test_sk_x".into())),
+            card_api_list_attempt_timeout_ms: ms,
+            ..Config::default()
+        };
+        assert_eq!(real(60_000).validate(), Ok(()));
+        assert_eq!(
+            real(59_999).validate().map_err(|e| e.key),
+            Err("card_api_list_attempt_timeout_ms".to_owned())
+        );
+        // The sandbox may use a short one (tests), but not none.
+        let sandbox = |ms| Config {
+            card_api_list_attempt_timeout_ms: ms,
+            ..Config::default()
+        };
+        assert_eq!(sandbox(500).validate(), Ok(()));
+        for ms in [0, 600_001] {
+            assert_eq!(
+                sandbox(ms).validate().map_err(|e| e.key),
+                Err("card_api_list_attempt_timeout_ms".to_owned())
+            );
+        }
+        // The key is read from TOML and the environment like the others.
+        let c: Config =
+            serde_json::from_str(r#"{"card_api_list_attempt_timeout_ms": 90000}"#).unwrap();
+        assert_eq!(c.card_api_list_attempt_timeout_ms, 90_000);
     }
 }

@@ -55,6 +55,9 @@ pub fn confirm(e: &AttemptError<CardApiError>) -> ErrorClass {
         CardApiError::Rejected { code, .. } if code == codes::IDEMPOTENT_REQUEST_PROCESSING => {
             class(CallOutcome::Success, true)
         }
+        // A 4xx the card API's code table calls transient (Toss sends
+        // `PROVIDER_ERROR` as 400): asked again with the same key.
+        CardApiError::Rejected { .. } if e.is_transient() => class(CallOutcome::Failure, true),
         CardApiError::Rejected { .. } => class(CallOutcome::Success, false),
         CardApiError::Timeout | CardApiError::Connection(_) | CardApiError::Decode(_) => {
             class(CallOutcome::Failure, false)
@@ -166,6 +169,8 @@ mod tests {
             ),
             ("5xx", server(500), Failure, true),
             ("429", rejected(429, "TOO_MANY_REQUESTS"), Failure, true),
+            ("400 provider error", rejected(400, codes::PROVIDER_ERROR), Failure, true),
+            ("400 our key", rejected(400, codes::INVALID_API_KEY), Ignored, false),
             (
                 "in progress",
                 rejected(409, codes::IDEMPOTENT_REQUEST_PROCESSING),

@@ -1,9 +1,24 @@
 //! The card API simulator: Toss Payments v1 `confirm`, lookup by orderId,
-//! `cancel` and the transaction list, with idempotency-key replay, Basic auth
-//! and the faults of a [`FaultProfile`].
+//! `cancel` and the transaction list, answering with Toss's full objects
+//! (see `wire`), with Basic auth, Toss's idempotency rules and the faults of
+//! a [`FaultProfile`].
+//!
+//! Like Toss (Toss Payments guide, 멱등키 / idempotency key):
+//! - a key's scope is the method, the path and the key: a key replays the
+//!   first answer only to the same call on the same URL;
+//! - a repeat of a request still in progress with the same key gets 409
+//!   `IDEMPOTENT_REQUEST_PROCESSING`;
+//! - a second confirm of an approved payment under a *new* key gets 400
+//!   `ALREADY_PROCESSED_PAYMENT` (unless
+//!   [`FaultProfile::approve_duplicate_confirms`] restores the old, permissive
+//!   behaviour, which approves it again);
+//! - a `cancelAmount` above what is left is refused, 403
+//!   `NOT_CANCELABLE_AMOUNT`;
+//! - date-only `startDate`/`endDate` are read as 00:00:00 KST, and Basic
+//!   auth is accepted with or without base64 padding.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -20,13 +35,13 @@ use axum::{
 };
 use base64::Engine;
 use paygate_card_api::{
-    codes, Cancel, CancelRequest, CardPayment, ConfirmRequest, Transaction, TransactionsQuery,
+    codes, CancelRequest, CardPayment, ConfirmRequest, Failure, TransactionsQuery, CONFIRM_PATH,
 };
 
 use crate::{
     error_response,
     faults::{in_outage, roll, FaultProfile},
-    CallObserver, ObserverSlot, SimTarget,
+    wire, CallObserver, ObserverSlot, SimTarget,
 };
 
 /// One approval the simulator gave. Served (camelCase JSON) by the
@@ -95,22 +110,204 @@ pub struct CardStats {
     pub transaction_pages: u64,
     /// Approvals given.
     pub approvals: u64,
-    /// Orders with more than one approval.
+    /// Orders with more than one approval (possible only with
+    /// [`FaultProfile::approve_duplicate_confirms`]).
     pub double_charges: u64,
+    /// Confirms of an already approved order under a new idempotency key:
+    /// each would be a second charge without the card company's own
+    /// protection. Refused with `ALREADY_PROCESSED_PAYMENT` by default,
+    /// approved (and counted in `double_charges`) in permissive mode.
+    pub duplicate_confirms: u64,
     /// Most confirm calls in progress at once.
     pub max_in_flight: u64,
 }
 
+/// One cancel of a payment, as the simulator keeps it.
+#[derive(Clone, Debug)]
+struct SimCancel {
+    amount: i64,
+    reason: String,
+    canceled_at: String,
+    transaction_key: String,
+    /// Left to cancel after this one.
+    refundable: i64,
+}
+
+/// One payment, as the simulator keeps it (KRW).
+#[derive(Clone, Debug)]
+struct SimPayment {
+    payment_key: String,
+    order_id: String,
+    /// `DONE`, `ABORTED`, `CANCELED`, `PARTIAL_CANCELED`.
+    status: &'static str,
+    total: i64,
+    balance: i64,
+    requested_at: String,
+    approved_at: Option<String>,
+    failure: Option<Failure>,
+    cancels: Vec<SimCancel>,
+    last_transaction_key: Option<String>,
+    approve_no: String,
+}
+
+impl SimPayment {
+    fn approved(payment_key: String, order_id: String, amount: i64, at: String, n: u64) -> Self {
+        Self {
+            payment_key,
+            order_id,
+            status: "DONE",
+            total: amount,
+            balance: amount,
+            requested_at: at.clone(),
+            approved_at: Some(at),
+            failure: None,
+            cancels: Vec::new(),
+            last_transaction_key: None,
+            approve_no: format!("{:08}", n % 100_000_000),
+        }
+    }
+
+    /// Approved by the card company at some point (cancels included).
+    fn was_approved(&self) -> bool {
+        self.approved_at.is_some()
+    }
+
+    /// The Toss `Payment` object.
+    fn wire(&self) -> wire::Payment {
+        let (supplied, vat) = wire::supplied_and_vat(self.balance);
+        let approved = self.was_approved();
+        let url = |what: &str| wire::Url {
+            url: format!(
+                "https://sandbox.paygate.invalid/{what}/{}",
+                self.payment_key
+            ),
+        };
+        wire::Payment {
+            m_id: wire::MID,
+            last_transaction_key: self.last_transaction_key.clone(),
+            payment_key: self.payment_key.clone(),
+            order_id: self.order_id.clone(),
+            order_name: format!("sandbox order {}", self.order_id),
+            tax_exemption_amount: 0,
+            status: self.status.to_owned(),
+            requested_at: self.requested_at.clone(),
+            approved_at: self.approved_at.clone(),
+            use_escrow: false,
+            culture_expense: false,
+            card: approved.then(|| wire::Card {
+                amount: self.total,
+                issuer_code: "61",
+                acquirer_code: Some("31"),
+                number: "43301234****123*",
+                installment_plan_months: 0,
+                approve_no: self.approve_no.clone(),
+                use_card_point: false,
+                card_type: "신용",
+                owner_type: "개인",
+                acquire_status: if self.status == "CANCELED" {
+                    "CANCELED"
+                } else {
+                    "READY"
+                },
+                is_interest_free: false,
+                interest_payer: None,
+            }),
+            virtual_account: None,
+            transfer: None,
+            mobile_phone: None,
+            gift_certificate: None,
+            cash_receipt: None,
+            cash_receipts: None,
+            discount: None,
+            cancels: (!self.cancels.is_empty()).then(|| {
+                self.cancels
+                    .iter()
+                    .map(|c| wire::Cancel {
+                        transaction_key: c.transaction_key.clone(),
+                        cancel_reason: c.reason.clone(),
+                        tax_exemption_amount: 0,
+                        canceled_at: c.canceled_at.clone(),
+                        transfer_discount_amount: 0,
+                        easy_pay_discount_amount: 0,
+                        receipt_key: None,
+                        cancel_amount: c.amount,
+                        tax_free_amount: 0,
+                        refundable_amount: c.refundable,
+                        cancel_status: "DONE",
+                        cancel_request_id: None,
+                    })
+                    .collect()
+            }),
+            secret: None,
+            kind: "NORMAL",
+            easy_pay: None,
+            country: "KR",
+            failure: self.failure.clone(),
+            is_partial_cancelable: approved,
+            receipt: approved.then(|| url("receipt")),
+            checkout: Some(url("checkout")),
+            currency: wire::CURRENCY,
+            total_amount: self.total,
+            balance_amount: self.balance,
+            supplied_amount: supplied,
+            vat,
+            tax_free_amount: 0,
+            method: wire::CARD_METHOD,
+            version: wire::VERSION,
+            metadata: None,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self.wire()).unwrap_or_default()
+    }
+}
+
+/// One transaction, as the simulator keeps it (compact: a benchmark seeds
+/// millions); served as [`wire::Transaction`].
+#[derive(Clone, Debug)]
+struct SimTx {
+    transaction_key: String,
+    payment_key: String,
+    order_id: String,
+    status: &'static str,
+    transaction_at: String,
+    amount: i64,
+}
+
+impl SimTx {
+    fn wire(&self) -> wire::Transaction {
+        wire::Transaction {
+            m_id: wire::MID,
+            transaction_key: self.transaction_key.clone(),
+            payment_key: self.payment_key.clone(),
+            order_id: self.order_id.clone(),
+            method: wire::CARD_METHOD,
+            customer_key: None,
+            use_escrow: false,
+            receipt_url: wire::receipt_url(&self.payment_key),
+            status: self.status.to_owned(),
+            transaction_at: self.transaction_at.clone(),
+            currency: wire::CURRENCY,
+            amount: self.amount,
+        }
+    }
+}
+
 #[derive(Default)]
 struct CardState {
-    payments: HashMap<String, CardPayment>,
+    payments: HashMap<String, SimPayment>,
+    /// First answers by idempotency scope (method, path and key).
     replays: HashMap<String, (u16, serde_json::Value)>,
+    /// Idempotency scopes whose first request is still being handled.
+    in_progress: HashSet<String>,
     approvals: Vec<Approval>,
     approvals_per_order: HashMap<String, u64>,
     attempts_per_order: HashMap<String, u64>,
+    duplicate_confirms: u64,
     /// Sorted by `transaction_key`; keys are `tx_` + a ULID whose time part
     /// is the transaction's time, so the list is in time order as well.
-    transactions: Vec<Transaction>,
+    transactions: Vec<SimTx>,
     /// `transactionAt` of each transaction, epoch ms (binary-searched).
     tx_at_ms: Vec<i64>,
     tx_keys: ulid::Generator,
@@ -121,7 +318,7 @@ struct CardState {
 impl CardState {
     /// Appends a transaction dated `at_ms` (to the second), keeping the list
     /// sorted; `make` gets the new key and the `transactionAt` text.
-    fn push_tx(&mut self, at_ms: i64, make: impl FnOnce(String, String) -> Transaction) -> String {
+    fn push_tx(&mut self, at_ms: i64, make: impl FnOnce(String, String) -> SimTx) -> String {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.max(0) as u64);
         let id = self
             .tx_keys
@@ -149,10 +346,42 @@ fn now_s_ms() -> i64 {
     paygate_core::time::now_ms().div_euclid(1000) * 1000
 }
 
+/// The idempotency scope of a key: Toss keys idempotency by the API key, the
+/// method, the URL and the `Idempotency-Key` (the simulator has one API key).
+fn idem_scope(method: &str, path: &str, key: &str) -> String {
+    format!("{method} {path} {key}")
+}
+
+/// What [`CardSim::begin`] found for a request's idempotency key.
+enum Begin<'a> {
+    /// The key's first answer, to replay.
+    Replay(u16, serde_json::Value),
+    /// The key's first request is still being handled.
+    InProgress,
+    /// This request is the key's first: it holds the key until dropped.
+    Started(KeyInProgress<'a>),
+}
+
+/// Holds an idempotency scope as in progress; frees it when dropped (the
+/// handler finished or was cancelled).
+struct KeyInProgress<'a> {
+    sim: &'a CardSim,
+    scope: Option<String>,
+}
+
+impl Drop for KeyInProgress<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.scope.take() {
+            self.sim.state().in_progress.remove(&s);
+        }
+    }
+}
+
 /// The card API simulator. Shared behind an `Arc`; see [`router`].
 pub struct CardSim {
     profile: FaultProfile,
-    auth: String,
+    /// `<secretKey>:`, what Basic auth must decode to.
+    credentials: Vec<u8>,
     started: Instant,
     down: AtomicBool,
     state: Mutex<CardState>,
@@ -166,15 +395,12 @@ pub struct CardSim {
 }
 
 impl CardSim {
-    /// A simulator that accepts `secret_key` in Basic auth.
+    /// A simulator that accepts `secret_key` in Basic auth
+    /// (`base64("<secretKey>:")`, padded or not).
     pub fn new(profile: FaultProfile, secret_key: &str) -> Self {
-        let auth = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{secret_key}:"))
-        );
         Self {
             profile,
-            auth,
+            credentials: format!("{secret_key}:").into_bytes(),
             started: Instant::now(),
             down: AtomicBool::new(false),
             state: Mutex::new(CardState::default()),
@@ -210,34 +436,28 @@ impl CardSim {
     /// confirms obtained. For `paygate sim --transactions` and tests.
     pub fn seed_approvals(&self, approvals: impl IntoIterator<Item = SeedApproval>) {
         let mut st = self.state();
-        for a in approvals {
+        for (n, a) in approvals.into_iter().enumerate() {
             let at_ms = a.at_ms.div_euclid(1000) * 1000;
             let at = paygate_core::time::kst_rfc3339_from_ms(at_ms);
-            let payment = CardPayment {
-                payment_key: a.payment_key.clone(),
-                order_id: a.order_id.clone(),
-                status: "DONE".to_owned(),
-                total_amount: a.amount,
-                balance_amount: Some(a.amount),
-                approved_at: Some(at.clone()),
-                requested_at: Some(at.clone()),
-                method: Some("카드".to_owned()),
-                currency: Some("KRW".to_owned()),
-                failure: None,
-                cancels: None,
-            };
-            st.payments.insert(a.order_id.clone(), payment);
             let id = ulid::Ulid::from_datetime(
                 SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.max(0) as u64),
             );
-            st.transactions.push(Transaction {
-                transaction_key: format!("tx_{id}"),
+            let tx_key = format!("tx_{id}");
+            let mut payment = SimPayment::approved(
+                a.payment_key.clone(),
+                a.order_id.clone(),
+                a.amount,
+                at.clone(),
+                n as u64,
+            );
+            payment.last_transaction_key = Some(tx_key.clone());
+            st.payments.insert(a.order_id.clone(), payment);
+            st.transactions.push(SimTx {
+                transaction_key: tx_key,
                 payment_key: a.payment_key,
                 order_id: a.order_id,
-                method: Some("카드".to_owned()),
-                status: "DONE".to_owned(),
+                status: "DONE",
                 transaction_at: at,
-                currency: Some("KRW".to_owned()),
                 amount: a.amount,
             });
         }
@@ -272,6 +492,7 @@ impl CardSim {
             transaction_pages: self.transaction_pages.load(Ordering::SeqCst),
             approvals: st.approvals.len() as u64,
             double_charges: st.approvals_per_order.values().filter(|n| **n > 1).count() as u64,
+            duplicate_confirms: st.duplicate_confirms,
             max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
         }
     }
@@ -281,9 +502,11 @@ impl CardSim {
         self.state().approvals.clone()
     }
 
-    /// The simulator's payment for an order, if any.
+    /// The simulator's payment for an order, if any, as paygate's adapter
+    /// reads the `Payment` object the simulator serves for it.
     pub fn payment(&self, order_id: &str) -> Option<CardPayment> {
-        self.state().payments.get(order_id).cloned()
+        let json = self.state().payments.get(order_id).map(SimPayment::json)?;
+        serde_json::from_value(json).ok()
     }
 
     fn unavailable(&self) -> bool {
@@ -304,25 +527,70 @@ impl CardSim {
     /// during an outage; `None` when it may.
     fn refuse(&self, headers: &HeaderMap) -> Option<Response> {
         if !self.authorized(headers) {
-            return Some(error_response(
-                401,
-                codes::UNAUTHORIZED_KEY,
-                "secret key is not valid",
-            ));
+            return Some(unauthorized());
         }
         if self.unavailable() {
-            return Some(error_response(
-                503,
-                codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
-                "card API outage",
-            ));
+            return Some(outage());
         }
         None
     }
 
+    /// Basic auth with `base64("<secretKey>:")`, with or without the base64
+    /// padding (Toss accepts both; some clients leave it out).
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(self.auth.as_str())
+        let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let encoded = encoded.trim();
+        let engines = [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+        ];
+        engines
+            .iter()
+            .filter_map(|e| e.decode(encoded).ok())
+            .any(|decoded| decoded == self.credentials)
     }
+
+    /// Starts a request under an idempotency `scope`: its first answer if it
+    /// has one, 409 while its first request runs, else holds it.
+    fn begin(&self, scope: Option<&str>) -> Begin<'_> {
+        let Some(scope) = scope else {
+            return Begin::Started(KeyInProgress {
+                sim: self,
+                scope: None,
+            });
+        };
+        let mut st = self.state();
+        if let Some((status, body)) = st.replays.get(scope).cloned() {
+            return Begin::Replay(status, body);
+        }
+        if !st.in_progress.insert(scope.to_owned()) {
+            return Begin::InProgress;
+        }
+        Begin::Started(KeyInProgress {
+            sim: self,
+            scope: Some(scope.to_owned()),
+        })
+    }
+}
+
+fn unauthorized() -> Response {
+    error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid")
+}
+
+fn outage() -> Response {
+    error_response(
+        503,
+        codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+        "card API outage",
+    )
 }
 
 fn idem_key(headers: &HeaderMap) -> Option<String> {
@@ -337,10 +605,14 @@ fn json_response(status: u16, body: serde_json::Value) -> Response {
     (status, Json(body)).into_response()
 }
 
+fn error_json(code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({ "code": code, "message": message })
+}
+
 /// The simulator's HTTP routes (Toss Payments v1 paths).
 pub fn router(sim: Arc<CardSim>) -> Router {
     Router::new()
-        .route("/v1/payments/confirm", post(confirm))
+        .route(CONFIRM_PATH, post(confirm))
         .route("/v1/payments/orders/{order_id}", get(by_order))
         .route("/v1/payments/{payment_key}/cancel", post(cancel))
         .route("/v1/transactions", get(transactions))
@@ -353,7 +625,7 @@ pub fn router(sim: Arc<CardSim>) -> Router {
 /// compares paygate's stores with.
 async fn approvals(State(sim): State<Arc<CardSim>>, headers: HeaderMap) -> Response {
     if !sim.authorized(&headers) {
-        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+        return unauthorized();
     }
     Json(sim.approvals()).into_response()
 }
@@ -374,6 +646,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Toss Payments v1 `POST /v1/payments/confirm`.
 async fn confirm(
     State(sim): State<Arc<CardSim>>,
     headers: HeaderMap,
@@ -384,20 +657,23 @@ async fn confirm(
     let _in_flight = InFlight::enter(&sim);
     sim.observe("confirm", &headers).await;
     if !sim.authorized(&headers) {
-        return error_response(401, codes::UNAUTHORIZED_KEY, "secret key is not valid");
+        return unauthorized();
     }
     let key = idem_key(&headers);
-    if let Some(k) = &key {
-        if let Some((status, body)) = sim.state().replays.get(k).cloned() {
-            return json_response(status, body);
+    let scope = key.as_deref().map(|k| idem_scope("POST", CONFIRM_PATH, k));
+    let _running = match sim.begin(scope.as_deref()) {
+        Begin::Replay(status, body) => return json_response(status, body),
+        Begin::InProgress => {
+            return error_response(
+                409,
+                codes::IDEMPOTENT_REQUEST_PROCESSING,
+                "the first request with this idempotency key is still being processed",
+            )
         }
-    }
+        Begin::Started(running) => running,
+    };
     if sim.unavailable() {
-        return error_response(
-            503,
-            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
-            "card API outage",
-        );
+        return outage();
     }
     let p = &sim.profile;
     let attempt = {
@@ -413,55 +689,62 @@ async fn confirm(
     if roll(p.seed, &req.order_id, "transient", attempt) < p.transient_error_rate {
         return error_response(
             500,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "internal processing failed; try again shortly",
+        );
+    }
+    if roll(p.seed, &req.order_id, "provider", attempt) < p.provider_error_rate {
+        // Toss sends the card company's temporary error as 400.
+        return error_response(
+            400,
             codes::PROVIDER_ERROR,
-            "card network is temporarily unavailable",
+            "temporary error at the card company; try again shortly",
         );
     }
     let declined = roll(p.seed, &req.order_id, "decline", 0) < p.decline_rate;
     let dropped = !declined && roll(p.seed, &req.order_id, "drop", 0) < p.drop_response_rate;
     let (status, body) = {
         let mut st = sim.state();
-        // A concurrent request with the same key may have finished meanwhile.
-        if let Some(replay) = key.as_ref().and_then(|k| st.replays.get(k).cloned()) {
-            drop(st);
-            return json_response(replay.0, replay.1);
-        }
         let now_ms = now_s_ms();
         let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
-        let (status, body) = if declined {
-            let payment = CardPayment {
-                payment_key: req.payment_key.clone(),
-                order_id: req.order_id.clone(),
-                status: "ABORTED".to_owned(),
-                total_amount: req.amount,
-                balance_amount: Some(0),
-                approved_at: None,
-                requested_at: Some(now.clone()),
-                method: Some("카드".to_owned()),
-                currency: Some("KRW".to_owned()),
-                failure: Some(paygate_card_api::Failure {
-                    code: codes::REJECT_CARD_PAYMENT.to_owned(),
-                    message: "card company rejected the payment".to_owned(),
-                }),
-                cancels: None,
+        let already = st
+            .payments
+            .get(&req.order_id)
+            .is_some_and(SimPayment::was_approved);
+        let (status, body) = if already && !p.approve_duplicate_confirms {
+            st.duplicate_confirms += 1;
+            (
+                400u16,
+                error_json(
+                    codes::ALREADY_PROCESSED_PAYMENT,
+                    "this payment has already been processed",
+                ),
+            )
+        } else if declined {
+            let failure = Failure {
+                code: codes::REJECT_CARD_PAYMENT.to_owned(),
+                message: "card company rejected the payment".to_owned(),
             };
-            st.payments.entry(req.order_id.clone()).or_insert(payment);
-            let err = serde_json::json!({"code": codes::REJECT_CARD_PAYMENT, "message": "card company rejected the payment"});
-            (403u16, err)
+            st.payments
+                .entry(req.order_id.clone())
+                .or_insert_with(|| SimPayment {
+                    payment_key: req.payment_key.clone(),
+                    order_id: req.order_id.clone(),
+                    status: "ABORTED",
+                    total: req.amount,
+                    balance: req.amount,
+                    requested_at: now.clone(),
+                    approved_at: None,
+                    failure: Some(failure.clone()),
+                    cancels: Vec::new(),
+                    last_transaction_key: None,
+                    approve_no: String::new(),
+                });
+            (403u16, error_json(&failure.code, &failure.message))
         } else {
-            let payment = CardPayment {
-                payment_key: req.payment_key.clone(),
-                order_id: req.order_id.clone(),
-                status: "DONE".to_owned(),
-                total_amount: req.amount,
-                balance_amount: Some(req.amount),
-                approved_at: Some(now.clone()),
-                requested_at: Some(now.clone()),
-                method: Some("카드".to_owned()),
-                currency: Some("KRW".to_owned()),
-                failure: None,
-                cancels: None,
-            };
+            if already {
+                st.duplicate_confirms += 1;
+            }
             st.approvals.push(Approval {
                 order_id: req.order_id.clone(),
                 payment_key: req.payment_key.clone(),
@@ -472,32 +755,40 @@ async fn confirm(
             *st.approvals_per_order
                 .entry(req.order_id.clone())
                 .or_insert(0) += 1;
-            st.push_tx(now_ms, |transaction_key, transaction_at| Transaction {
+            let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
                 transaction_key,
                 payment_key: req.payment_key.clone(),
                 order_id: req.order_id.clone(),
-                method: Some("카드".to_owned()),
-                status: "DONE".to_owned(),
+                status: "DONE",
                 transaction_at,
-                currency: Some("KRW".to_owned()),
                 amount: req.amount,
             });
-            let body = serde_json::to_value(&payment).unwrap_or_default();
+            let n = st.approvals.len() as u64;
+            let mut payment = SimPayment::approved(
+                req.payment_key.clone(),
+                req.order_id.clone(),
+                req.amount,
+                now.clone(),
+                n,
+            );
+            payment.last_transaction_key = Some(tx_key);
+            let body = payment.json();
             st.payments.insert(req.order_id.clone(), payment);
             (200u16, body)
         };
-        if let Some(k) = &key {
-            st.replays.insert(k.clone(), (status, body.clone()));
+        if let Some(s) = scope {
+            st.replays.insert(s, (status, body.clone()));
         }
         (status, body)
     };
-    if dropped {
+    if dropped && status == 200 {
         // The approval is made and recorded; the answer never arrives in time.
         tokio::time::sleep(std::time::Duration::from_millis(p.drop_hold_ms)).await;
     }
     json_response(status, body)
 }
 
+/// Toss Payments v1 `GET /v1/payments/orders/{orderId}`.
 async fn by_order(
     State(sim): State<Arc<CardSim>>,
     headers: HeaderMap,
@@ -508,12 +799,14 @@ async fn by_order(
         return refused;
     }
     tokio::time::sleep(sim.profile.card_latency(&order_id, 1_000_000)).await;
-    match sim.payment(&order_id) {
+    let payment = sim.state().payments.get(&order_id).map(SimPayment::json);
+    match payment {
         Some(p) => Json(p).into_response(),
         None => error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that order"),
     }
 }
 
+/// Toss Payments v1 `POST /v1/payments/{paymentKey}/cancel`.
 async fn cancel(
     State(sim): State<Arc<CardSim>>,
     headers: HeaderMap,
@@ -525,12 +818,12 @@ async fn cancel(
     if let Some(refused) = sim.refuse(&headers) {
         return refused;
     }
-    let key = idem_key(&headers);
+    let path = format!("/v1/payments/{payment_key}/cancel");
+    let scope = idem_key(&headers).map(|k| idem_scope("POST", &path, &k));
+    // The whole cancel happens under the lock: no other request with the
+    // same key can see it half done.
     let mut st = sim.state();
-    if let Some((status, body)) = key
-        .as_ref()
-        .and_then(|k| st.replays.get(&format!("cancel:{k}")).cloned())
-    {
+    if let Some((status, body)) = scope.as_ref().and_then(|s| st.replays.get(s).cloned()) {
         return json_response(status, body);
     }
     let Some(order_id) = st
@@ -544,46 +837,67 @@ async fn cancel(
     let Some(payment) = st.payments.get(&order_id).cloned() else {
         return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
     };
-    if payment.status != "DONE" && payment.status != "PARTIAL_CANCELED" {
-        return error_response(400, "ALREADY_CANCELED_PAYMENT", "payment is not cancelable");
+    match payment.status {
+        "DONE" | "PARTIAL_CANCELED" => {}
+        "CANCELED" => {
+            return error_response(
+                400,
+                codes::ALREADY_CANCELED_PAYMENT,
+                "payment is already canceled",
+            )
+        }
+        _ => {
+            return error_response(403, "NOT_CANCELABLE_PAYMENT", "payment is not cancelable");
+        }
     }
-    let balance = payment.balance_amount.unwrap_or(payment.total_amount);
-    let amount = req.cancel_amount.unwrap_or(balance).min(balance);
+    let balance = payment.balance;
+    let amount = req.cancel_amount.unwrap_or(balance);
+    if amount <= 0 {
+        return error_response(400, "INVALID_REQUEST", "cancelAmount must be positive");
+    }
+    if amount > balance {
+        // Toss refuses more than is left to cancel (its 결제 취소 table: 403).
+        return error_response(
+            403,
+            codes::NOT_CANCELABLE_AMOUNT,
+            "cancelAmount is more than the cancelable balance",
+        );
+    }
     let status = if balance - amount == 0 {
         "CANCELED"
     } else {
         "PARTIAL_CANCELED"
     };
     let now_ms = now_s_ms();
-    let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| Transaction {
+    let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
         transaction_key,
         payment_key: payment.payment_key.clone(),
         order_id: payment.order_id.clone(),
-        method: payment.method.clone(),
-        status: status.to_owned(),
+        status,
         transaction_at,
-        currency: payment.currency.clone(),
         amount,
     });
     let Some(payment) = st.payments.get_mut(&order_id) else {
         return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
     };
-    payment.balance_amount = Some(balance - amount);
-    payment.status = status.to_owned();
-    payment.cancels.get_or_insert_with(Vec::new).push(Cancel {
-        cancel_amount: amount,
-        cancel_reason: req.cancel_reason.clone(),
+    payment.balance = balance - amount;
+    payment.status = status;
+    payment.last_transaction_key = Some(tx_key.clone());
+    payment.cancels.push(SimCancel {
+        amount,
+        reason: req.cancel_reason.clone(),
         canceled_at: paygate_core::time::kst_rfc3339_from_ms(now_ms),
-        transaction_key: Some(tx_key),
+        transaction_key: tx_key,
+        refundable: balance - amount,
     });
-    let body = serde_json::to_value(&*payment).unwrap_or_default();
-    if let Some(k) = key {
-        st.replays
-            .insert(format!("cancel:{k}"), (200, body.clone()));
+    let body = payment.json();
+    if let Some(s) = scope {
+        st.replays.insert(s, (200, body.clone()));
     }
     json_response(200, body)
 }
 
+/// Toss Payments v1 `GET /v1/transactions`.
 async fn transactions(
     State(sim): State<Arc<CardSim>>,
     headers: HeaderMap,
@@ -601,7 +915,7 @@ async fn transactions(
         return error_response(
             400,
             "INVALID_REQUEST",
-            "startDate and endDate must be ISO 8601 date-times",
+            "startDate and endDate must be ISO 8601 dates or date-times",
         );
     };
     *sim.state()
@@ -609,7 +923,7 @@ async fn transactions(
         .entry((start, end))
         .or_insert(0) += 1;
     tokio::time::sleep(Duration::from_millis(sim.profile.page_latency_ms)).await;
-    let page: Vec<Transaction> = {
+    let page: Vec<wire::Transaction> = {
         let st = sim.state();
         // Keys and times are both sorted: the page is a slice found by
         // binary search, O(log n + limit) however long the list is.
@@ -622,13 +936,17 @@ async fn transactions(
         let from = after_cursor.max(st.tx_at_ms.partition_point(|&at| at < start));
         let to = st.tx_at_ms.partition_point(|&at| at <= end);
         let to = to.min(from.saturating_add(limit as usize)).max(from);
-        st.transactions[from..to].to_vec()
+        st.transactions[from..to].iter().map(SimTx::wire).collect()
     };
     Json(page).into_response()
 }
 
-/// Parses RFC 3339, or a local date-time without offset (taken as KST, as
-/// Toss does), into epoch ms.
+/// Parses RFC 3339, a local date-time without offset, or a date alone (read
+/// as 00:00:00), the last two taken as KST as Toss does, into epoch ms.
 fn parse_date(s: &str) -> Option<i64> {
+    let date_only = s.len() == 10 && s.as_bytes().get(4) == Some(&b'-') && !s.contains('T');
+    if date_only {
+        return paygate_core::time::ms_from_rfc3339_or_kst(&format!("{s}T00:00:00"));
+    }
     paygate_core::time::ms_from_rfc3339_or_kst(s)
 }

@@ -28,9 +28,14 @@ pub struct FaultProfile {
     pub card_latency_max_ms: u64,
     /// Share of orders the card company declines (`REJECT_CARD_PAYMENT`).
     pub decline_rate: f64,
-    /// Share of confirm attempts answered 500 `PROVIDER_ERROR` before any
+    /// Share of confirm attempts answered 500
+    /// `FAILED_INTERNAL_SYSTEM_PROCESSING` (a transient 5xx) before any
     /// approval happens.
     pub transient_error_rate: f64,
+    /// Share of confirm attempts answered 400 `PROVIDER_ERROR` (the card
+    /// company's temporary error, which Toss sends as 400, not 5xx) before
+    /// any approval happens.
+    pub provider_error_rate: f64,
     /// Share of orders approved whose answer is then held for
     /// `drop_hold_ms`, so the client times out without learning it.
     pub drop_response_rate: f64,
@@ -46,6 +51,13 @@ pub struct FaultProfile {
     pub page_latency_ms: u64,
     /// Card API outage windows.
     pub card_outages: Vec<OutageWindow>,
+    /// The old, permissive card simulator: a confirm of an already approved
+    /// order under a new idempotency key is approved again (a second charge,
+    /// counted in `CardStats::double_charges`) instead of Toss's 400
+    /// `ALREADY_PROCESSED_PAYMENT`. Off by default; a test that measures
+    /// paygate's own protection against double charges turns it on, so that
+    /// the card company's protection does not hide a failure of paygate's.
+    pub approve_duplicate_confirms: bool,
     /// Ledger outage windows.
     pub ledger_outages: Vec<OutageWindow>,
 }
@@ -68,6 +80,7 @@ impl FaultProfile {
             card_latency_max_ms: 0,
             decline_rate: 0.0,
             transient_error_rate: 0.0,
+            provider_error_rate: 0.0,
             drop_response_rate: 0.0,
             drop_hold_ms: 30_000,
             ledger_error_rate: 0.0,
@@ -76,18 +89,21 @@ impl FaultProfile {
             page_latency_ms: 0,
             card_outages: Vec::new(),
             ledger_outages: Vec::new(),
+            approve_duplicate_confirms: false,
         }
     }
 
     /// A bad day at a real PG: 1-20 ms card latency, 5% declines, 5%
-    /// transient 5xx, 2% approvals whose answer is lost, 1-10 ms ledger
-    /// latency with 15% ledger errors.
+    /// transient errors (3% 500 `FAILED_INTERNAL_SYSTEM_PROCESSING`, 2% 400
+    /// `PROVIDER_ERROR`, as Toss sends it), 2% approvals whose answer is
+    /// lost, 1-10 ms ledger latency with 15% ledger errors.
     pub fn flaky() -> Self {
         Self {
             card_latency_min_ms: 1,
             card_latency_max_ms: 20,
             decline_rate: 0.05,
-            transient_error_rate: 0.05,
+            transient_error_rate: 0.03,
+            provider_error_rate: 0.02,
             drop_response_rate: 0.02,
             ledger_error_rate: 0.15,
             ledger_latency_min_ms: 1,
@@ -103,6 +119,13 @@ impl FaultProfile {
             "flaky" => Some(Self::flaky()),
             _ => None,
         }
+    }
+
+    /// The same profile with the old, permissive duplicate-confirm behaviour
+    /// on or off (see [`FaultProfile::approve_duplicate_confirms`]).
+    pub fn with_duplicate_confirms_approved(mut self, approve: bool) -> Self {
+        self.approve_duplicate_confirms = approve;
+        self
     }
 
     /// The same profile with another seed.

@@ -7,15 +7,19 @@
 //! test or the demo can compare paygate's state against the card company's
 //! truth: that comparison is how lost approvals and double charges are found.
 //!
-//! The card simulator approves every confirm that carries a new idempotency
-//! key (unless a fault says otherwise): it deliberately does not protect
-//! against double charges itself, so that counting its approvals per order
-//! measures paygate's protection, not the simulator's.
+//! The card simulator behaves like Toss Payments: a second confirm of an
+//! approved order under a new idempotency key is refused (400
+//! `ALREADY_PROCESSED_PAYMENT`), and counted in `CardStats::duplicate_confirms`.
+//! [`FaultProfile::approve_duplicate_confirms`] restores the permissive
+//! simulator, which approves it again, so that counting approvals per order
+//! measures paygate's protection against double charges, not the card
+//! company's.
 
 pub mod card;
 pub mod discord;
 pub mod faults;
 pub mod ledger;
+mod wire;
 
 use std::{net::SocketAddr, sync::Arc};
 
