@@ -303,7 +303,11 @@ fn sigterm_during_in_flight_confirms_loses_no_approval() {
     const N: usize = 200;
     // Every ledger call takes 1.5 s; serve gives each ledger try 1 s, so every
     // sync try (and async retry) fails and each payment ends paid-unsaved.
-    let (_sim, card_url, ledger_url) = start_sim(&["--ledger-latency-ms", "1500"]);
+    let (_sim, card_url, ledger_url) = start_sim(&[
+        "--ledger-latency-ms",
+        "1500",
+        "--approve-duplicate-confirms",
+    ]);
     let (url, path) = temp_db("sigterm");
     let key = create_merchant(&url, "shop");
     let port = free_port();

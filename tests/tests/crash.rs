@@ -136,7 +136,13 @@ fn run(db: &str, card: &str, ledger: &str, args: &[&str]) -> String {
 }
 
 fn crash_run(db: &str, kills: usize, seed: u64, label: &str) {
-    let (_sim, card, ledger) = start_sim(&["--faults", "flaky", "--seed", &seed.to_string()]);
+    let (_sim, card, ledger) = start_sim(&[
+        "--faults",
+        "flaky",
+        "--seed",
+        &seed.to_string(),
+        "--approve-duplicate-confirms",
+    ]);
     let key = create_merchant(db, "crash-merchant");
     let merchants = Arc::new(Merchants::default());
     let mut rng = Rng(seed | 1);

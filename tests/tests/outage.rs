@@ -43,9 +43,9 @@ fn quick(p: DownstreamPolicy) -> DownstreamPolicy {
 }
 
 async fn start(backend: &Backend, discord: Option<String>) -> Gateway {
-    let sandbox = SandboxServers::start(FaultProfile::none(), SECRET)
-        .await
-        .unwrap();
+    // Measures paygate's own I2: a second approval would show (see helpers).
+    let profile = FaultProfile::none().with_duplicate_confirms_approved(true);
+    let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
     let (url, cleanup) = fresh_sql_url(backend).await;
     let config = Config {
         listen: "127.0.0.1:0".into(),

@@ -333,18 +333,21 @@ impl Sweeper {
     }
 }
 
-/// True when a confirm answer in the log is the card company's decline
-/// (by its code, as the card API's code table classes it).
+/// True when the log shows the card company did not approve: a decline
+/// answer (by its code, as the card API's code table classes it), or a
+/// refusal that nothing was approved (an expired session, an invalid
+/// request) as the answer to the only confirm attempt.
 fn declined(evidence: &paygate_api_log::ConfirmEvidence) -> bool {
     evidence.answers.iter().any(|(status, code)| {
         let status = u16::try_from(*status).unwrap_or(0);
+        let e = paygate_card_api::CardApiError::Rejected {
+            status,
+            code: code.clone().unwrap_or_default(),
+            message: String::new(),
+            retry_after_s: None,
+        };
         (400..500).contains(&status)
-            && paygate_card_api::CardApiError::Rejected {
-                status,
-                code: code.clone().unwrap_or_default(),
-                message: String::new(),
-                retry_after_s: None,
-            }
-            .is_decline()
+            && (e.is_decline()
+                || (evidence.requests == 1 && e.definitely_not_approved() && !e.is_auth_failure()))
     })
 }

@@ -120,6 +120,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .with_seed(args.seed);
     // A dropped answer is held well past the client timeout below.
     profile.drop_hold_ms = 3_000;
+    // The demo measures paygate's own I2: the sandbox approves a second
+    // confirm of an order under a new key (Toss would refuse it), so any
+    // attempted double charge is counted as one.
+    profile.approve_duplicate_confirms = true;
     let sandbox = SandboxServers::start(profile, DEMO_SECRET).await?;
 
     let run_id = ulid::Ulid::new().to_string().to_lowercase();

@@ -72,6 +72,11 @@ enum Command {
         /// Latency of every ledger call, ms (a slow ledger).
         #[arg(long)]
         ledger_latency_ms: Option<u64>,
+        /// Approve a second confirm of an approved order under a new
+        /// Idempotency-Key (Toss refuses it with ALREADY_PROCESSED_PAYMENT):
+        /// for measuring paygate's own no-double-charge guarantee.
+        #[arg(long)]
+        approve_duplicate_confirms: bool,
     },
     /// Configuration: `paygate config check` validates it and prints the
     /// effective values (defaults, then --config, then PAYGATE_*), secrets
@@ -153,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transactions,
             page_latency_ms,
             ledger_latency_ms,
+            approve_duplicate_confirms,
         } => {
             init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
@@ -162,7 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         FaultProfile::PRESETS
                     )
                 })?
-                .with_seed(seed);
+                .with_seed(seed)
+                .with_duplicate_confirms_approved(approve_duplicate_confirms);
             let profile = match page_latency_ms {
                 Some(ms) => FaultProfile {
                     page_latency_ms: ms,

@@ -73,7 +73,7 @@ impl Saga {
     }
 
     /// One page of the card company's transaction list (Toss
-    /// `GET /v1/transactions`) through the card stack: breaker, bulkhead,
+    /// `GET /v1/transactions`) through the list's own stack: breaker, bulkhead,
     /// rate limit and budgeted retries of 5xx/429/timeouts. Like every
     /// downstream call, each attempt is in the SQL log first (I3), under
     /// `subject` (the reconciliation run's `reconcile_<ULID>`); the
@@ -108,7 +108,7 @@ impl Saga {
             async move { card.transactions(&query).await }
         };
         let policy = Policy {
-            stack: self.card_stack.clone(),
+            stack: self.list_stack.clone(),
             kind: RequestKind::Idempotent,
             max_attempts: None,
             classify: classify::repeatable,

@@ -169,8 +169,18 @@ mod tests {
             ),
             ("5xx", server(500), Failure, true),
             ("429", rejected(429, "TOO_MANY_REQUESTS"), Failure, true),
-            ("400 provider error", rejected(400, codes::PROVIDER_ERROR), Failure, true),
-            ("400 our key", rejected(400, codes::INVALID_API_KEY), Ignored, false),
+            (
+                "400 provider error",
+                rejected(400, codes::PROVIDER_ERROR),
+                Failure,
+                true,
+            ),
+            (
+                "400 our key",
+                rejected(400, codes::INVALID_API_KEY),
+                Ignored,
+                false,
+            ),
             (
                 "in progress",
                 rejected(409, codes::IDEMPOTENT_REQUEST_PROCESSING),

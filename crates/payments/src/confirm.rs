@@ -313,6 +313,20 @@ impl Saga {
                     message: card_message(&e),
                 }
             }
+            // Refused before anything happened (an expired checkout
+            // session, an invalid request): final when it answered the only
+            // attempt; after an earlier attempt that may have gone through,
+            // only a lookup can tell.
+            CallError::Downstream(AttemptError::Downstream(e))
+                if sent == 1 && e.definitely_not_approved() && !e.is_auth_failure() =>
+            {
+                tracing::warn!(payment_id = %record.payment_id, code = e.code(), class = ?e.class(),
+                    "card company refused the confirm; nothing was approved");
+                CardVerdict::Declined {
+                    code: e.code().to_owned(),
+                    message: card_message(&e),
+                }
+            }
             CallError::Downstream(AttemptError::Downstream(e))
                 if e.is_auth_failure() && sent == 1 =>
             {

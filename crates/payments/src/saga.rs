@@ -66,6 +66,7 @@ pub struct Saga {
     pub(crate) card: Arc<dyn CardApi>,
     pub(crate) ledger: Arc<dyn LedgerApi>,
     pub(crate) card_stack: Arc<Downstream>,
+    pub(crate) list_stack: Arc<Downstream>,
     pub(crate) ledger_stack: Arc<Downstream>,
     pub(crate) alerter: Arc<dyn Alerter>,
     pub(crate) settings: SagaSettings,
@@ -111,6 +112,9 @@ pub struct Downstreams {
     pub card: Arc<dyn CardApi>,
     /// The card API's stack: breaker, bulkhead, rate limit, retry budget.
     pub card_stack: Arc<Downstream>,
+    /// The stack of the card company's transaction list (Toss asks clients
+    /// to allow at least 60 s per page, far beyond a confirm's timeouts).
+    pub list_stack: Arc<Downstream>,
     /// The internal ledger.
     pub ledger: Arc<dyn LedgerApi>,
     /// The ledger's stack.
@@ -133,6 +137,7 @@ impl Saga {
             card: downstreams.card,
             ledger: downstreams.ledger,
             card_stack: downstreams.card_stack,
+            list_stack: downstreams.list_stack,
             ledger_stack: downstreams.ledger_stack,
             alerter,
             settings,
@@ -154,6 +159,11 @@ impl Saga {
     /// The card API's resilience stack.
     pub fn card_stack(&self) -> &Arc<Downstream> {
         &self.card_stack
+    }
+
+    /// The transaction list's resilience stack.
+    pub fn list_stack(&self) -> &Arc<Downstream> {
+        &self.list_stack
     }
 
     /// The ledger's resilience stack.

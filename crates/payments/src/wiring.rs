@@ -14,7 +14,7 @@ use paygate_alert::OutboxAlerter;
 use paygate_api_log::SqlApiLog;
 use paygate_card_api::{CardApi, TossCardApi};
 use paygate_core::{
-    config::{ConfigError, StateStoreKind},
+    config::{ConfigError, DownstreamPolicy, StateStoreKind},
     Config, Secret,
 };
 use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
@@ -166,12 +166,17 @@ fn downstreams(
         (None, Some(s)) => (s.card_url.clone(), s.card_secret.clone()),
         (None, None) => return Err(WiringError::Unconfigured("card API URL (card_api_url)")),
     };
-    let card: Arc<dyn CardApi> = Arc::new(TossCardApi::new(
-        http.clone(),
-        &card_url,
-        card_key,
-        Duration::from_millis(config.card_api_policy.attempt_timeout_ms),
-    ));
+    let card: Arc<dyn CardApi> = Arc::new(
+        TossCardApi::new(
+            http.clone(),
+            &card_url,
+            card_key,
+            Duration::from_millis(config.card_api_policy.attempt_timeout_ms),
+        )
+        .with_list_timeout(Duration::from_millis(
+            config.card_api_list_attempt_timeout_ms,
+        )),
+    );
     let ledger_url = match (&config.ledger_api_url, sandbox) {
         (Some(url), _) => url.clone(),
         (None, Some(s)) => s.ledger_url.clone(),
@@ -185,7 +190,47 @@ fn downstreams(
     Ok(Downstreams {
         card,
         card_stack: Arc::new(Downstream::new("card_api", &config.card_api_policy)),
+        list_stack: Arc::new(Downstream::new("card_api_list", &list_policy(config))),
         ledger,
         ledger_stack: Arc::new(Downstream::new("ledger_api", &config.ledger_api_policy)),
     })
+}
+
+/// The transaction list's policy: the card API's, with the list's own
+/// per-attempt timeout (`card_api_list_attempt_timeout_ms`, 60 s by default
+/// as Toss asks) and a deadline that lets every attempt run to it.
+pub fn list_policy(config: &Config) -> DownstreamPolicy {
+    let p = &config.card_api_policy;
+    let attempt = config.card_api_list_attempt_timeout_ms;
+    let attempts = u64::from(p.max_attempts.max(1));
+    DownstreamPolicy {
+        attempt_timeout_ms: attempt,
+        deadline_ms: p.deadline_ms.max(
+            attempt
+                .saturating_mul(attempts)
+                .saturating_add(p.retry_max_delay_ms.saturating_mul(attempts)),
+        ),
+        breaker_slow_call_duration_ms: p.breaker_slow_call_duration_ms.max(attempt),
+        ..p.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transaction_list_has_its_own_timeouts() {
+        let config = Config::default();
+        let list = list_policy(&config);
+        assert_eq!(
+            list.attempt_timeout_ms, 60_000,
+            "Toss asks for at least 60 s"
+        );
+        assert!(list.deadline_ms >= 60_000 * u64::from(config.card_api_policy.max_attempts));
+        assert_eq!(
+            config.card_api_policy.attempt_timeout_ms, 10_000,
+            "the confirm keeps its own"
+        );
+    }
 }

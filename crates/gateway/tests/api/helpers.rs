@@ -35,6 +35,10 @@ pub async fn spawn_app(
     profile: FaultProfile,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
+    // These suites measure paygate's own I2: the sandbox approves a second
+    // confirm of an order under a new key (Toss would refuse it), so an
+    // attempted double charge shows up as a second approval.
+    let profile = profile.with_duplicate_confirms_approved(true);
     let sandbox = SandboxServers::start(profile, SECRET)
         .await
         .expect("sandbox starts");

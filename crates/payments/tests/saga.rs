@@ -1,0 +1,443 @@
+//! The saga against scriptable card and ledger fakes, the in-memory state
+//! store and a real SQLite request log: the answers the sandbox cannot be
+//! made to give on demand (a 200 whose status is not final, an approval
+//! that another actor recorded first), and a merchant's retry of a PENDING
+//! payment that no live confirm owns (issue 13, points 3, 5, 6 and 8).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use paygate_alert::{Alert, AlertReason, Alerter};
+use paygate_api_log::{Kind, LogEntry, SqlApiLog, Target};
+use paygate_card_api::{
+    CancelRequest, CardApi, CardApiError, CardPayment, ConfirmRequest, Transaction,
+    TransactionsQuery,
+};
+use paygate_core::{
+    config::DownstreamPolicy, CardStatus, MerchantId, OrderId, Partition, PaymentRecord,
+};
+use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome};
+use paygate_payments::{
+    saga::Downstreams, ConfirmInput, ConfirmOutcome, Saga, SagaSettings, SaveResult, Settlement,
+};
+use paygate_resilience::Downstream;
+use paygate_state_store::{MemoryStateStore, SqlDatabase, StateStore, Transition};
+
+type Hook = Box<dyn Fn() + Send + Sync>;
+
+/// A card company whose answers the test scripts, one per call.
+#[derive(Default)]
+struct Card {
+    confirms: Mutex<VecDeque<Result<CardPayment, CardApiError>>>,
+    lookups: Mutex<VecDeque<Result<Option<CardPayment>, CardApiError>>>,
+    confirm_calls: Mutex<u32>,
+    lookup_calls: Mutex<u32>,
+    /// Runs inside the confirm call, before it answers (another actor).
+    during_confirm: Mutex<Option<Hook>>,
+}
+
+#[async_trait::async_trait]
+impl CardApi for Card {
+    async fn confirm(&self, _: &ConfirmRequest, _: &str) -> Result<CardPayment, CardApiError> {
+        *self.confirm_calls.lock().unwrap() += 1;
+        if let Some(hook) = self.during_confirm.lock().unwrap().as_ref() {
+            hook();
+        }
+        self.confirms
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("a scripted confirm")
+    }
+    async fn payment_by_order_id(&self, _: &str) -> Result<Option<CardPayment>, CardApiError> {
+        *self.lookup_calls.lock().unwrap() += 1;
+        self.lookups.lock().unwrap().pop_front().unwrap_or(Ok(None))
+    }
+    async fn cancel(
+        &self,
+        _: &str,
+        _: &CancelRequest,
+        _: &str,
+    ) -> Result<CardPayment, CardApiError> {
+        unreachable!("no cancels here")
+    }
+    async fn transactions(&self, _: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A ledger that records every entry it is sent.
+#[derive(Default)]
+struct Ledger {
+    entries: Mutex<Vec<LedgerEntry>>,
+}
+
+#[async_trait::async_trait]
+impl LedgerApi for Ledger {
+    async fn record(&self, e: &LedgerEntry, _: &str) -> Result<LedgerOutcome, LedgerApiError> {
+        self.entries.lock().unwrap().push(e.clone());
+        Ok(LedgerOutcome::Recorded)
+    }
+    async fn get(&self, _: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {
+        Ok(None)
+    }
+}
+
+#[derive(Default)]
+struct Alerts(Mutex<Vec<Alert>>);
+
+#[async_trait::async_trait]
+impl Alerter for Alerts {
+    async fn raise(&self, alert: Alert) -> bool {
+        self.0.lock().unwrap().push(alert);
+        true
+    }
+}
+
+struct World {
+    saga: Arc<Saga>,
+    store: Arc<MemoryStateStore>,
+    log: SqlApiLog,
+    card: Arc<Card>,
+    ledger: Arc<Ledger>,
+    alerts: Arc<Alerts>,
+    merchant: MerchantId,
+    path: std::path::PathBuf,
+}
+
+impl World {
+    async fn new(name: &str) -> World {
+        let path = std::env::temp_dir().join(format!(
+            "paygate-saga-{name}-{}-{}.db",
+            std::process::id(),
+            ulid_like()
+        ));
+        let db = SqlDatabase::connect(&format!("sqlite://{}", path.display()), 4)
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let store = Arc::new(MemoryStateStore::with_system_clock());
+        let (card, ledger, alerts) = (
+            Arc::new(Card::default()),
+            Arc::new(Ledger::default()),
+            Arc::new(Alerts::default()),
+        );
+        let fast = DownstreamPolicy {
+            retry_base_delay_ms: 1,
+            retry_max_delay_ms: 2,
+            ..DownstreamPolicy::card_api()
+        };
+        let saga = Arc::new(Saga::new(
+            store.clone(),
+            SqlApiLog::new(db.clone()),
+            Downstreams {
+                card: card.clone(),
+                card_stack: Arc::new(Downstream::new("card_api", &fast)),
+                list_stack: Arc::new(Downstream::new("card_api_list", &fast)),
+                ledger: ledger.clone(),
+                ledger_stack: Arc::new(Downstream::new(
+                    "ledger_api",
+                    &DownstreamPolicy::ledger_api(),
+                )),
+            },
+            alerts.clone(),
+            SagaSettings {
+                lookup_delay: Duration::from_millis(1),
+                settle_on_access_after: Duration::from_secs(5),
+                ..SagaSettings::default()
+            },
+        ));
+        World {
+            saga,
+            store,
+            log: SqlApiLog::new(db),
+            card,
+            ledger,
+            alerts,
+            merchant: MerchantId::generate(),
+            path,
+        }
+    }
+
+    fn input(&self, order: &str) -> ConfirmInput {
+        ConfirmInput {
+            merchant_id: self.merchant.clone(),
+            payment_key: format!("pk_{order}"),
+            order_id: OrderId::parse(order).unwrap(),
+            amount: 5_000,
+            idempotency_key: None,
+        }
+    }
+
+    /// A PENDING record as a crashed confirm left it, last changed `age` ago.
+    async fn left_pending(&self, order: &str, age: Duration) -> PaymentRecord {
+        let input = self.input(order);
+        let at = paygate_core::time::now_ms() - age.as_millis() as i64;
+        let r = PaymentRecord::new_pending(
+            input.merchant_id,
+            input.order_id,
+            input.payment_key.clone(),
+            input.amount,
+            "KRW".into(),
+            paygate_core::crypto::fingerprint(&[&input.payment_key, order, "5000"]),
+            None,
+            at,
+        );
+        self.store.create(&r).await.unwrap();
+        r
+    }
+
+    async fn stored(&self, r: &PaymentRecord) -> (Partition, PaymentRecord) {
+        self.store.get(&r.payment_id).await.unwrap().unwrap()
+    }
+
+    fn cleanup(&self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+    }
+}
+
+fn ulid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn payment(order: &str, status: &str, approved_at: Option<&str>) -> CardPayment {
+    CardPayment {
+        payment_key: format!("pk_{order}"),
+        order_id: order.to_owned(),
+        status: status.to_owned(),
+        total_amount: 5_000,
+        balance_amount: Some(5_000),
+        approved_at: approved_at.map(str::to_owned),
+        requested_at: None,
+        method: None,
+        currency: Some("KRW".into()),
+        failure: None,
+        cancels: None,
+    }
+}
+
+const AT: &str = "2026-11-23T12:00:00+09:00";
+
+/// Point 3: a 200 whose status is not final is looked up, never a decline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_final_200_is_looked_up_and_never_declined() {
+    let w = World::new("nonfinal").await;
+    let order = "order-nonfinal-1";
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "IN_PROGRESS", None)));
+    w.card.lookups.lock().unwrap().extend([
+        Ok(Some(payment(order, "IN_PROGRESS", None))),
+        Ok(Some(payment(order, "DONE", Some(AT)))),
+    ]);
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(r) => assert!(r.is_paid && r.is_saved),
+        other => panic!("expected the lookup's approval, got {other:?}"),
+    }
+    assert_eq!(w.ledger.entries.lock().unwrap()[0].approved_at, AT);
+
+    // Still not final after every lookup: UNKNOWN (202), never ABORTED (402).
+    let order = "order-nonfinal-2";
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "WAITING_FOR_DEPOSIT", None)));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Unknown(r) => {
+            let (_, stored) = w.stored(&r).await;
+            assert_eq!(stored.card_status, CardStatus::Unknown);
+        }
+        other => panic!("expected UNKNOWN, got {other:?}"),
+    }
+    w.cleanup();
+}
+
+/// Point 3: a failed guard is never counted as a success. A lookup that
+/// finds the payment approved cannot mark a declined record paid, so
+/// settling reports a mismatch, and the ledger is never sent a record that
+/// is not paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_guard_is_never_reported_as_paid_or_saved() {
+    let w = World::new("guard").await;
+    let r = w
+        .left_pending("order-guard-9", Duration::from_secs(600))
+        .await;
+    let declined = Transition::MarkAborted {
+        failure_code: "REJECT_CARD_PAYMENT".into(),
+        last_error: "declined".into(),
+    };
+    assert!(w.store.transition(&r.payment_id, &declined).await.unwrap());
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(payment("order-guard-9", "DONE", Some(AT)))));
+    let (_, aborted) = w.stored(&r).await;
+    match w.saga.settle_unknown(&aborted).await.unwrap() {
+        Settlement::Mismatch(_) => {}
+        other => panic!("a failed MarkPaid was reported as {other:?}"),
+    }
+    assert_eq!(w.saga.batch_save(&aborted).await, SaveResult::Refused);
+    assert!(
+        w.ledger.entries.lock().unwrap().is_empty(),
+        "no ledger entry for an unpaid record"
+    );
+    w.cleanup();
+}
+
+/// Point 8: when another actor recorded the approval first, the confirm
+/// goes on from the stored record: the ledger gets the stored approvedAt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_mark_paid_the_ledger_gets_the_stored_approval_time() {
+    let w = World::new("markpaid").await;
+    let order = "order-markpaid-1";
+    let store = w.store.clone();
+    let merchant = w.merchant.clone();
+    // While the confirm is at the card company, the reconciliation finds the
+    // approval and records it (with the card company's time as it saw it).
+    *w.card.during_confirm.lock().unwrap() = Some(Box::new(move || {
+        let store = store.clone();
+        let merchant = merchant.clone();
+        let order = OrderId::parse(order).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let r = store
+                    .get_by_order(&merchant, &order)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let t = Transition::MarkPaid {
+                    approved_at: "2026-11-23T11:59:59+09:00".into(),
+                };
+                assert!(store.transition(&r.payment_id, &t).await.unwrap());
+            });
+        })
+        .join()
+        .unwrap();
+    }));
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(r) => assert!(r.is_saved, "saved from the stored record"),
+        other => panic!("expected approved, got {other:?}"),
+    }
+    let entries = w.ledger.entries.lock().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0].approved_at, "2026-11-23T11:59:59+09:00",
+        "the stored time, not the confirm's memory"
+    );
+    drop(entries);
+    assert!(
+        w.alerts.0.lock().unwrap().is_empty(),
+        "no false ledger_refused"
+    );
+    w.cleanup();
+}
+
+/// Point 5: a PENDING record whose confirm was never sent (no REQUEST row)
+/// is a no-call abort: a retry reopens it and confirms at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_pending_payment_never_sent_reopens_and_confirms_it() {
+    let w = World::new("notsent").await;
+    let order = "order-notsent-1";
+    let r = w.left_pending(order, Duration::from_secs(60)).await;
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(done) => {
+            assert_eq!(done.payment_id, r.payment_id, "the same payment");
+            assert!(done.is_paid && done.is_saved);
+        }
+        other => panic!("expected the retry to confirm it, got {other:?}"),
+    }
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 1);
+    assert_eq!(
+        *w.card.lookup_calls.lock().unwrap(),
+        0,
+        "nothing to look up: nothing was sent"
+    );
+    w.cleanup();
+}
+
+/// Point 6: a PENDING record whose confirm was sent (a gateway died after
+/// the call) is settled by lookup on the retry instead of 409 until the
+/// batch runs; a young one, or one a live confirm owns, is still 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_pending_payment_sent_before_a_crash_is_settled_by_lookup() {
+    let w = World::new("janitor").await;
+    let order = "order-janitor-1";
+    let young = w
+        .left_pending("order-janitor-young", Duration::from_millis(10))
+        .await;
+    match w.saga.confirm(w.input("order-janitor-young")).await {
+        ConfirmOutcome::InFlight(r) => assert_eq!(r.payment_id, young.payment_id),
+        other => panic!("a young PENDING must stay in flight, got {other:?}"),
+    }
+    let r = w.left_pending(order, Duration::from_secs(60)).await;
+    w.log
+        .append(LogEntry {
+            payment_id: &r.payment_id,
+            target: Target::CardApi,
+            kind: Kind::Request,
+            attempt: 1,
+            method: "POST",
+            path: paygate_card_api::CONFIRM_PATH,
+            status_code: None,
+            body: None,
+            latency_ms: None,
+        })
+        .await
+        .unwrap();
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(payment(order, "DONE", Some(AT)))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(done) => {
+            assert_eq!(done.payment_id, r.payment_id);
+            assert!(done.is_paid && done.is_saved, "{done:?}");
+        }
+        other => panic!("expected the lookup's approval, got {other:?}"),
+    }
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 0, "never re-sent");
+    assert_eq!(w.ledger.entries.lock().unwrap().len(), 1);
+    let (part, stored) = w.stored(&r).await;
+    assert_eq!(
+        (part, stored.is_paid, stored.is_saved),
+        (Partition::Realtime, true, true)
+    );
+    assert!(
+        !w.alerts
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.reason == AlertReason::OutcomeUnknown),
+        "settled: no operator needed"
+    );
+    w.cleanup();
+}
