@@ -494,3 +494,54 @@ fn config_check_prints_the_effective_config_with_secrets_masked() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown_timeout_ms"));
 }
+
+#[test]
+fn an_all_digit_secret_is_accepted_masked_and_never_echoed() {
+    // figment reads an all-digit value as a number and `true` as a boolean;
+    // a secret is text whatever it looks like, and is never printed.
+    let digits = "987654321987654321";
+    let hash_key = "00012345678901234567890123456789012345";
+    let out = paygate()
+        .args(["config", "check"])
+        .env("PAYGATE_CARD_API_URL", "https://api.tosspayments.com")
+        .env("PAYGATE_CARD_API_SECRET_KEY", digits)
+        .env("PAYGATE_API_KEY_HASH_KEY", hash_key)
+        .env("PAYGATE_DISCORD_WEBHOOK_URL", "true")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in [
+        "card_api_secret_key",
+        "api_key_hash_key",
+        "discord_webhook_url",
+    ] {
+        assert_eq!(v[key], "***", "{key}");
+    }
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains(digits) && !text.contains(hash_key), "{text}");
+    }
+
+    // A secret value that is refused: the key is named, the value is not.
+    for (var, key) in [
+        ("PAYGATE_DATABASE_URL", "database_url"),
+        ("PAYGATE_CARD_API_SECRET_KEY__PART", "card_api_secret_key"),
+    ] {
+        let out = paygate()
+            .args(["config", "check"])
+            .env(var, digits)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}");
+        assert!(stderr.contains(key), "{var}: {stderr}");
+        assert!(
+            !stderr.contains(digits) && !String::from_utf8_lossy(&out.stdout).contains(digits),
+            "{var}: {stderr}"
+        );
+    }
+}

@@ -5,12 +5,18 @@
 //!   values <= 1024, <= 25 fields, all embed text <= 6000; mentions are off
 //!   (`allowed_mentions: {"parse": []}`).
 //! - 429: waits the body's `retry_after` (seconds, float) or the
-//!   `Retry-After` header, then resends (a bounded number of times).
+//!   `Retry-After` header, then resends (a bounded number of times). A send
+//!   with a deadline ([`DiscordClient::send_before`]) never waits past it:
+//!   a wait that does not fit gives up with [`DiscordError::OutOfTime`], and
+//!   the client remembers not to send before the wait is over.
 //! - The `X-RateLimit-Remaining` / `X-RateLimit-Reset-After` headers are
 //!   read, and the next send waits for the reset when the bucket is empty,
 //!   rather than hard-coding Discord's limits.
 //! - 404 (unknown webhook, code 10015): the URL is not used again by this
 //!   process; an error is logged and alerts stay in the outbox.
+//! - Any other 4xx (400 bad payload, 401 invalid webhook token, 403, 413):
+//!   [`DiscordError::Rejected`], a refusal that resending will not change;
+//!   the outbox parks the message.
 //!
 //! The webhook URL is a credential: it is held as a [`Secret`] and never logged.
 
@@ -28,26 +34,42 @@ pub enum DiscordError {
     /// 404: the webhook no longer exists; this client is disabled.
     #[error("unknown webhook (404); alerts stay in the outbox")]
     UnknownWebhook,
-    /// 400 or another 4xx: this message was refused (the next may pass).
-    #[error("Discord refused the message: {0}")]
-    Rejected(u16),
+    /// 400, 401 or another 4xx but 404 and 429: this message was refused
+    /// and resending it will not change that (the next message may pass).
+    /// Holds the status and Discord's explanation (its JSON `message` and
+    /// `code`, which name no secret).
+    #[error("Discord refused the message: HTTP {0}: {1}")]
+    Rejected(u16, String),
     /// Still rate limited after the allowed waits.
     #[error("still rate limited after {0} waits")]
     RateLimited(u32),
     /// 5xx, timeout or connection failure.
     #[error("Discord unavailable: {0}")]
     Unavailable(String),
+    /// The deadline came before the message could be sent (a rate-limit wait
+    /// longer than the time left, or no time left at all).
+    #[error("no time left to send before the deadline")]
+    OutOfTime,
 }
 
 impl DiscordError {
     /// True when no further message should be tried in this flush.
     pub fn stops_delivery(&self) -> bool {
-        !matches!(self, Self::Rejected(_))
+        !self.is_permanent()
+    }
+
+    /// True when this message will never be accepted as it is: resending it
+    /// is pointless, so the outbox parks it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Rejected(..))
     }
 }
 
-/// Longest single wait for a 429, seconds; a longer one gives up this flush.
+/// Longest single wait honoured for a 429; a longer `retry_after` is cut to it.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Longest wait for Discord's answer to one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Discord webhook client.
 pub struct DiscordClient {
@@ -130,11 +152,28 @@ impl DiscordClient {
         self.disabled.load(Ordering::SeqCst)
     }
 
-    /// Sends one message.
+    /// Sends one message, waiting out 429s (at most `max_waits` of them).
     ///
     /// # Errors
     /// [`DiscordError`].
     pub async fn send(&self, body: &Value) -> Result<(), DiscordError> {
+        self.send_inner(body, None).await
+    }
+
+    /// Sends one message, giving up with [`DiscordError::OutOfTime`] rather
+    /// than waiting or being answered past `deadline`.
+    ///
+    /// # Errors
+    /// [`DiscordError`].
+    pub async fn send_before(&self, body: &Value, deadline: Instant) -> Result<(), DiscordError> {
+        self.send_inner(body, Some(deadline)).await
+    }
+
+    async fn send_inner(
+        &self,
+        body: &Value,
+        deadline: Option<Instant>,
+    ) -> Result<(), DiscordError> {
         if self.is_disabled() {
             return Err(DiscordError::UnknownWebhook);
         }
@@ -148,17 +187,34 @@ impl DiscordClient {
         };
         let mut waits = 0;
         loop {
-            if let Some(t) = *self.not_before.lock().await {
+            let not_before = *self.not_before.lock().await;
+            if let Some(t) = not_before {
+                if deadline.is_some_and(|d| t >= d) {
+                    return Err(DiscordError::OutOfTime);
+                }
                 tokio::time::sleep_until(t).await;
             }
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(REQUEST_TIMEOUT),
+                    _ => return Err(DiscordError::OutOfTime),
+                },
+                None => REQUEST_TIMEOUT,
+            };
             let resp = self
                 .http
                 .post(&url)
-                .timeout(Duration::from_secs(10))
+                .timeout(timeout)
                 .json(body)
                 .send()
                 .await
-                .map_err(|e| DiscordError::Unavailable(e.without_url().to_string()))?;
+                .map_err(|e| {
+                    if e.is_timeout() && deadline.is_some_and(|d| Instant::now() >= d) {
+                        DiscordError::OutOfTime
+                    } else {
+                        DiscordError::Unavailable(e.without_url().to_string())
+                    }
+                })?;
             let status = resp.status().as_u16();
             let header = |name: &str| {
                 resp.headers()
@@ -169,12 +225,14 @@ impl DiscordClient {
             let remaining = header("x-ratelimit-remaining");
             let reset_after = header("x-ratelimit-reset-after");
             let retry_after_header = header("retry-after");
-            *self.not_before.lock().await = match (remaining, reset_after) {
-                (Some(r), Some(after)) if r <= 0.0 => {
-                    Some(Instant::now() + Duration::from_secs_f64(after.max(0.0)))
-                }
+            let paced = match (remaining, reset_after) {
+                (Some(r), Some(after)) if r <= 0.0 => Some(
+                    Instant::now()
+                        + Duration::from_secs_f64(after.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64())),
+                ),
                 _ => None,
             };
+            *self.not_before.lock().await = paced;
             match status {
                 200 | 204 => return Ok(()),
                 429 => {
@@ -186,6 +244,13 @@ impl DiscordClient {
                         .unwrap_or(1.0);
                     let wait =
                         Duration::from_secs_f64(secs.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64()));
+                    // No request before the wait is over, from this send or
+                    // the next one (the next flush, another task).
+                    let until = Instant::now() + wait;
+                    {
+                        let mut nb = self.not_before.lock().await;
+                        *nb = Some(nb.map_or(until, |t| t.max(until)));
+                    }
                     waits += 1;
                     metrics::counter!("paygate_alert_rate_limited_total").increment(1);
                     if waits > self.max_waits {
@@ -195,7 +260,8 @@ impl DiscordClient {
                         wait_ms = wait.as_millis() as u64,
                         "Discord rate limit; waiting retry_after"
                     );
-                    tokio::time::sleep(wait).await;
+                    // The wait itself happens at the top of the loop, where
+                    // a deadline it would pass ends the send instead.
                 }
                 404 => {
                     self.disabled.store(true, Ordering::SeqCst);
@@ -203,8 +269,23 @@ impl DiscordClient {
                     return Err(DiscordError::UnknownWebhook);
                 }
                 s if (400..500).contains(&s) => {
-                    tracing::error!(status = s, "Discord refused an alert message");
-                    return Err(DiscordError::Rejected(s));
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    let why = format!(
+                        "{} (code {})",
+                        truncate(
+                            body.get("message")
+                                .and_then(Value::as_str)
+                                .unwrap_or("no message"),
+                            200
+                        ),
+                        body.get("code").and_then(Value::as_i64).unwrap_or(0)
+                    );
+                    if matches!(s, 401 | 403) {
+                        tracing::error!(status = s, discord = %why, "Discord refused an alert message: check the webhook URL's token (PAYGATE_DISCORD_WEBHOOK_URL); resending it will not help");
+                    } else {
+                        tracing::error!(status = s, discord = %why, "Discord refused an alert message; resending it will not help");
+                    }
+                    return Err(DiscordError::Rejected(s, why));
                 }
                 s => return Err(DiscordError::Unavailable(format!("HTTP {s}"))),
             }

@@ -7,16 +7,31 @@
 //! per problem however often it is raised. Unsent alerts are resent by the
 //! background sender in `serve` ([`OutboxAlerter::run_sender`]) and by the
 //! batch; with no webhook configured they are logged and kept in the outbox.
+//!
+//! A flush is bounded in time ([`OutboxAlerter::flush_within`]; [`OutboxAlerter::flush`]
+//! uses [`DEFAULT_FLUSH_BUDGET`]) and reads each row at most once. A message
+//! Discord refuses for good (a 4xx other than 404 and 429) is *parked*: kept
+//! unsent with its error, counted in `paygate_alerts_parked_total` and the
+//! `paygate_alert_outbox_parked` gauge, listed by [`SqlOutbox::list`] with
+//! [`outbox::Listing::Parked`], and sent again only after
+//! [`SqlOutbox::unpark`]. It no longer blocks the alerts behind it.
 
 pub mod discord;
 pub mod outbox;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
 pub use discord::{DiscordClient, DiscordError};
-pub use outbox::SqlOutbox;
+pub use outbox::{Listing, SqlOutbox};
+
+/// The time budget of [`OutboxAlerter::flush`]: at Discord's usual pace
+/// (about 5 messages per 2 s) some 50 alerts; the rest wait for the next flush.
+pub const DEFAULT_FLUSH_BUDGET: Duration = Duration::from_secs(20);
+
+/// Rows read from the outbox at a time.
+const FLUSH_PAGE: i64 = 50;
 
 /// Why an operator is needed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +147,11 @@ pub struct FlushSummary {
     pub sent: u64,
     /// Alerts that failed this time (kept for the next flush).
     pub failed: u64,
+    /// Alerts Discord refused for good, parked this time.
+    pub parked: u64,
+    /// The flush stopped at its deadline (or a rate-limit wait that would
+    /// have passed it); what is left waits for the next flush.
+    pub out_of_time: bool,
 }
 
 impl OutboxAlerter {
@@ -150,10 +170,27 @@ impl OutboxAlerter {
         &self.outbox
     }
 
-    /// Sends every unsent alert, oldest first, marking each sent; stops at the
-    /// first failure that is not about one message (Discord down, webhook
-    /// gone), leaving the rest for the next flush.
+    /// [`OutboxAlerter::flush_within`] [`DEFAULT_FLUSH_BUDGET`].
     pub async fn flush(&self) -> FlushSummary {
+        self.flush_within(DEFAULT_FLUSH_BUDGET).await
+    }
+
+    /// [`OutboxAlerter::flush_until`] `budget` from now.
+    pub async fn flush_within(&self, budget: Duration) -> FlushSummary {
+        self.flush_until(Instant::now() + budget).await
+    }
+
+    /// Sends the pending alerts, oldest first, marking each sent, and returns
+    /// by `deadline` whatever happens (Discord slow or rate limiting, the
+    /// database slow). Each row is read at most once per flush. A message
+    /// Discord refuses for good is parked and the next one is tried; the
+    /// flush stops at the first failure that is not about one message
+    /// (Discord down or rate limiting, webhook gone), leaving the rest for
+    /// the next flush.
+    ///
+    /// Cut at the deadline in the middle of a send, an alert Discord did
+    /// accept may be sent again by a later flush (at least once, never lost).
+    pub async fn flush_until(&self, deadline: Instant) -> FlushSummary {
         let mut summary = FlushSummary::default();
         let Some(client) = &self.client else {
             return summary;
@@ -161,19 +198,39 @@ impl OutboxAlerter {
         if client.is_disabled() {
             return summary;
         }
+        let delivered =
+            tokio::time::timeout_at(deadline, self.deliver(client, deadline, &mut summary)).await;
+        if delivered.is_err() {
+            summary.out_of_time = true;
+        }
+        if summary.out_of_time {
+            tracing::warn!(
+                sent = summary.sent,
+                parked = summary.parked,
+                "alert flush reached its deadline; the rest waits for the next flush"
+            );
+        }
+        summary
+    }
+
+    async fn deliver(&self, client: &DiscordClient, deadline: Instant, summary: &mut FlushSummary) {
+        // A cursor, not "the first unsent rows" again: a row that could not
+        // be marked (sent, parked) is not met twice in one flush.
+        let mut after = i64::MIN;
         loop {
-            let batch = match self.outbox.unsent(50).await {
-                Ok(b) => b,
+            let page = match self.outbox.pending_after(after, FLUSH_PAGE).await {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "alert outbox unreadable");
-                    return summary;
+                    return;
                 }
             };
-            if batch.is_empty() {
-                return summary;
+            if page.is_empty() {
+                break;
             }
-            for row in batch {
-                match client.send(&row.payload).await {
+            for row in page {
+                after = row.id;
+                match client.send_before(&row.payload, deadline).await {
                     Ok(()) => {
                         if let Err(e) = self.outbox.mark_sent(row.id).await {
                             tracing::error!(error = %e, id = row.id, "alert sent but not marked; it may be sent again");
@@ -181,36 +238,66 @@ impl OutboxAlerter {
                         metrics::counter!("paygate_alerts_sent_total").increment(1);
                         summary.sent += 1;
                     }
+                    Err(DiscordError::OutOfTime) => {
+                        summary.out_of_time = true;
+                        self.publish_depth().await;
+                        return;
+                    }
+                    Err(e) if e.is_permanent() => {
+                        tracing::error!(id = row.id, dedup_key = %row.dedup_key, error = %e,
+                            "alert parked: Discord refused it for good; see it with the outbox's parked list, un-park it to resend");
+                        if let Err(pe) = self.outbox.park(row.id, &e.to_string()).await {
+                            tracing::error!(error = %pe, id = row.id, "alert refused but not parked; the next flush tries it again");
+                        }
+                        metrics::counter!("paygate_alerts_parked_total").increment(1);
+                        summary.parked += 1;
+                    }
                     Err(e) => {
                         summary.failed += 1;
                         let _ = self.outbox.record_failure(row.id, &e.to_string()).await;
                         if e.stops_delivery() {
-                            return summary;
+                            self.publish_depth().await;
+                            return;
                         }
                     }
                 }
             }
-            self.publish_depth().await;
         }
+        self.publish_depth().await;
     }
 
+    /// Sets `paygate_alert_outbox_depth` (pending: unsent, not parked) and
+    /// `paygate_alert_outbox_parked`.
     async fn publish_depth(&self) {
         if let Ok(n) = self.outbox.unsent_count().await {
             metrics::gauge!("paygate_alert_outbox_depth").set(n as f64);
+        }
+        if let Ok(n) = self.outbox.parked_count().await {
+            metrics::gauge!("paygate_alert_outbox_parked").set(n as f64);
         }
     }
 
     /// Flushes whenever an alert is raised, and every `every` regardless,
     /// until `shutdown` completes. Run it as a background task in `serve`.
+    /// `shutdown` is honoured at once, in the middle of a flush too (each
+    /// flush is bounded by [`DEFAULT_FLUSH_BUDGET`] anyway): a shutdown
+    /// never waits for Discord.
     pub async fn run_sender(
         self: Arc<Self>,
-        every: std::time::Duration,
+        every: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        // The families exist on /metrics before the first event.
+        metrics::counter!("paygate_alerts_parked_total").increment(0);
         loop {
-            let _ = self.flush().await;
             tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                _ = self.flush() => {}
+            }
+            tokio::select! {
+                biased;
                 () = &mut shutdown => return,
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(every) => {}

@@ -89,6 +89,8 @@ pub async fn run(config: paygate_core::Config, args: BatchArgs) -> anyhow::Resul
     let once = || async {
         let result = sweeper.sweep(&opts).await;
         // Deliver what this sweep raised, and anything older still unsent.
+        // Bounded (`paygate_alert::DEFAULT_FLUSH_BUDGET`): a Discord that
+        // refuses or rate-limits for ever cannot hold the run or its shutdown.
         let _ = components.alerter.flush().await;
         result
     };

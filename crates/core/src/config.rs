@@ -111,6 +111,16 @@ pub const CARD_API_LIST_MIN_TIMEOUT_MS: u64 = 60_000;
 /// Currencies paygate accepts in `currency`.
 pub const SUPPORTED_CURRENCIES: &[&str] = &["KRW"];
 
+/// The keys whose values are [`Secret`]s: never printed, in an error either,
+/// and read as text whatever they look like (a key may be all digits).
+pub const SECRET_KEYS: &[&str] = &[
+    "database_url",
+    "mongodb_uri",
+    "card_api_secret_key",
+    "discord_webhook_url",
+    "api_key_hash_key",
+];
+
 /// The development HMAC key used when none is configured.
 pub const DEV_API_KEY_HASH_KEY: &str = "paygate-development-key-hash-key-change-me";
 
@@ -488,6 +498,29 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn secret_keys_are_exactly_the_secret_fields() {
+        // Every secret set: the serialized config shows "***" exactly there.
+        let c = Config {
+            mongodb_uri: Some(Secret::new("mongodb://u:p@h".into())),
+            card_api_secret_key: Some(Secret::new("test_sk_x".into())),
+            discord_webhook_url: Some(Secret::new("https://discord/x".into())),
+            ..Config::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        let mut masked: Vec<&str> = v
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| *v == "***")
+            .map(|(k, _)| k.as_str())
+            .collect();
+        masked.sort_unstable();
+        let mut keys = SECRET_KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(masked, keys);
     }
 
     #[test]

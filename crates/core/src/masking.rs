@@ -12,7 +12,11 @@ use std::fmt;
 ///
 /// `Debug`/`Display` print `***`, and serializing one writes `"***"`: a
 /// serialized configuration (`paygate config check`) shows that a secret is
-/// set, never its value. Deserializing reads the value.
+/// set, never its value. Deserializing reads the value: a `Secret<String>`
+/// takes a number or a boolean as its text (`987654321987654321`, `true`),
+/// since a key may be all digits and a configuration source (an environment
+/// variable read by figment, an unquoted TOML value) may have typed it, and
+/// its deserialization errors never hold the value.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret<T>(T);
 
@@ -47,9 +51,66 @@ impl<T> serde::Serialize for Secret<T> {
     }
 }
 
-impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Secret<T> {
+impl<'de> serde::Deserialize<'de> for Secret<String> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        T::deserialize(d).map(Secret)
+        d.deserialize_any(SecretText).map(Secret)
+    }
+}
+
+/// Reads a secret as text, whatever type the source gave it. Errors name
+/// the kind of value found (a sequence, a map), never the value.
+struct SecretText;
+
+impl serde::de::Visitor<'_> for SecretText {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string (a secret)")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<String, E> {
+        String::from_utf8(v.to_vec()).map_err(|_| {
+            E::invalid_value(
+                serde::de::Unexpected::Other("bytes that are not UTF-8"),
+                &self,
+            )
+        })
     }
 }
 
@@ -102,6 +163,25 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Secret(***)");
         assert_eq!(format!("{s}"), "***");
         assert_eq!(s.expose(), "test_sk_abc");
+    }
+
+    #[test]
+    fn a_secret_string_takes_numbers_and_booleans_as_text() {
+        let read = |json: &str| serde_json::from_str::<Secret<String>>(json);
+        assert_eq!(
+            read("987654321987654321").unwrap().expose(),
+            "987654321987654321"
+        );
+        assert_eq!(read("-12").unwrap().expose(), "-12");
+        assert_eq!(read("1.5").unwrap().expose(), "1.5");
+        assert_eq!(read("true").unwrap().expose(), "true");
+        assert_eq!(read("false").unwrap().expose(), "false");
+        assert_eq!(read(r#""test_sk_1""#).unwrap().expose(), "test_sk_1");
+        let e = read(r#"["s3cr3t-in-a-list"]"#).unwrap_err().to_string();
+        assert!(
+            e.contains("sequence") && !e.contains("s3cr3t"),
+            "refused, value not shown: {e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The Discord webhook simulator (DESIGN.md §8): enforces the message limits
 //! (400 on oversize), a per-webhook rate limit (429 with `retry_after` and
 //! `X-RateLimit-*` headers past `limit` requests per `per`), can pretend the
-//! webhook was deleted (404, code 10015), and records every message accepted.
+//! webhook was deleted (404, code 10015), that its token is wrong (401,
+//! code 50027) or that the rate limit never lifts (429 to every request), and
+//! records every message accepted.
 
 use std::{
     collections::VecDeque,
@@ -35,6 +37,8 @@ pub struct DiscordStats {
     pub rejected: u64,
     /// 404 answers.
     pub unknown: u64,
+    /// 401 answers.
+    pub unauthorized: u64,
 }
 
 /// The simulator.
@@ -42,12 +46,16 @@ pub struct DiscordSim {
     limit: usize,
     per: Duration,
     unknown: AtomicBool,
+    invalid_token: AtomicBool,
+    /// Some: every request is answered 429 with this `retry_after`.
+    always_limited: Mutex<Option<Duration>>,
     window: Mutex<VecDeque<Instant>>,
     received: Mutex<Vec<Value>>,
     requests: AtomicU64,
     rate_limited: AtomicU64,
     rejected: AtomicU64,
     unknown_answers: AtomicU64,
+    unauthorized: AtomicU64,
 }
 
 impl DiscordSim {
@@ -57,12 +65,15 @@ impl DiscordSim {
             limit: limit.max(1),
             per,
             unknown: AtomicBool::new(false),
+            invalid_token: AtomicBool::new(false),
+            always_limited: Mutex::new(None),
             window: Mutex::new(VecDeque::new()),
             received: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             unknown_answers: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
         })
     }
 
@@ -73,6 +84,22 @@ impl DiscordSim {
     /// Answer 404 Unknown Webhook from now on (or stop doing so).
     pub fn set_unknown(&self, unknown: bool) {
         self.unknown.store(unknown, Ordering::SeqCst);
+    }
+
+    /// Answer 401 Invalid Webhook Token (code 50027) from now on (or stop
+    /// doing so), as Discord does when the URL's token is wrong.
+    pub fn set_invalid_token(&self, invalid: bool) {
+        self.invalid_token.store(invalid, Ordering::SeqCst);
+    }
+
+    /// With `Some(retry_after)`, answer every request 429 with that
+    /// `retry_after` (a rate limit that never lifts); `None` goes back to
+    /// the normal window.
+    pub fn set_always_rate_limited(&self, retry_after: Option<Duration>) {
+        *self
+            .always_limited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = retry_after;
     }
 
     /// Messages accepted, in order.
@@ -88,6 +115,7 @@ impl DiscordSim {
             rate_limited: self.rate_limited.load(Ordering::SeqCst),
             rejected: self.rejected.load(Ordering::SeqCst),
             unknown: self.unknown_answers.load(Ordering::SeqCst),
+            unauthorized: self.unauthorized.load(Ordering::SeqCst),
         }
     }
 }
@@ -157,6 +185,25 @@ async fn execute(
             Json(json!({"message": "Unknown Webhook", "code": 10015})),
         )
             .into_response();
+    }
+    if sim.invalid_token.load(Ordering::SeqCst) {
+        sim.unauthorized.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"message": "Invalid Webhook Token", "code": 50027})),
+        )
+            .into_response();
+    }
+    let always_limited = *sim.always_limited.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(retry_after) = always_limited {
+        sim.rate_limited.fetch_add(1, Ordering::SeqCst);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "retry-after",
+            HeaderValue::from(retry_after.as_secs_f64().ceil() as u64),
+        );
+        let body = json!({"message": "You are being rate limited.", "retry_after": retry_after.as_secs_f64(), "global": true});
+        return (StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response();
     }
     let now = Instant::now();
     let (allowed, remaining, reset_after) = {

@@ -107,6 +107,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "job runs",
         include_str!("../../../migrations/sqlite/0005_job_runs.sql"),
     ),
+    (
+        6,
+        "alert parking",
+        include_str!("../../../migrations/sqlite/0006_alert_parking.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -133,6 +138,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "job runs",
         include_str!("../../../migrations/postgres/0005_job_runs.sql"),
+    ),
+    (
+        6,
+        "alert parking",
+        include_str!("../../../migrations/postgres/0006_alert_parking.sql"),
     ),
 ];
 
