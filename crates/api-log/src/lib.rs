@@ -6,6 +6,10 @@
 //! cannot be written, the call is not made. Bodies are scrubbed of card data
 //! and secrets ([`paygate_core::masking::scrub_json`]) before they are stored.
 
+pub mod memory;
+
+pub use memory::MemoryApiLog;
+
 use paygate_core::{masking::scrub_json, PaymentId};
 use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
 use sqlx::Row;
@@ -48,6 +52,43 @@ impl Kind {
             Self::Response => "RESPONSE",
             Self::Error => "ERROR",
         }
+    }
+}
+
+/// The request/response log as the saga and the batch use it: append a
+/// row, and read what the log proves about a payment's confirm. Production
+/// uses [`SqlApiLog`]; the deterministic simulation uses [`MemoryApiLog`].
+#[async_trait::async_trait]
+pub trait ApiLog: Send + Sync + 'static {
+    /// Appends one row (the body is scrubbed first).
+    ///
+    /// # Errors
+    /// [`StoreError`]; a `REQUEST` row that fails means no call is made.
+    async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError>;
+
+    /// See [`SqlApiLog::confirm_evidence`].
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn confirm_evidence(
+        &self,
+        payment_id: &str,
+        confirm_path: &str,
+    ) -> Result<ConfirmEvidence, StoreError>;
+}
+
+#[async_trait::async_trait]
+impl ApiLog for SqlApiLog {
+    async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError> {
+        SqlApiLog::append(self, entry).await
+    }
+
+    async fn confirm_evidence(
+        &self,
+        payment_id: &str,
+        confirm_path: &str,
+    ) -> Result<ConfirmEvidence, StoreError> {
+        SqlApiLog::confirm_evidence(self, payment_id, confirm_path).await
     }
 }
 

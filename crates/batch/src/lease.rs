@@ -1,16 +1,39 @@
 //! A lease in the SQL database so that one sweep runs at a time across
 //! replicas. A lease has an owner and an expiry; the holder renews it while
 //! it works; a lease past its expiry (its holder died) is taken over.
+//! [`MemoryLeases`] keeps the same rules in memory, for the deterministic
+//! simulation (one process, many actors).
 
 use std::time::Duration;
 
 use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
 use sqlx::Row;
 
-/// A lease on the SQL database.
+/// Where leases are kept.
+#[derive(Clone, Debug)]
+enum Leases {
+    Sql(SqlDatabase),
+    Memory(std::sync::Arc<MemoryLeases>),
+}
+
+/// Leases in memory: `name -> (owner, expires_at)`, with the SQL table's
+/// rules (free, expired or ours: taken; otherwise held).
+#[derive(Debug, Default)]
+pub struct MemoryLeases(std::sync::Mutex<std::collections::BTreeMap<String, (String, i64)>>);
+
+impl MemoryLeases {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut std::collections::BTreeMap<String, (String, i64)>) -> T,
+    ) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A lease on the SQL database (or in [`MemoryLeases`]).
 #[derive(Clone, Debug)]
 pub struct Lease {
-    db: SqlDatabase,
+    db: Leases,
     name: String,
     owner: String,
     ttl: Duration,
@@ -29,7 +52,22 @@ impl Lease {
     /// A lease `name` for `owner`, valid `ttl` after each acquire or renew.
     pub fn new(db: SqlDatabase, name: &str, owner: &str, ttl: Duration) -> Self {
         Self {
-            db,
+            db: Leases::Sql(db),
+            name: name.to_owned(),
+            owner: owner.to_owned(),
+            ttl,
+        }
+    }
+
+    /// The same lease kept in `leases` (the simulation's).
+    pub fn in_memory(
+        leases: std::sync::Arc<MemoryLeases>,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            db: Leases::Memory(leases),
             name: name.to_owned(),
             owner: owner.to_owned(),
             ttl,
@@ -55,7 +93,24 @@ impl Lease {
                    ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
                    WHERE batch_leases.expires_at < $4 OR batch_leases.owner = excluded.owner";
         let now = paygate_core::time::now_ms();
-        let taken = with_pool!(&self.db, pool => sqlx::query(sql)
+        let db = match &self.db {
+            Leases::Sql(db) => db,
+            Leases::Memory(m) => {
+                return Ok(m.with(|t| match t.get(&self.name) {
+                    Some((owner, expires_at)) if *expires_at >= now && *owner != self.owner => {
+                        Err(Held {
+                            owner: owner.clone(),
+                            expires_at: *expires_at,
+                        })
+                    }
+                    _ => {
+                        t.insert(self.name.clone(), (self.owner.clone(), self.expiry()));
+                        Ok(())
+                    }
+                }))
+            }
+        };
+        let taken = with_pool!(db, pool => sqlx::query(sql)
             .bind(&self.name)
             .bind(&self.owner)
             .bind(self.expiry())
@@ -67,7 +122,7 @@ impl Lease {
         if taken {
             return Ok(Ok(()));
         }
-        let held = with_pool!(&self.db, pool => {
+        let held = with_pool!(db, pool => {
             let row = sqlx::query("SELECT owner, expires_at FROM batch_leases WHERE name = $1")
                 .bind(&self.name)
                 .fetch_one(pool)
@@ -85,7 +140,19 @@ impl Lease {
     /// [`StoreError`].
     pub async fn renew(&self) -> Result<bool, StoreError> {
         let sql = "UPDATE batch_leases SET expires_at = $3 WHERE name = $1 AND owner = $2";
-        with_pool!(&self.db, pool => sqlx::query(sql)
+        let db = match &self.db {
+            Leases::Sql(db) => db,
+            Leases::Memory(m) => {
+                return Ok(m.with(|t| match t.get_mut(&self.name) {
+                    Some((owner, expires_at)) if *owner == self.owner => {
+                        *expires_at = self.expiry();
+                        true
+                    }
+                    _ => false,
+                }))
+            }
+        };
+        with_pool!(db, pool => sqlx::query(sql)
             .bind(&self.name)
             .bind(&self.owner)
             .bind(self.expiry())
@@ -100,7 +167,18 @@ impl Lease {
     /// # Errors
     /// [`StoreError`].
     pub async fn release(&self) -> Result<(), StoreError> {
-        with_pool!(&self.db, pool => sqlx::query("DELETE FROM batch_leases WHERE name = $1 AND owner = $2")
+        let db = match &self.db {
+            Leases::Sql(db) => db,
+            Leases::Memory(m) => {
+                m.with(|t| {
+                    if t.get(&self.name).is_some_and(|(o, _)| *o == self.owner) {
+                        t.remove(&self.name);
+                    }
+                });
+                return Ok(());
+            }
+        };
+        with_pool!(db, pool => sqlx::query("DELETE FROM batch_leases WHERE name = $1 AND owner = $2")
             .bind(&self.name)
             .bind(&self.owner)
             .execute(pool)
@@ -160,6 +238,16 @@ impl Lease {
             lost,
             task,
         }
+    }
+}
+
+/// A renewal whose work was dropped (its task cancelled, its process
+/// stopping) stops renewing: the lease then expires by itself rather than
+/// being held forever by a task nobody owns. (Found by the simulation: a
+/// sweep killed mid-run kept the lease for good.)
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -31,7 +31,7 @@ use std::{
 };
 
 use futures_util::TryStreamExt;
-use paygate_api_log::SqlApiLog;
+use paygate_api_log::{ApiLog, SqlApiLog};
 use paygate_core::{payment::failure_codes, CardStatus, Partition, PaymentRecord};
 use paygate_payments::{Saga, Settler, Tally};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
@@ -173,8 +173,16 @@ pub async fn record_run(db: &SqlDatabase, job: &str, summary: &impl Serialize) {
 pub struct Sweeper {
     store: Arc<dyn StateStore>,
     saga: Arc<Saga>,
-    log: SqlApiLog,
-    db: SqlDatabase,
+    log: Arc<dyn ApiLog>,
+    leases: Leases,
+}
+
+/// Where the sweep keeps its lease and its run summaries.
+enum Leases {
+    /// The SQL database (`batch_leases`, `job_runs`).
+    Sql(SqlDatabase),
+    /// In memory (the simulation); no run summaries.
+    Memory(Arc<lease::MemoryLeases>),
 }
 
 impl Sweeper {
@@ -184,8 +192,23 @@ impl Sweeper {
         Self {
             store,
             saga,
-            log: SqlApiLog::new(db.clone()),
-            db,
+            log: Arc::new(SqlApiLog::new(db.clone())),
+            leases: Leases::Sql(db),
+        }
+    }
+
+    /// A sweeper whose lease is kept in `leases` and which reads the saga's
+    /// own log (the deterministic simulation: no SQL at all).
+    pub fn in_memory(
+        store: Arc<dyn StateStore>,
+        saga: Arc<Saga>,
+        leases: Arc<lease::MemoryLeases>,
+    ) -> Self {
+        Self {
+            store,
+            log: saga.log().clone(),
+            saga,
+            leases: Leases::Memory(leases),
         }
     }
     /// Runs one sweep under the lease `batch-sweep`.
@@ -195,8 +218,13 @@ impl Sweeper {
     /// [`BatchError::LeaseLost`] when the lease was taken mid-sweep;
     /// [`BatchError::Store`] when the store cannot be read.
     pub async fn sweep(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
-        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
-        let lease = lease::Lease::new(self.db.clone(), "batch-sweep", &owner, opts.lease_ttl);
+        let owner = format!("{}-{}", std::process::id(), paygate_core::ambient::ulid());
+        let lease = match &self.leases {
+            Leases::Sql(db) => lease::Lease::new(db.clone(), "batch-sweep", &owner, opts.lease_ttl),
+            Leases::Memory(m) => {
+                lease::Lease::in_memory(m.clone(), "batch-sweep", &owner, opts.lease_ttl)
+            }
+        };
         if let Err(held) = lease.acquire().await? {
             return Err(BatchError::LeaseHeld {
                 owner: held.owner,
@@ -206,8 +234,8 @@ impl Sweeper {
         let renewal = lease.keep_alive(opts.lease_ttl);
         let result = self.sweep_records(opts, &renewal.lost_flag()).await;
         renewal.finish().await;
-        if let (Ok(summary), false) = (&result, opts.dry_run) {
-            record_run(&self.db, "batch", summary).await;
+        if let (Ok(summary), false, Leases::Sql(db)) = (&result, opts.dry_run, &self.leases) {
+            record_run(db, "batch", summary).await;
         }
         result
     }

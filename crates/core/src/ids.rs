@@ -16,7 +16,7 @@ pub struct PaymentId(String);
 impl PaymentId {
     /// A fresh id.
     pub fn generate() -> Self {
-        Self(format!("pay_{}", ulid::Ulid::new()))
+        Self(format!("pay_{}", crate::ambient::ulid()))
     }
 
     /// Wraps a stored id without checking it (ids come from our own stores).
@@ -51,7 +51,7 @@ pub struct MerchantId(String);
 impl MerchantId {
     /// A fresh id.
     pub fn generate() -> Self {
-        Self(format!("mer_{}", ulid::Ulid::new()))
+        Self(format!("mer_{}", crate::ambient::ulid()))
     }
 
     /// Wraps a stored id without checking it.

@@ -3,8 +3,10 @@
 //! Nothing here does I/O. Use it for identifiers ([`ids`]), the realtime
 //! payment state record ([`payment`]), secrets that must never reach a log
 //! ([`masking`]), request fingerprints and API key hashing ([`crypto`]) and
-//! the process configuration ([`config`]).
+//! the process configuration ([`config`]), and the clock and randomness a
+//! deterministic simulation can replace ([`ambient`]).
 
+pub mod ambient;
 pub mod config;
 pub mod crypto;
 pub mod ids;

@@ -3,8 +3,7 @@
 
 /// Milliseconds since the Unix epoch (UTC) now.
 pub fn now_ms() -> i64 {
-    let now = ::time::OffsetDateTime::now_utc();
-    (now.unix_timestamp_nanos() / 1_000_000) as i64
+    crate::ambient::now_ms()
 }
 
 /// Formats epoch milliseconds as RFC 3339 in UTC (`2024-02-13T03:18:14.123Z`).

@@ -66,9 +66,22 @@ impl Saga {
                 self.replay(*existing, &input, &fingerprint).await
             }
             Err(e) => {
+                // The write failed; a read may still work (a write-only
+                // outage). An earlier request for this order may have a
+                // payment in flight: answer from it rather than from nothing.
+                if let Ok(Some(existing)) = self
+                    .store
+                    .get_by_order(&input.merchant_id, &input.order_id)
+                    .await
+                {
+                    span.record("payment_id", existing.payment_id.as_str());
+                    return self.replay(existing, &input, &fingerprint).await;
+                }
                 tracing::error!(order_id = %input.order_id, error = %e, "state store unavailable; no card call made");
+                // No paymentId: paygate cannot see the order, so this answer
+                // promises only that this request charged nothing.
                 ConfirmOutcome::Unavailable {
-                    detail: "payment state store unavailable; nothing was charged",
+                    detail: "payment state store unavailable; this request was not processed and charged nothing; poll GET /v1/payments/orders/{orderId} for the order",
                     payment_id: None,
                     retry_after_s: None,
                 }

@@ -54,7 +54,10 @@ pub enum ConfirmOutcome {
         /// Which claim.
         reuse: Reuse,
     },
-    /// 503: paygate could not safely proceed; no card call was made.
+    /// 503: paygate could not safely proceed; no card call was made. With a
+    /// `payment_id`, nothing was charged for that payment (the order's only
+    /// one); without one, paygate could not read the order, and the answer
+    /// promises only that this request charged nothing.
     Unavailable {
         /// Safe, merchant-facing detail.
         detail: &'static str,

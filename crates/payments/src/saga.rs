@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use paygate_alert::{Alert, AlertReason, Alerter};
-use paygate_api_log::SqlApiLog;
+use paygate_api_log::ApiLog;
 use paygate_card_api::CardApi;
 use paygate_core::PaymentRecord;
 use paygate_ledger_api::LedgerApi;
@@ -62,7 +62,7 @@ impl Default for SagaSettings {
 /// The saga and everything it calls. Shared as `Arc<Saga>`.
 pub struct Saga {
     pub(crate) store: Arc<dyn StateStore>,
-    pub(crate) log: SqlApiLog,
+    pub(crate) log: Arc<dyn ApiLog>,
     pub(crate) card: Arc<dyn CardApi>,
     pub(crate) ledger: Arc<dyn LedgerApi>,
     pub(crate) card_stack: Arc<Downstream>,
@@ -126,7 +126,7 @@ impl Saga {
     /// alerter.
     pub fn new(
         store: Arc<dyn StateStore>,
-        log: SqlApiLog,
+        log: Arc<dyn ApiLog>,
         downstreams: Downstreams,
         alerter: Arc<dyn Alerter>,
         settings: SagaSettings,
@@ -149,6 +149,11 @@ impl Saga {
     /// The async ledger retries in progress.
     pub fn retries(&self) -> &RetryTracker {
         &self.retries
+    }
+
+    /// The request/response log.
+    pub fn log(&self) -> &Arc<dyn ApiLog> {
+        &self.log
     }
 
     /// The state store.

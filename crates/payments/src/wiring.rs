@@ -109,7 +109,7 @@ impl Components {
         };
         let saga = Arc::new(Saga::new(
             store.clone(),
-            SqlApiLog::new(db.clone()),
+            Arc::new(SqlApiLog::new(db.clone())),
             downstreams,
             alerter.clone(),
             settings,

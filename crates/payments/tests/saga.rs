@@ -134,7 +134,7 @@ impl World {
         };
         let saga = Arc::new(Saga::new(
             store.clone(),
-            SqlApiLog::new(db.clone()),
+            Arc::new(SqlApiLog::new(db.clone())),
             Downstreams {
                 card: card.clone(),
                 card_stack: Arc::new(Downstream::new("card_api", &fast)),

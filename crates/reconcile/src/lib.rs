@@ -331,7 +331,8 @@ pub fn slices(from_ms: i64, to_ms: i64, n: u32) -> Vec<Slice> {
 pub struct Reconciler {
     store: Arc<dyn StateStore>,
     saga: Arc<Saga>,
-    db: SqlDatabase,
+    db: Option<SqlDatabase>,
+    leases: Option<Arc<paygate_batch::lease::MemoryLeases>>,
     sink: Option<ActionSink>,
 }
 
@@ -353,7 +354,24 @@ impl Reconciler {
         Self {
             store,
             saga,
-            db,
+            db: Some(db),
+            leases: None,
+            sink: None,
+        }
+    }
+
+    /// A reconciler whose lease is kept in `leases` and which records no
+    /// run summary (the deterministic simulation: no SQL at all).
+    pub fn in_memory(
+        store: Arc<dyn StateStore>,
+        saga: Arc<Saga>,
+        leases: Arc<paygate_batch::lease::MemoryLeases>,
+    ) -> Self {
+        Self {
+            store,
+            saga,
+            db: None,
+            leases: Some(leases),
             sink: None,
         }
     }
@@ -380,8 +398,16 @@ impl Reconciler {
     /// was taken mid-run; [`ReconcileError::Store`] when the store cannot be read.
     pub async fn run(&self, opts: &ReconcileOptions) -> Result<Summary, ReconcileError> {
         opts.validate()?;
-        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
-        let lease = Lease::new(self.db.clone(), "reconcile", &owner, opts.lease_ttl);
+        let owner = format!("{}-{}", std::process::id(), paygate_core::ambient::ulid());
+        let lease = match (&self.db, &self.leases) {
+            (_, Some(m)) => Lease::in_memory(m.clone(), "reconcile", &owner, opts.lease_ttl),
+            (Some(db), None) => Lease::new(db.clone(), "reconcile", &owner, opts.lease_ttl),
+            (None, None) => {
+                return Err(ReconcileError::Invalid(
+                    "a reconciler needs a lease store".to_owned(),
+                ))
+            }
+        };
         if let Err(held) = lease.acquire().await? {
             return Err(ReconcileError::LeaseHeld {
                 owner: held.owner,
@@ -399,14 +425,17 @@ impl Reconciler {
             ),
             lost: renewal.lost_flag(),
             now_ms: paygate_core::time::now_ms(),
-            log_subject: PaymentId::from_stored(format!("reconcile_{}", ulid::Ulid::new())),
+            log_subject: PaymentId::from_stored(format!(
+                "reconcile_{}",
+                paygate_core::ambient::ulid()
+            )),
         };
         let started = Instant::now();
         let result = self.run_under_lease(&run).await;
         renewal.finish().await;
         let summary = run.counters.summary(started);
-        if !opts.dry_run && result.is_ok() {
-            paygate_batch::record_run(&self.db, "reconcile", &summary).await;
+        if let (false, true, Some(db)) = (opts.dry_run, result.is_ok(), &self.db) {
+            paygate_batch::record_run(db, "reconcile", &summary).await;
         }
         metrics::counter!("paygate_reconcile_runs_total").increment(1);
         for (name, v) in [
@@ -581,7 +610,7 @@ impl Reconciler {
             let ids: Vec<String> = chunk
                 .iter()
                 .map(|t| t.order_id.clone())
-                .collect::<HashSet<_>>()
+                .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
             let records = match self.store.find_by_order_ids(&ids).await {

@@ -11,7 +11,6 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use backon::BackoffBuilder;
-use rand::Rng;
 use tower::{
     retry::budget::{Budget, TpsBudget},
     BoxError,
@@ -75,7 +74,7 @@ pub fn full_jitter_backoff(base: Duration, max: Duration, next: u32) -> Duration
         .nth(next.saturating_sub(2) as usize)
         .unwrap_or(max);
     let ms = exp.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(0..=ms))
+    Duration::from_millis(paygate_core::ambient::random_up_to(ms))
 }
 
 impl<C, F, Res> tower::retry::Policy<Attempt<F>, Res, BoxError> for BudgetedRetry<C>

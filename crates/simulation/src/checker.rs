@@ -1,0 +1,197 @@
+//! The invariants, checked after every history once every fault is healed
+//! and the batch and the reconciliation have run to completion:
+//!
+//! - **I1, no lost approval:** every approval the card company gave is paid
+//!   and saved in exactly one ledger entry, or is in front of an operator
+//!   (an alert names its payment or order, or the reconciliation canceled it
+//!   and said so);
+//! - **I2, no double charge:** at most one approval per orderId and per
+//!   paymentKey, and at most one payment id (idempotency key) ever sent to
+//!   the card company for one order;
+//! - **partitions:** nothing in `completed_payments` unless paid and saved,
+//!   nothing paid in `unpaid_payments`, no record in two partitions;
+//! - **ledger:** every entry is for an order the card company approved;
+//! - **I4, true answers:** a 200 only for an order already approved; a 402
+//!   or a 503 ("nothing was charged") never for an order approved by a
+//!   request made before that answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use paygate_core::Partition;
+
+use crate::{
+    workload::{Answer, AnswerKind},
+    world::World,
+};
+
+/// One broken invariant, named and located.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    /// Which invariant (`I1`, `I2`, `I4`, `partition`, `ledger`).
+    pub invariant: &'static str,
+    /// The order (or payment) it is about.
+    pub subject: String,
+    /// What was seen.
+    pub detail: String,
+}
+
+fn v(invariant: &'static str, subject: &str, detail: String) -> Violation {
+    Violation {
+        invariant,
+        subject: subject.to_owned(),
+        detail,
+    }
+}
+
+/// Checks the world after a healed, settled history.
+pub fn check(world: &World, answers: &[Answer]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let snapshot = world.store.snapshot();
+    let approvals = world.card.approvals();
+    let ledger = world.ledger.entries();
+    let alerts = world.alerts.all();
+    let canceled = world.card.canceled();
+
+    // Partitions.
+    let mut seen = BTreeSet::new();
+    for (part, r) in &snapshot {
+        if !seen.insert(r.payment_id.to_string()) {
+            out.push(v(
+                "partition",
+                r.payment_id.as_str(),
+                "record in two partitions".into(),
+            ));
+        }
+        let ok = match part {
+            Partition::Completed => r.is_paid && r.is_saved,
+            Partition::Unpaid => !r.is_paid,
+            Partition::Realtime => true,
+        };
+        if !ok {
+            out.push(v(
+                "partition",
+                r.payment_id.as_str(),
+                format!(
+                    "{} with is_paid={} is_saved={} ({})",
+                    part.table(),
+                    r.is_paid,
+                    r.is_saved,
+                    r.card_status.as_str()
+                ),
+            ));
+        }
+    }
+
+    // I2 at the card company.
+    let mut per_order: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut per_key: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in &approvals {
+        *per_order.entry(&a.order_id).or_default() += 1;
+        *per_key.entry(&a.payment_key).or_default() += 1;
+    }
+    for (order, n) in per_order.iter().filter(|(_, n)| **n > 1) {
+        out.push(v("I2", order, format!("{n} approvals for one orderId")));
+    }
+    for (key, n) in per_key.iter().filter(|(_, n)| **n > 1) {
+        out.push(v("I2", key, format!("{n} approvals for one paymentKey")));
+    }
+    for order in world.card.second_keys() {
+        out.push(v(
+            "I2",
+            &order,
+            "a second payment id was sent to the card company for one order".into(),
+        ));
+    }
+
+    // I1: every approval ends recorded, or in front of an operator.
+    let alerted = |pid: Option<&str>, order: &str| {
+        alerts
+            .iter()
+            .any(|a| a.order_id == order || pid.is_some_and(|p| a.payment_id == p))
+    };
+    for a in &approvals {
+        let records: Vec<_> = snapshot
+            .iter()
+            .filter(|(_, r)| r.order_id.as_str() == a.order_id)
+            .collect();
+        if canceled.contains(&a.order_id) {
+            if !alerted(None, &a.order_id) {
+                out.push(v(
+                    "I1",
+                    &a.order_id,
+                    "approval canceled with no operator alert".into(),
+                ));
+            }
+            continue;
+        }
+        let recorded = records.iter().any(|(_, r)| {
+            r.is_paid
+                && r.is_saved
+                && ledger
+                    .get(r.payment_id.as_str())
+                    .is_some_and(|e| e.order_id == a.order_id)
+        });
+        let pid = records.first().map(|(_, r)| r.payment_id.as_str());
+        if !recorded && !alerted(pid, &a.order_id) {
+            let state = records
+                .first()
+                .map(|(p, r)| {
+                    format!(
+                        "{} {} in {} paid={} saved={}",
+                        r.payment_id,
+                        r.card_status.as_str(),
+                        p.table(),
+                        r.is_paid,
+                        r.is_saved
+                    )
+                })
+                .unwrap_or_else(|| "no record".into());
+            out.push(v(
+                "I1",
+                &a.order_id,
+                format!("approval neither recorded nor alerted: {state}"),
+            ));
+        }
+    }
+
+    // Ledger: every entry for an approved order, at most one per order.
+    let approved: BTreeSet<&str> = approvals.iter().map(|a| a.order_id.as_str()).collect();
+    let mut entries_per_order: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in ledger.values() {
+        *entries_per_order.entry(&e.order_id).or_default() += 1;
+        if !approved.contains(e.order_id.as_str()) {
+            out.push(v(
+                "ledger",
+                &e.order_id,
+                format!("ledger entry {} for an order never approved", e.payment_id),
+            ));
+        }
+    }
+    for (order, n) in entries_per_order.iter().filter(|(_, n)| **n > 1) {
+        out.push(v(
+            "ledger",
+            order,
+            format!("{n} ledger entries for one order"),
+        ));
+    }
+
+    // I4: every answer was true when given.
+    for ans in answers {
+        let approved_before = approvals
+            .iter()
+            .any(|a| a.order_id == ans.order_id && a.request_at <= ans.at_ms);
+        let lie = match ans.kind {
+            AnswerKind::Approved => !approved_before,
+            AnswerKind::Declined | AnswerKind::Unavailable => approved_before,
+            _ => false,
+        };
+        if lie {
+            out.push(v(
+                "I4",
+                &ans.order_id,
+                format!("answered {:?} at {} ms", ans.kind, ans.at_ms),
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,218 @@
+//! Faults and the background actors of a history: outage windows of the
+//! card API, the ledger, the state store and the request log; lost commit
+//! acknowledgements; gateway crashes; batch sweeps and reconciliations on
+//! their own schedules, sometimes killed mid-run. And the final phase:
+//! heal everything, then run the batch and the reconciliation to completion.
+
+use std::{sync::Arc, time::Duration};
+
+use paygate_batch::{SweepOptions, Sweeper};
+use paygate_reconcile::{ReconcileOptions, Reconciler};
+use paygate_state_store::{Fault, WriteKind};
+
+use crate::{
+    gateway::Gateway,
+    options::Options,
+    world::{Incarnation, World},
+    EPOCH_MS,
+};
+
+fn elapsed_ms() -> u64 {
+    u64::try_from(paygate_core::time::now_ms() - EPOCH_MS).unwrap_or(0)
+}
+
+fn within(window: Option<(u64, u64)>, t: u64) -> bool {
+    window.is_some_and(|(start, len)| t >= start && t < start + len)
+}
+
+/// Installs the store and log fault injectors (they read the clock, so
+/// their windows follow simulated time).
+pub fn install(world: &World, o: &Options) {
+    let (store_outage, lost_ack, rng) = (
+        o.store_outage,
+        o.store_lost_ack_per_mille,
+        world.rng.clone(),
+    );
+    world.store.set_fault(Some(Arc::new(
+        move |kind: WriteKind, _: &paygate_core::PaymentId| {
+            if within(store_outage, elapsed_ms()) {
+                return Fault::FailBefore;
+            }
+            if lost_ack > 0 && kind != WriteKind::Copy && rng.between(0, 999) < lost_ack {
+                return Fault::FailAfter;
+            }
+            Fault::None
+        },
+    )));
+    let log_outage = o.log_outage;
+    world
+        .log
+        .set_fault(Some(Arc::new(move |_| within(log_outage, elapsed_ms()))));
+}
+
+impl World {
+    /// Every fault off: the downstreams answer promptly and the stores write.
+    pub fn heal(&self) {
+        self.card.heal();
+        self.ledger.heal();
+        self.store.set_fault(None);
+        self.log.set_fault(None);
+    }
+}
+
+fn sweep_options(grace_ms: u64) -> SweepOptions {
+    SweepOptions {
+        grace: Duration::from_millis(grace_ms),
+        concurrency: 4,
+        lease_ttl: Duration::from_secs(30),
+        scan_batch: 16,
+        ..SweepOptions::default()
+    }
+}
+
+fn reconcile_options(stale_after_ms: u64, min_age_ms: u64) -> ReconcileOptions {
+    let now = paygate_core::time::now_ms();
+    ReconcileOptions {
+        from_ms: EPOCH_MS - 3_600_000,
+        to_ms: now + 3_600_000,
+        page_size: 8,
+        slices: 2,
+        slice_concurrency: 2,
+        lookup_chunk: 4,
+        stale_after: Duration::from_millis(stale_after_ms),
+        stale_concurrency: 4,
+        min_age: Duration::from_millis(min_age_ms),
+        dry_run: false,
+        lease_ttl: Duration::from_secs(30),
+        ledger_alert_threshold: 5,
+    }
+}
+
+/// One batch sweep as its own process.
+async fn sweep(world: &World, grace_ms: u64) {
+    let inc = Incarnation::start(world);
+    let sweeper = Sweeper::in_memory(inc.store.clone(), inc.saga.clone(), world.leases.clone());
+    match sweeper.sweep(&sweep_options(grace_ms)).await {
+        Ok(s) => tracing::info!(?s, "sim: final sweep"),
+        Err(e) => tracing::warn!(error = %e, "sim: final sweep failed"),
+    }
+}
+
+/// One reconciliation as its own process.
+async fn reconcile(world: &World, stale_after_ms: u64, min_age_ms: u64) {
+    let inc = Incarnation::start(world);
+    let r = Reconciler::in_memory(inc.store.clone(), inc.saga.clone(), world.leases.clone());
+    match r.run(&reconcile_options(stale_after_ms, min_age_ms)).await {
+        Ok(s) => tracing::info!(?s, "sim: final reconciliation"),
+        Err(e) => tracing::warn!(error = %e, "sim: final reconciliation failed"),
+    }
+}
+
+/// A job that may be killed mid-run (its process dies: no more writes).
+async fn job<F>(world: Arc<World>, kill_per_mille: u64, run: F)
+where
+    F: FnOnce(Arc<World>, Arc<Incarnation>) -> futures_util::future::LocalBoxFuture<'static, ()>,
+{
+    let inc = Arc::new(Incarnation::start(&world));
+    let kill_after =
+        (world.rng.between(0, 999) < kill_per_mille).then(|| world.rng.between(0, 3_000));
+    let task = tokio::task::spawn_local(run(world.clone(), inc.clone()));
+    match kill_after {
+        Some(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            inc.kill();
+            task.abort();
+            // A killed holder's lease expires by itself.
+        }
+        None => {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The background actors until `until_ms`: crashes, outages, batch sweeps
+/// and reconciliations.
+pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
+    let mut tasks = Vec::new();
+    for at in o.crashes_at.clone() {
+        let (world, gw) = (world.clone(), gw.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            gw.crash(&world);
+        }));
+    }
+    for (outage, card) in [(o.card_outage, true), (o.ledger_outage, false)] {
+        if let Some((start, len)) = outage {
+            let world = world.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                tokio::time::sleep(Duration::from_millis(start)).await;
+                set_down(&world, card, true);
+                tokio::time::sleep(Duration::from_millis(len)).await;
+                set_down(&world, card, false);
+            }));
+        }
+    }
+    let (w, opts) = (world.clone(), o.clone());
+    tasks.push(tokio::task::spawn_local(async move {
+        while elapsed_ms() < until_ms {
+            let every = w.rng.between(opts.batch_every_ms.0, opts.batch_every_ms.1);
+            tokio::time::sleep(Duration::from_millis(every)).await;
+            let grace = opts.batch_grace_ms;
+            job(w.clone(), opts.job_kill_per_mille, move |world, inc| {
+                Box::pin(async move {
+                    let s = Sweeper::in_memory(
+                        inc.store.clone(),
+                        inc.saga.clone(),
+                        world.leases.clone(),
+                    );
+                    let _ = s.sweep(&sweep_options(grace)).await;
+                })
+            })
+            .await;
+        }
+    }));
+    let (w, opts) = (world.clone(), o.clone());
+    tasks.push(tokio::task::spawn_local(async move {
+        while elapsed_ms() < until_ms {
+            let every = w
+                .rng
+                .between(opts.reconcile_every_ms.0, opts.reconcile_every_ms.1);
+            tokio::time::sleep(Duration::from_millis(every)).await;
+            job(w.clone(), opts.job_kill_per_mille, move |world, inc| {
+                Box::pin(async move {
+                    let r = Reconciler::in_memory(
+                        inc.store.clone(),
+                        inc.saga.clone(),
+                        world.leases.clone(),
+                    );
+                    let _ = r.run(&reconcile_options(2_000, 1_000)).await;
+                })
+            })
+            .await;
+        }
+    }));
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+fn set_down(world: &World, card: bool, down: bool) {
+    if card {
+        world.card.set_down(down);
+    } else {
+        world.ledger.set_down(down);
+    }
+}
+
+/// After healing: let everything in flight finish (async retries, slow
+/// answers, leases of killed jobs), then sweep, reconcile with no age
+/// limits, and sweep again until nothing moves.
+pub async fn settle(world: &World) {
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    for _ in 0..3 {
+        sweep(world, 0).await;
+        reconcile(world, 0, 0).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    sweep(world, 0).await;
+}

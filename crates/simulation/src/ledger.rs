@@ -1,0 +1,98 @@
+//! The internal ledger (DESIGN.md §7), modelled in memory: idempotent by
+//! payment id (same body: 200, another body: 409), with faults drawn from
+//! the history's seed: 5xx before recording, answers lost after recording,
+//! slow answers, and outages.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome};
+
+use crate::rng::SimRng;
+
+/// The ledger of one history.
+pub struct SimLedger {
+    rng: SimRng,
+    entries: Mutex<BTreeMap<String, LedgerEntry>>,
+    healed: AtomicBool,
+    down: AtomicBool,
+}
+
+impl SimLedger {
+    /// A ledger drawing its faults from `rng`.
+    pub fn new(rng: SimRng) -> Self {
+        Self {
+            rng,
+            entries: Mutex::new(BTreeMap::new()),
+            healed: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// No more faults from now on.
+    pub fn heal(&self) {
+        self.healed.store(true, Ordering::SeqCst);
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Every call fails with 503 while `down`.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Every entry, by payment id.
+    pub fn entries(&self) -> BTreeMap<String, LedgerEntry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[async_trait]
+impl LedgerApi for SimLedger {
+    async fn record(&self, e: &LedgerEntry, key: &str) -> Result<LedgerOutcome, LedgerApiError> {
+        let faulty = !self.healed.load(Ordering::SeqCst);
+        if faulty {
+            tokio::time::sleep(Duration::from_millis(self.rng.between(0, 100))).await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LedgerApiError::Server(503));
+        }
+        if faulty && self.rng.chance(0.05) {
+            return Err(LedgerApiError::Server(500));
+        }
+        let outcome = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            match entries.get(key) {
+                Some(existing) if existing == e => Ok(LedgerOutcome::AlreadyRecorded),
+                Some(_) => Err(LedgerApiError::Conflict),
+                None => {
+                    entries.insert(key.to_owned(), e.clone());
+                    Ok(LedgerOutcome::Recorded)
+                }
+            }
+        };
+        if faulty && outcome.is_ok() && self.rng.chance(0.04) {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            return Err(LedgerApiError::Timeout);
+        }
+        outcome
+    }
+
+    async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {
+        Ok(self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(payment_id)
+            .cloned())
+    }
+}

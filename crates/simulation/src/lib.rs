@@ -1,0 +1,169 @@
+//! paygate-simulation: a deterministic simulation of every actor that can
+//! touch a payment, with an invariant checker after every history.
+//!
+//! One seed is one history, replayed exactly: every actor runs on one
+//! current-thread tokio runtime with paused time, the state store, the
+//! request log, the alert outbox and the leases live in memory, the card
+//! company and the ledger are in-memory models, and paygate's own clock,
+//! ids and jitter come from the seed (`paygate_core::ambient`). The code
+//! under test is the real code: the saga of `paygate-payments`, the batch
+//! sweep of `paygate-batch` and the reconciliation of `paygate-reconcile`.
+//!
+//! A history: merchants confirm and retry ([`workload`]); the gateway
+//! crashes and restarts ([`gateway`]); batch sweeps and reconciliations
+//! run on their own schedules and are sometimes killed mid-run; the card
+//! company and the ledger misbehave ([`card`], [`ledger`]); the store and
+//! the log fail writes in windows ([`faults`]). Then every fault is healed,
+//! the batch and the reconciliation run to completion, and [`checker`]
+//! checks I1, I2, I4 and the partitions.
+//!
+//! Layout, after TigerBeetle's VOPR: [`options`] (knobs from the seed),
+//! [`workload`], [`faults`], [`world`] (what survives a crash),
+//! [`checker`].
+
+pub mod card;
+pub mod checker;
+pub mod faults;
+pub mod gateway;
+pub mod ledger;
+pub mod options;
+pub mod rng;
+pub mod workload;
+pub mod world;
+
+use std::{rc::Rc, time::Duration};
+
+use paygate_core::{ambient::Ambient, MerchantId};
+
+pub use checker::Violation;
+pub use options::Options;
+
+use crate::{gateway::Gateway, rng::SimRng, world::World};
+
+/// Epoch of every history: 2026-01-01T00:00:00Z, ms.
+pub const EPOCH_MS: i64 = 1_767_225_600_000;
+
+/// How long the faulty part of a history lasts, ms (simulated).
+const HISTORY_MS: u64 = 45_000;
+
+/// What one history did and broke.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The options drawn from it.
+    pub options: Options,
+    /// Approvals the card company gave.
+    pub approvals: usize,
+    /// Answers merchants got.
+    pub answers: usize,
+    /// Gateway crashes.
+    pub crashes: u32,
+    /// Broken invariants (empty: the history passed).
+    pub violations: Vec<Violation>,
+    /// A digest of the whole final state and every answer: equal for two
+    /// runs of one seed (the history replays exactly).
+    pub digest: u64,
+}
+
+/// The clock of a history: the epoch plus tokio's (paused) time since the
+/// start; its randomness: the history's RNG.
+struct SimAmbient {
+    start: tokio::time::Instant,
+    rng: SimRng,
+}
+
+impl Ambient for SimAmbient {
+    fn now_ms(&self) -> i64 {
+        EPOCH_MS + self.start.elapsed().as_millis() as i64
+    }
+    fn next_u64(&self) -> u64 {
+        self.rng.next_u64()
+    }
+}
+
+/// Runs the history of `seed` and checks it.
+///
+/// # Errors
+/// An I/O error when the runtime cannot be built.
+pub fn run_seed(seed: u64) -> std::io::Result<Report> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    // One thread: every actor is a local task, so no future has to be Send.
+    Ok(rt.block_on(tokio::task::LocalSet::new().run_until(history(seed))))
+}
+
+async fn history(seed: u64) -> Report {
+    let rng = SimRng::new(seed);
+    let _ambient = paygate_core::ambient::install(Rc::new(SimAmbient {
+        start: tokio::time::Instant::now(),
+        rng: SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
+    }));
+    let options = Options::draw(&rng);
+    let world = std::sync::Arc::new(World::new(rng.clone()));
+    faults::install(&world, &options);
+    let gw = Gateway::start(&world);
+    let answers = workload::Answers::default();
+    let merchants: Vec<MerchantId> = (0..options.merchants)
+        .map(|i| MerchantId::from_stored(format!("mer_{i}")))
+        .collect();
+    let mut clients = Vec::new();
+    for order in workload::orders(&rng, &merchants, options.orders, options.window_ms) {
+        clients.push(tokio::task::spawn_local(workload::client(
+            gw.clone(),
+            order,
+            rng.clone(),
+            answers.clone(),
+            options.tries,
+        )));
+    }
+    let jobs = tokio::task::spawn_local(faults::actors(
+        world.clone(),
+        gw.clone(),
+        options.clone(),
+        HISTORY_MS,
+    ));
+    tokio::time::sleep(Duration::from_millis(HISTORY_MS)).await;
+    world.heal();
+    let _ = jobs.await;
+    for c in clients {
+        let _ = c.await;
+    }
+    faults::settle(&world).await;
+    let answers = answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let violations = checker::check(&world, &answers);
+    let digest = digest(&world, &answers);
+    Report {
+        seed,
+        options,
+        approvals: world.card.approvals().len(),
+        answers: answers.len(),
+        crashes: gw.crashes(),
+        violations,
+        digest,
+    }
+}
+
+/// FNV-1a over the final state, the ledger, the alerts and the answers.
+fn digest(world: &World, answers: &[workload::Answer]) -> u64 {
+    let text = format!(
+        "{:?}|{:?}|{:?}|{:?}",
+        world.store.snapshot(),
+        world.ledger.entries(),
+        world
+            .alerts
+            .all()
+            .iter()
+            .map(|a| (a.reason.as_str(), a.payment_id.clone()))
+            .collect::<Vec<_>>(),
+        answers
+            .iter()
+            .map(|a| (a.order_id.clone(), a.kind, a.at_ms))
+            .collect::<Vec<_>>()
+    );
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

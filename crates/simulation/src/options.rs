@@ -1,0 +1,71 @@
+//! The knobs of one history, all drawn from its seed (TigerBeetle's VOPR
+//! style: the seed is the whole bug report).
+
+use crate::rng::SimRng;
+
+/// What one history does.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Options {
+    /// Orders confirmed.
+    pub orders: usize,
+    /// Merchants sharing them.
+    pub merchants: usize,
+    /// Orders start within this window, ms.
+    pub window_ms: u64,
+    /// Confirms per order at most (first try included).
+    pub tries: u32,
+    /// Gateway crashes (kill -9 and restart), at these times, ms.
+    pub crashes_at: Vec<u64>,
+    /// Card API outage (every call 503): start and length, ms.
+    pub card_outage: Option<(u64, u64)>,
+    /// Ledger outage: start and length, ms.
+    pub ledger_outage: Option<(u64, u64)>,
+    /// State store write failures: start and length, ms.
+    pub store_outage: Option<(u64, u64)>,
+    /// A state store write applies but reports failure, per mille.
+    pub store_lost_ack_per_mille: u64,
+    /// Request log write failures: start and length, ms.
+    pub log_outage: Option<(u64, u64)>,
+    /// Batch sweeps start this often, ms (range).
+    pub batch_every_ms: (u64, u64),
+    /// Grace period of the batch during the history, ms.
+    pub batch_grace_ms: u64,
+    /// Reconciliations start this often, ms (range).
+    pub reconcile_every_ms: (u64, u64),
+    /// A batch or reconciliation run is killed mid-run, per mille.
+    pub job_kill_per_mille: u64,
+}
+
+impl Options {
+    /// The options of the history `rng` was seeded for.
+    pub fn draw(rng: &SimRng) -> Self {
+        let window_ms = rng.between(5_000, 30_000);
+        let window = |p: f64| {
+            rng.chance(p)
+                .then(|| (rng.between(0, window_ms), rng.between(500, 10_000)))
+        };
+        let crashes = rng.between(0, 2) as usize;
+        Self {
+            orders: rng.between(4, 24) as usize,
+            merchants: rng.between(1, 3) as usize,
+            window_ms,
+            tries: rng.between(1, 5) as u32,
+            crashes_at: (0..crashes)
+                .map(|_| rng.between(0, window_ms + 10_000))
+                .collect(),
+            card_outage: window(0.25),
+            ledger_outage: window(0.35),
+            store_outage: window(0.2),
+            store_lost_ack_per_mille: if rng.chance(0.3) {
+                rng.between(5, 50)
+            } else {
+                0
+            },
+            log_outage: window(0.2),
+            batch_every_ms: (2_000, 12_000),
+            batch_grace_ms: [0, 1_000, 5_000][rng.pick(3)],
+            reconcile_every_ms: (4_000, 20_000),
+            job_kill_per_mille: rng.between(0, 200),
+        }
+    }
+}
