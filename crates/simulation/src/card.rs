@@ -160,6 +160,11 @@ impl SimCard {
         self.state().second_keys.clone()
     }
 
+    /// Orders a confirm ever reached (whatever its answer).
+    pub fn orders_seen(&self) -> BTreeSet<String> {
+        self.state().order_keys.keys().cloned().collect()
+    }
+
     /// Orders whose payment was canceled.
     pub fn canceled(&self) -> BTreeSet<String> {
         self.state().canceled.clone()
@@ -374,7 +379,8 @@ impl CardApi for SimCard {
             }
             _ => Err(err(404, codes::NOT_FOUND_PAYMENT)),
         };
-        st.keys.insert(scope, KeyState::Done(Box::new(answer.clone())));
+        st.keys
+            .insert(scope, KeyState::Done(Box::new(answer.clone())));
         answer
     }
 

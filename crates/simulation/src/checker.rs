@@ -43,8 +43,9 @@ fn v(invariant: &'static str, subject: &str, detail: String) -> Violation {
     }
 }
 
-/// Checks the world after a healed, settled history.
-pub fn check(world: &World, answers: &[Answer]) -> Vec<Violation> {
+/// Checks the world after a healed, settled history; `finals` are the
+/// answers to one more retry of every order once nothing was in flight.
+pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violation> {
     let mut out = Vec::new();
     let snapshot = world.store.snapshot();
     let approvals = world.card.approvals();
@@ -175,8 +176,49 @@ pub fn check(world: &World, answers: &[Answer]) -> Vec<Violation> {
         ));
     }
 
+    // Liveness: once nothing is in flight, a retry gets a final answer: no
+    // 409, no UNKNOWN for an order the card company never received, and a
+    // charged order is answered as charged (or is in front of an operator).
+    // Sent, by the log (I3: no REQUEST row, no call).
+    let requested: BTreeSet<String> = world
+        .log
+        .rows()
+        .into_iter()
+        .filter(|r| {
+            r.kind == paygate_api_log::Kind::Request && r.path == paygate_card_api::CONFIRM_PATH
+        })
+        .map(|r| r.payment_id)
+        .collect();
+    let sent: BTreeSet<String> = snapshot
+        .iter()
+        .filter(|(_, r)| requested.contains(r.payment_id.as_str()))
+        .map(|(_, r)| r.order_id.to_string())
+        .collect();
+    for ans in finals {
+        let charged = approvals.iter().any(|a| a.order_id == ans.order_id)
+            && !canceled.contains(&ans.order_id);
+        let stuck = match ans.kind {
+            AnswerKind::InFlight => Some("409 although nothing is in flight"),
+            AnswerKind::Unknown if !sent.contains(&ans.order_id) => {
+                Some("UNKNOWN although no confirm was ever sent")
+            }
+            AnswerKind::Approved | AnswerKind::Reused => None,
+            _ if charged && !alerted(None, &ans.order_id) => {
+                Some("charged, but a retry is not told so and no operator was alerted")
+            }
+            _ => None,
+        };
+        if let Some(what) = stuck {
+            out.push(v(
+                "liveness",
+                &ans.order_id,
+                format!("final retry answered {:?}: {what}", ans.kind),
+            ));
+        }
+    }
+
     // I4: every answer was true when given.
-    for ans in answers {
+    for ans in answers.iter().chain(finals) {
         let approved_before = approvals
             .iter()
             .any(|a| a.order_id == ans.order_id && a.request_at <= ans.at_ms);

@@ -110,7 +110,8 @@ async fn history(seed: u64) -> Report {
         .map(|i| MerchantId::from_stored(format!("mer_{i}")))
         .collect();
     let mut clients = Vec::new();
-    for order in workload::orders(&rng, &merchants, options.orders, options.window_ms) {
+    let orders = workload::orders(&rng, &merchants, options.orders, options.window_ms);
+    for order in orders.clone() {
         clients.push(tokio::task::spawn_local(workload::client(
             gw.clone(),
             order,
@@ -132,9 +133,18 @@ async fn history(seed: u64) -> Report {
         let _ = c.await;
     }
     faults::settle(&world).await;
+    // Every merchant asks once more, now that nothing is in flight; what
+    // that may start (a reopened no-call abort) is settled too.
+    let finals = workload::Answers::default();
+    let last = Gateway::start(&world);
+    for order in &orders {
+        workload::final_retry(&last, order, &finals).await;
+    }
+    faults::settle(&world).await;
     let answers = answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let violations = checker::check(&world, &answers);
-    let digest = digest(&world, &answers);
+    let finals = finals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let violations = checker::check(&world, &answers, &finals);
+    let digest = digest(&world, &[answers.clone(), finals].concat());
     Report {
         seed,
         options,

@@ -135,6 +135,28 @@ async fn confirm_once(
     Some(k)
 }
 
+/// After everything settled: the merchant asks once more (same body); the
+/// answer is recorded as final.
+pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
+    if let Some(outcome) = gw.confirm(order.input(order.amount)).await {
+        answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Answer {
+                order_id: order.order_id.clone(),
+                kind: kind(&outcome),
+                at_ms: paygate_core::time::now_ms(),
+            });
+    }
+}
+
+impl Order {
+    /// The order's id.
+    pub fn id(&self) -> &str {
+        &self.order_id
+    }
+}
+
 /// A merchant's client for one order: confirm, retry what got no final
 /// answer (at most `tries` times), with the order's quirks.
 pub async fn client(gw: Gateway, order: Order, rng: SimRng, answers: Answers, tries: u32) {

@@ -35,7 +35,10 @@ fn a_thousand_histories_keep_every_invariant() {
         crashes += r.crashes;
     }
     // The histories did something: approvals happened and gateways died.
-    assert!(approvals as u64 > n * 3, "{approvals} approvals in {n} seeds");
+    assert!(
+        approvals as u64 > n * 3,
+        "{approvals} approvals in {n} seeds"
+    );
     assert!(u64::from(crashes) > n / 2, "{crashes} crashes in {n} seeds");
     println!("{n} seeds: {approvals} approvals, {crashes} gateway crashes, 0 violations");
 }
