@@ -118,6 +118,7 @@ impl Incarnation {
         let store: Arc<dyn StateStore> = Arc::new(Handle {
             inner: world.store.clone(),
             dead: dead.clone(),
+            rng: Some(world.rng.clone()),
         });
         let card_policy = DownstreamPolicy {
             breaker_wait_duration_in_open_ms: 5_000,
@@ -128,17 +129,20 @@ impl Incarnation {
             Arc::new(Handle {
                 inner: world.log.clone(),
                 dead: dead.clone(),
+                rng: Some(world.rng.clone()),
             }),
             Downstreams {
                 card: Arc::new(Handle {
                     inner: world.card.clone(),
                     dead: dead.clone(),
+                    rng: None,
                 }),
                 card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
                 list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
                 ledger: Arc::new(Handle {
                     inner: world.ledger.clone(),
                     dead: dead.clone(),
+                    rng: None,
                 }),
                 ledger_stack: Arc::new(Downstream::new(
                     "ledger_api",
@@ -148,6 +152,7 @@ impl Incarnation {
             Arc::new(Handle {
                 inner: world.alerts.clone(),
                 dead: dead.clone(),
+                rng: None,
             }),
             SagaSettings {
                 settle_on_access_after: Duration::from_secs(5),
@@ -168,11 +173,24 @@ impl Incarnation {
 struct Handle<T: ?Sized> {
     inner: Arc<T>,
     dead: Arc<AtomicBool>,
+    /// Each call waits 0-3 ms (simulated), as a round trip to a database
+    /// does, so that other actors can act between two awaits.
+    rng: Option<SimRng>,
 }
 
 impl<T: ?Sized> Handle<T> {
     fn alive(&self) -> bool {
         !self.dead.load(Ordering::SeqCst)
+    }
+
+    async fn round_trip(&self) -> bool {
+        if let Some(rng) = &self.rng {
+            let ms = rng.between(0, 3);
+            if ms > 0 {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+        self.alive()
     }
 }
 
@@ -183,13 +201,13 @@ fn gone() -> StoreError {
 #[async_trait]
 impl StateStore for Handle<MemoryStateStore> {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.create(r).await
     }
     async fn get(&self, id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.get(id).await
@@ -199,13 +217,13 @@ impl StateStore for Handle<MemoryStateStore> {
         m: &MerchantId,
         o: &OrderId,
     ) -> Result<Option<PaymentRecord>, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.get_by_order(m, o).await
     }
     async fn transition(&self, id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.transition(id, t).await
@@ -216,7 +234,7 @@ impl StateStore for Handle<MemoryStateStore> {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.move_record(id, from, to).await
@@ -227,7 +245,7 @@ impl StateStore for Handle<MemoryStateStore> {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.copy_to_partition(id, from, to).await
@@ -242,7 +260,7 @@ impl StateStore for Handle<MemoryStateStore> {
         &self,
         ids: &[String],
     ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.find_by_order_ids(ids).await
@@ -270,13 +288,13 @@ impl StateStore for Handle<MemoryStateStore> {
 #[async_trait]
 impl ApiLog for Handle<MemoryApiLog> {
     async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.append(entry).await
     }
     async fn confirm_evidence(&self, id: &str, path: &str) -> Result<ConfirmEvidence, StoreError> {
-        if !self.alive() {
+        if !self.round_trip().await {
             return Err(gone());
         }
         self.inner.confirm_evidence(id, path).await
