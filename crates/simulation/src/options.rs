@@ -62,8 +62,8 @@ impl Options {
                 0
             },
             log_outage: window(0.2),
-            batch_every_ms: (2_000, 12_000),
-            batch_grace_ms: [0, 1_000, 5_000][rng.pick(3)],
+            batch_every_ms: (500, 6_000),
+            batch_grace_ms: [0, 0, 1_000, 5_000][rng.pick(4)],
             reconcile_every_ms: (4_000, 20_000),
             job_kill_per_mille: rng.between(0, 200),
         }

@@ -120,8 +120,12 @@ impl Incarnation {
             dead: dead.clone(),
             rng: Some(world.rng.clone()),
         });
+        // A small breaker window: the sim's few orders can open it, and an
+        // open breaker makes the no-call aborts that merchant retries reopen.
         let card_policy = DownstreamPolicy {
-            breaker_wait_duration_in_open_ms: 5_000,
+            breaker_wait_duration_in_open_ms: 3_000,
+            breaker_window_size: 10,
+            breaker_minimum_number_of_calls: 4,
             ..DownstreamPolicy::card_api()
         };
         let saga = Arc::new(Saga::new(
