@@ -2,9 +2,10 @@
 //! and the batch and the reconciliation have run to completion:
 //!
 //! - **I1, no lost approval:** every approval the card company gave is paid
-//!   and saved in exactly one ledger entry, or is in front of an operator
-//!   (an alert names its payment or order, or the reconciliation canceled it
-//!   and said so);
+//!   and saved in exactly one ledger entry. The design allows "or in front
+//!   of an operator", but the simulated card company never contradicts
+//!   paygate and every fault is healed before the check, so here no
+//!   approval may need a human (a canceled orphan must be alerted);
 //! - **I2, no double charge:** at most one approval per orderId and per
 //!   paymentKey, and at most one payment id (idempotency key) ever sent to
 //!   the card company for one order;
@@ -63,11 +64,7 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
                 "record in two partitions".into(),
             ));
         }
-        let ok = match part {
-            Partition::Completed => r.is_paid && r.is_saved,
-            Partition::Unpaid => !r.is_paid,
-            Partition::Realtime => true,
-        };
+        let ok = paygate_state_store::may_enter(*part, r);
         if !ok {
             out.push(v(
                 "partition",
@@ -132,8 +129,11 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
                     .get(r.payment_id.as_str())
                     .is_some_and(|e| e.order_id == a.order_id)
         });
-        let pid = records.first().map(|(_, r)| r.payment_id.as_str());
-        if !recorded && !alerted(pid, &a.order_id) {
+        // Strict: the simulated card company never contradicts paygate
+        // (amounts match, paymentKeys are not shared, every fault is healed
+        // before the check), so no approval here needs a human: each must
+        // end recorded. An alert does not excuse it.
+        if !recorded {
             let state = records
                 .first()
                 .map(|(p, r)| {
