@@ -2,8 +2,8 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    extract::{FromRequest, FromRequestParts, Path, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -11,9 +11,9 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use paygate_payments::{ConfirmInput, ConfirmOutcome, Reuse};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse};
 
-use crate::{auth::AuthedMerchant, problem::Problem, AppState};
+use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
 
 /// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -96,28 +96,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(s.to_owned()))
 }
 
-/// `POST /v1/payments/confirm`.
-#[utoipa::path(post, path = "/v1/payments/confirm", tag = "payments",
-    request_body = ConfirmBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "optional; quoted or bare; the same key replays the same payment")),
-    responses(
-        (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
-        (status = 202, description = "outcome unknown; poll GET", body = PaymentView),
-        (status = 400, description = "invalid body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "cannot safely proceed; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-    ),
-    security(("bearer" = [])))]
-pub async fn confirm(
-    State(state): State<AppState>,
-    AuthedMerchant(merchant): AuthedMerchant,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, Problem> {
+/// Reads, authenticates and validates a confirm request (no I/O but the
+/// merchant lookup; nothing is charged on any error here).
+async fn confirm_input(state: &AppState, req: Request) -> Result<ConfirmInput, Problem> {
+    let (mut parts, body) = req.into_parts();
+    let AuthedMerchant(merchant) = AuthedMerchant::from_request_parts(&mut parts, state).await?;
+    let idempotency_key = idempotency_key(&parts.headers)?;
+    let body = Bytes::from_request(Request::from_parts(parts, body), state)
+        .await
+        .map_err(|_| Problem::invalid("the body could not be read"))?;
     let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
         Problem::invalid(
             "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}",
@@ -137,28 +124,112 @@ pub async fn confirm(
             "paymentKey must be 1-200 visible ASCII characters",
         ));
     }
-    let input = ConfirmInput {
+    Ok(ConfirmInput {
         merchant_id: merchant.merchant_id,
         payment_key: body.payment_key,
         order_id,
         amount: body.amount,
-        idempotency_key: idempotency_key(&headers)?,
+        idempotency_key,
+    })
+}
+
+/// The answer to a confirm whose saga has not ended (its deadline, the
+/// shutdown deadline, or a failed task): 202 with the payment once the card
+/// may be called, else 503, which is then true: the ticket is given up and
+/// the saga makes no card call (I4).
+fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
+    match ticket.give_up() {
+        EarlyAnswer::InProgress(record) => {
+            metrics::counter!("paygate_confirm_early_answers_total", "answer" => "in_progress")
+                .increment(1);
+            tracing::info!(cause, payment_id = %record.payment_id,
+                "confirm answered 202 before its saga ended; the saga carries on");
+            let mut resp = view(StatusCode::ACCEPTED, &record);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        EarlyAnswer::NothingCharged => {
+            metrics::counter!("paygate_confirm_early_answers_total", "answer" => "nothing_charged")
+                .increment(1);
+            tracing::warn!(
+                cause,
+                "confirm answered 503 before its record was durable; no card call will be made"
+            );
+            Problem::unavailable("no answer in time; nothing was charged, retry with the same body")
+                .into_response()
+        }
+    }
+}
+
+/// `POST /v1/payments/confirm`.
+#[utoipa::path(post, path = "/v1/payments/confirm", tag = "payments",
+    request_body = ConfirmBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; quoted or bare; the same key replays the same payment")),
+    responses(
+        (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
+        (status = 202, description = "outcome not known yet (status UNKNOWN, or IN_PROGRESS when the answer deadline or a shutdown came while the card call may be in flight); poll GET", body = PaymentView),
+        (status = 400, description = "invalid body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "cannot safely proceed; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Response, Problem> {
+    // One deadline from the moment the request arrived, over reading and
+    // authenticating it as well as the saga: this route has no timeout
+    // layer, so the handler alone decides what an answer says (I4).
+    let started = req
+        .extensions()
+        .get::<RequestStarted>()
+        .map_or_else(std::time::Instant::now, |s| s.0);
+    let answer_by = tokio::time::Instant::from_std(started + state.confirm_answer_within);
+    let input = match tokio::time::timeout_at(answer_by, confirm_input(&state, req)).await {
+        Ok(input) => input?,
+        Err(_) => {
+            return Err(Problem::unavailable(
+                "the request took too long to arrive; nothing was charged, retry",
+            ))
+        }
     };
-    // The saga runs in its own task: a client that disconnects (or a request
-    // timeout) must not cancel it between the card approval and the writes
-    // that record it.
+    let mut shutdown = state.shutdown_deadline.clone();
+    if *shutdown.borrow() {
+        return Err(Problem::unavailable(
+            "shutting down; nothing was charged, retry",
+        ));
+    }
+    // The saga runs in its own task: a client that disconnects, an early
+    // answer or the shutdown deadline must not cancel it between the card
+    // approval and the writes that record it. The ticket says what an early
+    // answer may claim.
+    let ticket = ConfirmTicket::new();
     let saga = state.saga.clone();
     let span = tracing::Span::current();
-    let outcome =
-        match tokio::spawn(async move { saga.confirm(input).await }.instrument(span)).await {
+    let saga_ticket = ticket.clone();
+    let task = tokio::spawn(
+        async move { saga.confirm_with_ticket(input, saga_ticket).await }.instrument(span),
+    );
+    let shutdown_reached = async move {
+        // A dropped sender (the server is gone) is no deadline.
+        if shutdown.wait_for(|reached| *reached).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        biased;
+        joined = task => match joined {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "confirm task failed");
-                return Err(Problem::unavailable(
-                    "internal error; poll GET /v1/payments/orders/{orderId}",
-                ));
+                return Ok(early_answer(&ticket, "task_failed"));
             }
-        };
+        },
+        () = tokio::time::sleep_until(answer_by) => return Ok(early_answer(&ticket, "deadline")),
+        () = shutdown_reached => return Ok(early_answer(&ticket, "shutdown")),
+    };
     Ok(match outcome {
         ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
         ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),

@@ -1,0 +1,241 @@
+//! The merchant API's edges, black-box over HTTP against the real app:
+//! answers given before a confirm's saga ends (issue 13 point 4, I4) and
+//! at the shutdown deadline (issue 15 point 7).
+
+use std::time::{Duration, Instant};
+
+use paygate_core::{payment::failure_codes, PaymentId};
+use paygate_sandbox::FaultProfile;
+use paygate_state_store::{testing::Backend, SqlDatabase};
+use serde_json::Value;
+
+use crate::helpers::{backends, confirm_body, spawn_app, TestApp};
+
+async fn json(resp: reqwest::Response) -> Value {
+    resp.json().await.expect("json body")
+}
+
+/// Polls `GET path` until `done` holds for its body (10 s at most).
+async fn poll_until(app: &TestApp, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = app.get(&app.key, path).await;
+        if resp.status() == 200 {
+            let body = json(resp).await;
+            if done(&body) {
+                return body;
+            }
+            assert!(Instant::now() < until, "{path} never settled: {body}");
+        } else {
+            assert!(Instant::now() < until, "{path}: {}", resp.status());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A confirm whose card call outlasts the inbound timeout is answered 202
+/// with its paymentId (IN_PROGRESS), never 503 "nothing was charged"; the
+/// saga carries on and the payment ends DONE, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_card_call_is_answered_202_in_progress_never_503() {
+    for backend in backends() {
+        let profile = FaultProfile {
+            card_latency_min_ms: 1_500,
+            card_latency_max_ms: 1_500,
+            ..FaultProfile::none()
+        };
+        let app = spawn_app(&backend, profile, |c| c.inbound_request_timeout_ms = 400).await;
+        let sent = Instant::now();
+        let resp = app.confirm(&confirm_body("order-slow-card-1", 7_000)).await;
+        let waited = sent.elapsed();
+        assert_eq!(resp.status(), 202, "{}", backend.name());
+        assert!(
+            waited < Duration::from_millis(1_300),
+            "answered by the deadline, not after the card: {waited:?}"
+        );
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body = json(resp).await;
+        assert_eq!(body["status"], "IN_PROGRESS", "{body}");
+        let payment_id = body["paymentId"].as_str().expect("paymentId").to_owned();
+
+        let done = poll_until(&app, &format!("/v1/payments/{payment_id}"), |b| {
+            b["status"] == "DONE"
+        })
+        .await;
+        assert_eq!(done["orderId"], "order-slow-card-1");
+        let stats = app.sandbox.card.stats();
+        assert_eq!(
+            (stats.confirm_calls, stats.approvals),
+            (1, 1),
+            "{}",
+            backend.name()
+        );
+        app.teardown().await;
+    }
+}
+
+/// Takes the write lock of the realtime state table on `db`, as a stalled
+/// database would, until the returned sender fires.
+async fn hold_write_lock(db: &SqlDatabase) -> tokio::sync::oneshot::Sender<()> {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked_tx, locked) = tokio::sync::oneshot::channel::<()>();
+    match db.clone() {
+        SqlDatabase::Sqlite(pool) => {
+            tokio::spawn(async move {
+                let mut conn = pool.acquire().await.expect("connection");
+                sqlx::query("BEGIN IMMEDIATE")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("write lock");
+                let _ = locked_tx.send(());
+                let _ = released.await;
+                sqlx::query("COMMIT")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("commit");
+            });
+        }
+        SqlDatabase::Postgres(pool) => {
+            tokio::spawn(async move {
+                let mut tx = pool.begin().await.expect("transaction");
+                sqlx::query("LOCK TABLE realtime_payments IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("table lock");
+                let _ = locked_tx.send(());
+                let _ = released.await;
+                tx.commit().await.expect("commit");
+            });
+        }
+    }
+    locked.await.expect("lock taken");
+    release
+}
+
+/// A confirm whose record cannot be written before its deadline is
+/// answered 503, and that 503 stays true: the saga, once the store answers,
+/// sees the merchant was answered, aborts the record as a no-call and makes
+/// no card call. The merchant's retry then confirms it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_answered_503_before_its_record_is_durable_never_calls_the_card() {
+    for backend in backends() {
+        let app = spawn_app(&backend, FaultProfile::none(), |c| {
+            c.inbound_request_timeout_ms = 300
+        })
+        .await;
+        let release = hold_write_lock(&app.app_db).await;
+        let resp = app.confirm(&confirm_body("order-stalled-1", 3_000)).await;
+        assert_eq!(resp.status(), 503, "{}", backend.name());
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let problem = json(resp).await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("nothing was charged"),
+            "{problem}"
+        );
+        let _ = release.send(());
+
+        let aborted = poll_until(&app, "/v1/payments/orders/order-stalled-1", |b| {
+            b["status"] == "ABORTED"
+        })
+        .await;
+        let pid = PaymentId::from_stored(aborted["paymentId"].as_str().unwrap());
+        let (_, stored) = app.saga.store().get(&pid).await.unwrap().unwrap();
+        assert_eq!(
+            stored.failure_code.as_deref(),
+            Some(failure_codes::ANSWER_TIMED_OUT)
+        );
+        assert_eq!(
+            app.sandbox.card.stats().confirm_calls,
+            0,
+            "{}: the 503 was true, no card call",
+            backend.name()
+        );
+
+        let retry = app.confirm(&confirm_body("order-stalled-1", 3_000)).await;
+        assert_eq!(retry.status(), 200, "{}", backend.name());
+        assert_eq!(json(retry).await["paymentId"], aborted["paymentId"]);
+        let stats = app.sandbox.card.stats();
+        assert_eq!((stats.confirm_calls, stats.approvals), (1, 1));
+        app.teardown().await;
+    }
+}
+
+/// At the shutdown deadline every confirm still in flight is answered (202
+/// with its paymentId, or 200) before the server goes, none loses its
+/// connection, and the sagas carry on to DONE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_shutdown_deadline_every_in_flight_confirm_gets_an_answer() {
+    let profile = FaultProfile {
+        ledger_latency_min_ms: 2_000,
+        ledger_latency_max_ms: 2_000,
+        ..FaultProfile::none()
+    };
+    let mut app = spawn_app(&Backend::Sqlite, profile, |c| {
+        c.shutdown_timeout_ms = 300;
+        c.inbound_rate_limit_per_second = 0;
+    })
+    .await;
+    let n = 4;
+    let confirms: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, base, key) = (app.client.clone(), app.base.clone(), app.key.clone());
+            tokio::spawn(async move {
+                let resp = client
+                    .post(format!("{base}/v1/payments/confirm"))
+                    .bearer_auth(key)
+                    .json(&confirm_body(&format!("order-drain-{i}"), 1_000))
+                    .send()
+                    .await;
+                (resp, Instant::now())
+            })
+        })
+        .collect();
+    // Every confirm is approved and waiting on the slow ledger.
+    let until = Instant::now() + Duration::from_secs(5);
+    while app.sandbox.ledger.stats().record_calls < n {
+        assert!(
+            Instant::now() < until,
+            "the confirms never reached the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stop = Instant::now();
+    app.begin_shutdown();
+    let mut ids = Vec::new();
+    for c in confirms {
+        let (resp, at) = c.await.unwrap();
+        let resp = resp.expect("every in-flight confirm gets an answer, none a cut connection");
+        let status = resp.status().as_u16();
+        assert!(status == 202 || status == 200, "{status}");
+        assert!(
+            at - stop < Duration::from_millis(1_500),
+            "answered at the deadline, not after the ledger: {:?}",
+            at - stop
+        );
+        let body = json(resp).await;
+        ids.push(PaymentId::from_stored(
+            body["paymentId"].as_str().expect("paymentId"),
+        ));
+    }
+    tokio::time::timeout(Duration::from_secs(2), app.served())
+        .await
+        .expect("run_until returns within the deadline and its grace")
+        .unwrap();
+    // The sagas were not cut by the answers: each payment ends paid.
+    for id in &ids {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, r) = app.saga.store().get(id).await.unwrap().unwrap();
+            if r.is_paid {
+                break;
+            }
+            assert!(Instant::now() < until, "{id} never ended paid");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(app.sandbox.card.stats().approvals, n);
+    app.teardown().await;
+}
