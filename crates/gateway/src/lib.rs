@@ -384,8 +384,15 @@ pub fn routes_table() -> Vec<(
 }
 
 /// The merchant API routes over `state`, behind the inbound protections.
+///
+/// `inbound.max_concurrent` is one limit shared by every merchant route: a
+/// `GlobalConcurrencyLimitLayer` holds one semaphore for every service it
+/// makes, where a `ConcurrencyLimitLayer` applied route by route gave each
+/// route a limit of its own (N routes let N times the limit in). Operations
+/// routes are outside it (see [`Protection`]). A tighter per-route limit, if
+/// one is ever wanted, goes beside it on that route's `MethodRouter`.
 pub fn router(state: AppState, inbound: &Inbound) -> Router {
-    let limit = tower::limit::ConcurrencyLimitLayer::new(inbound.max_concurrent);
+    let limit = tower::limit::GlobalConcurrencyLimitLayer::new(inbound.max_concurrent);
     let limited = tower::ServiceBuilder::new()
         .layer(axum::error_handling::HandleErrorLayer::new(inbound_error))
         .layer(tower::load_shed::LoadShedLayer::new())

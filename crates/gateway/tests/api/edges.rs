@@ -239,3 +239,60 @@ async fn at_the_shutdown_deadline_every_in_flight_confirm_gets_an_answer() {
     assert_eq!(app.sandbox.card.stats().approvals, n);
     app.teardown().await;
 }
+
+/// Issue 15 point 6: `inbound_max_concurrent` is one limit across the
+/// merchant routes: with two slow confirms holding it, a GET is shed with
+/// 503 problem+json (per route, the GET had a limit of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_concurrency_limit_is_one_limit_across_routes() {
+    let profile = FaultProfile {
+        card_latency_min_ms: 1_500,
+        card_latency_max_ms: 1_500,
+        ..FaultProfile::none()
+    };
+    let app = spawn_app(&Backend::Sqlite, profile, |c| {
+        c.inbound_max_concurrent = 2;
+        c.inbound_rate_limit_per_second = 0;
+    })
+    .await;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            let (client, base, key) = (app.client.clone(), app.base.clone(), app.key.clone());
+            tokio::spawn(async move {
+                client
+                    .post(format!("{base}/v1/payments/confirm"))
+                    .bearer_auth(key)
+                    .json(&confirm_body(&format!("order-limit-{i}"), 1_000))
+                    .send()
+                    .await
+                    .expect("answered")
+                    .status()
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while app.sandbox.card.stats().confirm_calls < 2 {
+        assert!(
+            Instant::now() < until,
+            "the confirms never reached the card"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shed = app.get(&app.key, "/v1/payments/orders/order-limit-0").await;
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["content-type"], "application/problem+json");
+    assert!(shed.headers().contains_key("retry-after"));
+    let ready = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "probes are outside the limit");
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    let after = app.get(&app.key, "/v1/payments/orders/order-limit-0").await;
+    assert_eq!(after.status(), 200, "the limit frees up");
+    app.teardown().await;
+}
