@@ -86,9 +86,19 @@ pub struct Config {
     pub inbound_rate_limit_burst: u32,
     /// Merchant requests handled at once; more are shed with 503. Default 256.
     pub inbound_max_concurrent: u32,
-    /// Time before a merchant request is answered 503 (the confirm itself
-    /// carries on and can be polled), ms. Default 30000.
+    /// Time a merchant request has to be answered, ms, from its arrival.
+    /// Past it a request is answered 503, except a confirm whose card call
+    /// may be in flight: that one is answered 202 with its paymentId
+    /// (`IN_PROGRESS`, poll `GET`) and carries on. Default 30000.
     pub inbound_request_timeout_ms: u64,
+    /// Time to read a request's line and headers, ms: from the accept for a
+    /// connection's first request, from the first byte for later ones; a
+    /// client slower than that is disconnected. Default 10000.
+    pub inbound_header_read_timeout_ms: u64,
+    /// Time an idle keep-alive connection may wait for its next request,
+    /// ms, before paygate closes it. Keep it above the idle timeout of a
+    /// load balancer in front. Default 75000.
+    pub inbound_idle_timeout_ms: u64,
     /// Currency of confirmed payments. Default `KRW`, and the only one
     /// accepted: paygate is KRW-only today (amounts are whole won, the
     /// ledger and reconciliation compare them as such).
@@ -153,6 +163,8 @@ impl Default for Config {
             inbound_rate_limit_burst: 100,
             inbound_max_concurrent: 256,
             inbound_request_timeout_ms: 30_000,
+            inbound_header_read_timeout_ms: 10_000,
+            inbound_idle_timeout_ms: 75_000,
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
@@ -274,8 +286,20 @@ impl Config {
         if self.inbound_max_concurrent == 0 {
             return Err(bad("inbound_max_concurrent", "must be at least 1"));
         }
-        if self.inbound_request_timeout_ms == 0 {
-            return Err(bad("inbound_request_timeout_ms", "must be greater than 0"));
+        for (key, ms) in [
+            (
+                "inbound_request_timeout_ms",
+                self.inbound_request_timeout_ms,
+            ),
+            (
+                "inbound_header_read_timeout_ms",
+                self.inbound_header_read_timeout_ms,
+            ),
+            ("inbound_idle_timeout_ms", self.inbound_idle_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(bad(key, "must be 1 to 3600000 (ms)"));
+            }
         }
         if self.ledger_retry_max_delay_ms < self.ledger_retry_base_delay_ms {
             return Err(bad(

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
+pub mod server;
 pub mod telemetry;
 
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
@@ -159,6 +160,7 @@ pub struct Application {
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
     shutdown_deadline: tokio::sync::watch::Sender<bool>,
     shutdown_timeout: Duration,
+    conn_limits: server::ConnLimits,
     router: Router,
     saga: Arc<Saga>,
     db: SqlDatabase,
@@ -210,6 +212,10 @@ impl Application {
             shutting_down,
             shutdown_deadline,
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+            conn_limits: server::ConnLimits {
+                header_read_timeout: Duration::from_millis(config.inbound_header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(config.inbound_idle_timeout_ms),
+            },
             router: router(state, &inbound),
             saga,
             db,
@@ -283,9 +289,7 @@ impl Application {
             tracing::info!("shutdown: no new connections; draining in-flight requests");
             let _ = begun_tx.send(());
         };
-        let server = std::future::IntoFuture::into_future(
-            axum::serve(self.listener, self.router).with_graceful_shutdown(signal),
-        );
+        let server = server::serve(self.listener, self.router, self.conn_limits, signal);
         tokio::pin!(server);
         let deadline = self.shutdown_timeout;
         let answer_now = self.shutdown_deadline;

@@ -296,3 +296,102 @@ async fn the_inbound_concurrency_limit_is_one_limit_across_routes() {
     assert_eq!(after.status(), 200, "the limit frees up");
     app.teardown().await;
 }
+
+/// Reads until the peer closes (or resets) the connection; `None` when it
+/// is still open after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = within.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn cut_total(app: &TestApp, reason: &str) -> f64 {
+    let text = crate::operations::scrape(&app.base).await;
+    crate::operations::series(
+        &text,
+        &format!("paygate_inbound_connections_cut_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Issue 15 point 5: a client that never finishes its headers, or trickles
+/// them, is disconnected within the header-read bound; an idle keep-alive
+/// connection within the (longer) idle bound; each cut is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_disconnected_within_the_bounds() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |c| {
+        c.inbound_header_read_timeout_ms = 300;
+        c.inbound_idle_timeout_ms = 1_500;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let header_cuts = cut_total(&app, "header_read_timeout").await;
+    let idle_cuts = cut_total(&app, "idle_timeout").await;
+
+    // Headers never finished.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/payments/confirm HTTP/1.1\r\nHost: paygate\r\n")
+        .await
+        .unwrap();
+    let cut = closed_within(&mut stalled, Duration::from_secs(3))
+        .await
+        .expect("a client that never finishes its headers is disconnected");
+    assert!(cut < Duration::from_millis(2_000), "{cut:?}");
+
+    // Headers trickled a byte at a time: a read timeout would never fire.
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let mut cut_at = None;
+    for b in b"GET /healthz HTTP/1.1\r\nHost: paygate\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if trickle.write_all(&[*b]).await.is_err() {
+            cut_at = Some(started.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(50), trickle.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut_at = Some(started.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let cut = cut_at.expect("a trickling client is disconnected");
+    assert!(cut < Duration::from_millis(2_000), "{cut:?}");
+
+    // Kept alive after an answer: open past the header bound, closed
+    // within the idle bound.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: paygate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1024];
+    let n = idle.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    assert_eq!(
+        closed_within(&mut idle, Duration::from_millis(800)).await,
+        None,
+        "an idle keep-alive connection has the idle bound, not the header bound"
+    );
+    let cut = closed_within(&mut idle, Duration::from_secs(4))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(cut < Duration::from_millis(3_000), "{cut:?}");
+
+    assert!(cut_total(&app, "header_read_timeout").await >= header_cuts + 2.0);
+    assert!(cut_total(&app, "idle_timeout").await >= idle_cuts + 1.0);
+    app.teardown().await;
+}
