@@ -416,6 +416,7 @@ pub fn router(state: AppState, inbound: &Inbound) -> Router {
         })
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(problem::ensure_problem))
         .layer(axum::middleware::from_fn(telemetry::request_context))
         .with_state(state)
 }

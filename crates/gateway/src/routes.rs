@@ -2,7 +2,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, FromRequestParts, Path, Request, State},
+    extract::{rejection::PathRejection, FromRequest, FromRequestParts, Path, Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -96,15 +96,42 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(s.to_owned()))
 }
 
+/// True when `Content-Type` is `application/json` (parameters such as
+/// `charset` allowed, case-insensitive).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A path parameter, or 400 when it does not decode (the framework's text
+/// names internal fields, so it is never passed on).
+fn path_param(param: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+    param
+        .map(|Path(p)| p)
+        .map_err(|_| Problem::invalid("a path segment is not valid percent-encoded UTF-8"))
+}
+
 /// Reads, authenticates and validates a confirm request (no I/O but the
 /// merchant lookup; nothing is charged on any error here).
 async fn confirm_input(state: &AppState, req: Request) -> Result<ConfirmInput, Problem> {
     let (mut parts, body) = req.into_parts();
     let AuthedMerchant(merchant) = AuthedMerchant::from_request_parts(&mut parts, state).await?;
     let idempotency_key = idempotency_key(&parts.headers)?;
+    if !is_json(&parts.headers) {
+        return Err(Problem::unsupported_media_type());
+    }
     let body = Bytes::from_request(Request::from_parts(parts, body), state)
         .await
-        .map_err(|_| Problem::invalid("the body could not be read"))?;
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::payload_too_large()
+            } else {
+                Problem::invalid("the body could not be read")
+            }
+        })?;
     let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
         Problem::invalid(
             "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}",
@@ -308,8 +335,9 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
 pub async fn get_payment(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
-    Path(payment_id): Path<String>,
+    payment_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
+    let payment_id = path_param(payment_id)?;
     let id = PaymentId::parse(&payment_id).ok_or_else(Problem::not_found)?;
     tracing::Span::current().record("payment_id", id.as_str());
     match state.saga.store().get(&id).await {
@@ -335,8 +363,9 @@ pub async fn get_payment(
 pub async fn get_by_order(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
-    Path(order_id): Path<String>,
+    order_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
+    let order_id = path_param(order_id)?;
     let order_id = OrderId::parse(&order_id).map_err(|_| Problem::not_found())?;
     match state
         .saga

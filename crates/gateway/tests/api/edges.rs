@@ -395,3 +395,104 @@ async fn slow_clients_are_disconnected_within_the_bounds() {
     assert!(cut_total(&app, "idle_timeout").await >= idle_cuts + 1.0);
     app.teardown().await;
 }
+
+/// Checks a problem+json answer: status, content type and members.
+async fn assert_problem(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "{:?}", resp.headers());
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/problem+json",
+        "{status}"
+    );
+    let body = json(resp).await;
+    for member in ["type", "title", "detail", "code"] {
+        assert!(body[member].is_string(), "{status}: no {member} in {body}");
+    }
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+/// Issue 15 point 8: every error answer is problem+json, the framework's
+/// own included, and a confirm that is not JSON is refused before any card
+/// call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_problem_json() {
+    let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |c| {
+        c.inbound_rate_limit_per_second = 0;
+    })
+    .await;
+    let confirm_url = format!("{}/v1/payments/confirm", app.base);
+
+    // 413: a body over the limit.
+    let big = serde_json::json!({"paymentKey": "x".repeat(20_000), "orderId": "order-big-1", "amount": 1000});
+    let resp = app.confirm(&big).await;
+    assert_problem(resp, 413, "PAYLOAD_TOO_LARGE").await;
+
+    // 405, with Allow kept.
+    let resp = app
+        .client
+        .delete(&confirm_url)
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    let allow = resp.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("POST"), "{allow}");
+    assert_problem(resp, 405, "METHOD_NOT_ALLOWED").await;
+
+    // 400: a path segment that does not decode; the framework's text named
+    // an internal field.
+    for path in ["/v1/payments/%ff%fe", "/v1/payments/orders/%ff%fe"] {
+        let resp = app.get(&app.key, path).await;
+        let body = assert_problem(resp, 400, "INVALID_REQUEST").await;
+        let text = body.to_string();
+        assert!(
+            !text.contains("payment_id") && !text.contains("order_id"),
+            "{text}"
+        );
+    }
+
+    // 404: no such route.
+    let resp = app.get(&app.key, "/v1/nothing-here").await;
+    assert_problem(resp, 404, "NOT_FOUND").await;
+
+    // 415: a confirm body that is not declared JSON, or not declared at all.
+    let body = confirm_body("order-media-1", 1_000).to_string();
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut req = app
+            .client
+            .post(&confirm_url)
+            .bearer_auth(&app.key)
+            .body(body.clone());
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_problem(resp, 415, "UNSUPPORTED_MEDIA_TYPE").await;
+    }
+    // JSON with a charset parameter is JSON.
+    let resp = app
+        .client
+        .post(&confirm_url)
+        .bearer_auth(&app.key)
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(confirm_body("order-media-2", 1_000).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    assert_eq!(
+        app.sandbox.card.stats().confirm_calls,
+        1,
+        "only the JSON confirm reached the card company"
+    );
+    let nothing = app.get(&app.key, "/v1/payments/orders/order-media-1").await;
+    assert_eq!(nothing.status(), 404, "a refused confirm leaves no payment");
+    app.teardown().await;
+}
