@@ -99,6 +99,11 @@ pub struct Config {
     /// ms, before paygate closes it. Keep it above the idle timeout of a
     /// load balancer in front. Default 75000.
     pub inbound_idle_timeout_ms: u64,
+    /// Largest `amount` a confirm may carry, minor units of `currency`; a
+    /// confirm above it is refused with 400 before anything is charged.
+    /// Default 100,000,000 (₩100 million); 1 to 2^53 - 1 (a JSON-safe
+    /// integer).
+    pub max_amount: i64,
     /// Currency of confirmed payments. Default `KRW`, and the only one
     /// accepted: paygate is KRW-only today (amounts are whole won, the
     /// ledger and reconciliation compare them as such).
@@ -117,6 +122,13 @@ pub struct Config {
 /// `GET /v1/transactions`, ms (and the default of
 /// [`Config::card_api_list_attempt_timeout_ms`]).
 pub const CARD_API_LIST_MIN_TIMEOUT_MS: u64 = 60_000;
+
+/// The default of [`Config::max_amount`]: ₩100,000,000.
+pub const DEFAULT_MAX_AMOUNT: i64 = 100_000_000;
+
+/// The largest integer a JSON number carries exactly (2^53 - 1), and so the
+/// largest `max_amount` accepted.
+pub const MAX_JSON_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
 
 /// Currencies paygate accepts in `currency`.
 pub const SUPPORTED_CURRENCIES: &[&str] = &["KRW"];
@@ -165,6 +177,7 @@ impl Default for Config {
             inbound_request_timeout_ms: 30_000,
             inbound_header_read_timeout_ms: 10_000,
             inbound_idle_timeout_ms: 75_000,
+            max_amount: DEFAULT_MAX_AMOUNT,
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
@@ -309,6 +322,9 @@ impl Config {
         }
         if self.card_api_lookup_attempts == 0 || self.card_api_lookup_attempts > 10 {
             return Err(bad("card_api_lookup_attempts", "must be 1 to 10"));
+        }
+        if !(1..=MAX_JSON_SAFE_INTEGER).contains(&self.max_amount) {
+            return Err(bad("max_amount", "must be 1 to 9007199254740991"));
         }
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(bad("currency", "must be a 3-letter ISO 4217 code"));
@@ -575,6 +591,34 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate().map_err(|e| e.key), Err("currency".to_owned()));
+        for max_amount in [0, -1, MAX_JSON_SAFE_INTEGER + 1] {
+            let c = Config {
+                max_amount,
+                ..Config::default()
+            };
+            assert_eq!(
+                c.validate().map_err(|e| e.key),
+                Err("max_amount".to_owned())
+            );
+        }
+        for (key, c) in [
+            (
+                "inbound_header_read_timeout_ms",
+                Config {
+                    inbound_header_read_timeout_ms: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "inbound_idle_timeout_ms",
+                Config {
+                    inbound_idle_timeout_ms: 0,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            assert_eq!(c.validate().map_err(|e| e.key), Err(key.to_owned()));
+        }
         let mut c = Config::default();
         c.ledger_api_policy.breaker_window_type = "sliding".into();
         assert_eq!(

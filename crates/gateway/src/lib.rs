@@ -73,6 +73,8 @@ pub struct AppState {
     /// Set when shutdown begins: `/readyz` then answers 503 so the load
     /// balancer stops sending new requests.
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Largest amount a confirm may carry (`max_amount`).
+    max_amount: i64,
     /// Time a confirm has, from the moment its request arrived, to answer.
     confirm_answer_within: Duration,
     /// Turns `true` at the shutdown deadline: a confirm still waiting for
@@ -187,6 +189,7 @@ impl Application {
         ) = components(config).await?;
         let (shutdown_deadline, deadline_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
+            max_amount: config.max_amount,
             confirm_answer_within: Duration::from_millis(config.inbound_request_timeout_ms),
             shutdown_deadline: deadline_rx,
             saga: saga.clone(),

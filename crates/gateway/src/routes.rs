@@ -15,9 +15,11 @@ use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer,
 
 use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
 
-/// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
+/// Body of `POST /v1/payments/confirm`. `amount` is in minor units, 1 to
+/// the configured `max_amount` (default 100,000,000). Any other member is
+/// refused (400): a `"currency": "USD"` must not be charged in KRW.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfirmBody {
     /// The card company's payment key (1-200 printable characters).
     #[schema(min_length = 1, max_length = 200)]
@@ -25,7 +27,8 @@ pub struct ConfirmBody {
     /// 6-64 characters of `[A-Za-z0-9-_.]`.
     #[schema(min_length = 6, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
     pub order_id: String,
-    /// Amount in minor units, >= 1.
+    /// Amount in minor units, >= 1 and <= the configured `max_amount`
+    /// (default 100,000,000).
     #[schema(minimum = 1)]
     pub amount: i64,
 }
@@ -134,7 +137,7 @@ async fn confirm_input(state: &AppState, req: Request) -> Result<ConfirmInput, P
         })?;
     let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
         Problem::invalid(
-            "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}",
+            "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer} and nothing else",
         )
     })?;
     let order_id = OrderId::parse(&body.order_id).map_err(|e| Problem::invalid(e.to_string()))?;
@@ -142,6 +145,12 @@ async fn confirm_input(state: &AppState, req: Request) -> Result<ConfirmInput, P
         return Err(Problem::invalid(
             "amount must be an integer >= 1 (minor units)",
         ));
+    }
+    if body.amount > state.max_amount {
+        return Err(Problem::invalid(format!(
+            "amount must be at most {} (minor units)",
+            state.max_amount
+        )));
     }
     if body.payment_key.is_empty()
         || body.payment_key.len() > 200

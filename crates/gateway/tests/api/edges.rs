@@ -496,3 +496,41 @@ async fn every_error_answer_is_problem_json() {
     assert_eq!(nothing.status(), 404, "a refused confirm leaves no payment");
     app.teardown().await;
 }
+
+/// Issue 15 point 9: a confirm body with a member paygate does not know is
+/// refused (a `"currency": "USD"` was charged in KRW), and so is an amount
+/// above `max_amount`; neither reaches the card company.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_members_and_amounts_over_the_maximum_are_400() {
+    let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |c| {
+        c.max_amount = 50_000;
+    })
+    .await;
+    for body in [
+        serde_json::json!({"paymentKey": "pk_usd_1", "orderId": "order-usd-1", "amount": 1000, "currency": "USD"}),
+        serde_json::json!({"paymentKey": "pk_usd_1", "orderId": "order-usd-1", "amount": 1000, "extra": null}),
+        confirm_body("order-max-1", 50_001),
+        confirm_body("order-max-1", i64::MAX),
+    ] {
+        let resp = app.confirm(&body).await;
+        assert_problem(resp, 400, "INVALID_REQUEST").await;
+    }
+    assert_eq!(app.sandbox.card.stats().confirm_calls, 0);
+    let resp = app.confirm(&confirm_body("order-max-1", 50_000)).await;
+    assert_eq!(resp.status(), 200, "the maximum itself is allowed");
+    app.teardown().await;
+}
+
+/// The default `max_amount` is ₩100,000,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_max_amount_is_100_million() {
+    let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |_| {}).await;
+    let resp = app.confirm(&confirm_body("order-max-2", 100_000_001)).await;
+    let problem = assert_problem(resp, 400, "INVALID_REQUEST").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("100000000"),
+        "{problem}"
+    );
+    assert_eq!(app.sandbox.card.stats().confirm_calls, 0);
+    app.teardown().await;
+}
