@@ -534,3 +534,43 @@ async fn the_default_max_amount_is_100_million() {
     assert_eq!(app.sandbox.card.stats().confirm_calls, 0);
     app.teardown().await;
 }
+
+/// Issue 15 point 10: the `Authorization` scheme is case-insensitive (RFC
+/// 9110 §11.1), and two `Authorization` headers are a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_two_authorizations_are_400() {
+    let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |c| {
+        c.inbound_rate_limit_per_second = 0;
+    })
+    .await;
+    let url = format!("{}/v1/payments/orders/order-auth-case", app.base);
+    for scheme in ["bearer", "BEARER", "bEaReR"] {
+        let resp = app
+            .client
+            .get(&url)
+            .header("authorization", format!("{scheme} {}", app.key))
+            .send()
+            .await
+            .unwrap();
+        // Authenticated: the order does not exist, so 404 rather than 401.
+        assert_problem(resp, 404, "NOT_FOUND").await;
+    }
+    let resp = app
+        .client
+        .get(&url)
+        .header("authorization", format!("Bearer {}", app.key))
+        .header("authorization", "Bearer pgk_someone_else")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, 400, "INVALID_REQUEST").await;
+    let resp = app
+        .client
+        .get(&url)
+        .header("authorization", format!("Basic {}", app.key))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, 401, "UNAUTHORIZED").await;
+    app.teardown().await;
+}
