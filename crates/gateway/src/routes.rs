@@ -205,13 +205,16 @@ fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
     responses(
         (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
         (status = 202, description = "outcome not known yet (status UNKNOWN, or IN_PROGRESS when the answer deadline or a shutdown came while the card call may be in flight); poll GET", body = PaymentView),
-        (status = 400, description = "invalid body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 400, description = "invalid body: not the three members, an unknown member, amount out of 1..max_amount, a bad Idempotency-Key, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "body over 16 KiB", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 415, description = "Content-Type is not application/json", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "cannot safely proceed; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "cannot safely proceed, or too many requests in flight; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Response, Problem> {
@@ -336,9 +339,12 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
     params(("payment_id" = String, Path, description = "pay_ + ULID")),
     responses(
         (status = 200, description = "the payment", body = PaymentView),
+        (status = 400, description = "a path segment that is not valid percent-encoded UTF-8, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such payment for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_payment(
@@ -364,9 +370,12 @@ pub async fn get_payment(
     params(("order_id" = String, Path, description = "the merchant's order id")),
     responses(
         (status = 200, description = "the payment", body = PaymentView),
+        (status = 400, description = "a path segment that is not valid percent-encoded UTF-8, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such order for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_by_order(
@@ -393,7 +402,10 @@ pub async fn get_by_order(
 
 /// `GET /healthz`: the process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "the process is alive", body = Object, example = json!({"status": "ok"}))))]
+    responses(
+        (status = 200, description = "the process is alive", body = Object, example = json!({"status": "ok"})),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -401,7 +413,11 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// `GET /metrics`: Prometheus text exposition format 0.0.4. The sidecar
 /// jobs' last summaries are read from `job_runs` at each scrape.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "metrics are not available in this process", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match paygate_api_log::JobRuns::new(state.db.clone())
         .latest()
@@ -428,6 +444,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "stores reachable, not shutting down", body = Object, example = json!({"status": "ready"})),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "a store is unreachable, or shutting down", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -447,7 +464,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// `GET /openapi.json`: this API's OpenAPI 3.1 document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object)))]
+    responses(
+        (status = 200, description = "the OpenAPI 3.1 document", body = Object),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(crate::openapi::document())
 }
