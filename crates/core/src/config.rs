@@ -86,9 +86,24 @@ pub struct Config {
     pub inbound_rate_limit_burst: u32,
     /// Merchant requests handled at once; more are shed with 503. Default 256.
     pub inbound_max_concurrent: u32,
-    /// Time before a merchant request is answered 503 (the confirm itself
-    /// carries on and can be polled), ms. Default 30000.
+    /// Time a merchant request has to be answered, ms, from its arrival.
+    /// Past it a request is answered 503, except a confirm whose card call
+    /// may be in flight: that one is answered 202 with its paymentId
+    /// (`IN_PROGRESS`, poll `GET`) and carries on. Default 30000.
     pub inbound_request_timeout_ms: u64,
+    /// Time to read a request's line and headers, ms: from the accept for a
+    /// connection's first request, from the first byte for later ones; a
+    /// client slower than that is disconnected. Default 10000.
+    pub inbound_header_read_timeout_ms: u64,
+    /// Time an idle keep-alive connection may wait for its next request,
+    /// ms, before paygate closes it. Keep it above the idle timeout of a
+    /// load balancer in front. Default 75000.
+    pub inbound_idle_timeout_ms: u64,
+    /// Largest `amount` a confirm may carry, minor units of `currency`; a
+    /// confirm above it is refused with 400 before anything is charged.
+    /// Default 100,000,000 (₩100 million); 1 to 2^53 - 1 (a JSON-safe
+    /// integer).
+    pub max_amount: i64,
     /// Currency of confirmed payments. Default `KRW`, and the only one
     /// accepted: paygate is KRW-only today (amounts are whole won, the
     /// ledger and reconciliation compare them as such).
@@ -107,6 +122,13 @@ pub struct Config {
 /// `GET /v1/transactions`, ms (and the default of
 /// [`Config::card_api_list_attempt_timeout_ms`]).
 pub const CARD_API_LIST_MIN_TIMEOUT_MS: u64 = 60_000;
+
+/// The default of [`Config::max_amount`]: ₩100,000,000.
+pub const DEFAULT_MAX_AMOUNT: i64 = 100_000_000;
+
+/// The largest integer a JSON number carries exactly (2^53 - 1), and so the
+/// largest `max_amount` accepted.
+pub const MAX_JSON_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
 
 /// Currencies paygate accepts in `currency`.
 pub const SUPPORTED_CURRENCIES: &[&str] = &["KRW"];
@@ -153,6 +175,9 @@ impl Default for Config {
             inbound_rate_limit_burst: 100,
             inbound_max_concurrent: 256,
             inbound_request_timeout_ms: 30_000,
+            inbound_header_read_timeout_ms: 10_000,
+            inbound_idle_timeout_ms: 75_000,
+            max_amount: DEFAULT_MAX_AMOUNT,
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
@@ -274,8 +299,20 @@ impl Config {
         if self.inbound_max_concurrent == 0 {
             return Err(bad("inbound_max_concurrent", "must be at least 1"));
         }
-        if self.inbound_request_timeout_ms == 0 {
-            return Err(bad("inbound_request_timeout_ms", "must be greater than 0"));
+        for (key, ms) in [
+            (
+                "inbound_request_timeout_ms",
+                self.inbound_request_timeout_ms,
+            ),
+            (
+                "inbound_header_read_timeout_ms",
+                self.inbound_header_read_timeout_ms,
+            ),
+            ("inbound_idle_timeout_ms", self.inbound_idle_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(bad(key, "must be 1 to 3600000 (ms)"));
+            }
         }
         if self.ledger_retry_max_delay_ms < self.ledger_retry_base_delay_ms {
             return Err(bad(
@@ -285,6 +322,9 @@ impl Config {
         }
         if self.card_api_lookup_attempts == 0 || self.card_api_lookup_attempts > 10 {
             return Err(bad("card_api_lookup_attempts", "must be 1 to 10"));
+        }
+        if !(1..=MAX_JSON_SAFE_INTEGER).contains(&self.max_amount) {
+            return Err(bad("max_amount", "must be 1 to 9007199254740991"));
         }
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(bad("currency", "must be a 3-letter ISO 4217 code"));
@@ -551,6 +591,34 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate().map_err(|e| e.key), Err("currency".to_owned()));
+        for max_amount in [0, -1, MAX_JSON_SAFE_INTEGER + 1] {
+            let c = Config {
+                max_amount,
+                ..Config::default()
+            };
+            assert_eq!(
+                c.validate().map_err(|e| e.key),
+                Err("max_amount".to_owned())
+            );
+        }
+        for (key, c) in [
+            (
+                "inbound_header_read_timeout_ms",
+                Config {
+                    inbound_header_read_timeout_ms: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "inbound_idle_timeout_ms",
+                Config {
+                    inbound_idle_timeout_ms: 0,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            assert_eq!(c.validate().map_err(|e| e.key), Err(key.to_owned()));
+        }
         let mut c = Config::default();
         c.ledger_api_policy.breaker_window_type = "sliding".into();
         assert_eq!(

@@ -119,6 +119,11 @@ pub mod failure_codes {
     /// for it (a crash, or a failed log write followed by a failed
     /// `MarkAborted`): by I3 no confirm was sent.
     pub const NOT_SENT: &str = "PAYGATE_NOT_SENT";
+    /// The merchant was already answered 503 ("nothing was charged") before
+    /// the confirm reached the point where the card may be called (its
+    /// answer deadline or the shutdown deadline came first), so the saga
+    /// made no card call to keep that answer true (invariant I4).
+    pub const ANSWER_TIMED_OUT: &str = "PAYGATE_ANSWER_TIMED_OUT";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {
@@ -127,6 +132,7 @@ pub mod failure_codes {
             || code == CARD_AUTH_FAILED
             || code == OVERLOADED
             || code == NOT_SENT
+            || code == ANSWER_TIMED_OUT
     }
 }
 

@@ -1,5 +1,9 @@
 //! Merchant authentication: `Authorization: Bearer <api key>`.
 //!
+//! The scheme is matched case-insensitively (RFC 9110 §11.1: `bearer` and
+//! `BEARER` are `Bearer`); more than one `Authorization` header is a
+//! malformed request (400), not a choice paygate makes for the client.
+//!
 //! The key is hashed with the server's HMAC key and looked up by hash; the
 //! key itself is never stored or logged. Missing or bad key: 401. Each
 //! merchant then has its own GCRA rate limit (`governor`, keyed by merchant):
@@ -11,6 +15,14 @@ use paygate_state_store::Merchant;
 
 use crate::{problem::Problem, AppState};
 
+/// The token of `Bearer <token>`, the scheme in any case, the token after
+/// one or more spaces; `None` for any other scheme or no token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The merchant a request is authenticated as.
 #[derive(Clone, Debug)]
 pub struct AuthedMerchant(pub Merchant);
@@ -19,12 +31,19 @@ impl FromRequestParts<AppState> for AuthedMerchant {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        let key = parts
+        let mut values = parts
             .headers
-            .get(axum::http::header::AUTHORIZATION)
+            .get_all(axum::http::header::AUTHORIZATION)
+            .iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(Problem::invalid(
+                "send one Authorization header, not several",
+            ));
+        }
+        let key = first
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_token)
             .filter(|k| k.starts_with(API_KEY_PREFIX) && k.len() <= 128)
             .ok_or_else(Problem::unauthorized)?;
         let hash = hash_api_key(&state.api_key_hash_key, key);
@@ -54,6 +73,27 @@ impl FromRequestParts<AppState> for AuthedMerchant {
                 tracing::error!(error = %e, "merchant lookup failed");
                 Err(Problem::unavailable("authentication store unavailable"))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_nothing_else_is_a_bearer_token() {
+        for (value, token) in [
+            ("Bearer pgk_a", Some("pgk_a")),
+            ("bearer pgk_a", Some("pgk_a")),
+            ("BEARER   pgk_a ", Some("pgk_a")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Basic pgk_a", None),
+            ("Bearerpgk_a", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
         }
     }
 }

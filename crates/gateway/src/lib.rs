@@ -12,6 +12,7 @@ pub mod auth;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
+pub mod server;
 pub mod telemetry;
 
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
@@ -56,6 +57,11 @@ pub enum StartupError {
     Listener(std::io::Error),
 }
 
+/// After the shutdown deadline, how long handlers get to write the answers
+/// they owe (a confirm answers 202 with its paymentId or 503 when nothing
+/// was charged, see [`routes::confirm`]) before the server is dropped.
+pub const ANSWER_GRACE: Duration = Duration::from_millis(500);
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -67,15 +73,40 @@ pub struct AppState {
     /// Set when shutdown begins: `/readyz` then answers 503 so the load
     /// balancer stops sending new requests.
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Largest amount a confirm may carry (`max_amount`).
+    max_amount: i64,
+    /// Time a confirm has, from the moment its request arrived, to answer.
+    confirm_answer_within: Duration,
+    /// Turns `true` at the shutdown deadline: a confirm still waiting for
+    /// its saga answers at once (202 or a true 503).
+    shutdown_deadline: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Protection of the merchant API on the way in.
 #[derive(Clone, Debug)]
 pub struct Inbound {
-    /// Requests handled at once; more are shed with 503.
+    /// Merchant requests handled at once across all merchant routes (one
+    /// limit); more are shed with 503.
     pub max_concurrent: usize,
-    /// Time before a request is answered 503 (a confirm carries on).
+    /// Time before a request is answered 503. A confirm answers by this
+    /// deadline itself, with 202 once its card call may be in flight.
     pub request_timeout: Duration,
+}
+
+/// How a route is protected on the way in (see [`router`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// A merchant route: the global concurrency limit and the request
+    /// timeout (503 on either).
+    Merchant,
+    /// The confirm: the global concurrency limit, and no timeout layer: the
+    /// handler bounds its own time and answers 202 once the card may be
+    /// called, which a timeout layer (503) could not know.
+    OwnDeadline,
+    /// Probes, metrics and the OpenAPI document: outside the limit, so an
+    /// overloaded gateway is neither killed by its liveness probe nor blind
+    /// to its metrics scraper.
+    Operations,
 }
 
 /// The in-process sandbox, started when the config names no card API or
@@ -129,7 +160,9 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    shutdown_deadline: tokio::sync::watch::Sender<bool>,
     shutdown_timeout: Duration,
+    conn_limits: server::ConnLimits,
     router: Router,
     saga: Arc<Saga>,
     db: SqlDatabase,
@@ -154,7 +187,11 @@ impl Application {
             },
             sandbox,
         ) = components(config).await?;
+        let (shutdown_deadline, deadline_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
+            max_amount: config.max_amount,
+            confirm_answer_within: Duration::from_millis(config.inbound_request_timeout_ms),
+            shutdown_deadline: deadline_rx,
             saga: saga.clone(),
             merchants: SqlMerchantStore::new(db.clone()),
             api_key_hash_key: config.api_key_hash_key.clone(),
@@ -176,7 +213,12 @@ impl Application {
             listener,
             addr,
             shutting_down,
+            shutdown_deadline,
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+            conn_limits: server::ConnLimits {
+                header_read_timeout: Duration::from_millis(config.inbound_header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(config.inbound_idle_timeout_ms),
+            },
             router: router(state, &inbound),
             saga,
             db,
@@ -214,6 +256,13 @@ impl Application {
     /// listener closes, and in-flight requests get up to
     /// `shutdown_timeout_ms` to finish (a confirm runs in its own task, so it
     /// is not cut between the card approval and the writes that record it).
+    ///
+    /// At that deadline every confirm still waiting for its saga is told to
+    /// answer now (I4: 202 with its paymentId once the card may be called,
+    /// 503 only when no card call was or will be made for it), and handlers
+    /// get [`ANSWER_GRACE`] to write those answers before the server is
+    /// dropped. The saga tasks are not cut by that answer; whatever they do
+    /// not finish before the process exits is stored for the batch.
     /// Async ledger retries still running are not waited for: their payments
     /// are already stored paid-and-unsaved, which is what the batch sweep
     /// picks up, so nothing is left only in memory.
@@ -243,8 +292,10 @@ impl Application {
             tracing::info!("shutdown: no new connections; draining in-flight requests");
             let _ = begun_tx.send(());
         };
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        let server = server::serve(self.listener, self.router, self.conn_limits, signal);
+        tokio::pin!(server);
         let deadline = self.shutdown_timeout;
+        let answer_now = self.shutdown_deadline;
         let drained = async move {
             // Pending forever when the server ends without a shutdown signal.
             if begun_rx.await.is_err() {
@@ -253,11 +304,19 @@ impl Application {
             tokio::time::sleep(deadline).await;
         };
         let served = tokio::select! {
-            served = server => served,
+            served = &mut server => served,
             () = drained => {
                 tracing::warn!(deadline_ms = deadline.as_millis() as u64,
-                    "shutdown deadline reached with requests still in flight; their payments are left for the batch");
-                Ok(())
+                    "shutdown deadline reached with requests still in flight: confirms answer now (202 or a true 503); their payments are left for the batch");
+                let _ = answer_now.send(true);
+                match tokio::time::timeout(ANSWER_GRACE, &mut server).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!(grace_ms = ANSWER_GRACE.as_millis() as u64,
+                            "requests still unanswered after the grace; dropping them");
+                        Ok(())
+                    }
+                }
             }
         };
         let retries = self.saga.retries().pending();
@@ -274,7 +333,8 @@ impl Application {
 }
 
 /// Maps the inbound stack's refusals to problem answers: load shed and
-/// request timeout are 503 with `Retry-After`.
+/// request timeout are 503 with `Retry-After`. The timeout never applies to
+/// a confirm (see [`Protection::OwnDeadline`]), so "retry" is true here.
 async fn inbound_error(e: tower::BoxError) -> axum::response::Response {
     use axum::response::IntoResponse;
     if e.is::<tower::load_shed::error::Overloaded>() {
@@ -283,54 +343,83 @@ async fn inbound_error(e: tower::BoxError) -> axum::response::Response {
             .into_response();
     }
     if e.is::<tower::timeout::error::Elapsed>() {
-        return problem::Problem::unavailable(
-            "the request took too long; a confirm carries on: poll GET /v1/payments/orders/{orderId}",
-        )
-        .into_response();
+        return problem::Problem::unavailable("the request took too long; retry shortly")
+            .into_response();
     }
     tracing::error!(error = %e, "inbound stack error");
     problem::Problem::unavailable("internal error").into_response()
 }
 
-/// Every route: (method, path, handler). The router is built from this table,
-/// and the OpenAPI test checks the document against it.
+/// Every route: (method, path, handler, protection). The router is built
+/// from this table, and the OpenAPI test checks the document against it.
 pub fn routes_table() -> Vec<(
     &'static str,
     &'static str,
     axum::routing::MethodRouter<AppState>,
+    Protection,
 )> {
+    use Protection::{Merchant, Operations, OwnDeadline};
     vec![
-        ("POST", "/v1/payments/confirm", post(routes::confirm)),
+        (
+            "POST",
+            "/v1/payments/confirm",
+            post(routes::confirm),
+            OwnDeadline,
+        ),
         (
             "GET",
             "/v1/payments/orders/{order_id}",
             get(routes::get_by_order),
+            Merchant,
         ),
-        ("GET", "/v1/payments/{payment_id}", get(routes::get_payment)),
-        ("GET", "/healthz", get(routes::healthz)),
-        ("GET", "/readyz", get(routes::readyz)),
-        ("GET", "/metrics", get(routes::metrics)),
-        ("GET", "/openapi.json", get(routes::openapi_json)),
+        (
+            "GET",
+            "/v1/payments/{payment_id}",
+            get(routes::get_payment),
+            Merchant,
+        ),
+        ("GET", "/healthz", get(routes::healthz), Operations),
+        ("GET", "/readyz", get(routes::readyz), Operations),
+        ("GET", "/metrics", get(routes::metrics), Operations),
+        (
+            "GET",
+            "/openapi.json",
+            get(routes::openapi_json),
+            Operations,
+        ),
     ]
 }
 
 /// The merchant API routes over `state`, behind the inbound protections.
+///
+/// `inbound.max_concurrent` is one limit shared by every merchant route: a
+/// `GlobalConcurrencyLimitLayer` holds one semaphore for every service it
+/// makes, where a `ConcurrencyLimitLayer` applied route by route gave each
+/// route a limit of its own (N routes let N times the limit in). Operations
+/// routes are outside it (see [`Protection`]). A tighter per-route limit, if
+/// one is ever wanted, goes beside it on that route's `MethodRouter`.
 pub fn router(state: AppState, inbound: &Inbound) -> Router {
-    let protect = tower::ServiceBuilder::new()
+    let limit = tower::limit::GlobalConcurrencyLimitLayer::new(inbound.max_concurrent);
+    let limited = tower::ServiceBuilder::new()
         .layer(axum::error_handling::HandleErrorLayer::new(inbound_error))
         .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            inbound.max_concurrent,
-        ))
+        .layer(limit);
+    let timed = limited
+        .clone()
         .layer(tower::timeout::TimeoutLayer::new(inbound.request_timeout));
     routes_table()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| {
+        .fold(Router::new(), |r, (_, path, handler, protection)| {
+            let handler = match protection {
+                Protection::Merchant => handler.layer(timed.clone()),
+                Protection::OwnDeadline => handler.layer(limited.clone()),
+                Protection::Operations => handler,
+            };
             r.route(path, handler)
         })
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(protect)
+        .layer(axum::middleware::from_fn(problem::ensure_problem))
         .layer(axum::middleware::from_fn(telemetry::request_context))
         .with_state(state)
 }

@@ -68,7 +68,7 @@ mod tests {
     fn every_route_is_documented_with_its_schemas() {
         let doc = serde_json::to_value(document()).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
-        for (method, path, _) in crate::routes_table() {
+        for (method, path, _, _) in crate::routes_table() {
             let op = &doc["paths"][path][method.to_ascii_lowercase()];
             assert!(
                 op.is_object(),
@@ -104,6 +104,40 @@ mod tests {
             );
         }
         assert_eq!(schemas["ConfirmBody"]["properties"]["amount"]["minimum"], 1);
+        assert_eq!(
+            schemas["ConfirmBody"]["additionalProperties"], false,
+            "unknown members are refused"
+        );
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    /// Issue 15 point 8: each route lists the problem answers it gives.
+    #[test]
+    fn every_route_lists_its_problem_answers() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let payments: &[u16] = &[400, 401, 404, 405, 429, 503];
+        for (method, path, problems) in [
+            (
+                "post",
+                "/v1/payments/confirm",
+                &[400, 401, 402, 405, 409, 413, 415, 422, 429, 503][..],
+            ),
+            ("get", "/v1/payments/{payment_id}", payments),
+            ("get", "/v1/payments/orders/{order_id}", payments),
+            ("get", "/healthz", &[405]),
+            ("get", "/readyz", &[405, 503]),
+            ("get", "/metrics", &[405, 503]),
+            ("get", "/openapi.json", &[405]),
+        ] {
+            let responses = &doc["paths"][path][method]["responses"];
+            for status in problems {
+                assert_eq!(
+                    responses[status.to_string()]["content"]["application/problem+json"]["schema"]
+                        ["$ref"],
+                    "#/components/schemas/ProblemDetails",
+                    "{method} {path} {status}"
+                );
+            }
+        }
     }
 }

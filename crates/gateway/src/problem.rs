@@ -3,9 +3,17 @@
 //! Every error a merchant sees is a [`Problem`]: `type`, `title`, `status`,
 //! `detail`, `code` (the card company's code where one exists) and, where it
 //! helps, `paymentId`. Internal error text never reaches `detail`.
+//!
+//! The framework's own refusals (a path segment that does not decode, a
+//! method a path does not serve, a body over the limit) are rewritten by
+//! [`ensure_problem`], the last middleware before the wire, so that no error
+//! answer leaves as `text/plain` or empty, and none carries the framework's
+//! text (which names internal fields).
 
 use axum::{
+    extract::Request,
     http::{header, HeaderValue, StatusCode},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -103,6 +111,95 @@ impl Problem {
         )
         .retry_after(1)
     }
+}
+
+impl Problem {
+    /// 413: the body is over [`crate::MAX_BODY_BYTES`].
+    pub fn payload_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "Payload too large",
+            format!("the body is over {} bytes", crate::MAX_BODY_BYTES),
+        )
+    }
+
+    /// 415: the body is not `application/json`.
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "Unsupported media type",
+            "send the body as JSON with `Content-Type: application/json`",
+        )
+    }
+
+    /// The problem for an error status the framework answered on its own,
+    /// with a fixed detail (never the framework's text).
+    pub fn for_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => Self::invalid(
+                "the request could not be read (a path segment, the query or a header is not valid)",
+            ),
+            StatusCode::NOT_FOUND => Self::new(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "Not found",
+                "no such route",
+            ),
+            StatusCode::METHOD_NOT_ALLOWED => Self::new(
+                status,
+                "METHOD_NOT_ALLOWED",
+                "Method not allowed",
+                "this path does not serve this method; `Allow` lists the ones it does",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => Self::payload_too_large(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::unsupported_media_type(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Self::new(
+                status,
+                "REQUEST_HEADER_FIELDS_TOO_LARGE",
+                "Request header fields too large",
+                "the request's headers are too large",
+            ),
+            s if s.is_client_error() => Self::new(
+                s,
+                "INVALID_REQUEST",
+                s.canonical_reason().unwrap_or("Invalid request"),
+                "the request could not be served",
+            ),
+            s => Self::new(s, "INTERNAL_ERROR", "Internal error", "internal error"),
+        }
+    }
+}
+
+/// Middleware: an error answer that is not problem+json already (one the
+/// framework made) becomes the [`Problem::for_status`] of its status; its
+/// headers but the body's are kept (`Allow` of a 405, `Retry-After`).
+pub async fn ensure_problem(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    if is_problem {
+        return resp;
+    }
+    let (parts, _framework_text) = resp.into_parts();
+    let mut problem = Problem::for_status(status).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE
+            && name != header::CONTENT_LENGTH
+            && name != header::TRANSFER_ENCODING
+        {
+            problem.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    problem
 }
 
 impl IntoResponse for Problem {

@@ -2,8 +2,8 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    extract::{rejection::PathRejection, FromRequest, FromRequestParts, Path, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -11,13 +11,15 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use paygate_payments::{ConfirmInput, ConfirmOutcome, Reuse};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse};
 
-use crate::{auth::AuthedMerchant, problem::Problem, AppState};
+use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
 
-/// Body of `POST /v1/payments/confirm`. `amount` is in minor units, >= 1.
+/// Body of `POST /v1/payments/confirm`. `amount` is in minor units, 1 to
+/// the configured `max_amount` (default 100,000,000). Any other member is
+/// refused (400): a `"currency": "USD"` must not be charged in KRW.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfirmBody {
     /// The card company's payment key (1-200 printable characters).
     #[schema(min_length = 1, max_length = 200)]
@@ -25,7 +27,8 @@ pub struct ConfirmBody {
     /// 6-64 characters of `[A-Za-z0-9-_.]`.
     #[schema(min_length = 6, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
     pub order_id: String,
-    /// Amount in minor units, >= 1.
+    /// Amount in minor units, >= 1 and <= the configured `max_amount`
+    /// (default 100,000,000).
     #[schema(minimum = 1)]
     pub amount: i64,
 }
@@ -96,31 +99,45 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(s.to_owned()))
 }
 
-/// `POST /v1/payments/confirm`.
-#[utoipa::path(post, path = "/v1/payments/confirm", tag = "payments",
-    request_body = ConfirmBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "optional; quoted or bare; the same key replays the same payment")),
-    responses(
-        (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
-        (status = 202, description = "outcome unknown; poll GET", body = PaymentView),
-        (status = 400, description = "invalid body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "cannot safely proceed; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-    ),
-    security(("bearer" = [])))]
-pub async fn confirm(
-    State(state): State<AppState>,
-    AuthedMerchant(merchant): AuthedMerchant,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, Problem> {
+/// True when `Content-Type` is `application/json` (parameters such as
+/// `charset` allowed, case-insensitive).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A path parameter, or 400 when it does not decode (the framework's text
+/// names internal fields, so it is never passed on).
+fn path_param(param: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+    param
+        .map(|Path(p)| p)
+        .map_err(|_| Problem::invalid("a path segment is not valid percent-encoded UTF-8"))
+}
+
+/// Reads, authenticates and validates a confirm request (no I/O but the
+/// merchant lookup; nothing is charged on any error here).
+async fn confirm_input(state: &AppState, req: Request) -> Result<ConfirmInput, Problem> {
+    let (mut parts, body) = req.into_parts();
+    let AuthedMerchant(merchant) = AuthedMerchant::from_request_parts(&mut parts, state).await?;
+    let idempotency_key = idempotency_key(&parts.headers)?;
+    if !is_json(&parts.headers) {
+        return Err(Problem::unsupported_media_type());
+    }
+    let body = Bytes::from_request(Request::from_parts(parts, body), state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::payload_too_large()
+            } else {
+                Problem::invalid("the body could not be read")
+            }
+        })?;
     let body: ConfirmBody = serde_json::from_slice(&body).map_err(|_| {
         Problem::invalid(
-            "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer}",
+            "body must be JSON {\"paymentKey\": string, \"orderId\": string, \"amount\": integer} and nothing else",
         )
     })?;
     let order_id = OrderId::parse(&body.order_id).map_err(|e| Problem::invalid(e.to_string()))?;
@@ -128,6 +145,12 @@ pub async fn confirm(
         return Err(Problem::invalid(
             "amount must be an integer >= 1 (minor units)",
         ));
+    }
+    if body.amount > state.max_amount {
+        return Err(Problem::invalid(format!(
+            "amount must be at most {} (minor units)",
+            state.max_amount
+        )));
     }
     if body.payment_key.is_empty()
         || body.payment_key.len() > 200
@@ -137,28 +160,115 @@ pub async fn confirm(
             "paymentKey must be 1-200 visible ASCII characters",
         ));
     }
-    let input = ConfirmInput {
+    Ok(ConfirmInput {
         merchant_id: merchant.merchant_id,
         payment_key: body.payment_key,
         order_id,
         amount: body.amount,
-        idempotency_key: idempotency_key(&headers)?,
+        idempotency_key,
+    })
+}
+
+/// The answer to a confirm whose saga has not ended (its deadline, the
+/// shutdown deadline, or a failed task): 202 with the payment once the card
+/// may be called, else 503, which is then true: the ticket is given up and
+/// the saga makes no card call (I4).
+fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
+    match ticket.give_up() {
+        EarlyAnswer::InProgress(record) => {
+            metrics::counter!("paygate_confirm_early_answers_total", "answer" => "in_progress")
+                .increment(1);
+            tracing::info!(cause, payment_id = %record.payment_id,
+                "confirm answered 202 before its saga ended; the saga carries on");
+            let mut resp = view(StatusCode::ACCEPTED, &record);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        EarlyAnswer::NothingCharged => {
+            metrics::counter!("paygate_confirm_early_answers_total", "answer" => "nothing_charged")
+                .increment(1);
+            tracing::warn!(
+                cause,
+                "confirm answered 503 before its record was durable; no card call will be made"
+            );
+            Problem::unavailable("no answer in time; nothing was charged, retry with the same body")
+                .into_response()
+        }
+    }
+}
+
+/// `POST /v1/payments/confirm`.
+#[utoipa::path(post, path = "/v1/payments/confirm", tag = "payments",
+    request_body = ConfirmBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; quoted or bare; the same key replays the same payment")),
+    responses(
+        (status = 200, description = "approved (saved: whether the ledger has it yet)", body = PaymentView),
+        (status = 202, description = "outcome not known yet (status UNKNOWN, or IN_PROGRESS when the answer deadline or a shutdown came while the card call may be in flight); poll GET", body = PaymentView),
+        (status = 400, description = "invalid body: not the three members, an unknown member, amount out of 1..max_amount, a bad Idempotency-Key, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "body over 16 KiB", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 415, description = "Content-Type is not application/json", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "cannot safely proceed, or too many requests in flight; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Response, Problem> {
+    // One deadline from the moment the request arrived, over reading and
+    // authenticating it as well as the saga: this route has no timeout
+    // layer, so the handler alone decides what an answer says (I4).
+    let started = req
+        .extensions()
+        .get::<RequestStarted>()
+        .map_or_else(std::time::Instant::now, |s| s.0);
+    let answer_by = tokio::time::Instant::from_std(started + state.confirm_answer_within);
+    let input = match tokio::time::timeout_at(answer_by, confirm_input(&state, req)).await {
+        Ok(input) => input?,
+        Err(_) => {
+            return Err(Problem::unavailable(
+                "the request took too long to arrive; nothing was charged, retry",
+            ))
+        }
     };
-    // The saga runs in its own task: a client that disconnects (or a request
-    // timeout) must not cancel it between the card approval and the writes
-    // that record it.
+    let mut shutdown = state.shutdown_deadline.clone();
+    if *shutdown.borrow() {
+        return Err(Problem::unavailable(
+            "shutting down; nothing was charged, retry",
+        ));
+    }
+    // The saga runs in its own task: a client that disconnects, an early
+    // answer or the shutdown deadline must not cancel it between the card
+    // approval and the writes that record it. The ticket says what an early
+    // answer may claim.
+    let ticket = ConfirmTicket::new();
     let saga = state.saga.clone();
     let span = tracing::Span::current();
-    let outcome =
-        match tokio::spawn(async move { saga.confirm(input).await }.instrument(span)).await {
+    let saga_ticket = ticket.clone();
+    let task = tokio::spawn(
+        async move { saga.confirm_with_ticket(input, saga_ticket).await }.instrument(span),
+    );
+    let shutdown_reached = async move {
+        // A dropped sender (the server is gone) is no deadline.
+        if shutdown.wait_for(|reached| *reached).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        biased;
+        joined = task => match joined {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "confirm task failed");
-                return Err(Problem::unavailable(
-                    "internal error; poll GET /v1/payments/orders/{orderId}",
-                ));
+                return Ok(early_answer(&ticket, "task_failed"));
             }
-        };
+        },
+        () = tokio::time::sleep_until(answer_by) => return Ok(early_answer(&ticket, "deadline")),
+        () = shutdown_reached => return Ok(early_answer(&ticket, "shutdown")),
+    };
     Ok(match outcome {
         ConfirmOutcome::Approved(r) => view(StatusCode::OK, &r),
         ConfirmOutcome::Unknown(r) => view(StatusCode::ACCEPTED, &r),
@@ -229,16 +339,20 @@ pub async fn confirm(
     params(("payment_id" = String, Path, description = "pay_ + ULID")),
     responses(
         (status = 200, description = "the payment", body = PaymentView),
+        (status = 400, description = "a path segment that is not valid percent-encoded UTF-8, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such payment for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_payment(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
-    Path(payment_id): Path<String>,
+    payment_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
+    let payment_id = path_param(payment_id)?;
     let id = PaymentId::parse(&payment_id).ok_or_else(Problem::not_found)?;
     tracing::Span::current().record("payment_id", id.as_str());
     match state.saga.store().get(&id).await {
@@ -256,16 +370,20 @@ pub async fn get_payment(
     params(("order_id" = String, Path, description = "the merchant's order id")),
     responses(
         (status = 200, description = "the payment", body = PaymentView),
+        (status = 400, description = "a path segment that is not valid percent-encoded UTF-8, or two Authorization headers", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such order for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "state store unavailable", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_by_order(
     State(state): State<AppState>,
     AuthedMerchant(merchant): AuthedMerchant,
-    Path(order_id): Path<String>,
+    order_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
+    let order_id = path_param(order_id)?;
     let order_id = OrderId::parse(&order_id).map_err(|_| Problem::not_found())?;
     match state
         .saga
@@ -284,7 +402,10 @@ pub async fn get_by_order(
 
 /// `GET /healthz`: the process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "the process is alive", body = Object, example = json!({"status": "ok"}))))]
+    responses(
+        (status = 200, description = "the process is alive", body = Object, example = json!({"status": "ok"})),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -292,7 +413,11 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// `GET /metrics`: Prometheus text exposition format 0.0.4. The sidecar
 /// jobs' last summaries are read from `job_runs` at each scrape.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "metrics are not available in this process", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match paygate_api_log::JobRuns::new(state.db.clone())
         .latest()
@@ -319,6 +444,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "stores reachable, not shutting down", body = Object, example = json!({"status": "ready"})),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "a store is unreachable, or shutting down", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -338,7 +464,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// `GET /openapi.json`: this API's OpenAPI 3.1 document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object)))]
+    responses(
+        (status = 200, description = "the OpenAPI 3.1 document", body = Object),
+        (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+    ))]
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(crate::openapi::document())
 }

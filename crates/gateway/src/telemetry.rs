@@ -71,6 +71,12 @@ pub fn register_families() {
     metrics::gauge!("paygate_ledger_retry_queue_depth").increment(0.0);
     metrics::counter!("paygate_inbound_shed_total").increment(0);
     metrics::counter!("paygate_inbound_rate_limited_total").increment(0);
+    for reason in ["header_read_timeout", "idle_timeout"] {
+        metrics::counter!("paygate_inbound_connections_cut_total", "reason" => reason).increment(0);
+    }
+    for answer in ["in_progress", "nothing_charged"] {
+        metrics::counter!("paygate_confirm_early_answers_total", "answer" => answer).increment(0);
+    }
 }
 
 /// Sets the job gauges from `job_runs` (see `paygate_api_log::JobRuns`):
@@ -101,9 +107,15 @@ fn request_id(req: &Request) -> String {
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
 }
 
+/// When the request reached the gateway (an extension set by
+/// [`request_context`]); a confirm's answer deadline counts from it.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestStarted(pub Instant);
+
 /// The middleware: request id, span, metrics, access log.
-pub async fn request_context(req: Request, next: Next) -> Response {
+pub async fn request_context(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    req.extensions_mut().insert(RequestStarted(started));
     let id = request_id(&req);
     let method = req.method().clone();
     let route = req

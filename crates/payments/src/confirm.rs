@@ -24,7 +24,7 @@ use paygate_state_store::{CreateOutcome, Transition};
 use crate::{
     classify::{self, card_message, AttemptError},
     logged_call::{describe_card, CallSite, Policy},
-    outcome::{CardVerdict, ConfirmInput, ConfirmOutcome},
+    outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket},
     Saga,
 };
 
@@ -36,8 +36,22 @@ pub(crate) fn approved_at_of(p: &CardPayment) -> String {
 }
 
 impl Saga {
-    /// Runs the confirm saga for one request.
+    /// Runs the confirm saga for one request, with nobody to answer early
+    /// (see [`Saga::confirm_with_ticket`]).
     pub async fn confirm(self: &Arc<Self>, input: ConfirmInput) -> ConfirmOutcome {
+        self.confirm_with_ticket(input, ConfirmTicket::new()).await
+    }
+
+    /// Runs the confirm saga for one request whose merchant may be answered
+    /// before it ends. The saga marks `ticket` durable once the record it
+    /// acts on is written and before the card `REQUEST` row; if the caller
+    /// gave up first (and answered 503), the record is aborted with
+    /// [`failure_codes::ANSWER_TIMED_OUT`] and no card call is made.
+    pub async fn confirm_with_ticket(
+        self: &Arc<Self>,
+        input: ConfirmInput,
+        ticket: ConfirmTicket,
+    ) -> ConfirmOutcome {
         let fingerprint = paygate_core::crypto::fingerprint(&[
             &input.payment_key,
             input.order_id.as_str(),
@@ -59,11 +73,11 @@ impl Saga {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                self.run(record).await
+                self.run(record, &ticket).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
-                self.replay(*existing, &input, &fingerprint).await
+                self.replay(*existing, &input, &fingerprint, &ticket).await
             }
             Err(e) => {
                 // The write failed; a read may still work (a write-only
@@ -89,8 +103,20 @@ impl Saga {
         }
     }
 
-    /// Steps 2-6 for a `PENDING` record this confirm owns.
-    pub(crate) async fn run(self: &Arc<Self>, record: PaymentRecord) -> ConfirmOutcome {
+    /// Steps 2-6 for a `PENDING` record this confirm owns. The ticket is
+    /// the gate before the card `REQUEST` row (see [`ConfirmTicket`]).
+    pub(crate) async fn run(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        ticket: &ConfirmTicket,
+    ) -> ConfirmOutcome {
+        if !ticket.make_durable(&record) {
+            let detail =
+                "the merchant was answered 503 before the card call; none was made".to_owned();
+            return self
+                .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None)
+                .await;
+        }
         match self.settle_at_card(&record).await {
             CardVerdict::Approved(p) => self.approved(record, &p).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
@@ -231,6 +257,9 @@ impl Saga {
             }
             failure_codes::OVERLOADED => {
                 "too many payments in flight; nothing was charged, retry later"
+            }
+            failure_codes::ANSWER_TIMED_OUT => {
+                "no answer in time; nothing was charged, retry with the same body"
             }
             _ => "card company unavailable; nothing was charged, retry later",
         };

@@ -13,7 +13,7 @@
 //! | module | holds | guards |
 //! |---|---|---|
 //! | [`saga`] | the [`Saga`] and its settings | — |
-//! | [`outcome`] | [`ConfirmInput`], [`ConfirmOutcome`], [`Settlement`] | I4 |
+//! | [`outcome`] | [`ConfirmInput`], [`ConfirmOutcome`], [`ConfirmTicket`], [`Settlement`] | I4 |
 //! | `confirm` | saga steps 1-4: record, card call, verdict | I1, I2, I3 |
 //! | `replay` | a confirm for an order that already has a payment | I2 |
 //! | `logged_call` | every downstream call, `REQUEST` row first | I3 |
@@ -37,7 +37,9 @@ pub mod settle;
 pub mod wiring;
 
 pub use ledger::{RetryTracker, SaveResult};
-pub use outcome::{ConfirmInput, ConfirmOutcome, Reuse, Settlement};
+pub use outcome::{
+    ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse, Settlement, TicketState,
+};
 pub use saga::{Saga, SagaSettings};
 pub use settle::{Settler, Tally};
 pub use wiring::{Components, SandboxUrls, WiringError};

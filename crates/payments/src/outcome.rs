@@ -2,6 +2,8 @@
 //! into an HTTP answer or a batch count. No HTTP types here: the gateway maps
 //! [`ConfirmOutcome`] to status codes (guarding I4: every answer is true).
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use paygate_card_api::CardPayment;
 use paygate_core::{MerchantId, OrderId, PaymentId, PaymentRecord};
 
@@ -66,6 +68,90 @@ pub enum ConfirmOutcome {
         /// Seconds after which a retry may succeed (an open breaker's wait).
         retry_after_s: Option<u64>,
     },
+}
+
+/// Where one confirm stands, as far as an early answer is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TicketState {
+    /// No record this confirm acts on is durable yet: no card call was or
+    /// will be made without first moving to [`TicketState::Durable`].
+    Starting,
+    /// The record is written and the card may be called from now on; an
+    /// early answer is 202 with this payment (`IN_PROGRESS`), never 503.
+    Durable(Box<PaymentRecord>),
+    /// The merchant was answered 503 before the confirm became durable;
+    /// the saga makes no card call for it.
+    GaveUp,
+}
+
+/// What an early answer may say (see [`ConfirmTicket::give_up`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EarlyAnswer {
+    /// The card may be in flight: answer 202 with this payment.
+    InProgress(Box<PaymentRecord>),
+    /// No card call was or will be made for this request: 503 is true.
+    NothingCharged,
+}
+
+/// The one place where a confirm's HTTP handler and its saga task agree on
+/// what an answer given *before* the saga ends may say (invariant I4).
+///
+/// The handler gives up waiting at its deadline (or the shutdown deadline)
+/// with [`ConfirmTicket::give_up`]; the saga asks [`ConfirmTicket::make_durable`]
+/// before the card `REQUEST` row is written. Both check and set the state
+/// under one mutex, so exactly one of these holds: the handler answered 503
+/// and the saga makes no card call, or the card may be called and the
+/// handler's early answer is 202 with the payment.
+#[derive(Clone, Debug)]
+pub struct ConfirmTicket(Arc<Mutex<TicketState>>);
+
+impl Default for ConfirmTicket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfirmTicket {
+    /// A ticket in [`TicketState::Starting`].
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(TicketState::Starting)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TicketState> {
+        // A panic elsewhere cannot leave the enum half-written; go on.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state now.
+    pub fn state(&self) -> TicketState {
+        self.lock().clone()
+    }
+
+    /// Saga side: the record is durable and the card may be called next.
+    /// `false` when the handler already gave up (answered 503): then the
+    /// card must not be called. Called again, it updates the record.
+    pub fn make_durable(&self, record: &PaymentRecord) -> bool {
+        let mut state = self.lock();
+        if *state == TicketState::GaveUp {
+            return false;
+        }
+        *state = TicketState::Durable(Box::new(record.clone()));
+        true
+    }
+
+    /// Handler side, at its deadline: what an answer given now may say.
+    /// From `Starting` the ticket moves to `GaveUp` (the saga will make no
+    /// card call); once `GaveUp`, it stays so.
+    pub fn give_up(&self) -> EarlyAnswer {
+        let mut state = self.lock();
+        match &*state {
+            TicketState::Durable(record) => EarlyAnswer::InProgress(record.clone()),
+            TicketState::Starting | TicketState::GaveUp => {
+                *state = TicketState::GaveUp;
+                EarlyAnswer::NothingCharged
+            }
+        }
+    }
 }
 
 /// What a lookup settled (see [`crate::Saga::settle_unknown`]).

@@ -20,7 +20,7 @@ use paygate_core::{payment::failure_codes, CardStatus, Partition, PaymentRecord}
 use paygate_state_store::Transition;
 
 use crate::{
-    outcome::{ConfirmInput, ConfirmOutcome, Reuse, Settlement},
+    outcome::{ConfirmInput, ConfirmOutcome, ConfirmTicket, Reuse, Settlement},
     Saga,
 };
 
@@ -31,6 +31,7 @@ impl Saga {
         existing: PaymentRecord,
         input: &ConfirmInput,
         fingerprint: &str,
+        ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
         if existing.request_fingerprint != fingerprint {
             let reuse = match (&input.idempotency_key, &existing.idempotency_key) {
@@ -43,13 +44,13 @@ impl Saga {
             };
         }
         match existing.card_status {
-            CardStatus::Pending => self.pending_on_access(existing).await,
+            CardStatus::Pending => self.pending_on_access(existing, ticket).await,
             CardStatus::Done | CardStatus::Canceled => ConfirmOutcome::Approved(existing),
             CardStatus::Unknown => ConfirmOutcome::Unknown(existing),
             CardStatus::Aborted => {
                 let code = existing.failure_code.clone().unwrap_or_default();
                 if failure_codes::is_no_call(&code) {
-                    return self.reopen(existing, code).await;
+                    return self.reopen(existing, code, ticket).await;
                 }
                 let message = existing.last_error.clone().unwrap_or_default();
                 ConfirmOutcome::Declined {
@@ -62,7 +63,11 @@ impl Saga {
     }
 
     /// A retry of a `PENDING` payment (see the module's doc).
-    async fn pending_on_access(self: &Arc<Self>, existing: PaymentRecord) -> ConfirmOutcome {
+    async fn pending_on_access(
+        self: &Arc<Self>,
+        existing: PaymentRecord,
+        ticket: &ConfirmTicket,
+    ) -> ConfirmOutcome {
         let age_ms = paygate_core::time::now_ms() - existing.updated_at;
         let young = age_ms < self.settings.settle_on_access_after.as_millis() as i64;
         if young {
@@ -71,6 +76,11 @@ impl Saga {
         let Some(live) = self.live.claim(&existing.payment_id) else {
             return ConfirmOutcome::InFlight(existing);
         };
+        // An earlier confirm may have charged it: from here an early answer
+        // must be 202, never "nothing was charged".
+        if !ticket.make_durable(&existing) {
+            return ConfirmOutcome::InFlight(existing);
+        }
         let pid = existing.payment_id.clone();
         let evidence = self.log.confirm_evidence(pid.as_str(), CONFIRM_PATH).await;
         match evidence {
@@ -84,7 +94,7 @@ impl Saga {
                     Ok(true) => {
                         tracing::info!(payment_id = %pid, "retry of a PENDING payment that was never sent: reopened");
                         drop(live);
-                        self.reopen(existing, failure_codes::NOT_SENT.to_owned())
+                        self.reopen(existing, failure_codes::NOT_SENT.to_owned(), ticket)
                             .await
                     }
                     Ok(false) => ConfirmOutcome::InFlight(existing),
@@ -137,7 +147,12 @@ impl Saga {
 
     /// A no-call abort: no card call was made for it, so this retry may try
     /// again. The batch may have moved it to `unpaid_payments` already.
-    async fn reopen(self: &Arc<Self>, existing: PaymentRecord, code: String) -> ConfirmOutcome {
+    async fn reopen(
+        self: &Arc<Self>,
+        existing: PaymentRecord,
+        code: String,
+        ticket: &ConfirmTicket,
+    ) -> ConfirmOutcome {
         let unavailable = ConfirmOutcome::Unavailable {
             detail: "payment state store unavailable; nothing was charged",
             payment_id: Some(existing.payment_id.clone()),
@@ -167,7 +182,7 @@ impl Saga {
                 let mut reopened = existing;
                 reopened.card_status = CardStatus::Pending;
                 reopened.failure_code = None;
-                self.run(reopened).await
+                self.run(reopened, ticket).await
             }
             Ok(false) => ConfirmOutcome::InFlight(existing),
             Err(_) => unavailable,

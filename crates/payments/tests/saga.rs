@@ -19,11 +19,13 @@ use paygate_card_api::{
     TransactionsQuery,
 };
 use paygate_core::{
-    config::DownstreamPolicy, CardStatus, MerchantId, OrderId, Partition, PaymentRecord,
+    config::DownstreamPolicy, payment::failure_codes, CardStatus, MerchantId, OrderId, Partition,
+    PaymentRecord,
 };
 use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome};
 use paygate_payments::{
-    saga::Downstreams, ConfirmInput, ConfirmOutcome, Saga, SagaSettings, SaveResult, Settlement,
+    saga::Downstreams, ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Saga,
+    SagaSettings, SaveResult, Settlement, TicketState,
 };
 use paygate_resilience::Downstream;
 use paygate_state_store::{MemoryStateStore, SqlDatabase, StateStore, Transition};
@@ -439,5 +441,94 @@ async fn a_retry_of_a_pending_payment_sent_before_a_crash_is_settled_by_lookup()
             .any(|a| a.reason == AlertReason::OutcomeUnknown),
         "settled: no operator needed"
     );
+    w.cleanup();
+}
+
+/// Issue 13 point 4: a merchant answered 503 before the record was durable
+/// gets no card call for that request (the 503 stays true), and its retry
+/// reopens the no-call abort and confirms it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_given_up_before_the_card_call_means_no_call_and_a_retry_confirms() {
+    let w = World::new("gaveup").await;
+    let order = "order-gaveup-1";
+    let ticket = ConfirmTicket::new();
+    assert_eq!(ticket.give_up(), EarlyAnswer::NothingCharged);
+    let outcome = w
+        .saga
+        .confirm_with_ticket(w.input(order), ticket.clone())
+        .await;
+    let pid = match outcome {
+        ConfirmOutcome::Unavailable {
+            payment_id: Some(pid),
+            ..
+        } => pid,
+        other => panic!("expected a no-call abort, got {other:?}"),
+    };
+    assert_eq!(ticket.state(), TicketState::GaveUp, "it stays given up");
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 0, "no card call");
+    assert!(
+        !w.log
+            .has_request(pid.as_str(), Target::CardApi)
+            .await
+            .unwrap(),
+        "no card REQUEST row either"
+    );
+    let (_, stored) = w.store.get(&pid).await.unwrap().unwrap();
+    assert_eq!(stored.card_status, CardStatus::Aborted);
+    assert_eq!(
+        stored.failure_code.as_deref(),
+        Some(failure_codes::ANSWER_TIMED_OUT)
+    );
+
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(done) => assert_eq!(done.payment_id, pid, "the same payment"),
+        other => panic!("expected the retry to confirm it, got {other:?}"),
+    }
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 1);
+    w.cleanup();
+}
+
+/// Issue 13 point 4: once the card may be called, an early answer is the
+/// payment in progress (202), never "nothing was charged", and the saga
+/// carries on to the approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_made_durable_answers_in_progress_and_the_saga_carries_on() {
+    let w = World::new("durable").await;
+    let order = "order-durable-1";
+    let ticket = ConfirmTicket::new();
+    let seen = Arc::new(Mutex::new(None));
+    {
+        let (ticket, seen) = (ticket.clone(), seen.clone());
+        *w.card.during_confirm.lock().unwrap() = Some(Box::new(move || {
+            *seen.lock().unwrap() = Some(ticket.give_up());
+        }));
+    }
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    let outcome = w.saga.confirm_with_ticket(w.input(order), ticket).await;
+    let done = match outcome {
+        ConfirmOutcome::Approved(done) => done,
+        other => panic!("the saga carries on after an early answer, got {other:?}"),
+    };
+    match seen.lock().unwrap().take() {
+        Some(EarlyAnswer::InProgress(r)) => {
+            assert_eq!(r.payment_id, done.payment_id);
+            assert_eq!(
+                r.card_status,
+                CardStatus::Pending,
+                "answered as IN_PROGRESS"
+            );
+        }
+        other => panic!("during the card call the answer is 202, got {other:?}"),
+    }
+    assert!(done.is_paid && done.is_saved);
     w.cleanup();
 }

@@ -27,6 +27,7 @@ pub struct TestApp {
     pub config: Config,
     cleanup: Option<Cleanup>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Starts the sandbox with `profile` and the real gateway against it.
@@ -68,7 +69,7 @@ pub async fn spawn_app(
     let saga = app.saga();
     let alerts = app.alerter();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async {
+    let served = tokio::spawn(app.run_until(async {
         let _ = stop_rx.await;
     }));
     let (_, key) = create_merchant(&app_db, &config, "merchant-a").await;
@@ -86,6 +87,7 @@ pub async fn spawn_app(
         config,
         cleanup: Some(cleanup),
         stop: Some(stop),
+        served: Some(served),
     }
 }
 
@@ -149,6 +151,21 @@ impl TestApp {
 
     pub fn log(&self) -> paygate_api_log::SqlApiLog {
         paygate_api_log::SqlApiLog::new(self.app_db.clone())
+    }
+
+    /// Sends the shutdown signal (SIGTERM in `serve`) and returns at once.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until `run_until` has returned.
+    pub async fn served(&mut self) -> std::io::Result<()> {
+        match self.served.take() {
+            Some(handle) => handle.await.expect("run_until does not panic"),
+            None => Ok(()),
+        }
     }
 
     /// Stops the server and removes the test's database.

@@ -5,14 +5,14 @@ use paygate_sandbox::FaultProfile;
 use crate::helpers::{confirm_body, spawn_app, Backend};
 
 /// The value of one series (`name{labels}` as rendered), or 0 when absent.
-fn series(text: &str, prefix: &str) -> f64 {
+pub(crate) fn series(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-async fn scrape(base: &str) -> String {
+pub(crate) async fn scrape(base: &str) -> String {
     let resp = reqwest::get(format!("{base}/metrics")).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
