@@ -89,7 +89,7 @@ impl Saga {
                     .await
                 {
                     span.record("payment_id", existing.payment_id.as_str());
-                    return self.replay(existing, &input, &fingerprint).await;
+                    return self.replay(existing, &input, &fingerprint, &ticket).await;
                 }
                 tracing::error!(order_id = %input.order_id, error = %e, "state store unavailable; no card call made");
                 // No paymentId: paygate cannot see the order, so this answer

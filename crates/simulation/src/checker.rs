@@ -18,8 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use paygate_core::Partition;
-
 use crate::{
     workload::{Answer, AnswerKind},
     world::World,
