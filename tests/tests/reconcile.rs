@@ -329,17 +329,21 @@ async fn stale_pending_records_are_settled_each_in_isolation() {
         // the stale pass can find it).
         let approved = e.record("order-stale-paid", 5_000, 200).await;
         e.approval("order-stale-paid", 5_000, 199);
-        // Stale, UNKNOWN, and the card company has nothing: alert.
-        let unknown = e.record("order-stale-unknown", 5_000, 30).await;
-        e.c.store
-            .transition(
-                &unknown.payment_id,
-                &Transition::MarkUnknown {
-                    last_error: "timeout".into(),
-                },
-            )
-            .await
-            .unwrap();
+        // Stale (UNKNOWN for 30 minutes: ages count from the last
+        // transition), and the card company has nothing: alert.
+        let mut unknown = PaymentRecord::new_pending(
+            e.merchant.clone(),
+            OrderId::parse("order-stale-unknown").unwrap(),
+            "pk_order-stale-unknown".into(),
+            5_000,
+            "KRW".into(),
+            "fp_order-stale-unknown".into(),
+            None,
+            e.now - 30 * MINUTE,
+        );
+        unknown.card_status = paygate_core::CardStatus::Unknown;
+        unknown.last_error = Some("timeout".into());
+        e.c.store.create(&unknown).await.unwrap();
         // Young: its saga may still run; left alone.
         let young = e.record("order-young", 5_000, 1).await;
         let opts = ReconcileOptions {

@@ -62,6 +62,25 @@ impl Env {
         r
     }
 
+    /// The confirm `REQUEST` row the saga writes before every card call
+    /// (I3): a record "whose gateway died after the call" has one.
+    async fn sent(&self, r: &PaymentRecord) {
+        SqlApiLog::new(self.c.db.clone())
+            .append(LogEntry {
+                payment_id: &r.payment_id,
+                target: Target::CardApi,
+                kind: Kind::Request,
+                attempt: 1,
+                method: "POST",
+                path: "/v1/payments/confirm",
+                status_code: None,
+                body: None,
+                latency_ms: None,
+            })
+            .await
+            .unwrap();
+    }
+
     async fn t(&self, r: &PaymentRecord, t: Transition) {
         assert!(
             self.c.store.transition(&r.payment_id, &t).await.unwrap(),
@@ -129,7 +148,9 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
                 method: "POST",
                 path: "/v1/payments/confirm",
                 status_code: status,
-                body: None,
+                // As the saga logs a card answer: the card company's code.
+                body: status
+                    .map(|_| serde_json::json!({"code": "REJECT_CARD_PAYMENT", "message": "no"})),
                 latency_ms: None,
             })
             .await
@@ -147,6 +168,7 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         .await;
         // D: PENDING, but the card company approved it (the gateway died after the call).
         let d = e.record("order-d-orphan").await;
+        e.sent(&d).await;
         let card = TossCardApi::new(
             reqwest::Client::new(),
             &e.sandbox.card_url,
@@ -173,6 +195,8 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         )
         .await;
 
+        // (E's confirm was sent too: UNKNOWN comes after a call.)
+        e.sent(&u).await;
         let s = e.sweeper().sweep(&now_opts()).await.unwrap();
         assert_eq!(
             (
@@ -404,7 +428,9 @@ async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
     };
     let e = env(&Backend::Sqlite, profile).await;
     for i in 0..10 {
-        e.record(&format!("order-lost-{i}")).await;
+        // Each sent (its gateway died after the call): each is looked up.
+        let r = e.record(&format!("order-lost-{i}")).await;
+        e.sent(&r).await;
     }
     let db = e.c.db.clone();
     let thief = tokio::spawn(async move {

@@ -243,7 +243,8 @@ impl SqlApiLog {
         payment_id: &str,
         confirm_path: &str,
     ) -> Result<ConfirmEvidence, StoreError> {
-        let sql = "SELECT kind, status_code, body FROM api_logs \
+        // `body` is JSONB on PostgreSQL and TEXT on SQLite: read it as text.
+        let sql = "SELECT kind, status_code, CAST(body AS TEXT) AS body FROM api_logs \
              WHERE payment_id = $1 AND target = 'card_api' AND path = $2 ORDER BY id";
         let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
         let rows: Vec<(String, Option<i32>, Option<String>)> = with_pool!(&self.db, pool => {
