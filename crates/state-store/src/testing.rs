@@ -153,6 +153,13 @@ impl E2eBackend {
     }
 }
 
+impl From<Backend> for E2eBackend {
+    /// A SQL backend with the state in SQL.
+    fn from(sql: Backend) -> Self {
+        Self { sql, state: None }
+    }
+}
+
 /// The backends of the end-to-end suites: each of [`sql_backends`] with the
 /// state in SQL, then SQLite with the state in each of [`mongodb_backends`]
 /// (the SQL log, merchants, outbox and leases always stay in SQL; which SQL
