@@ -745,7 +745,7 @@ async fn commit_with_retry(
     }
 }
 
-/// 10 ms, 20 ms, 40 ms, ... between transaction tries.
+/// 20 ms, 40 ms, 80 ms, 160 ms after the 1st, 2nd, 3rd, 4th try of a transaction (or a commit).
 fn txn_backoff(attempt: u32) -> Duration {
     Duration::from_millis(10u64 << attempt.min(6))
 }
