@@ -3,7 +3,10 @@
 //! clients that retry what got no answer, and `kill -9` of the gateway at
 //! random moments, again and again; then the batch, the reconciliation and
 //! the invariant checker: zero lost approvals, zero double charges. On
-//! SQLite, and on PostgreSQL when `PAYGATE_TEST_POSTGRES_URL` is set.
+//! SQLite, on PostgreSQL when `PAYGATE_TEST_POSTGRES_URL` is set, and with
+//! the state records in MongoDB (standalone and replica set) beside SQLite
+//! when `PAYGATE_TEST_MONGODB_URI` / `PAYGATE_TEST_MONGODB_RS_URI` are set
+//! (`e2e_backends`; the binary gets its stores as `PAYGATE_*` variables).
 //!
 //! Kills per backend: `PAYGATE_CRASH_KILLS` (default 5, the short form CI
 //! runs; `PAYGATE_CRASH_KILLS=20 cargo test -p paygate-e2e --test crash` is the
@@ -24,7 +27,7 @@ use std::{
 };
 
 use paygate_e2e::*;
-use paygate_state_store::testing::{fresh_sql_url, sql_backends};
+use paygate_state_store::testing::{e2e_backends, fresh_e2e, E2eStores};
 
 /// A small deterministic generator (xorshift64*): the schedule is replayable
 /// from its printed seed.
@@ -89,15 +92,15 @@ fn confirm(client: &reqwest::blocking::Client, base: &str, key: &str, i: usize) 
         .unwrap_or(0)
 }
 
-fn with_env(c: &mut Command, db: &str, card: &str, ledger: &str) {
-    c.env("PAYGATE_DATABASE_URL", db)
+fn with_env(c: &mut Command, db: &E2eStores, card: &str, ledger: &str) {
+    c.envs(db.env())
         .env("PAYGATE_CARD_API_URL", card)
         .env("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET)
         .env("PAYGATE_LEDGER_API_URL", ledger);
 }
 
 /// Starts `serve` and waits until it listens; its stderr is drained.
-fn start_serve(db: &str, card: &str, ledger: &str) -> (KillOnDrop, String) {
+fn start_serve(db: &E2eStores, card: &str, ledger: &str) -> (KillOnDrop, String) {
     let port = free_port();
     let mut c = paygate();
     c.arg("serve")
@@ -121,7 +124,7 @@ fn start_serve(db: &str, card: &str, ledger: &str) -> (KillOnDrop, String) {
 }
 
 /// Runs `paygate` with the environment; returns its stdout, asserting success.
-fn run(db: &str, card: &str, ledger: &str, args: &[&str]) -> String {
+fn run(db: &E2eStores, card: &str, ledger: &str, args: &[&str]) -> String {
     let mut c = paygate();
     c.args(args);
     with_env(&mut c, db, card, ledger);
@@ -135,7 +138,7 @@ fn run(db: &str, card: &str, ledger: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn crash_run(db: &str, kills: usize, seed: u64, label: &str) {
+fn crash_run(db: &E2eStores, kills: usize, seed: u64, label: &str) {
     let (_sim, card, ledger) = start_sim(&[
         "--faults",
         "flaky",
@@ -143,7 +146,7 @@ fn crash_run(db: &str, kills: usize, seed: u64, label: &str) {
         &seed.to_string(),
         "--approve-duplicate-confirms",
     ]);
-    let key = create_merchant(db, "crash-merchant");
+    let key = create_merchant(&db.database_url, "crash-merchant");
     let merchants = Arc::new(Merchants::default());
     let mut rng = Rng(seed | 1);
     let started = Instant::now();
@@ -253,9 +256,9 @@ fn kill_9_at_random_moments_loses_no_approval_and_charges_nothing_twice() {
         });
     eprintln!("crash test: {kills} kills per backend, PAYGATE_CRASH_SEED={seed}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for backend in sql_backends() {
-        let (url, cleanup) = rt.block_on(fresh_sql_url(&backend));
-        crash_run(&url, kills, seed, backend.name());
+    for backend in e2e_backends() {
+        let (stores, cleanup) = rt.block_on(fresh_e2e(&backend));
+        crash_run(&stores, kills, seed, &backend.name());
         rt.block_on(cleanup.run());
     }
 }

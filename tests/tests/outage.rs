@@ -14,7 +14,7 @@ use paygate_gateway::{Application, Saga};
 use paygate_reconcile::check::{check, CardApproval, CheckReport};
 use paygate_sandbox::{DiscordSim, FaultProfile, SandboxServers};
 use paygate_state_store::{
-    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    testing::{e2e_backends, fresh_e2e, Backend, Cleanup, E2eBackend},
     Merchant, SqlDatabase, SqlMerchantStore,
 };
 
@@ -42,14 +42,13 @@ fn quick(p: DownstreamPolicy) -> DownstreamPolicy {
     }
 }
 
-async fn start(backend: &Backend, discord: Option<String>) -> Gateway {
+async fn start<B: Clone + Into<E2eBackend>>(backend: &B, discord: Option<String>) -> Gateway {
     // Measures paygate's own I2: a second approval would show (see helpers).
     let profile = FaultProfile::none().with_duplicate_confirms_approved(true);
     let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
-    let (url, cleanup) = fresh_sql_url(backend).await;
+    let (stores, cleanup) = fresh_e2e(&backend.clone().into()).await;
     let config = Config {
         listen: "127.0.0.1:0".into(),
-        database_url: Secret::new(url),
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.into())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
@@ -59,7 +58,7 @@ async fn start(backend: &Backend, discord: Option<String>) -> Gateway {
         ledger_retry_max_delay_ms: 100,
         inbound_rate_limit_per_second: 0,
         discord_webhook_url: discord.map(Secret::new),
-        ..Config::default()
+        ..stores.config()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(listener, &config).await.unwrap();
@@ -153,7 +152,7 @@ impl Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_down_for_a_window() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let g = start(&backend, None).await;
         assert!(g.confirms("before", 20).await.iter().all(|s| *s == 200));
         g.sandbox.ledger.set_down(true);
@@ -183,7 +182,7 @@ async fn ledger_down_for_a_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn card_api_answering_5xx_for_a_window() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let g = start(&backend, None).await;
         g.confirms("before", 20).await;
         g.sandbox.card.set_down(true);

@@ -1,5 +1,6 @@
 //! The reconciliation against the card simulator and a real store, on every
-//! SQL backend: each case gets exactly its action, a rerun does nothing new,
+//! SQL backend and with the state records in each configured MongoDB
+//! (`e2e_backends`): each case gets exactly its action, a rerun does nothing new,
 //! paging stops at the first short page, stale records are settled, and a
 //! dry run changes nothing.
 
@@ -17,7 +18,7 @@ use paygate_payments::Components;
 use paygate_reconcile::{slices, Action, ReconcileOptions, Reconciler};
 use paygate_sandbox::{FaultProfile, SandboxServers, SeedApproval};
 use paygate_state_store::{
-    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    testing::{e2e_backends, fresh_e2e, Backend, Cleanup, E2eBackend},
     Transition,
 };
 
@@ -32,17 +33,16 @@ struct Env {
     now: i64,
 }
 
-async fn env(backend: &Backend) -> Env {
+async fn env<B: Clone + Into<E2eBackend>>(backend: &B) -> Env {
     let sandbox = SandboxServers::start(FaultProfile::none(), SECRET)
         .await
         .unwrap();
-    let (url, cleanup) = fresh_sql_url(backend).await;
+    let (stores, cleanup) = fresh_e2e(&backend.clone().into()).await;
     let config = Config {
-        database_url: Secret::new(url),
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.into())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
-        ..Config::default()
+        ..stores.config()
     };
     let c = Components::build(&config, None).await.unwrap();
     Env {
@@ -117,7 +117,7 @@ impl Env {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend).await;
         let name = backend.name();
         // Matched: paid and saved here, approved there.
@@ -228,7 +228,7 @@ async fn every_case_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_prints_the_plan_and_changes_nothing() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend).await;
         let name = backend.name();
         let l = e.record("order-lost", 5_000, 30).await;
@@ -322,7 +322,7 @@ async fn paging_stops_at_the_first_short_page_of_each_slice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_pending_records_are_settled_each_in_isolation() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend).await;
         let name = backend.name();
         // Stale and approved at the card company (outside the window, so only

@@ -1,4 +1,5 @@
-//! The batch sweep against the sandbox and a real store, on every SQL backend.
+//! The batch sweep against the sandbox and a real store, on every SQL backend
+//! and with the state records in each configured MongoDB (`e2e_backends`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
@@ -14,7 +15,7 @@ use paygate_core::{
 use paygate_payments::Components;
 use paygate_sandbox::{FaultProfile, SandboxServers};
 use paygate_state_store::{
-    testing::{fresh_sql_url, sql_backends, Backend, Cleanup},
+    testing::{e2e_backends, fresh_e2e, Backend, Cleanup, E2eBackend},
     Transition,
 };
 
@@ -27,15 +28,14 @@ struct Env {
     merchant: MerchantId,
 }
 
-async fn env(backend: &Backend, profile: FaultProfile) -> Env {
+async fn env<B: Clone + Into<E2eBackend>>(backend: &B, profile: FaultProfile) -> Env {
     let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
-    let (url, cleanup) = fresh_sql_url(backend).await;
+    let (stores, cleanup) = fresh_e2e(&backend.clone().into()).await;
     let config = Config {
-        database_url: Secret::new(url),
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.into())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
-        ..Config::default()
+        ..stores.config()
     };
     let c = Components::build(&config, None).await.unwrap();
     Env {
@@ -118,7 +118,7 @@ fn now_opts() -> SweepOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         let name = backend.name();
         // A: paid and saved.
@@ -302,7 +302,7 @@ async fn young_records_are_left_alone_and_a_dry_run_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_killed_mid_move_is_finished_by_the_next_and_the_threshold_alerts_once() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         // G: the previous sweep died between writing completed and deleting realtime.
         let g = e.record("order-g-crash").await;
@@ -464,7 +464,7 @@ async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
 /// look it up, find nothing yet, and mark it UNKNOWN under a live confirm).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reopened_record_is_young_again() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         let hour_ago = paygate_core::time::now_ms() - 3_600_000;
         let r = PaymentRecord::new_pending(
@@ -518,7 +518,7 @@ async fn a_reopened_record_is_young_again() {
 /// alerts, it never files it as unpaid on a lookup's 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_404_is_not_evidence_of_a_decline() {
-    for backend in sql_backends() {
+    for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         let r = e.record("order-lookup-404").await;
         e.t(

@@ -1,5 +1,8 @@
 //! `paygate demo`: the main job, end to end. Starts the sandbox simulators
-//! and the real gateway in-process on port 0 (SQLite in a temporary file),
+//! and the real gateway in-process on port 0 (SQLite in a temporary file;
+//! with `--state-store mongodb --mongodb-uri URI`, or `PAYGATE_STATE_STORE`
+//! and `PAYGATE_MONGODB_URI`, the state records in a fresh MongoDB database
+//! `paygate_demo_<run id>` that the demo drops at the end),
 //! sends confirms through a real HTTP client (some repeated, some of them
 //! concurrently, to exercise idempotency), waits for async ledger retries,
 //! then compares the card simulator's approvals with paygate's records.
@@ -18,10 +21,12 @@ use std::{
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use paygate_core::{crypto, CardStatus, Config, MerchantId, OrderId, Secret};
+use paygate_core::{
+    config::StateStoreKind, crypto, CardStatus, Config, MerchantId, OrderId, Secret,
+};
 use paygate_gateway::Application;
 use paygate_sandbox::{FaultProfile, SandboxServers};
-use paygate_state_store::{Merchant, SqlMerchantStore, SqlStateStore, StateStore};
+use paygate_state_store::{Merchant, MongoOptions, MongoStateStore, SqlMerchantStore};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -43,6 +48,14 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Where the state records live: `sql` (beside the log, in the temporary
+    /// SQLite file) or `mongodb` (a fresh database at `--mongodb-uri`,
+    /// dropped at the end; the log, merchants and outbox stay in SQLite).
+    #[arg(long, env = "PAYGATE_STATE_STORE", default_value = "sql")]
+    state_store: String,
+    /// MongoDB connection string, with `--state-store mongodb`.
+    #[arg(long, env = "PAYGATE_MONGODB_URI", hide_env_values = true)]
+    mongodb_uri: Option<String>,
 }
 
 /// The demo's result; `--json` prints exactly these keys.
@@ -128,7 +141,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let run_id = ulid::Ulid::new().to_string().to_lowercase();
     let db_path = std::env::temp_dir().join(format!("paygate-demo-{run_id}.db"));
-    let config = Config {
+    let mongodb = match (args.state_store.as_str(), &args.mongodb_uri) {
+        ("sql", _) => None,
+        ("mongodb", Some(uri)) => Some((uri.clone(), format!("paygate_demo_{run_id}"))),
+        ("mongodb", None) => {
+            anyhow::bail!("--state-store mongodb needs --mongodb-uri (or PAYGATE_MONGODB_URI)")
+        }
+        (other, _) => anyhow::bail!("unknown state store {other:?}; one of \"sql\", \"mongodb\""),
+    };
+    let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
         database_url: Secret::new(format!("sqlite://{}", db_path.display())),
         card_api_url: Some(sandbox.card_url.clone()),
@@ -145,6 +166,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ledger_retry_max_delay_ms: 500,
         ..Config::default()
     };
+    if let Some((uri, database)) = &mongodb {
+        config.state_store = StateStoreKind::Mongodb;
+        config.mongodb_uri = Some(Secret::new(uri.clone()));
+        config.mongodb_database = database.clone();
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build(listener, &config).await?;
     let addr = app.local_addr();
@@ -220,7 +246,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Let async ledger retries finish (bounded: they give up by themselves).
     let _ = tokio::time::timeout(Duration::from_secs(60), saga.retries().wait_idle()).await;
 
-    let store = SqlStateStore::new(db);
+    let store = saga.store().clone();
     let mut latencies = Vec::new();
     let mut summary = Summary {
         sent: 0,
@@ -289,13 +315,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
     }
+    if let Some((uri, database)) = &mongodb {
+        let options = MongoOptions {
+            database: database.clone(),
+            ..MongoOptions::default()
+        };
+        if let Ok(demo_db) = MongoStateStore::connect(uri, &options).await {
+            let _ = demo_db.database().drop().await;
+        }
+    }
 
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "paygate demo: {} payments, concurrency {}, faults {:?} (seed {})",
-            args.payments, args.concurrency, args.faults, args.seed
+            "paygate demo: {} payments, concurrency {}, faults {:?} (seed {}), state in {}",
+            args.payments, args.concurrency, args.faults, args.seed, args.state_store
         );
         println!("  confirms sent        {}", summary.sent);
         println!("  approved             {}", summary.approved);

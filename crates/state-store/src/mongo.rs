@@ -14,16 +14,60 @@
 //! - Scans stream a cursor in `_id` order with a batch size.
 //! - Writes use write concern `majority` with journaling by default.
 //!
-//! Creating a record without a transaction: the order claim is inserted first
-//! and carries a snapshot of the new record. Should the process die before the
-//! record itself is written, the next request for that order finds the claim
-//! without a record and writes the snapshot (no card call was ever made for
-//! it, so the record is a plain `PENDING` one the saga or the batch settles).
+//! Creating a record without a transaction (the same on every deployment):
+//! the order claim is inserted first and carries a snapshot of the new
+//! record; then the key claim (when there is an Idempotency-Key); then the
+//! record. An order claim is *tentative* (`final: false`) while its creator
+//! may still give it back (its key turned out to belong to another order)
+//! and *final* once the key is claimed (or there is no key). Two rules make
+//! the give-back safe against concurrent readers (issue 13, point 2):
+//!
+//! - a claim is given back only by a delete conditional on `final: false`,
+//!   and a claim's snapshot is written into realtime by anyone but its
+//!   creator only after an update that makes it final; both are single
+//!   document operations, so exactly one of them applies and a given-back
+//!   claim never has a record;
+//! - a reader that finds a claim without its record waits (briefly, about
+//!   [`CLAIM_WAIT`]) for the creator to write it; only a claim whose creator
+//!   is gone or slow is finalized and its snapshot written by the reader.
+//!
+//! A duplicate key on the creator's own insert of the record (a reader that
+//! waited in vain wrote it, or another payment holds the order) never means
+//! `Created`: the creator answers `Exists` with the record that holds the
+//! claim, and no card call is made under its request. Should the process
+//! die before the record is written, the next request for that order
+//! finalizes the claim and writes the snapshot (no card call was ever made
+//! for it, so the record is a plain `PENDING` one the saga or the batch
+//! settles).
+//!
+//! Reads of one payment look in realtime, completed, unpaid in turn, which
+//! is not a snapshot: a move from unpaid (or completed) back to realtime,
+//! copied to realtime just after the realtime read and deleted from unpaid
+//! just before the unpaid read, would be missed. `get` therefore reads a
+//! miss again in the reverse order (unpaid, completed, realtime), and
+//! `find_by_order_ids` always reads in both orders (one orderId may belong
+//! to several merchants, so a hit does not show that nothing was missed;
+//! the copies are merged by [`crate::newest_copies`]): a move is a
+//! copy into the target followed by a delete from the source (or one
+//! transaction), so one of the two orders reads the target after the copy
+//! whenever it reads the source after the delete. Any single move
+//! overlapping the two passes is found; a miss needs two moves of the same
+//! record within one read (issue 13, point 8).
+//!
+//! Moves on a replica set run in a transaction retried as the driver
+//! documents: the whole transaction again on a `TransientTransactionError`,
+//! the commit again on an `UnknownTransactionCommitResult`, each at most
+//! [`TXN_ATTEMPTS`] times with a short backoff; past that the move fails as
+//! [`StoreError::Unavailable`] (a rerun finishes it).
+
+use std::time::{Duration, Instant};
 
 use futures_util::{stream::BoxStream, StreamExt, TryStreamExt};
 use mongodb::{
     bson::{doc, Bson, Document},
-    error::{ErrorKind, WriteFailure},
+    error::{
+        ErrorKind, WriteFailure, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT,
+    },
     options::{
         Acknowledgment, ClientOptions, CollectionOptions, IndexOptions, ReturnDocument,
         WriteConcern,
@@ -36,6 +80,26 @@ use crate::{CreateOutcome, StateStore, StoreError, Transition};
 
 const CLAIMS: &str = "payment_claims";
 const DUPLICATE_KEY: i32 = 11000;
+
+/// How long a reader waits for the creator of a claim to write its record
+/// before it finalizes the claim and writes the snapshot itself. A creator
+/// takes a few round trips; the saga settles a `PENDING` payment on access
+/// only after 5 s, so a record written by a reader is never settled before
+/// its creator could have written it.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(2);
+
+/// Pause between two looks at a claim whose record is not written yet.
+const CLAIM_POLL: Duration = Duration::from_millis(10);
+
+/// Tries of a create that found a claim given back under it.
+const CREATE_ATTEMPTS: usize = 5;
+
+/// Tries of a move transaction (and of its commit) on transient errors.
+pub const TXN_ATTEMPTS: u32 = 5;
+
+/// The order of the second read of a payment across the partitions (see the
+/// module's doc): targets of moves back to realtime first.
+const REVERSE: [Partition; 3] = [Partition::Unpaid, Partition::Completed, Partition::Realtime];
 
 /// How [`MongoStateStore`] connects and writes.
 #[derive(Clone, Debug)]
@@ -70,6 +134,14 @@ pub struct MongoStateStore {
 }
 
 fn map_err(e: mongodb::error::Error) -> StoreError {
+    // A transient transaction error or an unknown commit result left over
+    // after the bounded retries: nothing certain was refused, a rerun may
+    // well pass.
+    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+        || e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
+    {
+        return StoreError::Unavailable(e.to_string());
+    }
     match *e.kind {
         ErrorKind::Write(_)
         | ErrorKind::Command(_)
@@ -189,6 +261,40 @@ fn key_claim_id(merchant: &MerchantId, key: &str) -> String {
     format!("idem:{merchant}:{key}")
 }
 
+/// A claim document: `_id`, the payment it names, the snapshot of that
+/// payment's first record, when it was taken, and whether it is final (a
+/// claim written before `final` existed is final).
+fn claim_doc(id: &str, record: &PaymentRecord, snapshot: &Document, final_: bool) -> Document {
+    doc! {
+        "_id": id,
+        "payment_id": record.payment_id.as_str(),
+        "record": snapshot.clone(),
+        "created_at": paygate_core::time::now_ms(),
+        "final": final_,
+    }
+}
+
+fn claim_payment_id(claim: &Document) -> Result<PaymentId, StoreError> {
+    claim
+        .get_str("payment_id")
+        .map(PaymentId::from_stored)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn claim_is_final(claim: &Document) -> bool {
+    claim.get_bool("final").unwrap_or(true)
+}
+
+/// The claim's age by its own clock, in ms (0 when unreadable).
+fn claim_age_ms(claim: &Document) -> i64 {
+    let created = match claim.get("created_at") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        _ => return i64::MAX,
+    };
+    paygate_core::time::now_ms().saturating_sub(created)
+}
+
 impl MongoStateStore {
     /// Connects to `uri`, checks the server answers, and creates the indexes.
     ///
@@ -289,16 +395,48 @@ impl MongoStateStore {
             .map_err(map_err)
     }
 
-    /// The record behind a claim, writing the claim's snapshot when its
-    /// owner died before writing the record itself.
-    async fn record_of_claim(&self, claim: &Document) -> Result<PaymentRecord, StoreError> {
-        let pid = PaymentId::from_stored(
-            claim
-                .get_str("payment_id")
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        );
-        if let Some((_, r)) = self.get(&pid).await? {
-            return Ok(r);
+    /// The record behind a claim; `None` when the claim was given back
+    /// meanwhile (the caller starts over). While the claim is young and its
+    /// record not written, waits for its creator (up to [`CLAIM_WAIT`]);
+    /// then finalizes the claim (unless it was given back first) and writes
+    /// its snapshot, as the creator would have.
+    async fn record_of_claim(&self, claim: Document) -> Result<Option<PaymentRecord>, StoreError> {
+        let pid = claim_payment_id(&claim)?;
+        let claim_id = claim
+            .get_str("_id")
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .to_owned();
+        let started = Instant::now();
+        let mut claim = claim;
+        loop {
+            if let Some((_, r)) = self.get(&pid).await? {
+                return Ok(Some(r));
+            }
+            let young = claim_age_ms(&claim) < CLAIM_WAIT.as_millis() as i64
+                && started.elapsed() < CLAIM_WAIT;
+            if !young {
+                break;
+            }
+            tokio_sleep(CLAIM_POLL).await;
+            match self.claimed(&claim_id).await? {
+                Some(c) if claim_payment_id(&c)? == pid => claim = c,
+                _ => return Ok(None),
+            }
+        }
+        // The creator is gone or slow: make the claim final (it can no
+        // longer be given back), then write the record it stands for.
+        if !claim_is_final(&claim) {
+            let settled = self
+                .coll(CLAIMS)
+                .update_one(
+                    doc! {"_id": &claim_id, "payment_id": pid.as_str()},
+                    doc! {"$set": {"final": true}},
+                )
+                .await
+                .map_err(map_err)?;
+            if settled.matched_count == 0 {
+                return Ok(None);
+            }
         }
         let snapshot = claim
             .get_document("record")
@@ -313,9 +451,155 @@ impl MongoStateStore {
             Err(e) => return Err(map_err(e)),
         }
         match self.get(&pid).await? {
-            Some((_, r)) => Ok(r),
-            None => Err(StoreError::Corrupt(format!("claim {pid} has no record"))),
+            Some((_, r)) => Ok(Some(r)),
+            None => Err(StoreError::Corrupt(format!(
+                "claim {claim_id} names {pid}, which has no record and cannot be written"
+            ))),
         }
+    }
+
+    /// The record that holds the order's or the key's claim (the key first:
+    /// it names its payment even for another order); `None` when neither is
+    /// claimed any more.
+    async fn existing(&self, record: &PaymentRecord) -> Result<Option<PaymentRecord>, StoreError> {
+        if let Some(key) = &record.idempotency_key {
+            if let Some(c) = self
+                .claimed(&key_claim_id(&record.merchant_id, key))
+                .await?
+            {
+                if let Some(r) = self.record_of_claim(c).await? {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        match self
+            .claimed(&order_claim_id(
+                &record.merchant_id,
+                record.order_id.as_str(),
+            ))
+            .await?
+        {
+            Some(c) => self.record_of_claim(c).await,
+            None => Ok(None),
+        }
+    }
+
+    /// One try of [`StateStore::create`]; `None` when a claim it met was
+    /// given back under it (try again).
+    async fn try_create(
+        &self,
+        record: &PaymentRecord,
+    ) -> Result<Option<CreateOutcome>, StoreError> {
+        let claims = self.coll(CLAIMS);
+        let pid = record.payment_id.as_str();
+        let order_claim = order_claim_id(&record.merchant_id, record.order_id.as_str());
+        let snapshot = record_to_doc(record);
+        let exists = |r: Option<PaymentRecord>| r.map(|r| CreateOutcome::Exists(Box::new(r)));
+        // 1. The order: tentative while a key claim may still fail.
+        let has_key = record.idempotency_key.is_some();
+        match claims
+            .insert_one(claim_doc(&order_claim, record, &snapshot, !has_key))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => return Ok(exists(self.existing(record).await?)),
+            Err(e) => return Err(map_err(e)),
+        }
+        // 2. The key.
+        if let Some(key) = &record.idempotency_key {
+            let key_claim = key_claim_id(&record.merchant_id, key);
+            match claims
+                .insert_one(claim_doc(&key_claim, record, &snapshot, true))
+                .await
+            {
+                Ok(_) => {
+                    let made_final = claims
+                        .update_one(
+                            doc! {"_id": &order_claim, "payment_id": pid},
+                            doc! {"$set": {"final": true}},
+                        )
+                        .await
+                        .map_err(map_err)?;
+                    if made_final.matched_count == 0 {
+                        return Err(StoreError::Corrupt(format!(
+                            "order claim {order_claim} of {pid} vanished"
+                        )));
+                    }
+                }
+                Err(e) if is_duplicate(&e) => {
+                    // The key belongs to another payment: give the order
+                    // back, unless a reader that waited in vain made the
+                    // claim final (then the order stays with this payment,
+                    // whose record that reader writes).
+                    claims
+                        .delete_one(doc! {"_id": &order_claim, "payment_id": pid, "final": false})
+                        .await
+                        .map_err(map_err)?;
+                    return match self.claimed(&key_claim).await? {
+                        Some(c) => Ok(exists(self.record_of_claim(c).await?)),
+                        None => Ok(None),
+                    };
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        // 3. The record.
+        match self
+            .partition(Partition::Realtime)
+            .insert_one(snapshot)
+            .await
+        {
+            Ok(_) => Ok(Some(CreateOutcome::Created)),
+            // Never `Created`: a reader wrote this claim's record after
+            // waiting for us in vain (it answered with it, so this request
+            // must not start a card call of its own), or another payment
+            // holds the order in realtime. Answer with the claim's record.
+            Err(e) if is_duplicate(&e) => match self.claimed(&order_claim).await? {
+                Some(c) => Ok(exists(self.record_of_claim(c).await?)),
+                None => Ok(None),
+            },
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Reads `payment_id` in each of `order` in turn.
+    async fn read_copies(
+        &self,
+        payment_id: &PaymentId,
+        order: [Partition; 3],
+    ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
+        let mut copies = Vec::new();
+        for p in order {
+            if let Some(d) = self
+                .partition(p)
+                .find_one(doc! {"_id": payment_id.as_str()})
+                .await
+                .map_err(map_err)?
+            {
+                copies.push((p, record_from_doc(&d)?));
+            }
+        }
+        Ok(copies)
+    }
+
+    /// The records of `order_ids` in each of `order` in turn.
+    async fn find_orders(
+        &self,
+        order_ids: &[String],
+        order: [Partition; 3],
+    ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
+        let mut copies = Vec::new();
+        for p in order {
+            let mut cursor = self
+                .partition(p)
+                .find(doc! {"order_id": {"$in": order_ids.to_vec()}})
+                .await
+                .map_err(map_err)?;
+            while let Some(d) = cursor.try_next().await.map_err(map_err)? {
+                copies.push((p, record_from_doc(&d)?));
+            }
+        }
+        Ok(copies)
     }
 
     fn transition_update(t: &Transition) -> Option<(Document, Document)> {
@@ -360,6 +644,10 @@ impl MongoStateStore {
         })
     }
 
+    /// A guarded move in one transaction, retried as the driver documents:
+    /// the whole transaction on a `TransientTransactionError` label, the
+    /// commit alone on an `UnknownTransactionCommitResult` label, each at
+    /// most [`TXN_ATTEMPTS`] times with a short growing backoff.
     async fn move_in_transaction(
         &self,
         payment_id: &PaymentId,
@@ -367,119 +655,131 @@ impl MongoStateStore {
         to: Partition,
     ) -> Result<bool, mongodb::error::Error> {
         let mut session = self.client.start_session().await?;
-        session.start_transaction().await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            session.start_transaction().await?;
+            let moved = match self.move_body(&mut session, payment_id, from, to).await {
+                Ok(moved) => moved,
+                Err(e) => {
+                    // The server may have aborted it already; the abort is
+                    // best effort.
+                    let _ = session.abort_transaction().await;
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && attempt < TXN_ATTEMPTS {
+                        tokio_sleep(txn_backoff(attempt)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            if !moved {
+                session.abort_transaction().await?;
+                return Ok(false);
+            }
+            match commit_with_retry(&mut session).await {
+                Ok(()) => return Ok(true),
+                Err(e)
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && attempt < TXN_ATTEMPTS =>
+                {
+                    tokio_sleep(txn_backoff(attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The operations of one move transaction; `Ok(false)` when the guard
+    /// does not hold (nothing written).
+    async fn move_body(
+        &self,
+        session: &mut mongodb::ClientSession,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+    ) -> Result<bool, mongodb::error::Error> {
         let id = payment_id.as_str();
         // The read and the delete carry the guard; a transition that
         // commits after the read makes the delete a write conflict, which
-        // aborts the transaction.
+        // aborts the transaction (and is retried: the retry reads again).
         let Some(mut d) = self
             .partition(from)
             .find_one(guarded(id, to))
-            .session(&mut session)
+            .session(&mut *session)
             .await?
         else {
-            session.abort_transaction().await?;
             return Ok(false);
         };
         d.insert("updated_at", paygate_core::time::now_ms());
         self.partition(to)
             .replace_one(doc! {"_id": id}, d)
             .upsert(true)
-            .session(&mut session)
+            .session(&mut *session)
             .await?;
-        self.partition(from)
+        let deleted = self
+            .partition(from)
             .delete_one(guarded(id, to))
-            .session(&mut session)
+            .session(&mut *session)
             .await?;
-        session.commit_transaction().await?;
-        Ok(true)
+        Ok(deleted.deleted_count == 1)
     }
+}
+
+/// Commits, retrying the commit alone while its result is unknown (at most
+/// [`TXN_ATTEMPTS`] times): committing again is safe, the server applies a
+/// transaction once.
+async fn commit_with_retry(
+    session: &mut mongodb::ClientSession,
+) -> Result<(), mongodb::error::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match session.commit_transaction().await {
+            Err(e)
+                if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
+                    && attempt < TXN_ATTEMPTS =>
+            {
+                tokio_sleep(txn_backoff(attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// 20 ms, 40 ms, 80 ms, 160 ms after the 1st, 2nd, 3rd, 4th try of a transaction (or a commit).
+fn txn_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(10u64 << attempt.min(6))
+}
+
+async fn tokio_sleep(d: Duration) {
+    tokio::time::sleep(d).await;
 }
 
 #[async_trait::async_trait]
 impl StateStore for MongoStateStore {
     async fn create(&self, record: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
-        let claims = self.coll(CLAIMS);
-        let now = paygate_core::time::now_ms();
-        let order_claim = order_claim_id(&record.merchant_id, record.order_id.as_str());
-        let snapshot = record_to_doc(record);
-        let claim = doc! {"_id": &order_claim, "payment_id": record.payment_id.as_str(), "record": snapshot.clone(), "created_at": now};
-        match claims.insert_one(claim).await {
-            Ok(_) => {}
-            Err(e) if is_duplicate(&e) => {
-                // The order is taken; the key (if any) may name another payment.
-                if let Some(key) = &record.idempotency_key {
-                    if let Some(c) = self
-                        .claimed(&key_claim_id(&record.merchant_id, key))
-                        .await?
-                    {
-                        return Ok(CreateOutcome::Exists(Box::new(
-                            self.record_of_claim(&c).await?,
-                        )));
-                    }
-                }
-                let c = self
-                    .claimed(&order_claim)
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt("claim vanished".into()))?;
-                return Ok(CreateOutcome::Exists(Box::new(
-                    self.record_of_claim(&c).await?,
-                )));
-            }
-            Err(e) => return Err(map_err(e)),
-        }
-        if let Some(key) = &record.idempotency_key {
-            let key_claim = key_claim_id(&record.merchant_id, key);
-            let claim = doc! {"_id": &key_claim, "payment_id": record.payment_id.as_str(), "record": snapshot.clone(), "created_at": now};
-            match claims.insert_one(claim).await {
-                Ok(_) => {}
-                Err(e) if is_duplicate(&e) => {
-                    // The key belongs to another order: give our order claim back.
-                    claims
-                        .delete_one(
-                            doc! {"_id": &order_claim, "payment_id": record.payment_id.as_str()},
-                        )
-                        .await
-                        .map_err(map_err)?;
-                    let c = self
-                        .claimed(&key_claim)
-                        .await?
-                        .ok_or_else(|| StoreError::Corrupt("claim vanished".into()))?;
-                    return Ok(CreateOutcome::Exists(Box::new(
-                        self.record_of_claim(&c).await?,
-                    )));
-                }
-                Err(e) => return Err(map_err(e)),
+        for _ in 0..CREATE_ATTEMPTS {
+            if let Some(outcome) = self.try_create(record).await? {
+                return Ok(outcome);
             }
         }
-        match self
-            .partition(Partition::Realtime)
-            .insert_one(snapshot)
-            .await
-        {
-            Ok(_) => Ok(CreateOutcome::Created),
-            // A concurrent request repaired our claim with this same snapshot.
-            Err(e) if is_duplicate(&e) => Ok(CreateOutcome::Created),
-            Err(e) => Err(map_err(e)),
-        }
+        Err(StoreError::Unavailable(format!(
+            "the claims of order {} kept changing under {} tries; nothing was written",
+            record.order_id, CREATE_ATTEMPTS
+        )))
     }
 
     async fn get(
         &self,
         payment_id: &PaymentId,
     ) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
-        let mut copies = Vec::new();
-        for p in Partition::ALL {
-            if let Some(d) = self
-                .partition(p)
-                .find_one(doc! {"_id": payment_id.as_str()})
-                .await
-                .map_err(map_err)?
-            {
-                copies.push((p, record_from_doc(&d)?));
-            }
+        let copies = self.read_copies(payment_id, Partition::ALL).await?;
+        if !copies.is_empty() {
+            return Ok(crate::newest_copy(copies));
         }
-        Ok(crate::newest_copy(copies))
+        // A miss may be a record in motion: read again, targets first.
+        Ok(crate::newest_copy(
+            self.read_copies(payment_id, REVERSE).await?,
+        ))
     }
 
     async fn get_by_order(
@@ -487,13 +787,20 @@ impl StateStore for MongoStateStore {
         merchant_id: &MerchantId,
         order_id: &OrderId,
     ) -> Result<Option<PaymentRecord>, StoreError> {
-        match self
-            .claimed(&order_claim_id(merchant_id, order_id.as_str()))
-            .await?
-        {
-            Some(c) => self.record_of_claim(&c).await.map(Some),
-            None => Ok(None),
+        let claim_id = order_claim_id(merchant_id, order_id.as_str());
+        // A claim given back while we waited for its record: look again
+        // (the order may have been claimed anew).
+        for _ in 0..CREATE_ATTEMPTS {
+            match self.claimed(&claim_id).await? {
+                Some(c) => {
+                    if let Some(r) = self.record_of_claim(c).await? {
+                        return Ok(Some(r));
+                    }
+                }
+                None => return Ok(None),
+            }
         }
+        Ok(None)
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
@@ -609,20 +916,15 @@ impl StateStore for MongoStateStore {
         &self,
         order_ids: &[String],
     ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
-        let mut copies = Vec::new();
         if order_ids.is_empty() {
-            return Ok(copies);
+            return Ok(Vec::new());
         }
-        for p in Partition::ALL {
-            let mut cursor = self
-                .partition(p)
-                .find(doc! {"order_id": {"$in": order_ids.to_vec()}})
-                .await
-                .map_err(map_err)?;
-            while let Some(d) = cursor.try_next().await.map_err(map_err)? {
-                copies.push((p, record_from_doc(&d)?));
-            }
-        }
+        // Both orders, always (see the module's doc): an orderId may be
+        // found for one merchant while another merchant's record of the
+        // same orderId is in motion, so "found" cannot tell what to read
+        // again. Two copies of one payment are merged by `newest_copies`.
+        let mut copies = self.find_orders(order_ids, Partition::ALL).await?;
+        copies.extend(self.find_orders(order_ids, REVERSE).await?);
         Ok(crate::newest_copies(copies))
     }
 

@@ -6,7 +6,18 @@
 //! - SQLite: always; a temporary file.
 //! - PostgreSQL: when `PAYGATE_TEST_POSTGRES_URL` is set; a fresh schema in
 //!   that database (selected through the connection's `search_path`).
-//! - MongoDB: when `PAYGATE_TEST_MONGODB_URI` is set; a fresh database.
+//! - MongoDB standalone: when `PAYGATE_TEST_MONGODB_URI` is set; a fresh
+//!   database. Without transactions (moves are copy-then-delete).
+//! - MongoDB replica set: when `PAYGATE_TEST_MONGODB_RS_URI` is set; a fresh
+//!   database. Moves run in multi-document transactions (checked: a URI that
+//!   reaches a standalone server fails the test instead of passing as a
+//!   replica set).
+//!
+//! The end-to-end suites (gateway, batch, reconciliation, outage, crash) loop
+//! over [`e2e_backends`]: every SQL backend with the state in SQL, plus
+//! SQLite for the log, merchants, outbox and leases with the state records
+//! in each configured MongoDB ([`E2eBackend`]); [`fresh_e2e`] gives a test
+//! its fresh stores as a [`Config`] and as `PAYGATE_*` variables.
 //!
 //! A skipped backend is announced once per test binary on stderr, written
 //! directly so the test harness's output capture cannot hide it. A skipped
@@ -16,6 +27,8 @@
 #![allow(clippy::expect_used, clippy::panic)] // test support: fail loudly
 
 use std::{io::Write, sync::Arc, sync::Once};
+
+use paygate_core::{config::StateStoreKind, Config, Secret};
 
 use crate::{MemoryStateStore, SqlDatabase, SqlStateStore, StateStore};
 
@@ -28,24 +41,36 @@ pub enum Backend {
     Sqlite,
     /// PostgreSQL at this URL.
     Postgres(String),
-    /// MongoDB at this URI.
+    /// MongoDB at this URI, a standalone server (no transactions).
     Mongodb(String),
+    /// MongoDB at this URI, a replica set (moves in transactions).
+    MongodbReplicaSet(String),
 }
 
 impl Backend {
-    /// `memory`, `sqlite`, `postgres` or `mongodb`.
+    /// `memory`, `sqlite`, `postgres`, `mongodb` or `mongodb-rs`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Memory => "memory",
             Self::Sqlite => "sqlite",
             Self::Postgres(_) => "postgres",
             Self::Mongodb(_) => "mongodb",
+            Self::MongodbReplicaSet(_) => "mongodb-rs",
+        }
+    }
+
+    /// The MongoDB URI of a MongoDB backend.
+    pub fn mongodb_uri(&self) -> Option<&str> {
+        match self {
+            Self::Mongodb(uri) | Self::MongodbReplicaSet(uri) => Some(uri),
+            _ => None,
         }
     }
 }
 
 static PG_SKIP: Once = Once::new();
 static MONGO_SKIP: Once = Once::new();
+static MONGO_RS_SKIP: Once = Once::new();
 
 fn say_skipped(once: &Once, line: &str) {
     once.call_once(|| {
@@ -70,11 +95,12 @@ pub fn sql_backends() -> Vec<Backend> {
     v
 }
 
-/// The memory backend, then [`sql_backends`], plus MongoDB when
-/// `PAYGATE_TEST_MONGODB_URI` is set.
-pub fn state_backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Memory];
-    v.extend(sql_backends());
+/// The configured MongoDB servers: a standalone one when
+/// `PAYGATE_TEST_MONGODB_URI` is set, a replica set when
+/// `PAYGATE_TEST_MONGODB_RS_URI` is set (each unset one is announced as
+/// skipped).
+pub fn mongodb_backends() -> Vec<Backend> {
+    let mut v = Vec::new();
     match env("PAYGATE_TEST_MONGODB_URI") {
         Some(uri) => v.push(Backend::Mongodb(uri)),
         None => say_skipped(
@@ -82,7 +108,154 @@ pub fn state_backends() -> Vec<Backend> {
             "SKIPPED backend mongodb: PAYGATE_TEST_MONGODB_URI is not set",
         ),
     }
+    match env("PAYGATE_TEST_MONGODB_RS_URI") {
+        Some(uri) => v.push(Backend::MongodbReplicaSet(uri)),
+        None => say_skipped(
+            &MONGO_RS_SKIP,
+            "SKIPPED backend mongodb-rs: PAYGATE_TEST_MONGODB_RS_URI is not set",
+        ),
+    }
     v
+}
+
+/// The memory backend, then [`sql_backends`], then [`mongodb_backends`].
+pub fn state_backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Memory];
+    v.extend(sql_backends());
+    v.extend(mongodb_backends());
+    v
+}
+
+/// Where an end-to-end test keeps its data: the SQL database (the
+/// request/response log, merchants, the alert outbox, leases, and the state
+/// records unless `state` is set) and, optionally, the MongoDB that keeps
+/// the state records (`state_store = "mongodb"`).
+#[derive(Clone, Debug)]
+pub struct E2eBackend {
+    /// The SQL backend (`Sqlite` or `Postgres`).
+    pub sql: Backend,
+    /// `Some(Mongodb | MongodbReplicaSet)`: the state records live there.
+    pub state: Option<Backend>,
+}
+
+impl E2eBackend {
+    /// `sqlite`, `postgres`, or `sqlite+mongodb` / `sqlite+mongodb-rs`.
+    pub fn name(&self) -> String {
+        match &self.state {
+            None => self.sql.name().to_owned(),
+            Some(state) => format!("{}+{}", self.sql.name(), state.name()),
+        }
+    }
+
+    /// True when the state records live in MongoDB.
+    pub fn mongodb_state(&self) -> bool {
+        self.state.is_some()
+    }
+}
+
+impl From<Backend> for E2eBackend {
+    /// A SQL backend with the state in SQL.
+    fn from(sql: Backend) -> Self {
+        Self { sql, state: None }
+    }
+}
+
+/// The backends of the end-to-end suites: each of [`sql_backends`] with the
+/// state in SQL, then SQLite with the state in each of [`mongodb_backends`]
+/// (the SQL log, merchants, outbox and leases always stay in SQL; which SQL
+/// database sits beside MongoDB is orthogonal to the state store, so the
+/// cheapest one is used).
+pub fn e2e_backends() -> Vec<E2eBackend> {
+    let mut v: Vec<E2eBackend> = sql_backends()
+        .into_iter()
+        .map(|sql| E2eBackend { sql, state: None })
+        .collect();
+    v.extend(mongodb_backends().into_iter().map(|m| E2eBackend {
+        sql: Backend::Sqlite,
+        state: Some(m),
+    }));
+    v
+}
+
+/// The fresh stores of one end-to-end test (see [`fresh_e2e`]).
+#[derive(Clone, Debug)]
+pub struct E2eStores {
+    /// The SQL database URL (`database_url`).
+    pub database_url: String,
+    /// `(mongodb_uri, mongodb_database)` when the state lives in MongoDB.
+    pub mongodb: Option<(String, String)>,
+}
+
+impl E2eStores {
+    /// A default [`Config`] pointed at these stores; callers set the rest
+    /// (`Config { card_api_url: ..., ..stores.config() }`).
+    pub fn config(&self) -> Config {
+        let mut config = Config {
+            database_url: Secret::new(self.database_url.clone()),
+            ..Config::default()
+        };
+        if let Some((uri, database)) = &self.mongodb {
+            config.state_store = StateStoreKind::Mongodb;
+            config.mongodb_uri = Some(Secret::new(uri.clone()));
+            config.mongodb_database = database.clone();
+        }
+        config
+    }
+
+    /// The same as `PAYGATE_*` environment variables, for a child process.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![("PAYGATE_DATABASE_URL", self.database_url.clone())];
+        if let Some((uri, database)) = &self.mongodb {
+            v.push(("PAYGATE_STATE_STORE", "mongodb".to_owned()));
+            v.push(("PAYGATE_MONGODB_URI", uri.clone()));
+            v.push(("PAYGATE_MONGODB_DATABASE", database.clone()));
+        }
+        v
+    }
+}
+
+/// Fresh stores for one end-to-end test: a fresh SQL database and, when the
+/// backend keeps the state in MongoDB, a fresh MongoDB database name (the
+/// application creates it; the cleanup drops it).
+///
+/// # Panics
+/// When a backend cannot be reached.
+pub async fn fresh_e2e(backend: &E2eBackend) -> (E2eStores, Cleanup) {
+    let (database_url, sql_cleanup) = fresh_sql_url(&backend.sql).await;
+    let Some(uri) = backend.state.as_ref().and_then(Backend::mongodb_uri) else {
+        return (
+            E2eStores {
+                database_url,
+                mongodb: None,
+            },
+            sql_cleanup,
+        );
+    };
+    let database = format!(
+        "paygate_test_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let mongo_cleanup = mongo_database_cleanup(uri, &database).await;
+    (
+        E2eStores {
+            database_url,
+            mongodb: Some((uri.to_owned(), database)),
+        },
+        Cleanup::Many(vec![sql_cleanup, mongo_cleanup]),
+    )
+}
+
+#[cfg(feature = "mongodb")]
+async fn mongo_database_cleanup(uri: &str, database: &str) -> Cleanup {
+    let client = mongodb::Client::with_uri_str(uri)
+        .await
+        .expect("a valid MongoDB test URI");
+    Cleanup::MongoDatabase(client.database(database))
+}
+
+#[cfg(not(feature = "mongodb"))]
+async fn mongo_database_cleanup(_uri: &str, _database: &str) -> Cleanup {
+    panic!("built without the mongodb feature")
 }
 
 /// What to remove when a test ends.
@@ -101,13 +274,26 @@ pub enum Cleanup {
     /// A MongoDB database.
     #[cfg(feature = "mongodb")]
     MongoDatabase(mongodb::Database),
+    /// Several of the above (not nested), removed in order.
+    Many(Vec<Cleanup>),
 }
 
 impl Cleanup {
     /// Removes what the test created.
     pub async fn run(self) {
         match self {
-            Self::Nothing => {}
+            Self::Many(all) => {
+                for one in all {
+                    one.run_one().await;
+                }
+            }
+            one => one.run_one().await,
+        }
+    }
+
+    async fn run_one(self) {
+        match self {
+            Self::Nothing | Self::Many(_) => {}
             Self::File(path) => {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -156,7 +342,9 @@ pub async fn fresh_sql_url(backend: &Backend) -> (String, Cleanup) {
                 format!("{url}{sep}options=-c%20search_path%3D{schema}&application_name={schema}");
             (url, Cleanup::Schema { admin, schema })
         }
-        Backend::Memory | Backend::Mongodb(_) => panic!("fresh_sql_url takes a SQL backend"),
+        Backend::Memory | Backend::Mongodb(_) | Backend::MongodbReplicaSet(_) => {
+            panic!("fresh_sql_url takes a SQL backend")
+        }
     }
 }
 
@@ -179,7 +367,7 @@ pub async fn fresh_state_store(backend: &Backend) -> (Arc<dyn StateStore>, Clean
             (Arc::new(SqlStateStore::new(db)), cleanup)
         }
         #[cfg(feature = "mongodb")]
-        Backend::Mongodb(uri) => {
+        Backend::Mongodb(uri) | Backend::MongodbReplicaSet(uri) => {
             let options = crate::MongoOptions {
                 database: format!(
                     "paygate_test_{}",
@@ -190,11 +378,20 @@ pub async fn fresh_state_store(backend: &Backend) -> (Arc<dyn StateStore>, Clean
             let store = crate::MongoStateStore::connect(uri, &options)
                 .await
                 .expect("MongoDB reachable");
+            assert_eq!(
+                store.uses_transactions(),
+                matches!(backend, Backend::MongodbReplicaSet(_)),
+                "{}: PAYGATE_TEST_MONGODB_URI must reach a standalone server and \
+                 PAYGATE_TEST_MONGODB_RS_URI a replica set",
+                backend.name()
+            );
             let db = store.database().clone();
             (Arc::new(store), Cleanup::MongoDatabase(db))
         }
         #[cfg(not(feature = "mongodb"))]
-        Backend::Mongodb(_) => panic!("built without the mongodb feature"),
+        Backend::Mongodb(_) | Backend::MongodbReplicaSet(_) => {
+            panic!("built without the mongodb feature")
+        }
     }
 }
 

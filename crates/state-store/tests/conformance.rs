@@ -563,3 +563,164 @@ async fn a_move_applies_only_while_the_record_may_enter_the_target() {
     })
     .await;
 }
+
+/// Issue 13, point 2: however creates of one order race, the order ends with
+/// one payment id. Creates whose Idempotency-Key belongs to another order
+/// take the order's claim and must give it up (they answer with the key's
+/// payment) while plain creates of the same order run at the same time; no
+/// answer may name a payment that is not the order's, and the order's
+/// record must exist (on the old MongoDB create, a concurrent reader wrote
+/// a given-back claim's record into realtime and a later create took the
+/// duplicate key on its own insert as `Created`: two ids, one without a
+/// record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_of_one_order_name_one_payment() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let owner = pending(&m, "order-key-owner", Some("key-taken"));
+        assert_eq!(store.create(&owner).await.unwrap(), CreateOutcome::Created);
+        for round in 0..12 {
+            let order = format!("order-race2-{round:03}");
+            let mut tasks = Vec::new();
+            for i in 0..12 {
+                let store = store.clone();
+                let key = (i % 2 == 0).then_some("key-taken");
+                let r = pending(&m, &order, key);
+                tasks.push(tokio::spawn(async move {
+                    let outcome = store.create(&r).await.unwrap();
+                    (r, outcome)
+                }));
+            }
+            let mut named = std::collections::BTreeSet::new();
+            for t in tasks {
+                let (r, outcome) = t.await.unwrap();
+                let id = match outcome {
+                    CreateOutcome::Created => r.payment_id.clone(),
+                    CreateOutcome::Exists(e) => e.payment_id.clone(),
+                };
+                if id == owner.payment_id {
+                    // The key's payment answers for the taken key.
+                    assert!(r.idempotency_key.is_some(), "{name}: {order}");
+                    continue;
+                }
+                named.insert(id);
+            }
+            // A late create of the order, once every racer has answered.
+            match store.create(&pending(&m, &order, None)).await.unwrap() {
+                CreateOutcome::Exists(e) => {
+                    named.insert(e.payment_id.clone());
+                }
+                CreateOutcome::Created => {
+                    panic!("{name}: {order} was free again after its creates")
+                }
+            }
+            assert_eq!(named.len(), 1, "{name}: {order} has payments {named:?}");
+            let id = named.into_iter().next().unwrap();
+            let (part, rec) = store
+                .get(&id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{name}: {order}'s payment {id} has no record"));
+            assert_eq!(
+                (part, rec.order_id.as_str()),
+                (Partition::Realtime, order.as_str())
+            );
+            assert_eq!(
+                store
+                    .get_by_order(&m, &OrderId::parse(&order).unwrap())
+                    .await
+                    .unwrap()
+                    .map(|r| r.payment_id),
+                Some(id),
+                "{name}"
+            );
+        }
+        // Exactly one record per order (and the key owner's).
+        let realtime: Vec<_> = store
+            .scan(Partition::Realtime, 100)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(realtime.len(), 13, "{name}: one record per order");
+    })
+    .await;
+}
+
+/// Issue 13, point 8: a read of one payment finds it while it moves between
+/// partitions (a no-call abort moved to `unpaid_payments` and back to
+/// realtime by a merchant's retry, again and again). Every read overlaps at
+/// most one move; the old MongoDB read (realtime, completed, unpaid, one
+/// after the other, no snapshot) missed a record moving from unpaid back to
+/// realtime, which the reconciliation could take for an orphan approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_moving_between_partitions_is_never_missed_by_a_read() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-in-motion", None);
+        store.create(&r).await.unwrap();
+        let aborted = Transition::MarkAborted {
+            failure_code: failure_codes::CIRCUIT_OPEN.into(),
+            last_error: "open".into(),
+        };
+        assert!(store.transition(&r.payment_id, &aborted).await.unwrap());
+
+        let reads = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, reads, stop) = (store.clone(), reads.clone(), stop.clone());
+            let (pid, order) = (r.payment_id.clone(), r.order_id.to_string());
+            tokio::spawn(async move {
+                let mut misses = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let n = reads.load(Ordering::SeqCst);
+                    if n % 2 == 0 {
+                        if store.get(&pid).await.unwrap().is_none() {
+                            misses.push(format!("get #{n}"));
+                        }
+                    } else if store
+                        .find_by_order_ids(std::slice::from_ref(&order))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                    {
+                        misses.push(format!("find_by_order_ids #{n}"));
+                    }
+                    reads.fetch_add(1, Ordering::SeqCst);
+                }
+                misses
+            })
+        };
+        // Waits until a read that started after the last move has ended, so
+        // no read overlaps two moves.
+        let settle = || async {
+            let seen = reads.load(Ordering::SeqCst);
+            while reads.load(Ordering::SeqCst) < seen + 2 {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        };
+        for _ in 0..30 {
+            for (from, to) in [
+                (Partition::Realtime, Partition::Unpaid),
+                (Partition::Unpaid, Partition::Realtime),
+            ] {
+                assert!(
+                    store.move_record(&r.payment_id, from, to).await.unwrap(),
+                    "{name}: {from:?} -> {to:?}"
+                );
+                settle().await;
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let misses = reader.await.unwrap();
+        assert!(
+            misses.is_empty(),
+            "{name}: reads missed a record in motion: {misses:?} of {} reads",
+            reads.load(Ordering::SeqCst)
+        );
+    })
+    .await;
+}

@@ -1,6 +1,8 @@
 //! Test helpers: a real gateway on port 0 against the sandbox simulators
 //! over HTTP, with its own database (a temporary SQLite file, or a fresh
-//! PostgreSQL schema when `PAYGATE_TEST_POSTGRES_URL` is set).
+//! PostgreSQL schema when `PAYGATE_TEST_POSTGRES_URL` is set) and, on the
+//! MongoDB backends of `e2e_backends()`, its state records in a fresh
+//! MongoDB database.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,8 +15,8 @@ use tokio::net::TcpListener;
 
 pub const SECRET: &str = "test_sk_paygate_tests";
 
-use paygate_state_store::testing::{fresh_sql_url, Cleanup};
-pub use paygate_state_store::testing::{sql_backends as backends, Backend};
+pub use paygate_state_store::testing::{e2e_backends as backends, Backend, E2eBackend};
+use paygate_state_store::testing::{fresh_e2e, Cleanup};
 
 pub struct TestApp {
     pub base: String,
@@ -30,12 +32,15 @@ pub struct TestApp {
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
-/// Starts the sandbox with `profile` and the real gateway against it.
-pub async fn spawn_app(
-    backend: &Backend,
+/// Starts the sandbox with `profile` and the real gateway against it, on
+/// `backend` (a SQL [`Backend`], or an [`E2eBackend`] that may keep the
+/// state in MongoDB).
+pub async fn spawn_app<B: Clone + Into<E2eBackend>>(
+    backend: &B,
     profile: FaultProfile,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
+    let backend: E2eBackend = backend.clone().into();
     // These suites measure paygate's own I2: the sandbox approves a second
     // confirm of an order under a new key (Toss would refuse it), so an
     // attempted double charge shows up as a second approval.
@@ -43,10 +48,9 @@ pub async fn spawn_app(
     let sandbox = SandboxServers::start(profile, SECRET)
         .await
         .expect("sandbox starts");
-    let (db_url, cleanup) = fresh_sql_url(backend).await;
+    let (stores, cleanup) = fresh_e2e(&backend).await;
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
-        database_url: Secret::new(db_url),
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.to_owned())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
@@ -57,7 +61,7 @@ pub async fn spawn_app(
         ledger_retry_base_delay_ms: 20,
         ledger_retry_max_delay_ms: 100,
         ledger_retry_max_attempts: 20,
-        ..Config::default()
+        ..stores.config()
     };
     tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -1,6 +1,7 @@
 //! End-to-end tests of the confirm saga (issue 2 acceptance), through the
 //! real HTTP server against the sandbox simulators over HTTP, on every
-//! reachable SQL backend.
+//! reachable SQL backend and, beside SQLite, with the state records in each
+//! configured MongoDB (standalone and replica set).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
@@ -18,10 +19,11 @@ use std::{
 
 use helpers::{
     backends, confirm_body, create_merchant, make_log_read_only, make_log_writable, spawn_app,
-    Backend,
+    Backend, E2eBackend,
 };
 use paygate_api_log::{SqlApiLog, Target};
 use paygate_sandbox::{CallObserver, FaultProfile, ObservedCall, SimTarget};
+use paygate_state_store::StateStore as _;
 use serde_json::Value;
 
 /// Checks, at the moment a call reaches the simulator, that paygate's log
@@ -55,11 +57,11 @@ async fn happy_path_logs_every_request_before_the_call() {
     }
 }
 
-async fn happy_path(backend: &Backend) {
+async fn happy_path(backend: &E2eBackend) {
     let app = spawn_app(backend, FaultProfile::none(), |_| {}).await;
     assert_eq!(
         app.app_db.backend(),
-        backend.name(),
+        backend.sql.name(),
         "the app runs on the backend under test"
     );
     let checker = Arc::new(RequestRowChecker {
@@ -78,6 +80,26 @@ async fn happy_path(backend: &Backend) {
     assert_eq!(body["currency"], "KRW");
     assert!(body["approvedAt"].is_string());
     let payment_id = body["paymentId"].as_str().unwrap().to_owned();
+    // The state record lives in the store under test: in SQL, or only in
+    // MongoDB (the SQL tables hold none).
+    let in_sql = paygate_state_store::SqlStateStore::new(app.app_db.clone())
+        .get(&paygate_core::PaymentId::from_stored(&payment_id))
+        .await
+        .unwrap()
+        .is_some();
+    assert_eq!(
+        in_sql,
+        !backend.mongodb_state(),
+        "{}: the state record is in the configured state store",
+        backend.name()
+    );
+    assert!(app
+        .saga
+        .store()
+        .get(&paygate_core::PaymentId::from_stored(&payment_id))
+        .await
+        .unwrap()
+        .is_some());
 
     // The simulator saw exactly one card call and one ledger call, and each
     // found its REQUEST row already written.
