@@ -112,6 +112,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "alert parking",
         include_str!("../../../migrations/sqlite/0006_alert_parking.sql"),
     ),
+    (
+        7,
+        "operator audit",
+        include_str!("../../../migrations/sqlite/0007_operator_audit.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -143,6 +148,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "alert parking",
         include_str!("../../../migrations/postgres/0006_alert_parking.sql"),
+    ),
+    (
+        7,
+        "operator audit",
+        include_str!("../../../migrations/postgres/0007_operator_audit.sql"),
     ),
 ];
 
