@@ -262,23 +262,27 @@ impl SqlOutbox {
         })
     }
 
-    /// Marks every unresolved alert about `payment_id` resolved (by the
-    /// `payment_resolutions` row `resolution_id`, when one did); returns how
-    /// many. An unsent one is no longer sent.
+    /// Marks the unresolved alerts about `payment_id` with an id up to
+    /// `up_to_id` resolved (by the `payment_resolutions` row
+    /// `resolution_id`, when one did); returns how many. An unsent one is
+    /// no longer sent. The bound keeps an alert raised while the decision
+    /// was carried out (the ledger refusing it, say) in front of operators.
     ///
     /// # Errors
     /// [`StoreError`].
     pub async fn resolve_for_payment(
         &self,
         payment_id: &str,
+        up_to_id: i64,
         resolution_id: Option<i64>,
     ) -> Result<u64, StoreError> {
         let sql = "UPDATE alert_outbox SET resolved_at = $2, resolution_id = $3 \
-                   WHERE payment_id = $1 AND resolved_at IS NULL";
+                   WHERE payment_id = $1 AND resolved_at IS NULL AND id <= $4";
         with_pool!(&self.db, pool => sqlx::query(sql)
             .bind(payment_id)
             .bind(paygate_core::time::now_ms())
             .bind(resolution_id)
+            .bind(up_to_id)
             .execute(pool)
             .await
             .map(|r| r.rows_affected())

@@ -6,6 +6,10 @@
 //! cannot be written, the call is not made. Bodies are scrubbed of card data
 //! and secrets ([`paygate_core::masking::scrub_json`]) before they are stored.
 
+pub mod audit;
+
+pub use audit::{NewResolution, Resolution, ResolutionLog};
+
 use paygate_core::{masking::scrub_json, PaymentId};
 use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
 use sqlx::Row;

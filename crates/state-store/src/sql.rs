@@ -322,6 +322,18 @@ impl SqlStateStore {
         })
     }
 
+    /// Records in `partition` (for a progress bar's total; one `COUNT(*)`).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn count(&self, partition: Partition) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) AS n FROM {}", partition.table());
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(&sql).fetch_one(pool).await.map_err(map_err)?;
+            row.try_get::<i64, _>("n").map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+    }
+
     async fn get_record(
         &self,
         payment_id: &PaymentId,
