@@ -133,9 +133,9 @@ async fn bar(progress: Arc<Progress>, units: Units, mut stopped: oneshot::Receiv
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     let style = |known: bool| {
         let template = if known {
-            "{spinner} [{elapsed_precise}] [{bar:32}] {msg} ({eta} left)"
+            "{spinner} {elapsed_precise} [{bar:20}] {msg} eta {eta}"
         } else {
-            "{spinner} [{elapsed_precise}] {msg}"
+            "{spinner} {elapsed_precise} {msg}"
         };
         ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_spinner())
@@ -172,6 +172,8 @@ async fn bar(progress: Arc<Progress>, units: Units, mut stopped: oneshot::Receiv
     }
     update(&pb);
     pb.abandon();
+    // The summary that follows starts on a line of its own.
+    eprintln!();
 }
 
 #[cfg(test)]

@@ -115,13 +115,13 @@ pub async fn run(config: paygate_core::Config, args: PruneArgs) -> anyhow::Resul
         };
         println!(
             "api_logs older than {}: {verb} {} rows, kept {} (payment not completed or unpaid)",
-            humantime::format_duration(args.api_logs_older_than),
+            short(args.api_logs_older_than),
             summary.api_logs_deleted,
             summary.api_logs_kept
         );
         println!(
             "alerts older than {}: {verb} {}, kept {} (payment not completed or unpaid)",
-            humantime::format_duration(args.alerts_older_than),
+            short(args.alerts_older_than),
             summary.alerts_deleted,
             summary.alerts_kept
         );
@@ -130,6 +130,15 @@ pub async fn run(config: paygate_core::Config, args: PruneArgs) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `90d`, `12h`, or humantime's form when not whole days or hours.
+fn short(d: Duration) -> String {
+    match d.as_secs() {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        _ => humantime::format_duration(d).to_string(),
+    }
 }
 
 fn cutoff(older_than: Duration) -> i64 {
