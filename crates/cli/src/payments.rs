@@ -460,7 +460,7 @@ async fn problems(
             detail: mask_text(&a.detail()),
         });
     }
-    out.sort_by(|a, b| b.since_ms.cmp(&a.since_ms));
+    out.sort_by_key(|p| std::cmp::Reverse(p.since_ms));
     Ok(out)
 }
 
