@@ -938,3 +938,96 @@ fn progress_is_a_live_bar_on_a_terminal() {
     );
     paygate_e2e::remove_db(&path);
 }
+
+/// Reads stdout lines of a running `paygate` until one contains `want`
+/// (or 30 s pass), then kills it; returns the lines read.
+fn lines_until(mut cmd: Command, want: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = paygate_e2e::KillOnDrop(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let done = line.contains(want);
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// `--cron` reads its schedule in `time_zone` (Asia/Seoul by default) and
+/// says when the next run is, there and in UTC; a bad zone is refused
+/// naming the key.
+#[test]
+fn cron_schedules_run_in_the_operators_time_zone() {
+    let (url, path) = paygate_e2e::temp_db("tz");
+    let mut cmd = paygate();
+    cmd.args(["batch", "--cron"])
+        .env("PAYGATE_DATABASE_URL", &url);
+    let lines = lines_until(cmd, "next run:");
+    let next = lines
+        .iter()
+        .find(|l| l.contains("next run:"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(
+        next.contains(" 04:00:00 KST (19:00:00 UTC)"),
+        "04:00 in Seoul: {next}"
+    );
+
+    let mut cmd = paygate();
+    cmd.args(["batch", "--cron", "0 30 9 * * *"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_TIME_ZONE", "UTC");
+    let lines = lines_until(cmd, "next run:");
+    let next = lines
+        .iter()
+        .find(|l| l.contains("next run:"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(next.contains(" 09:30:00 UTC (09:30:00 UTC)"), "{next}");
+
+    let mut cmd = paygate();
+    cmd.args(["batch", "--every", "1h"])
+        .env("PAYGATE_DATABASE_URL", &url);
+    let lines = lines_until(cmd, "next run:");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("next run:") && l.contains("KST (")),
+        "{lines:?}"
+    );
+
+    let out = paygate()
+        .args(["batch", "--once"])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_TIME_ZONE", "Mars/Olympus")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`time_zone`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    paygate_e2e::remove_db(&path);
+}

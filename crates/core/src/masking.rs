@@ -186,7 +186,7 @@ pub fn mask_text(text: &str) -> String {
         out.push_str(&rest[..at + len]);
         let tail = &rest[at + len..];
         let end = tail
-            .find(|c: char| c.is_whitespace() || "\"'`,;)]}>".contains(c))
+            .find(|c: char| c.is_whitespace() || "\"'`,;:)]}>".contains(c))
             .unwrap_or(tail.len());
         if end > 0 {
             out.push_str("***");
