@@ -619,6 +619,9 @@ async fn resolve(config: paygate_core::Config, args: ResolveArgs) -> anyhow::Res
     println!("  before: {}", state_line(Some(&report.before)));
     println!("  after:  {}", state_line(Some(&report.after)));
     println!("  alerts resolved: {}", report.alerts_resolved);
+    if let Some(e) = &report.follow_up_error {
+        println!("  not finished: {} (the batch finishes it)", mask_text(e));
+    }
     let (part, r) = &report.after;
     if req.decision == Decision::Approved && *part == Partition::Realtime {
         println!(

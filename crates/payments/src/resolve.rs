@@ -132,6 +132,9 @@ pub struct ResolveReport {
     pub tally: Tally,
     /// Alerts marked resolved.
     pub alerts_resolved: u64,
+    /// The decision applied, but what follows it (the ledger save, the move
+    /// to its partition) failed on the store: the batch finishes it.
+    pub follow_up_error: Option<String>,
 }
 
 /// Why a resolution was not carried out.
@@ -160,6 +163,17 @@ pub enum ResolveError {
     /// The store, the log or the audit failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The decision was applied to the record, but its audit row could not
+    /// be written: the operator must record it by other means.
+    #[error(
+        "the decision was applied ({applied}) but its audit row could not be written: {error}"
+    )]
+    NotAudited {
+        /// What was applied.
+        applied: String,
+        /// Why the audit failed.
+        error: StoreError,
+    },
 }
 
 /// The record as JSON, for the audit and `paygate payments show --json`.
@@ -299,7 +313,9 @@ impl Resolver {
             .max()
             .unwrap_or(0);
         let mut tally = Tally::default();
-        match req.decision {
+        // Once the transition applied, nothing may skip the audit: a failure
+        // of what follows is reported, not returned early.
+        let mut follow_up: Result<(), StoreError> = match req.decision {
             Decision::Approved => {
                 let approved_at = match &evidence {
                     CardEvidence::Approved { approved_at } => approved_at.clone(),
@@ -312,9 +328,13 @@ impl Resolver {
                 {
                     return Err(self.raced(pid).await);
                 }
-                if let Some((Partition::Realtime, paid)) = self.store.get(pid).await? {
-                    tally += self.settler.save(paid, false).await?;
+                async {
+                    if let Some((Partition::Realtime, paid)) = self.store.get(pid).await? {
+                        tally += self.settler.save(paid, false).await?;
+                    }
+                    Ok(())
                 }
+                .await
             }
             Decision::NotCharged => {
                 let t = Transition::MarkAborted {
@@ -324,20 +344,29 @@ impl Resolver {
                 if !self.store.transition(pid, &t).await? {
                     return Err(self.raced(pid).await);
                 }
-                if self
-                    .store
+                self.store
                     .move_record(pid, Partition::Realtime, Partition::Unpaid)
-                    .await?
-                {
-                    tally.unpaid += 1;
-                }
+                    .await
+                    .map(|moved| tally.unpaid += u64::from(moved))
             }
-        }
-        let after = self
-            .store
-            .get(pid)
-            .await?
-            .ok_or_else(|| ResolveError::NotFound(pid.to_string()))?;
+        };
+        let applied = match req.decision {
+            Decision::Approved => "marked paid",
+            Decision::NotCharged => "marked aborted",
+        };
+        let not_audited = |error: StoreError| ResolveError::NotAudited {
+            applied: format!("{pid} {applied}"),
+            error,
+        };
+        let after = match self.store.get(pid).await {
+            Ok(Some(after)) => after,
+            Ok(None) => {
+                return Err(not_audited(StoreError::Corrupt(
+                    "the record vanished".into(),
+                )))
+            }
+            Err(e) => return Err(not_audited(e)),
+        };
         let resolution_id = self
             .audit
             .append(&NewResolution {
@@ -350,11 +379,21 @@ impl Resolver {
                 before: record_json(before.0, &before.1),
                 after: record_json(after.0, &after.1),
             })
-            .await?;
-        let alerts_resolved = self
+            .await
+            .map_err(not_audited)?;
+        let alerts_resolved = match self
             .outbox
             .resolve_for_payment(pid.as_str(), answered, Some(resolution_id))
-            .await?;
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                if follow_up.is_ok() {
+                    follow_up = Err(e);
+                }
+                0
+            }
+        };
         tracing::warn!(payment_id = %pid, action = req.decision.as_str(), operator = %req.operator,
             resolution_id, forced = req.force, evidence = %evidence, "payment resolved by an operator");
         Ok(ResolveReport {
@@ -364,6 +403,7 @@ impl Resolver {
             after,
             tally,
             alerts_resolved,
+            follow_up_error: follow_up.err().map(|e| e.to_string()),
         })
     }
 
