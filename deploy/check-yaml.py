@@ -15,6 +15,9 @@ for path in sorted(root.rglob("*.y*ml")):
         for d in docs:
             if path.parent.name == "k8s" and not {"apiVersion", "kind", "metadata"} <= set(d):
                 raise ValueError("a Kubernetes object needs apiVersion, kind and metadata")
+            if d.get("kind") == "CronJob" and d.get("spec", {}).get("timeZone") != "Asia/Seoul":
+                # Schedules are the operators' local time (Korea), not the node's.
+                raise ValueError(f"CronJob {d['metadata'].get('name')}: spec.timeZone must be Asia/Seoul")
         print(f"ok   {path.relative_to(root)} ({len(docs)} document(s))")
     except Exception as e:  # noqa: BLE001 - report every failure the same way
         bad += 1

@@ -9,6 +9,9 @@
 pub mod memory;
 
 pub use memory::MemoryApiLog;
+pub mod audit;
+
+pub use audit::{NewResolution, Resolution, ResolutionLog};
 
 use paygate_core::{masking::scrub_json, PaymentId};
 use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
@@ -265,6 +268,50 @@ impl SqlApiLog {
             }
         }
         Ok(evidence)
+    }
+
+    /// Up to `limit` rows written before `cutoff_ms` with an id above
+    /// `after`, oldest first, as `(id, payment_id)`: the candidates of
+    /// `paygate prune`, which walks the log with this cursor (so rows it
+    /// keeps are not read again) and deletes only the rows of payments that
+    /// are completed or unpaid.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn older_than_after(
+        &self,
+        after: i64,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let sql = "SELECT id, payment_id FROM api_logs WHERE id > $1 AND created_at < $2 ORDER BY id LIMIT $3";
+        let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).bind(after).bind(cutoff_ms).bind(limit).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("id").map_err(c)?, r.try_get("payment_id").map_err(c)?)))
+                .collect()
+        })
+    }
+
+    /// Deletes the rows `ids` (a bounded batch chosen by `paygate prune`);
+    /// returns how many went. The log is append-only for every other caller.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn delete(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("DELETE FROM api_logs WHERE id IN ({})", list.join(", "));
+        with_pool!(&self.db, pool => {
+            let mut q = sqlx::query(&sql);
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.execute(pool).await.map(|r| r.rows_affected()).map_err(map_err)
+        })
     }
 
     /// True when a `REQUEST` row for `payment_id` and `target` exists (used

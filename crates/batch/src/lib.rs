@@ -20,7 +20,10 @@
 //! others. A [`lease::Lease`] keeps sweeps from overlapping across replicas.
 
 pub mod lease;
+pub mod progress;
 pub mod schedule;
+
+pub use progress::{Progress, Snapshot};
 
 use std::{
     sync::{
@@ -90,6 +93,17 @@ pub struct Summary {
     pub failures: u64,
     /// Wall time, ms.
     pub duration_ms: u64,
+}
+
+/// What [`Sweeper::recheck`] did to one record.
+#[derive(Clone, Debug)]
+pub struct Recheck {
+    /// The record before, and its partition.
+    pub before: (Partition, PaymentRecord),
+    /// The record after (`None` if it vanished), and its partition.
+    pub after: Option<(Partition, PaymentRecord)>,
+    /// What was done, in the sweep's units.
+    pub summary: Summary,
 }
 
 /// Why a sweep could not run.
@@ -175,6 +189,7 @@ pub struct Sweeper {
     saga: Arc<Saga>,
     log: Arc<dyn ApiLog>,
     leases: Leases,
+    progress: Option<Arc<Progress>>,
 }
 
 /// Where the sweep keeps its lease and its run summaries.
@@ -194,6 +209,7 @@ impl Sweeper {
             saga,
             log: Arc::new(SqlApiLog::new(db.clone())),
             leases: Leases::Sql(db),
+            progress: None,
         }
     }
 
@@ -209,7 +225,15 @@ impl Sweeper {
             log: saga.log().clone(),
             saga,
             leases: Leases::Memory(leases),
+            progress: None,
         }
+    }
+
+    /// Counts every record a sweep has handled in `progress` (the CLI shows
+    /// it as a bar or log lines).
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
     /// Runs one sweep under the lease `batch-sweep`.
     ///
@@ -240,6 +264,38 @@ impl Sweeper {
         result
     }
 
+    /// Handles one record now, exactly as a sweep would (the same
+    /// classification and the same [`Settler`]), whatever its age: for an
+    /// operator who does not want to wait for the next sweep (`paygate
+    /// payments recheck`). No lease is taken: every change is a guarded
+    /// transition or move, safe beside a running sweep. Returns the record
+    /// before and after (`None` when there is no record), and what was done.
+    /// A record outside `realtime_payments` is settled already: nothing is
+    /// done to it.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn recheck(
+        &self,
+        payment_id: &paygate_core::PaymentId,
+        opts: &SweepOptions,
+    ) -> Result<Option<Recheck>, StoreError> {
+        let Some(before) = self.store.get(payment_id).await? else {
+            return Ok(None);
+        };
+        let counters = Counters::default();
+        if before.0 == Partition::Realtime {
+            bump(&counters.scanned);
+            self.handle(before.1.clone(), opts, &counters).await?;
+        }
+        let after = self.store.get(payment_id).await?;
+        Ok(Some(Recheck {
+            before,
+            after,
+            summary: counters.summary(Instant::now()),
+        }))
+    }
+
     async fn sweep_records(
         &self,
         opts: &SweepOptions,
@@ -258,13 +314,15 @@ impl Sweeper {
                         return Err(BatchError::LeaseLost(Summary::default()));
                     }
                     bump(&counters.scanned);
-                    if record.updated_at > cutoff {
-                        return Ok(());
+                    if record.updated_at <= cutoff {
+                        let pid = record.payment_id.clone();
+                        if let Err(e) = self.handle(record, opts, counters).await {
+                            bump(&counters.failures);
+                            tracing::error!(payment_id = %pid, error = %e, "batch: record failed; continuing");
+                        }
                     }
-                    let pid = record.payment_id.clone();
-                    if let Err(e) = self.handle(record, opts, counters).await {
-                        bump(&counters.failures);
-                        tracing::error!(payment_id = %pid, error = %e, "batch: record failed; continuing");
+                    if let Some(p) = &self.progress {
+                        p.advance(1);
                     }
                     Ok(())
                 }

@@ -3,12 +3,19 @@
 //! effective configuration, secrets masked), `batch` (the sweep sidecar job),
 //! `reconcile` (against the card company's transaction list), `check`
 //! (invariants I1/I2 against the sandbox), `sim` (the
-//! sandbox simulators as HTTP servers) and `demo` (an end-to-end run under
-//! faults that checks invariants I1-I3).
+//! sandbox simulators as HTTP servers), `demo` (an end-to-end run under
+//! faults that checks invariants I1-I3), and the operator tools: `payments`
+//! (show, list problems, recheck, resolve), `alerts` (list, resend) and
+//! `prune` (retention).
 
+mod alerts;
 mod batch;
 mod check;
 mod demo;
+mod ops;
+mod payments;
+mod progress;
+mod prune;
 mod reconcile;
 mod settings;
 
@@ -97,6 +104,20 @@ enum Command {
     /// Drive real HTTP confirms through the real server under faults and
     /// check that no approval is lost and none is doubled.
     Demo(demo::DemoArgs),
+    /// Operators: show a payment, list the ones that need a person, recheck
+    /// one now, resolve one by hand (audited).
+    Payments {
+        #[command(subcommand)]
+        command: payments::PaymentsCommand,
+    },
+    /// Operators: list the alert outbox, resend an alert.
+    Alerts {
+        #[command(subcommand)]
+        command: alerts::AlertsCommand,
+    },
+    /// Retention: delete old SQL log rows and alerts of settled payments,
+    /// in bounded batches (`--dry-run` deletes nothing).
+    Prune(prune::PruneArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -230,6 +251,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Batch(args) => batch::run(config, args).await,
                 Command::Reconcile(args) => reconcile::run(config, args).await,
                 Command::Check(args) => check::run(config, args).await,
+                Command::Payments { command } => payments::run(config, command).await,
+                Command::Alerts { command } => alerts::run(config, command).await,
+                Command::Prune(args) => prune::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
         }

@@ -11,11 +11,18 @@
 //! Exit code (single run): 0 when the window was reconciled (per-record
 //! failures are counted, not fatal), 1 when a slice of the list could not be
 //! fetched or the run could not start, 2 when another run holds the lease.
+//!
+//! A single run shows its progress on stderr (slices of the window done,
+//! pages, transactions, rate, ETA): a bar on a terminal, a `progress:` log
+//! line every `--progress-every` (5 s) otherwise. `--every` prints when the
+//! next run starts, in the `time_zone` setting's zone and in UTC.
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use paygate_reconcile::{Action, ReconcileError, ReconcileOptions, Reconciler, Summary};
+
+use crate::progress::{Reporter, Units};
 
 /// Options of `paygate reconcile`.
 #[derive(clap::Args, Debug)]
@@ -55,6 +62,9 @@ pub struct ReconcileArgs {
     /// Stale lookups at once.
     #[arg(long, default_value_t = 10)]
     stale_concurrency: usize,
+    /// When stderr is not a terminal, log a progress line this often.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    progress_every: Duration,
 }
 
 /// Parses `now`, a duration ago, or RFC 3339, into epoch ms.
@@ -115,11 +125,14 @@ pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::R
     options(&args)?;
     let (components, _sandbox) = paygate_gateway::components(&config).await?;
     let json = args.json;
+    let zone = crate::ops::zone(&config);
+    let progress = Arc::new(paygate_batch::Progress::default());
     let mut reconciler = Reconciler::new(
         components.store.clone(),
         components.saga.clone(),
         components.db.clone(),
-    );
+    )
+    .with_progress(progress.clone());
     if args.dry_run {
         reconciler = reconciler.with_sink(Arc::new(move |a: &Action| {
             if json {
@@ -139,7 +152,10 @@ pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::R
         result
     };
     let Some(every) = args.every else {
-        return Ok(match once().await {
+        let reporter = Reporter::start(progress.clone(), Units::Slices, args.progress_every);
+        let result = once().await;
+        reporter.finish().await;
+        return Ok(match result {
             Ok(summary) => {
                 print(&summary, json, args.dry_run);
                 if summary.incomplete_slices > 0 {
@@ -166,10 +182,13 @@ pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::R
         });
     };
     paygate_batch::schedule::every(every, crate::shutdown_signal(), || async {
+        let started = paygate_core::time::now_ms();
         match once().await {
             Ok(summary) => print(&summary, json, args.dry_run),
             Err(e) => tracing::error!(error = %e, "reconciliation did not run"),
         }
+        let next = started + i64::try_from(every.as_millis()).unwrap_or(i64::MAX / 2);
+        crate::batch::print_next(&crate::batch::next_run_text(next, zone), json);
     })
     .await;
     Ok(ExitCode::SUCCESS)

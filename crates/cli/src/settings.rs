@@ -109,6 +109,12 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         .merge(RawEnv::secrets());
     let config = extract(&figment)?;
     config.validate()?;
+    if config.time_zone.parse::<chrono_tz::Tz>().is_err() {
+        bail!(
+            "invalid configuration: `time_zone`: {:?} is not an IANA time zone (e.g. Asia/Seoul, UTC)",
+            config.time_zone
+        );
+    }
     Ok(config)
 }
 

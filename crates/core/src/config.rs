@@ -112,6 +112,10 @@ pub struct Config {
     pub sandbox_faults: String,
     /// `pretty` (default) or `json`.
     pub log_format: String,
+    /// The operators' time zone, an IANA name (`Asia/Seoul`, the default:
+    /// the payments are KRW): `paygate batch --cron` reads its schedule in
+    /// it, and the operator commands print times in it (and in UTC).
+    pub time_zone: String,
     /// On SIGTERM/Ctrl-C, how long in-flight requests may take to finish
     /// before the server stops waiting, ms. Default 25,000 (inside
     /// Kubernetes' default 30 s grace period).
@@ -181,6 +185,7 @@ impl Default for Config {
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
+            time_zone: "Asia/Seoul".to_owned(),
             shutdown_timeout_ms: 25_000,
         }
     }

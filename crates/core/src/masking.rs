@@ -153,6 +153,64 @@ pub fn scrub_json(value: &mut serde_json::Value) {
     }
 }
 
+/// Prefixes of credentials that may turn up inside free text (an error
+/// message, a body paygate did not write): Toss secret and client keys,
+/// paygate's merchant API keys, and Discord webhook paths.
+pub const SECRET_PREFIXES: &[&str] = &[
+    "test_sk_",
+    "live_sk_",
+    "test_gsk_",
+    "live_gsk_",
+    "test_ck_",
+    "live_ck_",
+    "pgk_",
+    "api/webhooks/",
+];
+
+/// Masks every credential-looking token in `text` (see [`SECRET_PREFIXES`]):
+/// the prefix stays, the rest of the token (up to a space, a quote or a
+/// delimiter) becomes `***`. For operator output of text paygate did not
+/// compose itself.
+pub fn mask_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let next = SECRET_PREFIXES
+            .iter()
+            .filter_map(|p| rest.find(p).map(|i| (i, p.len())))
+            .min();
+        let Some((at, len)) = next else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(&rest[..at + len]);
+        let tail = &rest[at + len..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || "\"'`,;:)]}>".contains(c))
+            .unwrap_or(tail.len());
+        if end > 0 {
+            out.push_str("***");
+        }
+        rest = &tail[end..];
+    }
+}
+
+/// [`scrub_json`], then [`mask_text`] on every string left: what an
+/// operator command prints of a stored body.
+pub fn scrub_json_for_display(value: &mut serde_json::Value) {
+    scrub_json(value);
+    mask_strings(value);
+}
+
+fn mask_strings(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => *s = mask_text(s),
+        serde_json::Value::Object(map) => map.values_mut().for_each(mask_strings),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_strings),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +254,31 @@ mod tests {
         assert_eq!(v["card"]["number"], "[REDACTED]");
         assert_eq!(v["card"]["issuerCode"], "71");
         assert_eq!(v["list"][0]["secretKey"], "[REDACTED]");
+    }
+
+    #[test]
+    fn credentials_inside_text_are_masked() {
+        assert_eq!(
+            mask_text("bad key test_sk_abc123: refused"),
+            "bad key test_sk_***: refused"
+        );
+        assert_eq!(
+            mask_text("https://discord.com/api/webhooks/123/tok?wait=true"),
+            "https://discord.com/api/webhooks/***"
+        );
+        assert_eq!(mask_text("pgk_"), "pgk_", "a bare prefix is no secret");
+        assert_eq!(mask_text("nothing here"), "nothing here");
+        let mut v = serde_json::json!({
+            "secretKey": "live_sk_zzz",
+            "message": "\"live_sk_zzz\" is not valid",
+            "list": ["pgk_1234abcd"],
+        });
+        scrub_json_for_display(&mut v);
+        let shown = v.to_string();
+        assert!(
+            !shown.contains("zzz") && !shown.contains("1234abcd"),
+            "{shown}"
+        );
+        assert_eq!(v["secretKey"], "[REDACTED]");
     }
 }

@@ -22,6 +22,7 @@
 //! | `card_calls` | cancels and transaction-list pages | I3 |
 //! | [`ledger`] | the ledger's sync try and async retries | I1, I4 |
 //! | [`settle`] | lookups and saves for the batch and reconciliation | I1 |
+//! | [`resolve`] | an operator's decision on an open payment, audited | I1 |
 //! | [`wiring`] | building stores, stacks and the saga from config | — |
 
 mod card_calls;
@@ -32,6 +33,7 @@ mod logged_call;
 mod lookup;
 pub mod outcome;
 mod replay;
+pub mod resolve;
 pub mod saga;
 pub mod settle;
 pub mod wiring;
@@ -39,6 +41,9 @@ pub mod wiring;
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{
     ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse, Settlement, TicketState,
+};
+pub use resolve::{
+    record_json, CardEvidence, Decision, ResolveError, ResolveReport, ResolveRequest, Resolver,
 };
 pub use saga::{Saga, SagaSettings};
 pub use settle::{Settler, Tally};

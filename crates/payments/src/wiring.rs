@@ -123,8 +123,12 @@ impl Components {
     }
 }
 
-/// The state store the config selects.
-async fn state_store(
+/// The state store the config selects, on `db` (for commands that need no
+/// downstream: `paygate payments show`, `prune`).
+///
+/// # Errors
+/// [`WiringError`] when the store cannot be opened.
+pub async fn state_store(
     config: &Config,
     db: &SqlDatabase,
 ) -> Result<Arc<dyn StateStore>, WiringError> {

@@ -334,6 +334,7 @@ pub struct Reconciler {
     db: Option<SqlDatabase>,
     leases: Option<Arc<paygate_batch::lease::MemoryLeases>>,
     sink: Option<ActionSink>,
+    progress: Option<Arc<paygate_batch::Progress>>,
 }
 
 /// What one run shares between its tasks.
@@ -357,6 +358,7 @@ impl Reconciler {
             db: Some(db),
             leases: None,
             sink: None,
+            progress: None,
         }
     }
 
@@ -373,7 +375,15 @@ impl Reconciler {
             db: None,
             leases: Some(leases),
             sink: None,
+            progress: None,
         }
+    }
+
+    /// Counts the run's slices (done of all), pages and transactions in
+    /// `progress` (the CLI shows it as a bar or log lines).
+    pub fn with_progress(mut self, progress: Arc<paygate_batch::Progress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Sends every planned or taken action to `sink` (the CLI prints a dry
@@ -458,6 +468,9 @@ impl Reconciler {
         // list owns younger ones: they never act on the same record, so they
         // run side by side.
         let slices = slices(run.opts.from_ms, run.opts.to_ms, run.opts.slices);
+        if let Some(p) = &self.progress {
+            p.set_total(slices.len() as u64);
+        }
         let list = futures_util::stream::iter(slices).for_each_concurrent(
             run.opts.slice_concurrency,
             |slice| async move {
@@ -465,6 +478,9 @@ impl Reconciler {
                     return;
                 }
                 self.slice(run, slice).await;
+                if let Some(p) = &self.progress {
+                    p.advance(1);
+                }
             },
         );
         let (stale, ()) = tokio::join!(self.stale_pass(run), list);
@@ -571,6 +587,9 @@ impl Reconciler {
             };
             add(&run.counters.pages, 1);
             add(&run.counters.transactions, txs.len() as u64);
+            if let Some(p) = &self.progress {
+                p.page(txs.len() as u64);
+            }
             // A short page is the last: no request for an empty page after it.
             let last = txs.len() < limit as usize || run.lost.load(Ordering::SeqCst);
             let next = (!last)

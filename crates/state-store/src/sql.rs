@@ -112,6 +112,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "alert parking",
         include_str!("../../../migrations/sqlite/0006_alert_parking.sql"),
     ),
+    (
+        7,
+        "operator audit",
+        include_str!("../../../migrations/sqlite/0007_operator_audit.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -143,6 +148,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "alert parking",
         include_str!("../../../migrations/postgres/0006_alert_parking.sql"),
+    ),
+    (
+        7,
+        "operator audit",
+        include_str!("../../../migrations/postgres/0007_operator_audit.sql"),
     ),
 ];
 
@@ -309,6 +319,18 @@ impl SqlStateStore {
             row.map(|r| r.try_get::<String, _>("payment_id").map(PaymentId::from_stored))
                 .transpose()
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+    }
+
+    /// Records in `partition` (for a progress bar's total; one `COUNT(*)`).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn count(&self, partition: Partition) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) AS n FROM {}", partition.table());
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(&sql).fetch_one(pool).await.map_err(map_err)?;
+            row.try_get::<i64, _>("n").map_err(|e| StoreError::Corrupt(e.to_string()))
         })
     }
 
