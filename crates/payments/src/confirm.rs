@@ -167,6 +167,23 @@ impl Saga {
                     }
                     record = current;
                 }
+                // Filed as a no-call abort by another actor (the batch read
+                // no REQUEST row yet) while this confirm was on its way to
+                // the card: the approval proves it was sent. Put it back.
+                Ok(Some((part, current)))
+                    if current.card_status == CardStatus::Aborted
+                        && current
+                            .failure_code
+                            .as_deref()
+                            .is_some_and(failure_codes::is_no_call)
+                        && self.repair_no_call(&current, part, &paid).await =>
+                {
+                    tracing::warn!(payment_id = %pid, "an approved payment had been filed as not sent; put back and marked paid");
+                    record.is_paid = true;
+                    record.card_status = CardStatus::Done;
+                    record.approved_at = Some(approved_at);
+                    record.failure_code = None;
+                }
                 Ok(current) => {
                     let state = current.map_or("gone".to_owned(), |(part, r)| {
                         format!("{} in {}", r.card_status.as_str(), part.table())
@@ -185,6 +202,31 @@ impl Saga {
         record.is_saved = self.save_with_retries(&record).await;
         metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
         ConfirmOutcome::Approved(record)
+    }
+
+    /// Moves a no-call abort back to realtime, reopens it and marks it paid
+    /// (each step guarded); `true` when it is paid now.
+    async fn repair_no_call(
+        &self,
+        r: &PaymentRecord,
+        part: paygate_core::Partition,
+        paid: &Transition,
+    ) -> bool {
+        let pid = &r.payment_id;
+        if part == paygate_core::Partition::Unpaid
+            && self
+                .store
+                .move_record(pid, part, paygate_core::Partition::Realtime)
+                .await
+                .is_err()
+        {
+            return false;
+        }
+        let reopen = Transition::Reopen {
+            failure_code: r.failure_code.clone().unwrap_or_default(),
+        };
+        matches!(self.store.transition(pid, &reopen).await, Ok(true))
+            && matches!(self.store.transition(pid, paid).await, Ok(true))
     }
 
     /// The approval is real but the store failed: the record stays PENDING,

@@ -153,10 +153,20 @@ impl Saga {
         code: String,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        let unavailable = ConfirmOutcome::Unavailable {
-            detail: "payment state store unavailable; nothing was charged",
-            payment_id: Some(existing.payment_id.clone()),
-            retry_after_s: None,
+        // PAYGATE_NOT_SENT is the one no-call code another actor sets (the
+        // batch, from the log's evidence), and a confirm on its way to the
+        // card can race it. Reopening is still safe (the confirm is sent
+        // again under the same idempotency key, so the card company replays
+        // any first answer), but a failure here cannot promise that nothing
+        // was charged: it answers 409, poll.
+        let unavailable = if code == failure_codes::NOT_SENT {
+            ConfirmOutcome::InFlight(existing.clone())
+        } else {
+            ConfirmOutcome::Unavailable {
+                detail: "payment state store unavailable; nothing was charged",
+                payment_id: Some(existing.payment_id.clone()),
+                retry_after_s: None,
+            }
         };
         match self.store.get(&existing.payment_id).await {
             Ok(Some((Partition::Unpaid, _))) => {

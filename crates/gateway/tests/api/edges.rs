@@ -118,7 +118,10 @@ async fn hold_write_lock(db: &SqlDatabase) -> tokio::sync::oneshot::Sender<()> {
 /// no card call. The merchant's retry then confirms it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirm_answered_503_before_its_record_is_durable_never_calls_the_card() {
-    for backend in backends() {
+    // The stall is a lock on the SQL database, which holds the record only
+    // when the state store is SQL; with state in MongoDB the record is
+    // durable at once and the deadline's answer is rightly 202.
+    for backend in backends().into_iter().filter(|b| !b.mongodb_state()) {
         let app = spawn_app(&backend, FaultProfile::none(), |c| {
             c.inbound_request_timeout_ms = 300
         })
