@@ -77,11 +77,16 @@ impl CardApi for Card {
 #[derive(Default)]
 struct Ledger {
     entries: Mutex<Vec<LedgerEntry>>,
+    /// Answer 503 to every call while set.
+    down: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl LedgerApi for Ledger {
     async fn record(&self, e: &LedgerEntry, _: &str) -> Result<LedgerOutcome, LedgerApiError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LedgerApiError::Server(503));
+        }
         self.entries.lock().unwrap().push(e.clone());
         Ok(LedgerOutcome::Recorded)
     }
@@ -114,6 +119,10 @@ struct World {
 
 impl World {
     async fn new(name: &str) -> World {
+        Self::with_settings(name, SagaSettings::default()).await
+    }
+
+    async fn with_settings(name: &str, settings: SagaSettings) -> World {
         let path = std::env::temp_dir().join(format!(
             "paygate-saga-{name}-{}-{}.db",
             std::process::id(),
@@ -151,7 +160,7 @@ impl World {
             SagaSettings {
                 lookup_delay: Duration::from_millis(1),
                 settle_on_access_after: Duration::from_secs(5),
-                ..SagaSettings::default()
+                ..settings
             },
         ));
         World {
@@ -530,5 +539,95 @@ async fn a_ticket_made_durable_answers_in_progress_and_the_saga_carries_on() {
         other => panic!("during the card call the answer is 202, got {other:?}"),
     }
     assert!(done.is_paid && done.is_saved);
+    w.cleanup();
+}
+
+/// Point 8: a failed move of a no-call abort back from unpaid was
+/// swallowed, and the retry went on to the card with the record still in
+/// unpaid (where MarkPaid could never find it). Now the retry answers 503
+/// and makes no card call; the next retry confirms it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_move_back_from_unpaid_makes_no_card_call() {
+    let w = World::new("moveback").await;
+    let order = "order-moveback-1";
+    let r = w.left_pending(order, Duration::from_secs(60)).await;
+    let open = Transition::MarkAborted {
+        failure_code: paygate_core::payment::failure_codes::CIRCUIT_OPEN.into(),
+        last_error: "breaker open".into(),
+    };
+    assert!(w.store.transition(&r.payment_id, &open).await.unwrap());
+    assert!(w
+        .store
+        .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
+        .await
+        .unwrap());
+    // The retry's create (answered from the stored payment) and then its
+    // move back both fail.
+    w.store
+        .fail_next_writes(2, paygate_state_store::Fault::FailBefore);
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Unavailable { payment_id, .. } => {
+            assert_eq!(payment_id.as_ref(), Some(&r.payment_id))
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 0, "no card call");
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(done) => assert!(done.is_paid && done.is_saved),
+        other => panic!("expected the next retry to confirm, got {other:?}"),
+    }
+    assert_eq!(w.stored(&r).await.0, Partition::Realtime);
+    w.cleanup();
+}
+
+/// Point 8: async ledger retries are bounded in number; past the bound
+/// the payment (stored paid and unsaved) is left to the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_ledger_retries_are_bounded_in_number() {
+    let w = World::with_settings(
+        "bounded",
+        SagaSettings {
+            ledger_retry_max_pending: 2,
+            ledger_retry_base_delay: Duration::from_secs(3_600),
+            ledger_retry_max_delay: Duration::from_secs(3_600),
+            ..SagaSettings::default()
+        },
+    )
+    .await;
+    w.ledger
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..5 {
+        let order = format!("order-bounded-{i}");
+        w.card
+            .confirms
+            .lock()
+            .unwrap()
+            .push_back(Ok(payment(&order, "DONE", Some(AT))));
+        match w.saga.confirm(w.input(&order)).await {
+            ConfirmOutcome::Approved(r) => assert!(r.is_paid && !r.is_saved),
+            other => panic!("expected approved and unsaved, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        w.saga.retries().pending(),
+        2,
+        "at most ledger_retry_max_pending"
+    );
+    let unsaved = w
+        .store
+        .snapshot()
+        .into_iter()
+        .filter(|(_, r)| r.is_paid && !r.is_saved)
+        .count();
+    assert_eq!(
+        unsaved, 5,
+        "every one stored paid and unsaved, for the batch"
+    );
     w.cleanup();
 }
