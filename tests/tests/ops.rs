@@ -541,7 +541,12 @@ async fn the_problem_list_names_what_needs_a_person() {
         assert!(list
             .iter()
             .all(|p| p["paymentId"] != fresh.payment_id.as_str()));
-        let since: Vec<&str> = list.iter().map(|p| p["since"].as_str().unwrap()).collect();
+        // Compared as instants: RFC 3339 drops trailing zeros of the
+        // fraction (`.77Z` is 770 ms), so the strings do not sort.
+        let since: Vec<i64> = list
+            .iter()
+            .map(|p| paygate_core::time::ms_from_rfc3339(p["since"].as_str().unwrap()).unwrap())
+            .collect();
         assert!(
             since.windows(2).all(|w| w[0] >= w[1]),
             "newest first: {since:?}"
