@@ -160,11 +160,6 @@ impl SimCard {
         self.state().second_keys.clone()
     }
 
-    /// Orders a confirm ever reached (whatever its answer).
-    pub fn orders_seen(&self) -> BTreeSet<String> {
-        self.state().order_keys.keys().cloned().collect()
-    }
-
     /// Orders whose payment was canceled.
     pub fn canceled(&self) -> BTreeSet<String> {
         self.state().canceled.clone()

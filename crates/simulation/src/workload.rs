@@ -150,13 +150,6 @@ pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
     }
 }
 
-impl Order {
-    /// The order's id.
-    pub fn id(&self) -> &str {
-        &self.order_id
-    }
-}
-
 /// A merchant's client for one order: confirm, retry what got no final
 /// answer (at most `tries` times), with the order's quirks.
 pub async fn client(gw: Gateway, order: Order, rng: SimRng, answers: Answers, tries: u32) {
