@@ -192,7 +192,9 @@ fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
                 cause,
                 "confirm answered 503 before its record was durable; no card call will be made"
             );
-            Problem::unavailable("no answer in time; nothing was charged, retry with the same body")
+            Problem::unavailable(
+                "no answer in time; this request made no card call and will make none, retry with the same body",
+            )
                 .into_response()
         }
     }

@@ -301,7 +301,7 @@ impl Saga {
                 "too many payments in flight; nothing was charged, retry later"
             }
             failure_codes::ANSWER_TIMED_OUT => {
-                "no answer in time; nothing was charged, retry with the same body"
+                "no answer in time; this request made no card call and will make none, retry with the same body"
             }
             _ => "card company unavailable; nothing was charged, retry later",
         };

@@ -135,7 +135,7 @@ async fn a_confirm_answered_503_before_its_record_is_durable_never_calls_the_car
             problem["detail"]
                 .as_str()
                 .unwrap()
-                .contains("nothing was charged"),
+                .contains("made no card call"),
             "{problem}"
         );
         let _ = release.send(());
