@@ -80,6 +80,9 @@ struct State {
     order_keys: BTreeMap<String, BTreeSet<String>>,
     canceled: BTreeSet<String>,
     next_tx: u64,
+    /// The merchant requests (see [`crate::gateway::REQUEST`]) whose
+    /// confirm tasks called the card's confirm.
+    calling_requests: BTreeSet<u64>,
 }
 
 /// The card company of one history.
@@ -158,6 +161,11 @@ impl SimCard {
     /// Orders that got a confirm under a second idempotency key.
     pub fn second_keys(&self) -> BTreeSet<String> {
         self.state().second_keys.clone()
+    }
+
+    /// The merchant requests whose confirm tasks called the card's confirm.
+    pub fn calling_requests(&self) -> BTreeSet<u64> {
+        self.state().calling_requests.clone()
     }
 
     /// Orders whose payment was canceled.
@@ -276,6 +284,9 @@ impl SimCard {
 impl CardApi for SimCard {
     async fn confirm(&self, req: &ConfirmRequest, key: &str) -> Result<CardPayment, CardApiError> {
         let at = now_ms();
+        if let Ok(request) = crate::gateway::REQUEST.try_with(|r| *r) {
+            self.state().calling_requests.insert(request);
+        }
         self.latency(50).await;
         if self.down.load(Ordering::SeqCst) {
             return Err(err(503, "SIM_OUTAGE"));

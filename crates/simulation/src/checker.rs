@@ -14,19 +14,27 @@
 //! - **ledger:** every entry is for an order the card company approved;
 //! - **I4, true answers:** a 200 only for an order already approved; a 402
 //!   or a 503 ("nothing was charged") never for an order approved by a
-//!   request made before that answer.
+//!   request made before that answer; and a 503 given at the answer
+//!   deadline ("nothing was charged, and this request never will") never
+//!   for a request whose confirm then called the card;
+//! - **ages:** a batch sweep changes a record only when the record's last
+//!   change (by anyone) was at least the sweep's grace before the sweep
+//!   started (DESIGN.md §1: ages count from the last transition, not from
+//!   creation). Read from the sim's own journal of applied changes, not
+//!   from the records' `updated_at`, so a wrong timestamp cannot hide it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     workload::{Answer, AnswerKind},
-    world::World,
+    world::{Actor, World},
 };
 
 /// One broken invariant, named and located.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Violation {
-    /// Which invariant (`I1`, `I2`, `I4`, `partition`, `ledger`).
+    /// Which invariant (`I1`, `I2`, `I4`, `partition`, `ledger`,
+    /// `liveness`, `age`).
     pub invariant: &'static str,
     /// The order (or payment) it is about.
     pub subject: String,
@@ -215,7 +223,38 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
         }
     }
 
+    // Ages: a sweep acts only on records that were left alone for its grace.
+    let changes = world
+        .changes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for c in &changes {
+        let Actor::Sweep {
+            started_ms,
+            grace_ms,
+        } = c.actor
+        else {
+            continue;
+        };
+        let cutoff = started_ms - i64::try_from(grace_ms).unwrap_or(i64::MAX);
+        if let Some(young) = changes
+            .iter()
+            .find(|o| o.payment_id == c.payment_id && o.at_ms > cutoff && o.at_ms < started_ms)
+        {
+            out.push(v(
+                "age",
+                &c.payment_id,
+                format!(
+                    "a sweep started at {started_ms} ms with a grace of {grace_ms} ms made a {} at {} ms, but the record had a {} by {:?} at {} ms",
+                    c.what, c.at_ms, young.what, young.actor, young.at_ms
+                ),
+            ));
+        }
+    }
+
     // I4: every answer was true when given.
+    let calling = world.card.calling_requests();
     for ans in answers.iter().chain(finals) {
         let approved_before = approvals
             .iter()
@@ -223,6 +262,7 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
         let lie = match ans.kind {
             AnswerKind::Approved => !approved_before,
             AnswerKind::Declined | AnswerKind::Unavailable => approved_before,
+            AnswerKind::GaveUp => calling.contains(&ans.request),
             _ => false,
         };
         if lie {

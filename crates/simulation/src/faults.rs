@@ -13,7 +13,7 @@ use paygate_state_store::{Fault, WriteKind};
 use crate::{
     gateway::Gateway,
     options::Options,
-    world::{Incarnation, World},
+    world::{Actor, Incarnation, World},
     EPOCH_MS,
 };
 
@@ -90,7 +90,7 @@ fn reconcile_options(stale_after_ms: u64, min_age_ms: u64) -> ReconcileOptions {
 
 /// One batch sweep as its own process.
 async fn sweep(world: &World, grace_ms: u64) {
-    let inc = Incarnation::start(world);
+    let inc = Incarnation::start(world, sweeper(grace_ms));
     let sweeper = Sweeper::in_memory(inc.store.clone(), inc.saga.clone(), world.leases.clone());
     match sweeper.sweep(&sweep_options(grace_ms)).await {
         Ok(s) => tracing::info!(?s, "sim: final sweep"),
@@ -100,7 +100,7 @@ async fn sweep(world: &World, grace_ms: u64) {
 
 /// One reconciliation as its own process.
 async fn reconcile(world: &World, stale_after_ms: u64, min_age_ms: u64) {
-    let inc = Incarnation::start(world);
+    let inc = Incarnation::start(world, Actor::Reconcile);
     let r = Reconciler::in_memory(inc.store.clone(), inc.saga.clone(), world.leases.clone());
     match r.run(&reconcile_options(stale_after_ms, min_age_ms)).await {
         Ok(s) => tracing::info!(?s, "sim: final reconciliation"),
@@ -108,12 +108,20 @@ async fn reconcile(world: &World, stale_after_ms: u64, min_age_ms: u64) {
     }
 }
 
+/// A sweep starting now with this grace.
+fn sweeper(grace_ms: u64) -> Actor {
+    Actor::Sweep {
+        started_ms: paygate_core::time::now_ms(),
+        grace_ms,
+    }
+}
+
 /// A job that may be killed mid-run (its process dies: no more writes).
-async fn job<F>(world: Arc<World>, kill_per_mille: u64, run: F)
+async fn job<F>(world: Arc<World>, actor: Actor, kill_per_mille: u64, run: F)
 where
     F: FnOnce(Arc<World>, Arc<Incarnation>) -> futures_util::future::LocalBoxFuture<'static, ()>,
 {
-    let inc = Arc::new(Incarnation::start(&world));
+    let inc = Arc::new(Incarnation::start(&world, actor));
     let kill_after =
         (world.rng.between(0, 999) < kill_per_mille).then(|| world.rng.between(0, 3_000));
     let task = tokio::task::spawn_local(run(world.clone(), inc.clone()));
@@ -158,16 +166,21 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
             let every = w.rng.between(opts.batch_every_ms.0, opts.batch_every_ms.1);
             tokio::time::sleep(Duration::from_millis(every)).await;
             let grace = opts.batch_grace_ms;
-            job(w.clone(), opts.job_kill_per_mille, move |world, inc| {
-                Box::pin(async move {
-                    let s = Sweeper::in_memory(
-                        inc.store.clone(),
-                        inc.saga.clone(),
-                        world.leases.clone(),
-                    );
-                    let _ = s.sweep(&sweep_options(grace)).await;
-                })
-            })
+            job(
+                w.clone(),
+                sweeper(grace),
+                opts.job_kill_per_mille,
+                move |world, inc| {
+                    Box::pin(async move {
+                        let s = Sweeper::in_memory(
+                            inc.store.clone(),
+                            inc.saga.clone(),
+                            world.leases.clone(),
+                        );
+                        let _ = s.sweep(&sweep_options(grace)).await;
+                    })
+                },
+            )
             .await;
         }
     }));
@@ -178,16 +191,21 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
                 .rng
                 .between(opts.reconcile_every_ms.0, opts.reconcile_every_ms.1);
             tokio::time::sleep(Duration::from_millis(every)).await;
-            job(w.clone(), opts.job_kill_per_mille, move |world, inc| {
-                Box::pin(async move {
-                    let r = Reconciler::in_memory(
-                        inc.store.clone(),
-                        inc.saga.clone(),
-                        world.leases.clone(),
-                    );
-                    let _ = r.run(&reconcile_options(2_000, 1_000)).await;
-                })
-            })
+            job(
+                w.clone(),
+                Actor::Reconcile,
+                opts.job_kill_per_mille,
+                move |world, inc| {
+                    Box::pin(async move {
+                        let r = Reconciler::in_memory(
+                            inc.store.clone(),
+                            inc.saga.clone(),
+                            world.leases.clone(),
+                        );
+                        let _ = r.run(&reconcile_options(2_000, 1_000)).await;
+                    })
+                },
+            )
             .await;
         }
     }));

@@ -101,10 +101,13 @@ async fn history(seed: u64) -> Report {
         start: tokio::time::Instant::now(),
         rng: SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
     }));
-    let options = Options::draw(&rng);
+    let options = Options::draw(&rng).draw_extra(&SimRng::new(seed ^ 0xD1B5_4A32_D192_ED03));
     let world = std::sync::Arc::new(World::new(rng.clone()));
     faults::install(&world, &options);
-    let gw = Gateway::start(&world);
+    let gw = Gateway::start(
+        &world,
+        options.answer_deadline_ms.map(Duration::from_millis),
+    );
     let answers = workload::Answers::default();
     let merchants: Vec<MerchantId> = (0..options.merchants)
         .map(|i| MerchantId::from_stored(format!("mer_{i}")))
@@ -136,7 +139,7 @@ async fn history(seed: u64) -> Report {
     // Every merchant asks once more, now that nothing is in flight; what
     // that may start (a reopened no-call abort) is settled too.
     let finals = workload::Answers::default();
-    let last = Gateway::start(&world);
+    let last = Gateway::start(&world, None);
     for order in &orders {
         workload::final_retry(&last, order, &finals).await;
     }

@@ -34,6 +34,9 @@ pub struct Options {
     pub reconcile_every_ms: (u64, u64),
     /// A batch or reconciliation run is killed mid-run, per mille.
     pub job_kill_per_mille: u64,
+    /// The gateway answers each confirm by this deadline at the latest, ms
+    /// (the HTTP request deadline; `None`: it waits for the saga).
+    pub answer_deadline_ms: Option<u64>,
 }
 
 impl Options {
@@ -66,6 +69,19 @@ impl Options {
             batch_grace_ms: [0, 0, 1_000, 5_000][rng.pick(4)],
             reconcile_every_ms: (4_000, 20_000),
             job_kill_per_mille: rng.between(0, 200),
+            answer_deadline_ms: None,
         }
+    }
+
+    /// Draws the knobs added after the first ones from their own stream
+    /// (`extra`), so the histories of seeds that draw none of them stay
+    /// exactly as they were.
+    pub fn draw_extra(mut self, extra: &SimRng) -> Self {
+        // Deadlines of a few ms catch confirms before their record is
+        // durable (503); longer ones catch card calls in flight (202).
+        self.answer_deadline_ms = extra
+            .chance(0.4)
+            .then(|| [1, 2, 3, 5, 8, 60, 1_000, 4_000][extra.pick(8)]);
+        self
     }
 }

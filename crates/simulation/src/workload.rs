@@ -2,7 +2,8 @@
 //! body) after no answer, 409 or 503; some orders race two identical
 //! confirms, some send another body for the same order, some carry an
 //! Idempotency-Key, and some reuse an earlier order's paymentKey. Every
-//! answer is recorded with its time, for the checker's I4.
+//! answer is recorded with its time and request number, for the checker's
+//! I4.
 
 use std::{
     sync::{Arc, Mutex},
@@ -10,9 +11,12 @@ use std::{
 };
 
 use paygate_core::{MerchantId, OrderId};
-use paygate_payments::{ConfirmInput, ConfirmOutcome};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, EarlyAnswer};
 
-use crate::{gateway::Gateway, rng::SimRng};
+use crate::{
+    gateway::{Gateway, Reply},
+    rng::SimRng,
+};
 
 /// What a merchant was told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -32,6 +36,10 @@ pub enum AnswerKind {
     /// 503 without a paymentId: the store could not be read; only this
     /// request is promised to have charged nothing.
     NotProcessed,
+    /// 503 at the gateway's answer deadline, before the record was durable:
+    /// this request charged nothing and never will (its saga makes no card
+    /// call).
+    GaveUp,
 }
 
 /// One answer a merchant got.
@@ -43,6 +51,8 @@ pub struct Answer {
     pub kind: AnswerKind,
     /// When it was given, epoch ms.
     pub at_ms: i64,
+    /// The request's number (see [`crate::gateway::REQUEST`]).
+    pub request: u64,
 }
 
 /// The answers of one history.
@@ -97,7 +107,12 @@ impl Order {
     }
 }
 
-fn kind(o: &ConfirmOutcome) -> AnswerKind {
+fn kind(reply: &Reply) -> AnswerKind {
+    let o = match reply {
+        Reply::Saga(o) => o,
+        Reply::Early(EarlyAnswer::InProgress(_)) => return AnswerKind::Unknown,
+        Reply::Early(EarlyAnswer::NothingCharged) => return AnswerKind::GaveUp,
+    };
     match o {
         ConfirmOutcome::Approved(_) => AnswerKind::Approved,
         ConfirmOutcome::Declined { .. } => AnswerKind::Declined,
@@ -122,8 +137,8 @@ async fn confirm_once(
     amount: i64,
     answers: &Answers,
 ) -> Option<AnswerKind> {
-    let outcome = gw.confirm(order.input(amount)).await?;
-    let k = kind(&outcome);
+    let (request, reply) = gw.confirm(order.input(amount)).await?;
+    let k = kind(&reply);
     answers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -131,6 +146,7 @@ async fn confirm_once(
             order_id: order.order_id.clone(),
             kind: k,
             at_ms: paygate_core::time::now_ms(),
+            request,
         });
     Some(k)
 }
@@ -138,14 +154,15 @@ async fn confirm_once(
 /// After everything settled: the merchant asks once more (same body); the
 /// answer is recorded as final.
 pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
-    if let Some(outcome) = gw.confirm(order.input(order.amount)).await {
+    if let Some((request, reply)) = gw.confirm(order.input(order.amount)).await {
         answers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Answer {
                 order_id: order.order_id.clone(),
-                kind: kind(&outcome),
+                kind: kind(&reply),
                 at_ms: paygate_core::time::now_ms(),
+                request,
             });
     }
 }

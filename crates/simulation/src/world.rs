@@ -68,6 +68,46 @@ impl Alerter for SimAlerts {
     }
 }
 
+/// The process that made a change: which rule its changes must keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Actor {
+    /// A serving process (confirms, their async ledger retries, settle on
+    /// access).
+    Gateway,
+    /// A batch sweep that started at `started_ms` (epoch ms) with a grace
+    /// period of `grace_ms`: it may change only records whose last change
+    /// was at least the grace before it started (DESIGN.md §1, §9).
+    Sweep {
+        /// When the sweep started, epoch ms.
+        started_ms: i64,
+        /// Its grace period, ms.
+        grace_ms: u64,
+    },
+    /// A reconciliation run.
+    Reconcile,
+}
+
+/// One change a process applied to a record, as the sim saw it from
+/// outside the store: the record differed after the call (whatever the
+/// call reported, so a write whose acknowledgement was lost counts too).
+/// The checker reads ages from this journal, not from the records'
+/// `updated_at`, so a store or a job that reads the wrong timestamp cannot
+/// hide behind it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Change {
+    /// When, epoch ms.
+    pub at_ms: i64,
+    /// Who.
+    pub actor: Actor,
+    /// Which payment.
+    pub payment_id: String,
+    /// What call (`create`, `transition`, `move`).
+    pub what: &'static str,
+}
+
+/// The journal of every applied change of a history.
+pub type Changes = Arc<Mutex<Vec<Change>>>;
+
 /// Everything that outlives a process.
 pub struct World {
     /// The realtime state records.
@@ -84,6 +124,11 @@ pub struct World {
     pub ledger: Arc<SimLedger>,
     /// The seeded RNG.
     pub rng: SimRng,
+    /// Every change applied to a record, by whom and when.
+    pub changes: Changes,
+    /// Merchant requests numbered so far (one count for every gateway of
+    /// the history, so a number names one request).
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl World {
@@ -98,6 +143,8 @@ impl World {
             card: Arc::new(SimCard::new(rng.clone())),
             ledger: Arc::new(SimLedger::new(rng.clone())),
             rng,
+            changes: Changes::default(),
+            requests: Arc::default(),
         }
     }
 }
@@ -112,13 +159,18 @@ pub struct Incarnation {
 }
 
 impl Incarnation {
-    /// A new process over `world`, with the sim's fast resilience policies.
-    pub fn start(world: &World) -> Self {
+    /// A new process over `world`, with the sim's fast resilience policies;
+    /// its changes are journaled as `actor`'s.
+    pub fn start(world: &World, actor: Actor) -> Self {
         let dead = Arc::new(AtomicBool::new(false));
-        let store: Arc<dyn StateStore> = Arc::new(Handle {
-            inner: world.store.clone(),
-            dead: dead.clone(),
-            rng: Some(world.rng.clone()),
+        let store: Arc<dyn StateStore> = Arc::new(StoreHandle {
+            handle: Handle {
+                inner: world.store.clone(),
+                dead: dead.clone(),
+                rng: Some(world.rng.clone()),
+            },
+            actor,
+            changes: world.changes.clone(),
         });
         // A small breaker window: the sim's few orders can open it, and an
         // open breaker makes the no-call aborts that merchant retries reopen.
@@ -198,39 +250,77 @@ impl<T: ?Sized> Handle<T> {
     }
 }
 
+/// A process's handle to the state store, journaling what it changes.
+struct StoreHandle {
+    handle: Handle<MemoryStateStore>,
+    actor: Actor,
+    changes: Changes,
+}
+
+impl StoreHandle {
+    /// Runs one write, journaling it when the record differs afterwards,
+    /// at `stamped_ms` when the write carries its own time (a new record
+    /// is stamped when the saga builds it, a round trip before it lands),
+    /// else now.
+    async fn journaled<T>(
+        &self,
+        payment_id: &PaymentId,
+        what: &'static str,
+        stamped_ms: Option<i64>,
+        write: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !self.handle.round_trip().await {
+            return Err(gone());
+        }
+        let inner = &self.handle.inner;
+        let before = inner.copies(payment_id);
+        let result = write.await;
+        if inner.copies(payment_id) != before {
+            self.changes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Change {
+                    at_ms: stamped_ms.unwrap_or_else(paygate_core::time::now_ms),
+                    actor: self.actor,
+                    payment_id: payment_id.to_string(),
+                    what,
+                });
+        }
+        result
+    }
+}
+
 fn gone() -> StoreError {
     StoreError::Unavailable("process died".to_owned())
 }
 
 #[async_trait]
-impl StateStore for Handle<MemoryStateStore> {
+impl StateStore for StoreHandle {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
-        if !self.round_trip().await {
-            return Err(gone());
-        }
-        self.inner.create(r).await
+        let inner = &self.handle.inner;
+        self.journaled(&r.payment_id, "create", Some(r.updated_at), inner.create(r))
+            .await
     }
     async fn get(&self, id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
-        if !self.round_trip().await {
+        if !self.handle.round_trip().await {
             return Err(gone());
         }
-        self.inner.get(id).await
+        self.handle.inner.get(id).await
     }
     async fn get_by_order(
         &self,
         m: &MerchantId,
         o: &OrderId,
     ) -> Result<Option<PaymentRecord>, StoreError> {
-        if !self.round_trip().await {
+        if !self.handle.round_trip().await {
             return Err(gone());
         }
-        self.inner.get_by_order(m, o).await
+        self.handle.inner.get_by_order(m, o).await
     }
     async fn transition(&self, id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        if !self.round_trip().await {
-            return Err(gone());
-        }
-        self.inner.transition(id, t).await
+        let inner = &self.handle.inner;
+        self.journaled(id, "transition", None, inner.transition(id, t))
+            .await
     }
     async fn move_record(
         &self,
@@ -238,10 +328,9 @@ impl StateStore for Handle<MemoryStateStore> {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        if !self.round_trip().await {
-            return Err(gone());
-        }
-        self.inner.move_record(id, from, to).await
+        let inner = &self.handle.inner;
+        self.journaled(id, "move", None, inner.move_record(id, from, to))
+            .await
     }
     async fn copy_to_partition(
         &self,
@@ -249,25 +338,24 @@ impl StateStore for Handle<MemoryStateStore> {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        if !self.round_trip().await {
-            return Err(gone());
-        }
-        self.inner.copy_to_partition(id, from, to).await
+        let inner = &self.handle.inner;
+        self.journaled(id, "copy", None, inner.copy_to_partition(id, from, to))
+            .await
     }
     fn scan(&self, p: Partition, batch: u32) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
-        if !self.alive() {
+        if !self.handle.alive() {
             return Box::pin(futures_util::stream::once(async { Err(gone()) }));
         }
-        self.inner.scan(p, batch)
+        self.handle.inner.scan(p, batch)
     }
     async fn find_by_order_ids(
         &self,
         ids: &[String],
     ) -> Result<Vec<(Partition, PaymentRecord)>, StoreError> {
-        if !self.round_trip().await {
+        if !self.handle.round_trip().await {
             return Err(gone());
         }
-        self.inner.find_by_order_ids(ids).await
+        self.handle.inner.find_by_order_ids(ids).await
     }
     fn scan_created(
         &self,
@@ -276,16 +364,16 @@ impl StateStore for Handle<MemoryStateStore> {
         to: i64,
         batch: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
-        if !self.alive() {
+        if !self.handle.alive() {
             return Box::pin(futures_util::stream::once(async { Err(gone()) }));
         }
-        self.inner.scan_created(p, from, to, batch)
+        self.handle.inner.scan_created(p, from, to, batch)
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        if !self.alive() {
+        if !self.handle.alive() {
             return Err(gone());
         }
-        self.inner.ping().await
+        self.handle.inner.ping().await
     }
 }
 

@@ -230,6 +230,24 @@ impl MemoryStateStore {
         all.into_iter().map(|(_, p, r)| (p, r)).collect()
     }
 
+    /// Every copy of one record with its partition, in [`Partition::ALL`]
+    /// order (two while an interrupted move left it in two). Synchronous and
+    /// fault-free: for an observer (the simulation's journal) to see whether
+    /// a call changed the record.
+    pub fn copies(&self, payment_id: &PaymentId) -> Vec<(Partition, PaymentRecord)> {
+        let state = self.lock();
+        Partition::ALL
+            .iter()
+            .filter_map(|p| {
+                state
+                    .table(*p)
+                    .rows
+                    .get(payment_id)
+                    .map(|r| (*p, r.clone()))
+            })
+            .collect()
+    }
+
     /// The state. No code panics while holding the lock and every write
     /// checks before it mutates, so a poisoned lock still guards consistent
     /// data and is taken over.
