@@ -102,7 +102,7 @@ async fn history(seed: u64) -> Report {
         rng: SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
     }));
     let options = Options::draw(&rng).draw_extra(&SimRng::new(seed ^ 0xD1B5_4A32_D192_ED03));
-    let world = std::sync::Arc::new(World::new(rng.clone()));
+    let world = std::sync::Arc::new(World::new(rng.clone(), options.store_stall_per_mille));
     faults::install(&world, &options);
     let gw = Gateway::start(
         &world,
@@ -121,6 +121,7 @@ async fn history(seed: u64) -> Report {
             rng.clone(),
             answers.clone(),
             options.tries,
+            options.retry_pause_ms,
         )));
     }
     let jobs = tokio::task::spawn_local(faults::actors(

@@ -37,6 +37,10 @@ pub struct Options {
     /// The gateway answers each confirm by this deadline at the latest, ms
     /// (the HTTP request deadline; `None`: it waits for the saga).
     pub answer_deadline_ms: Option<u64>,
+    /// Store and log round trips that stall 20-400 ms, per mille.
+    pub store_stall_per_mille: u64,
+    /// A merchant waits this long before a retry, ms (range).
+    pub retry_pause_ms: (u64, u64),
 }
 
 impl Options {
@@ -70,6 +74,8 @@ impl Options {
             reconcile_every_ms: (4_000, 20_000),
             job_kill_per_mille: rng.between(0, 200),
             answer_deadline_ms: None,
+            store_stall_per_mille: 0,
+            retry_pause_ms: (500, 8_000),
         }
     }
 
@@ -82,6 +88,19 @@ impl Options {
         self.answer_deadline_ms = extra
             .chance(0.4)
             .then(|| [1, 2, 3, 5, 8, 60, 1_000, 4_000][extra.pick(8)]);
+        self.store_stall_per_mille = if extra.chance(0.5) {
+            extra.between(20, 150)
+        } else {
+            0
+        };
+        // Impatient merchants and a busy batch: more retries land while a
+        // sweep holds a snapshot of the same record.
+        if extra.chance(0.3) {
+            self.retry_pause_ms = (20, 600);
+        }
+        if extra.chance(0.3) {
+            self.batch_every_ms = (100, 1_500);
+        }
         self
     }
 }

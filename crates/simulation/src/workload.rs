@@ -168,8 +168,16 @@ pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
 }
 
 /// A merchant's client for one order: confirm, retry what got no final
-/// answer (at most `tries` times), with the order's quirks.
-pub async fn client(gw: Gateway, order: Order, rng: SimRng, answers: Answers, tries: u32) {
+/// answer (at most `tries` times, pausing within `pause_ms` between two),
+/// with the order's quirks.
+pub async fn client(
+    gw: Gateway,
+    order: Order,
+    rng: SimRng,
+    answers: Answers,
+    tries: u32,
+    pause_ms: (u64, u64),
+) {
     tokio::time::sleep(Duration::from_millis(order.start_ms)).await;
     if order.race {
         let (gw2, o2, a2) = (gw.clone(), order.clone(), answers.clone());
@@ -187,6 +195,6 @@ pub async fn client(gw: Gateway, order: Order, rng: SimRng, answers: Answers, tr
             Some(AnswerKind::Unknown) if rng.chance(0.5) => return,
             _ => {}
         }
-        tokio::time::sleep(Duration::from_millis(rng.between(500, 8_000))).await;
+        tokio::time::sleep(Duration::from_millis(rng.between(pause_ms.0, pause_ms.1))).await;
     }
 }

@@ -126,14 +126,18 @@ pub struct World {
     pub rng: SimRng,
     /// Every change applied to a record, by whom and when.
     pub changes: Changes,
+    /// Store and log round trips that stall (20-400 ms: a lock wait, a
+    /// pause, a slow disk), per mille.
+    pub stall_per_mille: u64,
     /// Merchant requests numbered so far (one count for every gateway of
     /// the history, so a number names one request).
     pub requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl World {
-    /// A fresh world for one history.
-    pub fn new(rng: SimRng) -> Self {
+    /// A fresh world for one history whose store and log round trips
+    /// stall `stall_per_mille` of the time.
+    pub fn new(rng: SimRng, stall_per_mille: u64) -> Self {
         let clock: paygate_state_store::memory::Clock = Arc::new(paygate_core::time::now_ms);
         Self {
             store: Arc::new(MemoryStateStore::new(clock)),
@@ -145,6 +149,7 @@ impl World {
             rng,
             changes: Changes::default(),
             requests: Arc::default(),
+            stall_per_mille,
         }
     }
 }
@@ -168,6 +173,7 @@ impl Incarnation {
                 inner: world.store.clone(),
                 dead: dead.clone(),
                 rng: Some(world.rng.clone()),
+                stall_per_mille: world.stall_per_mille,
             },
             actor,
             changes: world.changes.clone(),
@@ -186,12 +192,14 @@ impl Incarnation {
                 inner: world.log.clone(),
                 dead: dead.clone(),
                 rng: Some(world.rng.clone()),
+                stall_per_mille: world.stall_per_mille,
             }),
             Downstreams {
                 card: Arc::new(Handle {
                     inner: world.card.clone(),
                     dead: dead.clone(),
                     rng: None,
+                    stall_per_mille: 0,
                 }),
                 card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
                 list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
@@ -199,6 +207,7 @@ impl Incarnation {
                     inner: world.ledger.clone(),
                     dead: dead.clone(),
                     rng: None,
+                    stall_per_mille: 0,
                 }),
                 ledger_stack: Arc::new(Downstream::new(
                     "ledger_api",
@@ -209,6 +218,7 @@ impl Incarnation {
                 inner: world.alerts.clone(),
                 dead: dead.clone(),
                 rng: None,
+                stall_per_mille: 0,
             }),
             SagaSettings {
                 settle_on_access_after: Duration::from_secs(5),
@@ -232,6 +242,9 @@ struct Handle<T: ?Sized> {
     /// Each call waits 0-3 ms (simulated), as a round trip to a database
     /// does, so that other actors can act between two awaits.
     rng: Option<SimRng>,
+    /// Of those, this many per mille stall 20-400 ms, widening every
+    /// window between a read and the write it decides.
+    stall_per_mille: u64,
 }
 
 impl<T: ?Sized> Handle<T> {
@@ -241,7 +254,12 @@ impl<T: ?Sized> Handle<T> {
 
     async fn round_trip(&self) -> bool {
         if let Some(rng) = &self.rng {
-            let ms = rng.between(0, 3);
+            let mut ms = rng.between(0, 3);
+            // Drawn only when stalls are on, so histories without them
+            // replay exactly as before stalls existed.
+            if self.stall_per_mille > 0 && rng.between(0, 999) < self.stall_per_mille {
+                ms += rng.between(20, 400);
+            }
             if ms > 0 {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
