@@ -11,7 +11,7 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse};
 
 use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
 
@@ -319,6 +319,22 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
             )
             .with_payment(payment_id.as_str())
             .into_response()
+        }
+        // No paymentId: the claim's holder may be another merchant's.
+        ConfirmOutcome::Refused(refusal) => {
+            let (code, title, detail) = match refusal {
+                Refusal::OrderIdInUse => (
+                    "ORDER_ID_IN_USE",
+                    "Order id in use",
+                    "this orderId is already in use on the card account; choose another orderId",
+                ),
+                Refusal::PaymentKeyReused => (
+                    "PAYMENT_KEY_REUSED",
+                    "Payment key reused",
+                    "this paymentKey was already confirmed under another order; a paymentKey pays one order",
+                ),
+            };
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, title, detail).into_response()
         }
         ConfirmOutcome::Unavailable {
             detail,
