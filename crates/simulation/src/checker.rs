@@ -235,9 +235,7 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
             AnswerKind::Approved => !approved_before,
             // A card-account refusal says this order was not charged: its
             // claims are permanent, so nothing can charge it later either.
-            AnswerKind::Declined | AnswerKind::Unavailable | AnswerKind::Refused => {
-                approved_before
-            }
+            AnswerKind::Declined | AnswerKind::Unavailable | AnswerKind::Refused => approved_before,
             _ => false,
         };
         if lie {

@@ -780,7 +780,10 @@ async fn a_payment_key_is_claimed_once_per_card_account() {
                 CreateOutcome::PaymentKeyReused,
                 "{name}: {order}"
             );
-            assert!(store.get(&reused.payment_id).await.unwrap().is_none(), "{name}");
+            assert!(
+                store.get(&reused.payment_id).await.unwrap().is_none(),
+                "{name}"
+            );
             assert!(store
                 .get_by_order(who, &reused.order_id)
                 .await
@@ -797,7 +800,11 @@ async fn a_payment_key_is_claimed_once_per_card_account() {
             );
         }
         // The first order still replays as itself, whatever its body.
-        match store.create(&pending_with_key(&m, "order-pk-a", "pk_shared")).await.unwrap() {
+        match store
+            .create(&pending_with_key(&m, "order-pk-a", "pk_shared"))
+            .await
+            .unwrap()
+        {
             CreateOutcome::Exists(e) => assert_eq!(e.payment_id, first.payment_id),
             other => panic!("{name}: expected Exists, got {other:?}"),
         }
@@ -849,7 +856,12 @@ async fn racing_merchants_on_one_order_id_leave_one_payment() {
                     other => panic!("{name}: {order}: {other:?}"),
                 }
             }
-            assert_eq!(created.len(), 1, "{name}: {order} created {}", created.len());
+            assert_eq!(
+                created.len(),
+                1,
+                "{name}: {order} created {}",
+                created.len()
+            );
             let winner = &created[0];
             for m in &merchants {
                 let got = store
@@ -862,8 +874,13 @@ async fn racing_merchants_on_one_order_id_leave_one_payment() {
                 } else {
                     assert_eq!(got, None, "{name}: a loser holds {order}");
                     // A loser's create with a fresh orderId and key is free.
-                    let fresh = pending_with_key(m, &format!("{order}-{m}"), &format!("pk_{m}_{round}"));
-                    assert_eq!(store.create(&fresh).await.unwrap(), CreateOutcome::Created, "{name}");
+                    let fresh =
+                        pending_with_key(m, &format!("{order}-{m}"), &format!("pk_{m}_{round}"));
+                    assert_eq!(
+                        store.create(&fresh).await.unwrap(),
+                        CreateOutcome::Created,
+                        "{name}"
+                    );
                 }
             }
         }
