@@ -86,6 +86,12 @@ pub struct Config {
     pub inbound_rate_limit_burst: u32,
     /// Merchant requests handled at once; more are shed with 503. Default 256.
     pub inbound_max_concurrent: u32,
+    /// Requests one merchant may have in flight at once, counted from the
+    /// moment the request is authenticated (a slow upload counts while it
+    /// is read); more are refused with 429 `RATE_LIMITED` and `Retry-After`,
+    /// so one merchant cannot take the whole `inbound_max_concurrent` from
+    /// the others. 1 to `inbound_max_concurrent`. Default 128.
+    pub inbound_max_concurrent_per_merchant: u32,
     /// Time a merchant request has to be answered, ms, from its arrival.
     /// Past it a request is answered 503, except a confirm whose card call
     /// may be in flight: that one is answered 202 with its paymentId
@@ -178,6 +184,7 @@ impl Default for Config {
             inbound_rate_limit_per_second: 50,
             inbound_rate_limit_burst: 100,
             inbound_max_concurrent: 256,
+            inbound_max_concurrent_per_merchant: 128,
             inbound_request_timeout_ms: 30_000,
             inbound_header_read_timeout_ms: 10_000,
             inbound_idle_timeout_ms: 75_000,
@@ -303,6 +310,12 @@ impl Config {
         }
         if self.inbound_max_concurrent == 0 {
             return Err(bad("inbound_max_concurrent", "must be at least 1"));
+        }
+        if !(1..=self.inbound_max_concurrent).contains(&self.inbound_max_concurrent_per_merchant) {
+            return Err(bad(
+                "inbound_max_concurrent_per_merchant",
+                "must be at least 1 and at most inbound_max_concurrent",
+            ));
         }
         for (key, ms) in [
             (
@@ -618,6 +631,21 @@ mod tests {
                 "inbound_idle_timeout_ms",
                 Config {
                     inbound_idle_timeout_ms: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "inbound_max_concurrent_per_merchant",
+                Config {
+                    inbound_max_concurrent_per_merchant: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "inbound_max_concurrent_per_merchant",
+                Config {
+                    inbound_max_concurrent: 10,
+                    inbound_max_concurrent_per_merchant: 11,
                     ..Config::default()
                 },
             ),

@@ -7,13 +7,16 @@
 //! The key is hashed with the server's HMAC key and looked up by hash; the
 //! key itself is never stored or logged. Missing or bad key: 401. Each
 //! merchant then has its own GCRA rate limit (`governor`, keyed by merchant):
-//! over it, 429 with `Retry-After`; other merchants are unaffected.
+//! over it, 429 with `Retry-After`; other merchants are unaffected. The
+//! authenticated request then takes one of its merchant's in-flight slots
+//! (`inbound_max_concurrent_per_merchant`, see [`crate::merchant_slots`]);
+//! over that cap, 429 too.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use paygate_core::crypto::{hash_api_key, API_KEY_PREFIX};
 use paygate_state_store::Merchant;
 
-use crate::{problem::Problem, AppState};
+use crate::{merchant_slots::SlotHolder, problem::Problem, AppState};
 
 /// The token of `Bearer <token>`, the scheme in any case, the token after
 /// one or more spaces; `None` for any other scheme or no token.
@@ -66,6 +69,7 @@ impl FromRequestParts<AppState> for AuthedMerchant {
                         .retry_after(secs));
                     }
                 }
+                take_slot(parts, state, &m)?;
                 Ok(Self(m))
             }
             Ok(None) => Err(Problem::unauthorized()),
@@ -73,6 +77,34 @@ impl FromRequestParts<AppState> for AuthedMerchant {
                 tracing::error!(error = %e, "merchant lookup failed");
                 Err(Problem::unavailable("authentication store unavailable"))
             }
+        }
+    }
+}
+
+/// Counts the request against its merchant's in-flight cap from now until
+/// it is answered (see [`crate::merchant_slots`]); 429 over the cap. A
+/// route without the slot middleware has no holder and is not counted.
+fn take_slot(parts: &Parts, state: &AppState, m: &Merchant) -> Result<(), Problem> {
+    let Some(holder) = parts.extensions.get::<SlotHolder>() else {
+        return Ok(());
+    };
+    match state.merchant_slots.try_acquire(m.merchant_id.as_str()) {
+        Some(slot) => {
+            holder.keep(slot);
+            Ok(())
+        }
+        None => {
+            metrics::counter!("paygate_inbound_merchant_shed_total").increment(1);
+            Err(Problem::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                "Too many requests",
+                format!(
+                    "this merchant already has {} requests in flight, its limit; retry after the given delay",
+                    state.merchant_slots.cap()
+                ),
+            )
+            .retry_after(1))
         }
     }
 }

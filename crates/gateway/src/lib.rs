@@ -9,6 +9,7 @@
 //! serve` does the same with the configured address.
 
 pub mod auth;
+pub mod merchant_slots;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -70,6 +71,8 @@ pub struct AppState {
     api_key_hash_key: Secret<String>,
     db: SqlDatabase,
     merchant_limiter: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
+    /// Requests in flight per merchant (`inbound_max_concurrent_per_merchant`).
+    merchant_slots: Arc<merchant_slots::MerchantSlots>,
     /// Set when shutdown begins: `/readyz` then answers 503 so the load
     /// balancer stops sending new requests.
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
@@ -197,6 +200,9 @@ impl Application {
             api_key_hash_key: config.api_key_hash_key.clone(),
             db: db.clone(),
             shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            merchant_slots: merchant_slots::MerchantSlots::new(
+                config.inbound_max_concurrent_per_merchant as usize,
+            ),
             merchant_limiter: NonZeroU32::new(config.inbound_rate_limit_per_second).map(|rate| {
                 let burst = NonZeroU32::new(config.inbound_rate_limit_burst).unwrap_or(rate);
                 Arc::new(governor::RateLimiter::keyed(
@@ -410,9 +416,10 @@ pub fn router(state: AppState, inbound: &Inbound) -> Router {
     routes_table()
         .into_iter()
         .fold(Router::new(), |r, (_, path, handler, protection)| {
+            let slot = axum::middleware::from_fn(merchant_slots::hold);
             let handler = match protection {
-                Protection::Merchant => handler.layer(timed.clone()),
-                Protection::OwnDeadline => handler.layer(limited.clone()),
+                Protection::Merchant => handler.layer(timed.clone()).layer(slot),
+                Protection::OwnDeadline => handler.layer(limited.clone()).layer(slot),
                 Protection::Operations => handler,
             };
             r.route(path, handler)

@@ -11,7 +11,7 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse};
+use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse};
 
 use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
 
@@ -214,8 +214,8 @@ fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
         (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "body over 16 KiB", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "refused before any card call: `ORDER_ID_REUSED` / `IDEMPOTENCY_KEY_REUSED` (this merchant's order or key with another body; names the payment), `PAYMENT_KEY_REUSED` (the paymentKey was confirmed under another order), `ORDER_ID_IN_USE` (another merchant on the card account holds the orderId; whose is not said)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "`RATE_LIMITED`: over the merchant's request rate, or the merchant already has `inbound_max_concurrent_per_merchant` requests in flight; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "cannot safely proceed, or too many requests in flight; nothing was charged (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -322,6 +322,22 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
             .with_payment(payment_id.as_str())
             .into_response()
         }
+        // No paymentId: the claim's holder may be another merchant's.
+        ConfirmOutcome::Refused(refusal) => {
+            let (code, title, detail) = match refusal {
+                Refusal::OrderIdInUse => (
+                    "ORDER_ID_IN_USE",
+                    "Order id in use",
+                    "this orderId is already in use on the card account; choose another orderId",
+                ),
+                Refusal::PaymentKeyReused => (
+                    "PAYMENT_KEY_REUSED",
+                    "Payment key reused",
+                    "this paymentKey was already confirmed under another order; a paymentKey pays one order",
+                ),
+            };
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, title, detail).into_response()
+        }
         ConfirmOutcome::Unavailable {
             detail,
             payment_id,
@@ -345,7 +361,7 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such payment for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "`RATE_LIMITED`: over the merchant's request rate, or its requests in flight at `inbound_max_concurrent_per_merchant` (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -376,7 +392,7 @@ pub async fn get_payment(
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no such order for this merchant", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 429, description = "rate limited (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "`RATE_LIMITED`: over the merchant's request rate, or its requests in flight at `inbound_max_concurrent_per_merchant` (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "state store unavailable, too many requests in flight, or too slow (Retry-After)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]

@@ -71,6 +71,7 @@ pub fn register_families() {
     metrics::gauge!("paygate_ledger_retry_queue_depth").increment(0.0);
     metrics::counter!("paygate_inbound_shed_total").increment(0);
     metrics::counter!("paygate_inbound_rate_limited_total").increment(0);
+    metrics::counter!("paygate_inbound_merchant_shed_total").increment(0);
     for reason in ["header_read_timeout", "idle_timeout"] {
         metrics::counter!("paygate_inbound_connections_cut_total", "reason" => reason).increment(0);
     }

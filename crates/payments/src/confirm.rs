@@ -2,7 +2,9 @@
 //!
 //! Order of work for one confirm, each step durable before the next:
 //! 1. the state record (`PENDING`) and its order / idempotency-key claims
-//!    (an existing claim goes to `replay`);
+//!    (an existing claim goes to `replay`) and its card-account claims on
+//!    the orderId and the paymentKey (one held by another payment is a 422
+//!    `ORDER_ID_IN_USE` / `PAYMENT_KEY_REUSED`, no card call);
 //! 2. the card `REQUEST` row in the SQL log (no row, no call: I3);
 //! 3. the card confirm with `Idempotency-Key: <payment_id>`, retried on 5xx;
 //!    after a lost answer, lookups by orderId settle it (I1, see `lookup`);
@@ -24,7 +26,7 @@ use paygate_state_store::{CreateOutcome, Transition};
 use crate::{
     classify::{self, card_message, AttemptError},
     logged_call::{describe_card, CallSite, Policy},
-    outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket},
+    outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket, Refusal},
     Saga,
 };
 
@@ -78,6 +80,11 @@ impl Saga {
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
                 self.replay(*existing, &input, &fingerprint, &ticket).await
+            }
+            // Claims are permanent: a refusal never turns into a card call.
+            Ok(CreateOutcome::OrderIdInUse) => ConfirmOutcome::Refused(Refusal::OrderIdInUse),
+            Ok(CreateOutcome::PaymentKeyReused) => {
+                ConfirmOutcome::Refused(Refusal::PaymentKeyReused)
             }
             Err(e) => {
                 // The write failed; a read may still work (a write-only

@@ -40,7 +40,8 @@ pub mod wiring;
 
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{
-    ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Reuse, Settlement, TicketState,
+    ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse, Settlement,
+    TicketState,
 };
 pub use resolve::{
     record_json, CardEvidence, Decision, ResolveError, ResolveReport, ResolveRequest, Resolver,

@@ -31,6 +31,17 @@ pub enum Reuse {
     OrderId,
 }
 
+/// Which card-account claim refused a confirm before any card call
+/// (DESIGN.md I2; the holder is not named: it may be another merchant's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another merchant on the same card account holds this orderId.
+    OrderIdInUse,
+    /// The paymentKey is already claimed by another order (of this merchant
+    /// or of another merchant on the card account).
+    PaymentKeyReused,
+}
+
 /// How a confirm ended, before it becomes an HTTP answer.
 #[derive(Clone, Debug)]
 pub enum ConfirmOutcome {
@@ -56,6 +67,9 @@ pub enum ConfirmOutcome {
         /// Which claim.
         reuse: Reuse,
     },
+    /// 422: refused by a card-account claim; nothing was written and no
+    /// card call was made.
+    Refused(Refusal),
     /// 503: paygate could not safely proceed; no card call was made. With a
     /// `payment_id`, nothing was charged for that payment (the order's only
     /// one); without one, paygate could not read the order, and the answer

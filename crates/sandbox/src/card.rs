@@ -12,6 +12,10 @@
 //!   `ALREADY_PROCESSED_PAYMENT` (unless
 //!   [`FaultProfile::approve_duplicate_confirms`] restores the old, permissive
 //!   behaviour, which approves it again);
+//! - a paymentKey presented under a second orderId is refused, 400
+//!   `ALREADY_PROCESSED_PAYMENT`, when
+//!   [`FaultProfile::refuse_reused_payment_keys`] is on (off by default;
+//!   Toss's paymentKey names one payment);
 //! - a `cancelAmount` above what is left is refused, 403
 //!   `NOT_CANCELABLE_AMOUNT`;
 //! - date-only `startDate`/`endDate` are read as 00:00:00 KST, and Basic
@@ -118,6 +122,10 @@ pub struct CardStats {
     /// protection. Refused with `ALREADY_PROCESSED_PAYMENT` by default,
     /// approved (and counted in `double_charges`) in permissive mode.
     pub duplicate_confirms: u64,
+    /// Confirms presenting a paymentKey already presented under another
+    /// orderId (refused with `ALREADY_PROCESSED_PAYMENT` when
+    /// [`FaultProfile::refuse_reused_payment_keys`] is on).
+    pub reused_payment_keys: u64,
     /// Most confirm calls in progress at once.
     pub max_in_flight: u64,
 }
@@ -305,6 +313,9 @@ struct CardState {
     approvals_per_order: HashMap<String, u64>,
     attempts_per_order: HashMap<String, u64>,
     duplicate_confirms: u64,
+    /// paymentKey -> the orderId it was first confirmed under.
+    key_orders: HashMap<String, String>,
+    reused_payment_keys: u64,
     /// Sorted by `transaction_key`; keys are `tx_` + a ULID whose time part
     /// is the transaction's time, so the list is in time order as well.
     transactions: Vec<SimTx>,
@@ -493,6 +504,7 @@ impl CardSim {
             approvals: st.approvals.len() as u64,
             double_charges: st.approvals_per_order.values().filter(|n| **n > 1).count() as u64,
             duplicate_confirms: st.duplicate_confirms,
+            reused_payment_keys: st.reused_payment_keys,
             max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
         }
     }
@@ -711,7 +723,23 @@ async fn confirm(
             .payments
             .get(&req.order_id)
             .is_some_and(SimPayment::was_approved);
-        let (status, body) = if already && !p.approve_duplicate_confirms {
+        let first_order = st
+            .key_orders
+            .entry(req.payment_key.clone())
+            .or_insert_with(|| req.order_id.clone());
+        let key_reused = *first_order != req.order_id;
+        if key_reused {
+            st.reused_payment_keys += 1;
+        }
+        let (status, body) = if key_reused && p.refuse_reused_payment_keys {
+            (
+                400u16,
+                error_json(
+                    codes::ALREADY_PROCESSED_PAYMENT,
+                    "this paymentKey has already been processed",
+                ),
+            )
+        } else if already && !p.approve_duplicate_confirms {
             st.duplicate_confirms += 1;
             (
                 400u16,

@@ -58,6 +58,12 @@ pub struct FaultProfile {
     /// paygate's own protection against double charges turns it on, so that
     /// the card company's protection does not hide a failure of paygate's.
     pub approve_duplicate_confirms: bool,
+    /// Refuse a confirm whose paymentKey was already presented under another
+    /// orderId, as the card company does (a paymentKey is one payment at
+    /// Toss): 400 `ALREADY_PROCESSED_PAYMENT`, no approval. Off by default,
+    /// so a test of paygate's own `PAYMENT_KEY_REUSED` claim can see, at the
+    /// simulator, that paygate made no second card call at all.
+    pub refuse_reused_payment_keys: bool,
     /// Ledger outage windows.
     pub ledger_outages: Vec<OutageWindow>,
 }
@@ -90,6 +96,7 @@ impl FaultProfile {
             card_outages: Vec::new(),
             ledger_outages: Vec::new(),
             approve_duplicate_confirms: false,
+            refuse_reused_payment_keys: false,
         }
     }
 
@@ -125,6 +132,13 @@ impl FaultProfile {
     /// on or off (see [`FaultProfile::approve_duplicate_confirms`]).
     pub fn with_duplicate_confirms_approved(mut self, approve: bool) -> Self {
         self.approve_duplicate_confirms = approve;
+        self
+    }
+
+    /// The same profile refusing reused paymentKeys or not (see
+    /// [`FaultProfile::refuse_reused_payment_keys`]).
+    pub fn with_reused_payment_keys_refused(mut self, refuse: bool) -> Self {
+        self.refuse_reused_payment_keys = refuse;
         self
     }
 

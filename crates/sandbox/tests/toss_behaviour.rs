@@ -144,6 +144,43 @@ async fn the_permissive_switch_approves_a_duplicate_confirm_again() {
     );
 }
 
+// Issue 15 point 2: a paymentKey names one payment at the card company.
+// With the switch on, a direct second use under another orderId is refused
+// as Toss refuses it (400 ALREADY_PROCESSED_PAYMENT, no approval); off (the
+// default), the sandbox approves it, so paygate's own claim is what a
+// paygate test sees.
+#[tokio::test]
+async fn a_reused_payment_key_is_refused_when_the_switch_is_on_and_approved_when_off() {
+    for (refuse, want_status, want_approvals) in [(true, 400, 1), (false, 200, 2)] {
+        let sim = Sim::start(FaultProfile::none().with_reused_payment_keys_refused(refuse)).await;
+        let body =
+            |order: &str| json!({"paymentKey": "pk_shared", "orderId": order, "amount": 5_000});
+        let (status, _) = sim
+            .post("/v1/payments/confirm", Some("key-a"), body("order-pk-1"))
+            .await;
+        assert_eq!(status, 200);
+        let (status, second) = sim
+            .post("/v1/payments/confirm", Some("key-b"), body("order-pk-2"))
+            .await;
+        assert_eq!(status, want_status, "refuse={refuse}: {second}");
+        if refuse {
+            assert_eq!(second["code"], codes::ALREADY_PROCESSED_PAYMENT);
+        }
+        let stats = sim.servers.card.stats();
+        assert_eq!(
+            (stats.approvals, stats.reused_payment_keys),
+            (want_approvals, 1),
+            "refuse={refuse}"
+        );
+        // The same order again with its key is not a reuse.
+        let (status, _) = sim
+            .post("/v1/payments/confirm", Some("key-a"), body("order-pk-1"))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(sim.servers.card.stats().reused_payment_keys, 1);
+    }
+}
+
 // Point 6: a repeat of a request still in progress, same key.
 #[tokio::test]
 async fn a_repeat_while_the_first_request_runs_gets_409_then_the_first_answer() {

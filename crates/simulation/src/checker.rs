@@ -200,6 +200,17 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
         .filter(|(_, r)| requested.contains(r.payment_id.as_str()))
         .map(|(_, r)| r.order_id.to_string())
         .collect();
+    // I2: a card-account refusal (422 PAYMENT_KEY_REUSED / ORDER_ID_IN_USE)
+    // comes before any record of the order, so the order was never sent.
+    for ans in answers.iter().chain(finals) {
+        if ans.kind == AnswerKind::Refused && sent.contains(&ans.order_id) {
+            out.push(v(
+                "I2",
+                &ans.order_id,
+                "refused by a card-account claim, yet its confirm was sent".to_owned(),
+            ));
+        }
+    }
     for ans in finals {
         let charged = approvals.iter().any(|a| a.order_id == ans.order_id)
             && !canceled.contains(&ans.order_id);
@@ -208,7 +219,7 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
             AnswerKind::Unknown if !sent.contains(&ans.order_id) => {
                 Some("UNKNOWN although no confirm was ever sent")
             }
-            AnswerKind::Approved | AnswerKind::Reused => None,
+            AnswerKind::Approved | AnswerKind::Reused | AnswerKind::Refused => None,
             _ if charged && !alerted(None, &ans.order_id) => {
                 Some("charged, but a retry is not told so and no operator was alerted")
             }
@@ -261,7 +272,9 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
             .any(|a| a.order_id == ans.order_id && a.request_at <= ans.at_ms);
         let lie = match ans.kind {
             AnswerKind::Approved => !approved_before,
-            AnswerKind::Declined | AnswerKind::Unavailable => approved_before,
+            // A card-account refusal says this order was not charged: its
+            // claims are permanent, so nothing can charge it later either.
+            AnswerKind::Declined | AnswerKind::Unavailable | AnswerKind::Refused => approved_before,
             AnswerKind::GaveUp => calling.contains(&ans.request),
             _ => false,
         };

@@ -1,9 +1,9 @@
 //! Merchants, as they behave: each order is confirmed, and retried (same
 //! body) after no answer, 409 or 503; some orders race two identical
 //! confirms, some send another body for the same order, some carry an
-//! Idempotency-Key, and some reuse an earlier order's paymentKey. Every
-//! answer is recorded with its time and request number, for the checker's
-//! I4.
+//! Idempotency-Key, and some reuse an earlier order's paymentKey (refused
+//! with 422 `PAYMENT_KEY_REUSED` since issue 15). Every answer is recorded
+//! with its time and request number, for the checker's I4.
 
 use std::{
     sync::{Arc, Mutex},
@@ -29,8 +29,11 @@ pub enum AnswerKind {
     Unknown,
     /// 409.
     InFlight,
-    /// 422.
+    /// 422 `ORDER_ID_REUSED` / `IDEMPOTENCY_KEY_REUSED`.
     Reused,
+    /// 422 `PAYMENT_KEY_REUSED` / `ORDER_ID_IN_USE`: refused by a card-account
+    /// claim before any card call (nothing written for this request).
+    Refused,
     /// 503 with a paymentId: nothing was charged for the order's payment.
     Unavailable,
     /// 503 without a paymentId: the store could not be read; only this
@@ -119,6 +122,7 @@ fn kind(reply: &Reply) -> AnswerKind {
         ConfirmOutcome::Unknown(_) => AnswerKind::Unknown,
         ConfirmOutcome::InFlight(_) => AnswerKind::InFlight,
         ConfirmOutcome::Reused { .. } => AnswerKind::Reused,
+        ConfirmOutcome::Refused(_) => AnswerKind::Refused,
         ConfirmOutcome::Unavailable {
             payment_id: Some(_),
             ..
@@ -191,7 +195,12 @@ pub async fn client(
             let _ = confirm_once(&gw, &order, order.amount + 1, &answers).await;
         }
         match confirm_once(&gw, &order, order.amount, &answers).await {
-            Some(AnswerKind::Approved | AnswerKind::Declined | AnswerKind::Reused) => return,
+            Some(
+                AnswerKind::Approved
+                | AnswerKind::Declined
+                | AnswerKind::Reused
+                | AnswerKind::Refused,
+            ) => return,
             Some(AnswerKind::Unknown) if rng.chance(0.5) => return,
             _ => {}
         }

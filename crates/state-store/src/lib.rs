@@ -92,14 +92,33 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// The card account every payment is claimed under: all merchants share the
+/// one card API secret key of the configuration, so they share one account
+/// at the card company, which keeps orderIds and paymentKeys unique per
+/// account (DESIGN.md I2). Stored in every account-scoped claim
+/// (`card_account_claims.card_account`, MongoDB claim ids `acct:<account>:...`),
+/// so a configuration with several accounts later is a change of data, not
+/// of schema (docs/DECISIONS.md, "Claims per card account").
+pub const DEFAULT_CARD_ACCOUNT: &str = "default";
+
 /// Result of [`StateStore::create`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateOutcome {
-    /// The record was written and its order (and idempotency key) claimed.
+    /// The record was written and all its claims taken: `(merchant, orderId)`,
+    /// `(merchant, Idempotency-Key)` when present, `(card account, orderId)`
+    /// and `(card account, paymentKey)`.
     Created,
-    /// The order or the idempotency key was already claimed; here is the
-    /// record that holds the claim (compare fingerprints before replaying).
+    /// The merchant's order or idempotency key was already claimed; here is
+    /// the record that holds the claim (compare fingerprints before replaying).
     Exists(Box<PaymentRecord>),
+    /// Another merchant on the same card account holds this orderId. Nothing
+    /// was written; the holder is deliberately not returned (it belongs to
+    /// another merchant).
+    OrderIdInUse,
+    /// The paymentKey is already claimed by another payment (another order
+    /// of this merchant or of any merchant on the card account). Nothing was
+    /// written; the holder is not returned.
+    PaymentKeyReused,
 }
 
 /// A guarded change to one record in `realtime_payments`. Each applies only
@@ -154,8 +173,13 @@ pub enum Transition {
 #[async_trait::async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// Writes a new `PENDING` record into `realtime_payments` and claims its
-    /// `(merchant, orderId)` and, when present, `(merchant, idempotency key)`,
-    /// atomically.
+    /// `(merchant, orderId)`, when present `(merchant, idempotency key)`, and
+    /// `(card account, orderId)` and `(card account, paymentKey)`
+    /// ([`DEFAULT_CARD_ACCOUNT`]), atomically: the record is written with all
+    /// its claims or not at all. The merchant's own claims are checked first
+    /// ([`CreateOutcome::Exists`], so a replay stays a replay), then the
+    /// account's orderId ([`CreateOutcome::OrderIdInUse`]), then the
+    /// paymentKey ([`CreateOutcome::PaymentKeyReused`]).
     ///
     /// # Errors
     /// [`StoreError`]; on error nothing was written.

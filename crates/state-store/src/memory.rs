@@ -4,7 +4,8 @@
 //!
 //! - **Same semantics as the SQL backend** ([`crate::sql`] is the
 //!   reference): the permanent `(merchant, orderId)` and
-//!   `(merchant, Idempotency-Key)` claims, the guards of every
+//!   `(merchant, Idempotency-Key)`, `(card account, orderId)` and
+//!   `(card account, paymentKey)` claims, the guards of every
 //!   [`Transition`] (the SQL `UPDATE ... WHERE` clauses), moves guarded by
 //!   [`crate::may_enter`], the newest copy winning while a move is
 //!   interrupted, keyset-paged scans. It passes the store conformance suite
@@ -111,6 +112,10 @@ struct State {
     order_claims: BTreeMap<(String, String), PaymentId>,
     /// `(merchant, Idempotency-Key)` -> the claiming payment. Never removed.
     key_claims: BTreeMap<(String, String), PaymentId>,
+    /// `(card account, orderId)` -> the claiming payment. Never removed.
+    account_order_claims: BTreeMap<(String, String), PaymentId>,
+    /// `(card account, paymentKey)` -> the claiming payment. Never removed.
+    account_key_claims: BTreeMap<(String, String), PaymentId>,
     /// Every claimed `payment_id` (`payment_claims.payment_id` is UNIQUE).
     claimed_ids: BTreeSet<PaymentId>,
     /// orderId (any merchant) -> the payments created for it, for
@@ -381,11 +386,16 @@ impl StateStore for MemoryStateStore {
             let merchant = r.merchant_id.as_str().to_owned();
             let order_key = (merchant.clone(), r.order_id.as_str().to_owned());
             let idem_key = r.idempotency_key.clone().map(|k| (merchant, k));
+            let account = crate::DEFAULT_CARD_ACCOUNT.to_owned();
+            let account_order = (account.clone(), r.order_id.as_str().to_owned());
+            let account_key = (account, r.payment_key.clone());
             let conflict = state.order_claims.contains_key(&order_key)
                 || state.claimed_ids.contains(&r.payment_id)
                 || idem_key
                     .as_ref()
-                    .is_some_and(|k| state.key_claims.contains_key(k));
+                    .is_some_and(|k| state.key_claims.contains_key(k))
+                || state.account_order_claims.contains_key(&account_order)
+                || state.account_key_claims.contains_key(&account_key);
             if !conflict {
                 // The table's CHECK (amount >= 1) fails the whole transaction.
                 if r.amount < 1 {
@@ -400,6 +410,12 @@ impl StateStore for MemoryStateStore {
                 }
                 state.claimed_ids.insert(r.payment_id.clone());
                 state
+                    .account_order_claims
+                    .insert(account_order, r.payment_id.clone());
+                state
+                    .account_key_claims
+                    .insert(account_key, r.payment_id.clone());
+                state
                     .by_order_id
                     .entry(r.order_id.as_str().to_owned())
                     .or_default()
@@ -413,15 +429,21 @@ impl StateStore for MemoryStateStore {
                     return Ok(CreateOutcome::Exists(Box::new(existing)));
                 }
             }
-            match state.order_claims.get(&order_key) {
-                Some(id) => match state.newest(id) {
+            if let Some(id) = state.order_claims.get(&order_key) {
+                return match state.newest(id) {
                     Some((_, existing)) => Ok(CreateOutcome::Exists(Box::new(existing))),
                     None => Err(StoreError::Corrupt(format!("claim {id} has no record"))),
-                },
-                None => Err(StoreError::Corrupt(
-                    "claim conflict without a claim".to_owned(),
-                )),
+                };
             }
+            if state.account_order_claims.contains_key(&account_order) {
+                return Ok(CreateOutcome::OrderIdInUse);
+            }
+            if state.account_key_claims.contains_key(&account_key) {
+                return Ok(CreateOutcome::PaymentKeyReused);
+            }
+            Err(StoreError::Corrupt(
+                "claim conflict without a claim".to_owned(),
+            ))
         })
     }
 
@@ -769,8 +791,8 @@ mod tests {
         let mut made = Vec::new();
         for i in 0..20 {
             let m = if i % 2 == 0 { &m1 } else { &m2 };
-            let r = pending(m, &format!("order-fixed-{}", i % 5), 1_000 - i);
-            // Two merchants share each orderId; the second create per merchant is a duplicate.
+            let r = pending(m, &format!("order-fixed-{}", i % 10), 1_000 - i);
+            // Each orderId is sent twice; the second create is a duplicate.
             if store.create(&r).await.unwrap() == CreateOutcome::Created {
                 made.push(r);
             }
@@ -780,7 +802,7 @@ mod tests {
         ids.sort();
         let found: Vec<PaymentId> = store
             .find_by_order_ids(
-                &(0..5)
+                &(0..10)
                     .map(|i| format!("order-fixed-{i}"))
                     .collect::<Vec<_>>(),
             )

@@ -3,7 +3,8 @@
 //!
 //! - Collections `realtime_payments`, `completed_payments`, `unpaid_payments`
 //!   with `_id = payment_id`, and `payment_claims` for the permanent
-//!   `(merchant, orderId)` / `(merchant, Idempotency-Key)` claims.
+//!   `(merchant, orderId)` / `(merchant, Idempotency-Key)` claims and the
+//!   `(card account, orderId)` / `(card account, paymentKey)` claims.
 //! - A unique index on `(merchant_id, order_id)` in each partition.
 //! - Every flag transition is one conditional `find_one_and_update` whose
 //!   filter is the expected current state, so two writers never lose each
@@ -15,30 +16,37 @@
 //! - Writes use write concern `majority` with journaling by default.
 //!
 //! Creating a record without a transaction (the same on every deployment):
-//! the order claim is inserted first and carries a snapshot of the new
-//! record; then the key claim (when there is an Idempotency-Key); then the
-//! record. An order claim is *tentative* (`final: false`) while its creator
-//! may still give it back (its key turned out to belong to another order)
-//! and *final* once the key is claimed (or there is no key). Two rules make
-//! the give-back safe against concurrent readers (issue 13, point 2):
+//! the order claim `order:<merchant>:<orderId>` is inserted first, carrying
+//! a snapshot of the new record and a fresh `token`, *tentative*
+//! (`final: false`); then the secondary claims, each naming its order claim
+//! and token: `idem:<merchant>:<key>` (when there is an Idempotency-Key),
+//! `acct:<card account>:order:<orderId>` and
+//! `acct:<card account>:key:<paymentKey>` (issue 15); then the order claim is
+//! made *final* by an update conditional on its token and `final: false`;
+//! then the record. Unique `_id`s make each claim a single-document
+//! insert that a duplicate key refuses (the driver's documented E11000
+//! error, never read as success). The rules that keep a record and its
+//! claims together without a transaction:
 //!
-//! - a claim is given back only by a delete conditional on `final: false`,
-//!   and a claim's snapshot is written into realtime by anyone but its
-//!   creator only after an update that makes it final; both are single
-//!   document operations, so exactly one of them applies and a given-back
-//!   claim never has a record;
-//! - a reader that finds a claim without its record waits (briefly, about
-//!   [`CLAIM_WAIT`]) for the creator to write it; only a claim whose creator
-//!   is gone or slow is finalized and its snapshot written by the reader.
+//! - a secondary claim holds only while its order claim exists under the
+//!   same token; a claim of a given-back order is stale and the next
+//!   creator that meets it removes it;
+//! - a tentative order claim is given back by a delete conditional on
+//!   `final: false` and its token, then its secondaries: by its creator when
+//!   a secondary is held by another payment, or by a reader that waited
+//!   [`CLAIM_WAIT`] in vain (the creator is gone or slow; it has made no
+//!   card call, which needs `Created`). The creator's finalizing update and
+//!   that delete are single-document operations on the same document:
+//!   exactly one applies, so a record is only ever written under a final
+//!   order claim, whose secondaries were all taken first and are never
+//!   removed;
+//! - a final order claim without its record (the creator died after
+//!   finalizing) gets its snapshot written by the next reader.
 //!
 //! A duplicate key on the creator's own insert of the record (a reader that
 //! waited in vain wrote it, or another payment holds the order) never means
 //! `Created`: the creator answers `Exists` with the record that holds the
-//! claim, and no card call is made under its request. Should the process
-//! die before the record is written, the next request for that order
-//! finalizes the claim and writes the snapshot (no card call was ever made
-//! for it, so the record is a plain `PENDING` one the saga or the batch
-//! settles).
+//! claim, and no card call is made under its request.
 //!
 //! Reads of one payment look in realtime, completed, unpaid in turn, which
 //! is not a snapshot: a move from unpaid (or completed) back to realtime,
@@ -261,6 +269,39 @@ fn key_claim_id(merchant: &MerchantId, key: &str) -> String {
     format!("idem:{merchant}:{key}")
 }
 
+/// A secondary claim: taken after the order claim, under its token.
+#[derive(Clone, Copy, Debug)]
+enum Secondary {
+    /// `(merchant, Idempotency-Key)`.
+    IdempotencyKey,
+    /// `(card account, orderId)`.
+    AccountOrder,
+    /// `(card account, paymentKey)`.
+    AccountPaymentKey,
+}
+
+/// The secondary claims of a record, in the order they are taken (the
+/// merchant's own claim first, so a replay stays a replay).
+fn secondary_claims(record: &PaymentRecord) -> Vec<(String, Secondary)> {
+    let account = crate::DEFAULT_CARD_ACCOUNT;
+    let mut out = Vec::with_capacity(3);
+    if let Some(key) = &record.idempotency_key {
+        out.push((
+            key_claim_id(&record.merchant_id, key),
+            Secondary::IdempotencyKey,
+        ));
+    }
+    out.push((
+        format!("acct:{account}:order:{}", record.order_id.as_str()),
+        Secondary::AccountOrder,
+    ));
+    out.push((
+        format!("acct:{account}:key:{}", record.payment_key),
+        Secondary::AccountPaymentKey,
+    ));
+    out
+}
+
 /// A claim document: `_id`, the payment it names, the snapshot of that
 /// payment's first record, when it was taken, and whether it is final (a
 /// claim written before `final` existed is final).
@@ -395,11 +436,13 @@ impl MongoStateStore {
             .map_err(map_err)
     }
 
-    /// The record behind a claim; `None` when the claim was given back
-    /// meanwhile (the caller starts over). While the claim is young and its
-    /// record not written, waits for its creator (up to [`CLAIM_WAIT`]);
-    /// then finalizes the claim (unless it was given back first) and writes
-    /// its snapshot, as the creator would have.
+    /// The record behind an order (primary) claim; `None` when the claim
+    /// was given back meanwhile (the caller starts over). While the record
+    /// is not written and the claim is young, waits for its creator (up to
+    /// [`CLAIM_WAIT`]). Then a *final* claim's snapshot is written, as its
+    /// creator would have (every secondary claim was taken before it became
+    /// final); a claim still *tentative* is rolled back ([`Self::give_back`]):
+    /// its creator is gone or slow and has made no card call under it.
     async fn record_of_claim(&self, claim: Document) -> Result<Option<PaymentRecord>, StoreError> {
         let pid = claim_payment_id(&claim)?;
         let claim_id = claim
@@ -423,20 +466,11 @@ impl MongoStateStore {
                 _ => return Ok(None),
             }
         }
-        // The creator is gone or slow: make the claim final (it can no
-        // longer be given back), then write the record it stands for.
         if !claim_is_final(&claim) {
-            let settled = self
-                .coll(CLAIMS)
-                .update_one(
-                    doc! {"_id": &claim_id, "payment_id": pid.as_str()},
-                    doc! {"$set": {"final": true}},
-                )
-                .await
-                .map_err(map_err)?;
-            if settled.matched_count == 0 {
-                return Ok(None);
-            }
+            // The creator is gone or slow: give its claims back; it will
+            // see that on its own finalizing update and not call the card.
+            self.give_back(&claim).await?;
+            return Ok(None);
         }
         let snapshot = claim
             .get_document("record")
@@ -458,6 +492,115 @@ impl MongoStateStore {
         }
     }
 
+    /// Gives a tentative order claim back, with the secondary claims taken
+    /// under its token: the order claim first, by a delete conditional on
+    /// `final: false` and its token (so it cannot race the creator's
+    /// finalizing update: exactly one applies), then, only if that applied,
+    /// the secondaries of that token. Returns whether the order claim was
+    /// given back by this call. A crash between the two deletes leaves
+    /// secondaries whose order claim is gone: [`Self::secondary_is_live`]
+    /// treats them as stale and removes them.
+    async fn give_back(&self, primary: &Document) -> Result<bool, StoreError> {
+        let claims = self.coll(CLAIMS);
+        let id = primary
+            .get_str("_id")
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let pid = claim_payment_id(primary)?;
+        let mut filter = doc! {"_id": id, "payment_id": pid.as_str(), "final": false};
+        if let Some(token) = primary.get("token") {
+            filter.insert("token", token.clone());
+        }
+        let deleted = claims.delete_one(filter).await.map_err(map_err)?;
+        if deleted.deleted_count == 0 {
+            return Ok(false);
+        }
+        let record = record_from_doc(
+            primary
+                .get_document("record")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        )?;
+        if let Some(token) = primary.get("token") {
+            for (secondary, _) in secondary_claims(&record) {
+                claims
+                    .delete_one(
+                        doc! {"_id": secondary, "payment_id": pid.as_str(), "token": token.clone()},
+                    )
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether a secondary claim (idempotency key, card-account orderId or
+    /// paymentKey) holds: its order claim exists under the same token and
+    /// is final, or is tentative and its creator finishes it within
+    /// [`CLAIM_WAIT`]. A claim of the old layout (no `primary`) holds. A
+    /// stale one (its order claim given back, or given back by this wait)
+    /// is removed, and `false` is returned (the caller tries again).
+    async fn secondary_is_live(&self, secondary: &Document) -> Result<bool, StoreError> {
+        let Ok(primary_id) = secondary.get_str("primary") else {
+            return Ok(true);
+        };
+        let pid = claim_payment_id(secondary)?;
+        let token = secondary.get("token").cloned().unwrap_or(Bson::Null);
+        let started = Instant::now();
+        loop {
+            let primary = self.claimed(primary_id).await?;
+            let same = primary.as_ref().is_some_and(|p| {
+                claim_payment_id(p).ok().as_ref() == Some(&pid)
+                    && p.get("token").cloned().unwrap_or(Bson::Null) == token
+            });
+            match primary {
+                Some(p) if same => {
+                    if claim_is_final(&p) {
+                        return Ok(true);
+                    }
+                    let young = claim_age_ms(&p) < CLAIM_WAIT.as_millis() as i64
+                        && started.elapsed() < CLAIM_WAIT;
+                    if young {
+                        tokio_sleep(CLAIM_POLL).await;
+                        continue;
+                    }
+                    if !self.give_back(&p).await? {
+                        continue; // made final or given back meanwhile: look again
+                    }
+                }
+                _ => {}
+            }
+            // Stale: its order claim is gone (or belongs to another try).
+            let id = secondary
+                .get_str("_id")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.coll(CLAIMS)
+                .delete_one(doc! {"_id": id, "payment_id": pid.as_str(), "token": token})
+                .await
+                .map_err(map_err)?;
+            return Ok(false);
+        }
+    }
+
+    /// The record of the payment that holds a secondary claim; `None` when
+    /// the claim turned out stale or given back (try again).
+    async fn record_of_secondary(
+        &self,
+        secondary: Document,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        let Ok(primary_id) = secondary.get_str("primary").map(str::to_owned) else {
+            // The old layout: a final claim carrying its own snapshot.
+            return self.record_of_claim(secondary).await;
+        };
+        if !self.secondary_is_live(&secondary).await? {
+            return Ok(None);
+        }
+        match self.claimed(&primary_id).await? {
+            Some(p) if claim_payment_id(&p)? == claim_payment_id(&secondary)? => {
+                self.record_of_claim(p).await
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The record that holds the order's or the key's claim (the key first:
     /// it names its payment even for another order); `None` when neither is
     /// claimed any more.
@@ -467,7 +610,7 @@ impl MongoStateStore {
                 .claimed(&key_claim_id(&record.merchant_id, key))
                 .await?
             {
-                if let Some(r) = self.record_of_claim(c).await? {
+                if let Some(r) = self.record_of_secondary(c).await? {
                     return Ok(Some(r));
                 }
             }
@@ -485,7 +628,8 @@ impl MongoStateStore {
     }
 
     /// One try of [`StateStore::create`]; `None` when a claim it met was
-    /// given back under it (try again).
+    /// given back under it (try again). See the module's doc for the order
+    /// of the writes.
     async fn try_create(
         &self,
         record: &PaymentRecord,
@@ -494,56 +638,72 @@ impl MongoStateStore {
         let pid = record.payment_id.as_str();
         let order_claim = order_claim_id(&record.merchant_id, record.order_id.as_str());
         let snapshot = record_to_doc(record);
+        let token = Bson::ObjectId(mongodb::bson::oid::ObjectId::new());
         let exists = |r: Option<PaymentRecord>| r.map(|r| CreateOutcome::Exists(Box::new(r)));
-        // 1. The order: tentative while a key claim may still fail.
-        let has_key = record.idempotency_key.is_some();
-        match claims
-            .insert_one(claim_doc(&order_claim, record, &snapshot, !has_key))
-            .await
-        {
+        // 1. The order: tentative until every secondary claim is taken.
+        let mut primary = claim_doc(&order_claim, record, &snapshot, false);
+        primary.insert("token", token.clone());
+        match claims.insert_one(primary.clone()).await {
             Ok(_) => {}
             Err(e) if is_duplicate(&e) => return Ok(exists(self.existing(record).await?)),
             Err(e) => return Err(map_err(e)),
         }
-        // 2. The key.
-        if let Some(key) = &record.idempotency_key {
-            let key_claim = key_claim_id(&record.merchant_id, key);
-            match claims
-                .insert_one(claim_doc(&key_claim, record, &snapshot, true))
-                .await
-            {
-                Ok(_) => {
-                    let made_final = claims
+        // 2. The secondaries: the merchant's key, the account's orderId and paymentKey.
+        for (secondary, kind) in secondary_claims(record) {
+            let doc = doc! {
+                "_id": &secondary,
+                "payment_id": pid,
+                "primary": &order_claim,
+                "token": token.clone(),
+                "created_at": paygate_core::time::now_ms(),
+            };
+            let holder = match claims.insert_one(doc).await {
+                Ok(_) => continue,
+                Err(e) if is_duplicate(&e) => self.claimed(&secondary).await?,
+                Err(e) => return Err(map_err(e)),
+            };
+            let live_holder = match holder {
+                // Left by an earlier try of this very payment: take it over.
+                Some(h) if claim_payment_id(&h)?.as_str() == pid => {
+                    let taken = claims
                         .update_one(
-                            doc! {"_id": &order_claim, "payment_id": pid},
-                            doc! {"$set": {"final": true}},
+                            doc! {"_id": &secondary, "payment_id": pid},
+                            doc! {"$set": {"token": token.clone(), "primary": &order_claim}},
                         )
                         .await
                         .map_err(map_err)?;
-                    if made_final.matched_count == 0 {
-                        return Err(StoreError::Corrupt(format!(
-                            "order claim {order_claim} of {pid} vanished"
-                        )));
+                    if taken.matched_count == 1 {
+                        continue;
                     }
+                    None
                 }
-                Err(e) if is_duplicate(&e) => {
-                    // The key belongs to another payment: give the order
-                    // back, unless a reader that waited in vain made the
-                    // claim final (then the order stays with this payment,
-                    // whose record that reader writes).
-                    claims
-                        .delete_one(doc! {"_id": &order_claim, "payment_id": pid, "final": false})
-                        .await
-                        .map_err(map_err)?;
-                    return match self.claimed(&key_claim).await? {
-                        Some(c) => Ok(exists(self.record_of_claim(c).await?)),
-                        None => Ok(None),
-                    };
-                }
-                Err(e) => return Err(map_err(e)),
-            }
+                Some(h) => self.secondary_is_live(&h).await?.then_some(h),
+                None => None,
+            };
+            self.give_back(&primary).await?;
+            let Some(holder) = live_holder else {
+                return Ok(None);
+            };
+            return match kind {
+                Secondary::IdempotencyKey => Ok(exists(self.record_of_secondary(holder).await?)),
+                Secondary::AccountOrder => Ok(Some(CreateOutcome::OrderIdInUse)),
+                Secondary::AccountPaymentKey => Ok(Some(CreateOutcome::PaymentKeyReused)),
+            };
         }
-        // 3. The record.
+        // 3. Final: from here the claims are permanent.
+        let made_final = claims
+            .update_one(
+                doc! {"_id": &order_claim, "payment_id": pid, "token": token.clone(), "final": false},
+                doc! {"$set": {"final": true}},
+            )
+            .await
+            .map_err(map_err)?;
+        if made_final.matched_count == 0 {
+            // A reader that waited in vain gave the order back (and its
+            // secondaries, or a later reader removes them as stale).
+            return Ok(None);
+        }
+        // 4. The record.
         match self
             .partition(Partition::Realtime)
             .insert_one(snapshot)

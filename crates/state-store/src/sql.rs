@@ -117,6 +117,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "operator audit",
         include_str!("../../../migrations/sqlite/0007_operator_audit.sql"),
     ),
+    (
+        8,
+        "card account claims",
+        include_str!("../../../migrations/sqlite/0008_card_account_claims.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -153,6 +158,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "operator audit",
         include_str!("../../../migrations/postgres/0007_operator_audit.sql"),
+    ),
+    (
+        8,
+        "card account claims",
+        include_str!("../../../migrations/postgres/0008_card_account_claims.sql"),
     ),
 ];
 
@@ -282,8 +292,10 @@ fn partition_from(name: &str) -> Partition {
 }
 
 /// [`StateStore`] on the SQL database: the three partitions are tables with
-/// the same columns, and `payment_claims` holds the permanent
-/// `(merchant, orderId)` and `(merchant, Idempotency-Key)` claims.
+/// the same columns, `payment_claims` holds the permanent
+/// `(merchant, orderId)` and `(merchant, Idempotency-Key)` claims, and
+/// `card_account_claims` the permanent `(card account, orderId)` and
+/// `(card account, paymentKey)` claims (migration 0008).
 #[derive(Clone, Debug)]
 pub struct SqlStateStore {
     db: SqlDatabase,
@@ -340,20 +352,96 @@ impl SqlStateStore {
     ) -> Result<Option<PaymentRecord>, StoreError> {
         Ok(self.get(payment_id).await?.map(|(_, r)| r))
     }
+
+    /// Whether `(card account, kind, value)` is claimed, by whom.
+    async fn account_claim_holder(
+        &self,
+        kind: &str,
+        value: &str,
+    ) -> Result<Option<PaymentId>, StoreError> {
+        let sql = "SELECT payment_id FROM card_account_claims \
+                   WHERE card_account = $1 AND kind = $2 AND value = $3";
+        with_pool!(&self.db, pool => {
+            let row = sqlx::query(sql)
+                .bind(crate::DEFAULT_CARD_ACCOUNT)
+                .bind(kind)
+                .bind(value)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_err)?;
+            row.map(|r| r.try_get::<String, _>("payment_id").map(PaymentId::from_stored))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+    }
+
+    /// Which claim made a create of `r` roll back, in the order of
+    /// [`StateStore::create`]'s doc: the merchant's idempotency key, the
+    /// merchant's order, the account's orderId, the account's paymentKey.
+    /// Claims are never deleted, so the claim seen taken is still taken.
+    async fn conflict(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
+        if let Some(key) = r.idempotency_key.as_deref() {
+            if let Some(id) = self
+                .claimed_payment_id(&r.merchant_id, "idempotency_key", key)
+                .await?
+            {
+                if let Some(existing) = self.get_record(&id).await? {
+                    return Ok(CreateOutcome::Exists(Box::new(existing)));
+                }
+            }
+        }
+        if let Some(id) = self
+            .claimed_payment_id(&r.merchant_id, "order_id", r.order_id.as_str())
+            .await?
+        {
+            return match self.get_record(&id).await? {
+                Some(existing) => Ok(CreateOutcome::Exists(Box::new(existing))),
+                None => Err(StoreError::Corrupt(format!("claim {id} has no record"))),
+            };
+        }
+        if self
+            .account_claim_holder(ORDER_ID, r.order_id.as_str())
+            .await?
+            .is_some()
+        {
+            return Ok(CreateOutcome::OrderIdInUse);
+        }
+        if self
+            .account_claim_holder(PAYMENT_KEY, &r.payment_key)
+            .await?
+            .is_some()
+        {
+            return Ok(CreateOutcome::PaymentKeyReused);
+        }
+        Err(StoreError::Corrupt(
+            "claim conflict without a claim".to_owned(),
+        ))
+    }
 }
+
+/// `card_account_claims.kind` of an orderId claim.
+const ORDER_ID: &str = "order_id";
+/// `card_account_claims.kind` of a paymentKey claim.
+const PAYMENT_KEY: &str = "payment_key";
 
 #[async_trait::async_trait]
 impl StateStore for SqlStateStore {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
         let claim = "INSERT INTO payment_claims (merchant_id, order_id, payment_id, idempotency_key, created_at) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+        let account_claim = "INSERT INTO card_account_claims \
+                     (card_account, kind, value, payment_id, merchant_id, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
         let insert = format!(
             "INSERT INTO realtime_payments ({RECORD_COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         );
+        // All claims and the record in one transaction: any claim taken
+        // already rolls the whole create back, so a record never lacks a
+        // claim and a claim never lacks its record.
         let claimed = with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
-            let claimed = sqlx::query(claim)
+            let mut claimed = sqlx::query(claim)
                 .bind(r.merchant_id.as_str())
                 .bind(r.order_id.as_str())
                 .bind(r.payment_id.as_str())
@@ -364,6 +452,23 @@ impl StateStore for SqlStateStore {
                 .map_err(map_err)?
                 .rows_affected()
                 == 1;
+            for (kind, value) in [(ORDER_ID, r.order_id.as_str()), (PAYMENT_KEY, r.payment_key.as_str())] {
+                if !claimed {
+                    break;
+                }
+                claimed = sqlx::query(account_claim)
+                    .bind(crate::DEFAULT_CARD_ACCOUNT)
+                    .bind(kind)
+                    .bind(value)
+                    .bind(r.payment_id.as_str())
+                    .bind(r.merchant_id.as_str())
+                    .bind(r.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected()
+                    == 1;
+            }
             if claimed {
                 sqlx::query(&insert)
                     .bind(r.payment_id.as_str())
@@ -396,29 +501,7 @@ impl StateStore for SqlStateStore {
         if claimed {
             return Ok(CreateOutcome::Created);
         }
-        // Someone holds the claim: the idempotency key's owner first, then the order's.
-        if let Some(key) = r.idempotency_key.as_deref() {
-            if let Some(id) = self
-                .claimed_payment_id(&r.merchant_id, "idempotency_key", key)
-                .await?
-            {
-                if let Some(existing) = self.get_record(&id).await? {
-                    return Ok(CreateOutcome::Exists(Box::new(existing)));
-                }
-            }
-        }
-        match self
-            .claimed_payment_id(&r.merchant_id, "order_id", r.order_id.as_str())
-            .await?
-        {
-            Some(id) => match self.get_record(&id).await? {
-                Some(existing) => Ok(CreateOutcome::Exists(Box::new(existing))),
-                None => Err(StoreError::Corrupt(format!("claim {id} has no record"))),
-            },
-            None => Err(StoreError::Corrupt(
-                "claim conflict without a claim".to_owned(),
-            )),
-        }
+        self.conflict(r).await
     }
 
     async fn get(

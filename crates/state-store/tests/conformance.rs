@@ -67,14 +67,21 @@ async fn create_claims_order_and_idempotency_key_uniquely() {
             CreateOutcome::Exists(existing) => assert_eq!(existing.payment_id, r1.payment_id),
             other => panic!("{}: expected Exists, got {other:?}", backend.name()),
         }
-        // Same order id for another merchant is another order.
+        // Same order id for another merchant on the same card account: refused
+        // (issue 15, point 3), and nothing of it is written.
+        let foreign = pending(&other, "order-0001", None);
         assert_eq!(
-            store
-                .create(&pending(&other, "order-0001", None))
-                .await
-                .unwrap(),
-            CreateOutcome::Created
+            store.create(&foreign).await.unwrap(),
+            CreateOutcome::OrderIdInUse,
+            "{}",
+            backend.name()
         );
+        assert!(store.get(&foreign.payment_id).await.unwrap().is_none());
+        assert!(store
+            .get_by_order(&other, &foreign.order_id)
+            .await
+            .unwrap()
+            .is_none());
 
         // The key names its payment even for another order; that order stays free.
         match store
@@ -414,12 +421,23 @@ async fn order_ids_are_found_across_merchants_and_partitions() {
         let name = backend.name();
         let (m1, m2) = (MerchantId::generate(), MerchantId::generate());
         let a = pending(&m1, "order-shared", None);
-        let b = pending(&m2, "order-shared", None);
+        // Since issue 15 one orderId has one payment on the card account
+        // (another merchant's create of it is refused); records of several
+        // merchants are found in one lookup all the same.
+        let b = pending(&m2, "order-shared-2", None);
         let c = pending(&m1, "order-moved", None);
         let d = pending(&m1, "order-other", None);
         for r in [&a, &b, &c, &d] {
-            store.create(r).await.unwrap();
+            assert_eq!(store.create(r).await.unwrap(), CreateOutcome::Created);
         }
+        assert_eq!(
+            store
+                .create(&pending(&m2, "order-shared", None))
+                .await
+                .unwrap(),
+            CreateOutcome::OrderIdInUse,
+            "{name}"
+        );
         store.transition(&c.payment_id, &paid()).await.unwrap();
         // Only a paid and saved record may enter completed_payments.
         store
@@ -435,7 +453,13 @@ async fn order_ids_are_found_across_merchants_and_partitions() {
             .copy_to_partition(&a.payment_id, Partition::Realtime, Partition::Unpaid)
             .await
             .unwrap();
-        let ids = ["order-shared", "order-moved", "order-missing"].map(String::from);
+        let ids = [
+            "order-shared",
+            "order-shared-2",
+            "order-moved",
+            "order-missing",
+        ]
+        .map(String::from);
         let mut found = store.find_by_order_ids(&ids).await.unwrap();
         found.sort_by(|x, y| x.1.payment_id.as_str().cmp(y.1.payment_id.as_str()));
         let mut want = vec![
@@ -598,6 +622,7 @@ async fn racing_creates_of_one_order_name_one_payment() {
                 let id = match outcome {
                     CreateOutcome::Created => r.payment_id.clone(),
                     CreateOutcome::Exists(e) => e.payment_id.clone(),
+                    other => panic!("{name}: {order}: {other:?}"),
                 };
                 if id == owner.payment_id {
                     // The key's payment answers for the taken key.
@@ -611,9 +636,7 @@ async fn racing_creates_of_one_order_name_one_payment() {
                 CreateOutcome::Exists(e) => {
                     named.insert(e.payment_id.clone());
                 }
-                CreateOutcome::Created => {
-                    panic!("{name}: {order} was free again after its creates")
-                }
+                other => panic!("{name}: {order} was free again after its creates: {other:?}"),
             }
             assert_eq!(named.len(), 1, "{name}: {order} has payments {named:?}");
             let id = named.into_iter().next().unwrap();
@@ -721,6 +744,146 @@ async fn a_record_moving_between_partitions_is_never_missed_by_a_read() {
             "{name}: reads missed a record in motion: {misses:?} of {} reads",
             reads.load(Ordering::SeqCst)
         );
+    })
+    .await;
+}
+
+/// A record with another paymentKey for `order`.
+fn pending_with_key(merchant: &MerchantId, order: &str, payment_key: &str) -> PaymentRecord {
+    let mut r = pending(merchant, order, None);
+    r.payment_key = payment_key.to_owned();
+    r
+}
+
+/// Issue 15, point 2: a paymentKey pays one order, for any merchant on the
+/// card account. A create refused on the paymentKey writes nothing and
+/// takes none of its other claims: its order, its idempotency key and its
+/// account orderId stay free, so the merchant can confirm that order with
+/// its own paymentKey (a claim never blocks without a record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_key_is_claimed_once_per_card_account() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let other = MerchantId::generate();
+        let first = pending_with_key(&m, "order-pk-a", "pk_shared");
+        assert_eq!(store.create(&first).await.unwrap(), CreateOutcome::Created);
+
+        for (who, order, key) in [
+            (&m, "order-pk-b", Some("key-b")),
+            (&other, "order-pk-c", Some("key-c")),
+        ] {
+            let mut reused = pending_with_key(who, order, "pk_shared");
+            reused.idempotency_key = key.map(str::to_owned);
+            assert_eq!(
+                store.create(&reused).await.unwrap(),
+                CreateOutcome::PaymentKeyReused,
+                "{name}: {order}"
+            );
+            assert!(
+                store.get(&reused.payment_id).await.unwrap().is_none(),
+                "{name}"
+            );
+            assert!(store
+                .get_by_order(who, &reused.order_id)
+                .await
+                .unwrap()
+                .is_none());
+            // Every other claim it tried is free: the order, the key, the
+            // account orderId.
+            let mut own = pending_with_key(who, order, &format!("pk_own_{order}"));
+            own.idempotency_key = key.map(str::to_owned);
+            assert_eq!(
+                store.create(&own).await.unwrap(),
+                CreateOutcome::Created,
+                "{name}: {order} blocked by a refused create"
+            );
+        }
+        // The first order still replays as itself, whatever its body.
+        match store
+            .create(&pending_with_key(&m, "order-pk-a", "pk_shared"))
+            .await
+            .unwrap()
+        {
+            CreateOutcome::Exists(e) => assert_eq!(e.payment_id, first.payment_id),
+            other => panic!("{name}: expected Exists, got {other:?}"),
+        }
+        let realtime: Vec<_> = store
+            .scan(Partition::Realtime, 100)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(realtime.len(), 3, "{name}: one record per created order");
+    })
+    .await;
+}
+
+/// Issue 15, point 3: creates of one orderId by many merchants at once (and
+/// of many orders with one paymentKey) end with exactly one claimant and one
+/// record; every other create is refused, writes nothing and leaves no
+/// claim behind (its merchant's order is free for another orderId use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_merchants_on_one_order_id_leave_one_payment() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let merchants: Vec<MerchantId> = (0..8).map(|_| MerchantId::generate()).collect();
+        for round in 0..6 {
+            let order = format!("order-shared-{round:03}");
+            let mut tasks = Vec::new();
+            for (i, m) in merchants.iter().enumerate() {
+                let store = store.clone();
+                // Half share the order's key, half bring their own: both
+                // refusals race.
+                let key = if i % 2 == 0 {
+                    format!("pk_{order}")
+                } else {
+                    format!("pk_{order}_{i}")
+                };
+                let r = pending_with_key(m, &order, &key);
+                tasks.push(tokio::spawn(async move {
+                    let outcome = store.create(&r).await.unwrap();
+                    (r, outcome)
+                }));
+            }
+            let mut created = Vec::new();
+            for t in tasks {
+                let (r, outcome) = t.await.unwrap();
+                match outcome {
+                    CreateOutcome::Created => created.push(r),
+                    CreateOutcome::OrderIdInUse | CreateOutcome::PaymentKeyReused => {
+                        assert!(store.get(&r.payment_id).await.unwrap().is_none(), "{name}");
+                    }
+                    other => panic!("{name}: {order}: {other:?}"),
+                }
+            }
+            assert_eq!(
+                created.len(),
+                1,
+                "{name}: {order} created {}",
+                created.len()
+            );
+            let winner = &created[0];
+            for m in &merchants {
+                let got = store
+                    .get_by_order(m, &OrderId::parse(&order).unwrap())
+                    .await
+                    .unwrap()
+                    .map(|r| r.payment_id);
+                if *m == winner.merchant_id {
+                    assert_eq!(got, Some(winner.payment_id.clone()), "{name}");
+                } else {
+                    assert_eq!(got, None, "{name}: a loser holds {order}");
+                    // A loser's create with a fresh orderId and key is free.
+                    let fresh =
+                        pending_with_key(m, &format!("{order}-{m}"), &format!("pk_{m}_{round}"));
+                    assert_eq!(
+                        store.create(&fresh).await.unwrap(),
+                        CreateOutcome::Created,
+                        "{name}"
+                    );
+                }
+            }
+        }
     })
     .await;
 }

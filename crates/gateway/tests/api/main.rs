@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
 mod chaos;
+mod claims;
 mod edges;
 mod helpers;
 mod operations;
