@@ -9,20 +9,27 @@
 //! `MongoStateStore` on MongoDB (feature `mongodb`, on by default);
 //! `MemoryStateStore` in memory, for the deterministic simulation (feature
 //! `memory`, also enabled by `testing`).
+//! The cancels (refunds) of payments are part of every store
+//! ([`CancelStore`], module [`cancels`]).
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
+pub mod cancels;
 #[cfg(feature = "memory")]
 pub mod memory;
 mod merchants;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 pub mod sql;
+mod sql_cancels;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 #[cfg(feature = "memory")]
 pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
+pub use cancels::{
+    CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
+};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};
@@ -152,7 +159,7 @@ pub enum Transition {
 
 /// The realtime state store.
 #[async_trait::async_trait]
-pub trait StateStore: Send + Sync + 'static {
+pub trait StateStore: CancelStore + Send + Sync + 'static {
     /// Writes a new `PENDING` record into `realtime_payments` and claims its
     /// `(merchant, orderId)` and, when present, `(merchant, idempotency key)`,
     /// atomically.
