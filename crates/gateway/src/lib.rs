@@ -9,6 +9,7 @@
 //! serve` does the same with the configured address.
 
 pub mod auth;
+pub mod cancel;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -377,6 +378,12 @@ pub fn routes_table() -> Vec<(
             "/v1/payments/{payment_id}",
             get(routes::get_payment),
             Merchant,
+        ),
+        (
+            "POST",
+            "/v1/payments/{payment_id}/cancel",
+            post(cancel::cancel),
+            OwnDeadline,
         ),
         ("GET", "/healthz", get(routes::healthz), Operations),
         ("GET", "/readyz", get(routes::readyz), Operations),
