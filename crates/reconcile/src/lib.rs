@@ -23,6 +23,12 @@
 //!      `reconcile-cancel-<paymentKey>` and alert `orphan_canceled`;
 //!    - recorded by paygate as declined, or under another paymentKey →
 //!      alert `card_mismatch` (contradicting evidence is for a human).
+//! 3b. **Cancels.** Each cancel transaction (`CANCELED`,
+//!    `PARTIAL_CANCELED`) of an order paygate holds must match one of its
+//!    cancels (same amount, done or in flight); otherwise alert
+//!    `cancel_mismatch`. An approval later canceled stays an approval: its
+//!    `DONE` transaction is matched as above, and a lookup that shows it
+//!    `CANCELED`/`PARTIAL_CANCELED` is not "paid but not approved".
 //! 4. **Paid but not approved.** Paid records created in the slice whose
 //!    order the slice's list did not show approved are looked up (an
 //!    approval just across a slice edge is found this way) and, if the card
@@ -662,6 +668,48 @@ impl Reconciler {
                 .await;
             approved(chunk.iter().map(|t| t.order_id.clone()).collect());
         }
+        let cancels = txs
+            .iter()
+            .filter(|t| matches!(t.status.as_str(), "CANCELED" | "PARTIAL_CANCELED"));
+        futures_util::stream::iter(cancels.map(|tx| self.match_cancel(run, tx)))
+            .buffer_unordered(run.opts.stale_concurrency)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// A cancel transaction: paygate must hold a cancel of that amount (done,
+    /// or in flight: the batch settles it). An order paygate has no record
+    /// of is an orphan, canceled by this job itself: nothing to match.
+    async fn match_cancel(&self, run: &Run<'_>, tx: &Transaction) {
+        let found = match self.store.find_by_order_ids(&[tx.order_id.clone()]).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, order_id = %tx.order_id, "reconcile: could not read a canceled order; next run");
+                add(&run.counters.failures, 1);
+                return;
+            }
+        };
+        let Some((_, r)) = found.iter().find(|(_, r)| r.payment_key == tx.payment_key) else {
+            return;
+        };
+        match self.store.cancels_of(&r.payment_id).await {
+            Ok(cancels)
+                if cancels.iter().any(|c| {
+                    c.amount == tx.amount
+                        && c.status != paygate_state_store::CancelStatus::Failed
+                }) => {}
+            Ok(_) => {
+                let detail = format!(
+                    "the card company shows a cancel of {} (transaction {}) for order {} that paygate does not hold",
+                    tx.amount, tx.transaction_key, tx.order_id
+                );
+                self.alert(run, r, AlertReason::CancelMismatch, detail).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, payment_id = %r.payment_id, "reconcile: could not read cancels; next run");
+                add(&run.counters.failures, 1);
+            }
+        }
     }
 
     async fn match_one(
@@ -864,7 +912,12 @@ impl Reconciler {
                     }
                 };
                 match self.saga.lookup_order(&pid, &order_id).await {
-                    Ok(Some(p)) if p.is_approved() && p.payment_key == r.payment_key => {
+                    // Approved, then perhaps canceled in part or whole:
+                    // still an approval (its cancels are matched apart).
+                    Ok(Some(p))
+                        if matches!(p.status.as_str(), "DONE" | "PARTIAL_CANCELED" | "CANCELED")
+                            && p.payment_key == r.payment_key =>
+                    {
                         // Approved, its transaction dated outside the slice
                         // (the slice that holds it counted it).
                     }
