@@ -389,7 +389,12 @@ async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_ale
         for order in ["order-canceled", "order-card-only-cancel"] {
             let r = e.record(order, 5_000, 30).await;
             e.paid(&r).await;
-            assert!(e.c.store.transition(&r.payment_id, &Transition::MarkSaved).await.unwrap());
+            assert!(e
+                .c
+                .store
+                .transition(&r.payment_id, &Transition::MarkSaved)
+                .await
+                .unwrap());
             // Approved now through the card API (so the simulator lists the
             // approval for `check`); paygate's record says 30 minutes ago,
             // so the not-approved pass looks it up and finds it canceled.
@@ -433,7 +438,12 @@ async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_ale
         let done = CancelTransition::MarkDone {
             canceled_at: "2026-11-21T12:10:00+09:00".into(),
         };
-        assert!(e.c.store.cancel_transition(&r.payment_id, c.n, &done).await.unwrap());
+        assert!(e
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
 
         let approvals = |e: &Env| -> Vec<CardApproval> {
             e.sandbox
@@ -448,13 +458,18 @@ async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_ale
                 .collect()
         };
         let outbox = SqlOutbox::new(e.c.db.clone());
-        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e)).await.unwrap();
+        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e))
+            .await
+            .unwrap();
         assert_eq!(
             (report.lost, report.canceled, report.cancel_mismatches),
             (0, 1, 1),
             "{name}: {report:?}"
         );
-        assert_eq!(report.cancel_mismatch_orders, vec!["order-card-only-cancel".to_owned()]);
+        assert_eq!(
+            report.cancel_mismatch_orders,
+            vec!["order-card-only-cancel".to_owned()]
+        );
         assert!(!report.holds());
 
         // The window reaches past now: the cancel transactions are in it.
@@ -464,9 +479,15 @@ async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_ale
         };
         let s = e.reconciler().run(&opts).await.unwrap();
         assert_eq!((s.matched, s.alerts), (2, 1), "{name}: {s:?}");
-        assert_eq!(e.outbox_reasons().await, vec!["cancel_mismatch".to_owned()], "{name}");
+        assert_eq!(
+            e.outbox_reasons().await,
+            vec!["cancel_mismatch".to_owned()],
+            "{name}"
+        );
         // Alerted: an operator has it; check holds now.
-        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e)).await.unwrap();
+        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e))
+            .await
+            .unwrap();
         assert!(report.holds(), "{name}: {report:?}");
         e.cleanup.run().await;
     }

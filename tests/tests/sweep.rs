@@ -644,7 +644,11 @@ impl Env {
         r
     }
 
-    async fn claim_cancel(&self, r: &PaymentRecord, amount: i64) -> paygate_state_store::CancelRecord {
+    async fn claim_cancel(
+        &self,
+        r: &PaymentRecord,
+        amount: i64,
+    ) -> paygate_state_store::CancelRecord {
         let draft = paygate_state_store::CancelDraft {
             payment_id: r.payment_id.clone(),
             merchant_id: r.merchant_id.clone(),
@@ -704,7 +708,12 @@ async fn a_reversal_left_unsaved_is_retried_by_the_batch_and_alerted_at_the_thre
         let done = paygate_state_store::CancelTransition::MarkDone {
             canceled_at: "2026-11-21T12:10:00+09:00".into(),
         };
-        assert!(e.c.store.cancel_transition(&r.payment_id, c.n, &done).await.unwrap());
+        assert!(e
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
         e.sandbox.ledger.set_down(true);
         let opts = SweepOptions {
             ledger_alert_threshold: 2,
@@ -712,12 +721,23 @@ async fn a_reversal_left_unsaved_is_retried_by_the_batch_and_alerted_at_the_thre
         };
         let s1 = e.sweeper().sweep(&opts).await.unwrap();
         let s2 = e.sweeper().sweep(&opts).await.unwrap();
-        assert_eq!((s1.retried, s1.saved, s1.alerts), (1, 0, 0), "{name}: {s1:?}");
-        assert_eq!((s2.retried, s2.saved, s2.alerts), (1, 0, 1), "{name}: {s2:?}");
+        assert_eq!(
+            (s1.retried, s1.saved, s1.alerts),
+            (1, 0, 0),
+            "{name}: {s1:?}"
+        );
+        assert_eq!(
+            (s2.retried, s2.saved, s2.alerts),
+            (1, 0, 1),
+            "{name}: {s2:?}"
+        );
         e.sandbox.ledger.set_down(false);
         let s3 = e.sweeper().sweep(&opts).await.unwrap();
         assert_eq!((s3.retried, s3.saved), (1, 1), "{name}: {s3:?}");
-        assert_eq!(e.sandbox.ledger.reversals_of(r.payment_id.as_str()).len(), 1);
+        assert_eq!(
+            e.sandbox.ledger.reversals_of(r.payment_id.as_str()).len(),
+            1
+        );
         e.cleanup.run().await;
     }
 }

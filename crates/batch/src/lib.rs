@@ -23,6 +23,7 @@
 //!   threshold, an alert "cancel needs checking";
 //! - done, reversal not in the ledger: the reversal is tried again (after
 //!   the approval's entry); at the threshold an alert "reversal failed".
+//!
 //! Their counts join the records' (`settled`, `retried`, `saved`, `alerts`).
 //!
 //! Records are streamed (bounded memory), handled with bounded concurrency,

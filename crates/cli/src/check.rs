@@ -76,7 +76,10 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
             println!("lost orders      {}", report.lost_orders.join(", "));
         }
         if !report.cancel_mismatch_orders.is_empty() {
-            println!("cancel mismatch orders {}", report.cancel_mismatch_orders.join(", "));
+            println!(
+                "cancel mismatch orders {}",
+                report.cancel_mismatch_orders.join(", ")
+            );
         }
     }
     Ok(if report.holds() {

@@ -95,7 +95,11 @@ async fn cancel_input(
 }
 
 fn view(status: StatusCode, p: &CanceledPayment) -> Response {
-    (status, Json(PaymentView::with_cancels(&p.record, &p.cancels))).into_response()
+    (
+        status,
+        Json(PaymentView::with_cancels(&p.record, &p.cancels)),
+    )
+        .into_response()
 }
 
 /// `POST /v1/payments/{paymentId}/cancel`.
@@ -130,16 +134,15 @@ pub async fn cancel(
         .get::<RequestStarted>()
         .map_or_else(std::time::Instant::now, |s| s.0);
     let answer_by = tokio::time::Instant::from_std(started + state.confirm_answer_within);
-    let input = match tokio::time::timeout_at(answer_by, cancel_input(&state, req, payment_id))
-        .await
-    {
-        Ok(input) => input?,
-        Err(_) => {
-            return Err(Problem::unavailable(
-                "the request took too long to arrive; nothing was canceled, retry",
-            ))
-        }
-    };
+    let input =
+        match tokio::time::timeout_at(answer_by, cancel_input(&state, req, payment_id)).await {
+            Ok(input) => input?,
+            Err(_) => {
+                return Err(Problem::unavailable(
+                    "the request took too long to arrive; nothing was canceled, retry",
+                ))
+            }
+        };
     if *state.shutdown_deadline.borrow() {
         return Err(Problem::unavailable(
             "shutting down; nothing was canceled, retry",
@@ -167,7 +170,10 @@ pub async fn cancel(
 /// 202 with the payment as it is now: the cancel may be in flight.
 async fn accepted(state: &AppState, payment_id: &PaymentId) -> Response {
     let store = state.saga.store();
-    match (store.get(payment_id).await, store.cancels_of(payment_id).await) {
+    match (
+        store.get(payment_id).await,
+        store.cancels_of(payment_id).await,
+    ) {
         (Ok(Some((_, record))), Ok(cancels)) => {
             let mut resp = view(StatusCode::ACCEPTED, &CanceledPayment { record, cancels });
             resp.headers_mut()

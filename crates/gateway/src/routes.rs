@@ -437,7 +437,9 @@ async fn with_cancels(state: &AppState, r: &PaymentRecord) -> Result<Response, P
         return Ok(view(StatusCode::OK, r));
     }
     match state.saga.store().cancels_of(&r.payment_id).await {
-        Ok(cancels) => Ok((StatusCode::OK, Json(PaymentView::with_cancels(r, &cancels))).into_response()),
+        Ok(cancels) => {
+            Ok((StatusCode::OK, Json(PaymentView::with_cancels(r, &cancels))).into_response())
+        }
         Err(e) => {
             tracing::error!(error = %e, "state store unavailable");
             Err(Problem::unavailable("payment state store unavailable"))

@@ -23,9 +23,7 @@ use paygate_api_log::Target;
 use paygate_card_api::{CancelRequest, CardApiError, CardPayment, CodeClass};
 use paygate_core::{payment::failure_codes, MerchantId, PaymentId, PaymentRecord};
 use paygate_resilience::{CallError, RequestKind};
-use paygate_state_store::{
-    CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelTransition,
-};
+use paygate_state_store::{CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelTransition};
 
 use crate::{
     classify::{self, AttemptError},
@@ -154,7 +152,9 @@ impl Saga {
                 tracing::error!(payment_id = %record.payment_id, error = %e, "could not claim a cancel");
                 unavailable("payment state store unavailable; nothing was canceled")
             }
-            Ok(CancelClaim::ExceedsBalance { balance }) => CancelOutcome::ExceedsBalance { balance },
+            Ok(CancelClaim::ExceedsBalance { balance }) => {
+                CancelOutcome::ExceedsBalance { balance }
+            }
             Ok(CancelClaim::InProgress(_)) => CancelOutcome::InProgress,
             Ok(CancelClaim::Existing(c)) if c.request_fingerprint != draft.request_fingerprint => {
                 CancelOutcome::KeyReused
@@ -165,7 +165,11 @@ impl Saga {
     }
 
     /// The answer to a repeated request with the same key and body.
-    async fn replay_cancel(self: &Arc<Self>, record: PaymentRecord, c: &CancelRecord) -> CancelOutcome {
+    async fn replay_cancel(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        c: &CancelRecord,
+    ) -> CancelOutcome {
         match c.status {
             CancelStatus::Pending => CancelOutcome::InProgress,
             CancelStatus::Failed => CancelOutcome::Refused {
@@ -462,7 +466,11 @@ impl Saga {
         canceled_at: String,
     ) -> CancelSettlement {
         let t = CancelTransition::MarkDone { canceled_at };
-        match self.store.cancel_transition(&record.payment_id, c.n, &t).await {
+        match self
+            .store
+            .cancel_transition(&record.payment_id, c.n, &t)
+            .await
+        {
             Ok(true) => {
                 self.batch_reverse(&record.payment_id, c.n).await;
                 CancelSettlement::Done

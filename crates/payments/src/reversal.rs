@@ -23,7 +23,7 @@ use tower::retry::budget::Budget as _;
 use crate::{
     classify::{self, AttemptError},
     logged_call::{describe_ledger, CallSite, Policy},
-    SaveResult, Saga,
+    Saga, SaveResult,
 };
 
 /// Who makes a reversal try, which says what a failure counts in.
@@ -83,10 +83,7 @@ impl Saga {
     /// Reads the cancel and its payment, and records the reversal when the
     /// cancel is done and not yet reversed and the approval is saved.
     async fn reverse_once(self: &Arc<Self>, pid: &PaymentId, n: i64, who: Try) -> SaveResult {
-        let (record, c) = match (
-            self.store.get(pid).await,
-            self.store.cancels_of(pid).await,
-        ) {
+        let (record, c) = match (self.store.get(pid).await, self.store.cancels_of(pid).await) {
             (Ok(Some((_, r))), Ok(cancels)) => match cancels.into_iter().find(|c| c.n == n) {
                 Some(c) => (r, c),
                 None => return SaveResult::Refused,
@@ -119,7 +116,11 @@ impl Saga {
         };
         let res = self.reversal_call(&c, reversal, who).await;
         match res {
-            Ok(_) => match self.store.cancel_transition(pid, n, &CancelTransition::MarkSaved).await {
+            Ok(_) => match self
+                .store
+                .cancel_transition(pid, n, &CancelTransition::MarkSaved)
+                .await
+            {
                 Ok(_) => SaveResult::Saved,
                 Err(e) => {
                     tracing::warn!(payment_id = %pid, n, error = %e, "ledger recorded the reversal but the store failed");
@@ -159,8 +160,10 @@ impl Saga {
         c: &CancelRecord,
         reversal: LedgerReversal,
         who: Try,
-    ) -> Result<paygate_ledger_api::LedgerOutcome, CallError<AttemptError<paygate_ledger_api::LedgerApiError>>>
-    {
+    ) -> Result<
+        paygate_ledger_api::LedgerOutcome,
+        CallError<AttemptError<paygate_ledger_api::LedgerApiError>>,
+    > {
         let site = CallSite {
             payment_id: c.payment_id.clone(),
             target: Target::LedgerApi,

@@ -23,13 +23,13 @@
 //!      `reconcile-cancel-<paymentKey>` and alert `orphan_canceled`;
 //!    - recorded by paygate as declined, or under another paymentKey →
 //!      alert `card_mismatch` (contradicting evidence is for a human).
-//! 3b. **Cancels.** Each cancel transaction (`CANCELED`,
+//! 4. **Cancels.** Each cancel transaction (`CANCELED`,
 //!    `PARTIAL_CANCELED`) of an order paygate holds must match one of its
 //!    cancels (same amount, done or in flight); otherwise alert
 //!    `cancel_mismatch`. An approval later canceled stays an approval: its
 //!    `DONE` transaction is matched as above, and a lookup that shows it
 //!    `CANCELED`/`PARTIAL_CANCELED` is not "paid but not approved".
-//! 4. **Paid but not approved.** Paid records created in the slice whose
+//! 5. **Paid but not approved.** Paid records created in the slice whose
 //!    order the slice's list did not show approved are looked up (an
 //!    approval just across a slice edge is found this way) and, if the card
 //!    company has no approval, alerted as `paid_not_approved`.
@@ -536,7 +536,7 @@ impl Reconciler {
         }
     }
 
-    /// Steps 2-4 for one slice. The scan for step 4 runs while the pages
+    /// Steps 2-5 for one slice. The scan for step 5 runs while the pages
     /// are fetched and matched; its candidates are checked once the slice's
     /// list is complete.
     async fn slice(&self, run: &Run<'_>, slice: Slice) {
@@ -681,7 +681,11 @@ impl Reconciler {
     /// or in flight: the batch settles it). An order paygate has no record
     /// of is an orphan, canceled by this job itself: nothing to match.
     async fn match_cancel(&self, run: &Run<'_>, tx: &Transaction) {
-        let found = match self.store.find_by_order_ids(&[tx.order_id.clone()]).await {
+        let found = match self
+            .store
+            .find_by_order_ids(std::slice::from_ref(&tx.order_id))
+            .await
+        {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, order_id = %tx.order_id, "reconcile: could not read a canceled order; next run");
@@ -695,15 +699,15 @@ impl Reconciler {
         match self.store.cancels_of(&r.payment_id).await {
             Ok(cancels)
                 if cancels.iter().any(|c| {
-                    c.amount == tx.amount
-                        && c.status != paygate_state_store::CancelStatus::Failed
+                    c.amount == tx.amount && c.status != paygate_state_store::CancelStatus::Failed
                 }) => {}
             Ok(_) => {
                 let detail = format!(
                     "the card company shows a cancel of {} (transaction {}) for order {} that paygate does not hold",
                     tx.amount, tx.transaction_key, tx.order_id
                 );
-                self.alert(run, r, AlertReason::CancelMismatch, detail).await;
+                self.alert(run, r, AlertReason::CancelMismatch, detail)
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, payment_id = %r.payment_id, "reconcile: could not read cancels; next run");
@@ -845,7 +849,7 @@ impl Reconciler {
         }
     }
 
-    /// Step 4, first half: paid records approved (by their `approvedAt`,
+    /// Step 5, first half: paid records approved (by their `approvedAt`,
     /// the time of the card company's `DONE` transaction) in the slice and
     /// not yet seen in its list, as `(payment_id, order_id)`. Records are
     /// found by creation time, reaching back [`APPROVAL_LAG_MS`] before the
@@ -886,7 +890,7 @@ impl Reconciler {
         Ok(candidates)
     }
 
-    /// Step 4, second half: each paid record the complete list did not show
+    /// Step 5, second half: each paid record the complete list did not show
     /// is looked up; no approval at the card company → alert.
     async fn check_not_approved(
         &self,

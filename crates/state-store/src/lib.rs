@@ -25,11 +25,11 @@ mod sql_cancels;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-#[cfg(feature = "memory")]
-pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use cancels::{
     CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
 };
+#[cfg(feature = "memory")]
+pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};

@@ -378,17 +378,17 @@ impl State {
 #[async_trait::async_trait]
 impl CancelStore for MemoryStateStore {
     async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError> {
-        self.write(WriteKind::Cancel, &draft.payment_id, |state| {
-            match decide_claim(draft, &state.cancels_of(&draft.payment_id)) {
+        self.write(
+            WriteKind::Cancel,
+            &draft.payment_id,
+            |state| match decide_claim(draft, &state.cancels_of(&draft.payment_id)) {
                 ClaimDecision::Answer(a) => Ok(a),
                 ClaimDecision::Insert(c) => {
-                    state
-                        .cancels
-                        .insert((c.payment_id.clone(), c.n), c.clone());
+                    state.cancels.insert((c.payment_id.clone(), c.n), c.clone());
                     Ok(CancelClaim::Claimed(c))
                 }
-            }
-        })
+            },
+        )
     }
 
     async fn cancels_of(&self, payment_id: &PaymentId) -> Result<Vec<CancelRecord>, StoreError> {
@@ -418,7 +418,9 @@ impl CancelStore for MemoryStateStore {
             .lock()
             .cancels
             .values()
-            .filter(|c| c.status.in_flight() || (c.status == crate::CancelStatus::Done && !c.is_saved))
+            .filter(|c| {
+                c.status.in_flight() || (c.status == crate::CancelStatus::Done && !c.is_saved)
+            })
             .cloned()
             .collect();
         Box::pin(futures_util::stream::iter(open.into_iter().map(Ok)))

@@ -10,8 +10,8 @@ use sqlx::Row;
 use crate::{
     cancels::{decide_claim, ClaimDecision, CLAIM_ATTEMPTS},
     sql::{map_err, SqlStateStore},
-    with_pool, CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore,
-    CancelTransition, StoreError,
+    with_pool, CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
+    StoreError,
 };
 
 const COLUMNS: &str = "payment_id, n, merchant_id, amount, reason, idempotency_key, \

@@ -780,22 +780,37 @@ async fn cancels_are_claimed_against_the_balance_and_replayed_by_key() {
         );
         assert_eq!(first.idempotency_key_downstream(), format!("{id}:cancel:1"));
         // One in flight: another cancel waits, the same key finds the first.
-        assert!(matches!(
-            store.claim_cancel(&cancel_draft(&r, Some(1), None)).await.unwrap(),
-            CancelClaim::InProgress(c) if c.n == 1
-        ), "{name}");
-        assert!(matches!(
-            store.claim_cancel(&cancel_draft(&r, Some(1), Some("k1"))).await.unwrap(),
-            CancelClaim::Existing(c) if c.n == 1
-        ), "{name}");
+        assert!(
+            matches!(
+                store.claim_cancel(&cancel_draft(&r, Some(1), None)).await.unwrap(),
+                CancelClaim::InProgress(c) if c.n == 1
+            ),
+            "{name}"
+        );
+        assert!(
+            matches!(
+                store.claim_cancel(&cancel_draft(&r, Some(1), Some("k1"))).await.unwrap(),
+                CancelClaim::Existing(c) if c.n == 1
+            ),
+            "{name}"
+        );
         assert!(store
-            .cancel_transition(id, 1, &CancelTransition::MarkUnknown { last_error: "lost".into() })
+            .cancel_transition(
+                id,
+                1,
+                &CancelTransition::MarkUnknown {
+                    last_error: "lost".into()
+                }
+            )
             .await
             .unwrap());
         assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
         // 4,000 left: more is refused and claims nothing.
         assert_eq!(
-            store.claim_cancel(&cancel_draft(&r, Some(4_001), None)).await.unwrap(),
+            store
+                .claim_cancel(&cancel_draft(&r, Some(4_001), None))
+                .await
+                .unwrap(),
             CancelClaim::ExceedsBalance { balance: 4_000 },
             "{name}"
         );
@@ -828,7 +843,10 @@ async fn cancels_are_claimed_against_the_balance_and_replayed_by_key() {
         assert_eq!((third.n, third.amount), (3, 4_000), "{name}");
         assert!(store.cancel_transition(id, 3, &done()).await.unwrap());
         assert_eq!(
-            store.claim_cancel(&cancel_draft(&r, None, None)).await.unwrap(),
+            store
+                .claim_cancel(&cancel_draft(&r, None, None))
+                .await
+                .unwrap(),
             CancelClaim::ExceedsBalance { balance: 0 },
             "{name}"
         );
@@ -846,7 +864,10 @@ async fn cancels_are_claimed_against_the_balance_and_replayed_by_key() {
             ],
             "{name}"
         );
-        assert_eq!(all[0].canceled_at.as_deref(), Some("2026-11-21T12:05:00+09:00"));
+        assert_eq!(
+            all[0].canceled_at.as_deref(),
+            Some("2026-11-21T12:05:00+09:00")
+        );
     })
     .await;
 }
@@ -861,41 +882,107 @@ async fn every_cancel_transition_applies_only_under_its_guard() {
         store.create(&r).await.unwrap();
         let id = &r.payment_id;
         let err = || "e".to_owned();
-        claimed(store.claim_cancel(&cancel_draft(&r, Some(100), None)).await.unwrap());
+        claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(100), None))
+                .await
+                .unwrap(),
+        );
         // Not done: no reversal bookkeeping applies.
-        for t in [T::MarkSaved, T::SaveFailed { last_error: err() }, T::BatchSaveFailed { last_error: err() }] {
-            assert!(!store.cancel_transition(id, 1, &t).await.unwrap(), "{name}: {t:?}");
+        for t in [
+            T::MarkSaved,
+            T::SaveFailed { last_error: err() },
+            T::BatchSaveFailed { last_error: err() },
+        ] {
+            assert!(
+                !store.cancel_transition(id, 1, &t).await.unwrap(),
+                "{name}: {t:?}"
+            );
         }
         // No such cancel.
-        assert!(!store.cancel_transition(id, 9, &done()).await.unwrap(), "{name}");
-        assert!(store.cancel_transition(id, 1, &T::LookupFailed { last_error: err() }).await.unwrap());
-        // UNKNOWN is not PENDING.
-        assert!(!store.cancel_transition(id, 1, &T::MarkUnknown { last_error: err() }).await.unwrap());
-        assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
-        // Final: neither done again nor failed.
-        assert!(!store.cancel_transition(id, 1, &done()).await.unwrap(), "{name}");
-        assert!(!store
-            .cancel_transition(id, 1, &T::MarkFailed { failure_code: "X".into(), last_error: err(), release_key: false })
+        assert!(
+            !store.cancel_transition(id, 9, &done()).await.unwrap(),
+            "{name}"
+        );
+        assert!(store
+            .cancel_transition(id, 1, &T::LookupFailed { last_error: err() })
             .await
             .unwrap());
-        assert!(!store.cancel_transition(id, 1, &T::LookupFailed { last_error: err() }).await.unwrap());
-        assert!(store.cancel_transition(id, 1, &T::SaveFailed { last_error: err() }).await.unwrap());
-        assert!(store.cancel_transition(id, 1, &T::BatchSaveFailed { last_error: err() }).await.unwrap());
+        // UNKNOWN is not PENDING.
+        assert!(!store
+            .cancel_transition(id, 1, &T::MarkUnknown { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
+        // Final: neither done again nor failed.
+        assert!(
+            !store.cancel_transition(id, 1, &done()).await.unwrap(),
+            "{name}"
+        );
+        assert!(!store
+            .cancel_transition(
+                id,
+                1,
+                &T::MarkFailed {
+                    failure_code: "X".into(),
+                    last_error: err(),
+                    release_key: false
+                }
+            )
+            .await
+            .unwrap());
+        assert!(!store
+            .cancel_transition(id, 1, &T::LookupFailed { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store
+            .cancel_transition(id, 1, &T::SaveFailed { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store
+            .cancel_transition(id, 1, &T::BatchSaveFailed { last_error: err() })
+            .await
+            .unwrap());
         assert!(store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap());
-        assert!(!store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap(), "{name}");
+        assert!(
+            !store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap(),
+            "{name}"
+        );
         let c = store.cancels_of(id).await.unwrap().remove(0);
         assert_eq!(
-            (c.status, c.is_saved, c.save_attempts, c.batch_attempts, c.last_error),
+            (
+                c.status,
+                c.is_saved,
+                c.save_attempts,
+                c.batch_attempts,
+                c.last_error
+            ),
             (CancelStatus::Done, true, 2, 2, None),
             "{name}"
         );
         // A failed cancel stays failed.
-        claimed(store.claim_cancel(&cancel_draft(&r, Some(100), None)).await.unwrap());
+        claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(100), None))
+                .await
+                .unwrap(),
+        );
         assert!(store
-            .cancel_transition(id, 2, &T::MarkFailed { failure_code: "X".into(), last_error: err(), release_key: false })
+            .cancel_transition(
+                id,
+                2,
+                &T::MarkFailed {
+                    failure_code: "X".into(),
+                    last_error: err(),
+                    release_key: false
+                }
+            )
             .await
             .unwrap());
-        assert!(!store.cancel_transition(id, 2, &done()).await.unwrap(), "{name}");
+        assert!(
+            !store.cancel_transition(id, 2, &done()).await.unwrap(),
+            "{name}"
+        );
     })
     .await;
 }
@@ -924,10 +1011,17 @@ async fn racing_cancels_never_reserve_more_than_the_amount() {
                     claims.push(c);
                 }
             }
-            assert!(claims.len() <= 1, "{name}: {} claims in one round", claims.len());
+            assert!(
+                claims.len() <= 1,
+                "{name}: {} claims in one round",
+                claims.len()
+            );
             for c in claims {
                 won += 1;
-                assert!(store.cancel_transition(&r.payment_id, c.n, &done()).await.unwrap());
+                assert!(store
+                    .cancel_transition(&r.payment_id, c.n, &done())
+                    .await
+                    .unwrap());
             }
         }
         let total: i64 = store
@@ -952,7 +1046,12 @@ async fn open_cancels_are_the_ones_in_flight_or_not_yet_reversed() {
         for i in 0..4 {
             let r = pending(&m, &format!("order-open-{i}"), None);
             store.create(&r).await.unwrap();
-            claimed(store.claim_cancel(&cancel_draft(&r, Some(10), None)).await.unwrap());
+            claimed(
+                store
+                    .claim_cancel(&cancel_draft(&r, Some(10), None))
+                    .await
+                    .unwrap(),
+            );
             let id = &r.payment_id;
             match i {
                 0 => expected.push(r.payment_id.clone()), // pending
@@ -965,7 +1064,15 @@ async fn open_cancels_are_the_ones_in_flight_or_not_yet_reversed() {
                     assert!(store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap());
                 }
                 _ => assert!(store
-                    .cancel_transition(id, 1, &T::MarkFailed { failure_code: "X".into(), last_error: "e".into(), release_key: false })
+                    .cancel_transition(
+                        id,
+                        1,
+                        &T::MarkFailed {
+                            failure_code: "X".into(),
+                            last_error: "e".into(),
+                            release_key: false
+                        }
+                    )
                     .await
                     .unwrap()),
             }

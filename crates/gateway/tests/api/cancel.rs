@@ -57,8 +57,11 @@ async fn partial_cancels_down_to_zero_then_over_the_balance_is_422() {
         let pid = app.paid("order-cancel-partial", 10_000).await;
 
         let (s, b) = status_and_body(
-            app.cancel(&pid, &json!({"cancelReason": "one item out of stock", "cancelAmount": 3_000}))
-                .await,
+            app.cancel(
+                &pid,
+                &json!({"cancelReason": "one item out of stock", "cancelAmount": 3_000}),
+            )
+            .await,
         )
         .await;
         assert_eq!(s, 200, "{name}: {b}");
@@ -69,43 +72,86 @@ async fn partial_cancels_down_to_zero_then_over_the_balance_is_422() {
         assert_eq!(b["cancels"][0]["status"], "DONE");
 
         let (s, b) = status_and_body(
-            app.cancel(&pid, &json!({"cancelReason": "more", "cancelAmount": 7_001}))
-                .await,
+            app.cancel(
+                &pid,
+                &json!({"cancelReason": "more", "cancelAmount": 7_001}),
+            )
+            .await,
         )
         .await;
-        assert_eq!((s, b["code"].as_str()), (422, Some("CANCEL_AMOUNT_EXCEEDS_BALANCE")), "{name}: {b}");
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (422, Some("CANCEL_AMOUNT_EXCEEDS_BALANCE")),
+            "{name}: {b}"
+        );
 
         let (s, b) = status_and_body(
-            app.cancel(&pid, &json!({"cancelReason": "the rest", "cancelAmount": 7_000}))
-                .await,
+            app.cancel(
+                &pid,
+                &json!({"cancelReason": "the rest", "cancelAmount": 7_000}),
+            )
+            .await,
         )
         .await;
         assert_eq!(s, 200, "{name}: {b}");
-        assert_eq!((b["status"].as_str(), b["balanceAmount"].as_i64()), (Some("CANCELED"), Some(0)));
+        assert_eq!(
+            (b["status"].as_str(), b["balanceAmount"].as_i64()),
+            (Some("CANCELED"), Some(0))
+        );
 
-        let (s, b) = status_and_body(app.cancel(&pid, &json!({"cancelReason": "again"})).await).await;
-        assert_eq!((s, b["code"].as_str()), (422, Some("CANCEL_AMOUNT_EXCEEDS_BALANCE")), "{name}: {b}");
+        let (s, b) =
+            status_and_body(app.cancel(&pid, &json!({"cancelReason": "again"})).await).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (422, Some("CANCEL_AMOUNT_EXCEEDS_BALANCE")),
+            "{name}: {b}"
+        );
 
         // Two cancel calls reached the card company; its balance is zero;
         // the ledger holds both reversals; GET shows the same.
         assert_eq!(app.sandbox.card.stats().cancel_calls, 2, "{name}");
         let at_card = app.sandbox.card.payment("order-cancel-partial").unwrap();
-        assert_eq!((at_card.status.as_str(), at_card.balance_amount), ("CANCELED", Some(0)));
+        assert_eq!(
+            (at_card.status.as_str(), at_card.balance_amount),
+            ("CANCELED", Some(0))
+        );
         app.saga.retries().wait_idle().await;
         let reversals = app.sandbox.ledger.reversals_of(&pid);
-        let keys: Vec<_> = reversals.iter().map(|(k, r)| (k.clone(), r.cancel_amount)).collect();
+        let keys: Vec<_> = reversals
+            .iter()
+            .map(|(k, r)| (k.clone(), r.cancel_amount))
+            .collect();
         assert_eq!(
             keys,
-            vec![(format!("{pid}:cancel:1"), 3_000), (format!("{pid}:cancel:2"), 7_000)],
+            vec![
+                (format!("{pid}:cancel:1"), 3_000),
+                (format!("{pid}:cancel:2"), 7_000)
+            ],
             "{name}"
         );
-        let got: Value = app.get(&app.key, &format!("/v1/payments/{pid}")).await.json().await.unwrap();
-        assert_eq!((got["status"].as_str(), got["balanceAmount"].as_i64()), (Some("CANCELED"), Some(0)));
+        let got: Value = app
+            .get(&app.key, &format!("/v1/payments/{pid}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (got["status"].as_str(), got["balanceAmount"].as_i64()),
+            (Some("CANCELED"), Some(0))
+        );
 
         // A full cancel without an amount cancels the whole payment.
         let full = app.paid("order-cancel-full", 5_000).await;
-        let (s, b) = status_and_body(app.cancel(&full, &json!({"cancelReason": "changed my mind"})).await).await;
-        assert_eq!((s, b["status"].as_str(), b["balanceAmount"].as_i64()), (200, Some("CANCELED"), Some(0)), "{name}");
+        let (s, b) = status_and_body(
+            app.cancel(&full, &json!({"cancelReason": "changed my mind"}))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (s, b["status"].as_str(), b["balanceAmount"].as_i64()),
+            (200, Some("CANCELED"), Some(0)),
+            "{name}"
+        );
         app.teardown().await;
     }
 }
@@ -117,16 +163,32 @@ async fn a_repeated_cancel_with_the_same_key_replays_without_a_second_card_call(
         let app = spawn_app(&backend, FaultProfile::none(), |_| {}).await;
         let pid = app.paid("order-cancel-replay", 8_000).await;
         let body = json!({"cancelReason": "refund", "cancelAmount": 2_000});
-        let (s1, b1) = status_and_body(app.cancel_with(&app.key, &pid, &body, Some("\"cancel-key-1\"")).await).await;
-        let (s2, b2) = status_and_body(app.cancel_with(&app.key, &pid, &body, Some("cancel-key-1")).await).await;
+        let (s1, b1) = status_and_body(
+            app.cancel_with(&app.key, &pid, &body, Some("\"cancel-key-1\""))
+                .await,
+        )
+        .await;
+        let (s2, b2) = status_and_body(
+            app.cancel_with(&app.key, &pid, &body, Some("cancel-key-1"))
+                .await,
+        )
+        .await;
         assert_eq!((s1, s2), (200, 200), "{name}: {b1} {b2}");
         assert_eq!(b1, b2, "{name}");
         assert_eq!(b2["balanceAmount"], 6_000);
         assert_eq!(app.sandbox.card.stats().cancel_calls, 1, "{name}");
         // Same key, another body.
         let other = json!({"cancelReason": "refund", "cancelAmount": 1_000});
-        let (s, b) = status_and_body(app.cancel_with(&app.key, &pid, &other, Some("cancel-key-1")).await).await;
-        assert_eq!((s, b["code"].as_str()), (422, Some("IDEMPOTENCY_KEY_REUSED")), "{name}");
+        let (s, b) = status_and_body(
+            app.cancel_with(&app.key, &pid, &other, Some("cancel-key-1"))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (422, Some("IDEMPOTENCY_KEY_REUSED")),
+            "{name}"
+        );
         assert_eq!(app.sandbox.card.stats().cancel_calls, 1, "{name}");
         app.teardown().await;
     }
@@ -143,7 +205,8 @@ async fn cancel_refusals_make_no_card_call() {
         let (_, other_key) = create_merchant(&app.app_db, &app.config, "merchant-b").await;
         let (s, b) = status_and_body(app.cancel_with(&other_key, &pid, &reason, None).await).await;
         assert_eq!(s, 404, "{name}: {b}");
-        let (s, _) = status_and_body(app.cancel("pay_01ARZ3NDEKTSV4RRFFQ69G5FAV", &reason).await).await;
+        let (s, _) =
+            status_and_body(app.cancel("pay_01ARZ3NDEKTSV4RRFFQ69G5FAV", &reason).await).await;
         assert_eq!(s, 404, "{name}");
         // Bad bodies: 400; no JSON content type: 415; no key: 401.
         for bad in [
@@ -153,7 +216,11 @@ async fn cancel_refusals_make_no_card_call() {
             json!({"cancelAmount": 100}),
         ] {
             let (s, b) = status_and_body(app.cancel(&pid, &bad).await).await;
-            assert_eq!((s, b["code"].as_str()), (400, Some("INVALID_REQUEST")), "{name}: {bad}");
+            assert_eq!(
+                (s, b["code"].as_str()),
+                (400, Some("INVALID_REQUEST")),
+                "{name}: {bad}"
+            );
         }
         let resp = app
             .client
@@ -182,11 +249,20 @@ async fn cancel_refusals_make_no_card_call() {
             ..FaultProfile::none()
         };
         let app = spawn_app(&backend, declining, |_| {}).await;
-        let resp = app.confirm(&confirm_body("order-cancel-declined", 4_000)).await;
+        let resp = app
+            .confirm(&confirm_body("order-cancel-declined", 4_000))
+            .await;
         assert_eq!(resp.status(), 402);
-        let pid = resp.json::<Value>().await.unwrap()["paymentId"].as_str().unwrap().to_owned();
+        let pid = resp.json::<Value>().await.unwrap()["paymentId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let (s, b) = status_and_body(app.cancel(&pid, &reason).await).await;
-        assert_eq!((s, b["code"].as_str()), (409, Some("NOT_APPROVED")), "{name}: {b}");
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (409, Some("NOT_APPROVED")),
+            "{name}: {b}"
+        );
         assert_eq!(app.sandbox.card.stats().cancel_calls, 0, "{name}");
         app.teardown().await;
     }
@@ -200,15 +276,31 @@ async fn no_request_row_no_card_call_and_the_key_is_free_again() {
         let pid = app.paid("order-cancel-nolog", 6_000).await;
         make_log_read_only(&app.app_db).await;
         let body = json!({"cancelReason": "refund"});
-        let (s, b) = status_and_body(app.cancel_with(&app.key, &pid, &body, Some("k-nolog")).await).await;
-        assert_eq!((s, b["code"].as_str()), (503, Some("SERVICE_UNAVAILABLE")), "{name}: {b}");
+        let (s, b) = status_and_body(
+            app.cancel_with(&app.key, &pid, &body, Some("k-nolog"))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (503, Some("SERVICE_UNAVAILABLE")),
+            "{name}: {b}"
+        );
         assert_eq!(app.sandbox.card.stats().cancel_calls, 0, "{name}");
         let at_card = app.sandbox.card.payment("order-cancel-nolog").unwrap();
         assert_eq!(at_card.balance_amount, Some(6_000));
         make_log_writable(&app.app_db).await;
         // "Nothing was canceled, retry" is true: the same request now cancels.
-        let (s, b) = status_and_body(app.cancel_with(&app.key, &pid, &body, Some("k-nolog")).await).await;
-        assert_eq!((s, b["status"].as_str()), (200, Some("CANCELED")), "{name}: {b}");
+        let (s, b) = status_and_body(
+            app.cancel_with(&app.key, &pid, &body, Some("k-nolog"))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (s, b["status"].as_str()),
+            (200, Some("CANCELED")),
+            "{name}: {b}"
+        );
         assert_eq!(app.sandbox.card.stats().cancel_calls, 1, "{name}");
         app.teardown().await;
     }
@@ -223,19 +315,35 @@ async fn a_ledger_down_during_a_cancel_is_recorded_later_by_the_async_retries() 
         app.saga.retries().wait_idle().await;
         app.sandbox.ledger.set_down(true);
         let (s, b) = status_and_body(
-            app.cancel(&pid, &json!({"cancelReason": "refund", "cancelAmount": 4_000})).await,
+            app.cancel(
+                &pid,
+                &json!({"cancelReason": "refund", "cancelAmount": 4_000}),
+            )
+            .await,
         )
         .await;
         // Ledger trouble never turns a done cancel into an error.
-        assert_eq!((s, b["status"].as_str()), (200, Some("PARTIAL_CANCELED")), "{name}: {b}");
+        assert_eq!(
+            (s, b["status"].as_str()),
+            (200, Some("PARTIAL_CANCELED")),
+            "{name}: {b}"
+        );
         assert!(app.sandbox.ledger.reversals_of(&pid).is_empty(), "{name}");
         app.sandbox.ledger.set_down(false);
         app.saga.retries().wait_idle().await;
         let reversals = app.sandbox.ledger.reversals_of(&pid);
         assert_eq!(reversals.len(), 1, "{name}");
         assert_eq!(reversals[0].1.cancel_amount, 4_000);
-        let cancels = app.saga.store().cancels_of(&paygate_core::PaymentId::from_stored(pid.clone())).await.unwrap();
-        assert!(cancels[0].is_saved && cancels[0].save_attempts >= 2, "{name}: {cancels:?}");
+        let cancels = app
+            .saga
+            .store()
+            .cancels_of(&paygate_core::PaymentId::from_stored(pid.clone()))
+            .await
+            .unwrap();
+        assert!(
+            cancels[0].is_saved && cancels[0].save_attempts >= 2,
+            "{name}: {cancels:?}"
+        );
         app.teardown().await;
     }
 }
@@ -261,12 +369,24 @@ async fn parallel_cancels_never_refund_more_than_the_amount() {
         for t in tasks {
             statuses.push(t.await.unwrap());
         }
-        assert!(statuses.iter().all(|s| [200, 409, 422].contains(s)), "{name}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| [200, 409, 422].contains(s)),
+            "{name}: {statuses:?}"
+        );
         let done = statuses.iter().filter(|s| **s == 200).count() as i64;
         let at_card = app.sandbox.card.payment("order-cancel-race").unwrap();
-        let refunded: i64 = at_card.cancels.unwrap_or_default().iter().map(|c| c.cancel_amount).sum();
+        let refunded: i64 = at_card
+            .cancels
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.cancel_amount)
+            .sum();
         assert!(refunded <= 5_000, "{name}: {refunded}");
-        assert_eq!(refunded, done * 1_000, "{name}: paygate's 200s are the card's cancels");
+        assert_eq!(
+            refunded,
+            done * 1_000,
+            "{name}: paygate's 200s are the card's cancels"
+        );
         assert_eq!(at_card.balance_amount, Some(5_000 - refunded));
         let app = Arc::into_inner(app).expect("tasks ended");
         app.teardown().await;

@@ -92,7 +92,7 @@ fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
             release_key,
         } => {
             let mut set = doc! {"status": "FAILED", "failure_code": failure_code,
-                "last_error": last_error, "updated_at": now};
+            "last_error": last_error, "updated_at": now};
             if *release_key {
                 set.insert("idempotency_key", Bson::Null);
             }
@@ -105,22 +105,22 @@ fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
         CancelTransition::LookupFailed { last_error } => (
             in_flight,
             doc! {"$set": {"status": "UNKNOWN", "last_error": last_error, "updated_at": now},
-                  "$inc": {"batch_attempts": 1_i64}},
+            "$inc": {"batch_attempts": 1_i64}},
         ),
         CancelTransition::MarkSaved => (
             saving,
             doc! {"$set": {"is_saved": true, "last_error": Bson::Null, "updated_at": now},
-                  "$inc": {"save_attempts": 1_i64}},
+            "$inc": {"save_attempts": 1_i64}},
         ),
         CancelTransition::SaveFailed { last_error } => (
             saving,
             doc! {"$set": {"last_error": last_error, "updated_at": now},
-                  "$inc": {"save_attempts": 1_i64}},
+            "$inc": {"save_attempts": 1_i64}},
         ),
         CancelTransition::BatchSaveFailed { last_error } => (
             saving,
             doc! {"$set": {"last_error": last_error, "updated_at": now},
-                  "$inc": {"batch_attempts": 1_i64}},
+            "$inc": {"batch_attempts": 1_i64}},
         ),
     }
 }
