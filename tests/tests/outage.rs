@@ -139,6 +139,7 @@ impl Gateway {
             .map(|a| CardApproval {
                 order_id: a.order_id,
                 payment_key: a.payment_key,
+                canceled_amount: a.canceled_amount,
             })
             .collect();
         let report = check(store.as_ref(), &SqlOutbox::new(self.db.clone()), &approvals)

@@ -368,3 +368,127 @@ async fn stale_pending_records_are_settled_each_in_isolation() {
         e.cleanup.run().await;
     }
 }
+
+// ---- cancels (issue 15, point 11) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_alerted() {
+    use paygate_card_api::{CancelRequest, CardApi, ConfirmRequest, TossCardApi};
+    use paygate_reconcile::check::{check, CardApproval};
+    use paygate_state_store::{CancelClaim, CancelDraft, CancelTransition};
+    for backend in e2e_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &e.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        let mut records = Vec::new();
+        for order in ["order-canceled", "order-card-only-cancel"] {
+            let r = e.record(order, 5_000, 30).await;
+            e.paid(&r).await;
+            assert!(e
+                .c
+                .store
+                .transition(&r.payment_id, &Transition::MarkSaved)
+                .await
+                .unwrap());
+            // Approved now through the card API (so the simulator lists the
+            // approval for `check`); paygate's record says 30 minutes ago,
+            // so the not-approved pass looks it up and finds it canceled.
+            card.confirm(
+                &ConfirmRequest {
+                    payment_key: r.payment_key.clone(),
+                    order_id: order.into(),
+                    amount: 5_000,
+                },
+                r.payment_id.as_str(),
+            )
+            .await
+            .unwrap();
+            card.cancel(
+                &r.payment_key,
+                &CancelRequest {
+                    cancel_reason: "refund".into(),
+                    cancel_amount: Some(2_000),
+                },
+                &format!("{}:cancel:1", r.payment_id),
+            )
+            .await
+            .unwrap();
+            records.push(r);
+        }
+        // paygate holds the first order's cancel, not the second's.
+        let r = &records[0];
+        let draft = CancelDraft {
+            payment_id: r.payment_id.clone(),
+            merchant_id: r.merchant_id.clone(),
+            total_amount: r.amount,
+            amount: Some(2_000),
+            reason: "refund".into(),
+            idempotency_key: None,
+            request_fingerprint: "fp".into(),
+            now: paygate_core::time::now_ms(),
+        };
+        let CancelClaim::Claimed(c) = e.c.store.claim_cancel(&draft).await.unwrap() else {
+            panic!("{name}: claimed");
+        };
+        let done = CancelTransition::MarkDone {
+            canceled_at: "2026-11-21T12:10:00+09:00".into(),
+        };
+        assert!(e
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
+
+        let approvals = |e: &Env| -> Vec<CardApproval> {
+            e.sandbox
+                .card
+                .approvals()
+                .into_iter()
+                .map(|a| CardApproval {
+                    order_id: a.order_id,
+                    payment_key: a.payment_key,
+                    canceled_amount: a.canceled_amount,
+                })
+                .collect()
+        };
+        let outbox = SqlOutbox::new(e.c.db.clone());
+        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e))
+            .await
+            .unwrap();
+        assert_eq!(
+            (report.lost, report.canceled, report.cancel_mismatches),
+            (0, 1, 1),
+            "{name}: {report:?}"
+        );
+        assert_eq!(
+            report.cancel_mismatch_orders,
+            vec!["order-card-only-cancel".to_owned()]
+        );
+        assert!(!report.holds());
+
+        // The window reaches past now: the cancel transactions are in it.
+        let opts = ReconcileOptions {
+            stale_after: Duration::from_secs(86_400),
+            ..ReconcileOptions::window(e.now - 60 * MINUTE, paygate_core::time::now_ms() + MINUTE)
+        };
+        let s = e.reconciler().run(&opts).await.unwrap();
+        assert_eq!((s.matched, s.alerts), (2, 1), "{name}: {s:?}");
+        assert_eq!(
+            e.outbox_reasons().await,
+            vec!["cancel_mismatch".to_owned()],
+            "{name}"
+        );
+        // Alerted: an operator has it; check holds now.
+        let report = check(e.c.store.as_ref(), &outbox, &approvals(&e))
+            .await
+            .unwrap();
+        assert!(report.holds(), "{name}: {report:?}");
+        e.cleanup.run().await;
+    }
+}

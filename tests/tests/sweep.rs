@@ -611,3 +611,133 @@ async fn a_lease_that_cannot_be_renewed_within_its_ttl_is_lost() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+// ---- cancels (issue 15, point 11) ----
+
+impl Env {
+    /// An order approved at the card company and recorded in the ledger,
+    /// with its record paid and saved.
+    async fn approved_and_saved(&self, order: &str) -> PaymentRecord {
+        let r = self.record(order).await;
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &self.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: r.payment_key.clone(),
+                order_id: r.order_id.to_string(),
+                amount: r.amount,
+            },
+            r.payment_id.as_str(),
+        )
+        .await
+        .unwrap();
+        self.t(&r, paid()).await;
+        let (_, now) = self.c.store.get(&r.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            self.c.saga.batch_save(&now).await,
+            paygate_payments::SaveResult::Saved
+        );
+        r
+    }
+
+    async fn claim_cancel(
+        &self,
+        r: &PaymentRecord,
+        amount: i64,
+    ) -> paygate_state_store::CancelRecord {
+        let draft = paygate_state_store::CancelDraft {
+            payment_id: r.payment_id.clone(),
+            merchant_id: r.merchant_id.clone(),
+            total_amount: r.amount,
+            amount: Some(amount),
+            reason: "refund".into(),
+            idempotency_key: None,
+            request_fingerprint: "fp".into(),
+            now: paygate_core::time::now_ms(),
+        };
+        match self.c.store.claim_cancel(&draft).await.unwrap() {
+            paygate_state_store::CancelClaim::Claimed(c) => c,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_left_pending_by_a_crash_is_settled_by_the_batch() {
+    for backend in e2e_backends() {
+        let name = backend.name();
+        let e = env(&backend, FaultProfile::none()).await;
+        let r = e.approved_and_saved("order-cancel-crash").await;
+        // The gateway died between the claim and the card call.
+        let c = e.claim_cancel(&r, 2_000).await;
+        assert_eq!(e.sandbox.card.stats().cancel_calls, 0);
+        let s = e.sweeper().sweep(&now_opts()).await.unwrap();
+        assert_eq!((s.settled, s.failures), (1, 0), "{name}: {s:?}");
+        // Not found at the card company by lookup: sent once with its key.
+        assert_eq!(e.sandbox.card.stats().cancel_calls, 1, "{name}");
+        let at_card = e.sandbox.card.payment("order-cancel-crash").unwrap();
+        assert_eq!(at_card.balance_amount, Some(3_000), "{name}");
+        let now = e.c.store.cancels_of(&r.payment_id).await.unwrap().remove(0);
+        assert_eq!(
+            (now.status, now.is_saved),
+            (paygate_state_store::CancelStatus::Done, true),
+            "{name}"
+        );
+        let reversals = e.sandbox.ledger.reversals_of(r.payment_id.as_str());
+        assert_eq!(reversals.len(), 1, "{name}");
+        assert_eq!(reversals[0].0, c.idempotency_key_downstream());
+        // Nothing left: a second sweep makes no call.
+        let s = e.sweeper().sweep(&now_opts()).await.unwrap();
+        assert_eq!((s.settled, s.retried), (0, 0), "{name}: {s:?}");
+        assert_eq!(e.sandbox.card.stats().cancel_calls, 1, "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_left_unsaved_is_retried_by_the_batch_and_alerted_at_the_threshold() {
+    for backend in e2e_backends() {
+        let name = backend.name();
+        let e = env(&backend, FaultProfile::none()).await;
+        let r = e.approved_and_saved("order-cancel-rev").await;
+        let c = e.claim_cancel(&r, 5_000).await;
+        let done = paygate_state_store::CancelTransition::MarkDone {
+            canceled_at: "2026-11-21T12:10:00+09:00".into(),
+        };
+        assert!(e
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
+        e.sandbox.ledger.set_down(true);
+        let opts = SweepOptions {
+            ledger_alert_threshold: 2,
+            ..now_opts()
+        };
+        let s1 = e.sweeper().sweep(&opts).await.unwrap();
+        let s2 = e.sweeper().sweep(&opts).await.unwrap();
+        assert_eq!(
+            (s1.retried, s1.saved, s1.alerts),
+            (1, 0, 0),
+            "{name}: {s1:?}"
+        );
+        assert_eq!(
+            (s2.retried, s2.saved, s2.alerts),
+            (1, 0, 1),
+            "{name}: {s2:?}"
+        );
+        e.sandbox.ledger.set_down(false);
+        let s3 = e.sweeper().sweep(&opts).await.unwrap();
+        assert_eq!((s3.retried, s3.saved), (1, 1), "{name}: {s3:?}");
+        assert_eq!(
+            e.sandbox.ledger.reversals_of(r.payment_id.as_str()).len(),
+            1
+        );
+        e.cleanup.run().await;
+    }
+}

@@ -58,6 +58,15 @@ pub enum AlertReason {
     /// Reconciliation: an approval with no paygate record could not be
     /// canceled; it is still charged.
     OrphanNotCanceled,
+    /// A merchant's cancel (refund) could not be settled: the card
+    /// company's answer was lost and the batch's lookups did not find it.
+    CancelUnknown,
+    /// The ledger refused a cancel's reversal, or the batch failed to record
+    /// it up to the threshold.
+    ReversalFailed,
+    /// Reconciliation: paygate's cancels and the card company's disagree
+    /// (a cancel one side holds and the other does not).
+    CancelMismatch,
 }
 
 impl AlertReason {
@@ -73,6 +82,9 @@ impl AlertReason {
             Self::PaidNotApproved => "paid_not_approved",
             Self::OrphanCanceled => "orphan_canceled",
             Self::OrphanNotCanceled => "orphan_not_canceled",
+            Self::CancelUnknown => "cancel_unknown",
+            Self::ReversalFailed => "reversal_failed",
+            Self::CancelMismatch => "cancel_mismatch",
         }
     }
 
@@ -88,6 +100,9 @@ impl AlertReason {
             Self::PaidNotApproved => "Paid in paygate but not approved at the card company",
             Self::OrphanCanceled => "Approval without a paygate payment was canceled",
             Self::OrphanNotCanceled => "Approval without a paygate payment could NOT be canceled",
+            Self::CancelUnknown => "Cancel needs checking: card outcome unknown",
+            Self::ReversalFailed => "Ledger reversal of a cancel failed",
+            Self::CancelMismatch => "Cancels differ between paygate and the card company",
         }
     }
 }

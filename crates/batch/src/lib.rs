@@ -15,6 +15,17 @@
 //!   and settle it (paid: then save and complete; declined: unpaid); still
 //!   unknown: alert "payment needs checking".
 //!
+//! Then the cancels (refunds) that need work, past the same grace:
+//! - in flight (`PENDING`: a crash between the claim and the card call, or
+//!   `UNKNOWN`: a lost answer): looked up at the card company by orderId
+//!   and settled from its `cancels[]`, else sent again with the same
+//!   `Idempotency-Key`; still unknown: `batch_attempts += 1` and, at the
+//!   threshold, an alert "cancel needs checking";
+//! - done, reversal not in the ledger: the reversal is tried again (after
+//!   the approval's entry); at the threshold an alert "reversal failed".
+//!
+//! Their counts join the records' (`settled`, `retried`, `saved`, `alerts`).
+//!
 //! Records are streamed (bounded memory), handled with bounded concurrency,
 //! and one record's failure is counted and logged without stopping the
 //! others. A [`lease::Lease`] keeps sweeps from overlapping across replicas.
@@ -328,6 +339,10 @@ impl Sweeper {
                 }
             })
             .await;
+        let outcome = match outcome {
+            Ok(()) => self.sweep_cancels(opts, lost, cutoff, &counters).await,
+            Err(e) => Err(e),
+        };
         let summary = counters.summary(started);
         metrics::counter!("paygate_batch_runs_total").increment(1);
         metrics::gauge!("paygate_batch_last_scanned").set(summary.scanned as f64);
@@ -399,6 +414,82 @@ impl Sweeper {
             CardStatus::Done | CardStatus::Canceled => {}
         }
         Ok(())
+    }
+
+    /// The pass over cancels that need work (see the module doc).
+    async fn sweep_cancels(
+        &self,
+        opts: &SweepOptions,
+        lost: &AtomicBool,
+        cutoff: i64,
+        counters: &Counters,
+    ) -> Result<(), BatchError> {
+        self.store
+            .scan_open_cancels(opts.scan_batch)
+            .map_err(BatchError::Store)
+            .try_for_each_concurrent(opts.concurrency.max(1), |c| async move {
+                if lost.load(Ordering::SeqCst) {
+                    return Err(BatchError::LeaseLost(Summary::default()));
+                }
+                if c.updated_at <= cutoff {
+                    self.handle_cancel(&c, opts, counters).await;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn handle_cancel(
+        &self,
+        c: &paygate_state_store::CancelRecord,
+        opts: &SweepOptions,
+        counters: &Counters,
+    ) {
+        use paygate_payments::{CancelSettlement, SaveResult};
+        let threshold = opts.ledger_alert_threshold;
+        if c.status.in_flight() {
+            bump(&counters.settled);
+            if opts.dry_run {
+                return;
+            }
+            match self.saga.settle_cancel(c, threshold).await {
+                CancelSettlement::StillUnknown if c.batch_attempts + 1 >= threshold => {
+                    bump(&counters.alerts);
+                }
+                CancelSettlement::Skipped => bump(&counters.failures),
+                _ => {}
+            }
+            return;
+        }
+        bump(&counters.retried);
+        if opts.dry_run {
+            return;
+        }
+        match self.saga.batch_reverse(&c.payment_id, c.n).await {
+            SaveResult::Saved => bump(&counters.saved),
+            SaveResult::Retry if c.batch_attempts + 1 >= threshold => {
+                let alerted = match self.store.get(&c.payment_id).await {
+                    Ok(Some((_, record))) if record.is_saved => {
+                        self.saga
+                            .alert(
+                                &record,
+                                paygate_alert::AlertReason::ReversalFailed,
+                                format!(
+                                    "cancel {}: the ledger reversal failed {} times in the batch",
+                                    c.n,
+                                    c.batch_attempts + 1
+                                ),
+                            )
+                            .await
+                    }
+                    _ => false,
+                };
+                if alerted {
+                    bump(&counters.alerts);
+                }
+            }
+            SaveResult::Retry | SaveResult::Refused => {}
+        }
     }
 
     /// Moves a record out of realtime into `to` (a dry run only counts it);

@@ -2,8 +2,9 @@
 //! Reads every approval the simulator gave (`GET /sandbox/approvals` on
 //! `card_api_url`, Basic auth with `card_api_secret_key`) and classifies each
 //! against paygate's stores and alert outbox (see
-//! `paygate_reconcile::check`). Exit code 1 when an approval is lost or an
-//! order was charged twice; 0 otherwise.
+//! `paygate_reconcile::check`). Exit code 1 when an approval is lost, an
+//! order was charged twice, or paygate's done cancels of an order differ
+//! from the card company's (none in flight, no alert); 0 otherwise.
 
 use std::process::ExitCode;
 
@@ -54,6 +55,7 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
         .map(|a| CardApproval {
             order_id: a.order_id,
             payment_key: a.payment_key,
+            canceled_amount: a.canceled_amount,
         })
         .collect();
     let (c, _sandbox) = paygate_gateway::components(&config).await?;
@@ -68,8 +70,16 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
         println!("unknown-alerted  {}", report.unknown_alerted);
         println!("lost             {}", report.lost);
         println!("double charges   {}", report.double_charges);
+        println!("canceled         {}", report.canceled);
+        println!("cancel mismatch  {}", report.cancel_mismatches);
         if !report.lost_orders.is_empty() {
             println!("lost orders      {}", report.lost_orders.join(", "));
+        }
+        if !report.cancel_mismatch_orders.is_empty() {
+            println!(
+                "cancel mismatch orders {}",
+                report.cancel_mismatch_orders.join(", ")
+            );
         }
     }
     Ok(if report.holds() {

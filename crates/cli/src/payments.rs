@@ -401,6 +401,9 @@ pub const MISMATCH_REASONS: &[&str] = &[
     "amount_mismatch",
     "paid_not_approved",
     "orphan_not_canceled",
+    "cancel_unknown",
+    "reversal_failed",
+    "cancel_mismatch",
 ];
 
 async fn problems(

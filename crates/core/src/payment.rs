@@ -64,6 +64,8 @@ pub enum PaymentStatus {
     InProgress,
     /// Approved, then cancelled.
     Canceled,
+    /// Approved, then partly cancelled (a balance is left).
+    PartialCanceled,
 }
 
 impl From<&CardStatus> for PaymentStatus {

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod merchant_slots;
+pub mod cancel;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -383,6 +384,12 @@ pub fn routes_table() -> Vec<(
             "/v1/payments/{payment_id}",
             get(routes::get_payment),
             Merchant,
+        ),
+        (
+            "POST",
+            "/v1/payments/{payment_id}/cancel",
+            post(cancel::cancel),
+            OwnDeadline,
         ),
         ("GET", "/healthz", get(routes::healthz), Operations),
         ("GET", "/readyz", get(routes::readyz), Operations),

@@ -23,15 +23,22 @@ use crate::{problem::ProblemDetails, routes};
         routes::confirm,
         routes::get_payment,
         routes::get_by_order,
+        crate::cancel::cancel,
         routes::healthz,
         routes::readyz,
         routes::metrics,
         routes::openapi_json,
     ),
-    components(schemas(routes::ConfirmBody, routes::PaymentView, ProblemDetails)),
+    components(schemas(
+        routes::ConfirmBody,
+        crate::cancel::CancelBody,
+        routes::PaymentView,
+        routes::CancelView,
+        ProblemDetails
+    )),
     modifiers(&BearerAuth),
     tags(
-        (name = "payments", description = "confirm and read payments"),
+        (name = "payments", description = "confirm, read and cancel payments"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     )
 )]

@@ -11,6 +11,8 @@ use paygate_core::{OrderId, PaymentId, PaymentRecord, PaymentStatus};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use paygate_state_store::{CancelRecord, CancelStatus};
+
 use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse};
 
 use crate::{auth::AuthedMerchant, problem::Problem, telemetry::RequestStarted, AppState};
@@ -47,9 +49,15 @@ pub struct PaymentView {
     pub amount: i64,
     /// ISO 4217 currency.
     pub currency: String,
-    /// `DONE`, `ABORTED`, `UNKNOWN`, `IN_PROGRESS` or `CANCELED`.
+    /// `DONE`, `ABORTED`, `UNKNOWN`, `IN_PROGRESS`, `CANCELED` (nothing
+    /// left) or `PARTIAL_CANCELED` (cancels done, a balance left).
     #[schema(value_type = String, example = "DONE")]
     pub status: PaymentStatus,
+    /// What is left after the done cancels, minor units (`amount` when
+    /// there are none).
+    pub balance_amount: i64,
+    /// The cancels (refunds) of the payment, oldest first.
+    pub cancels: Vec<CancelView>,
     /// True once the ledger recorded it.
     pub saved: bool,
     /// The card company's approval time, RFC 3339.
@@ -58,9 +66,67 @@ pub struct PaymentView {
     pub requested_at: String,
 }
 
+/// One cancel (refund) of a payment as a merchant sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelView {
+    /// Amount canceled, minor units.
+    pub cancel_amount: i64,
+    /// The merchant's `cancelReason`.
+    pub cancel_reason: String,
+    /// `DONE`, `IN_PROGRESS`, `UNKNOWN` (the card's answer was lost; the
+    /// batch settles it) or `ABORTED` (not canceled).
+    #[schema(example = "DONE")]
+    pub status: String,
+    /// The card company's cancel time, RFC 3339, once done.
+    pub canceled_at: Option<String>,
+}
+
+impl From<&CancelRecord> for CancelView {
+    fn from(c: &CancelRecord) -> Self {
+        Self {
+            cancel_amount: c.amount,
+            cancel_reason: c.reason.clone(),
+            status: match c.status {
+                CancelStatus::Pending => "IN_PROGRESS",
+                CancelStatus::Done => "DONE",
+                CancelStatus::Unknown => "UNKNOWN",
+                CancelStatus::Failed => "ABORTED",
+            }
+            .to_owned(),
+            canceled_at: c.canceled_at.clone(),
+        }
+    }
+}
+
+impl PaymentView {
+    /// The payment with its cancels: the status is `CANCELED` once the done
+    /// cancels reach the amount, `PARTIAL_CANCELED` while a balance is left.
+    pub fn with_cancels(r: &PaymentRecord, cancels: &[CancelRecord]) -> Self {
+        let mut v = Self::from(r);
+        let done: i64 = cancels
+            .iter()
+            .filter(|c| c.status == CancelStatus::Done)
+            .map(|c| c.amount)
+            .sum();
+        v.balance_amount = r.amount - done;
+        if done > 0 {
+            v.status = if v.balance_amount <= 0 {
+                PaymentStatus::Canceled
+            } else {
+                PaymentStatus::PartialCanceled
+            };
+        }
+        v.cancels = cancels.iter().map(CancelView::from).collect();
+        v
+    }
+}
+
 impl From<&PaymentRecord> for PaymentView {
     fn from(r: &PaymentRecord) -> Self {
         Self {
+            balance_amount: r.amount,
+            cancels: Vec::new(),
             payment_id: r.payment_id.to_string(),
             order_id: r.order_id.to_string(),
             payment_key: r.payment_key.clone(),
@@ -79,7 +145,7 @@ fn view(status: StatusCode, r: &PaymentRecord) -> Response {
 }
 
 /// Reads `Idempotency-Key`, quoted (`"abc"`) or bare: 1-255 visible ASCII.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(raw) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -101,7 +167,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 /// True when `Content-Type` is `application/json` (parameters such as
 /// `charset` allowed, case-insensitive).
-fn is_json(headers: &HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -111,7 +177,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// A path parameter, or 400 when it does not decode (the framework's text
 /// names internal fields, so it is never passed on).
-fn path_param(param: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+pub(crate) fn path_param(param: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
     param
         .map(|Path(p)| p)
         .map_err(|_| Problem::invalid("a path segment is not valid percent-encoded UTF-8"))
@@ -374,8 +440,24 @@ pub async fn get_payment(
     let id = PaymentId::parse(&payment_id).ok_or_else(Problem::not_found)?;
     tracing::Span::current().record("payment_id", id.as_str());
     match state.saga.store().get(&id).await {
-        Ok(Some((_, r))) if r.merchant_id == merchant.merchant_id => Ok(view(StatusCode::OK, &r)),
+        Ok(Some((_, r))) if r.merchant_id == merchant.merchant_id => with_cancels(&state, &r).await,
         Ok(_) => Err(Problem::not_found()),
+        Err(e) => {
+            tracing::error!(error = %e, "state store unavailable");
+            Err(Problem::unavailable("payment state store unavailable"))
+        }
+    }
+}
+
+/// 200 with a paid payment's cancels read from the store.
+async fn with_cancels(state: &AppState, r: &PaymentRecord) -> Result<Response, Problem> {
+    if !r.is_paid {
+        return Ok(view(StatusCode::OK, r));
+    }
+    match state.saga.store().cancels_of(&r.payment_id).await {
+        Ok(cancels) => {
+            Ok((StatusCode::OK, Json(PaymentView::with_cancels(r, &cancels))).into_response())
+        }
         Err(e) => {
             tracing::error!(error = %e, "state store unavailable");
             Err(Problem::unavailable("payment state store unavailable"))
@@ -409,7 +491,7 @@ pub async fn get_by_order(
         .get_by_order(&merchant.merchant_id, &order_id)
         .await
     {
-        Ok(Some(r)) => Ok(view(StatusCode::OK, &r)),
+        Ok(Some(r)) => with_cancels(&state, &r).await,
         Ok(None) => Err(Problem::not_found()),
         Err(e) => {
             tracing::error!(error = %e, "state store unavailable");

@@ -2,9 +2,10 @@
 //! merchant settlement), as the [`LedgerApi`] trait and its HTTP client
 //! [`HttpLedgerApi`] (DESIGN.md §7).
 //!
-//! Use it to record an approved payment. Every record call carries
-//! `Idempotency-Key: <payment_id>`, so any number of retries records the
-//! payment once.
+//! Use it to record an approved payment and the reversal of each cancel
+//! (refund) of it. Every record call carries `Idempotency-Key: <payment_id>`
+//! and every reversal `Idempotency-Key: <payment_id>:cancel:<n>`, so any
+//! number of retries records each once.
 
 use std::time::Duration;
 
@@ -32,6 +33,26 @@ pub struct LedgerEntry {
     pub currency: String,
     /// The card company's `approvedAt`, RFC 3339.
     pub approved_at: String,
+}
+
+/// Path of the reversal call (a cancel, DESIGN.md §7).
+pub const REVERSAL_PATH: &str = "/v1/ledger/reversals";
+
+/// Body of `POST /v1/ledger/reversals`: one cancel (refund) of a recorded
+/// payment. `cancel_amount` is in minor units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerReversal {
+    /// paygate's payment id (recorded before any reversal of it).
+    pub payment_id: String,
+    /// Amount refunded, minor units.
+    pub cancel_amount: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// The card company's `canceledAt`, RFC 3339.
+    pub canceled_at: String,
+    /// The merchant's `cancelReason`.
+    pub reason: String,
 }
 
 /// What a successful record call did.
@@ -104,6 +125,23 @@ pub trait LedgerApi: Send + Sync + 'static {
     /// # Errors
     /// [`LedgerApiError`].
     async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError>;
+
+    /// Records the reversal of one cancel with `Idempotency-Key:
+    /// <payment_id>:cancel:<n>`: 201 recorded, 200 already recorded with the
+    /// same body, 409 that key with another body. A ledger that keeps no
+    /// reversals (the simulation's, which models no cancels) keeps this
+    /// default and refuses with [`LedgerApiError::Rejected`] 501.
+    ///
+    /// # Errors
+    /// [`LedgerApiError`]; [`LedgerApiError::is_transient`] says whether to retry.
+    async fn reverse(
+        &self,
+        reversal: &LedgerReversal,
+        idempotency_key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
+        let _ = (reversal, idempotency_key);
+        Err(LedgerApiError::Rejected(501))
+    }
 }
 
 /// HTTP client of the ledger API, with a per-call timeout.
@@ -133,6 +171,17 @@ fn transport_error(e: reqwest::Error) -> LedgerApiError {
     }
 }
 
+/// The outcome of a record or reversal call by its status.
+fn write_outcome(status: u16) -> Result<LedgerOutcome, LedgerApiError> {
+    match status {
+        201 => Ok(LedgerOutcome::Recorded),
+        200 => Ok(LedgerOutcome::AlreadyRecorded),
+        409 => Err(LedgerApiError::Conflict),
+        s if s >= 500 => Err(LedgerApiError::Server(s)),
+        s => Err(LedgerApiError::Rejected(s)),
+    }
+}
+
 #[async_trait::async_trait]
 impl LedgerApi for HttpLedgerApi {
     async fn record(
@@ -149,13 +198,24 @@ impl LedgerApi for HttpLedgerApi {
             .send()
             .await
             .map_err(transport_error)?;
-        match resp.status().as_u16() {
-            201 => Ok(LedgerOutcome::Recorded),
-            200 => Ok(LedgerOutcome::AlreadyRecorded),
-            409 => Err(LedgerApiError::Conflict),
-            s if s >= 500 => Err(LedgerApiError::Server(s)),
-            s => Err(LedgerApiError::Rejected(s)),
-        }
+        write_outcome(resp.status().as_u16())
+    }
+
+    async fn reverse(
+        &self,
+        reversal: &LedgerReversal,
+        idempotency_key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
+        let resp = self
+            .client
+            .post(format!("{}{REVERSAL_PATH}", self.base_url))
+            .header("Idempotency-Key", idempotency_key)
+            .timeout(self.timeout)
+            .json(reversal)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        write_outcome(resp.status().as_u16())
     }
 
     async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {

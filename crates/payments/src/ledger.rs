@@ -35,11 +35,11 @@ pub struct RetryTracker {
 }
 
 impl RetryTracker {
-    fn begin(&self) {
+    pub(crate) fn begin(&self) {
         self.pending.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn end(&self) {
+    pub(crate) fn end(&self) {
         if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }

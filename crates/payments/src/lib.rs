@@ -19,12 +19,15 @@
 //! | `logged_call` | every downstream call, `REQUEST` row first | I3 |
 //! | [`classify`] | an answer's retry and breaker class | I5 |
 //! | `lookup` | settling a lost answer by orderId | I1 |
-//! | `card_calls` | cancels and transaction-list pages | I3 |
+//! | [`cancel`] | a merchant's cancel (refund): claim, card call, verdict | I1, I2, I3 |
+//! | `reversal` | a cancel's ledger reversal: sync try, async retries | I1, I4 |
+//! | `card_calls` | orphan cancels and transaction-list pages | I3 |
 //! | [`ledger`] | the ledger's sync try and async retries | I1, I4 |
 //! | [`settle`] | lookups and saves for the batch and reconciliation | I1 |
 //! | [`resolve`] | an operator's decision on an open payment, audited | I1 |
 //! | [`wiring`] | building stores, stacks and the saga from config | — |
 
+pub mod cancel;
 mod card_calls;
 pub mod classify;
 mod confirm;
@@ -34,10 +37,12 @@ mod lookup;
 pub mod outcome;
 mod replay;
 pub mod resolve;
+mod reversal;
 pub mod saga;
 pub mod settle;
 pub mod wiring;
 
+pub use cancel::{CancelInput, CancelOutcome, CancelSettlement, CanceledPayment};
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{
     ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse, Settlement,

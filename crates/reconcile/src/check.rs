@@ -14,6 +14,14 @@
 //! - **lost**: none of the above (I1 broken).
 //!
 //! A **double charge** is an order the card company approved more than once (I2).
+//!
+//! Cancels (refunds): an approved order the card company has canceled (in
+//! part or whole) is still one of the states above (a canceled payment was
+//! approved, paid and saved); besides, the sum of paygate's `DONE` cancels
+//! of it must equal what the card company canceled, unless a cancel is in
+//! flight (the batch settles it) or an operator was alerted about the
+//! payment; otherwise it is a **cancel mismatch** (a refund one side holds
+//! and the other does not).
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,6 +37,8 @@ pub struct CardApproval {
     pub order_id: String,
     /// The payment key approved.
     pub payment_key: String,
+    /// Canceled of it at the card company so far, minor units.
+    pub canceled_amount: i64,
 }
 
 /// What the checker found. `--json` prints these keys.
@@ -50,12 +60,18 @@ pub struct CheckReport {
     pub double_charges: u64,
     /// The lost orders (at most 20), for the operator.
     pub lost_orders: Vec<String>,
+    /// Approved orders with cancels, paygate's and the card's agreeing.
+    pub canceled: u64,
+    /// Approved orders whose cancels differ (see the module doc).
+    pub cancel_mismatches: u64,
+    /// The orders with a cancel mismatch (at most 20).
+    pub cancel_mismatch_orders: Vec<String>,
 }
 
 impl CheckReport {
     /// True when no approval is lost and none is doubled.
     pub fn holds(&self) -> bool {
-        self.lost == 0 && self.double_charges == 0
+        self.lost == 0 && self.double_charges == 0 && self.cancel_mismatches == 0
     }
 }
 
@@ -103,6 +119,10 @@ pub async fn check(
             let pending = |r: &PaymentRecord| {
                 matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
             };
+            if let Some((_, r)) = found.filter(|(_, r)| r.is_paid) {
+                let card = per_order[order][0].canceled_amount;
+                check_cancels(store, r, card, &alerted, &mut report).await?;
+            }
             match found {
                 Some((_, r)) if r.is_paid && r.is_saved => report.completed += 1,
                 Some((Partition::Realtime, r)) if r.is_paid => report.paid_unsaved += 1,
@@ -123,4 +143,33 @@ pub async fn check(
         }
     }
     Ok(report)
+}
+
+/// Compares paygate's done cancels of a paid record with what the card
+/// company canceled of it.
+async fn check_cancels(
+    store: &dyn StateStore,
+    r: &PaymentRecord,
+    card_canceled: i64,
+    alerted: &HashSet<String>,
+    report: &mut CheckReport,
+) -> Result<(), StoreError> {
+    let cancels = store.cancels_of(&r.payment_id).await?;
+    let done: i64 = cancels
+        .iter()
+        .filter(|c| c.status == paygate_state_store::CancelStatus::Done)
+        .map(|c| c.amount)
+        .sum();
+    let in_flight = cancels.iter().any(|c| c.status.in_flight());
+    if done == card_canceled {
+        if done > 0 {
+            report.canceled += 1;
+        }
+    } else if !in_flight && !alerted.contains(r.payment_id.as_str()) {
+        report.cancel_mismatches += 1;
+        if report.cancel_mismatch_orders.len() < 20 {
+            report.cancel_mismatch_orders.push(r.order_id.to_string());
+        }
+    }
+    Ok(())
 }

@@ -23,7 +23,13 @@
 //!      `reconcile-cancel-<paymentKey>` and alert `orphan_canceled`;
 //!    - recorded by paygate as declined, or under another paymentKey →
 //!      alert `card_mismatch` (contradicting evidence is for a human).
-//! 4. **Paid but not approved.** Paid records created in the slice whose
+//! 4. **Cancels.** Each cancel transaction (`CANCELED`,
+//!    `PARTIAL_CANCELED`) of an order paygate holds must match one of its
+//!    cancels (same amount, done or in flight); otherwise alert
+//!    `cancel_mismatch`. An approval later canceled stays an approval: its
+//!    `DONE` transaction is matched as above, and a lookup that shows it
+//!    `CANCELED`/`PARTIAL_CANCELED` is not "paid but not approved".
+//! 5. **Paid but not approved.** Paid records created in the slice whose
 //!    order the slice's list did not show approved are looked up (an
 //!    approval just across a slice edge is found this way) and, if the card
 //!    company has no approval, alerted as `paid_not_approved`.
@@ -530,7 +536,7 @@ impl Reconciler {
         }
     }
 
-    /// Steps 2-4 for one slice. The scan for step 4 runs while the pages
+    /// Steps 2-5 for one slice. The scan for step 5 runs while the pages
     /// are fetched and matched; its candidates are checked once the slice's
     /// list is complete.
     async fn slice(&self, run: &Run<'_>, slice: Slice) {
@@ -661,6 +667,52 @@ impl Reconciler {
                 .collect::<Vec<()>>()
                 .await;
             approved(chunk.iter().map(|t| t.order_id.clone()).collect());
+        }
+        let cancels = txs
+            .iter()
+            .filter(|t| matches!(t.status.as_str(), "CANCELED" | "PARTIAL_CANCELED"));
+        futures_util::stream::iter(cancels.map(|tx| self.match_cancel(run, tx)))
+            .buffer_unordered(run.opts.stale_concurrency)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// A cancel transaction: paygate must hold a cancel of that amount (done,
+    /// or in flight: the batch settles it). An order paygate has no record
+    /// of is an orphan, canceled by this job itself: nothing to match.
+    async fn match_cancel(&self, run: &Run<'_>, tx: &Transaction) {
+        let found = match self
+            .store
+            .find_by_order_ids(std::slice::from_ref(&tx.order_id))
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, order_id = %tx.order_id, "reconcile: could not read a canceled order; next run");
+                add(&run.counters.failures, 1);
+                return;
+            }
+        };
+        let Some((_, r)) = found.iter().find(|(_, r)| r.payment_key == tx.payment_key) else {
+            return;
+        };
+        match self.store.cancels_of(&r.payment_id).await {
+            Ok(cancels)
+                if cancels.iter().any(|c| {
+                    c.amount == tx.amount && c.status != paygate_state_store::CancelStatus::Failed
+                }) => {}
+            Ok(_) => {
+                let detail = format!(
+                    "the card company shows a cancel of {} (transaction {}) for order {} that paygate does not hold",
+                    tx.amount, tx.transaction_key, tx.order_id
+                );
+                self.alert(run, r, AlertReason::CancelMismatch, detail)
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, payment_id = %r.payment_id, "reconcile: could not read cancels; next run");
+                add(&run.counters.failures, 1);
+            }
         }
     }
 
@@ -797,7 +849,7 @@ impl Reconciler {
         }
     }
 
-    /// Step 4, first half: paid records approved (by their `approvedAt`,
+    /// Step 5, first half: paid records approved (by their `approvedAt`,
     /// the time of the card company's `DONE` transaction) in the slice and
     /// not yet seen in its list, as `(payment_id, order_id)`. Records are
     /// found by creation time, reaching back [`APPROVAL_LAG_MS`] before the
@@ -838,7 +890,7 @@ impl Reconciler {
         Ok(candidates)
     }
 
-    /// Step 4, second half: each paid record the complete list did not show
+    /// Step 5, second half: each paid record the complete list did not show
     /// is looked up; no approval at the card company → alert.
     async fn check_not_approved(
         &self,
@@ -864,7 +916,12 @@ impl Reconciler {
                     }
                 };
                 match self.saga.lookup_order(&pid, &order_id).await {
-                    Ok(Some(p)) if p.is_approved() && p.payment_key == r.payment_key => {
+                    // Approved, then perhaps canceled in part or whole:
+                    // still an approval (its cancels are matched apart).
+                    Ok(Some(p))
+                        if matches!(p.status.as_str(), "DONE" | "PARTIAL_CANCELED" | "CANCELED")
+                            && p.payment_key == r.payment_key =>
+                    {
                         // Approved, its transaction dated outside the slice
                         // (the slice that holds it counted it).
                     }

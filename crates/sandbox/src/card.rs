@@ -63,6 +63,10 @@ pub struct Approval {
     pub idempotency_key: Option<String>,
     /// `approvedAt`, RFC 3339.
     pub approved_at: String,
+    /// Canceled (refunded) of it so far, minor units (filled in when the
+    /// approvals are read).
+    #[serde(default)]
+    pub canceled_amount: i64,
 }
 
 /// An approval placed in the simulator's books directly, as if it had been
@@ -511,7 +515,19 @@ impl CardSim {
 
     /// Every approval given, in order.
     pub fn approvals(&self) -> Vec<Approval> {
-        self.state().approvals.clone()
+        let st = self.state();
+        st.approvals
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                if let Some(p) = st.payments.get(&a.order_id) {
+                    if p.payment_key == a.payment_key {
+                        a.canceled_amount = p.cancels.iter().map(|c| c.amount).sum();
+                    }
+                }
+                a
+            })
+            .collect()
     }
 
     /// The simulator's payment for an order, if any, as paygate's adapter
@@ -779,6 +795,7 @@ async fn confirm(
                 amount: req.amount,
                 idempotency_key: key.clone(),
                 approved_at: now.clone(),
+                canceled_amount: 0,
             });
             *st.approvals_per_order
                 .entry(req.order_id.clone())

@@ -1,5 +1,8 @@
 //! The ledger simulator (DESIGN.md §7): records by `paymentId` with
-//! idempotent replay, 409 on a different body, and seeded 503s/outages.
+//! idempotent replay, 409 on a different body, and seeded 503s/outages;
+//! reversals (cancels) by `Idempotency-Key: <paymentId>:cancel:<n>` with the
+//! same replay rules, refused (422 `NOT_RECORDED`) for a payment it has not
+//! recorded, as a system of record would.
 
 use std::{
     collections::HashMap,
@@ -17,7 +20,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use paygate_ledger_api::LedgerEntry;
+use paygate_ledger_api::{LedgerEntry, LedgerReversal};
 
 use crate::{
     error_response,
@@ -34,6 +37,10 @@ pub struct LedgerStats {
     pub records: u64,
     /// Record calls answered 503 (faults, outages, down).
     pub failures: u64,
+    /// Reversal calls received.
+    pub reversal_calls: u64,
+    /// Distinct reversals recorded.
+    pub reversals: u64,
 }
 
 /// The ledger simulator.
@@ -42,6 +49,8 @@ pub struct LedgerSim {
     started: Instant,
     down: AtomicBool,
     records: Mutex<HashMap<String, LedgerEntry>>,
+    reversals: Mutex<HashMap<String, LedgerReversal>>,
+    reversal_calls: AtomicU64,
     attempts: Mutex<HashMap<String, u64>>,
     observer: ObserverSlot,
     record_calls: AtomicU64,
@@ -56,6 +65,8 @@ impl LedgerSim {
             started: Instant::now(),
             down: AtomicBool::new(false),
             records: Mutex::new(HashMap::new()),
+            reversals: Mutex::new(HashMap::new()),
+            reversal_calls: AtomicU64::new(0),
             attempts: Mutex::new(HashMap::new()),
             observer: ObserverSlot::default(),
             record_calls: AtomicU64::new(0),
@@ -83,7 +94,25 @@ impl LedgerSim {
             record_calls: self.record_calls.load(Ordering::SeqCst),
             records: self.records().len() as u64,
             failures: self.failures.load(Ordering::SeqCst),
+            reversal_calls: self.reversal_calls.load(Ordering::SeqCst),
+            reversals: self.reversals_map().len() as u64,
         }
+    }
+
+    fn reversals_map(&self) -> MutexGuard<'_, HashMap<String, LedgerReversal>> {
+        self.reversals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reversals recorded for a payment, by idempotency key order.
+    pub fn reversals_of(&self, payment_id: &str) -> Vec<(String, LedgerReversal)> {
+        let mut out: Vec<_> = self
+            .reversals_map()
+            .iter()
+            .filter(|(_, r)| r.payment_id == payment_id)
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// The recorded entry of a payment.
@@ -105,6 +134,7 @@ pub fn router(sim: Arc<LedgerSim>) -> Router {
     Router::new()
         .route("/v1/ledger/transactions", post(record))
         .route("/v1/ledger/transactions/{payment_id}", get(fetch))
+        .route("/v1/ledger/reversals", post(reverse))
         .with_state(sim)
 }
 
@@ -162,5 +192,49 @@ async fn fetch(State(sim): State<Arc<LedgerSim>>, Path(payment_id): Path<String>
     match sim.record(&payment_id) {
         Some(e) => Json(e).into_response(),
         None => error_response(404, "NOT_FOUND", "not recorded"),
+    }
+}
+
+async fn reverse(
+    State(sim): State<Arc<LedgerSim>>,
+    headers: HeaderMap,
+    Json(rev): Json<LedgerReversal>,
+) -> Response {
+    sim.reversal_calls.fetch_add(1, Ordering::SeqCst);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    sim.observer
+        .notify(SimTarget::Ledger, "reverse", key.clone())
+        .await;
+    if sim.unavailable() {
+        sim.failures.fetch_add(1, Ordering::SeqCst);
+        return error_response(503, "LEDGER_UNAVAILABLE", "ledger is unavailable");
+    }
+    let Some(key) = key.filter(|k| {
+        k.strip_prefix(rev.payment_id.as_str())
+            .and_then(|rest| rest.strip_prefix(":cancel:"))
+            .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 1))
+    }) else {
+        return error_response(
+            400,
+            "INVALID_IDEMPOTENCY_KEY",
+            "Idempotency-Key must be <paymentId>:cancel:<n>",
+        );
+    };
+    if sim.record(&rev.payment_id).is_none() {
+        return error_response(422, "NOT_RECORDED", "the payment is not recorded");
+    }
+    let mut reversals = sim.reversals_map();
+    match reversals.get(&key) {
+        Some(existing) if *existing == rev => {
+            (axum::http::StatusCode::OK, Json(rev)).into_response()
+        }
+        Some(_) => error_response(409, "CONFLICT", "reversal recorded with a different body"),
+        None => {
+            reversals.insert(key, rev.clone());
+            (axum::http::StatusCode::CREATED, Json(rev)).into_response()
+        }
     }
 }

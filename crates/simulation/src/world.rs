@@ -312,6 +312,51 @@ fn gone() -> StoreError {
     StoreError::Unavailable("process died".to_owned())
 }
 
+/// Cancels are not part of the simulated workload; they pass through with
+/// the same round trip as every store call.
+#[async_trait]
+impl paygate_state_store::CancelStore for StoreHandle {
+    async fn claim_cancel(
+        &self,
+        draft: &paygate_state_store::CancelDraft,
+    ) -> Result<paygate_state_store::CancelClaim, StoreError> {
+        if !self.handle.round_trip().await {
+            return Err(gone());
+        }
+        self.handle.inner.claim_cancel(draft).await
+    }
+    async fn cancels_of(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Vec<paygate_state_store::CancelRecord>, StoreError> {
+        if !self.handle.round_trip().await {
+            return Err(gone());
+        }
+        self.handle.inner.cancels_of(id).await
+    }
+    async fn cancel_transition(
+        &self,
+        id: &PaymentId,
+        n: i64,
+        t: &paygate_state_store::CancelTransition,
+    ) -> Result<bool, StoreError> {
+        if !self.handle.round_trip().await {
+            return Err(gone());
+        }
+        self.handle.inner.cancel_transition(id, n, t).await
+    }
+    fn scan_open_cancels(
+        &self,
+        batch_size: u32,
+    ) -> futures_util::stream::BoxStream<'_, Result<paygate_state_store::CancelRecord, StoreError>>
+    {
+        if !self.handle.alive() {
+            return Box::pin(futures_util::stream::once(async { Err(gone()) }));
+        }
+        self.handle.inner.scan_open_cancels(batch_size)
+    }
+}
+
 #[async_trait]
 impl StateStore for StoreHandle {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {

@@ -9,18 +9,25 @@
 //! `MongoStateStore` on MongoDB (feature `mongodb`, on by default);
 //! `MemoryStateStore` in memory, for the deterministic simulation (feature
 //! `memory`, also enabled by `testing`).
+//! The cancels (refunds) of payments are part of every store
+//! ([`CancelStore`], module [`cancels`]).
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
+pub mod cancels;
 #[cfg(feature = "memory")]
 pub mod memory;
 mod merchants;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 pub mod sql;
+mod sql_cancels;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use cancels::{
+    CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
+};
 #[cfg(feature = "memory")]
 pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
@@ -171,7 +178,7 @@ pub enum Transition {
 
 /// The realtime state store.
 #[async_trait::async_trait]
-pub trait StateStore: Send + Sync + 'static {
+pub trait StateStore: CancelStore + Send + Sync + 'static {
     /// Writes a new `PENDING` record into `realtime_payments` and claims its
     /// `(merchant, orderId)`, when present `(merchant, idempotency key)`, and
     /// `(card account, orderId)` and `(card account, paymentKey)`

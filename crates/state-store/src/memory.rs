@@ -38,7 +38,11 @@ use paygate_core::{
     payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
 
-use crate::{CreateOutcome, StateStore, StoreError, Transition};
+use crate::{
+    cancels::{apply_cancel_transition, decide_claim, ClaimDecision},
+    CancelClaim, CancelDraft, CancelRecord, CancelStore, CancelTransition, CreateOutcome,
+    StateStore, StoreError, Transition,
+};
 
 /// The kind of write a fault closure is asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +57,8 @@ pub enum WriteKind {
     Move,
     /// [`StateStore::copy_to_partition`].
     Copy,
+    /// A cancel's claim or transition ([`crate::CancelStore`]).
+    Cancel,
 }
 
 /// What a fault closure decides for one write.
@@ -122,6 +128,8 @@ struct State {
     /// `find_by_order_ids`. A record's order never changes and a record
     /// never leaves every partition, so this is only ever added to.
     by_order_id: BTreeMap<String, BTreeSet<PaymentId>>,
+    /// `payment_cancels`, by `(payment_id, n)`.
+    cancels: BTreeMap<(PaymentId, i64), crate::CancelRecord>,
 }
 
 impl State {
@@ -278,6 +286,7 @@ impl MemoryStateStore {
             WriteKind::Transition => "transition",
             WriteKind::Move => "move",
             WriteKind::Copy => "copy",
+            WriteKind::Cancel => "cancel",
         };
         let fault = self.fault_for(kind, payment_id);
         if fault == Fault::FailBefore {
@@ -377,6 +386,68 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
     }
     r.updated_at = now;
     true
+}
+
+impl State {
+    fn cancels_of(&self, payment_id: &PaymentId) -> Vec<CancelRecord> {
+        self.cancels
+            .range((payment_id.clone(), i64::MIN)..=(payment_id.clone(), i64::MAX))
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+}
+
+/// As the SQL backend; the claim reads and inserts under the one mutex.
+#[async_trait::async_trait]
+impl CancelStore for MemoryStateStore {
+    async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError> {
+        self.write(
+            WriteKind::Cancel,
+            &draft.payment_id,
+            |state| match decide_claim(draft, &state.cancels_of(&draft.payment_id)) {
+                ClaimDecision::Answer(a) => Ok(a),
+                ClaimDecision::Insert(c) => {
+                    state.cancels.insert((c.payment_id.clone(), c.n), c.clone());
+                    Ok(CancelClaim::Claimed(c))
+                }
+            },
+        )
+    }
+
+    async fn cancels_of(&self, payment_id: &PaymentId) -> Result<Vec<CancelRecord>, StoreError> {
+        Ok(self.lock().cancels_of(payment_id))
+    }
+
+    async fn cancel_transition(
+        &self,
+        payment_id: &PaymentId,
+        n: i64,
+        t: &CancelTransition,
+    ) -> Result<bool, StoreError> {
+        let now = (self.clock)();
+        self.write(WriteKind::Cancel, payment_id, |state| {
+            Ok(state
+                .cancels
+                .get_mut(&(payment_id.clone(), n))
+                .is_some_and(|c| apply_cancel_transition(c, t, now)))
+        })
+    }
+
+    fn scan_open_cancels(
+        &self,
+        _batch_size: u32,
+    ) -> BoxStream<'_, Result<CancelRecord, StoreError>> {
+        let open: Vec<CancelRecord> = self
+            .lock()
+            .cancels
+            .values()
+            .filter(|c| {
+                c.status.in_flight() || (c.status == crate::CancelStatus::Done && !c.is_saved)
+            })
+            .cloned()
+            .collect();
+        Box::pin(futures_util::stream::iter(open.into_iter().map(Ok)))
+    }
 }
 
 #[async_trait::async_trait]

@@ -13,6 +13,7 @@
 //!   inside a multi-document transaction when the deployment is a replica set
 //!   or a sharded cluster; either way a rerun after a crash is harmless.
 //! - Scans stream a cursor in `_id` order with a batch size.
+//! - Cancels (refunds) live in `payment_cancels` (module `cancels`).
 //! - Writes use write concern `majority` with journaling by default.
 //!
 //! Creating a record without a transaction (the same on every deployment):
@@ -67,6 +68,8 @@
 //! the commit again on an `UnknownTransactionCommitResult`, each at most
 //! [`TXN_ATTEMPTS`] times with a short backoff; past that the move fails as
 //! [`StoreError::Unavailable`] (a rerun finishes it).
+
+mod cancels;
 
 use std::time::{Duration, Instant};
 
@@ -396,6 +399,15 @@ impl MongoStateStore {
     }
 
     async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        // A payment's cancels, read in `n` order by every claim.
+        let index = IndexModel::builder()
+            .keys(doc! {"payment_id": 1, "n": 1})
+            .options(IndexOptions::builder().name("payment_n".to_owned()).build())
+            .build();
+        self.coll(cancels::CANCELS)
+            .create_index(index)
+            .await
+            .map_err(map_err)?;
         for p in Partition::ALL {
             let index = IndexModel::builder()
                 .keys(doc! {"merchant_id": 1, "order_id": 1})

@@ -122,6 +122,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "card account claims",
         include_str!("../../../migrations/sqlite/0008_card_account_claims.sql"),
     ),
+    (
+        9,
+        "payment cancels",
+        include_str!("../../../migrations/sqlite/0009_payment_cancels.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -163,6 +168,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         8,
         "card account claims",
         include_str!("../../../migrations/postgres/0008_card_account_claims.sql"),
+    ),
+    (
+        9,
+        "payment cancels",
+        include_str!("../../../migrations/postgres/0009_payment_cancels.sql"),
     ),
 ];
 

@@ -887,3 +887,369 @@ async fn racing_merchants_on_one_order_id_leave_one_payment() {
     })
     .await;
 }
+
+// ---- cancels (issue 15, point 11) ----
+
+fn cancel_draft(
+    r: &PaymentRecord,
+    amount: Option<i64>,
+    key: Option<&str>,
+) -> paygate_state_store::CancelDraft {
+    paygate_state_store::CancelDraft {
+        payment_id: r.payment_id.clone(),
+        merchant_id: r.merchant_id.clone(),
+        total_amount: r.amount,
+        amount,
+        reason: "customer asked".into(),
+        idempotency_key: key.map(str::to_owned),
+        request_fingerprint: format!("fp-{amount:?}"),
+        now: paygate_core::time::now_ms(),
+    }
+}
+
+fn claimed(c: paygate_state_store::CancelClaim) -> paygate_state_store::CancelRecord {
+    match c {
+        paygate_state_store::CancelClaim::Claimed(c) => c,
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+fn done() -> paygate_state_store::CancelTransition {
+    paygate_state_store::CancelTransition::MarkDone {
+        canceled_at: "2026-11-21T12:05:00+09:00".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_are_claimed_against_the_balance_and_replayed_by_key() {
+    use paygate_state_store::{CancelClaim, CancelStatus, CancelTransition};
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-cancel", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+
+        let first = claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(6_000), Some("k1")))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (first.n, first.amount, first.status),
+            (1, 6_000, CancelStatus::Pending),
+            "{name}"
+        );
+        assert_eq!(first.idempotency_key_downstream(), format!("{id}:cancel:1"));
+        // One in flight: another cancel waits, the same key finds the first.
+        assert!(
+            matches!(
+                store.claim_cancel(&cancel_draft(&r, Some(1), None)).await.unwrap(),
+                CancelClaim::InProgress(c) if c.n == 1
+            ),
+            "{name}"
+        );
+        assert!(
+            matches!(
+                store.claim_cancel(&cancel_draft(&r, Some(1), Some("k1"))).await.unwrap(),
+                CancelClaim::Existing(c) if c.n == 1
+            ),
+            "{name}"
+        );
+        assert!(store
+            .cancel_transition(
+                id,
+                1,
+                &CancelTransition::MarkUnknown {
+                    last_error: "lost".into()
+                }
+            )
+            .await
+            .unwrap());
+        assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
+        // 4,000 left: more is refused and claims nothing.
+        assert_eq!(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(4_001), None))
+                .await
+                .unwrap(),
+            CancelClaim::ExceedsBalance { balance: 4_000 },
+            "{name}"
+        );
+        let second = claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, None, Some("k2")))
+                .await
+                .unwrap(),
+        );
+        assert_eq!((second.n, second.amount), (2, 4_000), "{name}");
+        // No call was made: the amount and the key are given back.
+        assert!(store
+            .cancel_transition(
+                id,
+                2,
+                &CancelTransition::MarkFailed {
+                    failure_code: "NOT_SENT".into(),
+                    last_error: "no log row".into(),
+                    release_key: true
+                }
+            )
+            .await
+            .unwrap());
+        let third = claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, None, Some("k2")))
+                .await
+                .unwrap(),
+        );
+        assert_eq!((third.n, third.amount), (3, 4_000), "{name}");
+        assert!(store.cancel_transition(id, 3, &done()).await.unwrap());
+        assert_eq!(
+            store
+                .claim_cancel(&cancel_draft(&r, None, None))
+                .await
+                .unwrap(),
+            CancelClaim::ExceedsBalance { balance: 0 },
+            "{name}"
+        );
+        let all = store.cancels_of(id).await.unwrap();
+        let summary: Vec<_> = all
+            .iter()
+            .map(|c| (c.n, c.amount, c.status, c.idempotency_key.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (1, 6_000, CancelStatus::Done, Some("k1".to_owned())),
+                (2, 4_000, CancelStatus::Failed, None),
+                (3, 4_000, CancelStatus::Done, Some("k2".to_owned())),
+            ],
+            "{name}"
+        );
+        assert_eq!(
+            all[0].canceled_at.as_deref(),
+            Some("2026-11-21T12:05:00+09:00")
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cancel_transition_applies_only_under_its_guard() {
+    use paygate_state_store::{CancelStatus, CancelTransition as T};
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-cguard", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+        let err = || "e".to_owned();
+        claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(100), None))
+                .await
+                .unwrap(),
+        );
+        // Not done: no reversal bookkeeping applies.
+        for t in [
+            T::MarkSaved,
+            T::SaveFailed { last_error: err() },
+            T::BatchSaveFailed { last_error: err() },
+        ] {
+            assert!(
+                !store.cancel_transition(id, 1, &t).await.unwrap(),
+                "{name}: {t:?}"
+            );
+        }
+        // No such cancel.
+        assert!(
+            !store.cancel_transition(id, 9, &done()).await.unwrap(),
+            "{name}"
+        );
+        assert!(store
+            .cancel_transition(id, 1, &T::LookupFailed { last_error: err() })
+            .await
+            .unwrap());
+        // UNKNOWN is not PENDING.
+        assert!(!store
+            .cancel_transition(id, 1, &T::MarkUnknown { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
+        // Final: neither done again nor failed.
+        assert!(
+            !store.cancel_transition(id, 1, &done()).await.unwrap(),
+            "{name}"
+        );
+        assert!(!store
+            .cancel_transition(
+                id,
+                1,
+                &T::MarkFailed {
+                    failure_code: "X".into(),
+                    last_error: err(),
+                    release_key: false
+                }
+            )
+            .await
+            .unwrap());
+        assert!(!store
+            .cancel_transition(id, 1, &T::LookupFailed { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store
+            .cancel_transition(id, 1, &T::SaveFailed { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store
+            .cancel_transition(id, 1, &T::BatchSaveFailed { last_error: err() })
+            .await
+            .unwrap());
+        assert!(store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap());
+        assert!(
+            !store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap(),
+            "{name}"
+        );
+        let c = store.cancels_of(id).await.unwrap().remove(0);
+        assert_eq!(
+            (
+                c.status,
+                c.is_saved,
+                c.save_attempts,
+                c.batch_attempts,
+                c.last_error
+            ),
+            (CancelStatus::Done, true, 2, 2, None),
+            "{name}"
+        );
+        // A failed cancel stays failed.
+        claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(100), None))
+                .await
+                .unwrap(),
+        );
+        assert!(store
+            .cancel_transition(
+                id,
+                2,
+                &T::MarkFailed {
+                    failure_code: "X".into(),
+                    last_error: err(),
+                    release_key: false
+                }
+            )
+            .await
+            .unwrap());
+        assert!(
+            !store.cancel_transition(id, 2, &done()).await.unwrap(),
+            "{name}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_cancels_never_reserve_more_than_the_amount() {
+    use paygate_state_store::CancelClaim;
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-crace", None);
+        store.create(&r).await.unwrap();
+        // Rounds of 16 racing claims of 3,000 each on 10,000: exactly one
+        // wins a round while a cancel is in flight; three rounds fit.
+        let mut won = 0;
+        for _round in 0..5 {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (store, d) = (store.clone(), cancel_draft(&r, Some(3_000), None));
+                    tokio::spawn(async move { store.claim_cancel(&d).await.unwrap() })
+                })
+                .collect();
+            let mut claims = Vec::new();
+            for t in tasks {
+                if let CancelClaim::Claimed(c) = t.await.unwrap() {
+                    claims.push(c);
+                }
+            }
+            assert!(
+                claims.len() <= 1,
+                "{name}: {} claims in one round",
+                claims.len()
+            );
+            for c in claims {
+                won += 1;
+                assert!(store
+                    .cancel_transition(&r.payment_id, c.n, &done())
+                    .await
+                    .unwrap());
+            }
+        }
+        let total: i64 = store
+            .cancels_of(&r.payment_id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.amount)
+            .sum();
+        assert_eq!((won, total), (3, 9_000), "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_cancels_are_the_ones_in_flight_or_not_yet_reversed() {
+    use paygate_state_store::CancelTransition as T;
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let mut expected = Vec::new();
+        for i in 0..4 {
+            let r = pending(&m, &format!("order-open-{i}"), None);
+            store.create(&r).await.unwrap();
+            claimed(
+                store
+                    .claim_cancel(&cancel_draft(&r, Some(10), None))
+                    .await
+                    .unwrap(),
+            );
+            let id = &r.payment_id;
+            match i {
+                0 => expected.push(r.payment_id.clone()), // pending
+                1 => {
+                    assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
+                    expected.push(r.payment_id.clone()); // done, not reversed
+                }
+                2 => {
+                    assert!(store.cancel_transition(id, 1, &done()).await.unwrap());
+                    assert!(store.cancel_transition(id, 1, &T::MarkSaved).await.unwrap());
+                }
+                _ => assert!(store
+                    .cancel_transition(
+                        id,
+                        1,
+                        &T::MarkFailed {
+                            failure_code: "X".into(),
+                            last_error: "e".into(),
+                            release_key: false
+                        }
+                    )
+                    .await
+                    .unwrap()),
+            }
+        }
+        expected.sort();
+        let open: Vec<_> = store
+            .scan_open_cancels(1)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.payment_id)
+            .collect();
+        assert_eq!(open, expected, "{name}");
+    })
+    .await;
+}

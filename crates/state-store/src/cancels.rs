@@ -1,0 +1,429 @@
+//! Guards I1 and I2 for refunds: the merchant's cancels of an approved
+//! payment (DESIGN.md §5, `POST /v1/payments/{paymentId}/cancel`), one
+//! guarded entity per cancel, `payment_cancels` keyed by `(payment_id, n)`.
+//!
+//! - **Claiming is atomic with the balance check.** [`CancelStore::claim_cancel`]
+//!   reads the payment's cancels, decides ([`decide_claim`]: replay of the
+//!   same `Idempotency-Key`, another cancel still in flight, amount over the
+//!   balance, or a new cancel numbered `max(n) + 1`) and inserts that number
+//!   only if it is still free. The unique `(payment_id, n)` is the
+//!   serialization point: any cancel claimed since the read takes the same
+//!   number, so the insert fails and the claim reads again. Statuses only
+//!   ever go from in flight (`PENDING`, `UNKNOWN`) to final (`DONE`,
+//!   `FAILED`), and a read that sees one in flight claims nothing, so no
+//!   change since the read can make an inserted claim wrong. With at most
+//!   one cancel in flight per payment, the sum of the cancels that may have
+//!   reached the card company never exceeds the approved amount.
+//! - **Every change is a guarded transition** ([`CancelTransition`]) on the
+//!   state it expects, `Ok(true)` when it applied.
+//! - The merchant's `Idempotency-Key` is scoped to the payment; a cancel
+//!   that ended with no card call (no log row, breaker open) gives its key
+//!   back ([`CancelTransition::MarkFailed`] with `release_key`), so the
+//!   merchant's retry with the same key is a new cancel, not a replay of
+//!   "nothing was canceled".
+
+use futures_util::stream::BoxStream;
+use paygate_core::{MerchantId, PaymentId};
+
+use crate::StoreError;
+
+/// How many times a claim reads again after losing the race for its number.
+pub const CLAIM_ATTEMPTS: usize = 16;
+
+/// Where one cancel stands at the card company.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CancelStatus {
+    /// Claimed; the card call is about to be made or is in flight.
+    Pending,
+    /// The card company canceled it (`cancels[]` holds it).
+    Done,
+    /// Not canceled: the card company refused, or no call was made.
+    Failed,
+    /// The answer was lost; the batch looks it up.
+    Unknown,
+}
+
+impl CancelStatus {
+    /// `PENDING`, `DONE`, `FAILED` or `UNKNOWN` (the stored form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Done => "DONE",
+            Self::Failed => "FAILED",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// Reads the stored form.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for any other text.
+    pub fn from_stored(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "PENDING" => Ok(Self::Pending),
+            "DONE" => Ok(Self::Done),
+            "FAILED" => Ok(Self::Failed),
+            "UNKNOWN" => Ok(Self::Unknown),
+            other => Err(StoreError::Corrupt(format!("cancel status {other}"))),
+        }
+    }
+
+    /// True while the card company may still act on it (`PENDING`, `UNKNOWN`).
+    pub fn in_flight(self) -> bool {
+        matches!(self, Self::Pending | Self::Unknown)
+    }
+
+    /// True when its amount counts against the balance (in flight or done).
+    pub fn reserves(self) -> bool {
+        self != Self::Failed
+    }
+}
+
+/// One cancel (refund) of a payment. Amounts in minor units; times epoch ms
+/// unless said otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CancelRecord {
+    /// The payment canceled.
+    pub payment_id: PaymentId,
+    /// The cancel's number within the payment, from 1. The card call's
+    /// `Idempotency-Key` is `<payment_id>:cancel:<n>`.
+    pub n: i64,
+    /// The payment's merchant.
+    pub merchant_id: MerchantId,
+    /// Amount canceled, minor units (>= 1).
+    pub amount: i64,
+    /// The merchant's `cancelReason`.
+    pub reason: String,
+    /// The merchant's `Idempotency-Key`, while it is claimed.
+    pub idempotency_key: Option<String>,
+    /// Hash of the cancel request (reason and requested amount).
+    pub request_fingerprint: String,
+    /// Where it stands at the card company.
+    pub status: CancelStatus,
+    /// The ledger holds its reversal.
+    pub is_saved: bool,
+    /// Reversal tries (sync + async).
+    pub save_attempts: i64,
+    /// Batch tries (reversal or lookup).
+    pub batch_attempts: i64,
+    /// Why it failed (the card company's code, or a no-call code).
+    pub failure_code: Option<String>,
+    /// Detail for operators.
+    pub last_error: Option<String>,
+    /// The card company's `canceledAt`, RFC 3339, once done.
+    pub canceled_at: Option<String>,
+    /// Claimed at.
+    pub created_at: i64,
+    /// Last transition at.
+    pub updated_at: i64,
+}
+
+impl CancelRecord {
+    /// The card call's and the ledger reversal's `Idempotency-Key`:
+    /// `<payment_id>:cancel:<n>` (DESIGN.md §7).
+    pub fn idempotency_key_downstream(&self) -> String {
+        format!("{}:cancel:{}", self.payment_id, self.n)
+    }
+}
+
+/// A cancel to claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CancelDraft {
+    /// The payment to cancel (paid).
+    pub payment_id: PaymentId,
+    /// Its merchant.
+    pub merchant_id: MerchantId,
+    /// The payment's approved amount, minor units.
+    pub total_amount: i64,
+    /// The amount asked for, minor units; `None` cancels the whole balance.
+    pub amount: Option<i64>,
+    /// The merchant's `cancelReason`.
+    pub reason: String,
+    /// The merchant's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+    /// Hash of the request, compared on a replay.
+    pub request_fingerprint: String,
+    /// Now, epoch ms.
+    pub now: i64,
+}
+
+/// Result of [`CancelStore::claim_cancel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelClaim {
+    /// The cancel was claimed as number `n`, `PENDING`; make the card call.
+    Claimed(CancelRecord),
+    /// A cancel with this `Idempotency-Key` exists (compare fingerprints).
+    Existing(CancelRecord),
+    /// Another cancel of this payment is still in flight.
+    InProgress(CancelRecord),
+    /// The amount asked for is above what is left; nothing was claimed.
+    ExceedsBalance {
+        /// What is left to cancel, minor units.
+        balance: i64,
+    },
+}
+
+/// What [`decide_claim`] says to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimDecision {
+    /// Answer with this, claim nothing.
+    Answer(CancelClaim),
+    /// Insert this record if its `(payment_id, n)` is still free.
+    Insert(CancelRecord),
+}
+
+/// What is left to cancel of `total` after `cancels` (in flight ones
+/// reserved), minor units.
+pub fn balance(total: i64, cancels: &[CancelRecord]) -> i64 {
+    total
+        - cancels
+            .iter()
+            .filter(|c| c.status.reserves())
+            .map(|c| c.amount)
+            .sum::<i64>()
+}
+
+/// The claim rule, shared by every backend: on the payment's current
+/// `cancels`, a draft is a replay (same key), waits for a cancel in flight,
+/// exceeds the balance, or becomes cancel number `max(n) + 1`.
+pub fn decide_claim(draft: &CancelDraft, cancels: &[CancelRecord]) -> ClaimDecision {
+    if let Some(key) = draft.idempotency_key.as_deref() {
+        if let Some(c) = cancels
+            .iter()
+            .find(|c| c.idempotency_key.as_deref() == Some(key))
+        {
+            return ClaimDecision::Answer(CancelClaim::Existing(c.clone()));
+        }
+    }
+    if let Some(c) = cancels.iter().find(|c| c.status.in_flight()) {
+        return ClaimDecision::Answer(CancelClaim::InProgress(c.clone()));
+    }
+    let left = balance(draft.total_amount, cancels);
+    let amount = draft.amount.unwrap_or(left);
+    if amount < 1 || amount > left {
+        return ClaimDecision::Answer(CancelClaim::ExceedsBalance {
+            balance: left.max(0),
+        });
+    }
+    let n = cancels.iter().map(|c| c.n).max().unwrap_or(0) + 1;
+    ClaimDecision::Insert(CancelRecord {
+        payment_id: draft.payment_id.clone(),
+        n,
+        merchant_id: draft.merchant_id.clone(),
+        amount,
+        reason: draft.reason.clone(),
+        idempotency_key: draft.idempotency_key.clone(),
+        request_fingerprint: draft.request_fingerprint.clone(),
+        status: CancelStatus::Pending,
+        is_saved: false,
+        save_attempts: 0,
+        batch_attempts: 0,
+        failure_code: None,
+        last_error: None,
+        canceled_at: None,
+        created_at: draft.now,
+        updated_at: draft.now,
+    })
+}
+
+/// A guarded change to one cancel; [`CancelStore::cancel_transition`] says
+/// whether it applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelTransition {
+    /// The card company canceled it: `status = DONE`, `canceled_at` set.
+    /// Guard: in flight (`PENDING` or `UNKNOWN`).
+    MarkDone {
+        /// The card company's `canceledAt`, RFC 3339.
+        canceled_at: String,
+    },
+    /// Not canceled: `status = FAILED`. Guard: in flight.
+    MarkFailed {
+        /// The card company's code or a no-call code.
+        failure_code: String,
+        /// Detail for operators.
+        last_error: String,
+        /// No call was made: give the merchant's `Idempotency-Key` back.
+        release_key: bool,
+    },
+    /// The answer was lost: `status = UNKNOWN`. Guard: `PENDING`.
+    MarkUnknown {
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// The batch looked it up and could not settle it: `batch_attempts += 1`,
+    /// `status = UNKNOWN`. Guard: in flight.
+    LookupFailed {
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// The ledger holds the reversal: `is_saved = true`, `save_attempts += 1`.
+    /// Guard: `DONE` and not saved.
+    MarkSaved,
+    /// A reversal try failed: `save_attempts += 1`. Guard: `DONE`, not saved.
+    SaveFailed {
+        /// Detail for operators.
+        last_error: String,
+    },
+    /// The batch's reversal try failed: `batch_attempts += 1`.
+    /// Guard: `DONE`, not saved.
+    BatchSaveFailed {
+        /// Detail for operators.
+        last_error: String,
+    },
+}
+
+/// Applies `t` to `c` when its guard holds (the reference semantics every
+/// backend's conditional update follows); `true` when it applied.
+pub fn apply_cancel_transition(c: &mut CancelRecord, t: &CancelTransition, now: i64) -> bool {
+    let saving = c.status == CancelStatus::Done && !c.is_saved;
+    match t {
+        CancelTransition::MarkDone { canceled_at } if c.status.in_flight() => {
+            c.status = CancelStatus::Done;
+            c.canceled_at = Some(canceled_at.clone());
+            c.failure_code = None;
+        }
+        CancelTransition::MarkFailed {
+            failure_code,
+            last_error,
+            release_key,
+        } if c.status.in_flight() => {
+            c.status = CancelStatus::Failed;
+            c.failure_code = Some(failure_code.clone());
+            c.last_error = Some(last_error.clone());
+            if *release_key {
+                c.idempotency_key = None;
+            }
+        }
+        CancelTransition::MarkUnknown { last_error } if c.status == CancelStatus::Pending => {
+            c.status = CancelStatus::Unknown;
+            c.last_error = Some(last_error.clone());
+        }
+        CancelTransition::LookupFailed { last_error } if c.status.in_flight() => {
+            c.status = CancelStatus::Unknown;
+            c.batch_attempts += 1;
+            c.last_error = Some(last_error.clone());
+        }
+        CancelTransition::MarkSaved if saving => {
+            c.is_saved = true;
+            c.save_attempts += 1;
+            c.last_error = None;
+        }
+        CancelTransition::SaveFailed { last_error } if saving => {
+            c.save_attempts += 1;
+            c.last_error = Some(last_error.clone());
+        }
+        CancelTransition::BatchSaveFailed { last_error } if saving => {
+            c.batch_attempts += 1;
+            c.last_error = Some(last_error.clone());
+        }
+        _ => return false,
+    }
+    c.updated_at = now;
+    true
+}
+
+/// The cancels of payments, on every backend (a part of
+/// [`crate::StateStore`]).
+#[async_trait::async_trait]
+pub trait CancelStore: Send + Sync + 'static {
+    /// Claims a cancel atomically with the balance check (see the module
+    /// doc): [`CancelClaim::Claimed`] is the only answer that wrote.
+    ///
+    /// # Errors
+    /// [`StoreError`]; on error nothing was claimed, or (a lost commit
+    /// acknowledgement) a `PENDING` cancel was, which a retry with the same
+    /// `Idempotency-Key` finds and the batch settles.
+    async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError>;
+
+    /// The cancels of a payment, in `n` order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn cancels_of(&self, payment_id: &PaymentId) -> Result<Vec<CancelRecord>, StoreError>;
+
+    /// Applies a guarded transition to cancel `n` of a payment; `Ok(true)`
+    /// when it applied, `Ok(false)` when the guard did not hold.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn cancel_transition(
+        &self,
+        payment_id: &PaymentId,
+        n: i64,
+        t: &CancelTransition,
+    ) -> Result<bool, StoreError>;
+
+    /// Streams the cancels that need work (in flight, or done without the
+    /// ledger's reversal) in `(payment_id, n)` order, `batch_size` per round
+    /// trip.
+    fn scan_open_cancels(&self, batch_size: u32)
+        -> BoxStream<'_, Result<CancelRecord, StoreError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn draft(amount: Option<i64>, key: Option<&str>) -> CancelDraft {
+        CancelDraft {
+            payment_id: PaymentId::from_stored("pay_1"),
+            merchant_id: MerchantId::from_stored("m"),
+            total_amount: 1000,
+            amount,
+            reason: "r".into(),
+            idempotency_key: key.map(str::to_owned),
+            request_fingerprint: "fp".into(),
+            now: 1,
+        }
+    }
+
+    fn claimed(d: &CancelDraft, cancels: &[CancelRecord]) -> CancelRecord {
+        match decide_claim(d, cancels) {
+            ClaimDecision::Insert(c) => c,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_claim_rule() {
+        let mut first = claimed(&draft(Some(600), Some("k")), &[]);
+        assert_eq!((first.n, first.amount), (1, 600));
+        // In flight: another cancel waits; the same key replays.
+        assert!(matches!(
+            decide_claim(&draft(Some(1), None), std::slice::from_ref(&first)),
+            ClaimDecision::Answer(CancelClaim::InProgress(_))
+        ));
+        assert!(matches!(
+            decide_claim(&draft(Some(1), Some("k")), std::slice::from_ref(&first)),
+            ClaimDecision::Answer(CancelClaim::Existing(_))
+        ));
+        assert!(apply_cancel_transition(
+            &mut first,
+            &CancelTransition::MarkDone {
+                canceled_at: "t".into()
+            },
+            2
+        ));
+        let cancels = vec![first.clone()];
+        assert_eq!(
+            decide_claim(&draft(Some(401), None), &cancels),
+            ClaimDecision::Answer(CancelClaim::ExceedsBalance { balance: 400 })
+        );
+        let rest = claimed(&draft(None, None), &cancels);
+        assert_eq!((rest.n, rest.amount), (2, 400));
+        // A failed cancel gives its amount back, and its number stays taken.
+        let mut failed = rest;
+        assert!(apply_cancel_transition(
+            &mut failed,
+            &CancelTransition::MarkFailed {
+                failure_code: "X".into(),
+                last_error: "e".into(),
+                release_key: true
+            },
+            3
+        ));
+        let third = claimed(&draft(None, None), &[first, failed]);
+        assert_eq!((third.n, third.amount), (3, 400));
+    }
+}

@@ -1,0 +1,220 @@
+//! [`CancelStore`] on the SQL database (`payment_cancels`, migration 0009):
+//! the claim rule of [`crate::cancels`] with the primary key
+//! `(payment_id, n)` as its serialization point, and each
+//! [`CancelTransition`] as one `UPDATE ... WHERE <guard>`.
+
+use futures_util::{stream::BoxStream, TryStreamExt};
+use paygate_core::{MerchantId, PaymentId};
+use sqlx::Row;
+
+use crate::{
+    cancels::{decide_claim, ClaimDecision, CLAIM_ATTEMPTS},
+    sql::{map_err, SqlStateStore},
+    with_pool, CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
+    StoreError,
+};
+
+const COLUMNS: &str = "payment_id, n, merchant_id, amount, reason, idempotency_key, \
+     request_fingerprint, status, is_saved, save_attempts, batch_attempts, failure_code, \
+     last_error, canceled_at, created_at, updated_at";
+
+fn cancel_from_row<R: Row>(row: &R) -> Result<CancelRecord, StoreError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    Ok(CancelRecord {
+        payment_id: PaymentId::from_stored(row.try_get::<String, _>("payment_id").map_err(c)?),
+        n: row.try_get("n").map_err(c)?,
+        merchant_id: MerchantId::from_stored(row.try_get::<String, _>("merchant_id").map_err(c)?),
+        amount: row.try_get("amount").map_err(c)?,
+        reason: row.try_get("reason").map_err(c)?,
+        idempotency_key: row.try_get("idempotency_key").map_err(c)?,
+        request_fingerprint: row.try_get("request_fingerprint").map_err(c)?,
+        status: CancelStatus::from_stored(&row.try_get::<String, _>("status").map_err(c)?)?,
+        is_saved: row.try_get("is_saved").map_err(c)?,
+        save_attempts: row.try_get("save_attempts").map_err(c)?,
+        batch_attempts: row.try_get("batch_attempts").map_err(c)?,
+        failure_code: row.try_get("failure_code").map_err(c)?,
+        last_error: row.try_get("last_error").map_err(c)?,
+        canceled_at: row.try_get("canceled_at").map_err(c)?,
+        created_at: row.try_get("created_at").map_err(c)?,
+        updated_at: row.try_get("updated_at").map_err(c)?,
+    })
+}
+
+impl SqlStateStore {
+    /// Inserts `c` unless its `(payment_id, n)` is taken; `Ok(false)` when taken.
+    async fn insert_cancel(&self, c: &CancelRecord) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO payment_cancels ({COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             ON CONFLICT (payment_id, n) DO NOTHING"
+        );
+        with_pool!(self.database(), pool => sqlx::query(&sql)
+            .bind(c.payment_id.as_str())
+            .bind(c.n)
+            .bind(c.merchant_id.as_str())
+            .bind(c.amount)
+            .bind(&c.reason)
+            .bind(c.idempotency_key.as_deref())
+            .bind(&c.request_fingerprint)
+            .bind(c.status.as_str())
+            .bind(c.is_saved)
+            .bind(c.save_attempts)
+            .bind(c.batch_attempts)
+            .bind(c.failure_code.as_deref())
+            .bind(c.last_error.as_deref())
+            .bind(c.canceled_at.as_deref())
+            .bind(c.created_at)
+            .bind(c.updated_at)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1)
+            .map_err(map_err))
+    }
+}
+
+#[async_trait::async_trait]
+impl CancelStore for SqlStateStore {
+    async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let cancels = self.cancels_of(&draft.payment_id).await?;
+            match decide_claim(draft, &cancels) {
+                ClaimDecision::Answer(a) => return Ok(a),
+                ClaimDecision::Insert(c) => {
+                    if self.insert_cancel(&c).await? {
+                        return Ok(CancelClaim::Claimed(c));
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "cancel of {} lost the claim race {CLAIM_ATTEMPTS} times",
+            draft.payment_id
+        )))
+    }
+
+    async fn cancels_of(&self, payment_id: &PaymentId) -> Result<Vec<CancelRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM payment_cancels WHERE payment_id = $1 ORDER BY n");
+        with_pool!(self.database(), pool => {
+            let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter().map(cancel_from_row).collect()
+        })
+    }
+
+    async fn cancel_transition(
+        &self,
+        payment_id: &PaymentId,
+        n: i64,
+        t: &CancelTransition,
+    ) -> Result<bool, StoreError> {
+        let now = paygate_core::time::now_ms();
+        const IN_FLIGHT: &str = "status IN ('PENDING', 'UNKNOWN')";
+        const SAVING: &str = "status = 'DONE' AND is_saved = FALSE";
+        // $1 = payment_id, $2 = n, $3 = now, $4.. = the transition's values.
+        let (set, guard, values): (&str, &str, Vec<&str>) = match t {
+            CancelTransition::MarkDone { canceled_at } => (
+                "status = 'DONE', canceled_at = $4, failure_code = NULL",
+                IN_FLIGHT,
+                vec![canceled_at],
+            ),
+            CancelTransition::MarkFailed {
+                failure_code,
+                last_error,
+                release_key: true,
+            } => (
+                "status = 'FAILED', failure_code = $4, last_error = $5, idempotency_key = NULL",
+                IN_FLIGHT,
+                vec![failure_code, last_error],
+            ),
+            CancelTransition::MarkFailed {
+                failure_code,
+                last_error,
+                release_key: false,
+            } => (
+                "status = 'FAILED', failure_code = $4, last_error = $5",
+                IN_FLIGHT,
+                vec![failure_code, last_error],
+            ),
+            CancelTransition::MarkUnknown { last_error } => (
+                "status = 'UNKNOWN', last_error = $4",
+                "status = 'PENDING'",
+                vec![last_error],
+            ),
+            CancelTransition::LookupFailed { last_error } => (
+                "status = 'UNKNOWN', batch_attempts = batch_attempts + 1, last_error = $4",
+                IN_FLIGHT,
+                vec![last_error],
+            ),
+            CancelTransition::MarkSaved => (
+                "is_saved = TRUE, save_attempts = save_attempts + 1, last_error = NULL",
+                SAVING,
+                vec![],
+            ),
+            CancelTransition::SaveFailed { last_error } => (
+                "save_attempts = save_attempts + 1, last_error = $4",
+                SAVING,
+                vec![last_error],
+            ),
+            CancelTransition::BatchSaveFailed { last_error } => (
+                "batch_attempts = batch_attempts + 1, last_error = $4",
+                SAVING,
+                vec![last_error],
+            ),
+        };
+        let sql = format!(
+            "UPDATE payment_cancels SET {set}, updated_at = $3 \
+             WHERE payment_id = $1 AND n = $2 AND {guard}"
+        );
+        with_pool!(self.database(), pool => {
+            let mut q = sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now);
+            for v in &values {
+                q = q.bind(*v);
+            }
+            q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
+        })
+    }
+
+    fn scan_open_cancels(
+        &self,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<CancelRecord, StoreError>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM payment_cancels \
+             WHERE (status IN ('PENDING', 'UNKNOWN') OR (status = 'DONE' AND is_saved = FALSE)) \
+             AND (payment_id, n) > ($1, $2) ORDER BY payment_id, n LIMIT $3"
+        );
+        let limit = i64::from(batch_size.max(1));
+        let pages = futures_util::stream::try_unfold(Some((String::new(), 0_i64)), move |after| {
+            let sql = sql.clone();
+            async move {
+                let Some((after_id, after_n)) = after else {
+                    return Ok(None);
+                };
+                let page: Vec<CancelRecord> = with_pool!(self.database(), pool => {
+                    let rows = sqlx::query(&sql).bind(&after_id).bind(after_n).bind(limit)
+                        .fetch_all(pool).await.map_err(map_err)?;
+                    rows.iter().map(cancel_from_row).collect::<Result<Vec<_>, StoreError>>()?
+                });
+                let next = match page.last() {
+                    Some(last) if page.len() as i64 == limit => {
+                        Some((last.payment_id.to_string(), last.n))
+                    }
+                    _ => None,
+                };
+                if page.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    futures_util::stream::iter(page.into_iter().map(Ok)),
+                    next,
+                )))
+            }
+        });
+        Box::pin(pages.try_flatten())
+    }
+}
