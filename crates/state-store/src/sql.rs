@@ -117,6 +117,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "operator audit",
         include_str!("../../../migrations/sqlite/0007_operator_audit.sql"),
     ),
+    (
+        10,
+        "inventory and holds",
+        include_str!("../../../migrations/sqlite/0010_inventory_holds.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -153,6 +158,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "operator audit",
         include_str!("../../../migrations/postgres/0007_operator_audit.sql"),
+    ),
+    (
+        10,
+        "inventory and holds",
+        include_str!("../../../migrations/postgres/0010_inventory_holds.sql"),
     ),
 ];
 
