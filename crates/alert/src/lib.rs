@@ -58,6 +58,11 @@ pub enum AlertReason {
     /// Reconciliation: an approval with no paygate record could not be
     /// canceled; it is still charged.
     OrphanNotCanceled,
+    /// An approval sold a hold after its stock had gone to other buyers
+    /// (recovered after the hold expired): `sold + active holds > stock`
+    /// for the SKUs named (I7). The buyer was charged; decide whether to
+    /// ship, back-order or refund.
+    Oversold,
 }
 
 impl AlertReason {
@@ -73,6 +78,7 @@ impl AlertReason {
             Self::PaidNotApproved => "paid_not_approved",
             Self::OrphanCanceled => "orphan_canceled",
             Self::OrphanNotCanceled => "orphan_not_canceled",
+            Self::Oversold => "oversold",
         }
     }
 
@@ -88,6 +94,7 @@ impl AlertReason {
             Self::PaidNotApproved => "Paid in paygate but not approved at the card company",
             Self::OrphanCanceled => "Approval without a paygate payment was canceled",
             Self::OrphanNotCanceled => "Approval without a paygate payment could NOT be canceled",
+            Self::Oversold => "Oversold: an approval sold stock that was no longer available",
         }
     }
 }

@@ -383,7 +383,13 @@ impl Sweeper {
                     failure_code: failure_codes::NOT_SENT.to_owned(),
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
-                if self.store.transition(&r.payment_id, &t).await?
+                let aborted = self.store.transition(&r.payment_id, &t).await?;
+                if aborted {
+                    // Its confirm may have moved the order's hold to
+                    // `during` before it died: give the stock back.
+                    self.saga.hold_on_aborted(&r).await;
+                }
+                if aborted
                     && self
                         .store
                         .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)

@@ -9,6 +9,7 @@
 //! serve` does the same with the configured address.
 
 pub mod auth;
+pub mod holds;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -19,7 +20,7 @@ use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Dur
 
 use axum::{
     extract::DefaultBodyLimit,
-    routing::{get, post},
+    routing::{delete, get, post, put},
     Router,
 };
 use paygate_core::{config::ConfigError, Config, Secret};
@@ -75,6 +76,10 @@ pub struct AppState {
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Largest amount a confirm may carry (`max_amount`).
     max_amount: i64,
+    /// A hold's time when its request names none, s (`hold_default_ttl_seconds`).
+    hold_default_ttl_s: u64,
+    /// Longest hold time a request may ask, s (`hold_max_ttl_seconds`).
+    hold_max_ttl_s: u64,
     /// Time a confirm has, from the moment its request arrived, to answer.
     confirm_answer_within: Duration,
     /// Turns `true` at the shutdown deadline: a confirm still waiting for
@@ -190,6 +195,8 @@ impl Application {
         let (shutdown_deadline, deadline_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             max_amount: config.max_amount,
+            hold_default_ttl_s: config.hold_default_ttl_seconds,
+            hold_max_ttl_s: config.hold_max_ttl_seconds,
             confirm_answer_within: Duration::from_millis(config.inbound_request_timeout_ms),
             shutdown_deadline: deadline_rx,
             saga: saga.clone(),
@@ -376,6 +383,31 @@ pub fn routes_table() -> Vec<(
             "GET",
             "/v1/payments/{payment_id}",
             get(routes::get_payment),
+            Merchant,
+        ),
+        (
+            "PUT",
+            "/v1/inventory/{sku}",
+            put(holds::put_inventory),
+            Merchant,
+        ),
+        (
+            "GET",
+            "/v1/inventory/{sku}",
+            get(holds::get_inventory),
+            Merchant,
+        ),
+        ("POST", "/v1/holds", post(holds::post_hold), Merchant),
+        (
+            "GET",
+            "/v1/holds/{hold_id}",
+            get(holds::get_hold),
+            Merchant,
+        ),
+        (
+            "DELETE",
+            "/v1/holds/{hold_id}",
+            delete(holds::delete_hold),
             Merchant,
         ),
         ("GET", "/healthz", get(routes::healthz), Operations),

@@ -23,15 +23,30 @@ use crate::{problem::ProblemDetails, routes};
         routes::confirm,
         routes::get_payment,
         routes::get_by_order,
+        crate::holds::put_inventory,
+        crate::holds::get_inventory,
+        crate::holds::post_hold,
+        crate::holds::get_hold,
+        crate::holds::delete_hold,
         routes::healthz,
         routes::readyz,
         routes::metrics,
         routes::openapi_json,
     ),
-    components(schemas(routes::ConfirmBody, routes::PaymentView, ProblemDetails)),
+    components(schemas(
+        routes::ConfirmBody,
+        routes::PaymentView,
+        ProblemDetails,
+        crate::holds::StockBody,
+        crate::holds::StockView,
+        crate::holds::HoldBody,
+        crate::holds::HoldLine,
+        crate::holds::HoldView
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "payments", description = "confirm and read payments"),
+        (name = "inventory", description = "stock per SKU and holds on it while a buyer pays (the timestamp rule)"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     )
 )]

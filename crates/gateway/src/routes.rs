@@ -209,7 +209,7 @@ fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "the same payment is still in flight (PAYMENT_IN_PROGRESS), or the order's stock hold expired and its stock is gone (HOLD_EXPIRED; nothing was charged; a retry may pass once stock is back)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "body over 16 KiB", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 422, description = "order id or idempotency key reused with another body", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
@@ -320,6 +320,17 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
             .with_payment(payment_id.as_str())
             .into_response()
         }
+        ConfirmOutcome::HoldExpired { payment_id, short } => Problem::new(
+            StatusCode::CONFLICT,
+            "HOLD_EXPIRED",
+            "Stock hold expired",
+            format!(
+                "the order's stock hold expired and the stock is gone ({}); nothing was charged",
+                short.join(", ")
+            ),
+        )
+        .with_payment(payment_id.as_str())
+        .into_response(),
         ConfirmOutcome::Unavailable {
             detail,
             payment_id,

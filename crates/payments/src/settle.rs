@@ -148,6 +148,8 @@ impl Settler {
         if dry_run {
             return Ok(t);
         }
+        // A paid payment sells its hold (a no-op when sold or absent).
+        self.saga.hold_on_paid(&r).await;
         match self.saga.batch_save(&r).await {
             SaveResult::Saved => {
                 t.saved += 1;
@@ -213,6 +215,7 @@ impl Settler {
             }
             Settlement::Declined => {
                 t.settled += 1;
+                self.saga.hold_on_aborted(&r).await;
                 if self
                     .store
                     .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)

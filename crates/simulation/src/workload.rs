@@ -107,7 +107,8 @@ fn kind(o: &ConfirmOutcome) -> AnswerKind {
         ConfirmOutcome::Unavailable {
             payment_id: Some(_),
             ..
-        } => AnswerKind::Unavailable,
+        }
+        | ConfirmOutcome::HoldExpired { .. } => AnswerKind::Unavailable,
         ConfirmOutcome::Unavailable {
             payment_id: None, ..
         } => AnswerKind::NotProcessed,
