@@ -275,7 +275,12 @@ pub async fn get_inventory(
 }
 
 /// Validates a hold body into a `pre` hold at `now`.
-fn hold_of(state: &AppState, merchant: &AuthedMerchant, body: HoldBody, now: i64) -> Result<Hold, Problem> {
+fn hold_of(
+    state: &AppState,
+    merchant: &AuthedMerchant,
+    body: HoldBody,
+    now: i64,
+) -> Result<Hold, Problem> {
     let order_id = OrderId::parse(&body.order_id).map_err(|e| Problem::invalid(e.to_string()))?;
     if body.items.is_empty() || body.items.len() > MAX_HOLD_ITEMS {
         return Err(Problem::invalid("items must have 1 to 50 lines"));
@@ -299,7 +304,11 @@ fn hold_of(state: &AppState, merchant: &AuthedMerchant, body: HoldBody, now: i64
             state.hold_max_ttl_s
         )));
     }
-    let mut lines: Vec<(&str, i64)> = body.items.iter().map(|i| (i.sku.as_str(), i.quantity)).collect();
+    let mut lines: Vec<(&str, i64)> = body
+        .items
+        .iter()
+        .map(|i| (i.sku.as_str(), i.quantity))
+        .collect();
     lines.sort_unstable();
     let mut parts: Vec<String> = vec![order_id.to_string(), ttl.to_string()];
     parts.extend(lines.iter().map(|(s, q)| format!("{s}={q}")));
@@ -438,7 +447,12 @@ pub async fn delete_hold(
         Err(e) => return Err(store_down(&e)),
     };
     match inv
-        .release(&merchant.merchant_id, &hold.order_id, &[HoldState::Pre], now)
+        .release(
+            &merchant.merchant_id,
+            &hold.order_id,
+            &[HoldState::Pre],
+            now,
+        )
         .await
     {
         Ok(Some(h)) => Ok(Json(HoldView::of(&h, now)).into_response()),

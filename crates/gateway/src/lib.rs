@@ -398,12 +398,7 @@ pub fn routes_table() -> Vec<(
             Merchant,
         ),
         ("POST", "/v1/holds", post(holds::post_hold), Merchant),
-        (
-            "GET",
-            "/v1/holds/{hold_id}",
-            get(holds::get_hold),
-            Merchant,
-        ),
+        ("GET", "/v1/holds/{hold_id}", get(holds::get_hold), Merchant),
         (
             "DELETE",
             "/v1/holds/{hold_id}",

@@ -8,6 +8,7 @@
 mod chaos;
 mod edges;
 mod helpers;
+mod holds;
 mod operations;
 mod provider_error;
 mod resilience;
