@@ -40,6 +40,12 @@ use paygate_payments::{Saga, Settler, Tally};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
 use serde::Serialize;
 
+/// How long released and expired holds are kept before the sweep deletes
+/// them: 7 days, long past any approval the batch or the reconciliation
+/// could still recover for them (a recovered approval of a deleted hold
+/// sells nothing, so keep this above the reconciliation window).
+pub const HOLD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3_600);
+
 /// How a sweep runs.
 #[derive(Clone, Debug)]
 pub struct SweepOptions {
@@ -257,11 +263,30 @@ impl Sweeper {
         }
         let renewal = lease.keep_alive(opts.lease_ttl);
         let result = self.sweep_records(opts, &renewal.lost_flag()).await;
+        if !opts.dry_run {
+            self.purge_holds().await;
+        }
         renewal.finish().await;
         if let (Ok(summary), false, Leases::Sql(db)) = (&result, opts.dry_run, &self.leases) {
             record_run(db, "batch", summary).await;
         }
         result
+    }
+
+    /// Housekeeping (issue 17): deletes holds released, or expired, more
+    /// than [`HOLD_RETENTION`] ago. Availability never waits for it (the
+    /// timestamp rule already ignores them); a failure is logged and left
+    /// for the next sweep.
+    async fn purge_holds(&self) {
+        let Some(inventory) = self.saga.inventory() else {
+            return;
+        };
+        let retention = i64::try_from(HOLD_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let before = paygate_core::ambient::now_ms().saturating_sub(retention);
+        match inventory.purge(before).await {
+            Ok(n) => tracing::info!(holds_purged = n, "old released and expired holds deleted"),
+            Err(e) => tracing::warn!(error = %e, "could not delete old holds; the next sweep retries"),
+        }
     }
 
     /// Handles one record now, exactly as a sweep would (the same

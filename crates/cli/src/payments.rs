@@ -401,6 +401,7 @@ pub const MISMATCH_REASONS: &[&str] = &[
     "amount_mismatch",
     "paid_not_approved",
     "orphan_not_canceled",
+    "oversold",
 ];
 
 async fn problems(
