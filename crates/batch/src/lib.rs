@@ -285,7 +285,9 @@ impl Sweeper {
         let before = paygate_core::ambient::now_ms().saturating_sub(retention);
         match inventory.purge(before).await {
             Ok(n) => tracing::info!(holds_purged = n, "old released and expired holds deleted"),
-            Err(e) => tracing::warn!(error = %e, "could not delete old holds; the next sweep retries"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete old holds; the next sweep retries")
+            }
         }
     }
 

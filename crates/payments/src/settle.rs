@@ -36,6 +36,7 @@ impl Saga {
                 let approved_at = approved_at_of(&p);
                 let t = Transition::MarkPaid { approved_at };
                 if self.store.transition(pid, &t).await? {
+                    self.hold_on_paid(record).await;
                     return Ok(Settlement::Paid);
                 }
                 // The guard failed: believe the store, not the lookup alone.
@@ -53,6 +54,7 @@ impl Saga {
                     last_error: message,
                 };
                 if self.store.transition(pid, &t).await? {
+                    self.hold_on_aborted(record).await;
                     return Ok(Settlement::Declined);
                 }
                 match self.store.get(pid).await? {
@@ -215,7 +217,6 @@ impl Settler {
             }
             Settlement::Declined => {
                 t.settled += 1;
-                self.saga.hold_on_aborted(&r).await;
                 if self
                     .store
                     .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)

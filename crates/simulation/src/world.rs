@@ -82,6 +82,8 @@ pub struct World {
     pub card: Arc<SimCard>,
     /// The ledger.
     pub ledger: Arc<SimLedger>,
+    /// Inventory and holds (issue 17).
+    pub inventory: Arc<paygate_state_store::MemoryInventoryStore>,
     /// The seeded RNG.
     pub rng: SimRng,
 }
@@ -97,6 +99,7 @@ impl World {
             leases: Arc::new(MemoryLeases::default()),
             card: Arc::new(SimCard::new(rng.clone())),
             ledger: Arc::new(SimLedger::new(rng.clone())),
+            inventory: Arc::new(paygate_state_store::MemoryInventoryStore::new()),
             rng,
         }
     }
@@ -128,41 +131,44 @@ impl Incarnation {
             breaker_minimum_number_of_calls: 4,
             ..DownstreamPolicy::card_api()
         };
-        let saga = Arc::new(Saga::new(
-            store.clone(),
-            Arc::new(Handle {
-                inner: world.log.clone(),
-                dead: dead.clone(),
-                rng: Some(world.rng.clone()),
-            }),
-            Downstreams {
-                card: Arc::new(Handle {
-                    inner: world.card.clone(),
+        let saga = Arc::new(
+            Saga::new(
+                store.clone(),
+                Arc::new(Handle {
+                    inner: world.log.clone(),
+                    dead: dead.clone(),
+                    rng: Some(world.rng.clone()),
+                }),
+                Downstreams {
+                    card: Arc::new(Handle {
+                        inner: world.card.clone(),
+                        dead: dead.clone(),
+                        rng: None,
+                    }),
+                    card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
+                    list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
+                    ledger: Arc::new(Handle {
+                        inner: world.ledger.clone(),
+                        dead: dead.clone(),
+                        rng: None,
+                    }),
+                    ledger_stack: Arc::new(Downstream::new(
+                        "ledger_api",
+                        &DownstreamPolicy::ledger_api(),
+                    )),
+                },
+                Arc::new(Handle {
+                    inner: world.alerts.clone(),
                     dead: dead.clone(),
                     rng: None,
                 }),
-                card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
-                list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
-                ledger: Arc::new(Handle {
-                    inner: world.ledger.clone(),
-                    dead: dead.clone(),
-                    rng: None,
-                }),
-                ledger_stack: Arc::new(Downstream::new(
-                    "ledger_api",
-                    &DownstreamPolicy::ledger_api(),
-                )),
-            },
-            Arc::new(Handle {
-                inner: world.alerts.clone(),
-                dead: dead.clone(),
-                rng: None,
-            }),
-            SagaSettings {
-                settle_on_access_after: Duration::from_secs(5),
-                ..SagaSettings::default()
-            },
-        ));
+                SagaSettings {
+                    settle_on_access_after: Duration::from_secs(5),
+                    ..SagaSettings::default()
+                },
+            )
+            .with_inventory(world.inventory.clone()),
+        );
         Self { dead, saga, store }
     }
 
