@@ -393,6 +393,11 @@ impl Sweeper {
             .await?;
         match r.card_status {
             CardStatus::Aborted if evidence.requests == 0 || declined(&evidence) => {
+                if !opts.dry_run {
+                    // Its confirm may have died between the abort and the
+                    // release of its hold: release it (a no-op otherwise).
+                    self.saga.hold_on_aborted(&r).await;
+                }
                 if self.file(&r, Partition::Unpaid, opts.dry_run).await? {
                     bump(&c.unpaid);
                 }
