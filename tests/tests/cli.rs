@@ -58,6 +58,58 @@ fn demo_under_flaky_faults_reports_no_lost_or_double_charges() {
     assert!(summary["sandbox_approvals"].as_u64().unwrap() > 250);
 }
 
+/// Issue 17, acceptance 4 (smaller than the README's 2,000 buyers for 100
+/// units, for CI's time): buyers race for few units with holds under the
+/// flaky faults; nothing oversold, lost or charged twice, and every kind of
+/// buyer showed up (holds granted and refused, expired and released).
+#[test]
+fn flash_sale_under_flaky_faults_never_oversells() {
+    let out = paygate()
+        .args([
+            "demo",
+            "--flash-sale",
+            "--buyers",
+            "400",
+            "--units",
+            "40",
+            "--concurrency",
+            "32",
+            "--faults",
+            "flaky",
+            "--json",
+        ])
+        .output()
+        .expect("demo runs");
+    assert!(
+        out.status.success(),
+        "flash sale failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "units",
+        "sold",
+        "oversold",
+        "holds_expired",
+        "holds_released",
+        "lost",
+        "double_charges",
+    ] {
+        assert!(s.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(s["oversold"], 0, "{s}");
+    assert_eq!(s["lost"], 0, "{s}");
+    assert_eq!(s["double_charges"], 0, "{s}");
+    assert!(s["sold"].as_i64().unwrap() <= 40, "{s}");
+    assert!(s["sold"].as_i64().unwrap() > 0, "{s}");
+    assert!(
+        s["out_of_stock"].as_u64().unwrap() > 0,
+        "{s}: buyers were refused"
+    );
+    assert!(s["holds_released"].as_u64().unwrap() > 0, "{s}");
+}
+
 #[test]
 fn a_typo_or_a_bad_value_fails_startup_naming_the_key() {
     let (url, _) = temp_db("typo");

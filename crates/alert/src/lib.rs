@@ -67,6 +67,11 @@ pub enum AlertReason {
     /// Reconciliation: paygate's cancels and the card company's disagree
     /// (a cancel one side holds and the other does not).
     CancelMismatch,
+    /// An approval sold a hold after its stock had gone to other buyers
+    /// (recovered after the hold expired): `sold + active holds > stock`
+    /// for the SKUs named (I7). The buyer was charged; decide whether to
+    /// ship, back-order or refund.
+    Oversold,
 }
 
 impl AlertReason {
@@ -85,6 +90,7 @@ impl AlertReason {
             Self::CancelUnknown => "cancel_unknown",
             Self::ReversalFailed => "reversal_failed",
             Self::CancelMismatch => "cancel_mismatch",
+            Self::Oversold => "oversold",
         }
     }
 
@@ -103,6 +109,7 @@ impl AlertReason {
             Self::CancelUnknown => "Cancel needs checking: card outcome unknown",
             Self::ReversalFailed => "Ledger reversal of a cancel failed",
             Self::CancelMismatch => "Cancels differ between paygate and the card company",
+            Self::Oversold => "Oversold: an approval sold stock that was no longer available",
         }
     }
 }

@@ -51,6 +51,12 @@ use paygate_payments::{Saga, Settler, Tally};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
 use serde::Serialize;
 
+/// How long released and expired holds are kept before the sweep deletes
+/// them: 7 days, long past any approval the batch or the reconciliation
+/// could still recover for them (a recovered approval of a deleted hold
+/// sells nothing, so keep this above the reconciliation window).
+pub const HOLD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3_600);
+
 /// How a sweep runs.
 #[derive(Clone, Debug)]
 pub struct SweepOptions {
@@ -268,11 +274,32 @@ impl Sweeper {
         }
         let renewal = lease.keep_alive(opts.lease_ttl);
         let result = self.sweep_records(opts, &renewal.lost_flag()).await;
+        if !opts.dry_run {
+            self.purge_holds().await;
+        }
         renewal.finish().await;
         if let (Ok(summary), false, Leases::Sql(db)) = (&result, opts.dry_run, &self.leases) {
             record_run(db, "batch", summary).await;
         }
         result
+    }
+
+    /// Housekeeping (issue 17): deletes holds released, or expired, more
+    /// than [`HOLD_RETENTION`] ago. Availability never waits for it (the
+    /// timestamp rule already ignores them); a failure is logged and left
+    /// for the next sweep.
+    async fn purge_holds(&self) {
+        let Some(inventory) = self.saga.inventory() else {
+            return;
+        };
+        let retention = i64::try_from(HOLD_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let before = paygate_core::ambient::now_ms().saturating_sub(retention);
+        match inventory.purge(before).await {
+            Ok(n) => tracing::info!(holds_purged = n, "old released and expired holds deleted"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete old holds; the next sweep retries")
+            }
+        }
     }
 
     /// Handles one record now, exactly as a sweep would (the same
@@ -381,6 +408,11 @@ impl Sweeper {
             .await?;
         match r.card_status {
             CardStatus::Aborted if evidence.requests == 0 || declined(&evidence) => {
+                if !opts.dry_run {
+                    // Its confirm may have died between the abort and the
+                    // release of its hold: release it (a no-op otherwise).
+                    self.saga.hold_on_aborted(&r).await;
+                }
                 if self.file(&r, Partition::Unpaid, opts.dry_run).await? {
                     bump(&c.unpaid);
                 }
@@ -398,7 +430,13 @@ impl Sweeper {
                     failure_code: failure_codes::NOT_SENT.to_owned(),
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
-                if self.store.transition(&r.payment_id, &t).await?
+                let aborted = self.store.transition(&r.payment_id, &t).await?;
+                if aborted {
+                    // Its confirm may have moved the order's hold to
+                    // `during` before it died: give the stock back.
+                    self.saga.hold_on_aborted(&r).await;
+                }
+                if aborted
                     && self
                         .store
                         .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)

@@ -4,7 +4,10 @@
 //! against paygate's stores and alert outbox (see
 //! `paygate_reconcile::check`). Exit code 1 when an approval is lost, an
 //! order was charged twice, or paygate's done cancels of an order differ
-//! from the card company's (none in flight, no alert); 0 otherwise.
+//! from the card company's (none in flight, no alert); 0 otherwise. It also
+//! counts the `oversold` alerts (I7: an approval recovered after its hold
+//! lapsed sold stock that was gone); those are alerted, so they do not
+//! change the exit code.
 
 use std::process::ExitCode;
 
@@ -59,9 +62,19 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
         })
         .collect();
     let (c, _sandbox) = paygate_gateway::components(&config).await?;
-    let report = check(c.store.as_ref(), &SqlOutbox::new(c.db.clone()), &approvals).await?;
+    let outbox = SqlOutbox::new(c.db.clone());
+    let report = check(c.store.as_ref(), &outbox, &approvals).await?;
+    // I7: approvals that sold stock already gone (each raised an alert).
+    let oversold = outbox
+        .all()
+        .await?
+        .iter()
+        .filter(|a| a.dedup_key.ends_with(":oversold"))
+        .count();
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["oversold"] = oversold.into();
+        println!("{v}");
     } else {
         println!("approvals        {}", report.approvals);
         println!("completed        {}", report.completed);
@@ -72,6 +85,7 @@ pub async fn run(config: paygate_core::Config, args: CheckArgs) -> anyhow::Resul
         println!("double charges   {}", report.double_charges);
         println!("canceled         {}", report.canceled);
         println!("cancel mismatch  {}", report.cancel_mismatches);
+        println!("oversold         {oversold}");
         if !report.lost_orders.is_empty() {
             println!("lost orders      {}", report.lost_orders.join(", "));
         }

@@ -56,6 +56,16 @@ pub struct DemoArgs {
     /// MongoDB connection string, with `--state-store mongodb`.
     #[arg(long, env = "PAYGATE_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
+    /// Run the flash sale instead (issue 17): `--buyers` race for `--units`
+    /// with stock holds; exits non-zero if anything is oversold.
+    #[arg(long)]
+    flash_sale: bool,
+    /// Buyers of the flash sale.
+    #[arg(long, default_value_t = 2_000)]
+    buyers: usize,
+    /// Units on sale in the flash sale.
+    #[arg(long, default_value_t = 100)]
+    units: i64,
 }
 
 /// The demo's result; `--json` prints exactly these keys.
@@ -122,6 +132,17 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// Setup failures (temporary database, ports); invariant failures are
 /// reported through the exit code, not as errors.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.flash_sale {
+        return crate::flash_sale::run(crate::flash_sale::FlashSale {
+            buyers: args.buyers,
+            units: args.units,
+            concurrency: args.concurrency,
+            faults: args.faults.clone(),
+            seed: args.seed,
+            json: args.json,
+        })
+        .await;
+    }
     let mut profile = FaultProfile::preset(&args.faults)
         .with_context(|| {
             format!(

@@ -12,6 +12,7 @@ mod alerts;
 mod batch;
 mod check;
 mod demo;
+mod flash_sale;
 mod ops;
 mod payments;
 mod progress;

@@ -404,6 +404,7 @@ pub const MISMATCH_REASONS: &[&str] = &[
     "cancel_unknown",
     "reversal_failed",
     "cancel_mismatch",
+    "oversold",
 ];
 
 async fn problems(

@@ -110,6 +110,12 @@ pub struct Config {
     /// Default 100,000,000 (₩100 million); 1 to 2^53 - 1 (a JSON-safe
     /// integer).
     pub max_amount: i64,
+    /// Time a stock hold lasts when `POST /v1/holds` names no `ttlSeconds`,
+    /// seconds. Default 600 (10 minutes); 1 to `hold_max_ttl_seconds`.
+    pub hold_default_ttl_seconds: u64,
+    /// Longest `ttlSeconds` a hold may ask for, seconds; more is 400.
+    /// Default 3600; 1 to 86400.
+    pub hold_max_ttl_seconds: u64,
     /// Currency of confirmed payments. Default `KRW`, and the only one
     /// accepted: paygate is KRW-only today (amounts are whole won, the
     /// ledger and reconciliation compare them as such).
@@ -189,6 +195,8 @@ impl Default for Config {
             inbound_header_read_timeout_ms: 10_000,
             inbound_idle_timeout_ms: 75_000,
             max_amount: DEFAULT_MAX_AMOUNT,
+            hold_default_ttl_seconds: 600,
+            hold_max_ttl_seconds: 3_600,
             currency: "KRW".to_owned(),
             sandbox_faults: "none".to_owned(),
             log_format: "pretty".to_owned(),
@@ -242,6 +250,15 @@ impl Config {
             return Err(bad(
                 "database_url",
                 "must start with sqlite: or postgres://",
+            ));
+        }
+        if !(1..=86_400).contains(&self.hold_max_ttl_seconds) {
+            return Err(bad("hold_max_ttl_seconds", "must be 1 to 86400"));
+        }
+        if !(1..=self.hold_max_ttl_seconds).contains(&self.hold_default_ttl_seconds) {
+            return Err(bad(
+                "hold_default_ttl_seconds",
+                "must be 1 to hold_max_ttl_seconds",
             ));
         }
         if self.shutdown_timeout_ms == 0 {

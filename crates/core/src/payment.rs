@@ -126,6 +126,13 @@ pub mod failure_codes {
     /// answer deadline or the shutdown deadline came first), so the saga
     /// made no card call to keep that answer true (invariant I4).
     pub const ANSWER_TIMED_OUT: &str = "PAYGATE_ANSWER_TIMED_OUT";
+    /// The order's stock hold had expired (or been released) and its units
+    /// were gone, so no card call was made (issue 17; the merchant got 409
+    /// `HOLD_EXPIRED`). A retry reopens it when stock is back.
+    pub const HOLD_EXPIRED: &str = "PAYGATE_HOLD_EXPIRED";
+    /// The inventory store could not move the order's hold to `during`, so
+    /// no card call was made (503).
+    pub const INVENTORY_UNAVAILABLE: &str = "PAYGATE_INVENTORY_UNAVAILABLE";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {
@@ -135,6 +142,8 @@ pub mod failure_codes {
             || code == OVERLOADED
             || code == NOT_SENT
             || code == ANSWER_TIMED_OUT
+            || code == HOLD_EXPIRED
+            || code == INVENTORY_UNAVAILABLE
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod merchant_slots;
 pub mod cancel;
+pub mod holds;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -21,7 +22,7 @@ use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Dur
 
 use axum::{
     extract::DefaultBodyLimit,
-    routing::{get, post},
+    routing::{delete, get, post, put},
     Router,
 };
 use paygate_core::{config::ConfigError, Config, Secret};
@@ -79,6 +80,10 @@ pub struct AppState {
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Largest amount a confirm may carry (`max_amount`).
     max_amount: i64,
+    /// A hold's time when its request names none, s (`hold_default_ttl_seconds`).
+    hold_default_ttl_s: u64,
+    /// Longest hold time a request may ask, s (`hold_max_ttl_seconds`).
+    hold_max_ttl_s: u64,
     /// Time a confirm has, from the moment its request arrived, to answer.
     confirm_answer_within: Duration,
     /// Turns `true` at the shutdown deadline: a confirm still waiting for
@@ -194,6 +199,8 @@ impl Application {
         let (shutdown_deadline, deadline_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             max_amount: config.max_amount,
+            hold_default_ttl_s: config.hold_default_ttl_seconds,
+            hold_max_ttl_s: config.hold_max_ttl_seconds,
             confirm_answer_within: Duration::from_millis(config.inbound_request_timeout_ms),
             shutdown_deadline: deadline_rx,
             saga: saga.clone(),
@@ -390,6 +397,26 @@ pub fn routes_table() -> Vec<(
             "/v1/payments/{payment_id}/cancel",
             post(cancel::cancel),
             OwnDeadline,
+        ),
+        (
+            "PUT",
+            "/v1/inventory/{sku}",
+            put(holds::put_inventory),
+            Merchant,
+        ),
+        (
+            "GET",
+            "/v1/inventory/{sku}",
+            get(holds::get_inventory),
+            Merchant,
+        ),
+        ("POST", "/v1/holds", post(holds::post_hold), Merchant),
+        ("GET", "/v1/holds/{hold_id}", get(holds::get_hold), Merchant),
+        (
+            "DELETE",
+            "/v1/holds/{hold_id}",
+            delete(holds::delete_hold),
+            Merchant,
         ),
         ("GET", "/healthz", get(routes::healthz), Operations),
         ("GET", "/readyz", get(routes::readyz), Operations),

@@ -24,6 +24,11 @@ use crate::{problem::ProblemDetails, routes};
         routes::get_payment,
         routes::get_by_order,
         crate::cancel::cancel,
+        crate::holds::put_inventory,
+        crate::holds::get_inventory,
+        crate::holds::post_hold,
+        crate::holds::get_hold,
+        crate::holds::delete_hold,
         routes::healthz,
         routes::readyz,
         routes::metrics,
@@ -34,11 +39,17 @@ use crate::{problem::ProblemDetails, routes};
         crate::cancel::CancelBody,
         routes::PaymentView,
         routes::CancelView,
-        ProblemDetails
+        ProblemDetails,
+        crate::holds::StockBody,
+        crate::holds::StockView,
+        crate::holds::HoldBody,
+        crate::holds::HoldLine,
+        crate::holds::HoldView
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "payments", description = "confirm, read and cancel payments"),
+        (name = "inventory", description = "stock per SKU and holds on it while a buyer pays (the timestamp rule)"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     )
 )]

@@ -277,7 +277,7 @@ fn early_answer(ticket: &ConfirmTicket, cause: &'static str) -> Response {
         (status = 401, description = "missing or bad API key", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 402, description = "declined by the card company (its code)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 405, description = "another method on this path (`Allow` lists the served ones)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
-        (status = 409, description = "the same payment is still in flight", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "the same payment is still in flight (PAYMENT_IN_PROGRESS), or the order's stock hold expired and its stock is gone (HOLD_EXPIRED; nothing was charged; a retry may pass once stock is back)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "body over 16 KiB", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
         (status = 422, description = "refused before any card call: `ORDER_ID_REUSED` / `IDEMPOTENCY_KEY_REUSED` (this merchant's order or key with another body; names the payment), `PAYMENT_KEY_REUSED` (the paymentKey was confirmed under another order), `ORDER_ID_IN_USE` (another merchant on the card account holds the orderId; whose is not said)", body = crate::problem::ProblemDetails, content_type = "application/problem+json"),
@@ -404,6 +404,17 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
             };
             Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, title, detail).into_response()
         }
+        ConfirmOutcome::HoldExpired { payment_id, short } => Problem::new(
+            StatusCode::CONFLICT,
+            "HOLD_EXPIRED",
+            "Stock hold expired",
+            format!(
+                "the order's stock hold expired and the stock is gone ({}); nothing was charged",
+                short.join(", ")
+            ),
+        )
+        .with_payment(payment_id.as_str())
+        .into_response(),
         ConfirmOutcome::Unavailable {
             detail,
             payment_id,

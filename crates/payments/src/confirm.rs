@@ -124,6 +124,9 @@ impl Saga {
                 .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None)
                 .await;
         }
+        if let Some(refused) = self.hold_before_card(&record).await {
+            return refused;
+        }
         match self.settle_at_card(&record).await {
             CardVerdict::Approved(p) => self.approved(record, &p).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
@@ -206,6 +209,7 @@ impl Saga {
             },
             Err(e) => return self.approval_not_recorded(record, approved_at, e).await,
         }
+        self.hold_on_paid(&record).await;
         record.is_saved = self.save_with_retries(&record).await;
         metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
         ConfirmOutcome::Approved(record)
@@ -273,6 +277,7 @@ impl Saga {
         }
         record.card_status = CardStatus::Aborted;
         record.failure_code = Some(code.clone());
+        self.hold_on_aborted(&record).await;
         metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
         ConfirmOutcome::Declined {
             record,
@@ -288,7 +293,7 @@ impl Saga {
         detail: String,
         retry_after_s: Option<u64>,
     ) -> ConfirmOutcome {
-        let pid = record.payment_id;
+        let pid = record.payment_id.clone();
         tracing::error!(payment_id = %pid, reason = code, detail = %detail, "no card call made");
         let t = Transition::MarkAborted {
             failure_code: code.to_owned(),
@@ -297,6 +302,7 @@ impl Saga {
         if let Err(e) = self.store.transition(&pid, &t).await {
             tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
         }
+        self.hold_on_aborted(&record).await;
         let detail = match code {
             failure_codes::LOG_UNAVAILABLE => {
                 "request log unavailable; nothing was charged, retry later"

@@ -15,6 +15,7 @@
 //! | [`saga`] | the [`Saga`] and its settings | — |
 //! | [`outcome`] | [`ConfirmInput`], [`ConfirmOutcome`], [`ConfirmTicket`], [`Settlement`] | I4 |
 //! | `confirm` | saga steps 1-4: record, card call, verdict | I1, I2, I3 |
+//! | `holds` | the order's stock hold: during, sold, released | I7 |
 //! | `replay` | a confirm for an order that already has a payment | I2 |
 //! | `logged_call` | every downstream call, `REQUEST` row first | I3 |
 //! | [`classify`] | an answer's retry and breaker class | I5 |
@@ -31,6 +32,7 @@ pub mod cancel;
 mod card_calls;
 pub mod classify;
 mod confirm;
+mod holds;
 pub mod ledger;
 mod logged_call;
 mod lookup;

@@ -70,6 +70,15 @@ pub enum ConfirmOutcome {
     /// 422: refused by a card-account claim; nothing was written and no
     /// card call was made.
     Refused(Refusal),
+    /// 409 `HOLD_EXPIRED`: the order's stock hold expired and its units are
+    /// gone; no card call was made (the record is a no-call abort, so a
+    /// retry with the same body may go through once stock is back).
+    HoldExpired {
+        /// The payment (`ABORTED`, `PAYGATE_HOLD_EXPIRED`).
+        payment_id: PaymentId,
+        /// The SKUs that are short.
+        short: Vec<String>,
+    },
     /// 503: paygate could not safely proceed; no card call was made. With a
     /// `payment_id`, nothing was charged for that payment (the order's only
     /// one); without one, paygate could not read the order, and the answer

@@ -344,6 +344,9 @@ impl Resolver {
                 if !self.store.transition(pid, &t).await? {
                     return Err(self.raced(pid).await);
                 }
+                if let Some((_, aborted)) = self.store.get(pid).await? {
+                    self.saga.hold_on_aborted(&aborted).await;
+                }
                 self.store
                     .move_record(pid, Partition::Realtime, Partition::Unpaid)
                     .await

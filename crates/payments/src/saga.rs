@@ -72,6 +72,7 @@ pub struct Saga {
     pub(crate) settings: SagaSettings,
     pub(crate) retries: RetryTracker,
     pub(crate) live: LiveConfirms,
+    pub(crate) inventory: Option<Arc<dyn paygate_state_store::InventoryStore>>,
 }
 
 /// The payments whose confirm is running in this process right now. A
@@ -143,6 +144,7 @@ impl Saga {
             settings,
             retries: RetryTracker::default(),
             live: LiveConfirms::default(),
+            inventory: None,
         }
     }
 

@@ -36,6 +36,7 @@ impl Saga {
                 let approved_at = approved_at_of(&p);
                 let t = Transition::MarkPaid { approved_at };
                 if self.store.transition(pid, &t).await? {
+                    self.hold_on_paid(record).await;
                     return Ok(Settlement::Paid);
                 }
                 // The guard failed: believe the store, not the lookup alone.
@@ -53,6 +54,7 @@ impl Saga {
                     last_error: message,
                 };
                 if self.store.transition(pid, &t).await? {
+                    self.hold_on_aborted(record).await;
                     return Ok(Settlement::Declined);
                 }
                 match self.store.get(pid).await? {
@@ -148,6 +150,8 @@ impl Settler {
         if dry_run {
             return Ok(t);
         }
+        // A paid payment sells its hold (a no-op when sold or absent).
+        self.saga.hold_on_paid(&r).await;
         match self.saga.batch_save(&r).await {
             SaveResult::Saved => {
                 t.saved += 1;

@@ -19,7 +19,9 @@ use paygate_core::{
 };
 use paygate_ledger_api::{HttpLedgerApi, LedgerApi};
 use paygate_resilience::Downstream;
-use paygate_state_store::{SqlDatabase, SqlStateStore, StateStore, StoreError};
+use paygate_state_store::{
+    InventoryStore, SqlDatabase, SqlInventoryStore, SqlStateStore, StateStore, StoreError,
+};
 
 use crate::{saga::Downstreams, Saga, SagaSettings};
 
@@ -61,6 +63,8 @@ pub struct Components {
     pub store: Arc<dyn StateStore>,
     /// The saga and its downstream stacks.
     pub saga: Arc<Saga>,
+    /// Inventory and holds (on the state store's backend).
+    pub inventory: Arc<dyn InventoryStore>,
     /// The alerter.
     pub alerter: Arc<OutboxAlerter>,
 }
@@ -84,7 +88,7 @@ impl Components {
         if config.migrate_on_start {
             db.migrate().await?;
         }
-        let store = state_store(config, &db).await?;
+        let (store, inventory) = stores(config, &db).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .connect_timeout(Duration::from_secs(2))
@@ -107,17 +111,21 @@ impl Components {
             ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
             ..SagaSettings::default()
         };
-        let saga = Arc::new(Saga::new(
-            store.clone(),
-            Arc::new(SqlApiLog::new(db.clone())),
-            downstreams,
-            alerter.clone(),
-            settings,
-        ));
+        let saga = Arc::new(
+            Saga::new(
+                store.clone(),
+                Arc::new(SqlApiLog::new(db.clone())),
+                downstreams,
+                alerter.clone(),
+                settings,
+            )
+            .with_inventory(inventory.clone()),
+        );
         Ok(Self {
             db,
             store,
             saga,
+            inventory,
             alerter,
         })
     }
@@ -132,8 +140,23 @@ pub async fn state_store(
     config: &Config,
     db: &SqlDatabase,
 ) -> Result<Arc<dyn StateStore>, WiringError> {
+    Ok(stores(config, db).await?.0)
+}
+
+/// The state store and the inventory store the config selects: both in SQL
+/// on `db`, or both in MongoDB (one client).
+///
+/// # Errors
+/// [`WiringError`] when a store cannot be opened.
+pub async fn stores(
+    config: &Config,
+    db: &SqlDatabase,
+) -> Result<(Arc<dyn StateStore>, Arc<dyn InventoryStore>), WiringError> {
     match config.state_store {
-        StateStoreKind::Sql => Ok(Arc::new(SqlStateStore::new(db.clone()))),
+        StateStoreKind::Sql => Ok((
+            Arc::new(SqlStateStore::new(db.clone())),
+            Arc::new(SqlInventoryStore::new(db.clone())),
+        )),
         StateStoreKind::Mongodb => {
             let uri = config.mongodb_uri.as_ref().ok_or(ConfigError {
                 key: "mongodb_uri".to_owned(),
@@ -151,7 +174,9 @@ pub async fn state_store(
                 transactions = store.uses_transactions(),
                 "state store: MongoDB"
             );
-            Ok(Arc::new(store))
+            let inventory =
+                paygate_state_store::MongoInventoryStore::new(store.database().clone()).await?;
+            Ok((Arc::new(store), Arc::new(inventory)))
         }
     }
 }

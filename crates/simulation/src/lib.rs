@@ -15,7 +15,8 @@
 //! company and the ledger misbehave ([`card`], [`ledger`]); the store and
 //! the log fail writes in windows ([`faults`]). Then every fault is healed,
 //! the batch and the reconciliation run to completion, and [`checker`]
-//! checks I1, I2, I4 and the partitions.
+//! checks I1, I2, I4 and the partitions; [`holds`] adds stock holds to the
+//! workload and checks I7 in every history.
 //!
 //! Layout, after TigerBeetle's VOPR: [`options`] (knobs from the seed),
 //! [`workload`], [`faults`], [`world`] (what survives a crash),
@@ -25,6 +26,7 @@ pub mod card;
 pub mod checker;
 pub mod faults;
 pub mod gateway;
+pub mod holds;
 pub mod ledger;
 pub mod options;
 pub mod rng;
@@ -114,6 +116,8 @@ async fn history(seed: u64) -> Report {
         .collect();
     let mut clients = Vec::new();
     let orders = workload::orders(&rng, &merchants, options.orders, options.window_ms);
+    let buyers = holds::buyers(&world, &rng, &merchants, &orders);
+    let (monitor, breaches) = holds::monitor(&world, HISTORY_MS);
     for order in orders.clone() {
         clients.push(tokio::task::spawn_local(workload::client(
             gw.clone(),
@@ -133,6 +137,10 @@ async fn history(seed: u64) -> Report {
     tokio::time::sleep(Duration::from_millis(HISTORY_MS)).await;
     world.heal();
     let _ = jobs.await;
+    for b in buyers {
+        let _ = b.await;
+    }
+    let _ = monitor.await;
     for c in clients {
         let _ = c.await;
     }
@@ -147,7 +155,8 @@ async fn history(seed: u64) -> Report {
     faults::settle(&world).await;
     let answers = answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let finals = finals.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let violations = checker::check(&world, &answers, &finals);
+    let mut violations = checker::check(&world, &answers, &finals);
+    violations.extend(holds::check(&world, &breaches));
     let digest = digest(&world, &[answers.clone(), finals].concat());
     Report {
         seed,

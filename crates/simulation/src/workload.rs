@@ -99,6 +99,21 @@ pub fn orders(rng: &SimRng, merchants: &[MerchantId], n: usize, window_ms: u64) 
 }
 
 impl Order {
+    /// The merchant.
+    pub fn merchant(&self) -> &MerchantId {
+        &self.merchant
+    }
+
+    /// The order id.
+    pub fn order_id(&self) -> &str {
+        &self.order_id
+    }
+
+    /// When its first confirm starts, ms after the history's start.
+    pub fn start_ms(&self) -> u64 {
+        self.start_ms
+    }
+
     fn input(&self, amount: i64) -> ConfirmInput {
         ConfirmInput {
             merchant_id: self.merchant.clone(),
@@ -126,7 +141,8 @@ fn kind(reply: &Reply) -> AnswerKind {
         ConfirmOutcome::Unavailable {
             payment_id: Some(_),
             ..
-        } => AnswerKind::Unavailable,
+        }
+        | ConfirmOutcome::HoldExpired { .. } => AnswerKind::Unavailable,
         ConfirmOutcome::Unavailable {
             payment_id: None, ..
         } => AnswerKind::NotProcessed,

@@ -122,6 +122,8 @@ pub struct World {
     pub card: Arc<SimCard>,
     /// The ledger.
     pub ledger: Arc<SimLedger>,
+    /// Inventory and holds (issue 17).
+    pub inventory: Arc<paygate_state_store::MemoryInventoryStore>,
     /// The seeded RNG.
     pub rng: SimRng,
     /// Every change applied to a record, by whom and when.
@@ -146,6 +148,7 @@ impl World {
             leases: Arc::new(MemoryLeases::default()),
             card: Arc::new(SimCard::new(rng.clone())),
             ledger: Arc::new(SimLedger::new(rng.clone())),
+            inventory: Arc::new(paygate_state_store::MemoryInventoryStore::new()),
             rng,
             changes: Changes::default(),
             requests: Arc::default(),
@@ -186,45 +189,48 @@ impl Incarnation {
             breaker_minimum_number_of_calls: 4,
             ..DownstreamPolicy::card_api()
         };
-        let saga = Arc::new(Saga::new(
-            store.clone(),
-            Arc::new(Handle {
-                inner: world.log.clone(),
-                dead: dead.clone(),
-                rng: Some(world.rng.clone()),
-                stall_per_mille: world.stall_per_mille,
-            }),
-            Downstreams {
-                card: Arc::new(Handle {
-                    inner: world.card.clone(),
+        let saga = Arc::new(
+            Saga::new(
+                store.clone(),
+                Arc::new(Handle {
+                    inner: world.log.clone(),
+                    dead: dead.clone(),
+                    rng: Some(world.rng.clone()),
+                    stall_per_mille: world.stall_per_mille,
+                }),
+                Downstreams {
+                    card: Arc::new(Handle {
+                        inner: world.card.clone(),
+                        dead: dead.clone(),
+                        rng: None,
+                        stall_per_mille: 0,
+                    }),
+                    card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
+                    list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
+                    ledger: Arc::new(Handle {
+                        inner: world.ledger.clone(),
+                        dead: dead.clone(),
+                        rng: None,
+                        stall_per_mille: 0,
+                    }),
+                    ledger_stack: Arc::new(Downstream::new(
+                        "ledger_api",
+                        &DownstreamPolicy::ledger_api(),
+                    )),
+                },
+                Arc::new(Handle {
+                    inner: world.alerts.clone(),
                     dead: dead.clone(),
                     rng: None,
                     stall_per_mille: 0,
                 }),
-                card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
-                list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
-                ledger: Arc::new(Handle {
-                    inner: world.ledger.clone(),
-                    dead: dead.clone(),
-                    rng: None,
-                    stall_per_mille: 0,
-                }),
-                ledger_stack: Arc::new(Downstream::new(
-                    "ledger_api",
-                    &DownstreamPolicy::ledger_api(),
-                )),
-            },
-            Arc::new(Handle {
-                inner: world.alerts.clone(),
-                dead: dead.clone(),
-                rng: None,
-                stall_per_mille: 0,
-            }),
-            SagaSettings {
-                settle_on_access_after: Duration::from_secs(5),
-                ..SagaSettings::default()
-            },
-        ));
+                SagaSettings {
+                    settle_on_access_after: Duration::from_secs(5),
+                    ..SagaSettings::default()
+                },
+            )
+            .with_inventory(world.inventory.clone()),
+        );
         Self { dead, saga, store }
     }
 

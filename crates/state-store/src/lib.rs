@@ -10,11 +10,19 @@
 //! `MemoryStateStore` in memory, for the deterministic simulation (feature
 //! `memory`, also enabled by `testing`).
 //! The cancels (refunds) of payments are part of every store
-//! ([`CancelStore`], module [`cancels`]).
+//! ([`CancelStore`], module [`cancels`]). Inventory and holds (I7) sit
+//! beside it behind [`InventoryStore`], on the same backends (module
+//! [`inventory`]).
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
 pub mod cancels;
+pub mod inventory;
+#[cfg(feature = "memory")]
+pub mod inventory_memory;
+#[cfg(feature = "mongodb")]
+pub mod inventory_mongo;
+pub mod inventory_sql;
 #[cfg(feature = "memory")]
 pub mod memory;
 mod merchants;
@@ -28,6 +36,15 @@ pub mod testing;
 pub use cancels::{
     CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
 };
+pub use inventory::{
+    BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock, StockLevel,
+    TakeOutcome,
+};
+#[cfg(feature = "memory")]
+pub use inventory_memory::MemoryInventoryStore;
+#[cfg(feature = "mongodb")]
+pub use inventory_mongo::MongoInventoryStore;
+pub use inventory_sql::SqlInventoryStore;
 #[cfg(feature = "memory")]
 pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};

@@ -144,7 +144,7 @@ pub struct MongoStateStore {
     transactions: bool,
 }
 
-fn map_err(e: mongodb::error::Error) -> StoreError {
+pub(crate) fn map_err(e: mongodb::error::Error) -> StoreError {
     // A transient transaction error or an unknown commit result left over
     // after the bounded retries: nothing certain was refused, a rerun may
     // well pass.
@@ -163,7 +163,7 @@ fn map_err(e: mongodb::error::Error) -> StoreError {
     }
 }
 
-fn is_duplicate(e: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate(e: &mongodb::error::Error) -> bool {
     match &*e.kind {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,

@@ -127,6 +127,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "payment cancels",
         include_str!("../../../migrations/sqlite/0009_payment_cancels.sql"),
     ),
+    (
+        10,
+        "inventory and holds",
+        include_str!("../../../migrations/sqlite/0010_inventory_holds.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -173,6 +178,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "payment cancels",
         include_str!("../../../migrations/postgres/0009_payment_cancels.sql"),
+    ),
+    (
+        10,
+        "inventory and holds",
+        include_str!("../../../migrations/postgres/0010_inventory_holds.sql"),
     ),
 ];
 

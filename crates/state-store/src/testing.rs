@@ -395,6 +395,46 @@ pub async fn fresh_state_store(backend: &Backend) -> (Arc<dyn StateStore>, Clean
     }
 }
 
+/// A fresh inventory store for one test (SQL stores migrated; MongoDB on a
+/// fresh database).
+///
+/// # Panics
+/// When the backend cannot be reached.
+pub async fn fresh_inventory_store(backend: &Backend) -> (Arc<dyn crate::InventoryStore>, Cleanup) {
+    match backend {
+        Backend::Memory => (
+            Arc::new(crate::MemoryInventoryStore::new()),
+            Cleanup::Nothing,
+        ),
+        Backend::Sqlite | Backend::Postgres(_) => {
+            let (url, cleanup) = fresh_sql_url(backend).await;
+            let db = SqlDatabase::connect(&url, 8)
+                .await
+                .expect("database reachable");
+            db.migrate().await.expect("migrations apply");
+            (Arc::new(crate::SqlInventoryStore::new(db)), cleanup)
+        }
+        #[cfg(feature = "mongodb")]
+        Backend::Mongodb(uri) | Backend::MongodbReplicaSet(uri) => {
+            let client = mongodb::Client::with_uri_str(uri)
+                .await
+                .expect("a valid MongoDB test URI");
+            let db = client.database(&format!(
+                "paygate_test_{}",
+                ulid::Ulid::new().to_string().to_lowercase()
+            ));
+            let store = crate::MongoInventoryStore::new(db.clone())
+                .await
+                .expect("MongoDB reachable");
+            (Arc::new(store), Cleanup::MongoDatabase(db))
+        }
+        #[cfg(not(feature = "mongodb"))]
+        Backend::Mongodb(_) | Backend::MongodbReplicaSet(_) => {
+            panic!("built without the mongodb feature")
+        }
+    }
+}
+
 /// Inserts `n` records built by `make(i)` into `realtime_payments` in
 /// transactions of 5,000 rows: a fast seed for benchmarks.
 ///

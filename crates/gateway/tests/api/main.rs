@@ -10,6 +10,7 @@ mod chaos;
 mod claims;
 mod edges;
 mod helpers;
+mod holds;
 mod operations;
 mod provider_error;
 mod resilience;

@@ -1,0 +1,429 @@
+//! [`SqlInventoryStore`]: inventory and holds on SQLite and PostgreSQL
+//! (migration 0010: `inventory`, `holds`, `hold_items`), the reference for
+//! the other backends.
+//!
+//! A write that can make a hold count (take, begin, sell) locks the SKUs'
+//! inventory rows first, in SKU order (no deadlock between two multi-SKU
+//! holds): `SELECT … FOR UPDATE` on PostgreSQL; on SQLite the first
+//! statement is an `UPDATE` of the row, which takes the database's write
+//! lock at once (a deferred transaction that read first could not upgrade
+//! its lock under contention without failing `SQLITE_BUSY`). Availability is
+//! then one indexed query on `hold_items (merchant_id, sku, state,
+//! expires_at)` and every hold change is guarded on the state read under
+//! the lock. Items of a hold never change, so they are read before the
+//! transaction.
+
+use paygate_core::{MerchantId, OrderId};
+use sqlx::Row;
+
+use crate::{
+    inventory::{
+        BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock, StockLevel,
+        TakeOutcome,
+    },
+    sql::{map_err, SqlDatabase},
+    with_pool, StoreError,
+};
+
+/// [`InventoryStore`] on the SQL database.
+#[derive(Clone, Debug)]
+pub struct SqlInventoryStore {
+    db: SqlDatabase,
+}
+
+const HOLD_COLUMNS: &str =
+    "hold_id, merchant_id, order_id, state, expires_at, fingerprint, created_at, updated_at";
+
+/// Units held at `$3` by active hold lines of `($1, $2)` other than hold `$4`.
+const HELD_SQL: &str = "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) AS n FROM hold_items \
+     WHERE merchant_id = $1 AND sku = $2 AND hold_id <> $4 \
+     AND (state = 'during' OR (state = 'pre' AND expires_at > $3))";
+
+const LOCK_PG: &str =
+    "SELECT stock, sold FROM inventory WHERE merchant_id = $1 AND sku = $2 FOR UPDATE";
+const LOCK_SQLITE: &str = "UPDATE inventory SET stock = stock WHERE merchant_id = $1 AND sku = $2 \
+     RETURNING stock, sold";
+
+fn corrupt(e: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn in_list(states: &[HoldState]) -> String {
+    let v: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    if v.is_empty() {
+        "''".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Locks `($merchant, $sku)`'s row; `(stock, sold)`, `(0, 0)` when missing.
+macro_rules! lock_sku {
+    ($tx:expr, $lock:expr, $m:expr, $sku:expr) => {{
+        let row = sqlx::query($lock)
+            .bind($m)
+            .bind($sku)
+            .fetch_optional(&mut *$tx)
+            .await
+            .map_err(map_err)?;
+        match row {
+            Some(r) => (
+                r.try_get::<i64, _>("stock").map_err(corrupt)?,
+                r.try_get::<i64, _>("sold").map_err(corrupt)?,
+            ),
+            None => (0_i64, 0_i64),
+        }
+    }};
+}
+
+macro_rules! held {
+    ($ex:expr, $m:expr, $sku:expr, $now:expr, $except:expr) => {{
+        let row = sqlx::query(HELD_SQL)
+            .bind($m)
+            .bind($sku)
+            .bind($now)
+            .bind($except)
+            .fetch_one($ex)
+            .await
+            .map_err(map_err)?;
+        row.try_get::<i64, _>("n").map_err(corrupt)?
+    }};
+}
+
+macro_rules! hold_row {
+    ($row:expr) => {{
+        let r = $row;
+        Hold {
+            hold_id: r.try_get("hold_id").map_err(corrupt)?,
+            merchant_id: MerchantId::from_stored(
+                r.try_get::<String, _>("merchant_id").map_err(corrupt)?,
+            ),
+            order_id: OrderId::from_stored(r.try_get::<String, _>("order_id").map_err(corrupt)?),
+            items: Vec::new(),
+            state: HoldState::parse(&r.try_get::<String, _>("state").map_err(corrupt)?)?,
+            expires_at: r.try_get("expires_at").map_err(corrupt)?,
+            fingerprint: r.try_get("fingerprint").map_err(corrupt)?,
+            created_at: r.try_get("created_at").map_err(corrupt)?,
+            updated_at: r.try_get("updated_at").map_err(corrupt)?,
+        }
+    }};
+}
+
+impl SqlInventoryStore {
+    /// A store on `db` (migrated).
+    pub fn new(db: SqlDatabase) -> Self {
+        Self { db }
+    }
+
+    fn lock_sql(&self) -> &'static str {
+        match self.db {
+            SqlDatabase::Sqlite(_) => LOCK_SQLITE,
+            SqlDatabase::Postgres(_) => LOCK_PG,
+        }
+    }
+
+    async fn find(&self, column: &str, a: &str, b: &str) -> Result<Option<Hold>, StoreError> {
+        let sql =
+            format!("SELECT {HOLD_COLUMNS} FROM holds WHERE merchant_id = $1 AND {column} = $2");
+        with_pool!(&self.db, pool => {
+            let Some(row) = sqlx::query(&sql).bind(a).bind(b).fetch_optional(pool).await.map_err(map_err)? else {
+                return Ok(None);
+            };
+            let mut hold = hold_row!(row);
+            let items = sqlx::query("SELECT sku, quantity FROM hold_items WHERE hold_id = $1 ORDER BY sku")
+                .bind(&hold.hold_id)
+                .fetch_all(pool)
+                .await
+                .map_err(map_err)?;
+            for r in items {
+                hold.items.push(HoldItem {
+                    sku: r.try_get("sku").map_err(corrupt)?,
+                    quantity: r.try_get("quantity").map_err(corrupt)?,
+                });
+            }
+            Ok(Some(hold))
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl InventoryStore for SqlInventoryStore {
+    async fn set_stock(
+        &self,
+        merchant: &MerchantId,
+        sku: &str,
+        stock: i64,
+        now_ms: i64,
+    ) -> Result<SetStock, StoreError> {
+        let m = merchant.as_str();
+        let lock = self.lock_sql();
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            sqlx::query("INSERT INTO inventory (merchant_id, sku, stock, sold, updated_at) \
+                         VALUES ($1, $2, 0, 0, $3) ON CONFLICT (merchant_id, sku) DO NOTHING")
+                .bind(m).bind(sku).bind(now_ms)
+                .execute(&mut *tx).await.map_err(map_err)?;
+            let (old, sold) = lock_sku!(tx, lock, m, sku);
+            let held = held!(&mut *tx, m, sku, now_ms, "");
+            if stock < sold + held {
+                tx.rollback().await.map_err(map_err)?;
+                return Ok(SetStock::BelowCommitted(StockLevel::new(sku, old, sold, held)));
+            }
+            sqlx::query("UPDATE inventory SET stock = $3, updated_at = $4 WHERE merchant_id = $1 AND sku = $2")
+                .bind(m).bind(sku).bind(stock).bind(now_ms)
+                .execute(&mut *tx).await.map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            Ok(SetStock::Set(StockLevel::new(sku, stock, sold, held)))
+        })
+    }
+
+    async fn level(
+        &self,
+        merchant: &MerchantId,
+        sku: &str,
+        now_ms: i64,
+    ) -> Result<Option<StockLevel>, StoreError> {
+        let m = merchant.as_str();
+        with_pool!(&self.db, pool => {
+            let Some(row) = sqlx::query("SELECT stock, sold FROM inventory WHERE merchant_id = $1 AND sku = $2")
+                .bind(m).bind(sku).fetch_optional(pool).await.map_err(map_err)? else {
+                return Ok(None);
+            };
+            let stock: i64 = row.try_get("stock").map_err(corrupt)?;
+            let sold: i64 = row.try_get("sold").map_err(corrupt)?;
+            let held = held!(pool, m, sku, now_ms, "");
+            Ok(Some(StockLevel::new(sku, stock, sold, held)))
+        })
+    }
+
+    async fn take(&self, hold: &Hold, now_ms: i64) -> Result<TakeOutcome, StoreError> {
+        let m = hold.merchant_id.as_str();
+        let lock = self.lock_sql();
+        let taken: Option<Vec<String>> = with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let mut short = Vec::new();
+            for item in &hold.items {
+                let (stock, sold) = lock_sku!(tx, lock, m, &item.sku);
+                let held = held!(&mut *tx, m, &item.sku, now_ms, &hold.hold_id);
+                if stock - sold - held < item.quantity {
+                    short.push(item.sku.clone());
+                }
+            }
+            if !short.is_empty() {
+                tx.rollback().await.map_err(map_err)?;
+                Some(short)
+            } else {
+                let n = sqlx::query("INSERT INTO holds (hold_id, merchant_id, order_id, state, expires_at, fingerprint, created_at, updated_at) \
+                                     VALUES ($1, $2, $3, 'pre', $4, $5, $6, $6) ON CONFLICT (merchant_id, order_id) DO NOTHING")
+                    .bind(&hold.hold_id).bind(m).bind(hold.order_id.as_str()).bind(hold.expires_at)
+                    .bind(&hold.fingerprint).bind(hold.created_at)
+                    .execute(&mut *tx).await.map_err(map_err)?
+                    .rows_affected();
+                if n == 0 {
+                    tx.rollback().await.map_err(map_err)?;
+                    None
+                } else {
+                    for item in &hold.items {
+                        sqlx::query("INSERT INTO hold_items (hold_id, merchant_id, sku, quantity, state, expires_at) \
+                                     VALUES ($1, $2, $3, $4, 'pre', $5)")
+                            .bind(&hold.hold_id).bind(m).bind(&item.sku).bind(item.quantity).bind(hold.expires_at)
+                            .execute(&mut *tx).await.map_err(map_err)?;
+                    }
+                    tx.commit().await.map_err(map_err)?;
+                    Some(Vec::new())
+                }
+            }
+        });
+        match taken {
+            Some(short) if short.is_empty() => Ok(TakeOutcome::Taken(hold.clone())),
+            Some(short) => {
+                // Out of stock, unless the order already has a hold (a
+                // replay of a take that emptied the shelf).
+                match self
+                    .hold_by_order(&hold.merchant_id, &hold.order_id)
+                    .await?
+                {
+                    Some(existing) => Ok(TakeOutcome::Exists(existing)),
+                    None => Ok(TakeOutcome::OutOfStock(short)),
+                }
+            }
+            None => match self
+                .hold_by_order(&hold.merchant_id, &hold.order_id)
+                .await?
+            {
+                Some(existing) => Ok(TakeOutcome::Exists(existing)),
+                None => Err(StoreError::Unavailable(
+                    "a hold claimed its order and vanished; retry".to_owned(),
+                )),
+            },
+        }
+    }
+
+    async fn hold(&self, merchant: &MerchantId, hold_id: &str) -> Result<Option<Hold>, StoreError> {
+        self.find("hold_id", merchant.as_str(), hold_id).await
+    }
+
+    async fn hold_by_order(
+        &self,
+        merchant: &MerchantId,
+        order: &OrderId,
+    ) -> Result<Option<Hold>, StoreError> {
+        self.find("order_id", merchant.as_str(), order.as_str())
+            .await
+    }
+
+    async fn begin_payment(
+        &self,
+        merchant: &MerchantId,
+        order: &OrderId,
+        now_ms: i64,
+    ) -> Result<BeginOutcome, StoreError> {
+        let Some(mut hold) = self.hold_by_order(merchant, order).await? else {
+            return Ok(BeginOutcome::NoHold);
+        };
+        match hold.state {
+            HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
+            HoldState::During => return Ok(BeginOutcome::During(hold)),
+            HoldState::Pre | HoldState::Released => {}
+        }
+        let m = merchant.as_str();
+        let lock = self.lock_sql();
+        let (state, short) = with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let mut short = Vec::new();
+            for item in &hold.items {
+                let (stock, sold) = lock_sku!(tx, lock, m, &item.sku);
+                let held = held!(&mut *tx, m, &item.sku, now_ms, &hold.hold_id);
+                if stock - sold - held < item.quantity {
+                    short.push(item.sku.clone());
+                }
+            }
+            let row = sqlx::query("SELECT state FROM holds WHERE hold_id = $1")
+                .bind(&hold.hold_id).fetch_one(&mut *tx).await.map_err(map_err)?;
+            let state = HoldState::parse(&row.try_get::<String, _>("state").map_err(corrupt)?)?;
+            let to = if matches!(state, HoldState::Sold | HoldState::During) {
+                None
+            } else if short.is_empty() {
+                Some(HoldState::During)
+            } else {
+                Some(HoldState::Released)
+            };
+            if let Some(to) = to {
+                for table in ["holds", "hold_items"] {
+                    let extra = if table == "holds" { ", updated_at = $3" } else { "" };
+                    let sql = format!("UPDATE {table} SET state = $2{extra} WHERE hold_id = $1 AND state IN ('pre', 'released')");
+                    let q = sqlx::query(&sql).bind(&hold.hold_id).bind(to.as_str());
+                    let q = if table == "holds" { q.bind(now_ms) } else { q };
+                    q.execute(&mut *tx).await.map_err(map_err)?;
+                }
+            }
+            tx.commit().await.map_err(map_err)?;
+            (to.unwrap_or(state), short)
+        });
+        hold.state = state;
+        hold.updated_at = now_ms;
+        Ok(match state {
+            HoldState::Sold => BeginOutcome::Sold(hold),
+            HoldState::During => BeginOutcome::During(hold),
+            HoldState::Pre | HoldState::Released => BeginOutcome::Expired { hold, short },
+        })
+    }
+
+    async fn sell(
+        &self,
+        merchant: &MerchantId,
+        order: &OrderId,
+        now_ms: i64,
+    ) -> Result<SellOutcome, StoreError> {
+        let Some(mut hold) = self.hold_by_order(merchant, order).await? else {
+            return Ok(SellOutcome::NoHold);
+        };
+        if hold.state == HoldState::Sold {
+            return Ok(SellOutcome::AlreadySold);
+        }
+        let m = merchant.as_str();
+        let lock = self.lock_sql();
+        let oversold: Option<Vec<String>> = with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            for item in &hold.items {
+                let _ = lock_sku!(tx, lock, m, &item.sku);
+            }
+            let n = sqlx::query("UPDATE holds SET state = 'sold', updated_at = $2 WHERE hold_id = $1 AND state <> 'sold'")
+                .bind(&hold.hold_id).bind(now_ms)
+                .execute(&mut *tx).await.map_err(map_err)?
+                .rows_affected();
+            if n == 0 {
+                tx.rollback().await.map_err(map_err)?;
+                None
+            } else {
+                sqlx::query("UPDATE hold_items SET state = 'sold' WHERE hold_id = $1")
+                    .bind(&hold.hold_id).execute(&mut *tx).await.map_err(map_err)?;
+                let mut over = Vec::new();
+                for item in &hold.items {
+                    let row = sqlx::query("INSERT INTO inventory (merchant_id, sku, stock, sold, updated_at) VALUES ($1, $2, 0, $3, $4) \
+                                 ON CONFLICT (merchant_id, sku) DO UPDATE SET sold = inventory.sold + excluded.sold, updated_at = excluded.updated_at \
+                                 RETURNING stock, sold")
+                        .bind(m).bind(&item.sku).bind(item.quantity).bind(now_ms)
+                        .fetch_one(&mut *tx).await.map_err(map_err)?;
+                    let stock: i64 = row.try_get("stock").map_err(corrupt)?;
+                    let sold: i64 = row.try_get("sold").map_err(corrupt)?;
+                    let held = held!(&mut *tx, m, &item.sku, now_ms, "");
+                    if stock - sold - held < 0 {
+                        over.push(item.sku.clone());
+                    }
+                }
+                tx.commit().await.map_err(map_err)?;
+                Some(over)
+            }
+        });
+        match oversold {
+            None => Ok(SellOutcome::AlreadySold),
+            Some(oversold) => {
+                hold.state = HoldState::Sold;
+                hold.updated_at = now_ms;
+                Ok(SellOutcome::Sold { hold, oversold })
+            }
+        }
+    }
+
+    async fn release(
+        &self,
+        merchant: &MerchantId,
+        order: &OrderId,
+        from: &[HoldState],
+        now_ms: i64,
+    ) -> Result<Option<Hold>, StoreError> {
+        let states = in_list(from);
+        let m = merchant.as_str();
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let sql = format!("UPDATE holds SET state = 'released', updated_at = $3 \
+                               WHERE merchant_id = $1 AND order_id = $2 AND state IN ({states}) RETURNING hold_id");
+            let row = sqlx::query(&sql).bind(m).bind(order.as_str()).bind(now_ms)
+                .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            if let Some(row) = row {
+                let id: String = row.try_get("hold_id").map_err(corrupt)?;
+                sqlx::query("UPDATE hold_items SET state = 'released' WHERE hold_id = $1")
+                    .bind(&id).execute(&mut *tx).await.map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
+        });
+        self.hold_by_order(merchant, order).await
+    }
+
+    async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
+        with_pool!(&self.db, pool => {
+            // Items first: SQLite's cascade needs foreign keys on, and the
+            // explicit delete keeps both backends the same.
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let cond = "(state = 'released' AND updated_at < $1) OR (state = 'pre' AND expires_at < $1)";
+            sqlx::query(&format!("DELETE FROM hold_items WHERE hold_id IN (SELECT hold_id FROM holds WHERE {cond})"))
+                .bind(before_ms).execute(&mut *tx).await.map_err(map_err)?;
+            let n = sqlx::query(&format!("DELETE FROM holds WHERE {cond}"))
+                .bind(before_ms).execute(&mut *tx).await.map_err(map_err)?
+                .rows_affected();
+            tx.commit().await.map_err(map_err)?;
+            Ok(n)
+        })
+    }
+}
