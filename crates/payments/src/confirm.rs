@@ -10,7 +10,7 @@
 //!    ledger (see [`crate::ledger`]).
 
 use std::sync::{
-    atomic::{AtomicU32, Ordering},
+    atomic::{AtomicBool, AtomicU32, Ordering},
     Arc,
 };
 
@@ -23,7 +23,7 @@ use paygate_state_store::{CreateOutcome, Transition};
 
 use crate::{
     classify::{self, card_message, AttemptError},
-    logged_call::{describe_card, CallSite, Policy},
+    logged_call::{describe_card, CallSite, Fusion, OwnedRow, Policy},
     outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket},
     Saga,
 };
@@ -33,6 +33,25 @@ pub(crate) fn approved_at_of(p: &CardPayment) -> String {
     p.approved_at
         .clone()
         .unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms()))
+}
+
+/// The card confirm of `record`: its request and its logged call site.
+fn card_site(record: &PaymentRecord) -> (ConfirmRequest, CallSite) {
+    let req = ConfirmRequest {
+        payment_key: record.payment_key.clone(),
+        order_id: record.order_id.to_string(),
+        amount: record.amount,
+    };
+    let site = CallSite {
+        payment_id: record.payment_id.clone(),
+        target: Target::CardApi,
+        method: "POST",
+        path: CONFIRM_PATH.to_owned(),
+        body: serde_json::to_value(&req).ok(),
+        attempt_offset: 0,
+        fusion: Fusion::default(),
+    };
+    (req, site)
 }
 
 impl Saga {
@@ -68,12 +87,22 @@ impl Saga {
             paygate_core::time::now_ms(),
         );
         let span = tracing::Span::current();
-        match self.store.create(&record).await {
+        // With a journal, commit (a): the record, its claims and the first
+        // card REQUEST row together (I3: the row is durable before the call).
+        let created = match &self.journal {
+            Some(journal) => {
+                let request = card_site(&record).1.first_request();
+                journal.create_with_request(&record, request.entry()).await
+            }
+            None => self.store.create(&record).await,
+        };
+        match created {
             Ok(CreateOutcome::Created) => {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                self.run(record, &ticket).await
+                let prewritten = self.journal.is_some();
+                self.run_with(record, &ticket, prewritten).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
@@ -110,15 +139,35 @@ impl Saga {
         record: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
+        self.run_with(record, ticket, false).await
+    }
+
+    /// [`Saga::run`]; `prewritten`: the first card `REQUEST` row was
+    /// committed with the record (a journal's commit (a)).
+    async fn run_with(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        ticket: &ConfirmTicket,
+        prewritten: bool,
+    ) -> ConfirmOutcome {
         if !ticket.make_durable(&record) {
+            if prewritten {
+                let (_, site) = card_site(&record);
+                let fusion = Fusion {
+                    prewritten: Some(Arc::new(AtomicBool::new(true))),
+                    deferred: None,
+                };
+                self.withdraw_request(&fusion, site.first_request()).await;
+            }
             let detail =
                 "the merchant was answered 503 before the card call; none was made".to_owned();
             return self
                 .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None)
                 .await;
         }
-        match self.settle_at_card(&record).await {
-            CardVerdict::Approved(p) => self.approved(record, &p).await,
+        let (verdict, answer) = self.settle_at_card(&record, prewritten).await;
+        match verdict {
+            CardVerdict::Approved(p) => self.approved(record, &p, answer).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
             CardVerdict::NoCall {
                 code,
@@ -139,17 +188,21 @@ impl Saga {
         }
     }
 
+    /// The card approved; `answer` is its deferred `RESPONSE` row (when the
+    /// saga has a journal), committed here with `MarkPaid`.
     async fn approved(
         self: &Arc<Self>,
         mut record: PaymentRecord,
         p: &CardPayment,
+        answer: Option<OwnedRow>,
     ) -> ConfirmOutcome {
         let pid = record.payment_id.clone();
         let approved_at = approved_at_of(p);
         let paid = Transition::MarkPaid {
             approved_at: approved_at.clone(),
         };
-        match self.store.transition(&pid, &paid).await {
+        let (marked, ledger_prewritten) = self.mark_paid(&record, &paid, answer).await;
+        match marked {
             Ok(true) => {
                 record.is_paid = true;
                 record.card_status = CardStatus::Done;
@@ -199,9 +252,45 @@ impl Saga {
             },
             Err(e) => return self.approval_not_recorded(record, approved_at, e).await,
         }
-        record.is_saved = self.save_with_retries(&record).await;
+        record.is_saved = self
+            .save_with_retries_prewritten(&record, ledger_prewritten)
+            .await;
         metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
         ConfirmOutcome::Approved(record)
+    }
+
+    /// `MarkPaid`, guarded. With a journal and the card's deferred answer
+    /// row, commit (b): that row, `MarkPaid` and, when it applied, the
+    /// ledger `REQUEST` row of the synchronous try, together; the `bool` is
+    /// then `true` (the try must not write its row again). A failed commit
+    /// wrote nothing: the separate writes of DESIGN.md §4 follow.
+    async fn mark_paid(
+        &self,
+        record: &PaymentRecord,
+        paid: &Transition,
+        answer: Option<OwnedRow>,
+    ) -> (Result<bool, paygate_state_store::StoreError>, bool) {
+        let pid = &record.payment_id;
+        if let (Some(journal), Some(row), Transition::MarkPaid { approved_at }) =
+            (&self.journal, &answer, paid)
+        {
+            let mut paid_record = record.clone();
+            paid_record.is_paid = true;
+            paid_record.approved_at = Some(approved_at.clone());
+            let next = self.ledger_site(&paid_record).map(|(_, site)| site.first_request());
+            match journal
+                .answer_and_transition(row.entry(), paid, next.as_ref().map(OwnedRow::entry))
+                .await
+            {
+                Ok(applied) => return (Ok(applied), applied && next.is_some()),
+                Err(e) => {
+                    tracing::warn!(payment_id = %pid, error = %e,
+                        "could not commit the card answer with the paid mark; writing them apart");
+                }
+            }
+        }
+        self.write_row(answer).await;
+        (self.store.transition(pid, paid).await, false)
     }
 
     /// Moves a no-call abort back to realtime, reopens it and marks it paid
@@ -333,20 +422,22 @@ impl Saga {
 
     /// Confirms at the card company through its stack (5xx retried with the
     /// same idempotency key), then settles a lost answer by lookups.
-    async fn settle_at_card(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
-        let req = ConfirmRequest {
-            payment_key: record.payment_key.clone(),
-            order_id: record.order_id.to_string(),
-            amount: record.amount,
+    /// With `prewritten`, the first attempt's `REQUEST` row is already
+    /// committed; with a journal, an approval's `RESPONSE` row comes back
+    /// with the verdict, unwritten, for [`Saga::approved`] to commit with
+    /// `MarkPaid` (every other answer's row is written here).
+    async fn settle_at_card(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        prewritten: bool,
+    ) -> (CardVerdict, Option<OwnedRow>) {
+        let (req, mut site) = card_site(record);
+        site.fusion = Fusion {
+            prewritten: prewritten.then(|| Arc::new(AtomicBool::new(true))),
+            deferred: self.journal.as_ref().map(|_| Arc::default()),
         };
-        let site = CallSite {
-            payment_id: record.payment_id.clone(),
-            target: Target::CardApi,
-            method: "POST",
-            path: CONFIRM_PATH.to_owned(),
-            body: serde_json::to_value(&req).ok(),
-            attempt_offset: 0,
-        };
+        let fusion = site.fusion.clone();
+        let first_request = site.first_request();
         let card = self.card.clone();
         let key = record.payment_id.to_string();
         let sent = Arc::new(AtomicU32::new(0));
@@ -365,20 +456,30 @@ impl Saga {
             .through(policy, site, call, describe_card, sent.clone())
             .await;
         let sent = sent.load(Ordering::SeqCst);
+        self.withdraw_request(&fusion, first_request).await;
+        let answer = fusion.take_deferred();
         match res {
             // A 200 settles the payment only when its status is final
             // (approved, or aborted/expired); IN_PROGRESS or
             // WAITING_FOR_DEPOSIT may still turn DONE: look it up, never
             // call it a decline.
             Ok(p) => match self.verdict_of_lookup(record, p) {
-                Ok(verdict) => verdict,
+                Ok(verdict @ CardVerdict::Approved(_)) => (verdict, answer),
+                Ok(verdict) => {
+                    self.write_row(answer).await;
+                    (verdict, None)
+                }
                 Err(status) => {
+                    self.write_row(answer).await;
                     tracing::warn!(payment_id = %record.payment_id, status = %status,
                         "card confirm answered a status that is not final; looking the payment up");
-                    self.settle_by_lookup(record).await
+                    (self.settle_by_lookup(record).await, None)
                 }
             },
-            Err(e) => self.verdict_of_error(record, e, sent).await,
+            Err(e) => {
+                self.write_row(answer).await;
+                (self.verdict_of_error(record, e, sent).await, None)
+            }
         }
     }
 
