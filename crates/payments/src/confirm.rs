@@ -89,19 +89,12 @@ impl Saga {
         let span = tracing::Span::current();
         // With a journal, commit (a): the record, its claims and the first
         // card REQUEST row together (I3: the row is durable before the call).
-        let created = match &self.journal {
-            Some(journal) => {
-                let request = card_site(&record).1.first_request();
-                journal.create_with_request(&record, request.entry()).await
-            }
-            None => self.store.create(&record).await,
-        };
+        let (created, prewritten) = self.create_record(&record).await;
         match created {
             Ok(CreateOutcome::Created) => {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                let prewritten = self.journal.is_some();
                 self.run_with(record, &ticket, prewritten).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
@@ -130,6 +123,33 @@ impl Saga {
                 }
             }
         }
+    }
+
+    /// Step 1. With a journal, commit (a): the record, its claims and the
+    /// first card `REQUEST` row together (I3: the row is durable before the
+    /// call); the `bool` says the row was written. A failed commit wrote
+    /// nothing; the record alone is then tried, as without a journal (a log
+    /// that refuses writes then ends in DESIGN.md §4's step-2 abort: 503,
+    /// no card call).
+    async fn create_record(
+        &self,
+        record: &PaymentRecord,
+    ) -> (
+        Result<CreateOutcome, paygate_state_store::StoreError>,
+        bool,
+    ) {
+        if let Some(journal) = &self.journal {
+            let request = card_site(record).1.first_request();
+            match journal.create_with_request(record, request.entry()).await {
+                Ok(CreateOutcome::Created) => return (Ok(CreateOutcome::Created), true),
+                Ok(exists) => return (Ok(exists), false),
+                Err(e) => {
+                    tracing::warn!(payment_id = %record.payment_id, error = %e,
+                        "could not commit the record with its card REQUEST row; writing them apart");
+                }
+            }
+        }
+        (self.store.create(record).await, false)
     }
 
     /// Steps 2-6 for a `PENDING` record this confirm owns. The ticket is
