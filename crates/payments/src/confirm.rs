@@ -8,6 +8,10 @@
 //!    after a lost answer, lookups by orderId settle it (I1, see `lookup`);
 //! 4. the `RESPONSE`/`ERROR` row and the record's new state, then the
 //!    ledger (see [`crate::ledger`]).
+//!
+//! With a journal (state and log in one SQL database) steps 1-2 are one
+//! commit, and an approval's answer row, `MarkPaid` and the ledger
+//! `REQUEST` row another (see [`paygate_api_log::journal`]).
 
 use std::sync::{
     atomic::{AtomicBool, AtomicU32, Ordering},
