@@ -211,7 +211,10 @@ fn pgbench(admin_url: &str, c: usize) -> Option<f64> {
             .output()
             .ok()
     });
-    psql("test", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(
+        "test",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
     let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out??.stdout).into_owned();
     text.lines()

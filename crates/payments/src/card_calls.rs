@@ -13,7 +13,7 @@ use paygate_resilience::RequestKind;
 
 use crate::{
     classify,
-    logged_call::{Fusion, describe_card, describe_page, CallSite, Policy},
+    logged_call::{describe_card, describe_page, CallSite, Fusion, Policy},
     Saga,
 };
 

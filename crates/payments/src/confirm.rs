@@ -138,10 +138,7 @@ impl Saga {
     async fn create_record(
         &self,
         record: &PaymentRecord,
-    ) -> (
-        Result<CreateOutcome, paygate_state_store::StoreError>,
-        bool,
-    ) {
+    ) -> (Result<CreateOutcome, paygate_state_store::StoreError>, bool) {
         if let Some(journal) = &self.journal {
             let request = card_site(record).1.first_request();
             match journal.create_with_request(record, request.entry()).await {
@@ -301,7 +298,9 @@ impl Saga {
             let mut paid_record = record.clone();
             paid_record.is_paid = true;
             paid_record.approved_at = Some(approved_at.clone());
-            let next = self.ledger_site(&paid_record).map(|(_, site)| site.first_request());
+            let next = self
+                .ledger_site(&paid_record)
+                .map(|(_, site)| site.first_request());
             match journal
                 .answer_and_transition(row.entry(), paid, next.as_ref().map(OwnedRow::entry))
                 .await

@@ -43,7 +43,9 @@ impl Saga {
         }
         let row = OwnedRow {
             kind: Kind::Error,
-            body: Some(json!({"code": paygate_api_log::NOT_SENT, "message": "the call never left"})),
+            body: Some(
+                json!({"code": paygate_api_log::NOT_SENT, "message": "the call never left"}),
+            ),
             ..request
         };
         self.write_row(Some(row)).await;

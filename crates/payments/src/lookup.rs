@@ -15,7 +15,7 @@ use paygate_resilience::{CallError, RequestKind};
 
 use crate::{
     classify::{self, AttemptError},
-    logged_call::{Fusion, describe_lookup, CallSite, Policy},
+    logged_call::{describe_lookup, CallSite, Fusion, Policy},
     outcome::CardVerdict,
     Saga,
 };
