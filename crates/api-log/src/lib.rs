@@ -12,9 +12,12 @@ pub use memory::MemoryApiLog;
 pub mod audit;
 
 pub use audit::{NewResolution, Resolution, ResolutionLog};
+pub mod journal;
+
+pub use journal::{Journal, SqlJournal};
 
 use paygate_core::{masking::scrub_json, PaymentId};
-use paygate_state_store::{sql::map_err, with_pool, SqlDatabase, StoreError};
+use paygate_state_store::{sql::map_err, with_pool, LogRow, SqlDatabase, StoreError};
 use sqlx::Row;
 
 /// Which downstream a row is about.
@@ -118,6 +121,28 @@ pub struct LogEntry<'a> {
     pub latency_ms: Option<i64>,
 }
 
+impl LogEntry<'_> {
+    /// The row as inserted: body scrubbed ([`scrub_json`]) and rendered,
+    /// stamped now.
+    pub fn to_row(&self) -> LogRow<'_> {
+        LogRow {
+            payment_id: self.payment_id.as_str(),
+            target: self.target.as_str(),
+            kind: self.kind.as_str(),
+            attempt: self.attempt,
+            method: self.method,
+            path: self.path,
+            status_code: self.status_code,
+            body: self.body.clone().map(|mut b| {
+                scrub_json(&mut b);
+                b.to_string()
+            }),
+            latency_ms: self.latency_ms,
+            created_at: paygate_core::time::now_ms(),
+        }
+    }
+}
+
 /// A stored row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredLogEntry {
@@ -162,29 +187,9 @@ impl SqlApiLog {
     /// # Errors
     /// [`StoreError`]: the caller must then not make the downstream call.
     pub async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError> {
-        let body = entry.body.map(|mut b| {
-            scrub_json(&mut b);
-            b.to_string()
-        });
-        let body_param = match self.db {
-            SqlDatabase::Sqlite(_) => "$8",
-            SqlDatabase::Postgres(_) => "CAST($8 AS JSONB)",
-        };
-        let sql = format!(
-            "INSERT INTO api_logs (payment_id, target, kind, attempt, method, path, status_code, body, latency_ms, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {body_param}, $9, $10)"
-        );
-        with_pool!(&self.db, pool => sqlx::query(&sql)
-            .bind(entry.payment_id.as_str())
-            .bind(entry.target.as_str())
-            .bind(entry.kind.as_str())
-            .bind(entry.attempt)
-            .bind(entry.method)
-            .bind(entry.path)
-            .bind(entry.status_code)
-            .bind(body)
-            .bind(entry.latency_ms)
-            .bind(paygate_core::time::now_ms())
+        let row = entry.to_row();
+        let sql = paygate_state_store::sql::log_insert_sql(&self.db);
+        with_pool!(&self.db, pool => paygate_state_store::bind_log_row!(sqlx::query(sql), row)
             .execute(pool)
             .await
             .map(|_| ())
@@ -237,7 +242,8 @@ impl SqlApiLog {
     /// decline): how many confirm requests were made, and each answer's
     /// HTTP status and the card company's `code` (from the logged body).
     /// The batch uses it to tell a decline or a no-call abort (no confirm
-    /// was ever sent) from an outcome it must look up.
+    /// was ever sent) from an outcome it must look up. A `REQUEST` row
+    /// withdrawn by a [`NOT_SENT`] `ERROR` row is not counted.
     ///
     /// # Errors
     /// [`StoreError`].
@@ -260,10 +266,14 @@ impl SqlApiLog {
         for (kind, status, body) in rows {
             if kind == Kind::Request.as_str() {
                 evidence.requests += 1;
+                continue;
+            }
+            let code = body
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+            if kind == Kind::Error.as_str() && code.as_deref() == Some(NOT_SENT) {
+                evidence.requests = (evidence.requests - 1).max(0);
             } else if let Some(status) = status {
-                let code = body
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
                 evidence.answers.push((status, code));
             }
         }
@@ -328,6 +338,13 @@ impl SqlApiLog {
         })
     }
 }
+
+/// The code of the `ERROR` row that withdraws a `REQUEST` row written
+/// ahead of a call that never left (the record and the first `REQUEST` row
+/// are one commit, before the resilience stack admits the call: an open
+/// breaker, a full bulkhead or a merchant already answered 503 then stop
+/// it). [`SqlApiLog::confirm_evidence`] does not count such a request.
+pub const NOT_SENT: &str = paygate_core::payment::failure_codes::NOT_SENT;
 
 /// The confirm calls of one payment as the log shows them (see
 /// [`SqlApiLog::confirm_evidence`]).

@@ -98,6 +98,8 @@ impl ApiLog for MemoryApiLog {
         }) {
             if r.kind == Kind::Request {
                 evidence.requests += 1;
+            } else if r.kind == Kind::Error && r.code.as_deref() == Some(crate::NOT_SENT) {
+                evidence.requests = (evidence.requests - 1).max(0);
             } else if let Some(status) = r.status_code {
                 evidence.answers.push((status, r.code.clone()));
             }

@@ -11,10 +11,10 @@
 //!
 //! 1. Throughput and latency (p50, p99, p99.9) at zero downstream latency, on
 //!    SQLite and PostgreSQL.
-//! 2. On PostgreSQL: `pgbench` (TPC-B-like, same concurrency, 10 s) in a
-//!    database of its own, and the ratio confirms/s ÷ (commits/s ÷ commits
-//!    per confirm); commits per confirm are measured from
-//!    `pg_stat_database.xact_commit` over the confirm run.
+//! 2. On PostgreSQL: `pgbench` with a one-insert script (same concurrency,
+//!    10 s) in a database of its own: the server's single-row commit rate,
+//!    and the ratio confirms/s ÷ (commit rate ÷ 3); commits per confirm are
+//!    measured from `pg_stat_database.xact_commit` over the confirm run.
 //! 3. Gateway overhead: confirm latency minus the simulators' own latency
 //!    (card + ledger, each fixed at 1 ms, then 50 ms), p50 and p99.
 //!
@@ -72,7 +72,7 @@ async fn run(
     let (url, cleanup) = fresh_sql_url(backend).await;
     let config = Config {
         listen: "127.0.0.1:0".into(),
-        database_url: Secret::new(url),
+        database_url: Secret::new(url.clone()),
         database_max_connections: 20,
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.into())),
@@ -142,7 +142,14 @@ async fn run(
         lat.extend(w.await.unwrap());
     }
     let wall = started.elapsed().as_secs_f64();
-    let commits = xact_commit(&db).await - commits_before;
+    // A backend reports its commits to pg_stat_database when it is idle
+    // for a while or exits: close the app's pool (the run is over) and read
+    // from a fresh connection, or the last second's commits go uncounted.
+    db.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let reader = SqlDatabase::connect(&url, 1).await.unwrap();
+    let commits = xact_commit(&reader).await - commits_before;
+    reader.close().await;
     lat.sort_by(f64::total_cmp);
     (
         Run {
@@ -171,42 +178,44 @@ async fn xact_commit(db: &SqlDatabase) -> i64 {
     }
 }
 
-/// `pgbench` TPC-B-like at `c` clients for 10 s in a database of its own: tps.
+/// `pgbench` with a one-insert script (`INSERT INTO one_insert ...`, one
+/// single-row commit per transaction) at `c` clients for 10 s, in a
+/// database of its own: the server's single-row commit rate (tps).
 fn pgbench(admin_url: &str, c: usize) -> Option<f64> {
     let db = format!("paygate_pgbench_{}", std::process::id());
     let (host, user) = ("127.0.0.1", "postgres");
     let user = url_user(admin_url).unwrap_or(user.to_owned());
-    let psql = |sql: &str| {
+    let psql = |database: &str, sql: &str| {
         std::process::Command::new("psql")
-            .args(["-h", host, "-U", &user, "-d", "test", "-qc", sql])
+            .args(["-h", host, "-U", &user, "-d", database, "-qc", sql])
             .status()
             .ok()
             .filter(|s| s.success())
     };
-    psql(&format!("CREATE DATABASE {db}"))?;
-    let init = std::process::Command::new("pgbench")
-        .args(["-h", host, "-U", &user, "-i", "-s", "10", "-q", &db])
-        .output()
-        .ok()?;
-    let out = init.status.success().then(|| {
+    psql("test", &format!("CREATE DATABASE {db}"))?;
+    let script = std::env::temp_dir().join(format!("{db}.sql"));
+    std::fs::write(
+        &script,
+        "INSERT INTO one_insert (payment_id, created_at) VALUES ('pay_bench', 1);\n",
+    )
+    .ok()?;
+    let made = psql(
+        &db,
+        "CREATE TABLE one_insert (id BIGSERIAL PRIMARY KEY, payment_id TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    );
+    let out = made.map(|_| {
         std::process::Command::new("pgbench")
-            .args([
-                "-h",
-                host,
-                "-U",
-                &user,
-                "-c",
-                &c.to_string(),
-                "-j",
-                "2",
-                "-T",
-                "10",
-                &db,
-            ])
+            .args(["-h", host, "-U", &user, "-n", "-f"])
+            .arg(&script)
+            .args(["-c", &c.to_string(), "-j", "2", "-T", "10", &db])
             .output()
             .ok()
     });
-    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(
+        "test",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
+    let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out??.stdout).into_owned();
     text.lines()
         .find(|l| l.starts_with("tps ="))
@@ -257,14 +266,24 @@ async fn main() {
 
     if let Some((url, r, commits)) = pg_run {
         let per_confirm = commits as f64 / r.ok.max(1) as f64;
-        println!("\n2. PostgreSQL against pgbench (TPC-B-like, {c} clients, 10 s)");
+        // Every confirm's request also authenticates its merchant with one
+        // SELECT, a read-only transaction that PostgreSQL counts in
+        // xact_commit but that writes no WAL and waits for no flush.
+        let writes_per_confirm = per_confirm - 1.0;
+        println!("transactions per confirm {per_confirm:.2} (pg_stat_database.xact_commit), of which 1 is the merchant's auth SELECT: {writes_per_confirm:.2} durable commits per confirm");
+        out.insert(
+            "commits".into(),
+            json!({"transactions_per_confirm": per_confirm, "durable_commits_per_confirm": writes_per_confirm}),
+        );
+        println!("\n2. PostgreSQL against pgbench (one single-row INSERT per transaction, {c} clients, 10 s)");
         match pgbench(&url, c) {
             Some(tps) => {
-                let ratio = r.throughput / (tps / per_confirm);
-                println!("pgbench commits/s {tps:.0}; paygate commits per confirm {per_confirm:.2} (measured); confirms/s {:.0}; ratio {ratio:.2}", r.throughput);
+                // The target: confirms/s >= 0.8 x (single-row commit rate / 3).
+                let ratio = r.throughput / (tps / 3.0);
+                println!("single-row commits/s {tps:.0}; paygate commits per confirm {per_confirm:.2} (measured); confirms/s {:.0}; ratio to commits/s / 3: {ratio:.2}", r.throughput);
                 out.insert(
                     "pgbench".into(),
-                    json!({"pgbench_tps": tps, "commits_per_confirm": per_confirm, "confirms_per_s": r.throughput, "ratio": ratio}),
+                    json!({"one_insert_commits_per_s": tps, "commits_per_confirm": per_confirm, "confirms_per_s": r.throughput, "ratio_to_rate_over_3": ratio, "p50_ms": r.p50, "p99_ms": r.p99, "p999_ms": r.p999, "concurrency": c}),
                 );
             }
             None => println!("pgbench did not run (is it installed?)"),

@@ -9,9 +9,9 @@
 //! serve` does the same with the configured address.
 
 pub mod auth;
-pub mod merchant_slots;
 pub mod cancel;
 pub mod holds;
+pub mod merchant_slots;
 pub mod openapi;
 pub mod problem;
 pub mod routes;

@@ -353,6 +353,7 @@ impl Saga {
             path: format!("/v1/payments/{}/cancel", record.payment_key),
             body: serde_json::to_value(&req).ok(),
             attempt_offset: 0,
+            fusion: crate::logged_call::Fusion::default(),
         };
         let (card, key, pk) = (
             self.card.clone(),

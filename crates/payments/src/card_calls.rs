@@ -13,7 +13,7 @@ use paygate_resilience::RequestKind;
 
 use crate::{
     classify,
-    logged_call::{describe_card, describe_page, CallSite, Policy},
+    logged_call::{describe_card, describe_page, CallSite, Fusion, Policy},
     Saga,
 };
 
@@ -44,6 +44,7 @@ impl Saga {
             path: format!("/v1/payments/{payment_key}/cancel"),
             body: serde_json::to_value(&req).ok(),
             attempt_offset: 0,
+            fusion: Fusion::default(),
         };
         let (card, key, pk) = (
             self.card.clone(),
@@ -101,6 +102,7 @@ impl Saga {
             path,
             body: None,
             attempt_offset: 0,
+            fusion: Fusion::default(),
         };
         let (card, query) = (self.card.clone(), Arc::new(query));
         let call = move || {

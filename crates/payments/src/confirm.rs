@@ -10,9 +10,13 @@
 //!    after a lost answer, lookups by orderId settle it (I1, see `lookup`);
 //! 4. the `RESPONSE`/`ERROR` row and the record's new state, then the
 //!    ledger (see [`crate::ledger`]).
+//!
+//! With a journal (state and log in one SQL database) steps 1-2 are one
+//! commit, and an approval's answer row, `MarkPaid` and the ledger
+//! `REQUEST` row another (see [`paygate_api_log::journal`]).
 
 use std::sync::{
-    atomic::{AtomicU32, Ordering},
+    atomic::{AtomicBool, AtomicU32, Ordering},
     Arc,
 };
 
@@ -25,7 +29,7 @@ use paygate_state_store::{CreateOutcome, Transition};
 
 use crate::{
     classify::{self, card_message, AttemptError},
-    logged_call::{describe_card, CallSite, Policy},
+    logged_call::{describe_card, CallSite, Fusion, OwnedRow, Policy},
     outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket, Refusal},
     Saga,
 };
@@ -35,6 +39,25 @@ pub(crate) fn approved_at_of(p: &CardPayment) -> String {
     p.approved_at
         .clone()
         .unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms()))
+}
+
+/// The card confirm of `record`: its request and its logged call site.
+fn card_site(record: &PaymentRecord) -> (ConfirmRequest, CallSite) {
+    let req = ConfirmRequest {
+        payment_key: record.payment_key.clone(),
+        order_id: record.order_id.to_string(),
+        amount: record.amount,
+    };
+    let site = CallSite {
+        payment_id: record.payment_id.clone(),
+        target: Target::CardApi,
+        method: "POST",
+        path: CONFIRM_PATH.to_owned(),
+        body: serde_json::to_value(&req).ok(),
+        attempt_offset: 0,
+        fusion: Fusion::default(),
+    };
+    (req, site)
 }
 
 impl Saga {
@@ -70,12 +93,15 @@ impl Saga {
             paygate_core::time::now_ms(),
         );
         let span = tracing::Span::current();
-        match self.store.create(&record).await {
+        // With a journal, commit (a): the record, its claims and the first
+        // card REQUEST row together (I3: the row is durable before the call).
+        let (created, prewritten) = self.create_record(&record).await;
+        match created {
             Ok(CreateOutcome::Created) => {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                self.run(record, &ticket).await
+                self.run_with(record, &ticket, prewritten).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
@@ -110,6 +136,30 @@ impl Saga {
         }
     }
 
+    /// Step 1. With a journal, commit (a): the record, its claims and the
+    /// first card `REQUEST` row together (I3: the row is durable before the
+    /// call); the `bool` says the row was written. A failed commit wrote
+    /// nothing; the record alone is then tried, as without a journal (a log
+    /// that refuses writes then ends in DESIGN.md §4's step-2 abort: 503,
+    /// no card call).
+    async fn create_record(
+        &self,
+        record: &PaymentRecord,
+    ) -> (Result<CreateOutcome, paygate_state_store::StoreError>, bool) {
+        if let Some(journal) = &self.journal {
+            let request = card_site(record).1.first_request();
+            match journal.create_with_request(record, request.entry()).await {
+                Ok(CreateOutcome::Created) => return (Ok(CreateOutcome::Created), true),
+                Ok(exists) => return (Ok(exists), false),
+                Err(e) => {
+                    tracing::warn!(payment_id = %record.payment_id, error = %e,
+                        "could not commit the record with its card REQUEST row; writing them apart");
+                }
+            }
+        }
+        (self.store.create(record).await, false)
+    }
+
     /// Steps 2-6 for a `PENDING` record this confirm owns. The ticket is
     /// the gate before the card `REQUEST` row (see [`ConfirmTicket`]).
     pub(crate) async fn run(
@@ -117,7 +167,33 @@ impl Saga {
         record: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
+        self.run_with(record, ticket, false).await
+    }
+
+    /// Withdraws the first card `REQUEST` row that a journal committed with
+    /// the record, when the call will not be made after all (an `ERROR` row
+    /// with [`paygate_api_log::NOT_SENT`]).
+    async fn withdraw_prewritten(self: &Arc<Self>, record: &PaymentRecord) {
+        let (_, site) = card_site(record);
+        let fusion = Fusion {
+            prewritten: Some(Arc::new(AtomicBool::new(true))),
+            deferred: None,
+        };
+        self.withdraw_request(&fusion, site.first_request()).await;
+    }
+
+    /// [`Saga::run`]; `prewritten`: the first card `REQUEST` row was
+    /// committed with the record (a journal's commit (a)).
+    async fn run_with(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        ticket: &ConfirmTicket,
+        prewritten: bool,
+    ) -> ConfirmOutcome {
         if !ticket.make_durable(&record) {
+            if prewritten {
+                self.withdraw_prewritten(&record).await;
+            }
             let detail =
                 "the merchant was answered 503 before the card call; none was made".to_owned();
             return self
@@ -125,10 +201,17 @@ impl Saga {
                 .await;
         }
         if let Some(refused) = self.hold_before_card(&record).await {
+            // The stock is gone: no card call. A REQUEST row committed
+            // with the record is withdrawn, so the log still proves none
+            // was made.
+            if prewritten {
+                self.withdraw_prewritten(&record).await;
+            }
             return refused;
         }
-        match self.settle_at_card(&record).await {
-            CardVerdict::Approved(p) => self.approved(record, &p).await,
+        let (verdict, answer) = self.settle_at_card(&record, prewritten).await;
+        match verdict {
+            CardVerdict::Approved(p) => self.approved(record, &p, answer).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
             CardVerdict::NoCall {
                 code,
@@ -149,17 +232,21 @@ impl Saga {
         }
     }
 
+    /// The card approved; `answer` is its deferred `RESPONSE` row (when the
+    /// saga has a journal), committed here with `MarkPaid`.
     async fn approved(
         self: &Arc<Self>,
         mut record: PaymentRecord,
         p: &CardPayment,
+        answer: Option<OwnedRow>,
     ) -> ConfirmOutcome {
         let pid = record.payment_id.clone();
         let approved_at = approved_at_of(p);
         let paid = Transition::MarkPaid {
             approved_at: approved_at.clone(),
         };
-        match self.store.transition(&pid, &paid).await {
+        let (marked, ledger_prewritten) = self.mark_paid(&record, &paid, answer).await;
+        match marked {
             Ok(true) => {
                 record.is_paid = true;
                 record.card_status = CardStatus::Done;
@@ -210,9 +297,47 @@ impl Saga {
             Err(e) => return self.approval_not_recorded(record, approved_at, e).await,
         }
         self.hold_on_paid(&record).await;
-        record.is_saved = self.save_with_retries(&record).await;
+        record.is_saved = self
+            .save_with_retries_prewritten(&record, ledger_prewritten)
+            .await;
         metrics::counter!("paygate_payments_total", "outcome" => "approved").increment(1);
         ConfirmOutcome::Approved(record)
+    }
+
+    /// `MarkPaid`, guarded. With a journal and the card's deferred answer
+    /// row, commit (b): that row, `MarkPaid` and, when it applied, the
+    /// ledger `REQUEST` row of the synchronous try, together; the `bool` is
+    /// then `true` (the try must not write its row again). A failed commit
+    /// wrote nothing: the separate writes of DESIGN.md §4 follow.
+    async fn mark_paid(
+        &self,
+        record: &PaymentRecord,
+        paid: &Transition,
+        answer: Option<OwnedRow>,
+    ) -> (Result<bool, paygate_state_store::StoreError>, bool) {
+        let pid = &record.payment_id;
+        if let (Some(journal), Some(row), Transition::MarkPaid { approved_at }) =
+            (&self.journal, &answer, paid)
+        {
+            let mut paid_record = record.clone();
+            paid_record.is_paid = true;
+            paid_record.approved_at = Some(approved_at.clone());
+            let next = self
+                .ledger_site(&paid_record)
+                .map(|(_, site)| site.first_request());
+            match journal
+                .answer_and_transition(row.entry(), paid, next.as_ref().map(OwnedRow::entry))
+                .await
+            {
+                Ok(applied) => return (Ok(applied), applied && next.is_some()),
+                Err(e) => {
+                    tracing::warn!(payment_id = %pid, error = %e,
+                        "could not commit the card answer with the paid mark; writing them apart");
+                }
+            }
+        }
+        self.write_row(answer).await;
+        (self.store.transition(pid, paid).await, false)
     }
 
     /// Moves a no-call abort back to realtime, reopens it and marks it paid
@@ -346,20 +471,22 @@ impl Saga {
 
     /// Confirms at the card company through its stack (5xx retried with the
     /// same idempotency key), then settles a lost answer by lookups.
-    async fn settle_at_card(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
-        let req = ConfirmRequest {
-            payment_key: record.payment_key.clone(),
-            order_id: record.order_id.to_string(),
-            amount: record.amount,
+    /// With `prewritten`, the first attempt's `REQUEST` row is already
+    /// committed; with a journal, an approval's `RESPONSE` row comes back
+    /// with the verdict, unwritten, for [`Saga::approved`] to commit with
+    /// `MarkPaid` (every other answer's row is written here).
+    async fn settle_at_card(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        prewritten: bool,
+    ) -> (CardVerdict, Option<OwnedRow>) {
+        let (req, mut site) = card_site(record);
+        site.fusion = Fusion {
+            prewritten: prewritten.then(|| Arc::new(AtomicBool::new(true))),
+            deferred: self.journal.as_ref().map(|_| Arc::default()),
         };
-        let site = CallSite {
-            payment_id: record.payment_id.clone(),
-            target: Target::CardApi,
-            method: "POST",
-            path: CONFIRM_PATH.to_owned(),
-            body: serde_json::to_value(&req).ok(),
-            attempt_offset: 0,
-        };
+        let fusion = site.fusion.clone();
+        let first_request = site.first_request();
         let card = self.card.clone();
         let key = record.payment_id.to_string();
         let sent = Arc::new(AtomicU32::new(0));
@@ -378,20 +505,30 @@ impl Saga {
             .through(policy, site, call, describe_card, sent.clone())
             .await;
         let sent = sent.load(Ordering::SeqCst);
+        self.withdraw_request(&fusion, first_request).await;
+        let answer = fusion.take_deferred();
         match res {
             // A 200 settles the payment only when its status is final
             // (approved, or aborted/expired); IN_PROGRESS or
             // WAITING_FOR_DEPOSIT may still turn DONE: look it up, never
             // call it a decline.
             Ok(p) => match self.verdict_of_lookup(record, p) {
-                Ok(verdict) => verdict,
+                Ok(verdict @ CardVerdict::Approved(_)) => (verdict, answer),
+                Ok(verdict) => {
+                    self.write_row(answer).await;
+                    (verdict, None)
+                }
                 Err(status) => {
+                    self.write_row(answer).await;
                     tracing::warn!(payment_id = %record.payment_id, status = %status,
                         "card confirm answered a status that is not final; looking the payment up");
-                    self.settle_by_lookup(record).await
+                    (self.settle_by_lookup(record).await, None)
                 }
             },
-            Err(e) => self.verdict_of_error(record, e, sent).await,
+            Err(e) => {
+                self.write_row(answer).await;
+                (self.verdict_of_error(record, e, sent).await, None)
+            }
         }
     }
 

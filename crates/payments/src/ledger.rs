@@ -8,7 +8,7 @@
 //! [`Saga::batch_save`]. Every try is a logged call (I3).
 
 use std::sync::{
-    atomic::{AtomicU32, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     Arc,
 };
 
@@ -23,7 +23,7 @@ use tower::retry::budget::Budget as _;
 
 use crate::{
     classify::{self, AttemptError},
-    logged_call::{describe_ledger, CallSite, Policy},
+    logged_call::{describe_ledger, CallSite, Fusion, OwnedRow, Policy},
     Saga,
 };
 
@@ -80,7 +80,20 @@ impl Saga {
     /// One synchronous ledger try; on a transient failure, async retries are
     /// started. Returns whether the ledger has it now.
     pub(crate) async fn save_with_retries(self: &Arc<Self>, record: &PaymentRecord) -> bool {
-        match self.save_once(record, RequestKind::Idempotent).await {
+        self.save_with_retries_prewritten(record, false).await
+    }
+
+    /// [`Saga::save_with_retries`]; `prewritten`: the try's `REQUEST` row
+    /// was committed with `MarkPaid` (a journal's commit (b)).
+    pub(crate) async fn save_with_retries_prewritten(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        prewritten: bool,
+    ) -> bool {
+        match self
+            .save_counted(record, RequestKind::Idempotent, false, prewritten)
+            .await
+        {
             SaveResult::Saved => true,
             SaveResult::Refused => false,
             SaveResult::Retry => {
@@ -149,29 +162,23 @@ impl Saga {
     /// One ledger try: `Idempotent` for the synchronous try (it deposits into
     /// the retry budget), `CallerRetry` for an async retry (which withdrew).
     async fn save_once(self: &Arc<Self>, record: &PaymentRecord, kind: RequestKind) -> SaveResult {
-        self.save_counted(record, kind, false).await
+        self.save_counted(record, kind, false, false).await
     }
 
     /// One ledger try for the batch sweep: a failure counts in
     /// `batch_attempts` rather than `save_attempts`.
     pub async fn batch_save(self: &Arc<Self>, record: &PaymentRecord) -> SaveResult {
-        self.save_counted(record, RequestKind::Idempotent, true)
+        self.save_counted(record, RequestKind::Idempotent, true, false)
             .await
     }
 
-    async fn save_counted(
-        self: &Arc<Self>,
-        record: &PaymentRecord,
-        kind: RequestKind,
-        batch: bool,
-    ) -> SaveResult {
+    /// The ledger entry of a paid record and its logged call site; `None`
+    /// when the record is not paid (only a paid record with its stored
+    /// approval time is ever sent: the ledger is the system of record for
+    /// settlement).
+    pub(crate) fn ledger_site(&self, record: &PaymentRecord) -> Option<(LedgerEntry, CallSite)> {
         let pid = &record.payment_id;
-        // Only a paid record with its stored approval time is ever sent:
-        // the ledger is the system of record for settlement.
-        let Some(approved_at) = record.approved_at.clone().filter(|_| record.is_paid) else {
-            tracing::error!(payment_id = %pid, "ledger try refused: the record is not paid");
-            return SaveResult::Refused;
-        };
+        let approved_at = record.approved_at.clone().filter(|_| record.is_paid)?;
         let entry = LedgerEntry {
             payment_id: pid.to_string(),
             merchant_id: record.merchant_id.to_string(),
@@ -188,7 +195,29 @@ impl Saga {
             path: RECORD_PATH.to_owned(),
             body: serde_json::to_value(&entry).ok(),
             attempt_offset: i32::try_from(record.save_attempts).unwrap_or(i32::MAX),
+            fusion: Fusion::default(),
         };
+        Some((entry, site))
+    }
+
+    async fn save_counted(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        kind: RequestKind,
+        batch: bool,
+        prewritten: bool,
+    ) -> SaveResult {
+        let pid = &record.payment_id;
+        let Some((entry, mut site)) = self.ledger_site(record) else {
+            tracing::error!(payment_id = %pid, "ledger try refused: the record is not paid");
+            return SaveResult::Refused;
+        };
+        site.fusion = Fusion {
+            prewritten: prewritten.then(|| Arc::new(AtomicBool::new(true))),
+            deferred: self.journal.as_ref().map(|_| Arc::default()),
+        };
+        let fusion = site.fusion.clone();
+        let first_request = site.first_request();
         let ledger = self.ledger.clone();
         let key = pid.to_string();
         let call = move || {
@@ -211,8 +240,10 @@ impl Saga {
                 Arc::new(AtomicU32::new(0)),
             )
             .await;
+        self.withdraw_request(&fusion, first_request).await;
+        let answer = fusion.take_deferred();
         match res {
-            Ok(_) => match self.store.transition(pid, &Transition::MarkSaved).await {
+            Ok(_) => match self.mark_saved(pid, answer).await {
                 Ok(true) => SaveResult::Saved,
                 // Saved by another actor already, or changed under us: the
                 // store decides, never this try's hope.
@@ -254,6 +285,30 @@ impl Saga {
                 SaveResult::Retry
             }
         }
+    }
+
+    /// `MarkSaved`, guarded. With a journal and the ledger's deferred
+    /// answer row, commit (c): the row and `MarkSaved` together; a failed
+    /// commit wrote nothing, and the separate writes follow.
+    async fn mark_saved(
+        &self,
+        pid: &PaymentId,
+        answer: Option<OwnedRow>,
+    ) -> Result<bool, paygate_state_store::StoreError> {
+        if let (Some(journal), Some(row)) = (&self.journal, &answer) {
+            match journal
+                .answer_and_transition(row.entry(), &Transition::MarkSaved, None)
+                .await
+            {
+                Ok(applied) => return Ok(applied),
+                Err(e) => {
+                    tracing::warn!(payment_id = %pid, error = %e,
+                        "could not commit the ledger answer with the saved mark; writing them apart");
+                }
+            }
+        }
+        self.write_row(answer).await;
+        self.store.transition(pid, &Transition::MarkSaved).await
     }
 
     /// `save_attempts += 1` (or `batch_attempts` for the batch), guarded on

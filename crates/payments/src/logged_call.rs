@@ -7,8 +7,8 @@
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
     },
 };
 
@@ -20,6 +20,37 @@ use paygate_resilience::{CallError, Downstream, ErrorClass, RequestKind};
 use serde_json::{json, Value};
 
 use crate::{classify::AttemptError, Saga};
+
+impl Saga {
+    /// Writes a deferred row on its own (best effort: the call happened;
+    /// a lost row is what a crash right after the call leaves too).
+    pub(crate) async fn write_row(&self, row: Option<OwnedRow>) {
+        let Some(row) = row else { return };
+        if let Err(e) = self.log.append(row.entry()).await {
+            tracing::warn!(payment_id = %row.payment_id, target = row.target.as_str(), error = %e,
+                "could not write the response row; the call itself was logged as a REQUEST");
+        }
+    }
+
+    /// Withdraws the first attempt's prewritten `REQUEST` row of `site` when
+    /// the call never left: an `ERROR` row with code
+    /// [`paygate_api_log::NOT_SENT`], which the log's confirm evidence
+    /// subtracts. If this write is lost, the log says a request may have
+    /// been sent: the batch looks the payment up, the safe direction.
+    pub(crate) async fn withdraw_request(&self, site_fusion: &Fusion, request: OwnedRow) {
+        if !site_fusion.unused_request() {
+            return;
+        }
+        let row = OwnedRow {
+            kind: Kind::Error,
+            body: Some(
+                json!({"code": paygate_api_log::NOT_SENT, "message": "the call never left"}),
+            ),
+            ..request
+        };
+        self.write_row(Some(row)).await;
+    }
+}
 
 /// A logged row's kind, status and body for a call's result.
 pub(crate) type Row = (Kind, Option<i32>, Option<Value>);
@@ -41,6 +72,89 @@ pub(crate) struct CallSite {
     pub body: Option<Value>,
     /// Added to the stack's attempt number (from 1) for the log's `attempt`.
     pub attempt_offset: i32,
+    /// How the call's rows share commits with state changes (a [`crate::Saga`]
+    /// with a journal); `Fusion::default()` writes every row on its own.
+    pub fusion: Fusion,
+}
+
+/// Rows of a logged call that are committed together with a state change
+/// by the saga's [`paygate_api_log::Journal`] rather than on their own.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Fusion {
+    /// `Some(true)`: the first attempt's `REQUEST` row is already committed
+    /// (with the record, or with the transition that decided the call), so
+    /// the first attempt does not write it again; the flag turns `false`
+    /// when that attempt starts. Still `true` after the call: the attempt
+    /// never left, and the caller withdraws the row ([`Saga::withdraw_request`]).
+    pub prewritten: Option<Arc<AtomicBool>>,
+    /// `Some`: a successful answer's `RESPONSE` row is not written but left
+    /// here, for the caller to commit with the transition it leads to.
+    pub deferred: Option<Arc<Mutex<Option<OwnedRow>>>>,
+}
+
+impl Fusion {
+    /// True when the first attempt's prewritten `REQUEST` row was never
+    /// used (the stack refused the call before it left).
+    pub fn unused_request(&self) -> bool {
+        self.prewritten
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// The deferred answer row, if one was left.
+    pub fn take_deferred(&self) -> Option<OwnedRow> {
+        self.deferred
+            .as_ref()
+            .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take())
+    }
+}
+
+/// An owned log row, kept until it is committed (see [`Fusion::deferred`]).
+#[derive(Clone, Debug)]
+pub(crate) struct OwnedRow {
+    pub payment_id: PaymentId,
+    pub target: Target,
+    pub kind: Kind,
+    pub attempt: i32,
+    pub method: &'static str,
+    pub path: String,
+    pub status_code: Option<i32>,
+    pub body: Option<Value>,
+    pub latency_ms: Option<i64>,
+}
+
+impl OwnedRow {
+    /// The row to append.
+    pub fn entry(&self) -> LogEntry<'_> {
+        LogEntry {
+            payment_id: &self.payment_id,
+            target: self.target,
+            kind: self.kind,
+            attempt: self.attempt,
+            method: self.method,
+            path: &self.path,
+            status_code: self.status_code,
+            body: self.body.clone(),
+            latency_ms: self.latency_ms,
+        }
+    }
+}
+
+impl CallSite {
+    /// The `REQUEST` row of this call's first attempt.
+    pub fn first_request(&self) -> OwnedRow {
+        OwnedRow {
+            payment_id: self.payment_id.clone(),
+            target: self.target,
+            kind: Kind::Request,
+            attempt: self.attempt_offset.saturating_add(1),
+            method: self.method,
+            path: self.path.clone(),
+            status_code: None,
+            body: self.body.clone(),
+            latency_ms: None,
+        }
+    }
 }
 
 /// How one call goes through its stack.
@@ -99,16 +213,36 @@ impl Saga {
                     body,
                     latency_ms,
                 };
-                saga.log
-                    .append(entry(Kind::Request, None, site.body.clone(), None))
-                    .await
-                    .map_err(|e| AttemptError::LogUnavailable(e.to_string()))?;
+                let prewritten = site
+                    .fusion
+                    .prewritten
+                    .as_ref()
+                    .is_some_and(|f| f.swap(false, Ordering::SeqCst));
+                if !prewritten {
+                    saga.log
+                        .append(entry(Kind::Request, None, site.body.clone(), None))
+                        .await
+                        .map_err(|e| AttemptError::LogUnavailable(e.to_string()))?;
+                }
                 sent.fetch_add(1, Ordering::SeqCst);
                 let started = tokio::time::Instant::now();
                 let res = fut.await;
                 let latency = started.elapsed().as_millis() as i64;
                 let (kind, status, body) = describe(&res);
-                if let Err(e) = saga
+                if let (Ok(_), Some(slot)) = (&res, &site.fusion.deferred) {
+                    // Committed by the caller with the transition it leads to.
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(OwnedRow {
+                        payment_id: site.payment_id.clone(),
+                        target: site.target,
+                        kind,
+                        attempt,
+                        method: site.method,
+                        path: site.path.clone(),
+                        status_code: status,
+                        body,
+                        latency_ms: Some(latency),
+                    });
+                } else if let Err(e) = saga
                     .log
                     .append(entry(kind, status, body, Some(latency)))
                     .await

@@ -15,7 +15,7 @@ use paygate_resilience::{CallError, RequestKind};
 
 use crate::{
     classify::{self, AttemptError},
-    logged_call::{describe_lookup, CallSite, Policy},
+    logged_call::{describe_lookup, CallSite, Fusion, Policy},
     outcome::CardVerdict,
     Saga,
 };
@@ -103,6 +103,7 @@ impl Saga {
             path: format!("/v1/payments/orders/{order_id}"),
             body: None,
             attempt_offset,
+            fusion: Fusion::default(),
         };
         let card = self.card.clone();
         let order = order_id.to_owned();

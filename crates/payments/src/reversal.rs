@@ -171,6 +171,7 @@ impl Saga {
             path: REVERSAL_PATH.to_owned(),
             body: serde_json::to_value(&reversal).ok(),
             attempt_offset: i32::try_from(c.save_attempts + c.batch_attempts).unwrap_or(i32::MAX),
+            fusion: crate::logged_call::Fusion::default(),
         };
         let (ledger, key) = (self.ledger.clone(), c.idempotency_key_downstream());
         let call = move || {

@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use paygate_alert::{Alert, AlertReason, Alerter};
-use paygate_api_log::ApiLog;
+use paygate_api_log::{ApiLog, Journal};
 use paygate_card_api::CardApi;
 use paygate_core::PaymentRecord;
 use paygate_ledger_api::LedgerApi;
@@ -73,6 +73,9 @@ pub struct Saga {
     pub(crate) retries: RetryTracker,
     pub(crate) live: LiveConfirms,
     pub(crate) inventory: Option<Arc<dyn paygate_state_store::InventoryStore>>,
+    /// Commits log rows with state changes when both live in one SQL
+    /// database (see [`paygate_api_log::journal`]); `None`: separate writes.
+    pub(crate) journal: Option<Arc<dyn Journal>>,
 }
 
 /// The payments whose confirm is running in this process right now. A
@@ -145,7 +148,17 @@ impl Saga {
             retries: RetryTracker::default(),
             live: LiveConfirms::default(),
             inventory: None,
+            journal: None,
         }
+    }
+
+    /// The saga with a [`Journal`]: only when `journal` writes to the
+    /// database of both the state store and the log. A confirm then takes
+    /// three commits when approved and saved (see [`paygate_api_log::journal`]).
+    #[must_use]
+    pub fn with_journal(mut self, journal: Arc<dyn Journal>) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// The async ledger retries in progress.

@@ -111,16 +111,22 @@ impl Components {
             ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
             ..SagaSettings::default()
         };
-        let saga = Arc::new(
-            Saga::new(
-                store.clone(),
-                Arc::new(SqlApiLog::new(db.clone())),
-                downstreams,
-                alerter.clone(),
-                settings,
-            )
-            .with_inventory(inventory.clone()),
-        );
+        let saga = Saga::new(
+            store.clone(),
+            Arc::new(SqlApiLog::new(db.clone())),
+            downstreams,
+            alerter.clone(),
+            settings,
+        )
+        .with_inventory(inventory.clone());
+        // State and log in one SQL database: log rows share commits with
+        // the state changes (three commits per approved, saved confirm).
+        let saga = Arc::new(match config.state_store {
+            StateStoreKind::Sql => saga.with_journal(Arc::new(paygate_api_log::SqlJournal::new(
+                SqlStateStore::new(db.clone()),
+            ))),
+            StateStoreKind::Mongodb => saga,
+        });
         Ok(Self {
             db,
             store,

@@ -761,6 +761,12 @@ impl Reconciler {
                 payment_id: r.payment_id.to_string(),
                 order_id: r.order_id.to_string(),
             });
+            if run.opts.dry_run {
+                // The card company's list proves the approval: a real run
+                // settles it paid. A dry run counts what it would do.
+                add(&run.counters.recovered, 1);
+                return;
+            }
             return self.settle(run, r.clone()).await;
         }
         let detail = format!(
@@ -778,7 +784,9 @@ impl Reconciler {
             payment_id: r.payment_id.to_string(),
             detail: detail.clone(),
         });
-        if !run.opts.dry_run && self.saga.alert(r, reason, detail).await {
+        // A dry run counts the alert it would raise (it cannot tell a repeat
+        // of an open alert without raising it).
+        if run.opts.dry_run || self.saga.alert(r, reason, detail).await {
             add(&run.counters.alerts, 1);
         }
     }
@@ -791,7 +799,9 @@ impl Reconciler {
             amount: tx.amount,
         });
         if run.opts.dry_run {
+            // A real run cancels it and raises an alert naming it.
             add(&run.counters.cancelled, 1);
+            add(&run.counters.alerts, 1);
             return;
         }
         let subject = PaymentId::from_stored(format!("orphan_{}", tx.order_id));

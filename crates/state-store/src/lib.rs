@@ -50,7 +50,7 @@ pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};
-pub use sql::{SqlDatabase, SqlStateStore};
+pub use sql::{LogRow, SqlDatabase, SqlStateStore};
 
 use futures_util::stream::BoxStream;
 use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};

@@ -263,6 +263,68 @@ impl SqlDatabase {
     }
 }
 
+/// One row of the SQL request/response log (`api_logs`, DESIGN.md §3) as
+/// it is inserted: the body already scrubbed and rendered as JSON text.
+/// Crate `paygate-api-log` builds these; they live here so a row can be
+/// written in the same transaction as a state change
+/// ([`SqlStateStore::create_logged`], [`SqlStateStore::transition_logged`]).
+#[derive(Clone, Debug)]
+pub struct LogRow<'a> {
+    /// `pay_...`.
+    pub payment_id: &'a str,
+    /// `card_api` or `ledger_api`.
+    pub target: &'a str,
+    /// `REQUEST`, `RESPONSE` or `ERROR`.
+    pub kind: &'a str,
+    /// Attempt number, from 1.
+    pub attempt: i32,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path.
+    pub path: &'a str,
+    /// HTTP status of the answer.
+    pub status_code: Option<i32>,
+    /// Scrubbed JSON body, as text.
+    pub body: Option<String>,
+    /// Time from the request to this row, ms.
+    pub latency_ms: Option<i64>,
+    /// Written, epoch ms.
+    pub created_at: i64,
+}
+
+/// The `INSERT` of one [`LogRow`] (`$1..$10` in the field order; the body
+/// is `JSONB` on PostgreSQL, `TEXT` on SQLite).
+pub fn log_insert_sql(db: &SqlDatabase) -> &'static str {
+    match db {
+        SqlDatabase::Sqlite(_) => {
+            "INSERT INTO api_logs (payment_id, target, kind, attempt, method, path, status_code, body, latency_ms, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        }
+        SqlDatabase::Postgres(_) => {
+            "INSERT INTO api_logs (payment_id, target, kind, attempt, method, path, status_code, body, latency_ms, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, CAST($8 AS JSONB), $9, $10)"
+        }
+    }
+}
+
+/// Binds a [`LogRow`] to the query of [`log_insert_sql`] (expanded once per
+/// backend inside [`with_pool!`](crate::with_pool)).
+#[macro_export]
+macro_rules! bind_log_row {
+    ($q:expr, $row:expr) => {
+        $q.bind($row.payment_id)
+            .bind($row.target)
+            .bind($row.kind)
+            .bind($row.attempt)
+            .bind($row.method)
+            .bind($row.path)
+            .bind($row.status_code)
+            .bind($row.body.as_deref())
+            .bind($row.latency_ms)
+            .bind($row.created_at)
+    };
+}
+
 /// Columns of the three partition tables, in the order [`record_from_row`] reads.
 pub const RECORD_COLUMNS: &str =
     "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
@@ -366,13 +428,6 @@ impl SqlStateStore {
         })
     }
 
-    async fn get_record(
-        &self,
-        payment_id: &PaymentId,
-    ) -> Result<Option<PaymentRecord>, StoreError> {
-        Ok(self.get(payment_id).await?.map(|(_, r)| r))
-    }
-
     /// Whether `(card account, kind, value)` is claimed, by whom.
     async fn account_claim_holder(
         &self,
@@ -437,16 +492,14 @@ impl SqlStateStore {
             "claim conflict without a claim".to_owned(),
         ))
     }
-}
 
-/// `card_account_claims.kind` of an orderId claim.
-const ORDER_ID: &str = "order_id";
-/// `card_account_claims.kind` of a paymentKey claim.
-const PAYMENT_KEY: &str = "payment_key";
-
-#[async_trait::async_trait]
-impl StateStore for SqlStateStore {
-    async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
+    /// [`StateStore::create`], and with `row` the card `REQUEST` row in the
+    /// same transaction (one commit; see [`SqlStateStore::create_logged`]).
+    async fn create_inner(
+        &self,
+        r: &PaymentRecord,
+        row: Option<&LogRow<'_>>,
+    ) -> Result<CreateOutcome, StoreError> {
         let claim = "INSERT INTO payment_claims (merchant_id, order_id, payment_id, idempotency_key, created_at) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
         let account_claim = "INSERT INTO card_account_claims \
@@ -459,6 +512,7 @@ impl StateStore for SqlStateStore {
         // All claims and the record in one transaction: any claim taken
         // already rolls the whole create back, so a record never lacks a
         // claim and a claim never lacks its record.
+        let log_sql = log_insert_sql(&self.db);
         let claimed = with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
             let mut claimed = sqlx::query(claim)
@@ -512,6 +566,12 @@ impl StateStore for SqlStateStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err)?;
+                if let Some(row) = row {
+                    bind_log_row!(sqlx::query(log_sql), row)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                }
                 tx.commit().await.map_err(map_err)?;
             } else {
                 tx.rollback().await.map_err(map_err)?;
@@ -522,6 +582,87 @@ impl StateStore for SqlStateStore {
             return Ok(CreateOutcome::Created);
         }
         self.conflict(r).await
+    }
+
+    /// [`StateStore::create`] with the card `REQUEST` row of its first
+    /// attempt in the same transaction: one commit for the record, its
+    /// claims and the row (I3: the row is durable before the call). On
+    /// error nothing was written; when a claim exists
+    /// ([`CreateOutcome::Exists`]) the row is not written either.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn create_logged(
+        &self,
+        r: &PaymentRecord,
+        row: &LogRow<'_>,
+    ) -> Result<CreateOutcome, StoreError> {
+        self.create_inner(r, Some(row)).await
+    }
+
+    /// Writes `answer` (a call's `RESPONSE`/`ERROR` row), applies the
+    /// guarded transition `t` and, only when it applied, writes `next` (the
+    /// `REQUEST` row of the call that follows), all in one transaction: one
+    /// commit. The answer row is written whether or not the guard holds.
+    /// `Ok(true)` when `t` applied.
+    ///
+    /// # Errors
+    /// [`StoreError`]; then nothing was written (a commit whose answer
+    /// was lost may have applied: callers re-read, as after any write).
+    pub async fn transition_logged(
+        &self,
+        payment_id: &PaymentId,
+        answer: &LogRow<'_>,
+        t: &Transition,
+        next: Option<&LogRow<'_>>,
+    ) -> Result<bool, StoreError> {
+        let log_sql = log_insert_sql(&self.db);
+        let statement = transition_statement(t);
+        let now = paygate_core::time::now_ms();
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            bind_log_row!(sqlx::query(log_sql), answer)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let applied = match &statement {
+                Some((sql, values)) => {
+                    let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
+                    for v in values {
+                        q = q.bind(*v);
+                    }
+                    q.execute(&mut *tx).await.map_err(map_err)?.rows_affected() == 1
+                }
+                None => false,
+            };
+            if let (true, Some(next)) = (applied, next) {
+                bind_log_row!(sqlx::query(log_sql), next)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(applied)
+        })
+    }
+
+    async fn get_record(
+        &self,
+        payment_id: &PaymentId,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        Ok(self.get(payment_id).await?.map(|(_, r)| r))
+    }
+}
+
+/// `card_account_claims.kind` of an orderId claim.
+const ORDER_ID: &str = "order_id";
+/// `card_account_claims.kind` of a paymentKey claim.
+const PAYMENT_KEY: &str = "payment_key";
+
+#[async_trait::async_trait]
+impl StateStore for SqlStateStore {
+    async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
+        self.create_inner(r, None).await
     }
 
     async fn get(
@@ -563,53 +704,10 @@ impl StateStore for SqlStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        let now = paygate_core::time::now_ms();
-        // $1 = payment_id, $2 = now, $3.. = the transition's own values.
-        let (sql, values): (&str, Vec<&str>) = match t {
-            Transition::MarkPaid { approved_at } => (
-                "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
-                 failure_code = NULL, updated_at = $2 \
-                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
-                vec![approved_at],
-            ),
-            Transition::MarkAborted { failure_code, last_error } => (
-                "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
-                 updated_at = $2 \
-                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
-                vec![failure_code, last_error],
-            ),
-            Transition::MarkUnknown { last_error } => (
-                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2 \
-                 WHERE payment_id = $1 AND card_status = 'PENDING'",
-                vec![last_error],
-            ),
-            Transition::MarkSaved => (
-                "UPDATE realtime_payments SET is_saved = TRUE, save_attempts = save_attempts + 1, \
-                 last_error = NULL, updated_at = $2 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![],
-            ),
-            Transition::SaveFailed { last_error } => (
-                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![last_error],
-            ),
-            Transition::BatchSaveFailed { last_error } => (
-                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![last_error],
-            ),
-            Transition::Reopen { failure_code } => {
-                if !failure_codes::is_no_call(failure_code) {
-                    return Ok(false);
-                }
-                (
-                    "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2 \
-                     WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
-                    vec![failure_code],
-                )
-            }
+        let Some((sql, values)) = transition_statement(t) else {
+            return Ok(false);
         };
+        let now = paygate_core::time::now_ms();
         with_pool!(&self.db, pool => {
             let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
             for v in &values {
@@ -869,4 +967,56 @@ fn move_sql_postgres(from: Partition, to: Partition) -> String {
         from = from.table(),
         guard = guard_sql(to),
     )
+}
+
+/// The guarded `UPDATE` of a [`Transition`] and its own values: `$1` =
+/// payment_id, `$2` = now, `$3..` = the values. `None` when the transition
+/// can never apply (a `Reopen` of a code that is not a no-call code).
+fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<&str>)> {
+    let statement: (&'static str, Vec<&str>) = match t {
+            Transition::MarkPaid { approved_at } => (
+                "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
+                 failure_code = NULL, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
+                vec![approved_at],
+            ),
+            Transition::MarkAborted { failure_code, last_error } => (
+                "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
+                 updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
+                vec![failure_code, last_error],
+            ),
+            Transition::MarkUnknown { last_error } => (
+                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND card_status = 'PENDING'",
+                vec![last_error],
+            ),
+            Transition::MarkSaved => (
+                "UPDATE realtime_payments SET is_saved = TRUE, save_attempts = save_attempts + 1, \
+                 last_error = NULL, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![],
+            ),
+            Transition::SaveFailed { last_error } => (
+                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![last_error],
+            ),
+            Transition::BatchSaveFailed { last_error } => (
+                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2 \
+                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
+                vec![last_error],
+            ),
+            Transition::Reopen { failure_code } => {
+                if !failure_codes::is_no_call(failure_code) {
+                    return None;
+                }
+                (
+                    "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2 \
+                     WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
+                    vec![failure_code],
+                )
+            }
+        };
+    Some(statement)
 }

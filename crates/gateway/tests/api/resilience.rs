@@ -153,6 +153,17 @@ async fn an_open_card_breaker_is_503_with_retry_after_and_no_call() {
     );
     let got = json(app.get(&app.key, "/v1/payments/orders/order-open-1").await).await;
     assert_eq!(got["status"], "ABORTED");
+    // The card REQUEST row was committed with the record (one commit) and
+    // the call never left: the log withdraws it, so the batch and a retry
+    // still read "never sent" rather than looking the payment up.
+    let pid = got["paymentId"].as_str().unwrap();
+    let evidence = app
+        .saga
+        .log()
+        .confirm_evidence(pid, "/v1/payments/confirm")
+        .await
+        .unwrap();
+    assert_eq!(evidence.requests, 0, "{evidence:?}");
 
     // Closed again, the merchant's retry goes through for the same payment.
     app.saga.card_stack().breaker().force_open(false);
