@@ -127,7 +127,7 @@ impl Order {
 
 fn kind(reply: &Reply) -> AnswerKind {
     let o = match reply {
-        Reply::Saga(o) => o,
+        Reply::Saga(o) => o.as_ref(),
         Reply::Early(EarlyAnswer::InProgress(_)) => return AnswerKind::Unknown,
         Reply::Early(EarlyAnswer::NothingCharged) => return AnswerKind::GaveUp,
     };
