@@ -374,6 +374,8 @@ fn sigterm_during_in_flight_confirms_loses_no_approval() {
         .arg("serve")
         .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
+        // One merchant sends all N at once: its own cap must not shed them.
+        .env("PAYGATE_INBOUND_MAX_CONCURRENT_PER_MERCHANT", "256")
         .env("PAYGATE_LEDGER_API_POLICY__ATTEMPT_TIMEOUT_MS", "1000")
         .env("PAYGATE_CARD_API_POLICY__BULKHEAD_MAX_CONCURRENT", "256")
         .env("PAYGATE_SHUTDOWN_TIMEOUT_MS", "10000")
