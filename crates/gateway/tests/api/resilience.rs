@@ -23,6 +23,8 @@ async fn the_bulkhead_caps_concurrency_at_a_slow_card_api() {
         c.card_api_policy.bulkhead_max_concurrent = 10;
         c.inbound_rate_limit_per_second = 0;
         c.database_max_connections = 20;
+        // One merchant sends all 200: only the card bulkhead may shed here.
+        c.inbound_max_concurrent_per_merchant = c.inbound_max_concurrent;
     })
     .await;
     let bodies: Vec<_> = (0..200)
