@@ -38,7 +38,7 @@ struct Inner {
 #[derive(Debug)]
 pub enum Reply {
     /// The saga ended and this is its outcome.
-    Saga(ConfirmOutcome),
+    Saga(Box<ConfirmOutcome>),
     /// The answer deadline came first; the saga carries on.
     Early(EarlyAnswer),
 }
@@ -86,10 +86,10 @@ impl Gateway {
             inner.tasks.push(task.abort_handle());
         }
         let reply = match self.deadline {
-            None => Reply::Saga(task.await.ok()?),
+            None => Reply::Saga(Box::new(task.await.ok()?)),
             Some(deadline) => tokio::select! {
                 biased;
-                joined = &mut task => Reply::Saga(joined.ok()?),
+                joined = &mut task => Reply::Saga(Box::new(joined.ok()?)),
                 () = tokio::time::sleep(deadline) => Reply::Early(ticket.give_up()),
             },
         };

@@ -109,7 +109,7 @@ impl Order {
 
 fn kind(reply: &Reply) -> AnswerKind {
     let o = match reply {
-        Reply::Saga(o) => o,
+        Reply::Saga(o) => &**o,
         Reply::Early(EarlyAnswer::InProgress(_)) => return AnswerKind::Unknown,
         Reply::Early(EarlyAnswer::NothingCharged) => return AnswerKind::GaveUp,
     };
