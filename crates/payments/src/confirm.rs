@@ -101,7 +101,7 @@ impl Saga {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                self.run_with(record, &ticket, prewritten).await
+                self.run_with(record, &ticket, prewritten, false).await
             }
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
@@ -167,7 +167,7 @@ impl Saga {
         record: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        self.run_with(record, ticket, false).await
+        self.run_with(record, ticket, false, false).await
     }
 
     /// Withdraws the first card `REQUEST` row that a journal committed with
@@ -182,13 +182,28 @@ impl Saga {
         self.withdraw_request(&fusion, site.first_request()).await;
     }
 
+    /// [`Saga::run`] for a record that another actor filed as never sent
+    /// (`PAYGATE_NOT_SENT`) and this retry reopened: an earlier confirm may
+    /// be on its way to the card (its `REQUEST` row landed after the
+    /// filing), so a no-call end of this retry cannot promise that nothing
+    /// was charged (see [`Saga::not_attempted_in_doubt`]).
+    pub(crate) async fn run_reopened_not_sent(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        ticket: &ConfirmTicket,
+    ) -> ConfirmOutcome {
+        self.run_with(record, ticket, false, true).await
+    }
+
     /// [`Saga::run`]; `prewritten`: the first card `REQUEST` row was
-    /// committed with the record (a journal's commit (a)).
+    /// committed with the record (a journal's commit (a)); `in_doubt`: see
+    /// [`Saga::run_reopened_not_sent`].
     async fn run_with(
         self: &Arc<Self>,
         record: PaymentRecord,
         ticket: &ConfirmTicket,
         prewritten: bool,
+        in_doubt: bool,
     ) -> ConfirmOutcome {
         if !ticket.make_durable(&record) {
             if prewritten {
@@ -196,6 +211,11 @@ impl Saga {
             }
             let detail =
                 "the merchant was answered 503 before the card call; none was made".to_owned();
+            if in_doubt {
+                return self
+                    .not_attempted_in_doubt(record, failure_codes::ANSWER_TIMED_OUT, detail)
+                    .await;
+            }
             return self
                 .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None)
                 .await;
@@ -213,6 +233,9 @@ impl Saga {
         match verdict {
             CardVerdict::Approved(p) => self.approved(record, &p, answer).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
+            CardVerdict::NoCall { code, detail, .. } if in_doubt => {
+                self.not_attempted_in_doubt(record, code, detail).await
+            }
             CardVerdict::NoCall {
                 code,
                 detail,
@@ -449,6 +472,36 @@ impl Saga {
             payment_id: Some(pid),
             retry_after_s,
         }
+    }
+
+    /// This retry made no card call, but an earlier confirm of the same
+    /// payment may have (the record had been filed `PAYGATE_NOT_SENT` by an
+    /// actor that read no `REQUEST` row, which a stalled log write can
+    /// still land after): the record goes back to `PAYGATE_NOT_SENT`, so the
+    /// doubt outlives this retry (a next retry reopens it the same way, a
+    /// late approval repairs it, the reconciliation finds it), and the
+    /// merchant is answered 409 with the paymentId (poll), never a 503
+    /// that would promise nothing was charged.
+    async fn not_attempted_in_doubt(
+        &self,
+        record: PaymentRecord,
+        code: &'static str,
+        detail: String,
+    ) -> ConfirmOutcome {
+        let pid = &record.payment_id;
+        tracing::warn!(payment_id = %pid, reason = code, detail = %detail,
+            "no card call made by this retry of a payment filed as not sent; an earlier confirm may have been sent");
+        let t = Transition::MarkAborted {
+            failure_code: failure_codes::NOT_SENT.to_owned(),
+            last_error: format!(
+                "{code}: {detail}; an earlier confirm of this payment may have been sent"
+            ),
+        };
+        if let Err(e) = self.store.transition(pid, &t).await {
+            tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
+        }
+        metrics::counter!("paygate_payments_total", "outcome" => "not_attempted").increment(1);
+        ConfirmOutcome::InFlight(record)
     }
 
     pub(crate) async fn unknown(

@@ -97,12 +97,11 @@ impl Saga {
                         self.reopen(existing, failure_codes::NOT_SENT.to_owned(), ticket)
                             .await
                     }
-                    Ok(false) => ConfirmOutcome::InFlight(existing),
-                    Err(_) => ConfirmOutcome::Unavailable {
-                        detail: "payment state store unavailable; nothing was charged",
-                        payment_id: Some(pid),
-                        retry_after_s: None,
-                    },
+                    // The write's outcome is unknown, and the log's
+                    // evidence is no proof (a stalled REQUEST row of an
+                    // earlier confirm may still land): poll, never
+                    // "nothing was charged".
+                    Ok(false) | Err(_) => ConfirmOutcome::InFlight(existing),
                 }
             }
             Ok(_) => self.settle_on_access(existing).await,
@@ -157,9 +156,11 @@ impl Saga {
         // batch, from the log's evidence), and a confirm on its way to the
         // card can race it. Reopening is still safe (the confirm is sent
         // again under the same idempotency key, so the card company replays
-        // any first answer), but a failure here cannot promise that nothing
-        // was charged: it answers 409, poll.
-        let unavailable = if code == failure_codes::NOT_SENT {
+        // any first answer), but neither a failure here nor a no-call end
+        // of the reopened confirm can promise that nothing was charged:
+        // they answer 409, poll, and the record stays PAYGATE_NOT_SENT.
+        let in_doubt = code == failure_codes::NOT_SENT;
+        let unavailable = if in_doubt {
             ConfirmOutcome::InFlight(existing.clone())
         } else {
             ConfirmOutcome::Unavailable {
@@ -192,7 +193,11 @@ impl Saga {
                 let mut reopened = existing;
                 reopened.card_status = CardStatus::Pending;
                 reopened.failure_code = None;
-                self.run(reopened, ticket).await
+                if in_doubt {
+                    self.run_reopened_not_sent(reopened, ticket).await
+                } else {
+                    self.run(reopened, ticket).await
+                }
             }
             Ok(false) => ConfirmOutcome::InFlight(existing),
             Err(_) => unavailable,

@@ -106,8 +106,36 @@ impl Alerter for Alerts {
     }
 }
 
+/// The saga's request log: the real SQLite log, refusing every write
+/// while `down` is set (a log outage).
+struct Log {
+    inner: SqlApiLog,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl paygate_api_log::ApiLog for Log {
+    async fn append(&self, entry: LogEntry<'_>) -> Result<(), paygate_state_store::StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(paygate_state_store::StoreError::Unavailable(
+                "log down (test)".into(),
+            ));
+        }
+        self.inner.append(entry).await
+    }
+    async fn confirm_evidence(
+        &self,
+        payment_id: &str,
+        confirm_path: &str,
+    ) -> Result<paygate_api_log::ConfirmEvidence, paygate_state_store::StoreError> {
+        self.inner.confirm_evidence(payment_id, confirm_path).await
+    }
+}
+
 struct World {
     saga: Arc<Saga>,
+    /// Set: the saga's log refuses every write.
+    log_down: Arc<std::sync::atomic::AtomicBool>,
     store: Arc<MemoryStateStore>,
     log: SqlApiLog,
     card: Arc<Card>,
@@ -143,9 +171,13 @@ impl World {
             retry_max_delay_ms: 2,
             ..DownstreamPolicy::card_api()
         };
+        let log_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let saga = Arc::new(Saga::new(
             store.clone(),
-            Arc::new(SqlApiLog::new(db.clone())),
+            Arc::new(Log {
+                inner: SqlApiLog::new(db.clone()),
+                down: log_down.clone(),
+            }),
             Downstreams {
                 card: card.clone(),
                 card_stack: Arc::new(Downstream::new("card_api", &fast)),
@@ -165,6 +197,7 @@ impl World {
         ));
         World {
             saga,
+            log_down,
             store,
             log: SqlApiLog::new(db),
             card,
@@ -582,6 +615,77 @@ async fn a_failed_move_back_from_unpaid_makes_no_card_call() {
         other => panic!("expected the next retry to confirm, got {other:?}"),
     }
     assert_eq!(w.stored(&r).await.0, Partition::Realtime);
+    w.cleanup();
+}
+
+/// Seeds 4706 and 17115: a sweep filed a payment as never sent (its
+/// confirm's REQUEST row was stalled) while that confirm went on to the
+/// card and its gateway died; a merchant's retry reopened it and could not
+/// write its own REQUEST row. That retry made no card call, but the first
+/// confirm did: it answers 409 with the paymentId, not a 503 "nothing was
+/// charged", and the record stays PAYGATE_NOT_SENT so the next retry
+/// (log back) confirms it under the same key and gets the approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_not_sent_payment_that_cannot_be_sent_is_never_a_503() {
+    let w = World::new("notsent-logdown").await;
+    let order = "order-notsent-logdown-1";
+    let r = w.left_pending(order, Duration::from_secs(60)).await;
+    let filed = Transition::MarkAborted {
+        failure_code: failure_codes::NOT_SENT.into(),
+        last_error: "no card confirm was logged for it; none was sent".into(),
+    };
+    assert!(w.store.transition(&r.payment_id, &filed).await.unwrap());
+    assert!(w
+        .store
+        .move_record(&r.payment_id, Partition::Realtime, Partition::Unpaid)
+        .await
+        .unwrap());
+    // The first confirm's REQUEST row lands late; it reached the card.
+    w.log
+        .append(LogEntry {
+            payment_id: &r.payment_id,
+            target: Target::CardApi,
+            kind: Kind::Request,
+            attempt: 1,
+            method: "POST",
+            path: paygate_card_api::CONFIRM_PATH,
+            status_code: None,
+            body: None,
+            latency_ms: None,
+        })
+        .await
+        .unwrap();
+    w.log_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..2 {
+        match w.saga.confirm(w.input(order)).await {
+            ConfirmOutcome::InFlight(p) => assert_eq!(p.payment_id, r.payment_id),
+            other => panic!("expected 409 with the payment, got {other:?}"),
+        }
+        let (_, stored) = w.stored(&r).await;
+        assert_eq!(stored.card_status, CardStatus::Aborted);
+        assert_eq!(
+            stored.failure_code.as_deref(),
+            Some(failure_codes::NOT_SENT),
+            "the doubt outlives the retry"
+        );
+    }
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 0, "no card call");
+    w.log_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.card
+        .confirms
+        .lock()
+        .unwrap()
+        .push_back(Ok(payment(order, "DONE", Some(AT))));
+    match w.saga.confirm(w.input(order)).await {
+        ConfirmOutcome::Approved(done) => {
+            assert_eq!(
+                done.payment_id, r.payment_id,
+                "the same payment, the same key"
+            );
+            assert!(done.is_paid && done.is_saved);
+        }
+        other => panic!("expected the next retry to confirm, got {other:?}"),
+    }
     w.cleanup();
 }
 

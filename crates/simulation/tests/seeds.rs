@@ -59,10 +59,15 @@ fn one_seed_is_one_history() {
 /// and a 503 without a paymentId promises only its own request); seed 30919
 /// (of 100,000) found a sweep filing a payment as never sent while its
 /// confirm was on the way to the card (the approving confirm now puts it
-/// back, and a failed reopen of such a payment answers 409, not 503).
+/// back, and a failed reopen of such a payment answers 409, not 503);
+/// seeds 4706 and 17115 found the same filing (a stalled REQUEST row) with
+/// the first confirm's gateway dead, and a retry that reopened it, could
+/// not write its own REQUEST row and answered 503 "nothing was charged"
+/// (a retry of a payment filed as never sent now answers 409 on a no-call
+/// end and keeps it `PAYGATE_NOT_SENT`).
 #[test]
 fn seeds_that_found_defects_stay_clean() {
-    for seed in [14, 51, 69, 128, 160, 30919] {
+    for seed in [14, 51, 69, 128, 160, 4706, 17115, 30919] {
         assert_clean(seed);
     }
 }
