@@ -26,6 +26,12 @@
 //!
 //! Their counts join the records' (`settled`, `retried`, `saved`, `alerts`).
 //!
+//! Then the stock holds left `during` past the same grace (a confirm died
+//! between its payment's last transition and the hold's sale or release):
+//! sold when the payment is paid, released when it ended unpaid (guarded:
+//! a retry that began on the hold since keeps it), else left to the
+//! payment's own settlement (`holds_sold`, `holds_released`).
+//!
 //! Records are streamed (bounded memory), handled with bounded concurrency,
 //! and one record's failure is counted and logged without stopping the
 //! others. A [`lease::Lease`] keeps sweeps from overlapping across replicas.
@@ -108,6 +114,12 @@ pub struct Summary {
     pub alerts: u64,
     /// Records whose handling failed (counted, logged, skipped).
     pub failures: u64,
+    /// Holds left `during` by a confirm that died, sold now (their
+    /// payment is paid).
+    pub holds_sold: u64,
+    /// Holds left `during` by a confirm that died, released now (their
+    /// payment ended unpaid).
+    pub holds_released: u64,
     /// Wall time, ms.
     pub duration_ms: u64,
 }
@@ -153,6 +165,8 @@ struct Counters {
     saved: AtomicU64,
     alerts: AtomicU64,
     failures: AtomicU64,
+    holds_sold: AtomicU64,
+    holds_released: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -181,6 +195,8 @@ impl Counters {
             saved: g(&self.saved),
             alerts: g(&self.alerts),
             failures: g(&self.failures),
+            holds_sold: g(&self.holds_sold),
+            holds_released: g(&self.holds_released),
             duration_ms: started.elapsed().as_millis() as u64,
         }
     }
@@ -284,6 +300,23 @@ impl Sweeper {
         result
     }
 
+    /// The pass over holds left `during` (issue 17,
+    /// [`Saga::settle_stuck_holds`]): those unchanged since the sweep's
+    /// cutoff are sold or released from their payment's stored state. A
+    /// failure is logged and counted; the next sweep goes on from scratch.
+    async fn settle_stuck_holds(&self, opts: &SweepOptions, cutoff: i64, c: &Counters) {
+        match self.saga.settle_stuck_holds(cutoff, opts.dry_run).await {
+            Ok(t) => {
+                c.holds_sold.fetch_add(t.sold, Ordering::Relaxed);
+                c.holds_released.fetch_add(t.released, Ordering::Relaxed);
+            }
+            Err(e) => {
+                bump(&c.failures);
+                tracing::error!(error = %e, "batch: the pass over holds left `during` failed; the next sweep retries");
+            }
+        }
+    }
+
     /// Housekeeping (issue 17): deletes holds released, or expired, more
     /// than [`HOLD_RETENTION`] ago. Availability never waits for it (the
     /// timestamp rule already ignores them); a failure is logged and left
@@ -370,6 +403,9 @@ impl Sweeper {
             Ok(()) => self.sweep_cancels(opts, lost, cutoff, &counters).await,
             Err(e) => Err(e),
         };
+        if outcome.is_ok() {
+            self.settle_stuck_holds(opts, cutoff, &counters).await;
+        }
         let summary = counters.summary(started);
         metrics::counter!("paygate_batch_runs_total").increment(1);
         metrics::gauge!("paygate_batch_last_scanned").set(summary.scanned as f64);
@@ -407,7 +443,9 @@ impl Sweeper {
             .confirm_evidence(r.payment_id.as_str(), paygate_card_api::CONFIRM_PATH)
             .await?;
         match r.card_status {
-            CardStatus::Aborted if evidence.requests == 0 || declined(&evidence) => {
+            CardStatus::Aborted
+                if evidence.requests == 0 || paygate_payments::classify::declined(&evidence) =>
+            {
                 if !opts.dry_run {
                     // Its confirm may have died between the abort and the
                     // release of its hold: release it (a no-op otherwise).
@@ -546,23 +584,4 @@ impl Sweeper {
             .move_record(&r.payment_id, Partition::Realtime, to)
             .await
     }
-}
-
-/// True when the log shows the card company did not approve: a decline
-/// answer (by its code, as the card API's code table classes it), or a
-/// refusal that nothing was approved (an expired session, an invalid
-/// request) as the answer to the only confirm attempt.
-fn declined(evidence: &paygate_api_log::ConfirmEvidence) -> bool {
-    evidence.answers.iter().any(|(status, code)| {
-        let status = u16::try_from(*status).unwrap_or(0);
-        let e = paygate_card_api::CardApiError::Rejected {
-            status,
-            code: code.clone().unwrap_or_default(),
-            message: String::new(),
-            retry_after_s: None,
-        };
-        (400..500).contains(&status)
-            && (e.is_decline()
-                || (evidence.requests == 1 && e.definitely_not_approved() && !e.is_auth_failure()))
-    })
 }

@@ -15,15 +15,19 @@
 //!
 //! Every store step is a guarded transition, so a replay (a merchant retry,
 //! the batch after the confirm) changes nothing twice. A hook whose store
-//! call fails logs it and leaves the hold `during`, which never expires: the
-//! batch's save of a paid payment sells it later; stock is then held too
-//! long, never oversold.
+//! call fails (or a process that dies between the payment's last transition
+//! and the hook) leaves the hold `during`, which never expires: stock held
+//! too long, never oversold. The batch's pass [`Saga::settle_stuck_holds`]
+//! then ends it from the payment's stored state: sold when paid, released
+//! when the payment ended unpaid, left alone while it is still open.
 
 use std::sync::Arc;
 
 use paygate_alert::AlertReason;
-use paygate_core::{payment::failure_codes, PaymentRecord};
-use paygate_state_store::{BeginOutcome, HoldState, InventoryStore, SellOutcome, Transition};
+use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
+use paygate_state_store::{
+    BeginOutcome, Hold, HoldState, InventoryStore, SellOutcome, StoreError, Transition,
+};
 
 use crate::{outcome::ConfirmOutcome, Saga};
 
@@ -132,5 +136,106 @@ impl Saga {
             tracing::warn!(payment_id = %record.payment_id, error = %e,
                 "could not release the order's hold; it stays held until its payment is settled again");
         }
+    }
+}
+
+/// What [`Saga::settle_stuck_holds`] did (or, in a dry run, would do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StuckHolds {
+    /// `during` holds whose payment is paid: sold.
+    pub sold: u64,
+    /// `during` holds whose payment ended unpaid: released.
+    pub released: u64,
+    /// `during` holds left as they are: their payment is still open (its
+    /// settlement sells or releases them), has no record, or a confirm
+    /// began on them since they were read.
+    pub left: u64,
+}
+
+/// `during` holds read per page.
+const STUCK_PAGE: u32 = 200;
+
+impl Saga {
+    /// The batch's pass over holds left `during` (see the module doc):
+    /// every hold `during` since `updated_before_ms` (epoch ms; the sweep's
+    /// start minus its grace) is sold if its payment is paid, released if
+    /// its payment is `ABORTED` and unpaid (guarded: a confirm that began
+    /// on it since it was read keeps it), and left alone otherwise.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the inventory or state store; what was done
+    /// before stays done (every step is idempotent) and the next sweep
+    /// goes on.
+    pub async fn settle_stuck_holds(
+        &self,
+        updated_before_ms: i64,
+        dry_run: bool,
+    ) -> Result<StuckHolds, StoreError> {
+        let mut tally = StuckHolds::default();
+        let Some(inventory) = self.inventory.clone() else {
+            return Ok(tally);
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let page = inventory
+                .stuck_during(updated_before_ms, after.as_deref(), STUCK_PAGE)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(tally);
+            };
+            after = Some(last.hold_id.clone());
+            for hold in page {
+                self.settle_stuck_hold(inventory.as_ref(), &hold, dry_run, &mut tally)
+                    .await?;
+            }
+        }
+    }
+
+    /// Whether an `ABORTED` payment is known to have ended unpaid: no
+    /// confirm was logged as sent, or its answers prove a decline (as the
+    /// batch decides before filing it unpaid). Otherwise the batch settles
+    /// it by lookup first, and that settlement sells or releases the hold.
+    async fn ended_unpaid(&self, r: &PaymentRecord) -> Result<bool, StoreError> {
+        let e = self
+            .log
+            .confirm_evidence(r.payment_id.as_str(), paygate_card_api::CONFIRM_PATH)
+            .await?;
+        Ok(e.requests == 0 || crate::classify::declined(&e))
+    }
+
+    async fn settle_stuck_hold(
+        &self,
+        inventory: &dyn InventoryStore,
+        hold: &Hold,
+        dry_run: bool,
+        tally: &mut StuckHolds,
+    ) -> Result<(), StoreError> {
+        // The hold was read first: whatever the payment did since, a confirm
+        // that begins on this hold again moves its `updated_at`, and the
+        // guarded release below then changes nothing.
+        let record = self
+            .store
+            .get_by_order(&hold.merchant_id, &hold.order_id)
+            .await?;
+        match record {
+            Some(r) if r.is_paid => {
+                if !dry_run {
+                    self.hold_on_paid(&r).await;
+                }
+                tally.sold += 1;
+            }
+            Some(r) if r.card_status == CardStatus::Aborted && self.ended_unpaid(&r).await? => {
+                let now = paygate_core::ambient::now_ms();
+                if dry_run || inventory.release_stuck(hold, now).await? {
+                    tracing::info!(payment_id = %r.payment_id, hold_id = %hold.hold_id,
+                        "released a hold left `during` by a payment that ended unpaid");
+                    tally.released += 1;
+                } else {
+                    tally.left += 1;
+                }
+            }
+            _ => tally.left += 1,
+        }
+        Ok(())
     }
 }

@@ -45,6 +45,7 @@ pub mod settle;
 pub mod wiring;
 
 pub use cancel::{CancelInput, CancelOutcome, CancelSettlement, CanceledPayment};
+pub use holds::StuckHolds;
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{
     ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse, Settlement,

@@ -11,8 +11,10 @@
 //! - **sold = approved:** at the end, a hold is `sold` exactly when its order
 //!   was approved by the card company, and every SKU's `sold` is the sum of
 //!   its sold holds (no sale counted twice, none lost);
-//! - (not yet enforced: no hold left `during` once every payment settled;
-//!   some histories leak one, which holds stock too long but never oversells).
+//! - **no hold left `during`** once its payment has ended (paid, or
+//!   `ABORTED` unpaid): a confirm that died before selling or releasing it
+//!   is made good by the batch's pass over stuck holds; only a payment
+//!   still open (in front of an operator) may keep its hold.
 
 use std::{
     cell::RefCell,
@@ -23,7 +25,7 @@ use std::{
 };
 
 use paygate_alert::AlertReason;
-use paygate_core::{MerchantId, OrderId};
+use paygate_core::{CardStatus, MerchantId, OrderId};
 use paygate_state_store::{Hold, HoldItem, HoldState, InventoryStore};
 
 use crate::{checker::Violation, rng::SimRng, workload::Order, world::World};
@@ -157,6 +159,8 @@ pub fn check(world: &World, breaches: &Breaches) -> Vec<Violation> {
         .map(|a| a.order_id.clone())
         .collect();
     let canceled = world.card.canceled();
+    let records: Vec<paygate_core::PaymentRecord> =
+        world.store.snapshot().into_iter().map(|(_, r)| r).collect();
     let mut sold_by: BTreeMap<String, i64> = BTreeMap::new();
     for h in world.inventory.holds() {
         let order = h.order_id.to_string();
@@ -180,10 +184,24 @@ pub fn check(world: &World, breaches: &Breaches) -> Vec<Violation> {
                 ),
             });
         }
-        // Not checked yet: some histories leave a hold `during` after its
-        // payment was aborted (stock held too long, never oversold); see
-        // the issue 17 report. `let _ = order` keeps the loop's shape.
-        let _ = order;
+        if h.state == HoldState::During {
+            let ended = records
+                .iter()
+                .filter(|r| r.merchant_id == h.merchant_id && r.order_id == h.order_id)
+                .find_map(|r| {
+                    (r.is_paid || r.card_status == CardStatus::Aborted)
+                        .then(|| r.card_status.as_str())
+                });
+            if let Some(status) = ended {
+                out.push(Violation {
+                    invariant: "I7",
+                    subject: order.clone(),
+                    detail: format!(
+                        "hold left `during` although its payment ended ({status}): stock held for nobody"
+                    ),
+                });
+            }
+        }
     }
     for (m, level) in world.inventory.levels(now) {
         let want = sold_by.get(m.as_str()).copied().unwrap_or(0);

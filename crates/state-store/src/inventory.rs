@@ -300,7 +300,11 @@ pub trait InventoryStore: Send + Sync + 'static {
     /// `during`. A `pre` hold in time, or one expired or released, moves
     /// when its units are available without it (checked under the SKUs'
     /// locks); otherwise it is `released` and [`BeginOutcome::Expired`]
-    /// names the short SKUs.
+    /// names the short SKUs. A hold already `during` has its `updated_at`
+    /// moved forward (to `now_ms`, or by 1 ms when that is not later):
+    /// that fences off a batch that read it earlier and is about to
+    /// release it as stuck ([`InventoryStore::release_stuck`]), so a
+    /// retry that reopens a no-call abort makes its hold fresh again.
     ///
     /// # Errors
     /// [`StoreError`]; the caller makes no card call.
@@ -339,6 +343,33 @@ pub trait InventoryStore: Send + Sync + 'static {
         from: &[HoldState],
         now_ms: i64,
     ) -> Result<Option<Hold>, StoreError>;
+
+    /// Holds left `during` whose `updated_at` is at or before
+    /// `updated_before_ms`, in `hold_id` order after `after_hold_id`, at
+    /// most `limit`: the candidates of the batch's pass over holds whose
+    /// confirm died before it sold or released them (DESIGN.md §3).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn stuck_during(
+        &self,
+        updated_before_ms: i64,
+        after_hold_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError>;
+
+    /// Releases `seen`, a hold read `during`, only if it is still `during`
+    /// with the same `updated_at` (no confirm began on it since it was
+    /// read): `Ok(true)` when released. The batch calls it for a hold whose
+    /// payment ended unpaid; a concurrent retry's
+    /// [`InventoryStore::begin_payment`] bumps `updated_at` first, so the
+    /// release cannot take units from a card call in flight.
+    ///
+    /// # Errors
+    /// [`StoreError`]; on MongoDB a release that dies half way leaves the
+    /// hold `during` holding nothing (never the reverse), and a rerun
+    /// finishes it.
+    async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError>;
 
     /// Housekeeping: deletes holds that are `released`, or `pre` and
     /// expired, whose `updated_at` / `expires_at` is before `before_ms`;

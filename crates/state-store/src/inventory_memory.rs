@@ -199,7 +199,14 @@ impl InventoryStore for MemoryInventoryStore {
         };
         match hold.state {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
-            HoldState::During => return Ok(BeginOutcome::During(hold)),
+            HoldState::During => {
+                let Some(h) = g.by_order_mut(merchant, order) else {
+                    return Ok(BeginOutcome::NoHold);
+                };
+                // Strictly later, so the fence holds within one millisecond.
+                h.updated_at = (h.updated_at + 1).max(now_ms);
+                return Ok(BeginOutcome::During(h.clone()));
+            }
             HoldState::Pre | HoldState::Released => {}
         }
         let short = g.short(&hold, now_ms);
@@ -273,6 +280,34 @@ impl InventoryStore for MemoryInventoryStore {
             h.updated_at = now_ms;
         }
         Ok(Some(h.clone()))
+    }
+
+    async fn stuck_during(
+        &self,
+        updated_before_ms: i64,
+        after_hold_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let g = self.lock();
+        Ok(g.holds
+            .values()
+            .filter(|h| after_hold_id.is_none_or(|a| h.hold_id.as_str() > a))
+            .filter(|h| h.state == HoldState::During && h.updated_at <= updated_before_ms)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
+        let mut g = self.lock();
+        match g.holds.get_mut(&seen.hold_id) {
+            Some(h) if h.state == HoldState::During && h.updated_at == seen.updated_at => {
+                h.state = HoldState::Released;
+                h.updated_at = now_ms;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

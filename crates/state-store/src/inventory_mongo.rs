@@ -485,7 +485,34 @@ impl InventoryStore for MongoInventoryStore {
         };
         match hold.state {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
-            HoldState::During => return Ok(BeginOutcome::During(hold)),
+            HoldState::During => {
+                // The fence against a stale `release_stuck` (see the trait):
+                // `updated_at` strictly forward, guarded on the value read.
+                let at = (hold.updated_at + 1).max(now_ms);
+                let r = self
+                    .holds()
+                    .update_one(
+                        doc! {"_id": &hold.hold_id, "state": "during", "updated_at": hold.updated_at},
+                        doc! {"$set": {"updated_at": at}},
+                    )
+                    .await
+                    .map_err(map_err)?;
+                if r.matched_count == 1 {
+                    hold.updated_at = at;
+                    return Ok(BeginOutcome::During(hold));
+                }
+                // Changed meanwhile: read again and decide once more.
+                let Some(again) = self.hold_by_order(merchant, order).await? else {
+                    return Ok(BeginOutcome::NoHold);
+                };
+                hold = again;
+                match hold.state {
+                    HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
+                    // Touched by another confirm of this order just now.
+                    HoldState::During => return Ok(BeginOutcome::During(hold)),
+                    HoldState::Pre | HoldState::Released => {}
+                }
+            }
             HoldState::Pre | HoldState::Released => {}
         }
         let short = self.reserve(&hold, HoldState::During, now_ms).await?;
@@ -582,6 +609,66 @@ impl InventoryStore for MongoInventoryStore {
                 .await?;
         }
         self.hold(merchant, &hold.hold_id).await
+    }
+
+    async fn stuck_during(
+        &self,
+        updated_before_ms: i64,
+        after_hold_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError> {
+        use futures_util::TryStreamExt;
+        let docs: Vec<Document> = self
+            .holds()
+            .find(doc! {
+                "state": "during",
+                "updated_at": {"$lte": updated_before_ms},
+                "_id": {"$gt": after_hold_id.unwrap_or("")},
+            })
+            .sort(doc! {"_id": 1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(map_err)?
+            .try_collect()
+            .await
+            .map_err(map_err)?;
+        docs.iter().map(hold_from_doc).collect()
+    }
+
+    async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
+        let guard = doc! {"_id": &seen.hold_id, "state": "during", "updated_at": seen.updated_at};
+        if self
+            .holds()
+            .find_one(guard.clone())
+            .await
+            .map_err(map_err)?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        // Lines first, as `release` does: a crash here leaves a `during`
+        // hold holding nothing, which a rerun finishes.
+        for item in &seen.items {
+            self.drop_line(seen, &item.sku, &[HoldState::During], now_ms)
+                .await?;
+        }
+        let r = self
+            .holds()
+            .update_one(
+                guard,
+                doc! {"$set": {"state": "released", "updated_at": now_ms}},
+            )
+            .await
+            .map_err(map_err)?;
+        if r.matched_count == 1 {
+            return Ok(true);
+        }
+        // A confirm began on it between the check and now (no transaction
+        // spans the SKU documents and the hold's): put its lines back. If
+        // the units went to others meanwhile, its approval's sale reports
+        // the oversell (an `oversold` alert), as for any lapsed hold.
+        let _short = self.reserve(seen, HoldState::During, now_ms).await?;
+        Ok(false)
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

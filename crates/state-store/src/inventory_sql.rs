@@ -44,6 +44,13 @@ const LOCK_PG: &str =
 const LOCK_SQLITE: &str = "UPDATE inventory SET stock = stock WHERE merchant_id = $1 AND sku = $2 \
      RETURNING stock, sold";
 
+/// Moves a `during` hold's `updated_at` strictly forward (to `$2`, or by
+/// 1 ms when `$2` is not later), so a batch's `release_stuck` of what it
+/// read before fails its guard.
+const TOUCH_DURING: &str = "UPDATE holds SET updated_at = \
+     CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END \
+     WHERE hold_id = $1 AND state = 'during' RETURNING updated_at";
+
 fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -283,7 +290,20 @@ impl InventoryStore for SqlInventoryStore {
         };
         match hold.state {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
-            HoldState::During => return Ok(BeginOutcome::During(hold)),
+            HoldState::During => {
+                // The fence against a stale `release_stuck` (see the trait).
+                let touched: Option<i64> = with_pool!(&self.db, pool => {
+                    sqlx::query(TOUCH_DURING)
+                        .bind(&hold.hold_id).bind(now_ms)
+                        .fetch_optional(pool).await.map_err(map_err)?
+                        .map(|r| r.try_get::<i64, _>("updated_at")).transpose().map_err(corrupt)?
+                });
+                if let Some(at) = touched {
+                    hold.updated_at = at;
+                    return Ok(BeginOutcome::During(hold));
+                }
+                // Sold or released meanwhile: decide under the lock below.
+            }
             HoldState::Pre | HoldState::Released => {}
         }
         let m = merchant.as_str();
@@ -409,6 +429,56 @@ impl InventoryStore for SqlInventoryStore {
             tx.commit().await.map_err(map_err)?;
         });
         self.hold_by_order(merchant, order).await
+    }
+
+    async fn stuck_during(
+        &self,
+        updated_before_ms: i64,
+        after_hold_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let sql = format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'during' AND updated_at <= $1 \
+             AND hold_id > $2 ORDER BY hold_id LIMIT $3"
+        );
+        let rows = with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql)
+                .bind(updated_before_ms).bind(after_hold_id.unwrap_or("")).bind(i64::from(limit))
+                .fetch_all(pool).await.map_err(map_err)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(hold_row!(row));
+            }
+            out
+        });
+        let mut holds = Vec::with_capacity(rows.len());
+        for h in rows {
+            // With its items (few rows: `during` holds are the in-flight ones).
+            if let Some(full) = self
+                .find("hold_id", h.merchant_id.as_str(), &h.hold_id)
+                .await?
+            {
+                holds.push(full);
+            }
+        }
+        Ok(holds)
+    }
+
+    async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let n = sqlx::query("UPDATE holds SET state = 'released', updated_at = $3 \
+                                 WHERE hold_id = $1 AND state = 'during' AND updated_at = $2")
+                .bind(&seen.hold_id).bind(seen.updated_at).bind(now_ms)
+                .execute(&mut *tx).await.map_err(map_err)?
+                .rows_affected();
+            if n == 1 {
+                sqlx::query("UPDATE hold_items SET state = 'released' WHERE hold_id = $1")
+                    .bind(&seen.hold_id).execute(&mut *tx).await.map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(n == 1)
+        })
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

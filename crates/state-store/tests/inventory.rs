@@ -376,3 +376,104 @@ async fn a_late_approval_sells_an_expired_hold_and_reports_oversell() {
     })
     .await;
 }
+
+/// A hold left `during` by a confirm that died is listed for the batch and
+/// released by it, unless a confirm began on it after the batch read it
+/// (the fence: `begin_payment` moves a `during` hold's `updated_at`
+/// strictly forward, even within the same millisecond).
+#[tokio::test]
+async fn a_stuck_during_hold_is_released_only_if_no_confirm_began_on_it_since() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        store.set_stock(&m, "sku-d", 2, T0).await.unwrap();
+        for o in ["order-d0001", "order-d0002"] {
+            let h = hold(&m, o, &[("sku-d", 1)], T0);
+            assert!(
+                matches!(store.take(&h, T0).await.unwrap(), TakeOutcome::Taken(_)),
+                "{name}"
+            );
+            assert!(
+                matches!(
+                    store.begin_payment(&m, &order(o), T0).await.unwrap(),
+                    BeginOutcome::During(_)
+                ),
+                "{name}"
+            );
+        }
+        // Too young for the cutoff: not listed.
+        assert!(
+            store
+                .stuck_during(T0 - 1, None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+        let stuck = store.stuck_during(T0, None, 10).await.unwrap();
+        assert_eq!(stuck.len(), 2, "{name}");
+        assert!(
+            stuck
+                .iter()
+                .all(|h| h.state == HoldState::During && h.items.len() == 1),
+            "{name}"
+        );
+        // Paged by hold id.
+        let first = store.stuck_during(T0, None, 1).await.unwrap();
+        let second = store
+            .stuck_during(T0, Some(&first[0].hold_id), 1)
+            .await
+            .unwrap();
+        assert_eq!(second.len(), 1, "{name}");
+        assert_ne!(first[0].hold_id, second[0].hold_id, "{name}");
+
+        let (a, b) = (&stuck[0], &stuck[1]);
+        // A retry's confirm begins on `b` in the same millisecond the batch
+        // read it: the batch's release of what it read must fail.
+        assert!(
+            matches!(
+                store.begin_payment(&m, &b.order_id, T0).await.unwrap(),
+                BeginOutcome::During(_)
+            ),
+            "{name}"
+        );
+        assert!(
+            !store.release_stuck(b, T0 + 1).await.unwrap(),
+            "{name}: released a hold a confirm just began on"
+        );
+        assert_eq!(
+            store
+                .hold_by_order(&m, &b.order_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            HoldState::During,
+            "{name}"
+        );
+        // `a` is untouched: released, its unit available again, once.
+        assert_eq!(available(&store, &m, "sku-d", T0 + 1).await, 0, "{name}");
+        assert!(store.release_stuck(a, T0 + 1).await.unwrap(), "{name}");
+        assert!(
+            !store.release_stuck(a, T0 + 2).await.unwrap(),
+            "{name}: released twice"
+        );
+        assert_eq!(available(&store, &m, "sku-d", T0 + 2).await, 1, "{name}");
+        assert_eq!(
+            store
+                .hold_by_order(&m, &a.order_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            HoldState::Released,
+            "{name}"
+        );
+        assert_eq!(
+            store.stuck_during(T0 + 10, None, 10).await.unwrap().len(),
+            1,
+            "{name}"
+        );
+    })
+    .await;
+}
