@@ -25,6 +25,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use paygate_core::{Partition, PaymentRecord};
+
 use crate::{
     workload::{Answer, AnswerKind},
     world::{Actor, World},
@@ -50,11 +52,16 @@ fn v(invariant: &'static str, subject: &str, detail: String) -> Violation {
     }
 }
 
-/// Checks the world after a healed, settled history; `finals` are the
-/// answers to one more retry of every order once nothing was in flight.
-pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violation> {
+/// Checks the world after a healed, settled history, whose state store
+/// holds `snapshot` ([`crate::store::SimStore::snapshot`]); `finals` are
+/// the answers to one more retry of every order once nothing was in flight.
+pub fn check(
+    world: &World,
+    snapshot: &[(Partition, PaymentRecord)],
+    answers: &[Answer],
+    finals: &[Answer],
+) -> Vec<Violation> {
     let mut out = Vec::new();
-    let snapshot = world.store.snapshot();
     let approvals = world.card.approvals();
     let ledger = world.ledger.entries();
     let alerts = world.alerts.all();
@@ -62,7 +69,7 @@ pub fn check(world: &World, answers: &[Answer], finals: &[Answer]) -> Vec<Violat
 
     // Partitions.
     let mut seen = BTreeSet::new();
-    for (part, r) in &snapshot {
+    for (part, r) in snapshot {
         if !seen.insert(r.payment_id.to_string()) {
             out.push(v(
                 "partition",

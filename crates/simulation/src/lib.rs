@@ -30,6 +30,7 @@ pub mod holds;
 pub mod ledger;
 pub mod options;
 pub mod rng;
+pub mod store;
 pub mod workload;
 pub mod world;
 
@@ -39,8 +40,14 @@ use paygate_core::{ambient::Ambient, MerchantId};
 
 pub use checker::Violation;
 pub use options::Options;
+pub use store::StoreMode;
 
-use crate::{gateway::Gateway, rng::SimRng, world::World};
+use crate::{
+    gateway::Gateway,
+    rng::SimRng,
+    store::{RealStore, SimStore},
+    world::World,
+};
 
 /// Epoch of every history: 2026-01-01T00:00:00Z, ms.
 pub const EPOCH_MS: i64 = 1_767_225_600_000;
@@ -84,27 +91,57 @@ impl Ambient for SimAmbient {
     }
 }
 
-/// Runs the history of `seed` and checks it.
+/// Runs the history of `seed` on the in-memory store and checks it.
 ///
 /// # Errors
 /// An I/O error when the runtime cannot be built.
 pub fn run_seed(seed: u64) -> std::io::Result<Report> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()?;
-    // One thread: every actor is a local task, so no future has to be Send.
-    Ok(rt.block_on(tokio::task::LocalSet::new().run_until(history(seed))))
+    run_seed_on(seed, &StoreMode::Memory)
 }
 
-async fn history(seed: u64) -> Report {
+/// Runs the history of `seed` on the state store of `mode` and checks it.
+/// On a real backend the history gets a fresh database of its own, dropped
+/// after the check, and is not replayed bit for bit (see [`store`]).
+///
+/// # Errors
+/// An I/O error when the runtime cannot be built or the backend cannot be
+/// set up.
+pub fn run_seed_on(seed: u64, mode: &StoreMode) -> std::io::Result<Report> {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if *mode == StoreMode::Memory {
+        builder.enable_time();
+    } else {
+        // The drivers need the I/O driver.
+        builder.enable_all();
+    }
+    let rt = builder.start_paused(true).build()?;
+    // One thread: every actor is a local task, so no future has to be Send.
+    rt.block_on(tokio::task::LocalSet::new().run_until(async {
+        let real = RealStore::open(mode, seed)
+            .await
+            .map_err(|e| std::io::Error::other(format!("{} store: {e}", mode.name())))?;
+        let store: std::sync::Arc<dyn SimStore> = match real {
+            Some(real) => std::sync::Arc::new(real),
+            None => World::memory_store(),
+        };
+        let report = history(seed, store.clone()).await;
+        store.teardown().await;
+        Ok(report)
+    }))
+}
+
+async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>) -> Report {
     let rng = SimRng::new(seed);
     let _ambient = paygate_core::ambient::install(Rc::new(SimAmbient {
         start: tokio::time::Instant::now(),
         rng: SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
     }));
     let options = Options::draw(&rng).draw_extra(&SimRng::new(seed ^ 0xD1B5_4A32_D192_ED03));
-    let world = std::sync::Arc::new(World::new(rng.clone(), options.store_stall_per_mille));
+    let world = std::sync::Arc::new(World::new(
+        rng.clone(),
+        options.store_stall_per_mille,
+        store,
+    ));
     faults::install(&world, &options);
     let gw = Gateway::start(
         &world,
@@ -155,9 +192,20 @@ async fn history(seed: u64) -> Report {
     faults::settle(&world).await;
     let answers = answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let finals = finals.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut violations = checker::check(&world, &answers, &finals);
+    let (snapshot, unread) = match world.store.snapshot().await {
+        Ok(s) => (s, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let mut violations = checker::check(&world, &snapshot, &answers, &finals);
+    if let Some(e) = unread {
+        violations.push(Violation {
+            invariant: "store",
+            subject: "snapshot".to_owned(),
+            detail: format!("the state store could not be read for the check: {e}"),
+        });
+    }
     violations.extend(holds::check(&world, &breaches));
-    let digest = digest(&world, &[answers.clone(), finals].concat());
+    let digest = digest(&world, &snapshot, &[answers.clone(), finals].concat());
     Report {
         seed,
         options,
@@ -170,10 +218,14 @@ async fn history(seed: u64) -> Report {
 }
 
 /// FNV-1a over the final state, the ledger, the alerts and the answers.
-fn digest(world: &World, answers: &[workload::Answer]) -> u64 {
+fn digest(
+    world: &World,
+    snapshot: &[(paygate_core::Partition, paygate_core::PaymentRecord)],
+    answers: &[workload::Answer],
+) -> u64 {
     let text = format!(
         "{:?}|{:?}|{:?}|{:?}",
-        world.store.snapshot(),
+        snapshot,
         world.ledger.entries(),
         world
             .alerts

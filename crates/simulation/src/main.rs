@@ -8,7 +8,13 @@
 //! cargo run --release -p paygate-simulation -- --seed 4242      # replay one
 //! cargo run --release -p paygate-simulation -- --seed 4242 --trace   # with paygate's logs
 //! cargo run --release -p paygate-simulation -- --seeds 1000 --from 5000 --json
+//! cargo run --release -p paygate-simulation -- --store sqlite --seeds 200
+//! cargo run --release -p paygate-simulation -- --store mongo --mongo-uri mongodb://127.0.0.1:27117 --seeds 100
 //! ```
+//!
+//! `--store memory|sqlite|mongo` picks the state store (default memory, or
+//! `PAYGATE_SIM_STORE`); `mongo` reads its URI from `--mongo-uri`, else
+//! `PAYGATE_SIM_MONGODB_URI`, else `PAYGATE_TEST_MONGODB_URI`.
 
 use std::{process::ExitCode, time::Instant};
 
@@ -19,8 +25,26 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+fn text_arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    let mode = match text_arg(&args, "--store") {
+        Some(name) => paygate_simulation::StoreMode::parse(name, text_arg(&args, "--mongo-uri")),
+        None => paygate_simulation::StoreMode::from_env(),
+    };
+    let mode = match mode {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let json = args.iter().any(|a| a == "--json");
     let verbose = args.iter().any(|a| a == "--verbose");
     if args.iter().any(|a| a == "--trace") {
@@ -45,7 +69,7 @@ fn main() -> ExitCode {
         if !json {
             eprintln!("PAYGATE_SIM_SEED={seed}");
         }
-        let report = match paygate_simulation::run_seed(seed) {
+        let report = match paygate_simulation::run_seed_on(seed, &mode) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("seed {seed}: could not run: {e}");
@@ -63,7 +87,13 @@ fn main() -> ExitCode {
                 for v in &report.violations {
                     println!("seed {seed}: {} {}: {}", v.invariant, v.subject, v.detail);
                 }
-                println!("replay: cargo run --release -p paygate-simulation -- --seed {seed}");
+                let store = match &mode {
+                    paygate_simulation::StoreMode::Memory => String::new(),
+                    m => format!(" --store {}", m.name()),
+                };
+                println!(
+                    "replay: cargo run --release -p paygate-simulation -- --seed {seed}{store}"
+                );
             }
         }
     }
@@ -74,6 +104,7 @@ fn main() -> ExitCode {
             serde_json::json!({
                 "seeds": count,
                 "from": from,
+                "store": mode.name(),
                 "violations": violations,
                 "failing_seeds": failing,
                 "first_failing_seed": first_failing,
@@ -81,7 +112,10 @@ fn main() -> ExitCode {
             })
         );
     } else {
-        println!("{count} seeds from {from}: {failing} failing, {violations} violations, {duration_ms} ms");
+        println!(
+            "{count} seeds from {from} on {}: {failing} failing, {violations} violations, {duration_ms} ms",
+            mode.name()
+        );
     }
     if violations > 0 {
         ExitCode::FAILURE

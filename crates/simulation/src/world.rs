@@ -31,7 +31,12 @@ use paygate_payments::{saga::Downstreams, Saga, SagaSettings};
 use paygate_resilience::Downstream;
 use paygate_state_store::{CreateOutcome, MemoryStateStore, StateStore, StoreError, Transition};
 
-use crate::{card::SimCard, ledger::SimLedger, rng::SimRng};
+use crate::{
+    card::SimCard,
+    ledger::SimLedger,
+    rng::SimRng,
+    store::{SimStore, Write, Written},
+};
 
 /// Alerts in front of operators (deduplicated by payment and reason).
 #[derive(Default)]
@@ -110,8 +115,9 @@ pub type Changes = Arc<Mutex<Vec<Change>>>;
 
 /// Everything that outlives a process.
 pub struct World {
-    /// The realtime state records.
-    pub store: Arc<MemoryStateStore>,
+    /// The realtime state records: in memory, or on a real backend
+    /// ([`crate::store::StoreMode`]).
+    pub store: Arc<dyn SimStore>,
     /// The request/response log.
     pub log: Arc<MemoryApiLog>,
     /// The alert outbox.
@@ -138,11 +144,11 @@ pub struct World {
 
 impl World {
     /// A fresh world for one history whose store and log round trips
-    /// stall `stall_per_mille` of the time.
-    pub fn new(rng: SimRng, stall_per_mille: u64) -> Self {
-        let clock: paygate_state_store::memory::Clock = Arc::new(paygate_core::time::now_ms);
+    /// stall `stall_per_mille` of the time; its state store is `store`
+    /// (fresh: see [`World::memory_store`]).
+    pub fn new(rng: SimRng, stall_per_mille: u64, store: Arc<dyn SimStore>) -> Self {
         Self {
-            store: Arc::new(MemoryStateStore::new(clock)),
+            store,
             log: Arc::new(MemoryApiLog::new()),
             alerts: Arc::new(SimAlerts::default()),
             leases: Arc::new(MemoryLeases::default()),
@@ -154,6 +160,14 @@ impl World {
             requests: Arc::default(),
             stall_per_mille,
         }
+    }
+}
+
+impl World {
+    /// A fresh in-memory state store on the history's (simulated) clock.
+    pub fn memory_store() -> Arc<MemoryStateStore> {
+        let clock: paygate_state_store::memory::Clock = Arc::new(paygate_core::time::now_ms);
+        Arc::new(MemoryStateStore::new(clock))
     }
 }
 
@@ -276,30 +290,28 @@ impl<T: ?Sized> Handle<T> {
 
 /// A process's handle to the state store, journaling what it changes.
 struct StoreHandle {
-    handle: Handle<MemoryStateStore>,
+    handle: Handle<dyn SimStore>,
     actor: Actor,
     changes: Changes,
 }
 
 impl StoreHandle {
-    /// Runs one write, journaling it when the record differs afterwards,
-    /// at `stamped_ms` when the write carries its own time (a new record
-    /// is stamped when the saga builds it, a round trip before it lands),
-    /// else now.
-    async fn journaled<T>(
+    /// Runs one write, journaling it when the store saw it change the
+    /// record ([`SimStore::write`]), at `stamped_ms` when the write carries
+    /// its own time (a new record is stamped when the saga builds it, a
+    /// round trip before it lands), else now.
+    async fn journaled(
         &self,
         payment_id: &PaymentId,
         what: &'static str,
         stamped_ms: Option<i64>,
-        write: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+        write: Write<'_>,
+    ) -> Result<Written, StoreError> {
         if !self.handle.round_trip().await {
             return Err(gone());
         }
-        let inner = &self.handle.inner;
-        let before = inner.copies(payment_id);
-        let result = write.await;
-        if inner.copies(payment_id) != before {
+        let (result, changed) = self.handle.inner.write(write).await;
+        if changed {
             self.changes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -311,6 +323,14 @@ impl StoreHandle {
                 });
         }
         result
+    }
+}
+
+/// The flag a transition, move or copy answered.
+fn applied(w: Result<Written, StoreError>) -> Result<bool, StoreError> {
+    match w? {
+        Written::Applied(b) => Ok(b),
+        Written::Created(_) => Err(StoreError::Corrupt("a write answered a create".into())),
     }
 }
 
@@ -366,9 +386,18 @@ impl paygate_state_store::CancelStore for StoreHandle {
 #[async_trait]
 impl StateStore for StoreHandle {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
-        let inner = &self.handle.inner;
-        self.journaled(&r.payment_id, "create", Some(r.updated_at), inner.create(r))
-            .await
+        match self
+            .journaled(
+                &r.payment_id,
+                "create",
+                Some(r.updated_at),
+                Write::Create(r),
+            )
+            .await?
+        {
+            Written::Created(o) => Ok(o),
+            Written::Applied(_) => Err(StoreError::Corrupt("a create answered a flag".into())),
+        }
     }
     async fn get(&self, id: &PaymentId) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
         if !self.handle.round_trip().await {
@@ -387,9 +416,10 @@ impl StateStore for StoreHandle {
         self.handle.inner.get_by_order(m, o).await
     }
     async fn transition(&self, id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        let inner = &self.handle.inner;
-        self.journaled(id, "transition", None, inner.transition(id, t))
-            .await
+        applied(
+            self.journaled(id, "transition", None, Write::Transition(id, t))
+                .await,
+        )
     }
     async fn move_record(
         &self,
@@ -397,9 +427,10 @@ impl StateStore for StoreHandle {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        let inner = &self.handle.inner;
-        self.journaled(id, "move", None, inner.move_record(id, from, to))
-            .await
+        applied(
+            self.journaled(id, "move", None, Write::Move(id, from, to))
+                .await,
+        )
     }
     async fn copy_to_partition(
         &self,
@@ -407,9 +438,10 @@ impl StateStore for StoreHandle {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        let inner = &self.handle.inner;
-        self.journaled(id, "copy", None, inner.copy_to_partition(id, from, to))
-            .await
+        applied(
+            self.journaled(id, "copy", None, Write::Copy(id, from, to))
+                .await,
+        )
     }
     fn scan(&self, p: Partition, batch: u32) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         if !self.handle.alive() {

@@ -3,10 +3,13 @@
 //!
 //! `PAYGATE_SIM_SEEDS` sets the count (default 1,000); the binary runs
 //! more: `cargo run --release -p paygate-simulation -- --seeds 1000000`.
+//! `PAYGATE_SIM_STORE=sqlite|mongo` runs the many-histories test on a real
+//! state store (mongo at `PAYGATE_TEST_MONGODB_URI`); the replay and
+//! pinned-seed tests always run in memory, where histories replay exactly.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
-use paygate_simulation::run_seed;
+use paygate_simulation::{run_seed, run_seed_on, StoreMode};
 
 fn assert_clean(seed: u64) {
     let r = run_seed(seed).unwrap();
@@ -23,13 +26,16 @@ fn a_thousand_histories_keep_every_invariant() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
+    let mode = StoreMode::from_env().unwrap();
     let (mut approvals, mut crashes) = (0, 0);
     for seed in 0..n {
-        let r = run_seed(seed).unwrap();
+        let r = run_seed_on(seed, &mode).unwrap();
         assert!(
             r.violations.is_empty(),
-            "seed {seed} broke invariants: {:#?}\nreplay: cargo run --release -p paygate-simulation -- --seed {seed} --trace",
-            r.violations
+            "seed {seed} broke invariants on the {} store: {:#?}\nreplay: cargo run --release -p paygate-simulation -- --seed {seed} --store {} --trace",
+            mode.name(),
+            r.violations,
+            mode.name()
         );
         approvals += r.approvals;
         crashes += r.crashes;
@@ -40,7 +46,10 @@ fn a_thousand_histories_keep_every_invariant() {
         "{approvals} approvals in {n} seeds"
     );
     assert!(u64::from(crashes) > n / 2, "{crashes} crashes in {n} seeds");
-    println!("{n} seeds: {approvals} approvals, {crashes} gateway crashes, 0 violations");
+    println!(
+        "{n} seeds on the {} store: {approvals} approvals, {crashes} gateway crashes, 0 violations",
+        mode.name()
+    );
 }
 
 #[test]
