@@ -129,6 +129,28 @@ pub(crate) fn card_message(e: &CardApiError) -> String {
     }
 }
 
+/// Whether the card company's answers to a payment's confirms, as logged
+/// (`REQUEST`/`RESPONSE` rows, [`paygate_api_log::ConfirmEvidence`]),
+/// prove it was declined: a 4xx decline, or, with one request only, a 4xx
+/// that says nothing was approved (not an auth failure of ours). Only the
+/// confirm path's answers count (lookup 404s are not evidence). The batch
+/// files such a payment unpaid; [`crate::Saga::settle_stuck_holds`]
+/// releases its hold.
+pub fn declined(evidence: &paygate_api_log::ConfirmEvidence) -> bool {
+    evidence.answers.iter().any(|(status, code)| {
+        let status = u16::try_from(*status).unwrap_or(0);
+        let e = CardApiError::Rejected {
+            status,
+            code: code.clone().unwrap_or_default(),
+            message: String::new(),
+            retry_after_s: None,
+        };
+        (400..500).contains(&status)
+            && (e.is_decline()
+                || (evidence.requests == 1 && e.definitely_not_approved() && !e.is_auth_failure()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,26 +250,4 @@ mod tests {
             (CallOutcome::Success, false)
         );
     }
-}
-
-/// Whether the card company's answers to a payment's confirms, as logged
-/// (`REQUEST`/`RESPONSE` rows, [`paygate_api_log::ConfirmEvidence`]),
-/// prove it was declined: a 4xx decline, or, with one request only, a 4xx
-/// that says nothing was approved (not an auth failure of ours). Only the
-/// confirm path's answers count (lookup 404s are not evidence). The batch
-/// files such a payment unpaid; [`crate::Saga::settle_stuck_holds`]
-/// releases its hold.
-pub fn declined(evidence: &paygate_api_log::ConfirmEvidence) -> bool {
-    evidence.answers.iter().any(|(status, code)| {
-        let status = u16::try_from(*status).unwrap_or(0);
-        let e = CardApiError::Rejected {
-            status,
-            code: code.clone().unwrap_or_default(),
-            message: String::new(),
-            retry_after_s: None,
-        };
-        (400..500).contains(&status)
-            && (e.is_decline()
-                || (evidence.requests == 1 && e.definitely_not_approved() && !e.is_auth_failure()))
-    })
 }

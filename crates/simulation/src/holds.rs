@@ -125,7 +125,11 @@ pub fn monitor(world: &Arc<World>, until_ms: u64) -> (tokio::task::JoinHandle<()
 }
 
 /// The hold checks of a settled history (see the module's doc).
-pub fn check(world: &World, breaches: &Breaches) -> Vec<Violation> {
+pub fn check(
+    world: &World,
+    snapshot: &[(paygate_core::Partition, paygate_core::PaymentRecord)],
+    breaches: &Breaches,
+) -> Vec<Violation> {
     let mut out = Vec::new();
     let oversold: BTreeSet<String> = world
         .alerts
@@ -159,8 +163,7 @@ pub fn check(world: &World, breaches: &Breaches) -> Vec<Violation> {
         .map(|a| a.order_id.clone())
         .collect();
     let canceled = world.card.canceled();
-    let records: Vec<paygate_core::PaymentRecord> =
-        world.store.snapshot().into_iter().map(|(_, r)| r).collect();
+    let records: Vec<&paygate_core::PaymentRecord> = snapshot.iter().map(|(_, r)| r).collect();
     let mut sold_by: BTreeMap<String, i64> = BTreeMap::new();
     for h in world.inventory.holds() {
         let order = h.order_id.to_string();

@@ -204,7 +204,7 @@ async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>) -> Report {
             detail: format!("the state store could not be read for the check: {e}"),
         });
     }
-    violations.extend(holds::check(&world, &breaches));
+    violations.extend(holds::check(&world, &snapshot, &breaches));
     let digest = digest(&world, &snapshot, &[answers.clone(), finals].concat());
     Report {
         seed,
