@@ -299,7 +299,11 @@ impl StoreHandle {
     /// Runs one write, journaling it when the store saw it change the
     /// record ([`SimStore::write`]), at `stamped_ms` when the write carries
     /// its own time (a new record is stamped when the saga builds it, a
-    /// round trip before it lands), else now.
+    /// round trip before it lands), else at the instant the write was
+    /// issued: that is when a store stamps `updated_at`, which is what a
+    /// sweep's age check reads. (In memory no time passes during the write;
+    /// on a real backend the call takes simulated time, and stamping its
+    /// end made the age rule flag sweeps that decided correctly.)
     async fn journaled(
         &self,
         payment_id: &PaymentId,
@@ -310,13 +314,14 @@ impl StoreHandle {
         if !self.handle.round_trip().await {
             return Err(gone());
         }
+        let issued_ms = paygate_core::time::now_ms();
         let (result, changed) = self.handle.inner.write(write).await;
         if changed {
             self.changes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(Change {
-                    at_ms: stamped_ms.unwrap_or_else(paygate_core::time::now_ms),
+                    at_ms: stamped_ms.unwrap_or(issued_ms),
                     actor: self.actor,
                     payment_id: payment_id.to_string(),
                     what,
