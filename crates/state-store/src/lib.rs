@@ -191,6 +191,26 @@ pub enum Transition {
         /// The no-call code the record must carry.
         failure_code: String,
     },
+    /// A confirm has written its card `REQUEST` row and is about to send
+    /// the call: `updated_at` moves strictly forward (to now, or by 1 ms
+    /// when now is not later), nothing else changes. Guard: not paid and
+    /// `card_status = PENDING`. It fences a [`Transition::FileNotSent`]
+    /// that read the record before the row landed (DESIGN.md §1): either
+    /// the filing sees a new `updated_at` and changes nothing, or this
+    /// guard fails and the confirm makes no call.
+    MarkSending,
+    /// No card `REQUEST` row is in the log for a record read with
+    /// `updated_at = seen_updated_at` (by I3 no confirm was sent):
+    /// `card_status = ABORTED`, `failure_code = PAYGATE_NOT_SENT`. Guard:
+    /// not paid, `PENDING` or `UNKNOWN`, and `updated_at` is still
+    /// `seen_updated_at` (a confirm that wrote its row since then moved it
+    /// with [`Transition::MarkSending`]).
+    FileNotSent {
+        /// `updated_at` (epoch ms) of the record as read before the log.
+        seen_updated_at: i64,
+        /// Detail for operators.
+        last_error: String,
+    },
 }
 
 /// The realtime state store.

@@ -344,6 +344,21 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
         !r.is_paid && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
     let saving = r.is_paid && !r.is_saved;
     match t {
+        Transition::MarkSending => {
+            if r.is_paid || r.card_status != CardStatus::Pending {
+                return false;
+            }
+            r.updated_at = (r.updated_at + 1).max(now);
+            return true;
+        }
+        Transition::FileNotSent {
+            seen_updated_at,
+            last_error,
+        } if undecided && r.updated_at == *seen_updated_at => {
+            r.card_status = CardStatus::Aborted;
+            r.failure_code = Some(failure_codes::NOT_SENT.to_owned());
+            r.last_error = Some(last_error.clone());
+        }
         Transition::MarkPaid { approved_at } if undecided => {
             r.is_paid = true;
             r.card_status = CardStatus::Done;

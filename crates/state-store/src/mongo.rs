@@ -813,7 +813,65 @@ impl MongoStateStore {
                     doc! {"$set": {"card_status": "PENDING", "failure_code": Bson::Null, "updated_at": now}},
                 )
             }
+            // The common case; `mark_sending` handles an `updated_at` at or
+            // past now.
+            Transition::MarkSending => (
+                doc! {"is_paid": false, "card_status": "PENDING", "updated_at": {"$lt": now}},
+                doc! {"$set": {"updated_at": now}},
+            ),
+            Transition::FileNotSent {
+                seen_updated_at,
+                last_error,
+            } => (
+                doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}, "updated_at": *seen_updated_at},
+                doc! {"$set": {"card_status": "ABORTED", "failure_code": paygate_core::payment::failure_codes::NOT_SENT, "last_error": last_error, "updated_at": now}},
+            ),
         })
+    }
+
+    /// [`Transition::MarkSending`]: `updated_at` strictly forward. When it
+    /// is not before now (a clock step, or two writes in one ms), it moves
+    /// by 1 ms, guarded on the value read; a record changed in between is
+    /// read again (a few times: every change that keeps it `PENDING` is a
+    /// rare race between two writers of one payment).
+    async fn mark_sending(&self, payment_id: &PaymentId) -> Result<bool, StoreError> {
+        let realtime = self.partition(Partition::Realtime);
+        for _ in 0..4 {
+            let Some((mut filter, update)) = Self::transition_update(&Transition::MarkSending)
+            else {
+                return Ok(false);
+            };
+            filter.insert("_id", payment_id.as_str());
+            let moved = realtime
+                .find_one_and_update(filter, update)
+                .await
+                .map_err(map_err)?;
+            if moved.is_some() {
+                return Ok(true);
+            }
+            let Some(d) = realtime
+                .find_one(doc! {"_id": payment_id.as_str()})
+                .await
+                .map_err(map_err)?
+            else {
+                return Ok(false);
+            };
+            let r = record_from_doc(&d)?;
+            if r.is_paid || r.card_status != CardStatus::Pending {
+                return Ok(false);
+            }
+            let bumped = realtime
+                .find_one_and_update(
+                    doc! {"_id": payment_id.as_str(), "is_paid": false, "card_status": "PENDING", "updated_at": r.updated_at},
+                    doc! {"$set": {"updated_at": r.updated_at + 1}},
+                )
+                .await
+                .map_err(map_err)?;
+            if bumped.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// A guarded move in one transaction, retried as the driver documents:
@@ -976,6 +1034,9 @@ impl StateStore for MongoStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
+        if *t == Transition::MarkSending {
+            return self.mark_sending(payment_id).await;
+        }
         let Some((mut filter, update)) = Self::transition_update(t) else {
             return Ok(false);
         };

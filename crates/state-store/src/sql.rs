@@ -629,7 +629,7 @@ impl SqlStateStore {
                 Some((sql, values)) => {
                     let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
                     for v in values {
-                        q = q.bind(*v);
+                        q = q.bind(v.as_ref());
                     }
                     q.execute(&mut *tx).await.map_err(map_err)?.rows_affected() == 1
                 }
@@ -711,7 +711,7 @@ impl StateStore for SqlStateStore {
         with_pool!(&self.db, pool => {
             let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
             for v in &values {
-                q = q.bind(*v);
+                q = q.bind(v.as_ref());
             }
             q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
         })
@@ -972,7 +972,7 @@ fn move_sql_postgres(from: Partition, to: Partition) -> String {
 /// The guarded `UPDATE` of a [`Transition`] and its own values: `$1` =
 /// payment_id, `$2` = now, `$3..` = the values. `None` when the transition
 /// can never apply (a `Reopen` of a code that is not a no-call code).
-fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<&str>)> {
+fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<Cow<'_, str>>)> {
     let statement: (&'static str, Vec<&str>) = match t {
             Transition::MarkPaid { approved_at } => (
                 "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
@@ -1017,6 +1017,31 @@ fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<&str>)> {
                     vec![failure_code],
                 )
             }
+            Transition::MarkSending => (
+                "UPDATE realtime_payments SET \
+                 updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END \
+                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status = 'PENDING'",
+                vec![],
+            ),
+            Transition::FileNotSent {
+                seen_updated_at,
+                last_error,
+            } => {
+                return Some((
+                    "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, \
+                     last_error = $4, updated_at = $2 \
+                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') \
+                     AND updated_at = CAST($5 AS BIGINT)",
+                    vec![
+                        Cow::Borrowed(failure_codes::NOT_SENT),
+                        Cow::Borrowed(last_error.as_str()),
+                        Cow::Owned(seen_updated_at.to_string()),
+                    ],
+                ))
+            }
         };
-    Some(statement)
+    Some((
+        statement.0,
+        statement.1.into_iter().map(Cow::Borrowed).collect(),
+    ))
 }

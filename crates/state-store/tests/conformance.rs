@@ -259,6 +259,89 @@ async fn every_transition_applies_only_under_its_guard() {
     .await;
 }
 
+/// Issue 13 (the 100,000-seed finding): the batch filed a `PENDING` record
+/// that had no `REQUEST` row yet as never sent while its confirm was on
+/// its way to the card. The filing is guarded on the `updated_at` it read
+/// before the log, and the confirm fences its record after its row: one of
+/// the two always fails, whatever the order and even within one ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let file = |seen: i64| Transition::FileNotSent {
+            seen_updated_at: seen,
+            last_error: "no REQUEST row".into(),
+        };
+
+        // The fence first: a filing that read the record before it fails.
+        let a = pending(&m, "order-fence-first", None);
+        store.create(&a).await.unwrap();
+        let (_, read) = store.get(&a.payment_id).await.unwrap().unwrap();
+        assert!(store
+            .transition(&a.payment_id, &Transition::MarkSending)
+            .await
+            .unwrap());
+        let (_, fenced) = store.get(&a.payment_id).await.unwrap().unwrap();
+        assert!(
+            fenced.updated_at > read.updated_at,
+            "{name}: the fence moves updated_at strictly forward, even within one ms"
+        );
+        assert_eq!(fenced.card_status, CardStatus::Pending, "{name}");
+        assert!(
+            !store
+                .transition(&a.payment_id, &file(read.updated_at))
+                .await
+                .unwrap(),
+            "{name}: a filing guarded on a stale updated_at applied"
+        );
+        // A second fence also moves it (a reopened confirm's own fence).
+        assert!(store
+            .transition(&a.payment_id, &Transition::MarkSending)
+            .await
+            .unwrap());
+        let (_, again) = store.get(&a.payment_id).await.unwrap().unwrap();
+        assert!(again.updated_at > fenced.updated_at, "{name}");
+
+        // The filing first: the fence then fails, so no call is made.
+        let b = pending(&m, "order-file-first", None);
+        store.create(&b).await.unwrap();
+        let (_, read) = store.get(&b.payment_id).await.unwrap().unwrap();
+        assert!(store
+            .transition(&b.payment_id, &file(read.updated_at))
+            .await
+            .unwrap());
+        let (_, filed) = store.get(&b.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (filed.card_status, filed.failure_code.as_deref()),
+            (CardStatus::Aborted, Some(failure_codes::NOT_SENT)),
+            "{name}"
+        );
+        assert!(
+            !store
+                .transition(&b.payment_id, &Transition::MarkSending)
+                .await
+                .unwrap(),
+            "{name}: a confirm fenced a record already filed as not sent"
+        );
+
+        // Neither applies to a paid record.
+        let c = pending(&m, "order-paid", None);
+        store.create(&c).await.unwrap();
+        assert!(store.transition(&c.payment_id, &paid()).await.unwrap());
+        let (_, read) = store.get(&c.payment_id).await.unwrap().unwrap();
+        assert!(!store
+            .transition(&c.payment_id, &Transition::MarkSending)
+            .await
+            .unwrap());
+        assert!(!store
+            .transition(&c.payment_id, &file(read.updated_at))
+            .await
+            .unwrap());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_writers_lose_no_update() {
     on_every_backend(|backend, store| async move {
