@@ -52,7 +52,7 @@ use std::{
 
 use futures_util::TryStreamExt;
 use paygate_api_log::{ApiLog, SqlApiLog};
-use paygate_core::{payment::failure_codes, CardStatus, Partition, PaymentRecord};
+use paygate_core::{CardStatus, Partition, PaymentRecord};
 use paygate_payments::{Saga, Settler, Tally};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
 use serde::Serialize;
@@ -464,8 +464,11 @@ impl Sweeper {
                     bump(&c.unpaid);
                     return Ok(());
                 }
-                let t = Transition::MarkAborted {
-                    failure_code: failure_codes::NOT_SENT.to_owned(),
+                // Guarded on the `updated_at` read before the log: a
+                // confirm that wrote its REQUEST row since then has moved
+                // it (its fence), and this filing changes nothing.
+                let t = Transition::FileNotSent {
+                    seen_updated_at: r.updated_at,
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
                 let aborted = self.store.transition(&r.payment_id, &t).await?;

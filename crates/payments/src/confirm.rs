@@ -5,7 +5,10 @@
 //!    (an existing claim goes to `replay`) and its card-account claims on
 //!    the orderId and the paymentKey (one held by another payment is a 422
 //!    `ORDER_ID_IN_USE` / `PAYMENT_KEY_REUSED`, no card call);
-//! 2. the card `REQUEST` row in the SQL log (no row, no call: I3);
+//! 2. the card `REQUEST` row in the SQL log (no row, no call: I3); unless
+//!    it was committed with the record, the fence `MarkSending` after it
+//!    (see [`Saga::open_for_sending`]: an actor that files the record as
+//!    never sent cannot race a confirm on its way to the card);
 //! 3. the card confirm with `Idempotency-Key: <payment_id>`, retried on 5xx;
 //!    after a lost answer, lookups by orderId settle it (I1, see `lookup`);
 //! 4. the `RESPONSE`/`ERROR` row and the record's new state, then the
@@ -229,7 +232,13 @@ impl Saga {
             }
             return refused;
         }
-        let (verdict, answer) = self.settle_at_card(&record, prewritten).await;
+        if !prewritten {
+            if let Some(outcome) = self.open_for_sending(&record, in_doubt).await {
+                return outcome;
+            }
+        }
+        // The first REQUEST row is committed now, one way or the other.
+        let (verdict, answer) = self.settle_at_card(&record).await;
         match verdict {
             CardVerdict::Approved(p) => self.approved(record, &p, answer).await,
             CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
@@ -253,6 +262,69 @@ impl Saga {
                     .await
             }
         }
+    }
+
+    /// The card `REQUEST` row of a confirm whose record was written without
+    /// it (no journal, a journal commit that failed, or a reopened record),
+    /// then the fence [`Transition::MarkSending`]. An actor that files a
+    /// `PENDING` record without a `REQUEST` row as never sent
+    /// ([`Transition::FileNotSent`], guarded on the `updated_at` it read
+    /// before the log) either reads this row, or sees `updated_at` moved
+    /// and changes nothing, or filed first: then the fence fails and this
+    /// confirm makes no call (DESIGN.md §1). With a journal, row and fence
+    /// are one commit.
+    ///
+    /// `None`: the row is committed and the call may go (the caller's first
+    /// attempt does not write the row again). `Some`: the outcome to answer,
+    /// no card call made and the row, if written, withdrawn.
+    async fn open_for_sending(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        in_doubt: bool,
+    ) -> Option<ConfirmOutcome> {
+        let pid = &record.payment_id;
+        let request = card_site(record).1.first_request();
+        let mut fenced = None;
+        if let Some(journal) = &self.journal {
+            match journal
+                .answer_and_transition(request.entry(), &Transition::MarkSending, None)
+                .await
+            {
+                Ok(applied) => fenced = Some(Ok(applied)),
+                // Nothing was written: try the two writes apart.
+                Err(e) => tracing::warn!(payment_id = %pid, error = %e,
+                    "could not commit the card REQUEST row with its fence; writing them apart"),
+            }
+        }
+        let fenced = match fenced {
+            Some(fenced) => fenced,
+            None => {
+                if let Err(e) = self.log.append(request.entry()).await {
+                    let code = failure_codes::LOG_UNAVAILABLE;
+                    let detail = e.to_string();
+                    return Some(if in_doubt {
+                        self.not_attempted_in_doubt(record.clone(), code, detail)
+                            .await
+                    } else {
+                        self.not_attempted(record.clone(), code, detail, None).await
+                    });
+                }
+                self.store.transition(pid, &Transition::MarkSending).await
+            }
+        };
+        match fenced {
+            Ok(true) => return None,
+            Ok(false) => tracing::warn!(payment_id = %pid,
+                "the record changed before the card call (filed as not sent, or taken over); no card call made"),
+            Err(e) => tracing::warn!(payment_id = %pid, error = %e,
+                "could not fence the record before the card call; no card call made"),
+        }
+        self.withdraw_prewritten(record).await;
+        // Another actor may own the payment now (a retry that reopened
+        // it): this request made no call, but only the record can say what
+        // the payment did. Poll.
+        metrics::counter!("paygate_payments_total", "outcome" => "not_attempted").increment(1);
+        Some(ConfirmOutcome::InFlight(record.clone()))
     }
 
     /// The card approved; `answer` is its deferred `RESPONSE` row (when the
@@ -524,18 +596,17 @@ impl Saga {
 
     /// Confirms at the card company through its stack (5xx retried with the
     /// same idempotency key), then settles a lost answer by lookups.
-    /// With `prewritten`, the first attempt's `REQUEST` row is already
-    /// committed; with a journal, an approval's `RESPONSE` row comes back
+    /// The first attempt's `REQUEST` row is already committed (with the
+    /// record, or by [`Saga::open_for_sending`]); with a journal, an approval's `RESPONSE` row comes back
     /// with the verdict, unwritten, for [`Saga::approved`] to commit with
     /// `MarkPaid` (every other answer's row is written here).
     async fn settle_at_card(
         self: &Arc<Self>,
         record: &PaymentRecord,
-        prewritten: bool,
     ) -> (CardVerdict, Option<OwnedRow>) {
         let (req, mut site) = card_site(record);
         site.fusion = Fusion {
-            prewritten: prewritten.then(|| Arc::new(AtomicBool::new(true))),
+            prewritten: Some(Arc::new(AtomicBool::new(true))),
             deferred: self.journal.as_ref().map(|_| Arc::default()),
         };
         let fusion = site.fusion.clone();

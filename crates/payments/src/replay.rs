@@ -86,8 +86,10 @@ impl Saga {
         match evidence {
             Err(_) => ConfirmOutcome::InFlight(existing),
             Ok(e) if e.requests == 0 => {
-                let t = Transition::MarkAborted {
-                    failure_code: failure_codes::NOT_SENT.to_owned(),
+                // Guarded on the `updated_at` read before the log (see
+                // `Transition::MarkSending`).
+                let t = Transition::FileNotSent {
+                    seen_updated_at: existing.updated_at,
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
                 match self.store.transition(&pid, &t).await {
