@@ -80,3 +80,20 @@ fn seeds_that_found_defects_stay_clean() {
         assert_clean(seed);
     }
 }
+
+/// The 21 seeds of 100,000 (on `725132a`) in which a sweep at grace 0
+/// filed a fresh payment as never sent, and released its stock hold, while
+/// its confirm's `REQUEST` row was landing: the retry reopened it and was
+/// told 409 `HOLD_EXPIRED` ("nothing was charged") while the first confirm
+/// was approved (I1, I4, I7). The filing is now guarded on the
+/// `updated_at` it read before the log, and a confirm fences its record
+/// after the row (`Transition::MarkSending`).
+#[test]
+fn seeds_of_a_filing_that_raced_the_request_row_stay_clean() {
+    for seed in [
+        2264, 12978, 15828, 30116, 30246, 39217, 41841, 42270, 46232, 53750, 55770, 56516, 61467,
+        64868, 71082, 74318, 79223, 81462, 85727, 88661, 97104,
+    ] {
+        assert_clean(seed);
+    }
+}
