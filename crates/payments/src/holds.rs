@@ -92,10 +92,12 @@ impl Saga {
     }
 
     /// After an approval: sells the order's hold (idempotent) and raises an
-    /// `oversold` alert when the sale broke I7.
-    pub async fn hold_on_paid(&self, record: &PaymentRecord) {
+    /// `oversold` alert when the sale broke I7. Returns whether the sale was
+    /// recorded (or there is no inventory to sell from); `false` when the
+    /// inventory store failed (logged; the batch sells it later).
+    pub async fn hold_on_paid(&self, record: &PaymentRecord) -> bool {
         let Some(inventory) = self.inventory.as_ref() else {
-            return;
+            return true;
         };
         let now = paygate_core::ambient::now_ms();
         match inventory
@@ -110,11 +112,13 @@ impl Saga {
                     record.order_id
                 );
                 self.alert(record, AlertReason::Oversold, detail).await;
+                true
             }
-            Ok(_) => {}
+            Ok(_) => true,
             Err(e) => {
                 tracing::warn!(payment_id = %record.payment_id, error = %e,
                     "could not sell the order's hold; the batch sells it with the ledger save");
+                false
             }
         }
     }
@@ -219,10 +223,13 @@ impl Saga {
             .await?;
         match record {
             Some(r) if r.is_paid => {
-                if !dry_run {
-                    self.hold_on_paid(&r).await;
+                // Counted only when the sale was recorded: a failed sale
+                // stays `during` and the next sweep tries again.
+                if dry_run || self.hold_on_paid(&r).await {
+                    tally.sold += 1;
+                } else {
+                    tally.left += 1;
                 }
-                tally.sold += 1;
             }
             Some(r) if r.card_status == CardStatus::Aborted && self.ended_unpaid(&r).await? => {
                 let now = paygate_core::ambient::now_ms();
