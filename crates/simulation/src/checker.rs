@@ -7,8 +7,9 @@
 //!   paygate and every fault is healed before the check, so here no
 //!   approval may need a human (a canceled orphan must be alerted);
 //! - **I2, no double charge:** at most one approval per orderId and per
-//!   paymentKey, and at most one payment id (idempotency key) ever sent to
-//!   the card company for one order;
+//!   paymentKey, at most one payment id (idempotency key) ever sent to
+//!   the card company for one order, and one payment record per order in
+//!   the store (its claim names one payment);
 //! - **partitions:** nothing in `completed_payments` unless paid and saved,
 //!   nothing paid in `unpaid_payments`, no record in two partitions;
 //! - **ledger:** every entry is for an order the card company approved;
@@ -17,6 +18,8 @@
 //!   request made before that answer; and a 503 given at the answer
 //!   deadline ("nothing was charged, and this request never will") never
 //!   for a request whose confirm then called the card;
+//! - **liveness:** once every fault is healed, a merchant's last retry
+//!   gets a final answer: never 409 with nothing in flight, never 503;
 //! - **ages:** a batch sweep changes a record only when the record's last
 //!   change (by anyone) was at least the sweep's grace before the sweep
 //!   started (DESIGN.md §1: ages count from the last transition, not from
@@ -89,6 +92,25 @@ pub fn check(
                     r.is_saved,
                     r.card_status.as_str()
                 ),
+            ));
+        }
+    }
+
+    // I2 in the store: an order's claim names one payment, so one order
+    // has one payment record (DESIGN.md I2, `GET /v1/payments/orders/{orderId}`).
+    let mut payments_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (_, r) in snapshot {
+        payments_of
+            .entry(r.order_id.as_str())
+            .or_default()
+            .insert(r.payment_id.as_str());
+    }
+    for (order, pids) in &payments_of {
+        if pids.len() > 1 {
+            out.push(v(
+                "I2",
+                order,
+                format!("{} payment records for one order: {pids:?}", pids.len()),
             ));
         }
     }
@@ -227,6 +249,12 @@ pub fn check(
                 Some("UNKNOWN although no confirm was ever sent")
             }
             AnswerKind::Approved | AnswerKind::Reused | AnswerKind::Refused => None,
+            // Every fault is healed: a store that cannot answer for the
+            // order is a record the store itself cannot read or write (a
+            // claim without its record), and the order can never be paid.
+            AnswerKind::NotProcessed | AnswerKind::GaveUp => {
+                Some("503 although every fault is healed")
+            }
             _ if charged && !alerted(None, &ans.order_id) => {
                 Some("charged, but a retry is not told so and no operator was alerted")
             }

@@ -124,13 +124,15 @@ pub fn run_seed_on(seed: u64, mode: &StoreMode) -> std::io::Result<Report> {
             Some(real) => std::sync::Arc::new(real),
             None => World::memory_store(),
         };
-        let report = history(seed, store.clone()).await;
+        let report = history(seed, store.clone(), *mode != StoreMode::Memory).await;
         store.teardown().await;
         Ok(report)
     }))
 }
 
-async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>) -> Report {
+/// One history; `real`: the store is a real backend (the borrowed-key
+/// quirk of [`workload::orders`] is on).
+async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>, real: bool) -> Report {
     let rng = SimRng::new(seed);
     let _ambient = paygate_core::ambient::install(Rc::new(SimAmbient {
         start: tokio::time::Instant::now(),
@@ -152,7 +154,14 @@ async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>) -> Report {
         .map(|i| MerchantId::from_stored(format!("mer_{i}")))
         .collect();
     let mut clients = Vec::new();
-    let orders = workload::orders(&rng, &merchants, options.orders, options.window_ms);
+    let borrow = real.then(|| SimRng::new(seed ^ 0x94D0_49BB_1331_11EB));
+    let orders = workload::orders(
+        &rng,
+        borrow.as_ref(),
+        &merchants,
+        options.orders,
+        options.window_ms,
+    );
     let buyers = holds::buyers(&world, &rng, &merchants, &orders);
     let (monitor, breaches) = holds::monitor(&world, HISTORY_MS);
     for order in orders.clone() {

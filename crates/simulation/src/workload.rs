@@ -2,8 +2,14 @@
 //! body) after no answer, 409 or 503; some orders race two identical
 //! confirms, some send another body for the same order, some carry an
 //! Idempotency-Key, and some reuse an earlier order's paymentKey (refused
-//! with 422 `PAYMENT_KEY_REUSED` since issue 15). Every answer is recorded
-//! with its time and request number, for the checker's I4.
+//! with 422 `PAYMENT_KEY_REUSED` since issue 15). On a real backend, a
+//! fifth of the orders are also sent by a buggy client: a racing confirm
+//! that carries an earlier order's Idempotency-Key (422
+//! `IDEMPOTENCY_KEY_REUSED`), racing the order's own confirm through the
+//! store's create (issue 13, point 2: on MongoDB the create is several
+//! writes, and this is the race its claim protocol must survive).
+//! Every answer is recorded with its time and request number, for the
+//! checker's I4.
 
 use std::{
     sync::{Arc, Mutex},
@@ -70,12 +76,23 @@ pub struct Order {
     amount: i64,
     key: Option<String>,
     race: bool,
+    /// The racer of a racing pair sends this key, another order's.
+    borrowed_key: Option<String>,
     other_body: bool,
     start_ms: u64,
 }
 
-/// The orders of one history, drawn from the seed.
-pub fn orders(rng: &SimRng, merchants: &[MerchantId], n: usize, window_ms: u64) -> Vec<Order> {
+/// The orders of one history, drawn from the seed. `borrow`: the RNG of
+/// the borrowed-key quirk, drawn only on a real backend (a stream apart,
+/// so the in-memory histories, pinned seeds included, draw what they
+/// always drew).
+pub fn orders(
+    rng: &SimRng,
+    borrow: Option<&SimRng>,
+    merchants: &[MerchantId],
+    n: usize,
+    window_ms: u64,
+) -> Vec<Order> {
     let mut out: Vec<Order> = Vec::with_capacity(n);
     for i in 0..n {
         let order_id = format!("order-{i:04}");
@@ -91,9 +108,33 @@ pub fn orders(rng: &SimRng, merchants: &[MerchantId], n: usize, window_ms: u64) 
             amount: 1_000 + rng.between(0, 99) as i64 * 100,
             key: rng.chance(0.3).then(|| format!("key-{order_id}")),
             race: rng.chance(0.1),
+            borrowed_key: None,
             other_body: rng.chance(0.05),
             start_ms: rng.between(0, window_ms),
         });
+    }
+    if let Some(b) = borrow {
+        // The key of an order of the same merchant (a key is the
+        // merchant's) that started earlier, so that it is likely taken.
+        for i in 0..out.len() {
+            if !b.chance(0.2) {
+                continue;
+            }
+            let earlier: Vec<usize> = (0..out.len())
+                .filter(|&j| {
+                    j != i
+                        && out[j].merchant == out[i].merchant
+                        && out[j].key.is_some()
+                        && out[j].start_ms < out[i].start_ms
+                })
+                .collect();
+            if earlier.is_empty() {
+                continue;
+            }
+            let j = earlier[b.pick(earlier.len())];
+            out[i].race = true;
+            out[i].borrowed_key = out[j].key.clone();
+        }
     }
     out
 }
@@ -121,6 +162,14 @@ impl Order {
             order_id: OrderId::from_stored(self.order_id.clone()),
             amount,
             idempotency_key: self.key.clone(),
+        }
+    }
+
+    /// This order as the racer sends it: with the borrowed key, if any.
+    fn racer(&self) -> Order {
+        Order {
+            key: self.borrowed_key.clone().or_else(|| self.key.clone()),
+            ..self.clone()
         }
     }
 }
@@ -159,6 +208,8 @@ async fn confirm_once(
 ) -> Option<AnswerKind> {
     let (request, reply) = gw.confirm(order.input(amount)).await?;
     let k = kind(&reply);
+    tracing::info!(order_id = %order.order_id, key = ?order.key, request, answer = ?k,
+        "sim: a merchant was answered");
     answers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -175,6 +226,8 @@ async fn confirm_once(
 /// answer is recorded as final.
 pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
     if let Some((request, reply)) = gw.confirm(order.input(order.amount)).await {
+        tracing::info!(order_id = %order.order_id, request, answer = ?kind(&reply),
+            "sim: a merchant's final retry was answered");
         answers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -200,7 +253,11 @@ pub async fn client(
 ) {
     tokio::time::sleep(Duration::from_millis(order.start_ms)).await;
     if order.race {
-        let (gw2, o2, a2) = (gw.clone(), order.clone(), answers.clone());
+        if let Some(key) = &order.borrowed_key {
+            tracing::info!(order_id = %order.order_id, key = %key,
+                "sim: a racing confirm carries another order's Idempotency-Key");
+        }
+        let (gw2, o2, a2) = (gw.clone(), order.racer(), answers.clone());
         let racer =
             tokio::task::spawn_local(async move { confirm_once(&gw2, &o2, o2.amount, &a2).await });
         let _ = confirm_once(&gw, &order, order.amount, &answers).await;
