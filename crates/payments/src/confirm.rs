@@ -291,7 +291,10 @@ impl Saga {
                 .await
             {
                 Ok(applied) => fenced = Some(Ok(applied)),
-                // Nothing was written: try the two writes apart.
+                // One transaction: nothing was written, or (a lost commit
+                // answer) both were. Writing them apart is safe either way:
+                // a second REQUEST row for one call only errs towards
+                // "sent", and a second fence moves `updated_at` again.
                 Err(e) => tracing::warn!(payment_id = %pid, error = %e,
                     "could not commit the card REQUEST row with its fence; writing them apart"),
             }
