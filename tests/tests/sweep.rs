@@ -408,7 +408,8 @@ async fn one_sweep_at_a_time_and_a_dead_holders_lease_is_taken_over() {
         Err(BatchError::LeaseHeld { .. })
     ));
     // The holder died long ago: its lease expired.
-    if let paygate_state_store::SqlDatabase::Sqlite(pool) = &e.c.db {
+    if let paygate_state_store::SqlDatabase::Sqlite(db) = &e.c.db {
+        let pool = &db.pool;
         sqlx::query("UPDATE batch_leases SET expires_at = 0")
             .execute(pool)
             .await
@@ -438,7 +439,8 @@ async fn losing_the_lease_mid_sweep_stops_it_cleanly() {
     let db = e.c.db.clone();
     let thief = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let paygate_state_store::SqlDatabase::Sqlite(pool) = &db {
+        if let paygate_state_store::SqlDatabase::Sqlite(db) = &db {
+            let pool = &db.pool;
             sqlx::query("UPDATE batch_leases SET owner = 'another-replica'")
                 .execute(pool)
                 .await

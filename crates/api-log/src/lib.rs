@@ -187,13 +187,7 @@ impl SqlApiLog {
     /// # Errors
     /// [`StoreError`]: the caller must then not make the downstream call.
     pub async fn append(&self, entry: LogEntry<'_>) -> Result<(), StoreError> {
-        let row = entry.to_row();
-        let sql = paygate_state_store::sql::log_insert_sql(&self.db);
-        with_pool!(&self.db, pool => paygate_state_store::bind_log_row!(sqlx::query(sql), row)
-            .execute(pool)
-            .await
-            .map(|_| ())
-            .map_err(map_err))
+        self.db.append_log_row(&entry.to_row()).await
     }
 
     /// Every row for a payment, in insertion order.

@@ -17,6 +17,14 @@
 //!    measured from `pg_stat_database.xact_commit` over the confirm run.
 //! 3. Gateway overhead: confirm latency minus the simulators' own latency
 //!    (card + ledger, each fixed at 1 ms, then 50 ms), p50 and p99.
+//! 4. Open loop (issue 18): confirms started on a fixed schedule, 200/s and
+//!    500/s for 30 s (`BENCH_OPEN_LOOP_SECS`), card and ledger at 50 ms
+//!    each, on SQLite and PostgreSQL: overhead p50/p99/p99.9 beside the
+//!    measured latency of one single-row commit on the same database.
+//!
+//! Commits per confirm: PostgreSQL's `xact_commit` over the run; on SQLite
+//! the transactions of the group-commit writer
+//! (`PAYGATE_SQLITE_GROUP_COMMIT=off` gives the baseline without it).
 //!
 //! Prints tables and writes `target/bench/confirm.json`.
 
@@ -53,14 +61,18 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-/// One run: a fresh database, the app, `n` confirms at `c` concurrent clients.
-/// Returns the run and the database URL (PostgreSQL keeps it for stats).
-async fn run(
-    backend: &Backend,
-    latency_ms: u64,
-    n: usize,
-    c: usize,
-) -> (Run, SqlDatabase, i64, Cleanup) {
+/// A gateway on a fresh database against simulators that answer after
+/// `latency_ms` each, with one merchant.
+struct Gateway {
+    base: String,
+    key: String,
+    db: SqlDatabase,
+    url: String,
+    cleanup: Cleanup,
+    _sandbox: SandboxServers,
+}
+
+async fn start(backend: &Backend, latency_ms: u64) -> Gateway {
     let profile = FaultProfile {
         card_latency_min_ms: latency_ms,
         card_latency_max_ms: latency_ms,
@@ -104,6 +116,33 @@ async fn run(
         .await
         .unwrap();
     tokio::spawn(app.run_until(std::future::pending()));
+    Gateway {
+        base,
+        key: key.expose().clone(),
+        db,
+        url,
+        cleanup,
+        _sandbox: sandbox,
+    }
+}
+
+/// One run: a fresh database, the app, `n` confirms at `c` concurrent clients.
+/// Returns the run, the database and the commits it took (PostgreSQL:
+/// `xact_commit`; SQLite: the group-commit writer's transactions).
+async fn run(
+    backend: &Backend,
+    latency_ms: u64,
+    n: usize,
+    c: usize,
+) -> (Run, SqlDatabase, i64, Cleanup) {
+    let Gateway {
+        base,
+        key,
+        db,
+        url,
+        cleanup,
+        _sandbox,
+    } = start(backend, latency_ms).await;
     let commits_before = xact_commit(&db).await;
     let next = Arc::new(AtomicUsize::new(0));
     let client = reqwest::Client::builder()
@@ -114,7 +153,7 @@ async fn run(
     let workers: Vec<_> = (0..c)
         .map(|_| {
             let (next, client, base, key) =
-                (next.clone(), client.clone(), base.clone(), key.expose().clone());
+                (next.clone(), client.clone(), base.clone(), key.clone());
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 loop {
@@ -145,11 +184,16 @@ async fn run(
     // A backend reports its commits to pg_stat_database when it is idle
     // for a while or exits: close the app's pool (the run is over) and read
     // from a fresh connection, or the last second's commits go uncounted.
-    db.close().await;
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let reader = SqlDatabase::connect(&url, 1).await.unwrap();
-    let commits = xact_commit(&reader).await - commits_before;
-    reader.close().await;
+    let commits = if let SqlDatabase::Sqlite(_) = &db {
+        xact_commit(&db).await - commits_before
+    } else {
+        db.close().await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let reader = SqlDatabase::connect(&url, 1).await.unwrap();
+        let commits = xact_commit(&reader).await - commits_before;
+        reader.close().await;
+        commits
+    };
     lat.sort_by(f64::total_cmp);
     (
         Run {
@@ -165,7 +209,8 @@ async fn run(
     )
 }
 
-/// Commits of the current PostgreSQL database so far (0 on SQLite).
+/// Commits so far: PostgreSQL's `xact_commit` of the current database;
+/// on SQLite the transactions of the group-commit writer (0 without one).
 async fn xact_commit(db: &SqlDatabase) -> i64 {
     match db {
         SqlDatabase::Postgres(pool) => sqlx::query_scalar(
@@ -174,8 +219,80 @@ async fn xact_commit(db: &SqlDatabase) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap(),
-        SqlDatabase::Sqlite(_) => 0,
+        SqlDatabase::Sqlite(s) => s.writer().map_or(0, |w| w.committed().0 as i64),
     }
+}
+
+/// The floor of a confirm's latency: one single-row `INSERT` committed
+/// alone, `n` times in a row on one connection of `db` (no concurrency),
+/// p50 and p99 in ms.
+async fn commit_latency(db: &SqlDatabase, n: usize) -> (f64, f64) {
+    let create = "CREATE TABLE IF NOT EXISTS bench_commit_probe (id BIGINT PRIMARY KEY, created_at BIGINT NOT NULL)";
+    let insert = "INSERT INTO bench_commit_probe (id, created_at) VALUES ($1, $2)";
+    let mut lat = Vec::with_capacity(n);
+    paygate_state_store::with_pool!(db, pool => {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(create).execute(&mut *conn).await.unwrap();
+        for i in 0..n {
+            let t = Instant::now();
+            sqlx::query(insert)
+                .bind(i as i64)
+                .bind(i as i64)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    });
+    lat.sort_by(f64::total_cmp);
+    (pct(&lat, 0.50), pct(&lat, 0.99))
+}
+
+/// Open loop: confirms started on a fixed schedule, `rate` a second for
+/// `secs` s, whether or not earlier ones have finished (a closed loop
+/// slows its own arrivals when the gateway slows and hides the queue).
+/// Latency counts from the scheduled start. Returns p50, p99, p99.9 in
+/// ms, the confirms answered 200 and those that were not.
+async fn open_loop(gw: &Gateway, rate: u64, secs: u64) -> (f64, f64, f64, usize, usize) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2_048)
+        .build()
+        .unwrap();
+    let total = rate * secs;
+    let period = std::time::Duration::from_nanos(1_000_000_000 / rate);
+    let begin = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    let tag = paygate_core::time::now_ms();
+    for i in 0..total {
+        let at = begin + period * i as u32;
+        tokio::time::sleep_until(at).await;
+        let (client, base, key) = (client.clone(), gw.base.clone(), gw.key.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(format!("{base}/v1/payments/confirm"))
+                .bearer_auth(&key)
+                .json(&json!({"paymentKey": format!("pk_o{tag}_{i}"), "orderId": format!("open-{tag}-{i:08}"), "amount": 1000}))
+                .send()
+                .await;
+            let ok = matches!(&resp, Ok(r) if r.status() == 200);
+            (ok, at.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let (mut lat, mut failed) = (Vec::with_capacity(tasks.len()), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (true, ms) => lat.push(ms),
+            (false, _) => failed += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    (
+        pct(&lat, 0.50),
+        pct(&lat, 0.99),
+        pct(&lat, 0.999),
+        lat.len(),
+        failed,
+    )
 }
 
 /// `pgbench` with a one-insert script (`INSERT INTO one_insert ...`, one
@@ -259,6 +376,13 @@ async fn main() {
         );
         if let Backend::Postgres(url) = &backend {
             pg_run = Some((url.clone(), r, commits));
+        } else {
+            let per_confirm = commits as f64 / r.ok.max(1) as f64;
+            println!("          SQLite: {per_confirm:.3} group commits per confirm (the writer's transactions; 3 writes each, shared)");
+            out.insert(
+                "commits_sqlite".into(),
+                json!({"group_commits_per_confirm": per_confirm}),
+            );
         }
         db.close().await;
         cleanup.run().await;
@@ -313,6 +437,49 @@ async fn main() {
         );
         db.close().await;
         cleanup.run().await;
+    }
+    let secs: u64 = std::env::var("BENCH_OPEN_LOOP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!("\n4. open loop: confirms started at a fixed rate for {secs} s, card and ledger 50 ms each; overhead = latency - 100 ms; the floor is one commit's latency (a confirm needs 3)");
+    println!(
+        "{:<9} {:>6} {:>8} {:>7} {:>13} {:>13} {:>15} {:>15} {:>15}",
+        "backend",
+        "rate/s",
+        "ok",
+        "failed",
+        "overhead p50",
+        "overhead p99",
+        "overhead p99.9",
+        "1 commit p50",
+        "1 commit p99"
+    );
+    for backend in sql_backends() {
+        for rate in [200_u64, 500] {
+            let gw = start(&backend, 50).await;
+            let (c50, c99) = commit_latency(&gw.db, 500).await;
+            let (p50, p99, p999, ok, failed) = open_loop(&gw, rate, secs).await;
+            let sim = 100.0;
+            println!(
+                "{:<9} {:>6} {:>8} {:>7} {:>11.2}ms {:>11.2}ms {:>13.2}ms {:>13.3}ms {:>13.3}ms",
+                backend.name(),
+                rate,
+                ok,
+                failed,
+                p50 - sim,
+                p99 - sim,
+                p999 - sim,
+                c50,
+                c99
+            );
+            out.insert(
+                format!("open_loop_{}_{rate}", backend.name()),
+                json!({"rate_per_s": rate, "secs": secs, "ok": ok, "failed": failed, "sim_ms": sim, "overhead_p50_ms": p50 - sim, "overhead_p99_ms": p99 - sim, "overhead_p999_ms": p999 - sim, "one_commit_p50_ms": c50, "one_commit_p99_ms": c99}),
+            );
+            gw.db.close().await;
+            gw.cleanup.run().await;
+        }
     }
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write(

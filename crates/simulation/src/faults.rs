@@ -66,6 +66,7 @@ fn sweep_options(grace_ms: u64) -> SweepOptions {
         concurrency: 4,
         lease_ttl: Duration::from_secs(30),
         scan_batch: 16,
+        move_chunk: 8,
         ..SweepOptions::default()
     }
 }

@@ -30,6 +30,7 @@ mod merchants;
 pub mod mongo;
 pub mod sql;
 mod sql_cancels;
+pub mod sqlite_writer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -50,7 +51,7 @@ pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};
-pub use sql::{LogRow, SqlDatabase, SqlStateStore};
+pub use sql::{LogRow, SqlDatabase, SqlStateStore, SqliteDatabase};
 
 use futures_util::stream::BoxStream;
 use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
@@ -279,6 +280,50 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError>;
+
+    /// The batch's set-based move (issue 18): moves up to `limit` records of
+    /// `realtime_payments` that are paid and saved and whose `updated_at`
+    /// (epoch ms) is at or before `cutoff_ms` into `completed_payments`,
+    /// lowest `payment_id` first, and returns how many moved. Each record
+    /// moves under the guard of [`StateStore::move_record`] plus the
+    /// cutoff, re-checked at the moment of the move: a record a transition
+    /// changed since it was picked stays in realtime (the sweep's
+    /// per-record pass sees it). A result below `limit` means no eligible
+    /// record is left (or some were skipped as changed); callers loop
+    /// while it equals `limit`. Crash-safe like `move_record`: SQL moves
+    /// a chunk in one transaction; MongoDB copies before it deletes, and
+    /// a rerun finishes an interrupted chunk.
+    ///
+    /// The default picks records with [`StateStore::scan`] and moves each
+    /// with `move_record` (the in-memory store, whose injected faults act
+    /// per record).
+    ///
+    /// # Errors
+    /// [`StoreError`]; records moved before the error stay moved.
+    async fn move_settled(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        use futures_util::TryStreamExt;
+        let mut picked = Vec::new();
+        let mut records = self.scan(Partition::Realtime, limit.max(1));
+        while let Some(r) = records.try_next().await? {
+            if r.is_paid && r.is_saved && r.updated_at <= cutoff_ms {
+                picked.push(r.payment_id);
+                if picked.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        drop(records);
+        let mut moved = 0;
+        for id in picked {
+            if self
+                .move_record(&id, Partition::Realtime, Partition::Completed)
+                .await?
+            {
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
 
     /// The first step of [`StateStore::move_record`] alone: writes the
     /// record of `from` into `to` (replacing any copy) and leaves the source.

@@ -1108,6 +1108,87 @@ impl StateStore for MongoStateStore {
         Ok(true)
     }
 
+    async fn move_settled(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        // Bulk writes, copy before delete (as `move_record` without a
+        // transaction): picked in one query, copied in one unordered
+        // `insertMany`, deleted in one `deleteMany` guarded on each
+        // document exactly as read (its `_id` and `updated_at`), so a
+        // record a transition changed since the pick stays in realtime and
+        // our copy of it is taken back. A crash between the copy and the
+        // delete leaves two copies; readers believe the newer (ours), and
+        // a rerun replaces it and deletes the source.
+        let from = self.partition(Partition::Realtime);
+        let to = self.partition(Partition::Completed);
+        let picked: Vec<Document> = from
+            .find(doc! {"is_paid": true, "is_saved": true, "updated_at": {"$lte": cutoff_ms}})
+            .sort(doc! {"_id": 1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(map_err)?
+            .try_collect()
+            .await
+            .map_err(map_err)?;
+        if picked.is_empty() {
+            return Ok(0);
+        }
+        let stamp = paygate_core::time::now_ms();
+        let mut seen = Vec::with_capacity(picked.len());
+        let mut ids = Vec::with_capacity(picked.len());
+        let mut copies = Vec::with_capacity(picked.len());
+        for mut d in picked {
+            let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+            let updated_at = d.get("updated_at").cloned().unwrap_or(Bson::Null);
+            seen.push(doc! {"_id": id.clone(), "updated_at": updated_at});
+            ids.push(id);
+            d.insert("updated_at", stamp);
+            copies.push(d);
+        }
+        if let Err(e) = to.insert_many(&copies).ordered(false).await {
+            // Copies left by an interrupted move collide on `_id`: those
+            // are replaced one by one; any other failure is the caller's.
+            let duplicates = match e.kind.as_ref() {
+                ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
+                    .write_errors
+                    .as_ref()
+                    .filter(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+                    .map(|w| w.iter().map(|w| w.index).collect::<Vec<_>>()),
+                _ => None,
+            };
+            let Some(duplicates) = duplicates else {
+                return Err(map_err(e));
+            };
+            for i in duplicates {
+                let Some(d) = copies.get(i) else { continue };
+                to.replace_one(doc! {"_id": d.get("_id").cloned().unwrap_or(Bson::Null)}, d)
+                    .upsert(true)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        let deleted = from
+            .delete_many(doc! {"$or": seen, "is_paid": true, "is_saved": true})
+            .await
+            .map_err(map_err)?
+            .deleted_count;
+        if deleted < ids.len() as u64 {
+            let remaining: Vec<Bson> = from
+                .find(doc! {"_id": {"$in": ids}})
+                .projection(doc! {"_id": 1})
+                .await
+                .map_err(map_err)?
+                .map_ok(|d| d.get("_id").cloned().unwrap_or(Bson::Null))
+                .try_collect()
+                .await
+                .map_err(map_err)?;
+            if !remaining.is_empty() {
+                to.delete_many(doc! {"_id": {"$in": remaining}, "updated_at": stamp})
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn copy_to_partition(
         &self,
         payment_id: &PaymentId,

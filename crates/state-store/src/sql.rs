@@ -22,14 +22,15 @@ use sqlx::{
     Row,
 };
 
-use crate::{CreateOutcome, StateStore, StoreError, Transition};
+use crate::{sqlite_writer::SqliteWriter, CreateOutcome, StateStore, StoreError, Transition};
 
 /// A connection pool to the SQL database: SQLite (`sqlite://path`) or
 /// PostgreSQL (`postgres://...`). Cheap to clone (the pools are shared).
 #[derive(Clone, Debug)]
 pub enum SqlDatabase {
-    /// SQLite, in WAL mode with `synchronous = FULL` and a 5 s busy timeout.
-    Sqlite(SqlitePool),
+    /// SQLite, in WAL mode with `synchronous = FULL` and a 5 s busy timeout;
+    /// the confirm's writes go through its group-commit writer.
+    Sqlite(SqliteDatabase),
     /// PostgreSQL.
     Postgres(PgPool),
 }
@@ -40,10 +41,66 @@ pub enum SqlDatabase {
 macro_rules! with_pool {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::sql::SqlDatabase::Sqlite($pool) => $body,
+            $crate::sql::SqlDatabase::Sqlite(db) => {
+                let $pool = &db.pool;
+                $body
+            }
             $crate::sql::SqlDatabase::Postgres($pool) => $body,
         }
     };
+}
+
+/// A SQLite database: the pool (every read, and the rare writes outside a
+/// confirm's path) and, for a file database, the group-commit writer
+/// ([`crate::sqlite_writer`]) that commits the confirm's writes.
+#[derive(Clone, Debug)]
+pub struct SqliteDatabase {
+    /// The connection pool.
+    pub pool: SqlitePool,
+    writer: Option<SqliteWriter>,
+}
+
+impl SqliteDatabase {
+    /// The group-commit writer; `None` for an in-memory database (another
+    /// connection would open another database) or when turned off with
+    /// `PAYGATE_SQLITE_GROUP_COMMIT=off` (a benchmark's baseline).
+    pub fn writer(&self) -> Option<&SqliteWriter> {
+        self.writer.as_ref().filter(|_| !self.pool.is_closed())
+    }
+
+    /// Runs `write` through the writer when there is one (see
+    /// [`SqliteWriter::write`]); otherwise in a transaction of its own on
+    /// the pool. Either way the caller is answered after the commit.
+    ///
+    /// # Errors
+    /// `write`'s error, or [`StoreError::Unavailable`] when the commit
+    /// failed or the pool is closed.
+    pub async fn write<T, F>(&self, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut sqlx::SqliteConnection,
+            ) -> BoxFuture<'c, Result<(T, bool), StoreError>>
+            + Send
+            + 'static,
+    {
+        if self.pool.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the SQLite pool is closed".to_owned(),
+            ));
+        }
+        if let Some(writer) = &self.writer {
+            return writer.write(write).await;
+        }
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let (value, keep) = write(&mut tx).await?;
+        if keep {
+            tx.commit().await.map_err(map_err)?;
+        } else {
+            tx.rollback().await.map_err(map_err)?;
+        }
+        Ok(value)
+    }
 }
 
 /// Maps a sqlx error to a [`StoreError`]: lost connections and pool trouble
@@ -206,10 +263,17 @@ impl SqlDatabase {
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire)
-                .connect_with(opts)
+                .connect_with(opts.clone())
                 .await
                 .map_err(map_err)?;
-            Ok(Self::Sqlite(pool))
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            let off = std::env::var("PAYGATE_SQLITE_GROUP_COMMIT").is_ok_and(|v| v == "off");
+            let writer = if in_memory || off {
+                None
+            } else {
+                Some(SqliteWriter::start(opts).await?)
+            };
+            Ok(Self::Sqlite(SqliteDatabase { pool, writer }))
         } else {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
@@ -290,6 +354,88 @@ pub struct LogRow<'a> {
     pub latency_ms: Option<i64>,
     /// Written, epoch ms.
     pub created_at: i64,
+}
+
+impl LogRow<'_> {
+    /// An owned copy, for a write queued to the SQLite writer.
+    pub fn to_owned_row(&self) -> OwnedLogRow {
+        OwnedLogRow {
+            payment_id: self.payment_id.to_owned(),
+            target: self.target.to_owned(),
+            kind: self.kind.to_owned(),
+            attempt: self.attempt,
+            method: self.method.to_owned(),
+            path: self.path.to_owned(),
+            status_code: self.status_code,
+            body: self.body.clone(),
+            latency_ms: self.latency_ms,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A [`LogRow`] that owns its text (see [`LogRow::to_owned_row`]).
+#[derive(Clone, Debug)]
+pub struct OwnedLogRow {
+    payment_id: String,
+    target: String,
+    kind: String,
+    attempt: i32,
+    method: String,
+    path: String,
+    status_code: Option<i32>,
+    body: Option<String>,
+    latency_ms: Option<i64>,
+    created_at: i64,
+}
+
+impl OwnedLogRow {
+    /// The row, borrowed.
+    pub fn row(&self) -> LogRow<'_> {
+        LogRow {
+            payment_id: &self.payment_id,
+            target: &self.target,
+            kind: &self.kind,
+            attempt: self.attempt,
+            method: &self.method,
+            path: &self.path,
+            status_code: self.status_code,
+            body: self.body.clone(),
+            latency_ms: self.latency_ms,
+            created_at: self.created_at,
+        }
+    }
+}
+
+impl SqlDatabase {
+    /// Appends one row to `api_logs`, durably: the commit is done when this
+    /// returns (on SQLite through the group-commit writer).
+    ///
+    /// # Errors
+    /// [`StoreError`]; the caller must then not make the call the row logs.
+    pub async fn append_log_row(&self, row: &LogRow<'_>) -> Result<(), StoreError> {
+        let sql = log_insert_sql(self);
+        match self {
+            SqlDatabase::Sqlite(db) if db.writer().is_some() => {
+                let row = row.to_owned_row();
+                db.write(move |c| {
+                    Box::pin(async move {
+                        crate::bind_log_row!(sqlx::query(sql), row.row())
+                            .execute(&mut *c)
+                            .await
+                            .map_err(map_err)?;
+                        Ok(((), true))
+                    })
+                })
+                .await
+            }
+            _ => with_pool!(self, pool => crate::bind_log_row!(sqlx::query(sql), row)
+                .execute(pool)
+                .await
+                .map(|_| ())
+                .map_err(map_err)),
+        }
+    }
 }
 
 /// The `INSERT` of one [`LogRow`] (`$1..$10` in the field order; the body
@@ -513,71 +659,101 @@ impl SqlStateStore {
         // already rolls the whole create back, so a record never lacks a
         // claim and a claim never lacks its record.
         let log_sql = log_insert_sql(&self.db);
-        let claimed = with_pool!(&self.db, pool => {
-            let mut tx = pool.begin().await.map_err(map_err)?;
-            let mut claimed = sqlx::query(claim)
-                .bind(r.merchant_id.as_str())
-                .bind(r.order_id.as_str())
-                .bind(r.payment_id.as_str())
-                .bind(r.idempotency_key.as_deref())
-                .bind(r.created_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .rows_affected()
-                == 1;
-            for (kind, value) in [(ORDER_ID, r.order_id.as_str()), (PAYMENT_KEY, r.payment_key.as_str())] {
-                if !claimed {
-                    break;
-                }
-                claimed = sqlx::query(account_claim)
-                    .bind(crate::DEFAULT_CARD_ACCOUNT)
-                    .bind(kind)
-                    .bind(value)
-                    .bind(r.payment_id.as_str())
+        // The statements, on any connection `$c` inside a transaction;
+        // `true` when every claim was taken and the record written.
+        macro_rules! create_body {
+            ($c:expr, $r:expr, $row:expr) => {{
+                let r = $r;
+                let mut claimed = sqlx::query(claim)
                     .bind(r.merchant_id.as_str())
+                    .bind(r.order_id.as_str())
+                    .bind(r.payment_id.as_str())
+                    .bind(r.idempotency_key.as_deref())
                     .bind(r.created_at)
-                    .execute(&mut *tx)
+                    .execute(&mut *$c)
                     .await
                     .map_err(map_err)?
                     .rows_affected()
                     == 1;
-            }
-            if claimed {
-                sqlx::query(&insert)
-                    .bind(r.payment_id.as_str())
-                    .bind(r.merchant_id.as_str())
-                    .bind(r.order_id.as_str())
-                    .bind(&r.payment_key)
-                    .bind(r.amount)
-                    .bind(&r.currency)
-                    .bind(r.is_paid)
-                    .bind(r.is_saved)
-                    .bind(r.card_status.as_str())
-                    .bind(r.approved_at.as_deref())
-                    .bind(r.save_attempts)
-                    .bind(r.batch_attempts)
-                    .bind(r.failure_code.as_deref())
-                    .bind(r.last_error.as_deref())
-                    .bind(&r.request_fingerprint)
-                    .bind(r.idempotency_key.as_deref())
-                    .bind(r.created_at)
-                    .bind(r.updated_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                if let Some(row) = row {
-                    bind_log_row!(sqlx::query(log_sql), row)
-                        .execute(&mut *tx)
+                for (kind, value) in [
+                    (ORDER_ID, r.order_id.as_str()),
+                    (PAYMENT_KEY, r.payment_key.as_str()),
+                ] {
+                    if !claimed {
+                        break;
+                    }
+                    claimed = sqlx::query(account_claim)
+                        .bind(crate::DEFAULT_CARD_ACCOUNT)
+                        .bind(kind)
+                        .bind(value)
+                        .bind(r.payment_id.as_str())
+                        .bind(r.merchant_id.as_str())
+                        .bind(r.created_at)
+                        .execute(&mut *$c)
+                        .await
+                        .map_err(map_err)?
+                        .rows_affected()
+                        == 1;
+                }
+                if claimed {
+                    sqlx::query(&insert)
+                        .bind(r.payment_id.as_str())
+                        .bind(r.merchant_id.as_str())
+                        .bind(r.order_id.as_str())
+                        .bind(&r.payment_key)
+                        .bind(r.amount)
+                        .bind(&r.currency)
+                        .bind(r.is_paid)
+                        .bind(r.is_saved)
+                        .bind(r.card_status.as_str())
+                        .bind(r.approved_at.as_deref())
+                        .bind(r.save_attempts)
+                        .bind(r.batch_attempts)
+                        .bind(r.failure_code.as_deref())
+                        .bind(r.last_error.as_deref())
+                        .bind(&r.request_fingerprint)
+                        .bind(r.idempotency_key.as_deref())
+                        .bind(r.created_at)
+                        .bind(r.updated_at)
+                        .execute(&mut *$c)
                         .await
                         .map_err(map_err)?;
+                    if let Some(row) = $row {
+                        bind_log_row!(sqlx::query(log_sql), row)
+                            .execute(&mut *$c)
+                            .await
+                            .map_err(map_err)?;
+                    }
                 }
-                tx.commit().await.map_err(map_err)?;
-            } else {
-                tx.rollback().await.map_err(map_err)?;
+                claimed
+            }};
+        }
+        let claimed = match &self.db {
+            // Group commit: the claims, the record and the row share a
+            // transaction with other confirms' writes (one fsync for all);
+            // a claim taken rolls back this write's savepoint alone.
+            SqlDatabase::Sqlite(db) if db.writer().is_some() => {
+                let r = r.clone();
+                let row = row.map(LogRow::to_owned_row);
+                db.write(move |c| {
+                    Box::pin(async move {
+                        let claimed = create_body!(c, &r, row.as_ref().map(OwnedLogRow::row));
+                        Ok((claimed, claimed))
+                    })
+                })
+                .await?
             }
-            claimed
-        });
+            _ => with_pool!(&self.db, pool => {
+                let mut tx = pool.begin().await.map_err(map_err)?;
+                let claimed = create_body!(tx, r, row);
+                if claimed {
+                    tx.commit().await.map_err(map_err)?;
+                } else {
+                    tx.rollback().await.map_err(map_err)?;
+                }
+                claimed
+            }),
+        };
         if claimed {
             return Ok(CreateOutcome::Created);
         }
@@ -617,33 +793,59 @@ impl SqlStateStore {
         next: Option<&LogRow<'_>>,
     ) -> Result<bool, StoreError> {
         let log_sql = log_insert_sql(&self.db);
-        let statement = transition_statement(t);
         let now = paygate_core::time::now_ms();
-        with_pool!(&self.db, pool => {
-            let mut tx = pool.begin().await.map_err(map_err)?;
-            bind_log_row!(sqlx::query(log_sql), answer)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            let applied = match &statement {
-                Some((sql, values)) => {
-                    let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
-                    for v in values {
-                        q = q.bind(v.as_ref());
-                    }
-                    q.execute(&mut *tx).await.map_err(map_err)?.rows_affected() == 1
-                }
-                None => false,
-            };
-            if let (true, Some(next)) = (applied, next) {
-                bind_log_row!(sqlx::query(log_sql), next)
-                    .execute(&mut *tx)
+        macro_rules! logged_body {
+            ($c:expr, $pid:expr, $answer:expr, $t:expr, $next:expr) => {{
+                bind_log_row!(sqlx::query(log_sql), $answer)
+                    .execute(&mut *$c)
                     .await
                     .map_err(map_err)?;
+                let applied = match transition_statement($t) {
+                    Some((sql, values)) => {
+                        let mut q = sqlx::query(sql).bind($pid).bind(now);
+                        for v in &values {
+                            q = q.bind(v.as_ref());
+                        }
+                        q.execute(&mut *$c).await.map_err(map_err)?.rows_affected() == 1
+                    }
+                    None => false,
+                };
+                if let (true, Some(next)) = (applied, $next) {
+                    bind_log_row!(sqlx::query(log_sql), next)
+                        .execute(&mut *$c)
+                        .await
+                        .map_err(map_err)?;
+                }
+                applied
+            }};
+        }
+        match &self.db {
+            SqlDatabase::Sqlite(db) if db.writer().is_some() => {
+                let pid = payment_id.as_str().to_owned();
+                let answer = answer.to_owned_row();
+                let t = t.clone();
+                let next = next.map(LogRow::to_owned_row);
+                db.write(move |c| {
+                    Box::pin(async move {
+                        let applied = logged_body!(
+                            c,
+                            pid.as_str(),
+                            answer.row(),
+                            &t,
+                            next.as_ref().map(OwnedLogRow::row)
+                        );
+                        Ok((applied, true))
+                    })
+                })
+                .await
             }
-            tx.commit().await.map_err(map_err)?;
-            Ok(applied)
-        })
+            _ => with_pool!(&self.db, pool => {
+                let mut tx = pool.begin().await.map_err(map_err)?;
+                let applied = logged_body!(tx, payment_id.as_str(), answer, t, next);
+                tx.commit().await.map_err(map_err)?;
+                Ok(applied)
+            }),
+        }
     }
 
     async fn get_record(
@@ -708,6 +910,25 @@ impl StateStore for SqlStateStore {
             return Ok(false);
         };
         let now = paygate_core::time::now_ms();
+        if let SqlDatabase::Sqlite(db) = &self.db {
+            if db.writer().is_some() {
+                let pid = payment_id.as_str().to_owned();
+                let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+                return db
+                    .write(move |c| {
+                        Box::pin(async move {
+                            let mut q = sqlx::query(sql).bind(pid.as_str()).bind(now);
+                            for v in &values {
+                                q = q.bind(v.as_str());
+                            }
+                            let applied =
+                                q.execute(&mut *c).await.map_err(map_err)?.rows_affected() == 1;
+                            Ok((applied, true))
+                        })
+                    })
+                    .await;
+            }
+        }
         with_pool!(&self.db, pool => {
             let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
             for v in &values {
@@ -746,35 +967,89 @@ impl StateStore for SqlStateStore {
             // SQLite has one writer: the INSERT ... SELECT takes the write
             // lock before it reads, so no transition can land between the
             // guarded copy and the guarded delete of the same transaction.
-            SqlDatabase::Sqlite(pool) => {
+            SqlDatabase::Sqlite(db) => {
                 let copy = copy_sql(from, to, true);
                 let delete = format!(
                     "DELETE FROM {} WHERE payment_id = $1 AND {}",
                     from.table(),
                     guard_sql(to)
                 );
-                let mut tx = pool.begin().await.map_err(map_err)?;
-                let copied = sqlx::query(&copy)
-                    .bind(payment_id.as_str())
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?
-                    .rows_affected();
-                let deleted = sqlx::query(&delete)
-                    .bind(payment_id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?
-                    .rows_affected();
-                if copied != deleted {
-                    tx.rollback().await.map_err(map_err)?;
-                    return Err(StoreError::Rejected(format!(
-                        "move of {payment_id}: copied {copied} rows but deleted {deleted}"
-                    )));
-                }
-                tx.commit().await.map_err(map_err)?;
-                Ok(copied == 1)
+                let pid = payment_id.as_str().to_owned();
+                db.write(move |c| {
+                    Box::pin(async move {
+                        let copied = sqlx::query(&copy)
+                            .bind(pid.as_str())
+                            .bind(now)
+                            .execute(&mut *c)
+                            .await
+                            .map_err(map_err)?
+                            .rows_affected();
+                        let deleted = sqlx::query(&delete)
+                            .bind(pid.as_str())
+                            .execute(&mut *c)
+                            .await
+                            .map_err(map_err)?
+                            .rows_affected();
+                        if copied != deleted {
+                            return Err(StoreError::Rejected(format!(
+                                "move of {pid}: copied {copied} rows but deleted {deleted}"
+                            )));
+                        }
+                        Ok((copied == 1, true))
+                    })
+                })
+                .await
+            }
+        }
+    }
+
+    async fn move_settled(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let now = paygate_core::time::now_ms();
+        let limit = i64::from(limit);
+        match &self.db {
+            // One statement: the picked rows are locked (`SKIP LOCKED`: a
+            // row a transition holds is left for the per-record pass), the
+            // DELETE re-checks the guard on the row as it is now, and the
+            // INSERT writes exactly the rows deleted.
+            SqlDatabase::Postgres(pool) => sqlx::query(&settled_move_sql_postgres())
+                .bind(cutoff_ms)
+                .bind(limit)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(map_err),
+            // SQLite has one writer: the INSERT ... SELECT takes the write
+            // lock before it reads, so the DELETE's selection, run under the
+            // same lock, picks the very rows the INSERT copied.
+            SqlDatabase::Sqlite(db) => {
+                let (copy, delete) = settled_move_sql_sqlite();
+                db.write(move |c| {
+                    Box::pin(async move {
+                        let copied = sqlx::query(&copy)
+                            .bind(cutoff_ms)
+                            .bind(now)
+                            .bind(limit)
+                            .execute(&mut *c)
+                            .await
+                            .map_err(map_err)?
+                            .rows_affected();
+                        let deleted = sqlx::query(&delete)
+                            .bind(cutoff_ms)
+                            .bind(limit)
+                            .execute(&mut *c)
+                            .await
+                            .map_err(map_err)?
+                            .rows_affected();
+                        if copied != deleted {
+                            return Err(StoreError::Rejected(format!(
+                                "set-based move: copied {copied} rows but deleted {deleted}"
+                            )));
+                        }
+                        Ok((copied, true))
+                    })
+                })
+                .await
             }
         }
     }
@@ -953,6 +1228,49 @@ fn copy_sql(from: Partition, to: Partition, guarded: bool) -> String {
         to = to.table(),
         from = from.table(),
     )
+}
+
+/// The selection of [`StateStore::move_settled`]: `$1` = cutoff (epoch
+/// ms), `$limit` = the chunk size.
+fn settled_pick_sql(limit: &str) -> String {
+    format!(
+        "SELECT payment_id FROM realtime_payments WHERE {guard} AND updated_at <= $1 \
+         ORDER BY payment_id LIMIT {limit}",
+        guard = guard_sql(Partition::Completed),
+    )
+}
+
+/// PostgreSQL's one-statement set-based move to `completed_payments`:
+/// `$1` = cutoff, `$2` = limit, `$3` = now (the copies' `updated_at`).
+fn settled_move_sql_postgres() -> String {
+    let (cols, select, updates) = move_columns();
+    let select = select.replace("$2", "$3");
+    format!(
+        "WITH picked AS ({pick} FOR UPDATE SKIP LOCKED), \
+         moved AS (DELETE FROM realtime_payments WHERE payment_id IN (SELECT payment_id FROM picked) \
+         AND {guard} AND updated_at <= $1 RETURNING {cols}) \
+         INSERT INTO completed_payments ({cols}) SELECT {select} FROM moved \
+         ON CONFLICT (payment_id) DO UPDATE SET {updates}",
+        pick = settled_pick_sql("$2"),
+        guard = guard_sql(Partition::Completed),
+    )
+}
+
+/// SQLite's set-based move, two statements for one transaction: the copy
+/// (`$1` = cutoff, `$2` = now, `$3` = limit) and the delete (`$1` =
+/// cutoff, `$2` = limit) of the same selection.
+fn settled_move_sql_sqlite() -> (String, String) {
+    let (cols, select, updates) = move_columns();
+    let copy = format!(
+        "INSERT INTO completed_payments ({cols}) SELECT {select} FROM realtime_payments \
+         WHERE payment_id IN ({pick}) ON CONFLICT (payment_id) DO UPDATE SET {updates}",
+        pick = settled_pick_sql("$3"),
+    );
+    let delete = format!(
+        "DELETE FROM realtime_payments WHERE payment_id IN ({pick})",
+        pick = settled_pick_sql("$2"),
+    );
+    (copy, delete)
 }
 
 /// PostgreSQL's one-statement guarded move: delete the row if it may enter

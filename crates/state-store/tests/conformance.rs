@@ -469,6 +469,132 @@ async fn a_move_interrupted_after_the_target_write_is_finished_by_a_rerun() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_based_moves_take_only_settled_records_past_the_cutoff_a_chunk_at_a_time() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let mut settled = Vec::new();
+        for i in 0..5 {
+            let r = pending(&m, &format!("order-settled-{i}"), None);
+            store.create(&r).await.unwrap();
+            store.transition(&r.payment_id, &paid()).await.unwrap();
+            store
+                .transition(&r.payment_id, &Transition::MarkSaved)
+                .await
+                .unwrap();
+            settled.push(r);
+        }
+        // A move of one of them died after writing its target copy.
+        assert!(store
+            .copy_to_partition(
+                &settled[2].payment_id,
+                Partition::Realtime,
+                Partition::Completed
+            )
+            .await
+            .unwrap());
+        let unsaved = pending(&m, "order-unsaved", None);
+        store.create(&unsaved).await.unwrap();
+        store
+            .transition(&unsaved.payment_id, &paid())
+            .await
+            .unwrap();
+        let aborted = pending(&m, "order-aborted", None);
+        store.create(&aborted).await.unwrap();
+        store
+            .transition(
+                &aborted.payment_id,
+                &Transition::MarkAborted {
+                    failure_code: "REJECT_CARD_COMPANY".into(),
+                    last_error: "declined".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let open = pending(&m, "order-open", None);
+        store.create(&open).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let cutoff = paygate_core::time::now_ms();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // Paid and saved, but younger than the cutoff: its saga may run.
+        let young = pending(&m, "order-young", None);
+        store.create(&young).await.unwrap();
+        store.transition(&young.payment_id, &paid()).await.unwrap();
+        store
+            .transition(&young.payment_id, &Transition::MarkSaved)
+            .await
+            .unwrap();
+
+        let mut chunks = Vec::new();
+        loop {
+            let moved = store.move_settled(cutoff, 2).await.unwrap();
+            chunks.push(moved);
+            if moved < 2 {
+                break;
+            }
+        }
+        assert_eq!(chunks, vec![2, 2, 1], "{name}: chunks of at most 2");
+        assert_eq!(
+            store.move_settled(cutoff, 2).await.unwrap(),
+            0,
+            "{name}: a rerun moves nothing"
+        );
+
+        let ids = |v: Vec<PaymentRecord>| {
+            let mut ids: Vec<String> = v.into_iter().map(|r| r.payment_id.to_string()).collect();
+            ids.sort();
+            ids
+        };
+        let realtime: Vec<_> = store
+            .scan(Partition::Realtime, 10)
+            .try_collect()
+            .await
+            .unwrap();
+        let completed: Vec<_> = store
+            .scan(Partition::Completed, 10)
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(completed.iter().all(|r| r.is_paid && r.is_saved), "{name}");
+        let mut want_completed: Vec<String> =
+            settled.iter().map(|r| r.payment_id.to_string()).collect();
+        want_completed.sort();
+        assert_eq!(
+            ids(completed),
+            want_completed,
+            "{name}: each settled record once, the interrupted one too"
+        );
+        let mut want_realtime: Vec<String> = [&unsaved, &aborted, &open, &young]
+            .iter()
+            .map(|r| r.payment_id.to_string())
+            .collect();
+        want_realtime.sort();
+        assert_eq!(
+            ids(realtime),
+            want_realtime,
+            "{name}: the rest stay in realtime"
+        );
+        // The claims still answer for moved orders.
+        let (part, got) = store.get(&settled[0].payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (part, got.payment_id),
+            (Partition::Completed, settled[0].payment_id.clone())
+        );
+        match store
+            .create(&pending(&m, "order-settled-0", None))
+            .await
+            .unwrap()
+        {
+            CreateOutcome::Exists(existing) => {
+                assert_eq!(existing.payment_id, settled[0].payment_id)
+            }
+            other => panic!("{name}: expected Exists, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_streams_every_record_in_id_order() {
     on_every_backend(|backend, store| async move {
         let m = MerchantId::generate();

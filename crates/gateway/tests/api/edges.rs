@@ -80,7 +80,8 @@ async fn hold_write_lock(db: &SqlDatabase) -> tokio::sync::oneshot::Sender<()> {
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let (locked_tx, locked) = tokio::sync::oneshot::channel::<()>();
     match db.clone() {
-        SqlDatabase::Sqlite(pool) => {
+        SqlDatabase::Sqlite(db) => {
+            let pool = db.pool;
             tokio::spawn(async move {
                 let mut conn = pool.acquire().await.expect("connection");
                 sqlx::query("BEGIN IMMEDIATE")

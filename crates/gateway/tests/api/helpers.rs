@@ -187,7 +187,8 @@ impl TestApp {
 /// Makes every insert into `api_logs` fail, as a read-only log table would.
 pub async fn make_log_read_only(db: &SqlDatabase) {
     match db {
-        SqlDatabase::Sqlite(pool) => {
+        SqlDatabase::Sqlite(db) => {
+            let pool = &db.pool;
             sqlx::query(
                 "CREATE TRIGGER api_logs_read_only BEFORE INSERT ON api_logs BEGIN SELECT RAISE(ABORT, 'api_logs is read-only'); END",
             )
