@@ -50,7 +50,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use paygate_api_log::{ApiLog, SqlApiLog};
 use paygate_core::{CardStatus, Partition, PaymentRecord};
 use paygate_payments::{Saga, Settler, Tally};
@@ -382,7 +382,11 @@ impl Sweeper {
         let counters = Counters::default();
         let cutoff = paygate_core::time::now_ms() - opts.grace.as_millis() as i64;
         let moved = self.move_settled(opts, lost, cutoff, &counters).await;
-        let records = self.store.scan(Partition::Realtime, opts.scan_batch);
+        let records = match moved {
+            // The lease was lost in the set-based pass: read nothing more.
+            Err(_) => futures_util::stream::empty().boxed(),
+            Ok(()) => self.store.scan(Partition::Realtime, opts.scan_batch),
+        };
         let scanned = records
             .map_err(BatchError::Store)
             .try_for_each_concurrent(opts.concurrency.max(1), |record| {

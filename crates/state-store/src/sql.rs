@@ -313,8 +313,14 @@ impl SqlDatabase {
         with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()).map_err(map_err))
     }
 
-    /// Closes the pool; later calls fail with `Unavailable`.
+    /// Closes the pool and, on SQLite, the group-commit writer (what it had
+    /// queued is committed first); later calls fail with `Unavailable`.
     pub async fn close(&self) {
+        if let Self::Sqlite(db) = self {
+            if let Some(writer) = &db.writer {
+                writer.close().await;
+            }
+        }
         with_pool!(self, pool => pool.close().await)
     }
 

@@ -35,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::future::BoxFuture;
+use futures_util::{future::BoxFuture, FutureExt};
 use sqlx::{sqlite::SqliteConnectOptions, ConnectOptions, Connection, Executor, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,11 +56,18 @@ type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job =
     Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Finish)> + Send>;
 
+/// What the task receives: a write, or the order to close its
+/// connection and stop (answered once the connection is closed).
+enum Msg {
+    Write(Job),
+    Close(oneshot::Sender<()>),
+}
+
 /// The handle of the writer task; cheap to clone. The task stops when the
 /// last handle is dropped.
 #[derive(Clone, Debug)]
 pub struct SqliteWriter {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     stats: Arc<Stats>,
 }
 
@@ -133,8 +140,22 @@ impl SqliteWriter {
             })
         });
         let stopped = || StoreError::Unavailable("the SQLite write was not committed".to_owned());
-        self.jobs.send(job).await.map_err(|_| stopped())?;
+        self.jobs
+            .send(Msg::Write(job))
+            .await
+            .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Commits what is queued, closes the write connection (SQLite then
+    /// checkpoints the WAL into the database file when it is the last
+    /// connection) and stops the task; later writes fail as
+    /// `Unavailable`. Returns once the connection is closed.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Msg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
@@ -144,16 +165,28 @@ impl SqliteWriter {
 async fn run(
     conn: SqliteConnection,
     options: SqliteConnectOptions,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Msg>,
     stats: Arc<Stats>,
 ) {
     let mut conn = Some(conn);
-    while let Some(first) = rx.recv().await {
+    let mut closing = None;
+    while closing.is_none() {
+        let Some(first) = rx.recv().await else { break };
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.push(first);
+        match first {
+            Msg::Write(job) => batch.push(job),
+            Msg::Close(ack) => {
+                closing = Some(ack);
+                break;
+            }
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Write(job)) => batch.push(job),
+                Ok(Msg::Close(ack)) => {
+                    closing = Some(ack);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -177,8 +210,12 @@ async fn run(
             }
         }
     }
+    rx.close();
     if let Some(c) = conn {
         let _ = c.close().await;
+    }
+    if let Some(ack) = closing {
+        let _ = ack.send(());
     }
 }
 
@@ -198,7 +235,16 @@ async fn run_batch(conn: &mut SqliteConnection, batch: Vec<Job>, stats: &Stats) 
             broken = Some((e, Some(job)));
             break;
         }
-        let (keep, finish) = job(conn).await;
+        // A panic inside a write must not take the writer down with it
+        // (every later write would fail while reads stay healthy): it is
+        // that write's failure, and the batch's, as a broken statement.
+        let (keep, finish) = match std::panic::AssertUnwindSafe(job(conn)).catch_unwind().await {
+            Ok(done) => done,
+            Err(_) => {
+                broken = Some((sqlx::Error::WorkerCrashed, None));
+                break;
+            }
+        };
         answers.push(finish);
         let end = if keep {
             conn.execute("RELEASE paygate_write").await
@@ -236,13 +282,14 @@ async fn run_batch(conn: &mut SqliteConnection, batch: Vec<Job>, stats: &Stats) 
         }
         Err(e) => {
             tracing::error!(error = %e, writes = answers.len(), "SQLite group commit: COMMIT failed; nothing of the batch was written");
-            // A COMMIT that failed may leave the transaction open.
+            // A COMMIT that failed may leave the transaction open; the
+            // connection is replaced whatever the ROLLBACK says.
             let _ = conn.execute("ROLLBACK").await;
             let message = e.to_string();
             for finish in answers {
                 finish(Err(unavailable(&message)));
             }
-            !is_connection_error(&e)
+            false
         }
     }
 }
