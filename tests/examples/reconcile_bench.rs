@@ -14,7 +14,9 @@
 //! The simulator and the seeding run in this process; each reconciliation
 //! runs in a fresh child process over HTTP, so its peak RSS and CPU time
 //! (`cpu ms`, user + system) are its own. The database server's CPU is not
-//! in `cpu ms`; on a 2-core machine it competes with the run. Writes
+//! in `cpu ms`; on a 2-core machine it competes with the run. On
+//! PostgreSQL, `rows/tx` is the server's own count of payment rows the run
+//! read (`pg_stat_user_tables`), per transaction of the list. Writes
 //! `target/bench/reconcile.json`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a measurement tool
@@ -67,6 +69,28 @@ async fn reconcile_only(args: &[String]) {
     );
 }
 
+/// Payment rows PostgreSQL has read from the three partitions so far
+/// (sequential scans plus index fetches, `pg_stat_user_tables`); `None` on
+/// SQLite, which keeps no such count.
+async fn rows_read(url: &str) -> Option<i64> {
+    let db = SqlDatabase::connect(url, 1).await.unwrap();
+    let n = match &db {
+        SqlDatabase::Postgres(pool) => Some(
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COALESCE(SUM(COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0)), 0)::BIGINT \
+                 FROM pg_stat_user_tables \
+                 WHERE relname IN ('realtime_payments', 'completed_payments', 'unpaid_payments')",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        ),
+        SqlDatabase::Sqlite(_) => None,
+    };
+    db.close().await;
+    n
+}
+
 /// CPU time of this process (user + system), ms, from `/proc/self/stat`
 /// (clock ticks of 10 ms); 0 where unknown.
 fn cpu_ms() -> u64 {
@@ -110,7 +134,7 @@ async fn main() {
         "{n} transactions over 24 h, page latency {latency} ms, limit {PAGE_SIZE}; bound = ceil(pages / concurrency) x {latency} ms"
     );
     println!(
-        "{:<9} {:>7} {:>6} {:>9} {:>8} {:>8} {:>7} {:>13} {:>7}",
+        "{:<9} {:>7} {:>6} {:>9} {:>8} {:>8} {:>7} {:>13} {:>7} {:>10}",
         "backend",
         "slices",
         "pages",
@@ -119,7 +143,8 @@ async fn main() {
         "bound ms",
         "ratio",
         "peak RSS",
-        "cpu ms"
+        "cpu ms",
+        "rows/tx"
     );
     let mut rows = Vec::new();
     for backend in sql_backends() {
@@ -148,6 +173,7 @@ async fn main() {
         .await;
         db.close().await;
         for &(slices, concurrency) in &configs {
+            let read_before = rows_read(&url).await;
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .arg("--reconcile-only")
                 .args([&url, &sandbox.card_url, &sandbox.ledger_url])
@@ -171,8 +197,16 @@ async fn main() {
             assert_eq!(txs as usize, n, "every transaction read");
             assert_eq!(failures, 0);
             let bound = pages.div_ceil(concurrency as u64) * latency;
+            // PostgreSQL's own count of the payment rows the run read, per
+            // transaction of the list (the child's connections are closed, so
+            // its statistics are flushed; give the server a moment).
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let rows_per_tx = match (read_before, rows_read(&url).await) {
+                (Some(a), Some(b)) => Some((b - a) as f64 / txs.max(1) as f64),
+                _ => None,
+            };
             println!(
-                "{:<9} {:>7} {:>6} {:>9} {:>8} {:>8} {:>6.2}x {:>9} KiB {:>7}",
+                "{:<9} {:>7} {:>6} {:>9} {:>8} {:>8} {:>6.2}x {:>9} KiB {:>7} {:>10}",
                 backend.name(),
                 format!("{slices}x{concurrency}"),
                 pages,
@@ -181,13 +215,15 @@ async fn main() {
                 bound,
                 wall as f64 / bound.max(1) as f64,
                 rss,
-                cpu
+                cpu,
+                rows_per_tx.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"))
             );
             rows.push(
                 serde_json::json!({"backend": backend.name(), "slices": slices,
                 "slice_concurrency": concurrency, "transactions": txs, "pages": pages,
                 "matched": matched, "wall_ms": wall, "bound_ms": bound,
-                "ratio": wall as f64 / bound.max(1) as f64, "peak_rss_kib": rss, "cpu_ms": cpu}),
+                "ratio": wall as f64 / bound.max(1) as f64, "peak_rss_kib": rss, "cpu_ms": cpu,
+                "rows_read_per_transaction": rows_per_tx}),
             );
         }
         cleanup.run().await;

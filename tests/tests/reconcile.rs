@@ -498,3 +498,56 @@ async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_ale
         e.cleanup.run().await;
     }
 }
+
+/// Issue 18, point 4: a slice's paid records are read once and matched
+/// from that read; an approval whose record lies outside the read (created
+/// long before its approval) is matched from a fresh read by orderId; a
+/// payment with a copy in two partitions (an interrupted move) is matched,
+/// or looked up, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_match_from_the_slice_read_or_a_fresh_one_and_copies_count_once() {
+    for backend in e2e_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        let settled = |r: PaymentRecord| {
+            let e = &e;
+            async move {
+                e.paid(&r).await;
+                e.c.store
+                    .transition(&r.payment_id, &Transition::MarkSaved)
+                    .await
+                    .unwrap();
+                r
+            }
+        };
+        // In the slice's read.
+        settled(e.record("order-in-read", 5_000, 30).await).await;
+        e.approval("order-in-read", 5_000, 30);
+        // Created 90 minutes ago, before any slice's read reaches back.
+        settled(e.record("order-early", 5_000, 90).await).await;
+        e.approval("order-early", 5_000, 30);
+        // Copies in realtime and completed, approved.
+        let both = settled(e.record("order-two-copies", 5_000, 20).await).await;
+        e.c.store
+            .copy_to_partition(&both.payment_id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap();
+        e.approval("order-two-copies", 5_000, 20);
+        // Copies in realtime and completed, never approved: one lookup, one alert.
+        let gone = settled(e.record("order-two-copies-unseen", 5_000, 25).await).await;
+        e.c.store
+            .copy_to_partition(&gone.payment_id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap();
+
+        let s = e.reconciler().run(&e.opts()).await.unwrap();
+        assert_eq!(
+            (s.transactions, s.matched, s.alerts, s.failures),
+            (3, 3, 1, 0),
+            "{name}: {s:?}"
+        );
+        assert_eq!(e.sandbox.card.stats().lookup_calls, 1, "{name}");
+        assert_eq!(e.outbox_reasons().await, ["paid_not_approved"], "{name}");
+        e.cleanup.run().await;
+    }
+}

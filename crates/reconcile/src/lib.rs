@@ -5,15 +5,19 @@
 //! A run over a window `[from, to)`:
 //! 1. **Stale pending.** Records in `realtime_payments` that are not paid,
 //!    `PENDING` or `UNKNOWN`, and older than `stale_after` (default 10 min)
-//!    are looked up by orderId, `stale_concurrency` at a time, each in
-//!    isolation, and filed by the batch's own [`paygate_payments::Settler`].
+//!    are read with a filtered scan ([`StateStore::scan_stale`]), looked up
+//!    by orderId, `stale_concurrency` at a time, each in isolation, and
+//!    filed by the batch's own [`paygate_payments::Settler`].
 //! 2. **The list.** The window is cut into `slices` (whole seconds, as Toss
 //!    dates transactions) fetched `slice_concurrency` at a time; each slice
 //!    is paged in order with `startingAfter`, stopping at the first short
-//!    page, and the next page is fetched while the current one is matched.
-//! 3. **Match.** For each page, paygate's records are read in chunks of at
-//!    most `lookup_chunk` orderIds and joined to the page's approvals with a
-//!    hash map (O(n + m)); then, per approval (`DONE`):
+//!    page, up to eight pages ahead of the matching.
+//! 3. **Match.** A slice's paid records (created from [`APPROVAL_LAG_MS`]
+//!    before it to its end) are read once, while its first pages are
+//!    fetched. An approval (`DONE`) with a paid record of the same
+//!    paymentKey and amount there is *matched* without another read. Every
+//!    other approval is read by orderId (chunks of at most `lookup_chunk`,
+//!    joined with a hash map, O(n + m)) and then:
 //!    - paid in paygate, same amount → *matched*;
 //!    - not paid (`PENDING`/`UNKNOWN`, older than `min_age`) → *recover*:
 //!      settled as the batch settles it (lookup, mark paid, ledger);
@@ -29,15 +33,22 @@
 //!    `cancel_mismatch`. An approval later canceled stays an approval: its
 //!    `DONE` transaction is matched as above, and a lookup that shows it
 //!    `CANCELED`/`PARTIAL_CANCELED` is not "paid but not approved".
-//! 5. **Paid but not approved.** Paid records created in the slice whose
-//!    order the slice's list did not show approved are looked up (an
-//!    approval just across a slice edge is found this way) and, if the card
-//!    company has no approval, alerted as `paid_not_approved`.
+//! 5. **Paid but not approved.** Paid records of the slice's read,
+//!    approved in the slice, whose order the slice's list did not show are
+//!    read again and looked up (an approval just across a slice edge is
+//!    found this way) and, if the card company has no approval, alerted as
+//!    `paid_not_approved`.
 //!
-//! Memory is bounded by the slice (the set of approved orderIds seen in it)
-//! times the slice concurrency, not by the window. Every card call, pages
-//! included, goes through the saga's logged calls, so it is in the SQL log
-//! (I3); an order with no paygate record is logged under `orphan_<orderId>`,
+//! Each record is read once per run on the path that matches (the slice's
+//! read; its lag overlap with the slice before, 15 minutes, is read twice);
+//! only approvals that do not match, and candidates of step 5, are read
+//! again, fresh, before anything is done about them. Memory is bounded by
+//! the slice (its paid records, a few hundred bytes each, and eight pages)
+//! times the slice concurrency, not by the window: choose `slices` so that
+//! a slice holds at most a few hundred thousand payments.
+//!
+//! Every card call, pages included, goes through the saga's logged calls,
+//! so it is in the SQL log (I3); an order with no paygate record is logged under `orphan_<orderId>`,
 //! and the run's page requests under `reconcile_<ULID>`.
 //! All card calls share the card API's resilience stack and rate limit.
 //! A lease (`reconcile`) keeps two runs from overlapping across replicas.
@@ -45,7 +56,7 @@
 pub mod check;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -333,7 +344,95 @@ pub fn slices(from_ms: i64, to_ms: i64, n: u32) -> Vec<Slice> {
         .collect()
 }
 
-/// The reconciliation over its dependencies.
+/// Pages of one slice fetched ahead of its matching (the matching waits for
+/// the slice's index first; the fetching does not wait for it).
+const PAGE_BUFFER: usize = 8;
+
+/// A paid record of a slice's index: what matching an approval and the
+/// not-approved check need of it.
+struct PaidCopy {
+    payment_id: PaymentId,
+    payment_key: String,
+    /// Minor units.
+    amount: i64,
+    /// The record's `approvedAt`, epoch ms (its creation when absent).
+    approved_ms: i64,
+}
+
+/// The paid records of one orderId in a slice's index, and whether the
+/// slice's list has shown the order approved.
+#[derive(Default)]
+struct IndexedOrder {
+    seen: bool,
+    paid: Vec<PaidCopy>,
+}
+
+/// A slice's paid records, read once per run ([`Reconciler::slice_index`]):
+/// the join matches the slice's approvals against it, and what the list did
+/// not show is the not-approved check's input. Only paid records are kept:
+/// `is_paid` never turns back, so a match made on this read holds when the
+/// page comes; anything else is read again by orderId before it is acted on.
+/// Its size is the slice's paid records (a few hundred bytes each).
+#[derive(Default)]
+struct SliceIndex {
+    by_order: HashMap<String, IndexedOrder>,
+}
+
+impl SliceIndex {
+    /// Adds a record if it is paid (a copy of a payment already held, from
+    /// a move interrupted between partitions, is not added twice).
+    fn insert(&mut self, r: PaymentRecord) {
+        if !r.is_paid {
+            return;
+        }
+        let approved_ms = r
+            .approved_at
+            .as_deref()
+            .and_then(paygate_core::time::ms_from_rfc3339_or_kst)
+            .unwrap_or(r.created_at);
+        let order = self.by_order.entry(r.order_id.to_string()).or_default();
+        if order.paid.iter().all(|c| c.payment_id != r.payment_id) {
+            order.paid.push(PaidCopy {
+                payment_id: r.payment_id,
+                payment_key: r.payment_key,
+                amount: r.amount,
+                approved_ms,
+            });
+        }
+    }
+
+    /// Marks the approval's order seen; `true` when a paid record of the
+    /// same paymentKey and amount matches it.
+    fn matches(&mut self, tx: &Transaction) -> bool {
+        let Some(order) = self.by_order.get_mut(tx.order_id.as_str()) else {
+            return false;
+        };
+        order.seen = true;
+        order
+            .paid
+            .iter()
+            .any(|c| c.payment_key == tx.payment_key && c.amount == tx.amount)
+    }
+
+    /// The paid records approved within `slice` whose order the slice's
+    /// list did not show, as `(payment_id, order_id)`.
+    fn unseen_approved_in(self, slice: Slice) -> impl Iterator<Item = (PaymentId, String)> {
+        let (from, to) = (slice.start_ms, slice.end_ms + 1000);
+        self.by_order
+            .into_iter()
+            .filter(|(_, o)| !o.seen)
+            .flat_map(move |(order_id, o)| {
+                o.paid
+                    .into_iter()
+                    .filter(move |c| c.approved_ms >= from && c.approved_ms < to)
+                    .map(move |c| (c.payment_id, order_id.clone()))
+            })
+    }
+}
+
+/// The reconciliation over its dependencies (cheap to clone: it shares
+/// them).
+#[derive(Clone)]
 pub struct Reconciler {
     store: Arc<dyn StateStore>,
     saga: Arc<Saga>,
@@ -344,8 +443,8 @@ pub struct Reconciler {
 }
 
 /// What one run shares between its tasks.
-struct Run<'a> {
-    opts: &'a ReconcileOptions,
+struct Run {
+    opts: ReconcileOptions,
     counters: Counters,
     settler: Settler,
     lost: Arc<AtomicBool>,
@@ -431,8 +530,8 @@ impl Reconciler {
             });
         }
         let renewal = lease.keep_alive(opts.lease_ttl);
-        let run = Run {
-            opts,
+        let run = Arc::new(Run {
+            opts: opts.clone(),
             counters: Counters::default(),
             settler: Settler::new(
                 self.store.clone(),
@@ -445,7 +544,7 @@ impl Reconciler {
                 "reconcile_{}",
                 paygate_core::ambient::ulid()
             )),
-        };
+        });
         let started = Instant::now();
         let result = self.run_under_lease(&run).await;
         renewal.finish().await;
@@ -469,7 +568,7 @@ impl Reconciler {
         }
     }
 
-    async fn run_under_lease(&self, run: &Run<'_>) -> Result<(), ReconcileError> {
+    async fn run_under_lease(&self, run: &Arc<Run>) -> Result<(), ReconcileError> {
         // The stale pass owns not-paid records older than `stale_after`; the
         // list owns younger ones: they never act on the same record, so they
         // run side by side.
@@ -477,34 +576,48 @@ impl Reconciler {
         if let Some(p) = &self.progress {
             p.set_total(slices.len() as u64);
         }
-        let list = futures_util::stream::iter(slices).for_each_concurrent(
-            run.opts.slice_concurrency,
-            |slice| async move {
-                if run.lost.load(Ordering::SeqCst) {
-                    return;
+        let list = async {
+            // Each slice is a task of its own, so slices are read, parsed and
+            // matched on every core (one task polls all it holds on one
+            // thread). The set aborts them if this run is dropped; the
+            // semaphore lets `slice_concurrency` run at once, in order.
+            let permits = Arc::new(tokio::sync::Semaphore::new(run.opts.slice_concurrency));
+            let mut tasks = tokio::task::JoinSet::new();
+            for slice in slices {
+                let (me, run, permits) = (self.clone(), run.clone(), permits.clone());
+                tasks.spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    if run.lost.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    me.slice(&run, slice).await;
+                    if let Some(p) = &me.progress {
+                        p.advance(1);
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                if let Err(e) = done {
+                    // A slice's task that panicked: the window is not fully
+                    // reconciled; the other slices go on.
+                    tracing::error!(error = %e, "reconcile: a slice's task failed; slice left unreconciled");
+                    add(&run.counters.failures, 1);
+                    add(&run.counters.incomplete_slices, 1);
                 }
-                self.slice(run, slice).await;
-                if let Some(p) = &self.progress {
-                    p.advance(1);
-                }
-            },
-        );
+            }
+        };
         let (stale, ()) = tokio::join!(self.stale_pass(run), list);
         stale
     }
 
     /// Step 1: not-paid records past `stale_after`, settled as the batch does.
-    async fn stale_pass(&self, run: &Run<'_>) -> Result<(), ReconcileError> {
+    async fn stale_pass(&self, run: &Run) -> Result<(), ReconcileError> {
         let cutoff = run.now_ms - run.opts.stale_after.as_millis() as i64;
         self.store
-            .scan(Partition::Realtime, 500)
+            .scan_stale(cutoff, 500)
             .map_err(ReconcileError::Store)
-            .try_filter(|r| {
-                let stale = !r.is_paid
-                    && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
-                    && r.updated_at <= cutoff;
-                std::future::ready(stale)
-            })
             .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
                 if run.lost.load(Ordering::SeqCst) {
                     return Ok(());
@@ -520,7 +633,7 @@ impl Reconciler {
     }
 
     /// Settles one record through the batch's code; each in isolation.
-    async fn settle(&self, run: &Run<'_>, r: PaymentRecord) {
+    async fn settle(&self, run: &Run, r: PaymentRecord) {
         let pid = r.payment_id.clone();
         match run.settler.settle(r, run.opts.dry_run).await {
             Ok((settlement, tally)) => {
@@ -536,54 +649,58 @@ impl Reconciler {
         }
     }
 
-    /// Steps 2-5 for one slice. The scan for step 5 runs while the pages
-    /// are fetched and matched; its candidates are checked once the slice's
-    /// list is complete.
-    async fn slice(&self, run: &Run<'_>, slice: Slice) {
-        let seen: std::sync::Mutex<HashSet<String>> = std::sync::Mutex::new(HashSet::new());
-        let (complete, candidates) = tokio::join!(
-            self.page_through(run, slice, &seen),
-            self.paid_in_slice(run, slice, &seen)
-        );
+    /// Steps 2-5 for one slice. The slice's paid records are read once
+    /// ([`SliceIndex`]) while its pages are fetched; each page is matched
+    /// against them, and what the complete list did not show is checked.
+    async fn slice(&self, run: &Run, slice: Slice) {
+        let (pages, mut received) = tokio::sync::mpsc::channel::<Vec<Transaction>>(PAGE_BUFFER);
+        let matching = async {
+            let mut index = match self.slice_index(run, slice).await {
+                Ok(index) => Some(index),
+                Err(e) => {
+                    // Every approval is then read by orderId, as it comes;
+                    // only the not-approved check of this slice is lost.
+                    tracing::error!(error = %e, "reconcile: could not read the paid records of a slice");
+                    add(&run.counters.failures, 1);
+                    None
+                }
+            };
+            while let Some(txs) = received.recv().await {
+                self.match_page(run, &txs, index.as_mut()).await;
+            }
+            index
+        };
+        let (complete, index) = tokio::join!(self.fetch_pages(run, slice, pages), matching);
         if !complete {
             add(&run.counters.failures, 1);
             add(&run.counters.incomplete_slices, 1);
             return;
         }
-        let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
-        match candidates {
-            Ok(c) => {
-                let unseen = c.into_iter().filter(|(_, order)| !seen.contains(order));
-                self.check_not_approved(run, unseen).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reconcile: could not scan paid records of a slice");
-                add(&run.counters.failures, 1);
-            }
+        if let (Some(index), false) = (index, run.lost.load(Ordering::SeqCst)) {
+            self.check_not_approved(run, index.unseen_approved_in(slice))
+                .await;
         }
     }
 
-    /// Steps 2-3: pages the slice in order, matching each page while the
-    /// next is fetched. `false` when a page could not be fetched.
-    async fn page_through(
+    /// Step 2: pages the slice in order into `pages` (at most
+    /// [`PAGE_BUFFER`] ahead of the matching). `false` when a page could
+    /// not be fetched.
+    async fn fetch_pages(
         &self,
-        run: &Run<'_>,
+        run: &Run,
         slice: Slice,
-        seen: &std::sync::Mutex<HashSet<String>>,
+        pages: tokio::sync::mpsc::Sender<Vec<Transaction>>,
     ) -> bool {
         let limit = run.opts.page_size;
-        let query = |after: Option<String>| TransactionsQuery {
-            start_date: paygate_core::time::kst_local_from_ms(slice.start_ms),
-            end_date: paygate_core::time::kst_local_from_ms(slice.end_ms),
-            starting_after: after,
-            limit: Some(limit),
-        };
-        let mut page = self
-            .saga
-            .transactions_page(&run.log_subject, query(None))
-            .await;
+        let mut after: Option<String> = None;
         loop {
-            let txs = match page {
+            let query = TransactionsQuery {
+                start_date: paygate_core::time::kst_local_from_ms(slice.start_ms),
+                end_date: paygate_core::time::kst_local_from_ms(slice.end_ms),
+                starting_after: after.take(),
+                limit: Some(limit),
+            };
+            let txs = match self.saga.transactions_page(&run.log_subject, query).await {
                 Ok(txs) => txs,
                 Err(e) => {
                     tracing::error!(start = slice.start_ms, end = slice.end_ms, error = %e,
@@ -598,40 +715,39 @@ impl Reconciler {
             }
             // A short page is the last: no request for an empty page after it.
             let last = txs.len() < limit as usize || run.lost.load(Ordering::SeqCst);
-            let next = (!last)
+            after = (!last)
                 .then(|| txs.last().map(|t| t.transaction_key.clone()))
                 .flatten();
-            // Fetch the next page while this one is matched.
-            let fetch_next = async {
-                match next {
-                    Some(after) => Some(
-                        self.saga
-                            .transactions_page(&run.log_subject, query(Some(after)))
-                            .await,
-                    ),
-                    None => None,
-                }
-            };
-            let (_, fetched) = tokio::join!(self.match_page(run, &txs, seen), fetch_next);
-            match fetched {
-                Some(p) => page = p,
-                None => return true,
+            if pages.send(txs).await.is_err() {
+                // The matching side has ended: nothing would read more pages.
+                return false;
+            }
+            if after.is_none() {
+                return true;
             }
         }
     }
 
-    /// Step 3: one page's approvals against paygate's records.
-    async fn match_page(
-        &self,
-        run: &Run<'_>,
-        txs: &[Transaction],
-        seen: &std::sync::Mutex<HashSet<String>>,
-    ) {
-        let approved = |ids: Vec<String>| {
-            seen.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
-        };
-        let approvals: Vec<&Transaction> = txs.iter().filter(|t| t.status == "DONE").collect();
-        for chunk in approvals.chunks(run.opts.lookup_chunk) {
+    /// Step 3: one page's approvals against paygate's records. An approval
+    /// with a paid record of the same paymentKey and amount in the slice's
+    /// index is matched without a read; every other one (and every one when
+    /// there is no index) is read by orderId and handled by `match_one`.
+    async fn match_page(&self, run: &Run, txs: &[Transaction], mut index: Option<&mut SliceIndex>) {
+        if run.lost.load(Ordering::SeqCst) {
+            // Another run holds the lease now: it acts, this one does not.
+            return;
+        }
+        let mut unmatched: Vec<&Transaction> = Vec::new();
+        let mut matched = 0;
+        for tx in txs.iter().filter(|t| t.status == "DONE") {
+            if index.as_deref_mut().is_some_and(|i| i.matches(tx)) {
+                matched += 1;
+            } else {
+                unmatched.push(tx);
+            }
+        }
+        add(&run.counters.matched, matched);
+        for chunk in unmatched.chunks(run.opts.lookup_chunk) {
             let ids: Vec<String> = chunk
                 .iter()
                 .map(|t| t.order_id.clone())
@@ -643,8 +759,6 @@ impl Reconciler {
                 Err(e) => {
                     tracing::error!(error = %e, orders = ids.len(), "reconcile: could not read records; these orders are left for the next run");
                     add(&run.counters.failures, 1);
-                    // Counted as seen so they are not also alerted as "not approved".
-                    approved(ids);
                     continue;
                 }
             };
@@ -655,23 +769,29 @@ impl Reconciler {
                     .or_default()
                     .push(rec);
             }
-            let work = chunk.iter().map(|tx| {
-                let found = by_order
-                    .get(tx.order_id.as_str())
-                    .cloned()
-                    .unwrap_or_default();
-                self.match_one(run, tx, found)
-            });
+            // Collected first: a lazy map here makes the future unprovably
+            // `Send` (rust-lang/rust#102211), and slices run as tasks.
+            let work: Vec<_> = chunk
+                .iter()
+                .map(|tx| {
+                    let found = by_order
+                        .get(tx.order_id.as_str())
+                        .cloned()
+                        .unwrap_or_default();
+                    self.match_one(run, tx, found)
+                })
+                .collect();
             futures_util::stream::iter(work)
                 .buffer_unordered(run.opts.stale_concurrency)
                 .collect::<Vec<()>>()
                 .await;
-            approved(chunk.iter().map(|t| t.order_id.clone()).collect());
         }
-        let cancels = txs
+        let cancels: Vec<_> = txs
             .iter()
-            .filter(|t| matches!(t.status.as_str(), "CANCELED" | "PARTIAL_CANCELED"));
-        futures_util::stream::iter(cancels.map(|tx| self.match_cancel(run, tx)))
+            .filter(|t| matches!(t.status.as_str(), "CANCELED" | "PARTIAL_CANCELED"))
+            .map(|tx| self.match_cancel(run, tx))
+            .collect();
+        futures_util::stream::iter(cancels)
             .buffer_unordered(run.opts.stale_concurrency)
             .collect::<Vec<()>>()
             .await;
@@ -680,7 +800,7 @@ impl Reconciler {
     /// A cancel transaction: paygate must hold a cancel of that amount (done,
     /// or in flight: the batch settles it). An order paygate has no record
     /// of is an orphan, canceled by this job itself: nothing to match.
-    async fn match_cancel(&self, run: &Run<'_>, tx: &Transaction) {
+    async fn match_cancel(&self, run: &Run, tx: &Transaction) {
         let found = match self
             .store
             .find_by_order_ids(std::slice::from_ref(&tx.order_id))
@@ -718,7 +838,7 @@ impl Reconciler {
 
     async fn match_one(
         &self,
-        run: &Run<'_>,
+        run: &Run,
         tx: &Transaction,
         found: Vec<&(Partition, PaymentRecord)>,
     ) {
@@ -778,7 +898,7 @@ impl Reconciler {
         self.alert(run, r, AlertReason::CardMismatch, detail).await;
     }
 
-    async fn alert(&self, run: &Run<'_>, r: &PaymentRecord, reason: AlertReason, detail: String) {
+    async fn alert(&self, run: &Run, r: &PaymentRecord, reason: AlertReason, detail: String) {
         self.emit(Action::Alert {
             reason,
             payment_id: r.payment_id.to_string(),
@@ -792,7 +912,7 @@ impl Reconciler {
     }
 
     /// An approval paygate has no record of: cancel it, then alert.
-    async fn orphan(&self, run: &Run<'_>, tx: &Transaction) {
+    async fn orphan(&self, run: &Run, tx: &Transaction) {
         self.emit(Action::CancelOrphan {
             order_id: tx.order_id.clone(),
             payment_key: tx.payment_key.clone(),
@@ -859,52 +979,30 @@ impl Reconciler {
         }
     }
 
-    /// Step 5, first half: paid records approved (by their `approvedAt`,
-    /// the time of the card company's `DONE` transaction) in the slice and
-    /// not yet seen in its list, as `(payment_id, order_id)`. Records are
-    /// found by creation time, reaching back [`APPROVAL_LAG_MS`] before the
-    /// slice for approvals that came late.
-    async fn paid_in_slice(
-        &self,
-        run: &Run<'_>,
-        slice: Slice,
-        seen: &std::sync::Mutex<HashSet<String>>,
-    ) -> Result<Vec<(PaymentId, String)>, StoreError> {
-        let (from, to) = (slice.start_ms, slice.end_ms + 1000);
-        let in_slice = move |r: &PaymentRecord| {
-            let at = r
-                .approved_at
-                .as_deref()
-                .and_then(paygate_core::time::ms_from_rfc3339_or_kst)
-                .unwrap_or(r.created_at);
-            at >= from && at < to
-        };
-        let mut candidates = Vec::new();
+    /// Step 5, first half, and the join's one read: the paid records
+    /// created from [`APPROVAL_LAG_MS`] before the slice to its end (an
+    /// approval is dated after its record's creation, by at most that lag),
+    /// in both partitions that hold paid records.
+    async fn slice_index(&self, run: &Run, slice: Slice) -> Result<SliceIndex, StoreError> {
+        let (from, to) = (slice.start_ms - APPROVAL_LAG_MS, slice.end_ms + 1000);
+        let mut index = SliceIndex::default();
         for p in [Partition::Realtime, Partition::Completed] {
-            let mut records = self.store.scan_created(p, from - APPROVAL_LAG_MS, to, 500);
+            let mut records = self.store.scan_created(p, from, to, 500);
             while let Some(r) = records.try_next().await? {
                 if run.lost.load(Ordering::SeqCst) {
-                    return Ok(Vec::new());
+                    return Ok(SliceIndex::default());
                 }
-                let unseen = || {
-                    !seen
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(r.order_id.as_str())
-                };
-                if r.is_paid && in_slice(&r) && unseen() {
-                    candidates.push((r.payment_id.clone(), r.order_id.to_string()));
-                }
+                index.insert(r);
             }
         }
-        Ok(candidates)
+        Ok(index)
     }
 
     /// Step 5, second half: each paid record the complete list did not show
     /// is looked up; no approval at the card company → alert.
     async fn check_not_approved(
         &self,
-        run: &Run<'_>,
+        run: &Run,
         unseen: impl Iterator<Item = (PaymentId, String)>,
     ) {
         futures_util::stream::iter(unseen)

@@ -550,6 +550,13 @@ impl StateStore for RealStore {
     fn scan(&self, p: Partition, batch: u32) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         Box::pin(Paced::new(self.inner.scan(p, batch)))
     }
+    fn scan_stale(
+        &self,
+        before: i64,
+        batch: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        Box::pin(Paced::new(self.inner.scan_stale(before, batch)))
+    }
     async fn find_by_order_ids(
         &self,
         ids: &[String],

@@ -454,6 +454,16 @@ impl StateStore for StoreHandle {
         }
         self.handle.inner.scan(p, batch)
     }
+    fn scan_stale(
+        &self,
+        before: i64,
+        batch: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        if !self.handle.alive() {
+            return Box::pin(futures_util::stream::once(async { Err(gone()) }));
+        }
+        self.handle.inner.scan_stale(before, batch)
+    }
     async fn find_by_order_ids(
         &self,
         ids: &[String],

@@ -53,8 +53,8 @@ pub use merchants::{Merchant, SqlMerchantStore};
 pub use mongo::{MongoOptions, MongoStateStore};
 pub use sql::{LogRow, SqlDatabase, SqlStateStore, SqliteDatabase};
 
-use futures_util::stream::BoxStream;
-use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
+use futures_util::{stream::BoxStream, TryStreamExt};
+use paygate_core::{CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 
 /// The copy of a record to believe when a move between partitions was
 /// interrupted and left it in two: the newer one (a move stamps the target
@@ -86,6 +86,15 @@ pub fn newest_copies(
     by_id.into_values().collect()
 }
 
+/// Whether a stale-payment pass settles `r`: not paid, `PENDING` or
+/// `UNKNOWN`, last updated at or before `updated_before_ms` (epoch ms).
+/// [`StateStore::scan_stale`] streams exactly these.
+pub fn is_stale(r: &PaymentRecord, updated_before_ms: i64) -> bool {
+    !r.is_paid
+        && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
+        && r.updated_at <= updated_before_ms
+}
+
 /// Whether a record may enter `partition`: a move is guarded on the state
 /// that justifies it (DESIGN.md §1), checked atomically with the move, so a
 /// move decided on a stale read (the batch scanned the record, then a
@@ -97,7 +106,7 @@ pub fn newest_copies(
 pub fn may_enter(partition: Partition, r: &PaymentRecord) -> bool {
     match partition {
         Partition::Completed => r.is_paid && r.is_saved,
-        Partition::Unpaid => !r.is_paid && r.card_status == paygate_core::CardStatus::Aborted,
+        Partition::Unpaid => !r.is_paid && r.card_status == CardStatus::Aborted,
         Partition::Realtime => true,
     }
 }
@@ -301,7 +310,6 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`]; records moved before the error stay moved.
     async fn move_settled(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
-        use futures_util::TryStreamExt;
         let mut picked = Vec::new();
         let mut records = self.scan(Partition::Realtime, limit.max(1));
         while let Some(r) = records.try_next().await? {
@@ -347,6 +355,23 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
         partition: Partition,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
+
+    /// Streams the realtime records a stale-payment pass settles: not paid,
+    /// `PENDING` or `UNKNOWN`, last updated at or before
+    /// `updated_before_ms` (epoch ms), in `payment_id` order, `batch_size`
+    /// per round trip. The default filters [`StateStore::scan`]; the SQL and
+    /// MongoDB stores filter in the database, so a run reads the stale
+    /// records rather than the whole partition.
+    fn scan_stale(
+        &self,
+        updated_before_ms: i64,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        Box::pin(
+            self.scan(Partition::Realtime, batch_size)
+                .try_filter(move |r| std::future::ready(is_stale(r, updated_before_ms))),
+        )
+    }
 
     /// Finds the records of these orderIds in every partition and for every
     /// merchant (the card company knows paygate as one merchant, so its

@@ -1226,6 +1226,25 @@ impl StateStore for MongoStateStore {
         )
     }
 
+    fn scan_stale(
+        &self,
+        updated_before_ms: i64,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        // The filter runs in the server: the run reads the stale records,
+        // not the whole partition.
+        stream_records(
+            self.partition(Partition::Realtime),
+            doc! {
+                "is_paid": false,
+                "card_status": {"$in": ["PENDING", "UNKNOWN"]},
+                "updated_at": {"$lte": updated_before_ms},
+            },
+            doc! {"_id": 1},
+            batch_size,
+        )
+    }
+
     async fn find_by_order_ids(
         &self,
         order_ids: &[String],

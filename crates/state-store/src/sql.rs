@@ -517,6 +517,25 @@ where
     })
 }
 
+/// Decodes `(partition, record)` rows that carry the partition's name in
+/// a `part` column.
+fn decode_rows<R: Row>(rows: &[R]) -> Result<Vec<(Partition, PaymentRecord)>, StoreError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    rows.iter()
+        .map(|row| {
+            let part: String = row
+                .try_get("part")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((partition_from(&part), record_from_row(row)?))
+        })
+        .collect()
+}
+
 fn partition_from(name: &str) -> Partition {
     match name {
         "completed" => Partition::Completed,
@@ -544,6 +563,51 @@ impl SqlStateStore {
     /// The underlying database.
     pub fn database(&self) -> &SqlDatabase {
         &self.db
+    }
+
+    /// Streams the rows of `table` that satisfy `condition` (which may use
+    /// `$3`, bound to `param`) in `payment_id` order, `batch_size` per round
+    /// trip. Keyset paging: each page starts after the last id of the one
+    /// before, so a page costs an index range scan and nothing is held
+    /// across pages.
+    fn scan_by_id(
+        &self,
+        table: &str,
+        condition: &str,
+        param: Option<i64>,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM {table} WHERE payment_id > $1 AND ({condition}) \
+             ORDER BY payment_id LIMIT $2"
+        );
+        let limit = i64::from(batch_size.max(1));
+        let pages = futures_util::stream::try_unfold(Some(String::new()), move |after| {
+            let sql = sql.clone();
+            async move {
+                let Some(after) = after else { return Ok(None) };
+                let page: Vec<PaymentRecord> = with_pool!(&self.db, pool => {
+                    let mut q = sqlx::query(&sql).bind(&after).bind(limit);
+                    if let Some(p) = param {
+                        q = q.bind(p);
+                    }
+                    let rows = q.fetch_all(pool).await.map_err(map_err)?;
+                    rows.iter().map(record_from_row).collect::<Result<Vec<_>, StoreError>>()?
+                });
+                let next = match page.last() {
+                    Some(last) if page.len() as i64 == limit => Some(last.payment_id.to_string()),
+                    _ => None,
+                };
+                if page.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    futures_util::stream::iter(page.into_iter().map(Ok)),
+                    next,
+                )))
+            }
+        });
+        Box::pin(pages.try_flatten())
     }
 
     async fn claimed_payment_id(
@@ -1082,35 +1146,22 @@ impl StateStore for SqlStateStore {
         partition: Partition,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
-        let sql = format!(
-            "SELECT {RECORD_COLUMNS} FROM {} WHERE payment_id > $1 ORDER BY payment_id LIMIT $2",
-            partition.table()
-        );
-        let limit = i64::from(batch_size.max(1));
-        // Keyset paging: each page starts after the last id of the one before,
-        // so a page costs an index range scan and nothing is held across pages.
-        let pages = futures_util::stream::try_unfold(Some(String::new()), move |after| {
-            let sql = sql.clone();
-            async move {
-                let Some(after) = after else { return Ok(None) };
-                let page: Vec<PaymentRecord> = with_pool!(&self.db, pool => {
-                    let rows = sqlx::query(&sql).bind(&after).bind(limit).fetch_all(pool).await.map_err(map_err)?;
-                    rows.iter().map(record_from_row).collect::<Result<Vec<_>, StoreError>>()?
-                });
-                let next = match page.last() {
-                    Some(last) if page.len() as i64 == limit => Some(last.payment_id.to_string()),
-                    _ => None,
-                };
-                if page.is_empty() {
-                    return Ok(None);
-                }
-                Ok(Some((
-                    futures_util::stream::iter(page.into_iter().map(Ok)),
-                    next,
-                )))
-            }
-        });
-        Box::pin(pages.try_flatten())
+        self.scan_by_id(partition.table(), "TRUE", None, batch_size)
+    }
+
+    fn scan_stale(
+        &self,
+        updated_before_ms: i64,
+        batch_size: u32,
+    ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
+        // The filter runs in the database: the run reads the stale records,
+        // not every record of the partition.
+        self.scan_by_id(
+            Partition::Realtime.table(),
+            "is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') AND updated_at <= $3",
+            Some(updated_before_ms),
+            batch_size,
+        )
     }
 
     async fn find_by_order_ids(
@@ -1120,26 +1171,40 @@ impl StateStore for SqlStateStore {
         if order_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let placeholders: Vec<String> = (1..=order_ids.len()).map(|i| format!("${i}")).collect();
-        let list = placeholders.join(", ");
-        let sql = format!(
-            "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE order_id IN ({list}) \
-             UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE order_id IN ({list}) \
-             UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE order_id IN ({list})"
-        );
-        let copies = with_pool!(&self.db, pool => {
-            let mut q = sqlx::query(&sql);
-            for id in order_ids {
-                q = q.bind(id);
+        let copies = match &self.db {
+            // One array parameter: one prepared statement whatever the chunk's
+            // length, and an index scan on `order_id` (a list of hundreds of
+            // `$n` made a new statement per length and cost a parse each).
+            SqlDatabase::Postgres(pool) => {
+                let sql = format!(
+                    "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE order_id = ANY($1) \
+                     UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE order_id = ANY($1) \
+                     UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE order_id = ANY($1)"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(order_ids)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(map_err)?;
+                decode_rows(&rows)?
             }
-            let rows = q.fetch_all(pool).await.map_err(map_err)?;
-            rows.iter()
-                .map(|row| {
-                    let part: String = row.try_get("part").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    Ok((partition_from(&part), record_from_row(row)?))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?
-        });
+            SqlDatabase::Sqlite(db) => {
+                let placeholders: Vec<String> =
+                    (1..=order_ids.len()).map(|i| format!("${i}")).collect();
+                let list = placeholders.join(", ");
+                let sql = format!(
+                    "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE order_id IN ({list}) \
+                     UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE order_id IN ({list}) \
+                     UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE order_id IN ({list})"
+                );
+                let mut q = sqlx::query(&sql);
+                for id in order_ids {
+                    q = q.bind(id);
+                }
+                let rows = q.fetch_all(&db.pool).await.map_err(map_err)?;
+                decode_rows(&rows)?
+            }
+        };
         Ok(crate::newest_copies(copies))
     }
 

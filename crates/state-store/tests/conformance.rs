@@ -723,6 +723,65 @@ async fn scan_created_streams_a_time_range_in_order() {
     .await;
 }
 
+/// Issue 18, point 4: the reconciliation's stale pass reads only the
+/// records it settles (not paid, `PENDING` or `UNKNOWN`, last updated at or
+/// before the cutoff), in `payment_id` order, the same on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_stale_streams_only_unsettled_records_past_the_cutoff() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let base = 1_700_000_000_000_i64;
+        let cutoff = base + 1_000;
+        let make = |order: &str, status: CardStatus, updated_at: i64| {
+            let mut r = pending(&m, order, None);
+            r.card_status = status;
+            r.created_at = base;
+            r.updated_at = updated_at;
+            r
+        };
+        let mut want = Vec::new();
+        // Five stale PENDING (more than a page of 2) and one stale UNKNOWN.
+        for i in 0..5 {
+            let r = make(&format!("order-stale-{i}"), CardStatus::Pending, base + i);
+            store.create(&r).await.unwrap();
+            want.push(r.payment_id.clone());
+        }
+        let unknown = make("order-stale-unknown", CardStatus::Unknown, cutoff);
+        store.create(&unknown).await.unwrap();
+        want.push(unknown.payment_id.clone());
+        // Not stale: updated after the cutoff, declined, or paid since.
+        let young = make("order-young", CardStatus::Pending, cutoff + 1);
+        let declined = make("order-declined", CardStatus::Aborted, base);
+        let paid_since = make("order-paid", CardStatus::Pending, base);
+        for r in [&young, &declined, &paid_since] {
+            store.create(r).await.unwrap();
+        }
+        store
+            .transition(&paid_since.payment_id, &paid())
+            .await
+            .unwrap();
+        want.sort();
+        let got: Vec<_> = store
+            .scan_stale(cutoff, 2)
+            .map_ok(|r| r.payment_id)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(got, want, "{name}");
+        // The same as filtering a full scan with the shared predicate.
+        let filtered: Vec<_> = store
+            .scan(Partition::Realtime, 100)
+            .try_filter(|r| std::future::ready(paygate_state_store::is_stale(r, cutoff)))
+            .map_ok(|r| r.payment_id)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(filtered, want, "{name}");
+    })
+    .await;
+}
+
 /// Issue 13, point 1: a move decided on a stale read does not apply. The
 /// batch read a no-call abort; the merchant's retry reopened it to PENDING;
 /// the batch's move to `unpaid_payments` must now leave it in realtime.
