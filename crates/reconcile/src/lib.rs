@@ -39,11 +39,15 @@
 //!    found this way) and, if the card company has no approval, alerted as
 //!    `paid_not_approved`.
 //!
-//! Each record is read once per run on the path that matches (the slice's
-//! read; its lag overlap with the slice before, 15 minutes, is read twice);
-//! only approvals that do not match, and candidates of step 5, are read
-//! again, fresh, before anything is done about them. Memory is bounded by
-//! the slice (its paid records, a few hundred bytes each, and eight pages)
+//! A paid record is read once per run on the path that matches: by the
+//! slice its approval falls in, and again by each later slice that starts
+//! less than [`APPROVAL_LAG_MS`] after its creation (with slices longer
+//! than 15 minutes, only records created in the last 15 minutes before a
+//! slice, by one more). Only approvals that do not match, and candidates
+//! of step 5, are read again, fresh, before anything is done about them.
+//! Memory is bounded by the slice (its paid records, a few hundred bytes
+//! each, and at most ten pages: eight queued, one being queued, one being
+//! matched)
 //! times the slice concurrency, not by the window: choose `slices` so that
 //! a slice holds at most a few hundred thousand payments.
 //!
@@ -172,8 +176,8 @@ pub struct Summary {
     pub failures: u64,
     /// Wall time, ms.
     pub duration_ms: u64,
-    /// Slices whose pages could not all be fetched: the window was not
-    /// fully reconciled (not in the JSON keys; the CLI exits 1).
+    /// Slices whose pages could not all be fetched (or whose task was
+    /// cancelled): the window was not fully reconciled (not in the JSON keys; the CLI exits 1).
     #[serde(skip)]
     pub incomplete_slices: u64,
 }
@@ -580,7 +584,7 @@ impl Reconciler {
             // Each slice is a task of its own, so slices are read, parsed and
             // matched on every core (one task polls all it holds on one
             // thread). The set aborts them if this run is dropped; the
-            // semaphore lets `slice_concurrency` run at once, in order.
+            // semaphore lets `slice_concurrency` of them run at once.
             let permits = Arc::new(tokio::sync::Semaphore::new(run.opts.slice_concurrency));
             let mut tasks = tokio::task::JoinSet::new();
             for slice in slices {
@@ -600,9 +604,13 @@ impl Reconciler {
             }
             while let Some(done) = tasks.join_next().await {
                 if let Err(e) = done {
-                    // A slice's task that panicked: the window is not fully
-                    // reconciled; the other slices go on.
-                    tracing::error!(error = %e, "reconcile: a slice's task failed; slice left unreconciled");
+                    if e.is_panic() {
+                        // A bug: it fails the run loudly, as it did when the
+                        // slices ran in this task (the set aborts the rest).
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                    // Cancelled: only this run aborts its tasks, by dropping
+                    // the set, so this is not reached; counted all the same.
                     add(&run.counters.failures, 1);
                     add(&run.counters.incomplete_slices, 1);
                 }
@@ -1057,6 +1065,80 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use paygate_core::{MerchantId, OrderId};
+
+    fn record(order: &str, key: &str, amount: i64, paid: bool, approved_ms: i64) -> PaymentRecord {
+        let mut r = PaymentRecord::new_pending(
+            MerchantId::generate(),
+            OrderId::parse(order).unwrap(),
+            key.to_owned(),
+            amount,
+            "KRW".into(),
+            "fp".into(),
+            None,
+            approved_ms - 1_000,
+        );
+        r.is_paid = paid;
+        r.card_status = if paid {
+            CardStatus::Done
+        } else {
+            CardStatus::Pending
+        };
+        r.approved_at = paid.then(|| paygate_core::time::kst_rfc3339_from_ms(approved_ms));
+        r
+    }
+
+    fn approval(order: &str, key: &str, amount: i64) -> Transaction {
+        Transaction {
+            transaction_key: format!("tx_{order}"),
+            payment_key: key.to_owned(),
+            order_id: order.to_owned(),
+            method: None,
+            status: "DONE".into(),
+            transaction_at: "2026-11-23T12:00:00+09:00".into(),
+            currency: Some("KRW".into()),
+            amount,
+        }
+    }
+
+    /// The slice's one read: only a paid record of the same paymentKey and
+    /// amount matches; the rest go to a fresh read; what the list did not
+    /// show, approved in the slice, is a candidate once per payment.
+    #[test]
+    fn a_slice_index_matches_only_paid_records_of_the_same_key_and_amount() {
+        let slice = Slice {
+            start_ms: 1_700_000_000_000,
+            end_ms: 1_700_000_059_000,
+        };
+        let at = slice.start_ms + 10_000;
+        let mut index = SliceIndex::default();
+        index.insert(record("order-match", "pk_1", 5_000, true, at));
+        index.insert(record("order-amount", "pk_2", 5_000, true, at));
+        index.insert(record("order-key", "pk_3", 5_000, true, at));
+        index.insert(record("order-unpaid", "pk_4", 5_000, false, at));
+        let unseen = record("order-unseen", "pk_5", 5_000, true, at);
+        index.insert(unseen.clone());
+        index.insert(unseen.clone()); // a second copy of one payment
+        index.insert(record(
+            "order-before",
+            "pk_6",
+            5_000,
+            true,
+            slice.start_ms - 1,
+        ));
+        assert!(index.matches(&approval("order-match", "pk_1", 5_000)));
+        assert!(!index.matches(&approval("order-amount", "pk_2", 7_000)));
+        assert!(!index.matches(&approval("order-key", "pk_other", 5_000)));
+        assert!(!index.matches(&approval("order-unpaid", "pk_4", 5_000)));
+        assert!(!index.matches(&approval("order-absent", "pk_7", 5_000)));
+        // Seen orders are not candidates, nor is an approval dated before
+        // the slice; the unseen one is, once.
+        let candidates: Vec<_> = index.unseen_approved_in(slice).collect();
+        assert_eq!(
+            candidates,
+            vec![(unseen.payment_id.clone(), "order-unseen".to_owned())]
+        );
+    }
 
     #[test]
     fn slices_cover_the_window_in_whole_seconds_without_overlap() {

@@ -357,7 +357,8 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
 
     /// Streams the realtime records a stale-payment pass settles: not paid,
-    /// `PENDING` or `UNKNOWN`, last updated at or before
+    /// `PENDING` or `UNKNOWN` (which includes a status this build does not
+    /// recognise), last updated at or before
     /// `updated_before_ms` (epoch ms), in `payment_id` order, `batch_size`
     /// per round trip. The default filters [`StateStore::scan`]; the SQL and
     /// MongoDB stores filter in the database, so a run reads the stale

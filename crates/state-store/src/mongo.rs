@@ -1232,12 +1232,13 @@ impl StateStore for MongoStateStore {
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         // The filter runs in the server: the run reads the stale records,
-        // not the whole partition.
+        // not the whole partition. Any status but the three settled ones,
+        // as an unrecognised stored value reads as `UNKNOWN`.
         stream_records(
             self.partition(Partition::Realtime),
             doc! {
                 "is_paid": false,
-                "card_status": {"$in": ["PENDING", "UNKNOWN"]},
+                "card_status": {"$nin": ["DONE", "ABORTED", "CANCELED"]},
                 "updated_at": {"$lte": updated_before_ms},
             },
             doc! {"_id": 1},

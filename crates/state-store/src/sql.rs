@@ -1155,10 +1155,13 @@ impl StateStore for SqlStateStore {
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         // The filter runs in the database: the run reads the stale records,
-        // not every record of the partition.
+        // not every record of the partition. A status other than the three
+        // settled ones is taken as stale: an unrecognised stored value reads
+        // as `UNKNOWN` (`CardStatus::from_stored`), which goes to an
+        // operator rather than being dropped.
         self.scan_by_id(
             Partition::Realtime.table(),
-            "is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') AND updated_at <= $3",
+            "is_paid = FALSE AND card_status NOT IN ('DONE', 'ABORTED', 'CANCELED') AND updated_at <= $3",
             Some(updated_before_ms),
             batch_size,
         )

@@ -741,26 +741,38 @@ async fn scan_stale_streams_only_unsettled_records_past_the_cutoff() {
             r
         };
         let mut want = Vec::new();
-        // Five stale PENDING (more than a page of 2) and one stale UNKNOWN.
+        // Five stale PENDING (more than a page of 2) and one stale UNKNOWN,
+        // created between records that are not stale, so that every page
+        // holds some of both: updated after the cutoff, declined, paid
+        // since, and paid with a status left `UNKNOWN` (only `is_paid`
+        // excludes that one).
+        let mut paid_since = Vec::new();
         for i in 0..5 {
             let r = make(&format!("order-stale-{i}"), CardStatus::Pending, base + i);
             store.create(&r).await.unwrap();
             want.push(r.payment_id.clone());
+            let other = match i {
+                0 => make("order-young", CardStatus::Pending, cutoff + 1),
+                1 => make("order-declined", CardStatus::Aborted, base),
+                2 => {
+                    let mut r = make("order-paid-flag", CardStatus::Unknown, base);
+                    r.is_paid = true;
+                    r
+                }
+                _ => {
+                    let r = make(&format!("order-paid-{i}"), CardStatus::Pending, base);
+                    paid_since.push(r.payment_id.clone());
+                    r
+                }
+            };
+            store.create(&other).await.unwrap();
         }
         let unknown = make("order-stale-unknown", CardStatus::Unknown, cutoff);
         store.create(&unknown).await.unwrap();
         want.push(unknown.payment_id.clone());
-        // Not stale: updated after the cutoff, declined, or paid since.
-        let young = make("order-young", CardStatus::Pending, cutoff + 1);
-        let declined = make("order-declined", CardStatus::Aborted, base);
-        let paid_since = make("order-paid", CardStatus::Pending, base);
-        for r in [&young, &declined, &paid_since] {
-            store.create(r).await.unwrap();
+        for id in &paid_since {
+            store.transition(id, &paid()).await.unwrap();
         }
-        store
-            .transition(&paid_since.payment_id, &paid())
-            .await
-            .unwrap();
         want.sort();
         let got: Vec<_> = store
             .scan_stale(cutoff, 2)
