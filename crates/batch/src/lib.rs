@@ -441,30 +441,28 @@ impl Sweeper {
         cutoff: i64,
         counters: &Counters,
     ) -> Result<(), BatchError> {
-        {
-            if opts.dry_run || opts.move_chunk == 0 {
-                return Ok(());
+        if opts.dry_run || opts.move_chunk == 0 {
+            return Ok(());
+        }
+        loop {
+            if lost.load(Ordering::SeqCst) {
+                return Err(BatchError::LeaseLost(Summary::default()));
             }
-            loop {
-                if lost.load(Ordering::SeqCst) {
-                    return Err(BatchError::LeaseLost(Summary::default()));
-                }
-                match self.store.move_settled(cutoff, opts.move_chunk).await {
-                    Ok(moved) => {
-                        counters.scanned.fetch_add(moved, Ordering::Relaxed);
-                        counters.completed.fetch_add(moved, Ordering::Relaxed);
-                        if let Some(p) = &self.progress {
-                            p.advance(moved);
-                        }
-                        if moved < u64::from(opts.move_chunk) {
-                            return Ok(());
-                        }
+            match self.store.move_settled(cutoff, opts.move_chunk).await {
+                Ok(moved) => {
+                    counters.scanned.fetch_add(moved, Ordering::Relaxed);
+                    counters.completed.fetch_add(moved, Ordering::Relaxed);
+                    if let Some(p) = &self.progress {
+                        p.advance(moved);
                     }
-                    Err(e) => {
-                        bump(&counters.failures);
-                        tracing::error!(error = %e, "batch: a set-based move failed; the per-record pass moves what is left");
+                    if moved < u64::from(opts.move_chunk) {
                         return Ok(());
                     }
+                }
+                Err(e) => {
+                    bump(&counters.failures);
+                    tracing::error!(error = %e, "batch: a set-based move failed; the per-record pass moves what is left");
+                    return Ok(());
                 }
             }
         }
