@@ -107,6 +107,19 @@ impl Env {
     fn db(&self) -> &SqlDatabase {
         &self.c.db
     }
+
+    /// Makes `r`'s last change `ms` older (a record whose confirm is long
+    /// over, as an operator finds it).
+    async fn age(&self, r: &PaymentRecord, ms: i64) {
+        paygate_state_store::with_pool!(self.db(), pool => {
+            sqlx::query("UPDATE realtime_payments SET updated_at = updated_at - $1 WHERE payment_id = $2")
+                .bind(ms)
+                .bind(r.payment_id.as_str())
+                .execute(pool)
+                .await
+                .unwrap();
+        });
+    }
 }
 
 fn ok(out: &Output) -> String {
@@ -335,6 +348,10 @@ async fn not_charged_files_unpaid_and_force_overrides_a_contradiction() {
             },
         )
         .await;
+        // A "not charged" waits until no confirm can still be at the card
+        // company: the records' last changes are a minute old.
+        e.age(&a, 60_000).await;
+        e.age(&b, 60_000).await;
 
         let pid = a.payment_id.to_string();
         ok(&e.cli(&[

@@ -135,6 +135,7 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
             Transition::MarkAborted {
                 failure_code: "REJECT_CARD_PAYMENT".into(),
                 last_error: "no".into(),
+                seen_version: None,
             },
         )
         .await;
@@ -163,6 +164,7 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
             Transition::MarkAborted {
                 failure_code: failure_codes::LOG_UNAVAILABLE.into(),
                 last_error: "log".into(),
+                seen_version: None,
             },
         )
         .await;
@@ -489,10 +491,18 @@ async fn a_reopened_record_is_young_again() {
             Transition::MarkAborted {
                 failure_code: code.clone(),
                 last_error: "open".into(),
+                seen_version: None,
             },
         )
         .await;
-        e.t(&r, Transition::Reopen { failure_code: code }).await;
+        e.t(
+            &r,
+            Transition::Reopen {
+                failure_code: code,
+                seen_version: None,
+            },
+        )
+        .await;
         let s = e
             .sweeper()
             .sweep(&SweepOptions {
@@ -531,6 +541,7 @@ async fn a_lookup_404_is_not_evidence_of_a_decline() {
             Transition::MarkAborted {
                 failure_code: "NOT_FOUND_PAYMENT".into(),
                 last_error: "looked up: not found".into(),
+                seen_version: None,
             },
         )
         .await;
@@ -800,6 +811,7 @@ async fn holds_left_during_by_a_dead_confirm_are_sold_or_released_by_the_sweep()
             Transition::MarkAborted {
                 failure_code: failure_codes::NOT_SENT.into(),
                 last_error: "died before the card call".into(),
+                seen_version: None,
             },
         )
         .await;

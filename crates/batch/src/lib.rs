@@ -499,8 +499,11 @@ impl Sweeper {
             {
                 if !opts.dry_run {
                     // Its confirm may have died between the abort and the
-                    // release of its hold: release it (a no-op otherwise).
-                    self.saga.hold_on_aborted(&r).await;
+                    // release of its hold: release it, read hold first and
+                    // payment after, guarded on the hold's version (a
+                    // merchant's retry may have reopened the payment and
+                    // begun on the hold since the scan).
+                    self.saga.release_hold_if_ended(&r).await?;
                 }
                 if self.file(&r, Partition::Unpaid, opts.dry_run).await? {
                     bump(&c.unpaid);
@@ -515,18 +518,19 @@ impl Sweeper {
                     bump(&c.unpaid);
                     return Ok(());
                 }
-                // Guarded on the `updated_at` read before the log: a
-                // confirm that wrote its REQUEST row since then has moved
-                // it (its fence), and this filing changes nothing.
+                // Guarded on the version read before the log: a confirm
+                // that wrote its REQUEST row since then has moved it (its
+                // fence), and this filing changes nothing.
                 let t = Transition::FileNotSent {
-                    seen_updated_at: r.updated_at,
+                    seen_version: r.version,
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
                 let aborted = self.store.transition(&r.payment_id, &t).await?;
                 if aborted {
                     // Its confirm may have moved the order's hold to
-                    // `during` before it died: give the stock back.
-                    self.saga.hold_on_aborted(&r).await;
+                    // `during` before it died: give the stock back, unless
+                    // a retry has reopened the payment since.
+                    self.saga.release_hold_if_ended(&r).await?;
                 }
                 if aborted
                     && self

@@ -111,6 +111,10 @@ pub struct ResolveArgs {
     /// Carry it out even when the card company's lookup contradicts it.
     #[arg(long)]
     force: bool,
+    /// The version `paygate payments show` printed: refused when the
+    /// payment changed since.
+    #[arg(long = "version")]
+    seen_version: Option<i64>,
     /// Ledger failures in the batch before "ledger save failed" is raised.
     #[arg(long, default_value_t = 5)]
     alert_threshold: i64,
@@ -288,6 +292,10 @@ async fn show(config: paygate_core::Config, args: ShowArgs) -> anyhow::Result<Ex
         "  updated      {}  ({} ago)",
         local_time(record.updated_at, zone),
         age(record.updated_at)
+    );
+    println!(
+        "  version      {}  (pass --version {} to `payments resolve`)",
+        record.version, record.version
     );
     println!("api_logs ({}):", logs.len());
     for row in doc["apiLogs"].as_array().into_iter().flatten() {
@@ -588,6 +596,7 @@ async fn resolve(config: paygate_core::Config, args: ResolveArgs) -> anyhow::Res
         reason: args.reason.trim().to_owned(),
         operator,
         force: args.force,
+        seen_version: args.seen_version,
     };
     let result = resolver.resolve(&req).await;
     let _ = components.alerter.flush().await;

@@ -187,8 +187,13 @@ pub struct PaymentRecord {
     pub idempotency_key: Option<String>,
     /// Created, epoch ms.
     pub created_at: i64,
-    /// Last changed, epoch ms.
+    /// Last changed, epoch ms, by the writer's clock: for ages and for
+    /// operators, never for a guard (clocks of replicas differ).
     pub updated_at: i64,
+    /// +1 on every applied transition and every move between partitions
+    /// (DESIGN.md §1): the value a write that depends on an earlier read
+    /// is guarded on. A new record is version 0.
+    pub version: i64,
 }
 
 impl PaymentRecord {
@@ -223,6 +228,7 @@ impl PaymentRecord {
             idempotency_key,
             created_at: now_ms,
             updated_at: now_ms,
+            version: 0,
         }
     }
 

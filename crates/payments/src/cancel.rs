@@ -13,11 +13,19 @@
 //! 3. The answer settles it: the card company's `cancels[]` holds it
 //!    (`DONE`), a refusal (`FAILED`, 422 with the card's code), no call
 //!    (`FAILED`, 503), or a lost answer: one lookup by orderId, else
-//!    `UNKNOWN` and 202 (the batch looks it up).
+//!    `UNKNOWN` and 202 (the batch looks it up). "No call" is claimed only
+//!    when no attempt of this request left and the cancel is still at the
+//!    version this request claimed: the batch fences a cancel before it
+//!    sends it again ([`CancelTransition::MarkSending`]), so a request that
+//!    stalled past the batch's grace cannot answer "nothing was canceled"
+//!    for a cancel the card company applied.
 //! 4. A done cancel's reversal goes to the ledger with one synchronous try
 //!    and async retries ([`crate::reversal`]), after the approval's entry.
 
-use std::sync::{atomic::AtomicU32, Arc};
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
 
 use paygate_api_log::Target;
 use paygate_card_api::{CancelRequest, CardApiError, CardPayment, CodeClass};
@@ -150,7 +158,7 @@ impl Saga {
         match self.store.claim_cancel(&draft).await {
             Err(e) => {
                 tracing::error!(payment_id = %record.payment_id, error = %e, "could not claim a cancel");
-                unavailable("payment state store unavailable; nothing was canceled")
+                self.claim_failed(record, &draft).await
             }
             Ok(CancelClaim::ExceedsBalance { balance }) => {
                 CancelOutcome::ExceedsBalance { balance }
@@ -161,6 +169,42 @@ impl Saga {
             }
             Ok(CancelClaim::Existing(c)) => self.replay_cancel(record, &c).await,
             Ok(CancelClaim::Claimed(c)) => self.run_cancel(record, c).await,
+        }
+    }
+
+    /// The claim's write failed, or its acknowledgement was lost: a
+    /// `PENDING` cancel may exist that the batch will send. Read again and
+    /// promise that nothing was canceled only when no cancel of this
+    /// payment is in flight (with a key: when none carries it).
+    async fn claim_failed(
+        self: &Arc<Self>,
+        record: PaymentRecord,
+        draft: &CancelDraft,
+    ) -> CancelOutcome {
+        let cancels = match self.store.cancels_of(&record.payment_id).await {
+            Ok(cancels) => cancels,
+            Err(e) => {
+                tracing::warn!(payment_id = %record.payment_id, error = %e, "could not read the cancels after a failed claim");
+                return unavailable(
+                    "payment state store unavailable; the cancel may have been taken: \
+                     retry with the same Idempotency-Key or GET the payment",
+                );
+            }
+        };
+        let ours = cancels.iter().find(|c| match &draft.idempotency_key {
+            Some(key) => c.idempotency_key.as_deref() == Some(key.as_str()),
+            None => c.status.in_flight() && c.request_fingerprint == draft.request_fingerprint,
+        });
+        match ours {
+            Some(c) if c.status.in_flight() => {
+                CancelOutcome::Unknown(CanceledPayment { record, cancels })
+            }
+            Some(c) => {
+                let c = c.clone();
+                self.replay_cancel(record, &c).await
+            }
+            None if cancels.iter().any(|c| c.status.in_flight()) => CancelOutcome::InProgress,
+            None => unavailable("payment state store unavailable; nothing was canceled"),
         }
     }
 
@@ -202,13 +246,17 @@ impl Saga {
 
     async fn run_cancel(self: &Arc<Self>, record: PaymentRecord, c: CancelRecord) -> CancelOutcome {
         let pid = record.payment_id.clone();
-        let res = self.cancel_call(&record, &c, RequestKind::Idempotent).await;
+        let sent = Arc::new(AtomicU32::new(0));
+        let res = self
+            .cancel_call(&record, &c, RequestKind::Idempotent, sent.clone())
+            .await;
+        let sent = sent.load(Ordering::SeqCst);
         let verdict = match res {
             Ok(p) => match self.done_by(&p, &c).await {
                 Some(at) => Ok(at),
                 None => Err("the card company's answer does not list this cancel".to_owned()),
             },
-            Err(e) => match self.classify_failure(&pid, &c, e).await {
+            Err(e) => match self.classify_failure(&pid, &c, e, sent).await {
                 Some(outcome) => return outcome,
                 None => Err("no answer from the card company".to_owned()),
             },
@@ -243,11 +291,15 @@ impl Saga {
 
     /// A failed card call: `Some(answer)` when it settles the cancel as not
     /// done (refused, or no call), `None` when the outcome is unknown.
+    /// `sent` counts the attempts of this request that left: a final
+    /// "no call" error (breaker, bulkhead, rate limit, log) after one that
+    /// left is no proof that nothing was canceled.
     async fn classify_failure(
         self: &Arc<Self>,
         pid: &PaymentId,
         c: &CancelRecord,
         e: CallError<AttemptError<CardApiError>>,
+        sent: u32,
     ) -> Option<CancelOutcome> {
         let no_call = |code: &str, detail: &str, retry_after_s: u64| {
             (
@@ -255,6 +307,9 @@ impl Saga {
                     failure_code: code.to_owned(),
                     last_error: detail.to_owned(),
                     release_key: true,
+                    // The batch may have sent it since this request
+                    // claimed it (see the module doc).
+                    seen_version: Some(c.version),
                 },
                 CancelOutcome::Unavailable {
                     detail: format!("{detail}; nothing was canceled, retry"),
@@ -263,6 +318,9 @@ impl Saga {
             )
         };
         let (t, outcome) = match &e {
+            _ if sent > 0 && !matches!(&e, CallError::Downstream(AttemptError::Downstream(_))) => {
+                return None
+            }
             CallError::BreakerOpen { retry_after } => no_call(
                 failure_codes::CIRCUIT_OPEN,
                 "the card API is unavailable",
@@ -277,7 +335,7 @@ impl Saga {
                 1,
             ),
             CallError::Downstream(AttemptError::Downstream(ce)) => match ce.class() {
-                CodeClass::OwnCredentials => no_call(
+                CodeClass::OwnCredentials if sent <= 1 => no_call(
                     failure_codes::CARD_AUTH_FAILED,
                     "the card API refused paygate's credentials",
                     30,
@@ -287,6 +345,7 @@ impl Saga {
                         failure_code: ce.code().to_owned(),
                         last_error: classify::card_message(ce),
                         release_key: false,
+                        seen_version: None,
                     },
                     CancelOutcome::Refused {
                         code: ce.code().to_owned(),
@@ -336,11 +395,13 @@ impl Saga {
     /// The card cancel of `c` (Toss `POST /v1/payments/{paymentKey}/cancel`
     /// with `cancelAmount` and `Idempotency-Key: <payment_id>:cancel:<n>`),
     /// a logged call through the card stack.
+    /// `sent` counts the attempts that left (see [`Saga::through`]).
     pub(crate) async fn cancel_call(
         self: &Arc<Self>,
         record: &PaymentRecord,
         c: &CancelRecord,
         kind: RequestKind,
+        sent: Arc<AtomicU32>,
     ) -> Result<CardPayment, CallError<AttemptError<CardApiError>>> {
         let req = CancelRequest {
             cancel_reason: c.reason.clone(),
@@ -371,14 +432,7 @@ impl Saga {
             classify: classify::repeatable,
             attempt_timeout: paygate_resilience::ATTEMPT_TIMEOUT_RETRYABLE,
         };
-        self.through(
-            policy,
-            site,
-            call,
-            describe_card,
-            Arc::new(AtomicU32::new(0)),
-        )
-        .await
+        self.through(policy, site, call, describe_card, sent).await
     }
 }
 
@@ -398,11 +452,14 @@ pub enum CancelSettlement {
 impl Saga {
     /// Settles a cancel left `PENDING` or `UNKNOWN` (a lost answer, or a
     /// crash between the claim and the card call): looks the payment up by
-    /// orderId and reads its `cancels[]`; when the cancel is not there, sends
-    /// the same cancel again with the same `Idempotency-Key` (the card company
-    /// replays the first answer, or makes the cancel the merchant asked for:
-    /// never a second refund). Still unknown: `batch_attempts += 1` and an
-    /// alert (`cancel_unknown`) once it reaches `alert_threshold`.
+    /// orderId and reads its `cancels[]`; when the cancel is not there, fences
+    /// it ([`CancelTransition::MarkSending`] on the version read, so a live
+    /// request that made no call can no longer answer "nothing was
+    /// canceled") and sends the same cancel again with the same
+    /// `Idempotency-Key` (the card company replays the first answer, or
+    /// makes the cancel the merchant asked for: never a second refund).
+    /// Still unknown: `batch_attempts += 1` and an alert (`cancel_unknown`)
+    /// once it reaches `alert_threshold`.
     pub async fn settle_cancel(
         self: &Arc<Self>,
         c: &CancelRecord,
@@ -418,7 +475,20 @@ impl Saga {
                 return self.batch_done(&record, c, at).await;
             }
         }
-        let why = match self.cancel_call(&record, c, RequestKind::Idempotent).await {
+        let fence = CancelTransition::MarkSending {
+            seen_version: c.version,
+        };
+        match self.store.cancel_transition(pid, c.n, &fence).await {
+            Ok(true) => {}
+            // Settled or fenced by another actor since it was read: the
+            // next sweep reads it again.
+            _ => return CancelSettlement::Skipped,
+        }
+        let sent = Arc::new(AtomicU32::new(0));
+        let why = match self
+            .cancel_call(&record, c, RequestKind::Idempotent, sent)
+            .await
+        {
             Ok(p) => match self.done_by(&p, c).await {
                 Some(at) => return self.batch_done(&record, c, at).await,
                 None => "the card company's answer does not list this cancel".to_owned(),
@@ -433,6 +503,7 @@ impl Saga {
                     failure_code: ce.code().to_owned(),
                     last_error: classify::card_message(&ce),
                     release_key: false,
+                    seen_version: None,
                 };
                 return match self.store.cancel_transition(pid, c.n, &t).await {
                     Ok(true) => CancelSettlement::Failed,

@@ -28,7 +28,7 @@ use paygate_api_log::Target;
 use paygate_card_api::{CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
 use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
 use paygate_resilience::{CallError, RequestKind};
-use paygate_state_store::{CreateOutcome, Transition};
+use paygate_state_store::{CreateOutcome, Hold, Transition};
 
 use crate::{
     classify::{self, card_message, AttemptError},
@@ -201,9 +201,13 @@ impl Saga {
     /// [`Saga::run`]; `prewritten`: the first card `REQUEST` row was
     /// committed with the record (a journal's commit (a)); `in_doubt`: see
     /// [`Saga::run_reopened_not_sent`].
+    ///
+    /// `record.version` is kept equal to the version this confirm last
+    /// wrote: every guarded no-call abort compares it, so a confirm that
+    /// stalled cannot abort (or un-hold) a payment another actor changed.
     async fn run_with(
         self: &Arc<Self>,
-        record: PaymentRecord,
+        mut record: PaymentRecord,
         ticket: &ConfirmTicket,
         prewritten: bool,
         in_doubt: bool,
@@ -220,28 +224,40 @@ impl Saga {
                     .await;
             }
             return self
-                .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None)
+                .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None, None)
                 .await;
         }
-        if let Some(refused) = self.hold_before_card(&record).await {
-            // The stock is gone: no card call. A REQUEST row committed
-            // with the record is withdrawn, so the log still proves none
-            // was made.
-            if prewritten {
-                self.withdraw_prewritten(&record).await;
+        // The hold this confirm moved to `during` (at the version it left
+        // it): the only hold a no-call end of this confirm may release.
+        let moved = match self.hold_before_card(&record).await {
+            Ok(moved) => moved,
+            Err(refused) => {
+                // The stock is gone: no card call. A REQUEST row committed
+                // with the record is withdrawn, so the log still proves
+                // none was made.
+                if prewritten {
+                    self.withdraw_prewritten(&record).await;
+                }
+                return refused;
             }
-            return refused;
-        }
+        };
         if !prewritten {
-            if let Some(outcome) = self.open_for_sending(&record, in_doubt).await {
+            if let Some(outcome) = self
+                .open_for_sending(&record, in_doubt, moved.as_ref())
+                .await
+            {
                 return outcome;
             }
+            // The fence applied: one version on.
+            record.version += 1;
         }
         // The first REQUEST row is committed now, one way or the other.
         let (verdict, answer) = self.settle_at_card(&record).await;
         match verdict {
             CardVerdict::Approved(p) => self.approved(record, &p, answer).await,
-            CardVerdict::Declined { code, message } => self.declined(record, code, message).await,
+            CardVerdict::Declined { code, message } => {
+                self.declined(record, code, message, moved.as_ref()).await
+            }
             CardVerdict::NoCall { code, detail, .. } if in_doubt => {
                 self.not_attempted_in_doubt(record, code, detail).await
             }
@@ -250,7 +266,7 @@ impl Saga {
                 detail,
                 retry_after_s,
             } => {
-                self.not_attempted(record, code, detail, retry_after_s)
+                self.not_attempted(record, code, detail, retry_after_s, moved.as_ref())
                     .await
             }
             CardVerdict::Unsettled { detail } => {
@@ -281,6 +297,7 @@ impl Saga {
         self: &Arc<Self>,
         record: &PaymentRecord,
         in_doubt: bool,
+        moved: Option<&Hold>,
     ) -> Option<ConfirmOutcome> {
         let pid = &record.payment_id;
         let request = card_site(record).1.first_request();
@@ -309,7 +326,8 @@ impl Saga {
                         self.not_attempted_in_doubt(record.clone(), code, detail)
                             .await
                     } else {
-                        self.not_attempted(record.clone(), code, detail, None).await
+                        self.not_attempted(record.clone(), code, detail, None, moved)
+                            .await
                     });
                 }
                 self.store.transition(pid, &Transition::MarkSending).await
@@ -456,7 +474,10 @@ impl Saga {
         {
             return false;
         }
+        // An approval proves the call was sent: state alone guards this
+        // repair, whatever version a move back left.
         let reopen = Transition::Reopen {
+            seen_version: None,
             failure_code: r.failure_code.clone().unwrap_or_default(),
         };
         matches!(self.store.transition(pid, &reopen).await, Ok(true))
@@ -484,23 +505,28 @@ impl Saga {
         ConfirmOutcome::Approved(record)
     }
 
+    /// The card company declined. The decline is its answer for this
+    /// payment whoever sent it, so the abort is guarded on state alone;
+    /// the hold released is only the one this confirm moved (`moved`).
     async fn declined(
         &self,
         mut record: PaymentRecord,
         code: String,
         message: String,
+        moved: Option<&Hold>,
     ) -> ConfirmOutcome {
         let pid = &record.payment_id;
         let t = Transition::MarkAborted {
             failure_code: code.clone(),
             last_error: message.clone(),
+            seen_version: None,
         };
         if let Err(e) = self.store.transition(pid, &t).await {
             tracing::warn!(payment_id = %pid, error = %e, "could not record the decline; the batch will settle it");
         }
         record.card_status = CardStatus::Aborted;
         record.failure_code = Some(code.clone());
-        self.hold_on_aborted(&record).await;
+        self.release_moved_hold(&record, moved).await;
         metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
         ConfirmOutcome::Declined {
             record,
@@ -509,23 +535,43 @@ impl Saga {
         }
     }
 
+    /// No card call was made by this confirm: the record is aborted with
+    /// `code`, guarded on the version this confirm last wrote, and only
+    /// when that applied is the hold it moved (`moved`) released and the
+    /// merchant told that nothing was charged. A guard that fails means
+    /// another actor changed the payment since (a retry at another
+    /// replica may be sending it): this request answers 409, poll.
     async fn not_attempted(
         &self,
         record: PaymentRecord,
         code: &'static str,
         detail: String,
         retry_after_s: Option<u64>,
+        moved: Option<&Hold>,
     ) -> ConfirmOutcome {
         let pid = record.payment_id.clone();
         tracing::error!(payment_id = %pid, reason = code, detail = %detail, "no card call made");
         let t = Transition::MarkAborted {
             failure_code: code.to_owned(),
             last_error: detail,
+            seen_version: Some(record.version),
         };
-        if let Err(e) = self.store.transition(&pid, &t).await {
-            tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");
+        match self.store.transition(&pid, &t).await {
+            Ok(true) => self.release_moved_hold(&record, moved).await,
+            Ok(false) => {
+                tracing::warn!(payment_id = %pid,
+                    "the record changed since this confirm wrote it; left to the actor that changed it");
+                metrics::counter!("paygate_payments_total", "outcome" => "not_attempted")
+                    .increment(1);
+                return ConfirmOutcome::InFlight(record);
+            }
+            // The record stays PENDING with its hold `during`: the batch
+            // files it as never sent, and its stuck-hold pass releases the
+            // hold from that state.
+            Err(e) => {
+                tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted")
+            }
         }
-        self.hold_on_aborted(&record).await;
         let detail = match code {
             failure_codes::LOG_UNAVAILABLE => {
                 "request log unavailable; nothing was charged, retry later"
@@ -571,6 +617,7 @@ impl Saga {
             last_error: format!(
                 "{code}: {detail}; an earlier confirm of this payment may have been sent"
             ),
+            seen_version: Some(record.version),
         };
         if let Err(e) = self.store.transition(pid, &t).await {
             tracing::warn!(payment_id = %pid, error = %e, "could not mark the record aborted");

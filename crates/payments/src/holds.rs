@@ -43,22 +43,26 @@ impl Saga {
         self.inventory.as_ref()
     }
 
-    /// Before the card call: `None` when the call may go (no hold, or the
-    /// hold is `during` now); otherwise the outcome to answer, with the
-    /// record marked a no-call abort.
+    /// Before the card call: `Ok` when the call may go, with the hold this
+    /// confirm moved to `during` (at the version it left it) or `None` (no
+    /// hold, or already sold); otherwise the outcome to answer, with the
+    /// record marked a no-call abort (guarded on the version this confirm
+    /// last wrote: a record another actor changed since is left to it,
+    /// and the merchant is answered 409).
     pub(crate) async fn hold_before_card(
         self: &Arc<Self>,
         record: &PaymentRecord,
-    ) -> Option<ConfirmOutcome> {
-        let inventory = self.inventory.as_ref()?;
+    ) -> Result<Option<Hold>, ConfirmOutcome> {
+        let Some(inventory) = self.inventory.as_ref() else {
+            return Ok(None);
+        };
         let now = paygate_core::ambient::now_ms();
         let (code, detail, short) = match inventory
             .begin_payment(&record.merchant_id, &record.order_id, now)
             .await
         {
-            Ok(BeginOutcome::NoHold | BeginOutcome::During(_) | BeginOutcome::Sold(_)) => {
-                return None
-            }
+            Ok(BeginOutcome::During(hold)) => return Ok(Some(hold)),
+            Ok(BeginOutcome::NoHold | BeginOutcome::Sold(_)) => return Ok(None),
             Ok(BeginOutcome::Expired { short, .. }) => (
                 failure_codes::HOLD_EXPIRED,
                 format!("the stock hold expired and {} is gone", short.join(", ")),
@@ -73,12 +77,17 @@ impl Saga {
         let t = Transition::MarkAborted {
             failure_code: code.to_owned(),
             last_error: detail,
+            seen_version: Some(record.version),
         };
-        if let Err(e) = self.store.transition(&record.payment_id, &t).await {
-            tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record aborted");
-        }
         metrics::counter!("paygate_payments_total", "outcome" => "not_attempted").increment(1);
-        Some(match short {
+        match self.store.transition(&record.payment_id, &t).await {
+            Ok(true) => {}
+            Ok(false) => return Err(ConfirmOutcome::InFlight(record.clone())),
+            Err(e) => {
+                tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record aborted");
+            }
+        }
+        Err(match short {
             Some(short) => ConfirmOutcome::HoldExpired {
                 payment_id: record.payment_id.clone(),
                 short,
@@ -123,8 +132,54 @@ impl Saga {
         }
     }
 
-    /// After a decline or a no-call abort: releases the order's hold if a
-    /// confirm had moved it to `during`.
+    /// After a confirm's own decline or no-call abort: releases `moved`,
+    /// the hold that confirm moved to `during`, only if it is still at the
+    /// version that confirm left it (a retry that began on it since owns
+    /// it now).
+    pub(crate) async fn release_moved_hold(&self, record: &PaymentRecord, moved: Option<&Hold>) {
+        let (Some(inventory), Some(hold)) = (self.inventory.as_ref(), moved) else {
+            return;
+        };
+        let now = paygate_core::ambient::now_ms();
+        match inventory.release_stuck(hold, now).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(payment_id = %record.payment_id, hold_id = %hold.hold_id,
+                "the order's hold changed since this confirm moved it; left to its new owner"),
+            Err(e) => tracing::warn!(payment_id = %record.payment_id, error = %e,
+                "could not release the order's hold; the batch releases it once the payment is filed"),
+        }
+    }
+
+    /// Releases the order's hold when it is `during` and the payment, read
+    /// after the hold, has ended unpaid (as the stuck-hold pass decides);
+    /// guarded on the hold's version as read, so a merchant's retry that
+    /// reopened the payment and began on the hold since keeps it. The
+    /// batch calls it after it files a payment unpaid.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the inventory or state store (nothing changed,
+    /// or the release happened; the stuck-hold pass finishes it).
+    pub async fn release_hold_if_ended(&self, record: &PaymentRecord) -> Result<(), StoreError> {
+        let Some(inventory) = self.inventory.clone() else {
+            return Ok(());
+        };
+        let hold = inventory
+            .hold_by_order(&record.merchant_id, &record.order_id)
+            .await?;
+        match hold {
+            Some(hold) if hold.state == HoldState::During => {
+                let mut tally = StuckHolds::default();
+                self.settle_stuck_hold(inventory.as_ref(), &hold, false, &mut tally)
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After a decline learned by lookup (the batch, the reconciliation)
+    /// or an operator's resolve: releases the order's hold if a confirm had
+    /// moved it to `during`. A decline is final for the payment, so any
+    /// confirm of it in flight is declined too.
     pub async fn hold_on_aborted(&self, record: &PaymentRecord) {
         let Some(inventory) = self.inventory.as_ref() else {
             return;

@@ -54,6 +54,6 @@ pub use outcome::{
 pub use resolve::{
     record_json, CardEvidence, Decision, ResolveError, ResolveReport, ResolveRequest, Resolver,
 };
-pub use saga::{Saga, SagaSettings};
+pub use saga::{in_flight_window, Saga, SagaSettings, CLOCK_SKEW_MARGIN};
 pub use settle::{Settler, Tally};
 pub use wiring::{Components, SandboxUrls, WiringError};

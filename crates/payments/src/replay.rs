@@ -86,10 +86,10 @@ impl Saga {
         match evidence {
             Err(_) => ConfirmOutcome::InFlight(existing),
             Ok(e) if e.requests == 0 => {
-                // Guarded on the `updated_at` read before the log (see
+                // Guarded on the version read before the log (see
                 // `Transition::MarkSending`).
                 let t = Transition::FileNotSent {
-                    seen_updated_at: existing.updated_at,
+                    seen_version: existing.version,
                     last_error: "no card confirm was logged for it; none was sent".to_owned(),
                 };
                 match self.store.transition(&pid, &t).await {
@@ -171,30 +171,46 @@ impl Saga {
                 retry_after_s: None,
             }
         };
-        match self.store.get(&existing.payment_id).await {
-            Ok(Some((Partition::Unpaid, _))) => {
-                let moved = self
-                    .store
-                    .move_record(&existing.payment_id, Partition::Unpaid, Partition::Realtime)
-                    .await;
-                if let Err(e) = moved {
-                    tracing::warn!(payment_id = %existing.payment_id, error = %e,
-                        "could not move a no-call abort back to realtime; no card call made");
-                    return unavailable;
-                }
+        let pid = existing.payment_id.clone();
+        let mut current = self.store.get(&pid).await;
+        if let Ok(Some((Partition::Unpaid, _))) = current {
+            let moved = self
+                .store
+                .move_record(&pid, Partition::Unpaid, Partition::Realtime)
+                .await;
+            if let Err(e) = moved {
+                tracing::warn!(payment_id = %pid, error = %e,
+                    "could not move a no-call abort back to realtime; no card call made");
+                return unavailable;
             }
-            Ok(_) => {}
-            Err(_) => return unavailable,
+            current = self.store.get(&pid).await;
         }
-        let Some(_live) = self.live.claim(&existing.payment_id) else {
+        // Reopened on the version read here, so this retry knows the
+        // version it holds from now on, and its own no-call abort cannot
+        // undo what another actor did since.
+        let current = match current {
+            Ok(Some((Partition::Realtime, r)))
+                if r.card_status == CardStatus::Aborted
+                    && r.failure_code.as_deref() == Some(code.as_str()) =>
+            {
+                r
+            }
+            Ok(_) => return ConfirmOutcome::InFlight(existing),
+            Err(_) => return unavailable,
+        };
+        let Some(_live) = self.live.claim(&pid) else {
             return ConfirmOutcome::InFlight(existing);
         };
-        let reopen = Transition::Reopen { failure_code: code };
-        match self.store.transition(&existing.payment_id, &reopen).await {
+        let reopen = Transition::Reopen {
+            failure_code: code,
+            seen_version: Some(current.version),
+        };
+        match self.store.transition(&pid, &reopen).await {
             Ok(true) => {
-                let mut reopened = existing;
+                let mut reopened = current;
                 reopened.card_status = CardStatus::Pending;
                 reopened.failure_code = None;
+                reopened.version += 1;
                 if in_doubt {
                     self.run_reopened_not_sent(reopened, ticket).await
                 } else {

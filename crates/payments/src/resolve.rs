@@ -115,6 +115,10 @@ pub struct ResolveRequest {
     pub operator: String,
     /// Carry it out even when the card lookup contradicts it.
     pub force: bool,
+    /// The record's `version` the operator looked at (`paygate payments
+    /// show`): the decision is refused when the payment changed since.
+    /// `None`: the version the resolver reads before its card lookup.
+    pub seen_version: Option<i64>,
 }
 
 /// What a resolution did.
@@ -198,6 +202,7 @@ pub fn record_json(partition: Partition, r: &PaymentRecord) -> Value {
         "lastError": r.last_error,
         "createdAt": paygate_core::time::rfc3339_from_ms(r.created_at),
         "updatedAt": paygate_core::time::rfc3339_from_ms(r.updated_at),
+        "version": r.version,
     })
 }
 
@@ -282,6 +287,12 @@ impl Resolver {
                 record.card_status,
                 CardStatus::Pending | CardStatus::Unknown
             );
+        if let Some(seen) = req.seen_version.filter(|v| *v != record.version) {
+            return Err(ResolveError::NotOpen(format!(
+                "{pid} changed since it was looked at (version {seen}, now {}): look again",
+                record.version
+            )));
+        }
         if !open {
             return Err(ResolveError::NotOpen(format!(
                 "{pid} is {} in {} (paid: {}, saved: {}); only a payment whose card outcome is open \
@@ -303,6 +314,19 @@ impl Resolver {
                 },
             });
         }
+        // "Not charged": a confirm may still be at the card company (on
+        // any replica) until the card stack's deadline has passed since
+        // the record's last change, so a 404 lookup before then proves
+        // nothing. Counted with a margin for the clocks of other replicas.
+        // (An approval is a fact at any age.)
+        let age_ms = paygate_core::time::now_ms() - record.updated_at;
+        let in_flight_ms = self.saga.settings.settle_on_access_after.as_millis() as i64;
+        if req.decision == Decision::NotCharged && age_ms < in_flight_ms {
+            return Err(ResolveError::NotOpen(format!(
+                "{pid} last changed {age_ms} ms ago; a confirm may still be at the card company \
+                 until {in_flight_ms} ms have passed: resolve it after that"
+            )));
+        }
         // The alerts this decision answers: those raised so far.
         let answered = self
             .outbox
@@ -321,6 +345,8 @@ impl Resolver {
                     CardEvidence::Approved { approved_at } => approved_at.clone(),
                     _ => paygate_core::time::kst_rfc3339_from_ms(paygate_core::time::now_ms()),
                 };
+                // An approval the operator saw is a fact whatever changed:
+                // guarded on state, as every approval.
                 if !self
                     .store
                     .transition(pid, &Transition::MarkPaid { approved_at })
@@ -340,6 +366,8 @@ impl Resolver {
                 let t = Transition::MarkAborted {
                     failure_code: OPERATOR_NOT_CHARGED.to_owned(),
                     last_error: format!("resolved not charged by {}: {}", req.operator, req.reason),
+                    // Only the record the operator and the lookup judged.
+                    seen_version: Some(record.version),
                 };
                 if !self.store.transition(pid, &t).await? {
                     return Err(self.raced(pid).await);

@@ -40,7 +40,12 @@ pub struct SagaSettings {
     /// A merchant's retry of a `PENDING` payment that no live confirm in
     /// this process owns, and whose last transition is at least this old,
     /// settles it on the spot (by the log, or by lookup) instead of
-    /// answering 409 until the batch runs.
+    /// answering 409 until the batch runs. A confirm on another replica is
+    /// invisible here, so this must exceed the card stack's deadline (a
+    /// lookup before it may miss a confirm still at the card company)
+    /// plus the clock skew between replicas; the wiring sets it to
+    /// [`in_flight_window`] of the card policy. Operators' resolves wait
+    /// as long.
     pub settle_on_access_after: Duration,
 }
 
@@ -54,9 +59,21 @@ impl Default for SagaSettings {
             ledger_retry_base_delay: Duration::from_millis(200),
             ledger_retry_max_delay: Duration::from_secs(10),
             ledger_retry_max_pending: 10_000,
-            settle_on_access_after: Duration::from_secs(5),
+            settle_on_access_after: in_flight_window(
+                paygate_core::config::DownstreamPolicy::card_api().deadline_ms,
+            ),
         }
     }
+}
+
+/// Margin for the clocks of other replicas in [`in_flight_window`].
+pub const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long after a record's last change a confirm of it may still be at
+/// the card company: the card stack's whole deadline (`deadline_ms`,
+/// retries included) plus [`CLOCK_SKEW_MARGIN`].
+pub fn in_flight_window(card_deadline_ms: u64) -> Duration {
+    Duration::from_millis(card_deadline_ms) + CLOCK_SKEW_MARGIN
 }
 
 /// The saga and everything it calls. Shared as `Arc<Saga>`.

@@ -52,6 +52,7 @@ impl Saga {
                 let t = Transition::MarkAborted {
                     failure_code: code,
                     last_error: message,
+                    seen_version: None,
                 };
                 if self.store.transition(pid, &t).await? {
                     self.hold_on_aborted(record).await;
@@ -226,31 +227,52 @@ impl Settler {
                 }
             }
             Settlement::Unknown(detail) => {
+                let mut expected = r.version;
                 if r.card_status == CardStatus::Pending {
                     let t = Transition::MarkUnknown {
                         last_error: detail.clone(),
                     };
-                    self.store.transition(&r.payment_id, &t).await?;
+                    if self.store.transition(&r.payment_id, &t).await? {
+                        expected += 1;
+                    }
                 }
                 let detail = format!("payment needs checking: {detail}");
-                if self
-                    .saga
-                    .alert(&r, AlertReason::OutcomeUnknown, detail)
-                    .await
+                if self.still_as_read(&r, expected).await?
+                    && self
+                        .saga
+                        .alert(&r, AlertReason::OutcomeUnknown, detail)
+                        .await
                 {
                     t.alerts += 1;
                 }
             }
             Settlement::Mismatch(detail) => {
-                if self
-                    .saga
-                    .alert(&r, AlertReason::CardMismatch, detail.clone())
-                    .await
+                if self.still_as_read(&r, r.version).await?
+                    && self
+                        .saga
+                        .alert(&r, AlertReason::CardMismatch, detail.clone())
+                        .await
                 {
                     t.alerts += 1;
                 }
             }
         }
         Ok((Some(settlement), t))
+    }
+
+    /// An alert is a state change too: raised only when a fresh read shows
+    /// the record at `expected` (the version the verdict was drawn from,
+    /// plus this settler's own transition). A record another actor moved
+    /// on since (the saga approved it, the merchant refunded part of it)
+    /// makes the card company's answer stale, not alarming: the next
+    /// sweep judges it again from what it is then.
+    async fn still_as_read(&self, r: &PaymentRecord, expected: i64) -> Result<bool, StoreError> {
+        let fresh = self.store.get(&r.payment_id).await?;
+        let same = fresh.as_ref().is_some_and(|(_, f)| f.version == expected);
+        if !same {
+            tracing::info!(payment_id = %r.payment_id,
+                "the record changed since the lookup was decided; no alert, the next sweep judges it again");
+        }
+        Ok(same)
     }
 }

@@ -109,6 +109,9 @@ impl Components {
             ledger_retry_max_attempts: config.ledger_retry_max_attempts,
             ledger_retry_base_delay: Duration::from_millis(config.ledger_retry_base_delay_ms),
             ledger_retry_max_delay: Duration::from_millis(config.ledger_retry_max_delay_ms),
+            settle_on_access_after: crate::saga::in_flight_window(
+                config.card_api_policy.deadline_ms,
+            ),
             ..SagaSettings::default()
         };
         let saga = Saga::new(

@@ -28,9 +28,16 @@ use paygate_payments::{
     SagaSettings, SaveResult, Settlement, TicketState,
 };
 use paygate_resilience::Downstream;
-use paygate_state_store::{MemoryStateStore, SqlDatabase, StateStore, Transition};
+use paygate_state_store::{
+    CancelStore, InventoryStore, MemoryInventoryStore, MemoryStateStore, SqlDatabase, StateStore,
+    Transition,
+};
 
 type Hook = Box<dyn Fn() + Send + Sync>;
+
+/// Another actor's work, run once at a chosen point of the saga.
+type AsyncHook =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
 
 /// A card company whose answers the test scripts, one per call.
 #[derive(Default)]
@@ -41,6 +48,10 @@ struct Card {
     lookup_calls: Mutex<u32>,
     /// Runs inside the confirm call, before it answers (another actor).
     during_confirm: Mutex<Option<Hook>>,
+    cancels: Mutex<VecDeque<Result<CardPayment, CardApiError>>>,
+    cancel_calls: Mutex<u32>,
+    /// Runs inside a cancel call, before it answers.
+    during_cancel: Mutex<Option<Hook>>,
 }
 
 #[async_trait::async_trait]
@@ -66,7 +77,15 @@ impl CardApi for Card {
         _: &CancelRequest,
         _: &str,
     ) -> Result<CardPayment, CardApiError> {
-        unreachable!("no cancels here")
+        *self.cancel_calls.lock().unwrap() += 1;
+        if let Some(hook) = self.during_cancel.lock().unwrap().as_ref() {
+            hook();
+        }
+        self.cancels
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("a scripted cancel")
     }
     async fn transactions(&self, _: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError> {
         Ok(Vec::new())
@@ -107,16 +126,32 @@ impl Alerter for Alerts {
 }
 
 /// The saga's request log: the real SQLite log, refusing every write
-/// while `down` is set (a log outage).
+/// while `down` is set (a log outage) and the next `fail_next` writes;
+/// `before_append` runs once, inside the next write, before it lands (the
+/// writer stalled there while another actor acted).
 struct Log {
     inner: SqlApiLog,
     down: Arc<std::sync::atomic::AtomicBool>,
+    fail_next: Arc<std::sync::atomic::AtomicU32>,
+    before_append: Arc<Mutex<Option<AsyncHook>>>,
 }
 
 #[async_trait::async_trait]
 impl paygate_api_log::ApiLog for Log {
     async fn append(&self, entry: LogEntry<'_>) -> Result<(), paygate_state_store::StoreError> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+        let hook = self.before_append.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
+        let failing = self
+            .fail_next
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if failing || self.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(paygate_state_store::StoreError::Unavailable(
                 "log down (test)".into(),
             ));
@@ -136,6 +171,12 @@ struct World {
     saga: Arc<Saga>,
     /// Set: the saga's log refuses every write.
     log_down: Arc<std::sync::atomic::AtomicBool>,
+    /// The saga's log refuses this many next writes.
+    log_fail_next: Arc<std::sync::atomic::AtomicU32>,
+    /// Runs once inside the saga's next log write (see [`Log`]).
+    log_hook: Arc<Mutex<Option<AsyncHook>>>,
+    inventory: Arc<MemoryInventoryStore>,
+    db: SqlDatabase,
     store: Arc<MemoryStateStore>,
     log: SqlApiLog,
     card: Arc<Card>,
@@ -172,11 +213,16 @@ impl World {
             ..DownstreamPolicy::card_api()
         };
         let log_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let saga = Arc::new(Saga::new(
+        let log_fail_next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let log_hook: Arc<Mutex<Option<AsyncHook>>> = Arc::default();
+        let inventory = Arc::new(MemoryInventoryStore::new());
+        let saga = Saga::new(
             store.clone(),
             Arc::new(Log {
                 inner: SqlApiLog::new(db.clone()),
                 down: log_down.clone(),
+                fail_next: log_fail_next.clone(),
+                before_append: log_hook.clone(),
             }),
             Downstreams {
                 card: card.clone(),
@@ -194,10 +240,15 @@ impl World {
                 settle_on_access_after: Duration::from_secs(5),
                 ..settings
             },
-        ));
+        )
+        .with_inventory(inventory.clone());
         World {
-            saga,
+            saga: Arc::new(saga),
             log_down,
+            log_fail_next,
+            log_hook,
+            inventory,
+            db: db.clone(),
             store,
             log: SqlApiLog::new(db),
             card,
@@ -322,6 +373,7 @@ async fn a_failed_guard_is_never_reported_as_paid_or_saved() {
     let declined = Transition::MarkAborted {
         failure_code: "REJECT_CARD_PAYMENT".into(),
         last_error: "declined".into(),
+        seen_version: None,
     };
     assert!(w.store.transition(&r.payment_id, &declined).await.unwrap());
     w.card
@@ -587,6 +639,7 @@ async fn a_failed_move_back_from_unpaid_makes_no_card_call() {
     let open = Transition::MarkAborted {
         failure_code: paygate_core::payment::failure_codes::CIRCUIT_OPEN.into(),
         last_error: "breaker open".into(),
+        seen_version: None,
     };
     assert!(w.store.transition(&r.payment_id, &open).await.unwrap());
     assert!(w
@@ -633,6 +686,7 @@ async fn a_reopened_not_sent_payment_that_cannot_be_sent_is_never_a_503() {
     let filed = Transition::MarkAborted {
         failure_code: failure_codes::NOT_SENT.into(),
         last_error: "no card confirm was logged for it; none was sent".into(),
+        seen_version: None,
     };
     assert!(w.store.transition(&r.payment_id, &filed).await.unwrap());
     assert!(w
@@ -732,6 +786,325 @@ async fn async_ledger_retries_are_bounded_in_number() {
     assert_eq!(
         unsaved, 5,
         "every one stored paid and unsaved, for the batch"
+    );
+    w.cleanup();
+}
+
+/// Sets `w`'s log hook: `hook` runs once, inside the saga's next log write.
+fn on_next_log_write<F, Fut>(w: &World, hook: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    *w.log_hook.lock().unwrap() = Some(Box::new(move || Box::pin(hook())));
+}
+
+/// A paid and saved record, as an approved confirm leaves it.
+async fn paid_record(w: &World, order: &str) -> PaymentRecord {
+    let r = w.left_pending(order, Duration::from_secs(600)).await;
+    let paid = Transition::MarkPaid {
+        approved_at: AT.into(),
+    };
+    assert!(w.store.transition(&r.payment_id, &paid).await.unwrap());
+    assert!(w
+        .store
+        .transition(&r.payment_id, &Transition::MarkSaved)
+        .await
+        .unwrap());
+    w.stored(&r).await.1
+}
+
+/// The card company's payment after cancels of these amounts.
+fn canceled(order: &str, amounts: &[i64]) -> CardPayment {
+    let mut p = payment(order, "PARTIAL_CANCELED", Some(AT));
+    p.cancels = Some(
+        amounts
+            .iter()
+            .map(|a| paygate_card_api::Cancel {
+                cancel_amount: *a,
+                cancel_reason: "r".into(),
+                canceled_at: AT.into(),
+                transaction_key: None,
+            })
+            .collect(),
+    );
+    p
+}
+
+fn cancel_input(w: &World, r: &PaymentRecord, amount: i64) -> paygate_payments::CancelInput {
+    paygate_payments::CancelInput {
+        merchant_id: w.merchant.clone(),
+        payment_id: r.payment_id.clone(),
+        reason: "r".into(),
+        amount: Some(amount),
+        idempotency_key: Some("cancel-key-1".into()),
+    }
+}
+
+/// A confirm that stalls between its record and its no-call abort (its
+/// REQUEST row write hangs, then fails) cannot abort a payment that
+/// another replica filed as never sent, reopened and began on since, nor
+/// release that replica's hold: its abort is guarded on the version it
+/// last wrote, and it releases only the hold version it moved itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_no_call_abort_leaves_a_payment_another_replica_reopened() {
+    let w = World::new("stalled-abort").await;
+    let order = "order-stall-1";
+    let now = paygate_core::time::now_ms();
+    w.inventory
+        .set_stock(&w.merchant, "sku-1", 1, now)
+        .await
+        .unwrap();
+    let hold = paygate_state_store::Hold::new_pre(
+        w.merchant.clone(),
+        OrderId::parse(order).unwrap(),
+        vec![paygate_state_store::HoldItem {
+            sku: "sku-1".into(),
+            quantity: 1,
+        }],
+        now + 600_000,
+        "fp".into(),
+        now,
+    );
+    w.inventory.take(&hold, now).await.unwrap();
+    let (store, inventory, m) = (w.store.clone(), w.inventory.clone(), w.merchant.clone());
+    let log_down = w.log_down.clone();
+    on_next_log_write(&w, move || async move {
+        let order = OrderId::parse(order).unwrap();
+        let r = store.get_by_order(&m, &order).await.unwrap().unwrap();
+        let file = Transition::FileNotSent {
+            seen_version: r.version,
+            last_error: "no REQUEST row".into(),
+        };
+        assert!(store.transition(&r.payment_id, &file).await.unwrap());
+        let reopen = Transition::Reopen {
+            failure_code: failure_codes::NOT_SENT.into(),
+            seen_version: Some(r.version + 1),
+        };
+        assert!(store.transition(&r.payment_id, &reopen).await.unwrap());
+        let began = inventory.begin_payment(&m, &order, now).await.unwrap();
+        assert!(matches!(
+            began,
+            paygate_state_store::BeginOutcome::During(_)
+        ));
+        // This confirm's REQUEST row now fails: no card call.
+        log_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let out = w.saga.confirm(w.input(order)).await;
+    assert!(
+        matches!(out, ConfirmOutcome::InFlight(_)),
+        "a request whose payment another replica took over answers 409, got {out:?}"
+    );
+    let r = w
+        .store
+        .get_by_order(&w.merchant, &OrderId::parse(order).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.card_status, r.failure_code.as_deref()),
+        (CardStatus::Pending, None),
+        "the stalled confirm aborted a payment another replica had reopened"
+    );
+    let held = w
+        .inventory
+        .hold_by_order(&w.merchant, &OrderId::parse(order).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        held.state,
+        paygate_state_store::HoldState::During,
+        "the stalled confirm released the hold of the replica now sending"
+    );
+    assert_eq!(*w.card.confirm_calls.lock().unwrap(), 0);
+    w.cleanup();
+}
+
+/// A cancel whose first attempt reached the card company (its answer
+/// lost) and whose retry could not be sent (no REQUEST row) is not marked
+/// FAILED with its key given back ("nothing was canceled"): an attempt
+/// left, so only the card company's record can say. The lookup finds the
+/// refund: 200, DONE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_with_an_attempt_sent_is_never_answered_nothing_canceled() {
+    let w = World::new("cancel-sent").await;
+    let order = "order-cancel-sent";
+    let r = paid_record(&w, order).await;
+    w.card
+        .cancels
+        .lock()
+        .unwrap()
+        .push_back(Err(CardApiError::Timeout));
+    // Inside the first attempt: the card applies the refund; then the
+    // attempt's ERROR row and the retry's REQUEST row cannot be written.
+    let fail_next = w.log_fail_next.clone();
+    *w.card.during_cancel.lock().unwrap() = Some(Box::new(move || {
+        fail_next.store(2, std::sync::atomic::Ordering::SeqCst);
+    }));
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(canceled(order, &[1_000]))));
+    let out = w.saga.cancel(cancel_input(&w, &r, 1_000)).await;
+    match out {
+        paygate_payments::CancelOutcome::Canceled(p) => {
+            assert_eq!(p.cancels[0].status, paygate_state_store::CancelStatus::Done);
+        }
+        other => panic!("a cancel that reached the card company answered {other:?}"),
+    }
+    assert_eq!(*w.card.cancel_calls.lock().unwrap(), 1);
+    w.cleanup();
+}
+
+/// A cancel request stalls before its card call; the batch finds it
+/// pending past its grace, fences it and sends it (the card applies it,
+/// the answer is lost); then the stalled request cannot write its REQUEST
+/// row. It made no call itself, but "nothing was canceled" would be false:
+/// its `MarkFailed` is guarded on the version it claimed, which the
+/// batch's fence moved, so it settles by lookup (200, DONE) and the
+/// merchant's retry is no new refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_batch_sent_is_not_failed_by_the_request_that_stalled() {
+    let w = World::new("cancel-batch").await;
+    let order = "order-cancel-batch";
+    let r = paid_record(&w, order).await;
+    // The batch's lookup before it sends finds no cancel; its three
+    // attempts reach the card company, every answer lost.
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(payment(order, "DONE", Some(AT)))));
+    w.card.cancels.lock().unwrap().extend([
+        Err(CardApiError::Timeout),
+        Err(CardApiError::Timeout),
+        Err(CardApiError::Timeout),
+    ]);
+    let (saga, store, pid) = (w.saga.clone(), w.store.clone(), r.payment_id.clone());
+    let fail_next = w.log_fail_next.clone();
+    let card = w.card.clone();
+    on_next_log_write(&w, move || async move {
+        let c = store.cancels_of(&pid).await.unwrap().remove(0);
+        let settled = saga.settle_cancel(&c, 5).await;
+        assert_eq!(settled, paygate_payments::CancelSettlement::StillUnknown);
+        // The stalled request resumes: its REQUEST row fails.
+        fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
+        card.lookups
+            .lock()
+            .unwrap()
+            .push_back(Ok(Some(canceled(order, &[1_000]))));
+    });
+    let out = w.saga.cancel(cancel_input(&w, &r, 1_000)).await;
+    match out {
+        paygate_payments::CancelOutcome::Canceled(p) => {
+            assert_eq!(p.cancels[0].status, paygate_state_store::CancelStatus::Done);
+        }
+        other => panic!("a cancel the batch sent answered {other:?}"),
+    }
+    assert_eq!(*w.card.cancel_calls.lock().unwrap(), 3, "only the batch's");
+    w.cleanup();
+}
+
+/// The claim of a cancel committed but its acknowledgement was lost: a
+/// `PENDING` cancel exists that the batch will send, so the answer is 202
+/// (read again), never 503 "nothing was canceled".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_claim_acknowledgement_is_answered_from_a_fresh_read() {
+    let w = World::new("cancel-ack").await;
+    let r = paid_record(&w, "order-cancel-ack").await;
+    w.store
+        .fail_next_writes(1, paygate_state_store::Fault::FailAfter);
+    let out = w.saga.cancel(cancel_input(&w, &r, 1_000)).await;
+    match out {
+        paygate_payments::CancelOutcome::Unknown(p) => {
+            assert_eq!(
+                p.cancels[0].status,
+                paygate_state_store::CancelStatus::Pending
+            );
+        }
+        other => panic!("a claimed cancel whose answer was lost answered {other:?}"),
+    }
+    assert_eq!(*w.card.cancel_calls.lock().unwrap(), 0);
+    w.cleanup();
+}
+
+/// The batch scanned a record while it was PENDING; before its lookup the
+/// saga approved it and the merchant refunded part of it, so the card
+/// company answers PARTIAL_CANCELED. That answer is stale, not a
+/// mismatch: the alert is raised only when a fresh read still shows the
+/// record the verdict was drawn from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_judged_on_a_stale_read_pages_no_one() {
+    let w = World::new("stale-page").await;
+    let order = "order-stale-page";
+    let scanned = w.left_pending(order, Duration::from_secs(600)).await;
+    let paid = Transition::MarkPaid {
+        approved_at: AT.into(),
+    };
+    assert!(w
+        .store
+        .transition(&scanned.payment_id, &paid)
+        .await
+        .unwrap());
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(canceled(order, &[1_000]))));
+    let settler = paygate_payments::Settler::new(w.store.clone(), w.saga.clone(), 5);
+    let (_, tally) = settler.settle(scanned, false).await.unwrap();
+    assert_eq!(tally.alerts, 0);
+    assert!(
+        w.alerts.0.lock().unwrap().is_empty(),
+        "an operator was paged for a payment that is fine"
+    );
+    w.cleanup();
+}
+
+/// An operator's "not charged" is refused while a confirm may still be at
+/// the card company (the record changed less than the card stack's
+/// deadline plus a clock margin ago), and when the record changed since
+/// the version the operator looked at; it applies to the record it judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_charged_is_refused_for_a_record_a_confirm_may_still_hold() {
+    use paygate_payments::{Decision, ResolveError, ResolveRequest, Resolver};
+    // The world's in-flight window (`settle_on_access_after`) is 5 s.
+    let w = World::new("resolve-young").await;
+    let resolver = Resolver::new(w.store.clone(), w.saga.clone(), w.db.clone(), 5);
+    let req = |r: &PaymentRecord, seen_version: Option<i64>| ResolveRequest {
+        payment_id: r.payment_id.clone(),
+        decision: Decision::NotCharged,
+        reason: "not in the console".into(),
+        operator: "op".into(),
+        force: false,
+        seen_version,
+    };
+    // Changed 2 s ago: its confirm may still be at the card company.
+    let young = w
+        .left_pending("order-young-1", Duration::from_secs(2))
+        .await;
+    match resolver.resolve(&req(&young, None)).await {
+        Err(ResolveError::NotOpen(_)) => {}
+        other => panic!("a record 2 s old was resolved: {other:?}"),
+    }
+    assert_eq!(w.stored(&young).await.1.card_status, CardStatus::Pending);
+    // Old enough, but the operator looked at another version.
+    let old = w
+        .left_pending("order-old-1", Duration::from_secs(600))
+        .await;
+    match resolver.resolve(&req(&old, Some(old.version + 1))).await {
+        Err(ResolveError::NotOpen(_)) => {}
+        other => panic!("a decision on a version the record no longer has applied: {other:?}"),
+    }
+    // The version the operator saw, old enough: applied.
+    let done = resolver.resolve(&req(&old, Some(old.version))).await;
+    assert!(done.is_ok(), "{done:?}");
+    let (part, after) = w.stored(&old).await;
+    assert_eq!(
+        (part, after.card_status),
+        (Partition::Unpaid, CardStatus::Aborted)
     );
     w.cleanup();
 }

@@ -114,8 +114,11 @@ pub struct CancelRecord {
     pub canceled_at: Option<String>,
     /// Claimed at.
     pub created_at: i64,
-    /// Last transition at.
+    /// Last transition at (the writer's clock: for ages only).
     pub updated_at: i64,
+    /// +1 on every applied transition (DESIGN.md §1). A new cancel is
+    /// version 0; guards that depend on an earlier read compare it.
+    pub version: i64,
 }
 
 impl CancelRecord {
@@ -223,6 +226,7 @@ pub fn decide_claim(draft: &CancelDraft, cancels: &[CancelRecord]) -> ClaimDecis
         canceled_at: None,
         created_at: draft.now,
         updated_at: draft.now,
+        version: 0,
     })
 }
 
@@ -236,7 +240,8 @@ pub enum CancelTransition {
         /// The card company's `canceledAt`, RFC 3339.
         canceled_at: String,
     },
-    /// Not canceled: `status = FAILED`. Guard: in flight.
+    /// Not canceled: `status = FAILED`. Guard: in flight, and, with
+    /// `seen_version`, still at that version.
     MarkFailed {
         /// The card company's code or a no-call code.
         failure_code: String,
@@ -244,6 +249,22 @@ pub enum CancelTransition {
         last_error: String,
         /// No call was made: give the merchant's `Idempotency-Key` back.
         release_key: bool,
+        /// `Some(v)`: apply only to the cancel as it was at version `v`. A
+        /// request that made no card call passes the version it claimed:
+        /// if the batch has since fenced the cancel to send it again
+        /// ([`CancelTransition::MarkSending`]), the card may have applied
+        /// it, and "nothing was canceled" would be false.
+        seen_version: Option<i64>,
+    },
+    /// The batch is about to send the cancel again (it read it at
+    /// `seen_version` and the card company's lookup did not list it): the
+    /// version moves on, nothing else changes. Guard: in flight and still
+    /// at `seen_version`. Either the live request's no-call `MarkFailed`
+    /// lands first and this fails (the batch sends nothing), or this lands
+    /// first and that fails (the live request answers from a lookup).
+    MarkSending {
+        /// `version` of the cancel as the batch read it.
+        seen_version: i64,
     },
     /// The answer was lost: `status = UNKNOWN`. Guard: `PENDING`.
     MarkUnknown {
@@ -286,7 +307,8 @@ pub fn apply_cancel_transition(c: &mut CancelRecord, t: &CancelTransition, now: 
             failure_code,
             last_error,
             release_key,
-        } if c.status.in_flight() => {
+            seen_version,
+        } if c.status.in_flight() && seen_version.is_none_or(|v| c.version == v) => {
             c.status = CancelStatus::Failed;
             c.failure_code = Some(failure_code.clone());
             c.last_error = Some(last_error.clone());
@@ -294,6 +316,8 @@ pub fn apply_cancel_transition(c: &mut CancelRecord, t: &CancelTransition, now: 
                 c.idempotency_key = None;
             }
         }
+        CancelTransition::MarkSending { seen_version }
+            if c.status.in_flight() && c.version == *seen_version => {}
         CancelTransition::MarkUnknown { last_error } if c.status == CancelStatus::Pending => {
             c.status = CancelStatus::Unknown;
             c.last_error = Some(last_error.clone());
@@ -319,6 +343,7 @@ pub fn apply_cancel_transition(c: &mut CancelRecord, t: &CancelTransition, now: 
         _ => return false,
     }
     c.updated_at = now;
+    c.version += 1;
     true
 }
 
@@ -419,7 +444,8 @@ mod tests {
             &CancelTransition::MarkFailed {
                 failure_code: "X".into(),
                 last_error: "e".into(),
-                release_key: true
+                release_key: true,
+                seen_version: None,
             },
             3
         ));

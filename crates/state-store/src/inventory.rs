@@ -93,8 +93,11 @@ pub struct Hold {
     pub fingerprint: String,
     /// Epoch ms.
     pub created_at: i64,
-    /// Epoch ms of the last transition.
+    /// Epoch ms of the last transition (the writer's clock: for ages only).
     pub updated_at: i64,
+    /// +1 on every applied change (DESIGN.md §1); a guarded release
+    /// compares it. A new hold is version 0.
+    pub version: i64,
 }
 
 impl Hold {
@@ -124,6 +127,7 @@ impl Hold {
             fingerprint,
             created_at: now_ms,
             updated_at: now_ms,
+            version: 0,
         }
     }
 
@@ -300,11 +304,12 @@ pub trait InventoryStore: Send + Sync + 'static {
     /// `during`. A `pre` hold in time, or one expired or released, moves
     /// when its units are available without it (checked under the SKUs'
     /// locks); otherwise it is `released` and [`BeginOutcome::Expired`]
-    /// names the short SKUs. A hold already `during` has its `updated_at`
-    /// moved forward (to `now_ms`, or by 1 ms when that is not later):
-    /// that fences off a batch that read it earlier and is about to
-    /// release it as stuck ([`InventoryStore::release_stuck`]), so a
-    /// retry that reopens a no-call abort makes its hold fresh again.
+    /// names the short SKUs. A hold already `during` moves one version on
+    /// (and its `updated_at` forward): that fences off an actor that read
+    /// it earlier and is about to release it ([`InventoryStore::release_stuck`]),
+    /// so a retry that reopens a no-call abort makes its hold its own.
+    /// [`BeginOutcome::During`] carries the hold at the version this call
+    /// left it: the confirm releases that version only.
     ///
     /// # Errors
     /// [`StoreError`]; the caller makes no card call.
@@ -359,11 +364,12 @@ pub trait InventoryStore: Send + Sync + 'static {
     ) -> Result<Vec<Hold>, StoreError>;
 
     /// Releases `seen`, a hold read `during`, only if it is still `during`
-    /// with the same `updated_at` (no confirm began on it since it was
-    /// read): `Ok(true)` when released. The batch calls it for a hold whose
-    /// payment ended unpaid; a concurrent retry's
-    /// [`InventoryStore::begin_payment`] bumps `updated_at` first, so the
-    /// release cannot take units from a card call in flight.
+    /// at the same `version` (no confirm began on it since it was read):
+    /// `Ok(true)` when released. The batch calls it for a hold whose
+    /// payment ended unpaid, a confirm for the hold it moved itself; a
+    /// concurrent retry's [`InventoryStore::begin_payment`] moves the
+    /// version first, so the release cannot take units from a card call
+    /// in flight.
     ///
     /// # Errors
     /// [`StoreError`]; on MongoDB a release that dies half way leaves the

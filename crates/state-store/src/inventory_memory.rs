@@ -203,8 +203,9 @@ impl InventoryStore for MemoryInventoryStore {
                 let Some(h) = g.by_order_mut(merchant, order) else {
                     return Ok(BeginOutcome::NoHold);
                 };
-                // Strictly later, so the fence holds within one millisecond.
-                h.updated_at = (h.updated_at + 1).max(now_ms);
+                // The fence: one version on.
+                h.updated_at = h.updated_at.max(now_ms);
+                h.version += 1;
                 return Ok(BeginOutcome::During(h.clone()));
             }
             HoldState::Pre | HoldState::Released => {}
@@ -214,6 +215,7 @@ impl InventoryStore for MemoryInventoryStore {
             return Ok(BeginOutcome::NoHold);
         };
         h.updated_at = now_ms;
+        h.version += 1;
         if short.is_empty() {
             h.state = HoldState::During;
             Ok(BeginOutcome::During(h.clone()))
@@ -251,6 +253,7 @@ impl InventoryStore for MemoryInventoryStore {
         };
         h.state = HoldState::Sold;
         h.updated_at = now_ms;
+        h.version += 1;
         let hold = h.clone();
         let oversold = hold
             .items
@@ -278,6 +281,7 @@ impl InventoryStore for MemoryInventoryStore {
         if from.contains(&h.state) {
             h.state = HoldState::Released;
             h.updated_at = now_ms;
+            h.version += 1;
         }
         Ok(Some(h.clone()))
     }
@@ -301,9 +305,10 @@ impl InventoryStore for MemoryInventoryStore {
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
         let mut g = self.lock();
         match g.holds.get_mut(&seen.hold_id) {
-            Some(h) if h.state == HoldState::During && h.updated_at == seen.updated_at => {
+            Some(h) if h.state == HoldState::During && h.version == seen.version => {
                 h.state = HoldState::Released;
                 h.updated_at = now_ms;
+                h.version += 1;
                 Ok(true)
             }
             _ => Ok(false),

@@ -135,6 +135,7 @@ fn hold_to_doc(h: &Hold) -> Document {
         "_id": &h.hold_id, "merchant_id": h.merchant_id.as_str(), "order_id": h.order_id.as_str(),
         "items": items, "state": h.state.as_str(), "expires_at": h.expires_at,
         "fingerprint": &h.fingerprint, "created_at": h.created_at, "updated_at": h.updated_at,
+        "version": h.version,
     }
 }
 
@@ -161,6 +162,7 @@ fn hold_from_doc(d: &Document) -> Result<Hold, StoreError> {
         fingerprint: text(d, "fingerprint")?,
         created_at: int(d, "created_at")?,
         updated_at: int(d, "updated_at")?,
+        version: crate::mongo::version_of(d),
     })
 }
 
@@ -359,7 +361,7 @@ impl MongoInventoryStore {
             .holds()
             .update_one(
                 doc! {"_id": hold_id, "state": {"$in": states(from)}},
-                doc! {"$set": {"state": to.as_str(), "updated_at": now}},
+                doc! {"$set": {"state": to.as_str(), "updated_at": now}, "$inc": {"version": 1_i64}},
             )
             .await
             .map_err(map_err)?;
@@ -487,19 +489,18 @@ impl InventoryStore for MongoInventoryStore {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
             HoldState::During => {
                 // The fence against a stale `release_stuck` (see the trait):
-                // `updated_at` strictly forward, guarded on the value read.
-                let at = (hold.updated_at + 1).max(now_ms);
-                let r = self
+                // one version on.
+                let touched = self
                     .holds()
-                    .update_one(
-                        doc! {"_id": &hold.hold_id, "state": "during", "updated_at": hold.updated_at},
-                        doc! {"$set": {"updated_at": at}},
+                    .find_one_and_update(
+                        doc! {"_id": &hold.hold_id, "state": "during"},
+                        doc! {"$max": {"updated_at": now_ms}, "$inc": {"version": 1_i64}},
                     )
+                    .return_document(mongodb::options::ReturnDocument::After)
                     .await
                     .map_err(map_err)?;
-                if r.matched_count == 1 {
-                    hold.updated_at = at;
-                    return Ok(BeginOutcome::During(hold));
+                if let Some(d) = touched {
+                    return Ok(BeginOutcome::During(hold_from_doc(&d)?));
                 }
                 // Changed meanwhile: read again and decide once more.
                 let Some(again) = self.hold_by_order(merchant, order).await? else {
@@ -585,6 +586,7 @@ impl InventoryStore for MongoInventoryStore {
         let mut hold = hold;
         hold.state = HoldState::Sold;
         hold.updated_at = now_ms;
+        hold.version += 1;
         Ok(SellOutcome::Sold { hold, oversold })
     }
 
@@ -636,7 +638,7 @@ impl InventoryStore for MongoInventoryStore {
     }
 
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
-        let guard = doc! {"_id": &seen.hold_id, "state": "during", "updated_at": seen.updated_at};
+        let guard = doc! {"_id": &seen.hold_id, "state": "during", "version": crate::mongo::version_is(seen.version)};
         if self
             .holds()
             .find_one(guard.clone())
@@ -656,7 +658,7 @@ impl InventoryStore for MongoInventoryStore {
             .holds()
             .update_one(
                 guard,
-                doc! {"$set": {"state": "released", "updated_at": now_ms}},
+                doc! {"$set": {"state": "released", "updated_at": now_ms}, "$inc": {"version": 1_i64}},
             )
             .await
             .map_err(map_err)?;

@@ -32,7 +32,7 @@ pub struct SqlInventoryStore {
 }
 
 const HOLD_COLUMNS: &str =
-    "hold_id, merchant_id, order_id, state, expires_at, fingerprint, created_at, updated_at";
+    "hold_id, merchant_id, order_id, state, expires_at, fingerprint, created_at, updated_at, version";
 
 /// Units held at `$3` by active hold lines of `($1, $2)` other than hold `$4`.
 const HELD_SQL: &str = "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) AS n FROM hold_items \
@@ -44,12 +44,12 @@ const LOCK_PG: &str =
 const LOCK_SQLITE: &str = "UPDATE inventory SET stock = stock WHERE merchant_id = $1 AND sku = $2 \
      RETURNING stock, sold";
 
-/// Moves a `during` hold's `updated_at` strictly forward (to `$2`, or by
-/// 1 ms when `$2` is not later), so a batch's `release_stuck` of what it
+/// Moves a `during` hold one version on (and its `updated_at` forward, for
+/// the stuck-hold pass's age), so a batch's `release_stuck` of what it
 /// read before fails its guard.
 const TOUCH_DURING: &str = "UPDATE holds SET updated_at = \
-     CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END \
-     WHERE hold_id = $1 AND state = 'during' RETURNING updated_at";
+     CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, version = version + 1 \
+     WHERE hold_id = $1 AND state = 'during' RETURNING updated_at, version";
 
 fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
@@ -112,6 +112,7 @@ macro_rules! hold_row {
             fingerprint: r.try_get("fingerprint").map_err(corrupt)?,
             created_at: r.try_get("created_at").map_err(corrupt)?,
             updated_at: r.try_get("updated_at").map_err(corrupt)?,
+            version: r.try_get("version").map_err(corrupt)?,
         }
     }};
 }
@@ -292,14 +293,21 @@ impl InventoryStore for SqlInventoryStore {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
             HoldState::During => {
                 // The fence against a stale `release_stuck` (see the trait).
-                let touched: Option<i64> = with_pool!(&self.db, pool => {
-                    sqlx::query(TOUCH_DURING)
+                let touched: Option<(i64, i64)> = with_pool!(&self.db, pool => {
+                    match sqlx::query(TOUCH_DURING)
                         .bind(&hold.hold_id).bind(now_ms)
                         .fetch_optional(pool).await.map_err(map_err)?
-                        .map(|r| r.try_get::<i64, _>("updated_at")).transpose().map_err(corrupt)?
+                    {
+                        Some(r) => Some((
+                            r.try_get::<i64, _>("updated_at").map_err(corrupt)?,
+                            r.try_get::<i64, _>("version").map_err(corrupt)?,
+                        )),
+                        None => None,
+                    }
                 });
-                if let Some(at) = touched {
+                if let Some((at, version)) = touched {
                     hold.updated_at = at;
+                    hold.version = version;
                     return Ok(BeginOutcome::During(hold));
                 }
                 // Sold or released meanwhile: decide under the lock below.
@@ -308,7 +316,7 @@ impl InventoryStore for SqlInventoryStore {
         }
         let m = merchant.as_str();
         let lock = self.lock_sql();
-        let (state, short) = with_pool!(&self.db, pool => {
+        let (state, short, version) = with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
             let mut short = Vec::new();
             for item in &hold.items {
@@ -318,9 +326,10 @@ impl InventoryStore for SqlInventoryStore {
                     short.push(item.sku.clone());
                 }
             }
-            let row = sqlx::query("SELECT state FROM holds WHERE hold_id = $1")
+            let row = sqlx::query("SELECT state, version FROM holds WHERE hold_id = $1")
                 .bind(&hold.hold_id).fetch_one(&mut *tx).await.map_err(map_err)?;
             let state = HoldState::parse(&row.try_get::<String, _>("state").map_err(corrupt)?)?;
+            let read_version: i64 = row.try_get("version").map_err(corrupt)?;
             let to = if matches!(state, HoldState::Sold | HoldState::During) {
                 None
             } else if short.is_empty() {
@@ -330,7 +339,7 @@ impl InventoryStore for SqlInventoryStore {
             };
             if let Some(to) = to {
                 for table in ["holds", "hold_items"] {
-                    let extra = if table == "holds" { ", updated_at = $3" } else { "" };
+                    let extra = if table == "holds" { ", updated_at = $3, version = version + 1" } else { "" };
                     let sql = format!("UPDATE {table} SET state = $2{extra} WHERE hold_id = $1 AND state IN ('pre', 'released')");
                     let q = sqlx::query(&sql).bind(&hold.hold_id).bind(to.as_str());
                     let q = if table == "holds" { q.bind(now_ms) } else { q };
@@ -338,10 +347,11 @@ impl InventoryStore for SqlInventoryStore {
                 }
             }
             tx.commit().await.map_err(map_err)?;
-            (to.unwrap_or(state), short)
+            (to.unwrap_or(state), short, read_version + i64::from(to.is_some()))
         });
         hold.state = state;
         hold.updated_at = now_ms;
+        hold.version = version;
         Ok(match state {
             HoldState::Sold => BeginOutcome::Sold(hold),
             HoldState::During => BeginOutcome::During(hold),
@@ -368,7 +378,7 @@ impl InventoryStore for SqlInventoryStore {
             for item in &hold.items {
                 let _ = lock_sku!(tx, lock, m, &item.sku);
             }
-            let n = sqlx::query("UPDATE holds SET state = 'sold', updated_at = $2 WHERE hold_id = $1 AND state <> 'sold'")
+            let n = sqlx::query("UPDATE holds SET state = 'sold', updated_at = $2, version = version + 1 WHERE hold_id = $1 AND state <> 'sold'")
                 .bind(&hold.hold_id).bind(now_ms)
                 .execute(&mut *tx).await.map_err(map_err)?
                 .rows_affected();
@@ -401,6 +411,7 @@ impl InventoryStore for SqlInventoryStore {
             Some(oversold) => {
                 hold.state = HoldState::Sold;
                 hold.updated_at = now_ms;
+                hold.version += 1;
                 Ok(SellOutcome::Sold { hold, oversold })
             }
         }
@@ -417,7 +428,7 @@ impl InventoryStore for SqlInventoryStore {
         let m = merchant.as_str();
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
-            let sql = format!("UPDATE holds SET state = 'released', updated_at = $3 \
+            let sql = format!("UPDATE holds SET state = 'released', updated_at = $3, version = version + 1 \
                                WHERE merchant_id = $1 AND order_id = $2 AND state IN ({states}) RETURNING hold_id");
             let row = sqlx::query(&sql).bind(m).bind(order.as_str()).bind(now_ms)
                 .fetch_optional(&mut *tx).await.map_err(map_err)?;
@@ -467,9 +478,9 @@ impl InventoryStore for SqlInventoryStore {
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
-            let n = sqlx::query("UPDATE holds SET state = 'released', updated_at = $3 \
-                                 WHERE hold_id = $1 AND state = 'during' AND updated_at = $2")
-                .bind(&seen.hold_id).bind(seen.updated_at).bind(now_ms)
+            let n = sqlx::query("UPDATE holds SET state = 'released', updated_at = $3, version = version + 1 \
+                                 WHERE hold_id = $1 AND state = 'during' AND version = $2")
+                .bind(&seen.hold_id).bind(seen.version).bind(now_ms)
                 .execute(&mut *tx).await.map_err(map_err)?
                 .rows_affected();
             if n == 1 {

@@ -57,13 +57,16 @@ use futures_util::{stream::BoxStream, TryStreamExt};
 use paygate_core::{CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 
 /// The copy of a record to believe when a move between partitions was
-/// interrupted and left it in two: the newer one (a move stamps the target
-/// copy's `updated_at`); on a tie, the later in the iteration.
+/// interrupted and left it in two: the one of the higher `version` (a move
+/// writes its target copy one version on from the source it read, and any
+/// later transition of either copy moves it further); on a tie, the later
+/// in the iteration. Never by `updated_at`: that is the writer's clock,
+/// and a replica whose clock runs fast would win over a later write.
 pub fn newest_copy(
     copies: impl IntoIterator<Item = (Partition, PaymentRecord)>,
 ) -> Option<(Partition, PaymentRecord)> {
     copies.into_iter().fold(None, |best, copy| match best {
-        Some(b) if b.1.updated_at > copy.1.updated_at => Some(b),
+        Some(b) if b.1.version > copy.1.version => Some(b),
         _ => Some(copy),
     })
 }
@@ -77,7 +80,7 @@ pub fn newest_copies(
         std::collections::HashMap::new();
     for copy in copies {
         match by_id.get(copy.1.payment_id.as_str()) {
-            Some(kept) if kept.1.updated_at > copy.1.updated_at => {}
+            Some(kept) if kept.1.version > copy.1.version => {}
             _ => {
                 by_id.insert(copy.1.payment_id.to_string(), copy);
             }
@@ -166,12 +169,19 @@ pub enum Transition {
         approved_at: String,
     },
     /// The card company declined, or no call was made: `card_status = ABORTED`.
-    /// Guard: not paid and `card_status` is `PENDING` or `UNKNOWN`.
+    /// Guard: not paid and `card_status` is `PENDING` or `UNKNOWN`, and,
+    /// with `seen_version`, the record is still at that version.
     MarkAborted {
         /// The card company's code, or a paygate no-call code.
         failure_code: String,
         /// Detail for operators.
         last_error: String,
+        /// `Some(v)`: apply only to the record as it was at version `v`. A
+        /// no-call abort passes the version its confirm last wrote, so a
+        /// confirm that stalled cannot abort a payment that another
+        /// replica reopened and is sending since. `None` (an answer of the
+        /// card company, true whoever sent the call): state only.
+        seen_version: Option<i64>,
     },
     /// The outcome could not be learned: `card_status = UNKNOWN`.
     /// Guard: `card_status = PENDING`.
@@ -196,28 +206,31 @@ pub enum Transition {
     },
     /// A no-call abort (see `paygate_core::payment::failure_codes`) is opened
     /// again for a merchant retry: `card_status = PENDING`, failure cleared.
-    /// Guard: `card_status = ABORTED` with that `failure_code`.
+    /// Guard: `card_status = ABORTED` with that `failure_code`, and, with
+    /// `seen_version`, the record is still at that version (the retry
+    /// that reopens it then knows the version it holds: `seen + 1`).
     Reopen {
         /// The no-call code the record must carry.
         failure_code: String,
+        /// `Some(v)`: apply only to the record as it was at version `v`.
+        seen_version: Option<i64>,
     },
     /// A confirm has written its card `REQUEST` row and is about to send
-    /// the call: `updated_at` moves strictly forward (to now, or by 1 ms
-    /// when now is not later), nothing else changes. Guard: not paid and
-    /// `card_status = PENDING`. It fences a [`Transition::FileNotSent`]
-    /// that read the record before the row landed (DESIGN.md §1): either
-    /// the filing sees a new `updated_at` and changes nothing, or this
-    /// guard fails and the confirm makes no call.
+    /// the call: the version moves on (and `updated_at` strictly forward,
+    /// so the stale age counts from the send), nothing else changes.
+    /// Guard: not paid and `card_status = PENDING`. It fences a
+    /// [`Transition::FileNotSent`] that read the record before the row
+    /// landed (DESIGN.md §1): either the filing sees a new version and
+    /// changes nothing, or this guard fails and the confirm makes no call.
     MarkSending,
-    /// No card `REQUEST` row is in the log for a record read with
-    /// `updated_at = seen_updated_at` (by I3 no confirm was sent):
-    /// `card_status = ABORTED`, `failure_code = PAYGATE_NOT_SENT`. Guard:
-    /// not paid, `PENDING` or `UNKNOWN`, and `updated_at` is still
-    /// `seen_updated_at` (a confirm that wrote its row since then moved it
-    /// with [`Transition::MarkSending`]).
+    /// No card `REQUEST` row is in the log for a record read at
+    /// `seen_version` (by I3 no confirm was sent): `card_status = ABORTED`,
+    /// `failure_code = PAYGATE_NOT_SENT`. Guard: not paid, `PENDING` or
+    /// `UNKNOWN`, and the version is still `seen_version` (a confirm that
+    /// wrote its row since then moved it with [`Transition::MarkSending`]).
     FileNotSent {
-        /// `updated_at` (epoch ms) of the record as read before the log.
-        seen_updated_at: i64,
+        /// `version` of the record as read before the log.
+        seen_version: i64,
         /// Detail for operators.
         last_error: String,
     },
@@ -347,6 +360,34 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
         to: Partition,
     ) -> Result<bool, StoreError>;
 
+    /// The second step of [`StateStore::move_record`] alone, for a mover
+    /// whose first step ([`StateStore::copy_to_partition`]) copied the
+    /// source at `seen_version`: deletes the source only while it is still
+    /// at that version (and may still enter `to`); otherwise, if the source
+    /// is still there, takes back the copy that step wrote (the target at
+    /// `seen_version + 1`, only if nothing changed it since). `Ok(true)`
+    /// when the move is complete. Exposed so the conformance suite can
+    /// stage a mover that stalled between its two steps while another
+    /// actor moved the record on; MongoDB without transactions runs its
+    /// moves as exactly these two steps. A store that stages no
+    /// interrupted moves (the simulation's wrappers) refuses it.
+    ///
+    /// # Errors
+    /// [`StoreError`]; [`StoreError::Rejected`] from a store that does not
+    /// stage interrupted moves.
+    async fn finish_move(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+        seen_version: i64,
+    ) -> Result<bool, StoreError> {
+        let _ = (from, to, seen_version);
+        Err(StoreError::Rejected(format!(
+            "this store does not stage interrupted moves ({payment_id})"
+        )))
+    }
+
     /// Streams every record of a partition in `payment_id` order (which is
     /// creation order: ids are ULIDs), fetching `batch_size` records per round
     /// trip, so memory stays bounded by the batch, not the partition.
@@ -404,4 +445,41 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(version: i64, updated_at: i64) -> PaymentRecord {
+        let mut r = PaymentRecord::new_pending(
+            MerchantId::from_stored("mer_1"),
+            OrderId::from_stored("order-1"),
+            "pk".into(),
+            1,
+            "KRW".into(),
+            "fp".into(),
+            None,
+            updated_at,
+        );
+        r.version = version;
+        r
+    }
+
+    /// The later write wins, even when a faster clock stamped the earlier.
+    #[test]
+    fn the_copy_of_the_higher_version_is_believed_whatever_its_clock() {
+        let earlier = record(3, 2_000);
+        let mut later = earlier.clone();
+        (later.version, later.updated_at) = (4, 1_000);
+        let (part, kept) = newest_copy([
+            (Partition::Unpaid, later.clone()),
+            (Partition::Realtime, earlier.clone()),
+        ])
+        .unwrap_or_else(|| unreachable!());
+        assert_eq!((part, kept.version), (Partition::Unpaid, 4));
+        let kept = newest_copies([(Partition::Realtime, earlier), (Partition::Unpaid, later)]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].1.version, 4);
+    }
 }

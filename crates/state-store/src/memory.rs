@@ -349,12 +349,13 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
                 return false;
             }
             r.updated_at = (r.updated_at + 1).max(now);
+            r.version += 1;
             return true;
         }
         Transition::FileNotSent {
-            seen_updated_at,
+            seen_version,
             last_error,
-        } if undecided && r.updated_at == *seen_updated_at => {
+        } if undecided && r.version == *seen_version => {
             r.card_status = CardStatus::Aborted;
             r.failure_code = Some(failure_codes::NOT_SENT.to_owned());
             r.last_error = Some(last_error.clone());
@@ -368,7 +369,8 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
         Transition::MarkAborted {
             failure_code,
             last_error,
-        } if undecided => {
+            seen_version,
+        } if undecided && seen_version.is_none_or(|v| r.version == v) => {
             r.card_status = CardStatus::Aborted;
             r.failure_code = Some(failure_code.clone());
             r.last_error = Some(last_error.clone());
@@ -390,9 +392,12 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
             r.batch_attempts += 1;
             r.last_error = Some(last_error.clone());
         }
-        Transition::Reopen { failure_code }
-            if r.card_status == CardStatus::Aborted
-                && r.failure_code.as_deref() == Some(failure_code.as_str()) =>
+        Transition::Reopen {
+            failure_code,
+            seen_version,
+        } if r.card_status == CardStatus::Aborted
+            && r.failure_code.as_deref() == Some(failure_code.as_str())
+            && seen_version.is_none_or(|v| r.version == v) =>
         {
             r.card_status = CardStatus::Pending;
             r.failure_code = None;
@@ -400,6 +405,7 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
         _ => return false,
     }
     r.updated_at = now;
+    r.version += 1;
     true
 }
 
@@ -558,7 +564,7 @@ impl StateStore for MemoryStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        if let Transition::Reopen { failure_code } = t {
+        if let Transition::Reopen { failure_code, .. } = t {
             if !failure_codes::is_no_call(failure_code) {
                 return Ok(false);
             }
@@ -601,10 +607,41 @@ impl StateStore for MemoryStateStore {
             match state.table_mut(from).remove(payment_id) {
                 Some(mut moved) => {
                     moved.updated_at = now;
+                    moved.version += 1;
                     state.table_mut(to).put(moved);
                     Ok(true)
                 }
                 None => Ok(false),
+            }
+        })
+    }
+
+    async fn finish_move(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+        seen_version: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(WriteKind::Move, payment_id, |state| {
+            let source = state.table(from).rows.get(payment_id).cloned();
+            match source {
+                Some(r) if r.version == seen_version && crate::may_enter(to, &r) => {
+                    state.table_mut(from).remove(payment_id);
+                    Ok(true)
+                }
+                Some(_) => {
+                    let ours = state
+                        .table(to)
+                        .rows
+                        .get(payment_id)
+                        .is_some_and(|c| c.version == seen_version + 1);
+                    if ours {
+                        state.table_mut(to).remove(payment_id);
+                    }
+                    Ok(false)
+                }
+                None => Ok(true),
             }
         })
     }
@@ -621,6 +658,7 @@ impl StateStore for MemoryStateStore {
                 return Ok(false);
             };
             copy.updated_at = now;
+            copy.version += 1;
             state.table_mut(to).put(copy);
             Ok(true)
         })
@@ -816,6 +854,7 @@ mod tests {
             .unwrap());
         // A Reopen with a code that is not a no-call code never reaches the store.
         let reopen = Transition::Reopen {
+            seen_version: None,
             failure_code: "REJECT_CARD_PAYMENT".into(),
         };
         assert!(!store.transition(&a.payment_id, &reopen).await.unwrap());

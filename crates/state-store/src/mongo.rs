@@ -193,7 +193,36 @@ pub fn record_to_doc(r: &PaymentRecord) -> Document {
         "idempotency_key": opt(&r.idempotency_key),
         "created_at": r.created_at,
         "updated_at": r.updated_at,
+        "version": r.version,
     }
+}
+
+/// The filter that matches a document at `version`; a document written
+/// before versions existed has none and reads as version 0 (a missing
+/// field matches `null`).
+pub(crate) fn version_is(version: i64) -> Bson {
+    if version == 0 {
+        Bson::Document(doc! {"$in": [0_i64, Bson::Null]})
+    } else {
+        Bson::Int64(version)
+    }
+}
+
+/// The stored version of a document (0 when it has none).
+pub(crate) fn version_of(d: &Document) -> i64 {
+    match d.get("version") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        _ => 0,
+    }
+}
+
+/// `d` as the copy a move writes: one version on, stamped `now`.
+fn moved_copy(mut d: Document, now: i64) -> Document {
+    let next = version_of(&d) + 1;
+    d.insert("updated_at", now);
+    d.insert("version", next);
+    d
 }
 
 /// The filter of a guarded move of `id` into `to` (see
@@ -241,6 +270,7 @@ pub fn record_from_doc(d: &Document) -> Result<PaymentRecord, StoreError> {
         idempotency_key: o("idempotency_key"),
         created_at: i("created_at")?,
         updated_at: i("updated_at")?,
+        version: version_of(d),
     })
 }
 
@@ -774,104 +804,80 @@ impl MongoStateStore {
         Ok(copies)
     }
 
+    /// The guard (filter, without `_id`) and the update of a transition;
+    /// every update increments `version`.
     fn transition_update(t: &Transition) -> Option<(Document, Document)> {
         let now = paygate_core::time::now_ms();
+        let undecided = || doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}};
         Some(match t {
             Transition::MarkPaid { approved_at } => (
-                doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}},
-                doc! {"$set": {"is_paid": true, "card_status": "DONE", "approved_at": approved_at, "failure_code": Bson::Null, "updated_at": now}},
+                undecided(),
+                doc! {"$set": {"is_paid": true, "card_status": "DONE", "approved_at": approved_at, "failure_code": Bson::Null, "updated_at": now}, "$inc": {"version": 1_i64}},
             ),
             Transition::MarkAborted {
                 failure_code,
                 last_error,
-            } => (
-                doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}},
-                doc! {"$set": {"card_status": "ABORTED", "failure_code": failure_code, "last_error": last_error, "updated_at": now}},
-            ),
+                seen_version,
+            } => {
+                let mut guard = undecided();
+                if let Some(v) = seen_version {
+                    guard.insert("version", version_is(*v));
+                }
+                (
+                    guard,
+                    doc! {"$set": {"card_status": "ABORTED", "failure_code": failure_code, "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
+                )
+            }
             Transition::MarkUnknown { last_error } => (
                 doc! {"card_status": "PENDING"},
-                doc! {"$set": {"card_status": "UNKNOWN", "last_error": last_error, "updated_at": now}},
+                doc! {"$set": {"card_status": "UNKNOWN", "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
             ),
             Transition::MarkSaved => (
                 doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"is_saved": true, "last_error": Bson::Null, "updated_at": now}, "$inc": {"save_attempts": 1_i64}},
+                doc! {"$set": {"is_saved": true, "last_error": Bson::Null, "updated_at": now}, "$inc": {"save_attempts": 1_i64, "version": 1_i64}},
             ),
             Transition::SaveFailed { last_error } => (
                 doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"save_attempts": 1_i64}},
+                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"save_attempts": 1_i64, "version": 1_i64}},
             ),
             Transition::BatchSaveFailed { last_error } => (
                 doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"batch_attempts": 1_i64}},
+                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"batch_attempts": 1_i64, "version": 1_i64}},
             ),
-            Transition::Reopen { failure_code } => {
+            Transition::Reopen {
+                failure_code,
+                seen_version,
+            } => {
                 if !paygate_core::payment::failure_codes::is_no_call(failure_code) {
                     return None;
                 }
+                let mut guard = doc! {"card_status": "ABORTED", "failure_code": failure_code};
+                if let Some(v) = seen_version {
+                    guard.insert("version", version_is(*v));
+                }
                 (
-                    doc! {"card_status": "ABORTED", "failure_code": failure_code},
-                    doc! {"$set": {"card_status": "PENDING", "failure_code": Bson::Null, "updated_at": now}},
+                    guard,
+                    doc! {"$set": {"card_status": "PENDING", "failure_code": Bson::Null, "updated_at": now}, "$inc": {"version": 1_i64}},
                 )
             }
-            // The common case; `mark_sending` handles an `updated_at` at or
-            // past now.
+            // The version is the fence; `updated_at` only moves forward
+            // (the stale age counts from the send).
             Transition::MarkSending => (
-                doc! {"is_paid": false, "card_status": "PENDING", "updated_at": {"$lt": now}},
-                doc! {"$set": {"updated_at": now}},
+                doc! {"is_paid": false, "card_status": "PENDING"},
+                doc! {"$max": {"updated_at": now}, "$inc": {"version": 1_i64}},
             ),
             Transition::FileNotSent {
-                seen_updated_at,
+                seen_version,
                 last_error,
-            } => (
-                doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}, "updated_at": *seen_updated_at},
-                doc! {"$set": {"card_status": "ABORTED", "failure_code": paygate_core::payment::failure_codes::NOT_SENT, "last_error": last_error, "updated_at": now}},
-            ),
-        })
-    }
-
-    /// [`Transition::MarkSending`]: `updated_at` strictly forward. When it
-    /// is not before now (a clock step, or two writes in one ms), it moves
-    /// by 1 ms, guarded on the value read; a record changed in between is
-    /// read again (a few times: every change that keeps it `PENDING` is a
-    /// rare race between two writers of one payment).
-    async fn mark_sending(&self, payment_id: &PaymentId) -> Result<bool, StoreError> {
-        let realtime = self.partition(Partition::Realtime);
-        for _ in 0..4 {
-            let Some((mut filter, update)) = Self::transition_update(&Transition::MarkSending)
-            else {
-                return Ok(false);
-            };
-            filter.insert("_id", payment_id.as_str());
-            let moved = realtime
-                .find_one_and_update(filter, update)
-                .await
-                .map_err(map_err)?;
-            if moved.is_some() {
-                return Ok(true);
-            }
-            let Some(d) = realtime
-                .find_one(doc! {"_id": payment_id.as_str()})
-                .await
-                .map_err(map_err)?
-            else {
-                return Ok(false);
-            };
-            let r = record_from_doc(&d)?;
-            if r.is_paid || r.card_status != CardStatus::Pending {
-                return Ok(false);
-            }
-            let bumped = realtime
-                .find_one_and_update(
-                    doc! {"_id": payment_id.as_str(), "is_paid": false, "card_status": "PENDING", "updated_at": r.updated_at},
-                    doc! {"$set": {"updated_at": r.updated_at + 1}},
+            } => {
+                let mut guard = undecided();
+                guard.insert("version", version_is(*seen_version));
+                (
+                    guard,
+                    doc! {"$set": {"card_status": "ABORTED", "failure_code": paygate_core::payment::failure_codes::NOT_SENT, "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
                 )
-                .await
-                .map_err(map_err)?;
-            if bumped.is_some() {
-                return Ok(true);
             }
-        }
-        Ok(false)
+        })
     }
 
     /// A guarded move in one transaction, retried as the driver documents:
@@ -931,7 +937,7 @@ impl MongoStateStore {
         // The read and the delete carry the guard; a transition that
         // commits after the read makes the delete a write conflict, which
         // aborts the transaction (and is retried: the retry reads again).
-        let Some(mut d) = self
+        let Some(d) = self
             .partition(from)
             .find_one(guarded(id, to))
             .session(&mut *session)
@@ -939,15 +945,19 @@ impl MongoStateStore {
         else {
             return Ok(false);
         };
-        d.insert("updated_at", paygate_core::time::now_ms());
+        let mut seen = guarded(id, to);
+        seen.insert("version", version_is(version_of(&d)));
         self.partition(to)
-            .replace_one(doc! {"_id": id}, d)
+            .replace_one(
+                doc! {"_id": id},
+                moved_copy(d, paygate_core::time::now_ms()),
+            )
             .upsert(true)
             .session(&mut *session)
             .await?;
         let deleted = self
             .partition(from)
-            .delete_one(guarded(id, to))
+            .delete_one(seen)
             .session(&mut *session)
             .await?;
         Ok(deleted.deleted_count == 1)
@@ -1034,9 +1044,6 @@ impl StateStore for MongoStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        if *t == Transition::MarkSending {
-            return self.mark_sending(payment_id).await;
-        }
         let Some((mut filter, update)) = Self::transition_update(t) else {
             return Ok(false);
         };
@@ -1063,11 +1070,13 @@ impl StateStore for MongoStateStore {
                 .map_err(map_err);
         }
         // Without transactions: copy what may enter `to`, then delete the
-        // source under the same guard. When a transition changed the source
-        // in between, the delete finds nothing and the copy is taken back
-        // (only our own copy: it still carries our move's stamp).
+        // source guarded on the version that was copied. When anything
+        // changed the source in between (a transition, or a merchant's
+        // retry that moved a fresh copy back while this mover stalled),
+        // the delete finds nothing and the copy is taken back (only our
+        // own copy: the version it was written with).
         let id = payment_id.as_str();
-        let Some(mut d) = self
+        let Some(d) = self
             .partition(from)
             .find_one(guarded(id, to))
             .await
@@ -1075,16 +1084,31 @@ impl StateStore for MongoStateStore {
         else {
             return Ok(false);
         };
-        let stamp = paygate_core::time::now_ms();
-        d.insert("updated_at", stamp);
+        let seen_version = version_of(&d);
         self.partition(to)
-            .replace_one(doc! {"_id": id}, d)
+            .replace_one(
+                doc! {"_id": id},
+                moved_copy(d, paygate_core::time::now_ms()),
+            )
             .upsert(true)
             .await
             .map_err(map_err)?;
+        self.finish_move(payment_id, from, to, seen_version).await
+    }
+
+    async fn finish_move(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+        seen_version: i64,
+    ) -> Result<bool, StoreError> {
+        let id = payment_id.as_str();
+        let mut seen = guarded(id, to);
+        seen.insert("version", version_is(seen_version));
         let deleted = self
             .partition(from)
-            .delete_one(guarded(id, to))
+            .delete_one(seen)
             .await
             .map_err(map_err)?
             .deleted_count;
@@ -1099,7 +1123,7 @@ impl StateStore for MongoStateStore {
             .is_some();
         if still_there {
             self.partition(to)
-                .delete_one(doc! {"_id": id, "updated_at": stamp})
+                .delete_one(doc! {"_id": id, "version": seen_version + 1})
                 .await
                 .map_err(map_err)?;
             return Ok(false);
@@ -1112,7 +1136,7 @@ impl StateStore for MongoStateStore {
         // Bulk writes, copy before delete (as `move_record` without a
         // transaction): picked in one query, copied in one unordered
         // `insertMany`, deleted in one `deleteMany` guarded on each
-        // document exactly as read (its `_id` and `updated_at`), so a
+        // document exactly as read (its `_id` and `version`), so a
         // record a transition changed since the pick stays in realtime and
         // our copy of it is taken back. A crash between the copy and the
         // delete leaves two copies; readers believe the newer (ours), and
@@ -1135,13 +1159,14 @@ impl StateStore for MongoStateStore {
         let mut seen = Vec::with_capacity(picked.len());
         let mut ids = Vec::with_capacity(picked.len());
         let mut copies = Vec::with_capacity(picked.len());
-        for mut d in picked {
+        let mut ours = Vec::with_capacity(picked.len());
+        for d in picked {
             let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-            let updated_at = d.get("updated_at").cloned().unwrap_or(Bson::Null);
-            seen.push(doc! {"_id": id.clone(), "updated_at": updated_at});
+            let version = version_of(&d);
+            seen.push(doc! {"_id": id.clone(), "version": version_is(version)});
+            ours.push(doc! {"_id": id.clone(), "version": version + 1});
             ids.push(id);
-            d.insert("updated_at", stamp);
-            copies.push(d);
+            copies.push(moved_copy(d, stamp));
         }
         if let Err(e) = to.insert_many(&copies).ordered(false).await {
             // Copies left by an interrupted move collide on `_id`: those
@@ -1181,7 +1206,7 @@ impl StateStore for MongoStateStore {
                 .await
                 .map_err(map_err)?;
             if !remaining.is_empty() {
-                to.delete_many(doc! {"_id": {"$in": remaining}, "updated_at": stamp})
+                to.delete_many(doc! {"_id": {"$in": remaining}, "$or": ours})
                     .await
                     .map_err(map_err)?;
             }
@@ -1196,7 +1221,7 @@ impl StateStore for MongoStateStore {
         to: Partition,
     ) -> Result<bool, StoreError> {
         let id = payment_id.as_str();
-        let Some(mut d) = self
+        let Some(d) = self
             .partition(from)
             .find_one(doc! {"_id": id})
             .await
@@ -1204,9 +1229,11 @@ impl StateStore for MongoStateStore {
         else {
             return Ok(false);
         };
-        d.insert("updated_at", paygate_core::time::now_ms());
         self.partition(to)
-            .replace_one(doc! {"_id": id}, d)
+            .replace_one(
+                doc! {"_id": id},
+                moved_copy(d, paygate_core::time::now_ms()),
+            )
             .upsert(true)
             .await
             .map_err(map_err)?;

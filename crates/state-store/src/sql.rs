@@ -189,6 +189,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "inventory and holds",
         include_str!("../../../migrations/sqlite/0010_inventory_holds.sql"),
     ),
+    (
+        11,
+        "versions",
+        include_str!("../../../migrations/sqlite/0011_versions.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -240,6 +245,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         10,
         "inventory and holds",
         include_str!("../../../migrations/postgres/0010_inventory_holds.sql"),
+    ),
+    (
+        11,
+        "versions",
+        include_str!("../../../migrations/postgres/0011_versions.sql"),
     ),
 ];
 
@@ -481,7 +491,7 @@ macro_rules! bind_log_row {
 pub const RECORD_COLUMNS: &str =
     "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
      is_saved, card_status, approved_at, save_attempts, batch_attempts, failure_code, last_error, \
-     request_fingerprint, idempotency_key, created_at, updated_at";
+     request_fingerprint, idempotency_key, created_at, updated_at, version";
 
 /// Decodes a [`PaymentRecord`] from a row of any partition table.
 ///
@@ -514,6 +524,7 @@ where
         idempotency_key: row.try_get("idempotency_key").map_err(c)?,
         created_at: row.try_get("created_at").map_err(c)?,
         updated_at: row.try_get("updated_at").map_err(c)?,
+        version: row.try_get("version").map_err(c)?,
     })
 }
 
@@ -723,7 +734,7 @@ impl SqlStateStore {
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
         let insert = format!(
             "INSERT INTO realtime_payments ({RECORD_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
         );
         // All claims and the record in one transaction: any claim taken
         // already rolls the whole create back, so a record never lacks a
@@ -785,6 +796,7 @@ impl SqlStateStore {
                         .bind(r.idempotency_key.as_deref())
                         .bind(r.created_at)
                         .bind(r.updated_at)
+                        .bind(r.version)
                         .execute(&mut *$c)
                         .await
                         .map_err(map_err)?;
@@ -1124,6 +1136,48 @@ impl StateStore for SqlStateStore {
         }
     }
 
+    async fn finish_move(
+        &self,
+        payment_id: &PaymentId,
+        from: Partition,
+        to: Partition,
+        seen_version: i64,
+    ) -> Result<bool, StoreError> {
+        let delete = format!(
+            "DELETE FROM {} WHERE payment_id = $1 AND version = $2 AND {}",
+            from.table(),
+            guard_sql(to)
+        );
+        let still_there = format!(
+            "SELECT 1 AS one FROM {} WHERE payment_id = $1",
+            from.table()
+        );
+        let take_back = format!(
+            "DELETE FROM {} WHERE payment_id = $1 AND version = $2",
+            to.table()
+        );
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let deleted = sqlx::query(&delete)
+                .bind(payment_id.as_str()).bind(seen_version)
+                .execute(&mut *tx).await.map_err(map_err)?.rows_affected();
+            let done = if deleted == 1 {
+                true
+            } else if sqlx::query(&still_there).bind(payment_id.as_str())
+                .fetch_optional(&mut *tx).await.map_err(map_err)?.is_some()
+            {
+                sqlx::query(&take_back)
+                    .bind(payment_id.as_str()).bind(seen_version + 1)
+                    .execute(&mut *tx).await.map_err(map_err)?;
+                false
+            } else {
+                true
+            };
+            tx.commit().await.map_err(map_err)?;
+            Ok(done)
+        })
+    }
+
     async fn copy_to_partition(
         &self,
         payment_id: &PaymentId,
@@ -1279,7 +1333,13 @@ fn move_columns() -> (String, String, String) {
     let cols: Vec<&str> = RECORD_COLUMNS.split(',').map(str::trim).collect();
     let select: Vec<&str> = cols
         .iter()
-        .map(|c| if *c == "updated_at" { "$2" } else { c })
+        .map(|c| match *c {
+            "updated_at" => "$2",
+            // A move is a change of the record: the copy it writes is one
+            // version on from the row it read.
+            "version" => "version + 1",
+            c => c,
+        })
         .collect();
     let updates: Vec<String> = cols
         .iter()
@@ -1368,66 +1428,90 @@ fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<Cow<'_, str
     let statement: (&'static str, Vec<&str>) = match t {
             Transition::MarkPaid { approved_at } => (
                 "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
-                 failure_code = NULL, updated_at = $2 \
+                 failure_code = NULL, updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
                 vec![approved_at],
             ),
-            Transition::MarkAborted { failure_code, last_error } => (
+            Transition::MarkAborted { failure_code, last_error, seen_version: None } => (
                 "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
-                 updated_at = $2 \
+                 updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
                 vec![failure_code, last_error],
             ),
+            Transition::MarkAborted { failure_code, last_error, seen_version: Some(v) } => {
+                return Some((
+                    "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
+                     updated_at = $2, version = version + 1 \
+                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') \
+                     AND version = CAST($5 AS BIGINT)",
+                    vec![
+                        Cow::Borrowed(failure_code.as_str()),
+                        Cow::Borrowed(last_error.as_str()),
+                        Cow::Owned(v.to_string()),
+                    ],
+                ))
+            }
             Transition::MarkUnknown { last_error } => (
-                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2 \
+                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND card_status = 'PENDING'",
                 vec![last_error],
             ),
             Transition::MarkSaved => (
                 "UPDATE realtime_payments SET is_saved = TRUE, save_attempts = save_attempts + 1, \
-                 last_error = NULL, updated_at = $2 \
+                 last_error = NULL, updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
                 vec![],
             ),
             Transition::SaveFailed { last_error } => (
-                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2 \
+                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
                 vec![last_error],
             ),
             Transition::BatchSaveFailed { last_error } => (
-                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2 \
+                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2, version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
                 vec![last_error],
             ),
-            Transition::Reopen { failure_code } => {
+            Transition::Reopen { failure_code, seen_version } => {
                 if !failure_codes::is_no_call(failure_code) {
                     return None;
                 }
-                (
-                    "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2 \
-                     WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
-                    vec![failure_code],
-                )
+                match seen_version {
+                    None => (
+                        "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2, version = version + 1 \
+                         WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
+                        vec![failure_code],
+                    ),
+                    Some(v) => {
+                        return Some((
+                            "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2, version = version + 1 \
+                             WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3 \
+                             AND version = CAST($4 AS BIGINT)",
+                            vec![Cow::Borrowed(failure_code.as_str()), Cow::Owned(v.to_string())],
+                        ))
+                    }
+                }
             }
             Transition::MarkSending => (
                 "UPDATE realtime_payments SET \
-                 updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END \
+                 updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, \
+                 version = version + 1 \
                  WHERE payment_id = $1 AND is_paid = FALSE AND card_status = 'PENDING'",
                 vec![],
             ),
             Transition::FileNotSent {
-                seen_updated_at,
+                seen_version,
                 last_error,
             } => {
                 return Some((
                     "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, \
-                     last_error = $4, updated_at = $2 \
+                     last_error = $4, updated_at = $2, version = version + 1 \
                      WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') \
-                     AND updated_at = CAST($5 AS BIGINT)",
+                     AND version = CAST($5 AS BIGINT)",
                     vec![
                         Cow::Borrowed(failure_codes::NOT_SENT),
                         Cow::Borrowed(last_error.as_str()),
-                        Cow::Owned(seen_updated_at.to_string()),
+                        Cow::Owned(seen_version.to_string()),
                     ],
                 ))
             }

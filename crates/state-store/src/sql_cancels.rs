@@ -16,7 +16,7 @@ use crate::{
 
 const COLUMNS: &str = "payment_id, n, merchant_id, amount, reason, idempotency_key, \
      request_fingerprint, status, is_saved, save_attempts, batch_attempts, failure_code, \
-     last_error, canceled_at, created_at, updated_at";
+     last_error, canceled_at, created_at, updated_at, version";
 
 fn cancel_from_row<R: Row>(row: &R) -> Result<CancelRecord, StoreError>
 where
@@ -43,6 +43,7 @@ where
         canceled_at: row.try_get("canceled_at").map_err(c)?,
         created_at: row.try_get("created_at").map_err(c)?,
         updated_at: row.try_get("updated_at").map_err(c)?,
+        version: row.try_get("version").map_err(c)?,
     })
 }
 
@@ -51,7 +52,7 @@ impl SqlStateStore {
     async fn insert_cancel(&self, c: &CancelRecord) -> Result<bool, StoreError> {
         let sql = format!(
             "INSERT INTO payment_cancels ({COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (payment_id, n) DO NOTHING"
         );
         with_pool!(self.database(), pool => sqlx::query(&sql)
@@ -71,6 +72,7 @@ impl SqlStateStore {
             .bind(c.canceled_at.as_deref())
             .bind(c.created_at)
             .bind(c.updated_at)
+            .bind(c.version)
             .execute(pool)
             .await
             .map(|r| r.rows_affected() == 1)
@@ -114,6 +116,16 @@ impl CancelStore for SqlStateStore {
     ) -> Result<bool, StoreError> {
         let now = paygate_core::time::now_ms();
         const IN_FLIGHT: &str = "status IN ('PENDING', 'UNKNOWN')";
+        // The transition's own values and, for a version guard, the
+        // version last (its placeholder follows them).
+        let seen = match t {
+            CancelTransition::MarkFailed {
+                seen_version: Some(v),
+                ..
+            }
+            | CancelTransition::MarkSending { seen_version: v } => Some(v.to_string()),
+            _ => None,
+        };
         const SAVING: &str = "status = 'DONE' AND is_saved = FALSE";
         // $1 = payment_id, $2 = n, $3 = now, $4.. = the transition's values.
         let (set, guard, values): (&str, &str, Vec<&str>) = match t {
@@ -126,6 +138,7 @@ impl CancelStore for SqlStateStore {
                 failure_code,
                 last_error,
                 release_key: true,
+                ..
             } => (
                 "status = 'FAILED', failure_code = $4, last_error = $5, idempotency_key = NULL",
                 IN_FLIGHT,
@@ -135,11 +148,13 @@ impl CancelStore for SqlStateStore {
                 failure_code,
                 last_error,
                 release_key: false,
+                ..
             } => (
                 "status = 'FAILED', failure_code = $4, last_error = $5",
                 IN_FLIGHT,
                 vec![failure_code, last_error],
             ),
+            CancelTransition::MarkSending { .. } => ("status = status", IN_FLIGHT, vec![]),
             CancelTransition::MarkUnknown { last_error } => (
                 "status = 'UNKNOWN', last_error = $4",
                 "status = 'PENDING'",
@@ -166,14 +181,21 @@ impl CancelStore for SqlStateStore {
                 vec![last_error],
             ),
         };
+        let version_guard = match seen {
+            Some(_) => format!(" AND version = CAST(${} AS BIGINT)", values.len() + 4),
+            None => String::new(),
+        };
         let sql = format!(
-            "UPDATE payment_cancels SET {set}, updated_at = $3 \
-             WHERE payment_id = $1 AND n = $2 AND {guard}"
+            "UPDATE payment_cancels SET {set}, updated_at = $3, version = version + 1 \
+             WHERE payment_id = $1 AND n = $2 AND {guard}{version_guard}"
         );
         with_pool!(self.database(), pool => {
             let mut q = sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now);
             for v in &values {
                 q = q.bind(*v);
+            }
+            if let Some(v) = &seen {
+                q = q.bind(v.as_str());
             }
             q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
         })

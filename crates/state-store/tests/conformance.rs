@@ -147,6 +147,7 @@ async fn every_transition_applies_only_under_its_guard() {
         let abort = Transition::MarkAborted {
             failure_code: "REJECT_CARD_PAYMENT".into(),
             last_error: "no".into(),
+            seen_version: None,
         };
         assert!(!store.transition(id, &abort).await.unwrap());
         assert!(!store
@@ -220,6 +221,7 @@ async fn every_transition_applies_only_under_its_guard() {
         store.create(&d).await.unwrap();
         assert!(store.transition(&d.payment_id, &abort).await.unwrap());
         let reopen = |code: &str| Transition::Reopen {
+            seen_version: None,
             failure_code: code.into(),
         };
         assert!(!store
@@ -240,6 +242,7 @@ async fn every_transition_applies_only_under_its_guard() {
         let no_call = Transition::MarkAborted {
             failure_code: failure_codes::LOG_UNAVAILABLE.into(),
             last_error: "log".into(),
+            seen_version: None,
         };
         assert!(store.transition(&n.payment_id, &no_call).await.unwrap());
         assert!(store
@@ -259,18 +262,18 @@ async fn every_transition_applies_only_under_its_guard() {
     .await;
 }
 
-/// Issue 13 (the 100,000-seed finding): the batch filed a `PENDING` record
-/// that had no `REQUEST` row yet as never sent while its confirm was on
-/// its way to the card. The filing is guarded on the `updated_at` it read
-/// before the log, and the confirm fences its record after its row: one of
-/// the two always fails, whatever the order and even within one ms.
+/// Filing a `PENDING` record with no `REQUEST` row as never sent races a
+/// confirm whose row is landing. The filing is guarded on the version it
+/// read before the log, and the confirm fences its record after its row:
+/// one of the two always fails, whatever the order and whatever the
+/// writers' clocks say.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
     on_every_backend(|backend, store| async move {
         let name = backend.name();
         let m = MerchantId::generate();
         let file = |seen: i64| Transition::FileNotSent {
-            seen_updated_at: seen,
+            seen_version: seen,
             last_error: "no REQUEST row".into(),
         };
 
@@ -283,17 +286,19 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
             .await
             .unwrap());
         let (_, fenced) = store.get(&a.payment_id).await.unwrap().unwrap();
-        assert!(
-            fenced.updated_at > read.updated_at,
-            "{name}: the fence moves updated_at strictly forward, even within one ms"
+        assert_eq!(
+            fenced.version,
+            read.version + 1,
+            "{name}: the fence moves the version on"
         );
+        assert!(fenced.updated_at >= read.updated_at, "{name}");
         assert_eq!(fenced.card_status, CardStatus::Pending, "{name}");
         assert!(
             !store
-                .transition(&a.payment_id, &file(read.updated_at))
+                .transition(&a.payment_id, &file(read.version))
                 .await
                 .unwrap(),
-            "{name}: a filing guarded on a stale updated_at applied"
+            "{name}: a filing guarded on a stale version applied"
         );
         // A second fence also moves it (a reopened confirm's own fence).
         assert!(store
@@ -301,14 +306,14 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
             .await
             .unwrap());
         let (_, again) = store.get(&a.payment_id).await.unwrap().unwrap();
-        assert!(again.updated_at > fenced.updated_at, "{name}");
+        assert_eq!(again.version, fenced.version + 1, "{name}");
 
         // The filing first: the fence then fails, so no call is made.
         let b = pending(&m, "order-file-first", None);
         store.create(&b).await.unwrap();
         let (_, read) = store.get(&b.payment_id).await.unwrap().unwrap();
         assert!(store
-            .transition(&b.payment_id, &file(read.updated_at))
+            .transition(&b.payment_id, &file(read.version))
             .await
             .unwrap());
         let (_, filed) = store.get(&b.payment_id).await.unwrap().unwrap();
@@ -335,7 +340,7 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
             .await
             .unwrap());
         assert!(!store
-            .transition(&c.payment_id, &file(read.updated_at))
+            .transition(&c.payment_id, &file(read.version))
             .await
             .unwrap());
     })
@@ -507,6 +512,7 @@ async fn set_based_moves_take_only_settled_records_past_the_cutoff_a_chunk_at_a_
                 &Transition::MarkAborted {
                     failure_code: "REJECT_CARD_COMPANY".into(),
                     last_error: "declined".into(),
+                    seen_version: None,
                 },
             )
             .await
@@ -821,10 +827,12 @@ async fn a_move_applies_only_while_the_record_may_enter_the_target() {
         let aborted = Transition::MarkAborted {
             failure_code: failure_codes::CIRCUIT_OPEN.into(),
             last_error: "open".into(),
+            seen_version: None,
         };
         assert!(store.transition(pid, &aborted).await.unwrap());
         // ... a merchant retry reopens it before the batch's move lands.
         let reopen = Transition::Reopen {
+            seen_version: None,
             failure_code: failure_codes::CIRCUIT_OPEN.into(),
         };
         assert!(store.transition(pid, &reopen).await.unwrap());
@@ -967,6 +975,7 @@ async fn a_record_moving_between_partitions_is_never_missed_by_a_read() {
         let aborted = Transition::MarkAborted {
             failure_code: failure_codes::CIRCUIT_OPEN.into(),
             last_error: "open".into(),
+            seen_version: None,
         };
         assert!(store.transition(&r.payment_id, &aborted).await.unwrap());
 
@@ -1296,7 +1305,8 @@ async fn cancels_are_claimed_against_the_balance_and_replayed_by_key() {
                 &CancelTransition::MarkFailed {
                     failure_code: "NOT_SENT".into(),
                     last_error: "no log row".into(),
-                    release_key: true
+                    release_key: true,
+                    seen_version: None,
                 }
             )
             .await
@@ -1393,7 +1403,8 @@ async fn every_cancel_transition_applies_only_under_its_guard() {
                 &T::MarkFailed {
                     failure_code: "X".into(),
                     last_error: err(),
-                    release_key: false
+                    release_key: false,
+                    seen_version: None,
                 }
             )
             .await
@@ -1441,7 +1452,8 @@ async fn every_cancel_transition_applies_only_under_its_guard() {
                 &T::MarkFailed {
                     failure_code: "X".into(),
                     last_error: err(),
-                    release_key: false
+                    release_key: false,
+                    seen_version: None,
                 }
             )
             .await
@@ -1537,7 +1549,8 @@ async fn open_cancels_are_the_ones_in_flight_or_not_yet_reversed() {
                         &T::MarkFailed {
                             failure_code: "X".into(),
                             last_error: "e".into(),
-                            release_key: false
+                            release_key: false,
+                            seen_version: None,
                         }
                     )
                     .await
@@ -1556,4 +1569,197 @@ async fn open_cancels_are_the_ones_in_flight_or_not_yet_reversed() {
         assert_eq!(open, expected, "{name}");
     })
     .await;
+}
+
+/// Every applied change of a record moves its version on by one (moves
+/// included); a refused one leaves it: the value every guard that depends
+/// on an earlier read compares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_applied_change_moves_the_version_on() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-version-1", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+        let version = |store: Arc<dyn StateStore>| {
+            let id = id.clone();
+            async move { store.get(&id).await.unwrap().unwrap() }
+        };
+        assert_eq!(version(store.clone()).await.1.version, 0, "{name}");
+        assert!(!store.transition(id, &Transition::MarkSaved).await.unwrap());
+        assert_eq!(
+            version(store.clone()).await.1.version,
+            0,
+            "{name}: a refused transition moved the version"
+        );
+        for (n, t) in [Transition::MarkSending, paid(), Transition::MarkSaved]
+            .iter()
+            .enumerate()
+        {
+            assert!(store.transition(id, t).await.unwrap(), "{name}: {t:?}");
+            assert_eq!(
+                version(store.clone()).await.1.version,
+                n as i64 + 1,
+                "{name}: {t:?}"
+            );
+        }
+        assert!(store
+            .move_record(id, Partition::Realtime, Partition::Completed)
+            .await
+            .unwrap());
+        let (part, moved) = version(store.clone()).await;
+        assert_eq!(
+            (part, moved.version),
+            (Partition::Completed, 4),
+            "{name}: a move is a change"
+        );
+    })
+    .await;
+}
+
+/// A mover (the batch) copied a no-call abort to `unpaid_payments` and
+/// stalled; meanwhile a merchant's retry moved the record back to
+/// realtime. When the mover resumes, its delete of the source is guarded
+/// on the version it copied, so it cannot delete the fresh copy and lose
+/// the record from every partition (MongoDB without transactions moves in
+/// exactly these two steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_move_cannot_delete_a_copy_moved_back_since() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-stalled-move", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+        let no_call = Transition::MarkAborted {
+            failure_code: failure_codes::LOG_UNAVAILABLE.into(),
+            last_error: "log".into(),
+            seen_version: None,
+        };
+        assert!(store.transition(id, &no_call).await.unwrap());
+        let (_, copied) = store.get(id).await.unwrap().unwrap();
+        // The mover's first step, then it stalls.
+        assert!(store
+            .copy_to_partition(id, Partition::Realtime, Partition::Unpaid)
+            .await
+            .unwrap());
+        // The retry reads the newest copy (the mover's) and moves it back.
+        let (part, newest) = store.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (part, newest.version),
+            (Partition::Unpaid, copied.version + 1),
+            "{name}"
+        );
+        assert!(store
+            .move_record(id, Partition::Unpaid, Partition::Realtime)
+            .await
+            .unwrap());
+        // The mover resumes with the version it copied.
+        assert!(
+            !store
+                .finish_move(id, Partition::Realtime, Partition::Unpaid, copied.version)
+                .await
+                .unwrap(),
+            "{name}: a stalled move completed over a record moved back since"
+        );
+        let (part, now) = store
+            .get(id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: the record was lost from every partition"));
+        assert_eq!(
+            (part, now.card_status, now.version),
+            (Partition::Realtime, CardStatus::Aborted, copied.version + 2),
+            "{name}"
+        );
+        // A move that nothing raced completes.
+        assert!(store
+            .copy_to_partition(id, Partition::Realtime, Partition::Unpaid)
+            .await
+            .unwrap());
+        assert!(store
+            .finish_move(id, Partition::Realtime, Partition::Unpaid, now.version)
+            .await
+            .unwrap());
+        let (part, _) = store.get(id).await.unwrap().unwrap();
+        assert_eq!(part, Partition::Unpaid, "{name}");
+    })
+    .await;
+}
+
+/// This thread's clock for [`guards_hold_when_a_writers_clock_steps_back`]:
+/// set by the test; ids from a SplitMix64 sequence.
+struct SteppedClock {
+    now: std::sync::atomic::AtomicI64,
+    ids: std::sync::atomic::AtomicU64,
+}
+
+impl paygate_core::ambient::Ambient for SteppedClock {
+    fn now_ms(&self) -> i64 {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn next_u64(&self) -> u64 {
+        let mut z = self
+            .ids
+            .fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::SeqCst);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Replicas' clocks differ and step back, so two writes can stamp one
+/// `updated_at`: a batch reads a PENDING record, a writer whose clock is
+/// 5 s behind aborts it as a no-call, and a retry at the first clock
+/// reopens it, leaving it PENDING with the very `updated_at` the batch
+/// read. Filing it as never sent on that read must fail: the guard is
+/// the version, which both writes moved on.
+#[tokio::test]
+async fn guards_hold_when_a_writers_clock_steps_back() {
+    let start = paygate_core::time::now_ms();
+    let clock = std::rc::Rc::new(SteppedClock {
+        now: std::sync::atomic::AtomicI64::new(start),
+        ids: std::sync::atomic::AtomicU64::new(start as u64),
+    });
+    let _installed = paygate_core::ambient::install(clock.clone());
+    let set = |ms: i64| clock.now.store(ms, std::sync::atomic::Ordering::SeqCst);
+    for backend in state_backends() {
+        let name = backend.name();
+        set(start);
+        let (store, cleanup) = fresh_state_store(&backend).await;
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-clock-back", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+        let (_, read) = store.get(id).await.unwrap().unwrap();
+        set(read.updated_at - 5_000);
+        let no_call = Transition::MarkAborted {
+            failure_code: failure_codes::LOG_UNAVAILABLE.into(),
+            last_error: "log".into(),
+            seen_version: None,
+        };
+        assert!(store.transition(id, &no_call).await.unwrap(), "{name}");
+        set(read.updated_at);
+        let reopen = Transition::Reopen {
+            failure_code: failure_codes::LOG_UNAVAILABLE.into(),
+            seen_version: None,
+        };
+        assert!(store.transition(id, &reopen).await.unwrap(), "{name}");
+        let (_, now) = store.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (now.card_status, now.updated_at),
+            (CardStatus::Pending, read.updated_at),
+            "{name}: the clocks gave the record its old updated_at back"
+        );
+        let file = Transition::FileNotSent {
+            seen_version: read.version,
+            last_error: "no REQUEST row".into(),
+        };
+        assert!(
+            !store.transition(id, &file).await.unwrap(),
+            "{name}: filed as never sent on a read two writes old"
+        );
+        cleanup.run().await;
+    }
 }

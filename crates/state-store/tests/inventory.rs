@@ -477,3 +477,70 @@ async fn a_stuck_during_hold_is_released_only_if_no_confirm_began_on_it_since() 
     })
     .await;
 }
+
+/// A release of a hold read `during` is guarded on the hold's version, not
+/// on `updated_at`: the batch reads the hold, a writer whose clock is
+/// behind releases it, and a retry begins on it again at the first clock,
+/// so it is `during` with the very `updated_at` the batch read. The
+/// batch's release must not take the retry's units; a confirm's begin
+/// hands back the version it left, the only one it may release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_guarded_on_the_version_read_whatever_the_clocks() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        store.set_stock(&m, "sku-v", 1, T0).await.unwrap();
+        let h = hold(&m, "order-version-hold", &[("sku-v", 1)], T0);
+        store.take(&h, T0).await.unwrap();
+        let BeginOutcome::During(seen) = store
+            .begin_payment(&m, &order("order-version-hold"), T0 + 10)
+            .await
+            .unwrap()
+        else {
+            panic!("{name}: the hold did not move to during");
+        };
+        let read = store
+            .hold_by_order(&m, &order("order-version-hold"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (read.state, read.version),
+            (HoldState::During, seen.version),
+            "{name}: begin hands back the version it left"
+        );
+        store
+            .release(
+                &m,
+                &order("order-version-hold"),
+                &[HoldState::During],
+                T0 + 5,
+            )
+            .await
+            .unwrap();
+        let BeginOutcome::During(again) = store
+            .begin_payment(&m, &order("order-version-hold"), T0 + 10)
+            .await
+            .unwrap()
+        else {
+            panic!("{name}: the retry could not take the hold again");
+        };
+        assert_eq!(
+            (again.updated_at, again.state),
+            (read.updated_at, HoldState::During),
+            "{name}: the clocks gave the hold its old updated_at back"
+        );
+        assert!(again.version > read.version, "{name}");
+        assert!(
+            !store.release_stuck(&read, T0 + 11).await.unwrap(),
+            "{name}: a release on a read two changes old took the retry's units"
+        );
+        assert_eq!(available(&store, &m, "sku-v", T0 + 11).await, 0, "{name}");
+        assert!(
+            store.release_stuck(&again, T0 + 12).await.unwrap(),
+            "{name}"
+        );
+        assert_eq!(available(&store, &m, "sku-v", T0 + 12).await, 1, "{name}");
+    })
+    .await;
+}

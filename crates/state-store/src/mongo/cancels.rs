@@ -42,6 +42,7 @@ fn cancel_to_doc(c: &CancelRecord) -> Document {
         "canceled_at": opt(&c.canceled_at),
         "created_at": c.created_at,
         "updated_at": c.updated_at,
+        "version": c.version,
     }
 }
 
@@ -74,11 +75,29 @@ fn cancel_from_doc(d: &Document) -> Result<CancelRecord, StoreError> {
         canceled_at: o("canceled_at"),
         created_at: i("created_at")?,
         updated_at: i("updated_at")?,
+        version: super::version_of(d),
     })
 }
 
-/// The guard (filter) and the update of a transition.
+/// The guard (filter) and the update of a transition; every update
+/// increments `version`.
 fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
+    let (guard, mut update) = guard_and_update(t, now);
+    let inc = match update.get_document_mut("$inc") {
+        Ok(inc) => inc,
+        Err(_) => {
+            update.insert("$inc", doc! {});
+            match update.get_document_mut("$inc") {
+                Ok(inc) => inc,
+                Err(_) => return (guard, update),
+            }
+        }
+    };
+    inc.insert("version", 1_i64);
+    (guard, update)
+}
+
+fn guard_and_update(t: &CancelTransition, now: i64) -> (Document, Document) {
     let in_flight = doc! {"status": {"$in": ["PENDING", "UNKNOWN"]}};
     let saving = doc! {"status": "DONE", "is_saved": false};
     match t {
@@ -90,13 +109,23 @@ fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
             failure_code,
             last_error,
             release_key,
+            seen_version,
         } => {
             let mut set = doc! {"status": "FAILED", "failure_code": failure_code,
             "last_error": last_error, "updated_at": now};
             if *release_key {
                 set.insert("idempotency_key", Bson::Null);
             }
-            (in_flight, doc! {"$set": set})
+            let mut guard = in_flight;
+            if let Some(v) = seen_version {
+                guard.insert("version", super::version_is(*v));
+            }
+            (guard, doc! {"$set": set})
+        }
+        CancelTransition::MarkSending { seen_version } => {
+            let mut guard = in_flight;
+            guard.insert("version", super::version_is(*seen_version));
+            (guard, doc! {"$set": {"updated_at": now}})
         }
         CancelTransition::MarkUnknown { last_error } => (
             doc! {"status": "PENDING"},
