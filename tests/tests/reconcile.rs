@@ -551,3 +551,89 @@ async fn approvals_match_from_the_slice_read_or_a_fresh_one_and_copies_count_onc
         e.cleanup.run().await;
     }
 }
+
+/// Two refunds at the card company for one paygate cancel (a cancel sent
+/// again under a new key) is a second refund even though each card
+/// cancel has an amount paygate holds: card cancels match paygate's one
+/// to one, and the second is alerted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_card_refunds_for_one_paygate_cancel_are_alerted() {
+    use paygate_card_api::{CancelRequest, CardApi, ConfirmRequest, TossCardApi};
+    use paygate_state_store::{CancelClaim, CancelDraft, CancelTransition};
+    for backend in e2e_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &e.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        let order = "order-refunded-twice";
+        let r = e.record(order, 5_000, 30).await;
+        e.paid(&r).await;
+        assert!(e
+            .c
+            .store
+            .transition(&r.payment_id, &Transition::MarkSaved)
+            .await
+            .unwrap());
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: r.payment_key.clone(),
+                order_id: order.into(),
+                amount: 5_000,
+            },
+            r.payment_id.as_str(),
+        )
+        .await
+        .unwrap();
+        for n in [1, 2] {
+            card.cancel(
+                &r.payment_key,
+                &CancelRequest {
+                    cancel_reason: "refund".into(),
+                    cancel_amount: Some(1_000),
+                },
+                &format!("{}:cancel:{n}", r.payment_id),
+            )
+            .await
+            .unwrap();
+        }
+        // paygate holds one cancel of 1,000.
+        let draft = CancelDraft {
+            payment_id: r.payment_id.clone(),
+            merchant_id: r.merchant_id.clone(),
+            total_amount: r.amount,
+            amount: Some(1_000),
+            reason: "refund".into(),
+            idempotency_key: None,
+            request_fingerprint: "fp".into(),
+            now: paygate_core::time::now_ms(),
+        };
+        let CancelClaim::Claimed(c) = e.c.store.claim_cancel(&draft).await.unwrap() else {
+            panic!("{name}: claimed");
+        };
+        let done = CancelTransition::MarkDone {
+            canceled_at: "2026-11-21T12:10:00+09:00".into(),
+        };
+        assert!(e
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
+        let opts = ReconcileOptions {
+            stale_after: Duration::from_secs(86_400),
+            ..ReconcileOptions::window(e.now - 60 * MINUTE, paygate_core::time::now_ms() + MINUTE)
+        };
+        let s = e.reconciler().run(&opts).await.unwrap();
+        assert_eq!(s.alerts, 1, "{name}: {s:?}");
+        assert_eq!(
+            e.outbox_reasons().await,
+            vec!["cancel_mismatch".to_owned()],
+            "{name}"
+        );
+        e.cleanup.run().await;
+    }
+}

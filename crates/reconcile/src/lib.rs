@@ -27,10 +27,12 @@
 //!      `reconcile-cancel-<paymentKey>` and alert `orphan_canceled`;
 //!    - recorded by paygate as declined, or under another paymentKey →
 //!      alert `card_mismatch` (contradicting evidence is for a human).
-//! 4. **Cancels.** Each cancel transaction (`CANCELED`,
-//!    `PARTIAL_CANCELED`) of an order paygate holds must match one of its
-//!    cancels (same amount, done or in flight); otherwise alert
-//!    `cancel_mismatch`. An approval later canceled stays an approval: its
+//! 4. **Cancels.** The cancel transactions (`CANCELED`,
+//!    `PARTIAL_CANCELED`) of an order paygate holds match its cancels one
+//!    to one: the k-th distinct card cancel of an amount in the window
+//!    needs k of paygate's cancels of that amount (done or in flight);
+//!    otherwise alert `cancel_mismatch` (two refunds at the card company
+//!    for one paygate cancel is a second refund, whatever the amounts). An approval later canceled stays an approval: its
 //!    `DONE` transaction is matched as above, and a lookup that shows it
 //!    `CANCELED`/`PARTIAL_CANCELED` is not "paid but not approved".
 //! 5. **Paid but not approved.** Paid records of the slice's read,
@@ -455,6 +457,9 @@ struct Run {
     now_ms: i64,
     /// The SQL log subject of this run's page requests: `reconcile_<ULID>`.
     log_subject: PaymentId,
+    /// The distinct card cancel transactions seen so far, per payment and
+    /// amount (minor units): matched one to one with paygate's cancels.
+    card_cancels: std::sync::Mutex<HashMap<(String, i64), std::collections::HashSet<String>>>,
 }
 
 impl Reconciler {
@@ -548,6 +553,7 @@ impl Reconciler {
                 "reconcile_{}",
                 paygate_core::ambient::ulid()
             )),
+            card_cancels: Default::default(),
         });
         let started = Instant::now();
         let result = self.run_under_lease(&run).await;
@@ -805,9 +811,11 @@ impl Reconciler {
             .await;
     }
 
-    /// A cancel transaction: paygate must hold a cancel of that amount (done,
-    /// or in flight: the batch settles it). An order paygate has no record
-    /// of is an orphan, canceled by this job itself: nothing to match.
+    /// A cancel transaction: paygate must hold one cancel of that amount
+    /// (done, or in flight: the batch settles it) for each distinct card
+    /// cancel of that amount (see the module doc). An order paygate has no
+    /// record of is an orphan, canceled by this job itself: nothing to
+    /// match.
     async fn match_cancel(&self, run: &Run, tx: &Transaction) {
         let found = match self
             .store
@@ -825,14 +833,29 @@ impl Reconciler {
             return;
         };
         match self.store.cancels_of(&r.payment_id).await {
-            Ok(cancels)
-                if cancels.iter().any(|c| {
-                    c.amount == tx.amount && c.status != paygate_state_store::CancelStatus::Failed
-                }) => {}
-            Ok(_) => {
+            Ok(cancels) => {
+                let held = cancels
+                    .iter()
+                    .filter(|c| {
+                        c.amount == tx.amount
+                            && c.status != paygate_state_store::CancelStatus::Failed
+                    })
+                    .count();
+                let seen = {
+                    let mut seen = run.card_cancels.lock().unwrap_or_else(|e| e.into_inner());
+                    let keys = seen
+                        .entry((r.payment_id.to_string(), tx.amount))
+                        .or_default();
+                    keys.insert(tx.transaction_key.clone());
+                    keys.len()
+                };
+                if seen <= held {
+                    return;
+                }
                 let detail = format!(
-                    "the card company shows a cancel of {} (transaction {}) for order {} that paygate does not hold",
-                    tx.amount, tx.transaction_key, tx.order_id
+                    "the card company shows {seen} cancels of {} for order {} (the latest: transaction {}) \
+                     but paygate holds {held}",
+                    tx.amount, tx.order_id, tx.transaction_key
                 );
                 self.alert(run, r, AlertReason::CancelMismatch, detail)
                     .await;
