@@ -117,14 +117,27 @@ fn sweeper(grace_ms: u64) -> Actor {
     }
 }
 
-/// A job that may be killed mid-run (its process dies: no more writes).
-async fn job<F>(world: Arc<World>, actor: Actor, kill_per_mille: u64, run: F)
+/// A job that may be killed mid-run (its process dies: no more writes), or
+/// stall mid-run for 1-8 s and carry on (`pause_per_mille`, drawn from the
+/// world's `chaos` stream only when non-zero).
+async fn job<F>(world: Arc<World>, actor: Actor, kill_per_mille: u64, pause_per_mille: u64, run: F)
 where
     F: FnOnce(Arc<World>, Arc<Incarnation>) -> futures_util::future::LocalBoxFuture<'static, ()>,
 {
     let inc = Arc::new(Incarnation::start(&world, actor));
     let kill_after =
         (world.rng.between(0, 999) < kill_per_mille).then(|| world.rng.between(0, 3_000));
+    if pause_per_mille > 0 && world.chaos.between(0, 999) < pause_per_mille {
+        let (after, len) = (
+            world.chaos.between(0, 2_000),
+            world.chaos.between(1_000, 8_000),
+        );
+        let inc = inc.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            inc.pause(Duration::from_millis(len));
+        });
+    }
     let task = tokio::task::spawn_local(run(world.clone(), inc.clone()));
     match kill_after {
         Some(ms) => {
@@ -150,6 +163,13 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
             gw.crash(&world);
         }));
     }
+    for (at, len) in o.pauses.clone() {
+        let gw = gw.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            gw.pause(Duration::from_millis(len));
+        }));
+    }
     for (outage, card) in [(o.card_outage, true), (o.ledger_outage, false)] {
         if let Some((start, len)) = outage {
             let world = world.clone();
@@ -171,6 +191,7 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
                 w.clone(),
                 sweeper(grace),
                 opts.job_kill_per_mille,
+                opts.job_pause_per_mille,
                 move |world, inc| {
                     Box::pin(async move {
                         let s = Sweeper::in_memory(
@@ -196,6 +217,7 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
                 w.clone(),
                 Actor::Reconcile,
                 opts.job_kill_per_mille,
+                opts.job_pause_per_mille,
                 move |world, inc| {
                     Box::pin(async move {
                         let r = Reconciler::in_memory(

@@ -1,6 +1,13 @@
-//! The serving process: confirms run in their own tasks (as the HTTP
-//! handler runs them), and a crash kills the incarnation, drops every
-//! confirm in flight without an answer, and starts a new one.
+//! The serving processes: one to three replicas over the same world, as
+//! production runs three `serve` replicas on one database. Confirms run in
+//! their own tasks (as the HTTP handler runs them); each request goes to a
+//! replica drawn from the history's seed; a crash kills one replica's
+//! incarnation, drops every confirm in flight there without an answer, and
+//! starts a new one; a pause stalls every call of one replica for seconds,
+//! after which its tasks carry on where they were (a process stalled by
+//! the scheduler or cut from its database). With several replicas a
+//! merchant's client gives up on a request after its timeout and retries
+//! elsewhere, while the abandoned request runs on.
 //!
 //! Like the HTTP handler, the gateway may answer before the saga ends: at
 //! its answer deadline it asks the confirm's [`ConfirmTicket`] what it may
@@ -21,7 +28,10 @@ use std::{
 use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer};
 use tokio::task::AbortHandle;
 
-use crate::world::{Actor, Incarnation, World};
+use crate::{
+    rng::SimRng,
+    world::{Actor, Incarnation, World},
+};
 
 tokio::task_local! {
     /// The merchant request a confirm task serves (numbered per history).
@@ -43,63 +53,121 @@ pub enum Reply {
     Early(EarlyAnswer),
 }
 
-/// The gateway of one history (cheap to clone).
+/// The replicas of one history (cheap to clone).
 #[derive(Clone)]
 pub struct Gateway {
-    inner: Arc<Mutex<Inner>>,
+    replicas: Arc<Vec<Mutex<Inner>>>,
     deadline: Option<Duration>,
     requests: Arc<AtomicU64>,
+    /// Draws the replica of each request, crash and pause; `None` with a
+    /// single replica (whose histories then draw nothing for it).
+    route: Option<SimRng>,
+    /// A merchant's client gives up on a request after this long.
+    client_timeout: Option<Duration>,
 }
 
 impl Gateway {
-    /// A gateway serving over `world` that answers each confirm by
+    /// One replica serving over `world` that answers each confirm by
     /// `deadline` at the latest (`None`: it waits for the saga).
     pub fn start(world: &World, deadline: Option<Duration>) -> Self {
+        Self::replicas(world, deadline, 1, None)
+    }
+
+    /// `n` replicas (at least one) serving over `world`; requests, crashes
+    /// and pauses go to replicas drawn from `route` (used only when `n >
+    /// 1`); merchants' clients give up after `client_timeout`.
+    pub fn replicas(
+        world: &World,
+        deadline: Option<Duration>,
+        n: usize,
+        chaos: Option<(SimRng, Duration)>,
+    ) -> Self {
+        let replicas = (0..n.max(1))
+            .map(|_| {
+                Mutex::new(Inner {
+                    current: Arc::new(Incarnation::start(world, Actor::Gateway)),
+                    tasks: Vec::new(),
+                    crashes: 0,
+                })
+            })
+            .collect::<Vec<_>>();
+        let (route, client_timeout) = match chaos {
+            Some((rng, timeout)) if n > 1 => (Some(rng), Some(timeout)),
+            _ => (None, None),
+        };
         Self {
-            inner: Arc::new(Mutex::new(Inner {
-                current: Arc::new(Incarnation::start(world, Actor::Gateway)),
-                tasks: Vec::new(),
-                crashes: 0,
-            })),
+            replicas: Arc::new(replicas),
             deadline,
             requests: world.requests.clone(),
+            route,
+            client_timeout,
         }
     }
 
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// How many replicas serve.
+    pub fn len(&self) -> usize {
+        self.replicas.len()
     }
 
-    /// Runs one confirm; the request's number and the reply, or `None`
-    /// when the process died before it answered.
+    /// Never: a gateway has at least one replica.
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    fn pick(&self) -> usize {
+        self.route
+            .as_ref()
+            .map_or(0, |r| r.pick(self.replicas.len()))
+    }
+
+    fn inner(&self, replica: usize) -> std::sync::MutexGuard<'_, Inner> {
+        let i = replica.min(self.replicas.len().saturating_sub(1));
+        self.replicas[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one confirm at a replica; the request's number and the reply,
+    /// or `None` when the process died before it answered (or the client
+    /// gave up waiting: the request runs on there).
     pub async fn confirm(&self, input: ConfirmInput) -> Option<(u64, Reply)> {
         let request = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
-        let saga = self.inner().current.saga.clone();
+        let replica = self.pick();
+        let saga = self.inner(replica).current.saga.clone();
         let ticket = ConfirmTicket::new();
         let saga_ticket = ticket.clone();
         let mut task = tokio::spawn(REQUEST.scope(request, async move {
             saga.confirm_with_ticket(input, saga_ticket).await
         }));
         {
-            let mut inner = self.inner();
+            let mut inner = self.inner(replica);
             inner.tasks.retain(|t| !t.is_finished());
             inner.tasks.push(task.abort_handle());
         }
+        let client_gives_up = async {
+            match self.client_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let reply = match self.deadline {
-            None => Reply::Saga(Box::new(task.await.ok()?)),
+            None => tokio::select! {
+                biased;
+                joined = &mut task => Reply::Saga(Box::new(joined.ok()?)),
+                () = client_gives_up => return None,
+            },
             Some(deadline) => tokio::select! {
                 biased;
                 joined = &mut task => Reply::Saga(Box::new(joined.ok()?)),
                 () = tokio::time::sleep(deadline) => Reply::Early(ticket.give_up()),
+                () = client_gives_up => return None,
             },
         };
         Some((request, reply))
     }
 
-    /// `kill -9` and restart: the old incarnation can no longer write or
-    /// call, its confirms in flight are dropped unanswered.
+    /// `kill -9` and restart of one replica: the old incarnation can no
+    /// longer write or call, its confirms in flight are dropped unanswered.
     pub fn crash(&self, world: &World) {
-        let mut inner = self.inner();
+        let mut inner = self.inner(self.pick());
         inner.current.kill();
         for t in inner.tasks.drain(..) {
             t.abort();
@@ -108,8 +176,18 @@ impl Gateway {
         inner.crashes += 1;
     }
 
-    /// Crashes so far.
+    /// Stalls every call of one replica for `len`; its tasks then carry
+    /// on where they were.
+    pub fn pause(&self, len: Duration) {
+        let replica = self.pick();
+        self.inner(replica).current.pause(len);
+    }
+
+    /// Crashes so far, over every replica.
     pub fn crashes(&self) -> u32 {
-        self.inner().crashes
+        self.replicas
+            .iter()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).crashes)
+            .sum()
     }
 }

@@ -5,9 +5,12 @@
 //! is confirmed as before. A monitor reads every SKU's level every 50 ms of
 //! simulated time; [`check`] then requires:
 //!
-//! - **I7:** `sold + active holds <= stock` at every instant sampled, except
-//!   where an `oversold` alert names the SKU (an approval recovered after
-//!   its hold lapsed, which I7 allows when alerted);
+//! - **I7, strictly:** `sold + active holds <= stock` at every instant
+//!   sampled. An `oversold` alert is no excuse: a hold is `during` while
+//!   its card call may be in flight and is released only by a guarded
+//!   decision that the payment ended, so an approval after a release means
+//!   a hold was released while its payment was live (the alert stays as
+//!   the production safety net and is named in the violation);
 //! - **sold = approved:** at the end, a hold is `sold` exactly when its order
 //!   was approved by the card company, and every SKU's `sold` is the sum of
 //!   its sold holds (no sale counted twice, none lost);
@@ -148,13 +151,16 @@ pub fn check(
         }
     }
     for ((m, sku), at) in final_breach {
-        if !oversold.contains(&m) {
-            out.push(Violation {
-                invariant: "I7",
-                subject: format!("{m}/{sku}"),
-                detail: format!("sold + active holds > stock at {at} with no oversold alert"),
-            });
-        }
+        let alerted = if oversold.contains(&m) {
+            "an oversold alert was raised, but no hold may be released while its payment is live"
+        } else {
+            "no oversold alert"
+        };
+        out.push(Violation {
+            invariant: "I7",
+            subject: format!("{m}/{sku}"),
+            detail: format!("sold + active holds > stock at {at}: {alerted}"),
+        });
     }
     let approved: BTreeSet<String> = world
         .card

@@ -9,9 +9,12 @@
 //! under test is the real code: the saga of `paygate-payments`, the batch
 //! sweep of `paygate-batch` and the reconciliation of `paygate-reconcile`.
 //!
-//! A history: merchants confirm and retry ([`workload`]); the gateway
-//! crashes and restarts ([`gateway`]); batch sweeps and reconciliations
-//! run on their own schedules and are sometimes killed mid-run; the card
+//! A history: merchants confirm and retry ([`workload`]) at one to three
+//! gateway replicas over the same stores ([`gateway`]), which crash and
+//! restart and, with several replicas, stall for seconds and carry on
+//! (a merchant then gives up and retries elsewhere); batch sweeps and
+//! reconciliations run on their own schedules and are sometimes killed,
+//! or with several replicas stalled, mid-run; the card
 //! company and the ledger misbehave ([`card`], [`ledger`]); the store and
 //! the log fail writes in windows ([`faults`]). Then every fault is healed,
 //! the batch and the reconciliation run to completion, and [`checker`]
@@ -107,6 +110,19 @@ pub fn run_seed(seed: u64) -> std::io::Result<Report> {
 /// An I/O error when the runtime cannot be built or the backend cannot be
 /// set up.
 pub fn run_seed_on(seed: u64, mode: &StoreMode) -> std::io::Result<Report> {
+    run_seed_with(seed, mode, None)
+}
+
+/// [`run_seed_on`] with the number of gateway replicas forced to
+/// `replicas` (1-3; `None`: drawn from the seed).
+///
+/// # Errors
+/// As [`run_seed_on`].
+pub fn run_seed_with(
+    seed: u64,
+    mode: &StoreMode,
+    replicas: Option<usize>,
+) -> std::io::Result<Report> {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     if *mode == StoreMode::Memory {
         builder.enable_time();
@@ -124,30 +140,50 @@ pub fn run_seed_on(seed: u64, mode: &StoreMode) -> std::io::Result<Report> {
             Some(real) => std::sync::Arc::new(real),
             None => World::memory_store(),
         };
-        let report = history(seed, store.clone(), *mode != StoreMode::Memory).await;
+        let report = history(seed, store.clone(), *mode != StoreMode::Memory, replicas).await;
         store.teardown().await;
         Ok(report)
     }))
 }
 
 /// One history; `real`: the store is a real backend (the borrowed-key
-/// quirk of [`workload::orders`] is on).
-async fn history(seed: u64, store: std::sync::Arc<dyn SimStore>, real: bool) -> Report {
+/// quirk of [`workload::orders`] is on); `replicas`: forced count.
+async fn history(
+    seed: u64,
+    store: std::sync::Arc<dyn SimStore>,
+    real: bool,
+    replicas: Option<usize>,
+) -> Report {
     let rng = SimRng::new(seed);
     let _ambient = paygate_core::ambient::install(Rc::new(SimAmbient {
         start: tokio::time::Instant::now(),
         rng: SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
     }));
-    let options = Options::draw(&rng).draw_extra(&SimRng::new(seed ^ 0xD1B5_4A32_D192_ED03));
-    let world = std::sync::Arc::new(World::new(
-        rng.clone(),
-        options.store_stall_per_mille,
-        store,
-    ));
+    let chaos = SimRng::new(seed ^ 0xA076_1D64_78BD_642F);
+    let options = Options::draw(&rng)
+        .draw_extra(&SimRng::new(seed ^ 0xD1B5_4A32_D192_ED03))
+        .draw_replicas(&chaos, replicas);
+    let mut world = World::new(rng.clone(), options.store_stall_per_mille, store);
+    if options.replicas > 1 {
+        world = world.with_replicas(
+            SimRng::new(seed ^ 0xE703_7ED1_A0B4_28DB),
+            paygate_payments::in_flight_window(
+                paygate_core::config::DownstreamPolicy::card_api().deadline_ms,
+            ),
+        );
+    }
+    let world = std::sync::Arc::new(world);
     faults::install(&world, &options);
-    let gw = Gateway::start(
+    let gw = Gateway::replicas(
         &world,
         options.answer_deadline_ms.map(Duration::from_millis),
+        options.replicas,
+        options.client_timeout_ms.map(|t| {
+            (
+                SimRng::new(seed ^ 0x8EBC_6AF0_9C88_C6E3),
+                Duration::from_millis(t),
+            )
+        }),
     );
     let answers = workload::Answers::default();
     let merchants: Vec<MerchantId> = (0..options.merchants)

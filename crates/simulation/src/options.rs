@@ -41,6 +41,16 @@ pub struct Options {
     pub store_stall_per_mille: u64,
     /// A merchant waits this long before a retry, ms (range).
     pub retry_pause_ms: (u64, u64),
+    /// Gateway replicas serving at once over the same stores (1-3).
+    pub replicas: usize,
+    /// Pauses of a replica drawn at the time: start and length, ms.
+    pub pauses: Vec<(u64, u64)>,
+    /// A batch or reconciliation run stalls for 1-8 s mid-run and then
+    /// carries on, per mille.
+    pub job_pause_per_mille: u64,
+    /// A merchant's client gives up on a request after this long and
+    /// retries (at another replica), ms.
+    pub client_timeout_ms: Option<u64>,
 }
 
 impl Options {
@@ -76,7 +86,30 @@ impl Options {
             answer_deadline_ms: None,
             store_stall_per_mille: 0,
             retry_pause_ms: (500, 8_000),
+            replicas: 1,
+            pauses: Vec::new(),
+            job_pause_per_mille: 0,
+            client_timeout_ms: None,
         }
+    }
+
+    /// Draws the replicas of the history and what only several replicas
+    /// bring (pauses of replicas and jobs, clients that give up and retry
+    /// elsewhere) from their own stream (`chaos`), so a one-replica
+    /// history is exactly the history of the same seed before replicas
+    /// existed. `forced` overrides the drawn count (`--replicas`).
+    pub fn draw_replicas(mut self, chaos: &SimRng, forced: Option<usize>) -> Self {
+        let drawn = 1 + chaos.pick(3);
+        self.replicas = forced.unwrap_or(drawn).clamp(1, 3);
+        if self.replicas > 1 {
+            let horizon = self.window_ms + 10_000;
+            self.pauses = (0..chaos.between(1, 8))
+                .map(|_| (chaos.between(0, horizon), chaos.between(500, 8_000)))
+                .collect();
+            self.job_pause_per_mille = chaos.between(0, 300);
+            self.client_timeout_ms = Some(chaos.between(1_000, 8_000));
+        }
+        self
     }
 
     /// Draws the knobs added after the first ones from their own stream

@@ -140,6 +140,15 @@ pub struct World {
     /// Merchant requests numbered so far (one count for every gateway of
     /// the history, so a number names one request).
     pub requests: Arc<std::sync::atomic::AtomicU64>,
+    /// The gateways' settle-on-access age. One replica sees every live
+    /// confirm of the history (a dead incarnation's tasks never act
+    /// again), so its 5 s exercises settle-on-access often; with several,
+    /// a confirm live at another replica is invisible, and the age is the
+    /// production one ([`paygate_payments::in_flight_window`] of the card
+    /// stack's deadline).
+    pub settle_on_access_after: Duration,
+    /// The stream of the draws only several replicas make (job pauses).
+    pub chaos: SimRng,
 }
 
 impl World {
@@ -159,11 +168,21 @@ impl World {
             changes: Changes::default(),
             requests: Arc::default(),
             stall_per_mille,
+            settle_on_access_after: Duration::from_secs(5),
+            chaos: SimRng::new(0),
         }
     }
 }
 
 impl World {
+    /// The world of a history with several replicas: job pauses drawn
+    /// from `chaos`, and settle-on-access at `settle_on_access_after`.
+    pub fn with_replicas(mut self, chaos: SimRng, settle_on_access_after: Duration) -> Self {
+        self.chaos = chaos;
+        self.settle_on_access_after = settle_on_access_after;
+        self
+    }
+
     /// A fresh in-memory state store on the history's (simulated) clock.
     pub fn memory_store() -> Arc<MemoryStateStore> {
         let clock: paygate_state_store::memory::Clock = Arc::new(paygate_core::time::now_ms);
@@ -171,9 +190,35 @@ impl World {
     }
 }
 
+/// Until when a paused process stalls (`None`: it runs). Every call of
+/// the process through its handles waits for it, so its tasks stop
+/// between two awaits and carry on, with what they read before, once the
+/// pause ends.
+#[derive(Clone, Default)]
+pub struct Pause(Arc<Mutex<Option<tokio::time::Instant>>>);
+
+impl Pause {
+    /// Stalls the process for `len` from now.
+    pub fn start(&self, len: Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now() + len);
+    }
+
+    /// Waits while the process is paused.
+    async fn wait(&self) {
+        loop {
+            let until = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+            match until {
+                Some(u) if tokio::time::Instant::now() < u => tokio::time::sleep_until(u).await,
+                _ => return,
+            }
+        }
+    }
+}
+
 /// One process's view of the world; dead once [`Incarnation::kill`]ed.
 pub struct Incarnation {
     dead: Arc<AtomicBool>,
+    pause: Pause,
     /// The saga over this process's handles.
     pub saga: Arc<Saga>,
     /// This process's handle to the state store.
@@ -185,10 +230,12 @@ impl Incarnation {
     /// its changes are journaled as `actor`'s.
     pub fn start(world: &World, actor: Actor) -> Self {
         let dead = Arc::new(AtomicBool::new(false));
+        let pause = Pause::default();
         let store: Arc<dyn StateStore> = Arc::new(StoreHandle {
             handle: Handle {
                 inner: world.store.clone(),
                 dead: dead.clone(),
+                pause: pause.clone(),
                 rng: Some(world.rng.clone()),
                 stall_per_mille: world.stall_per_mille,
             },
@@ -209,6 +256,7 @@ impl Incarnation {
                 Arc::new(Handle {
                     inner: world.log.clone(),
                     dead: dead.clone(),
+                    pause: pause.clone(),
                     rng: Some(world.rng.clone()),
                     stall_per_mille: world.stall_per_mille,
                 }),
@@ -216,6 +264,7 @@ impl Incarnation {
                     card: Arc::new(Handle {
                         inner: world.card.clone(),
                         dead: dead.clone(),
+                        pause: pause.clone(),
                         rng: None,
                         stall_per_mille: 0,
                     }),
@@ -224,6 +273,7 @@ impl Incarnation {
                     ledger: Arc::new(Handle {
                         inner: world.ledger.clone(),
                         dead: dead.clone(),
+                        pause: pause.clone(),
                         rng: None,
                         stall_per_mille: 0,
                     }),
@@ -235,17 +285,23 @@ impl Incarnation {
                 Arc::new(Handle {
                     inner: world.alerts.clone(),
                     dead: dead.clone(),
+                    pause: pause.clone(),
                     rng: None,
                     stall_per_mille: 0,
                 }),
                 SagaSettings {
-                    settle_on_access_after: Duration::from_secs(5),
+                    settle_on_access_after: world.settle_on_access_after,
                     ..SagaSettings::default()
                 },
             )
             .with_inventory(world.inventory.clone()),
         );
-        Self { dead, saga, store }
+        Self {
+            dead,
+            pause,
+            saga,
+            store,
+        }
     }
 
     /// `kill -9`: from now on nothing this process left running can write,
@@ -253,12 +309,18 @@ impl Incarnation {
     pub fn kill(&self) {
         self.dead.store(true, Ordering::SeqCst);
     }
+
+    /// Stalls every call of this process for `len` (see [`Pause`]).
+    pub fn pause(&self, len: Duration) {
+        self.pause.start(len);
+    }
 }
 
 /// A process's handle to one part of the world.
 struct Handle<T: ?Sized> {
     inner: Arc<T>,
     dead: Arc<AtomicBool>,
+    pause: Pause,
     /// Each call waits 0-3 ms (simulated), as a round trip to a database
     /// does, so that other actors can act between two awaits.
     rng: Option<SimRng>,
@@ -272,7 +334,14 @@ impl<T: ?Sized> Handle<T> {
         !self.dead.load(Ordering::SeqCst)
     }
 
+    /// Waits out a pause of the process, then says whether it still lives.
+    async fn go(&self) -> bool {
+        self.pause.wait().await;
+        self.alive()
+    }
+
     async fn round_trip(&self) -> bool {
+        self.pause.wait().await;
         if let Some(rng) = &self.rng {
             let mut ms = rng.between(0, 3);
             // Drawn only when stalls are on, so histories without them
@@ -516,13 +585,17 @@ fn dead_card() -> CardApiError {
 #[async_trait]
 impl CardApi for Handle<SimCard> {
     async fn confirm(&self, req: &ConfirmRequest, key: &str) -> Result<CardPayment, CardApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(dead_card());
         }
-        self.inner.confirm(req, key).await
+        let answer = self.inner.confirm(req, key).await;
+        // An answer that arrives while the process is paused is read when
+        // it resumes.
+        self.pause.wait().await;
+        answer
     }
     async fn payment_by_order_id(&self, o: &str) -> Result<Option<CardPayment>, CardApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(dead_card());
         }
         self.inner.payment_by_order_id(o).await
@@ -533,13 +606,13 @@ impl CardApi for Handle<SimCard> {
         req: &CancelRequest,
         key: &str,
     ) -> Result<CardPayment, CardApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(dead_card());
         }
         self.inner.cancel(pk, req, key).await
     }
     async fn transactions(&self, q: &TransactionsQuery) -> Result<Vec<Transaction>, CardApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(dead_card());
         }
         self.inner.transactions(q).await
@@ -549,13 +622,13 @@ impl CardApi for Handle<SimCard> {
 #[async_trait]
 impl LedgerApi for Handle<SimLedger> {
     async fn record(&self, e: &LedgerEntry, key: &str) -> Result<LedgerOutcome, LedgerApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(LedgerApiError::Connection("process died".to_owned()));
         }
         self.inner.record(e, key).await
     }
     async fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {
-        if !self.alive() {
+        if !self.go().await {
             return Err(LedgerApiError::Connection("process died".to_owned()));
         }
         self.inner.get(id).await
@@ -565,6 +638,6 @@ impl LedgerApi for Handle<SimLedger> {
 #[async_trait]
 impl Alerter for Handle<SimAlerts> {
     async fn raise(&self, alert: Alert) -> bool {
-        self.alive() && self.inner.raise(alert).await
+        self.go().await && self.inner.raise(alert).await
     }
 }

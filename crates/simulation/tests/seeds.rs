@@ -28,8 +28,10 @@ fn a_thousand_histories_keep_every_invariant() {
         .unwrap_or(1_000);
     let mode = StoreMode::from_env().unwrap();
     let (mut approvals, mut crashes) = (0, 0);
+    let mut replicas = [0u64; 3];
     for seed in 0..n {
         let r = run_seed_on(seed, &mode).unwrap();
+        replicas[r.options.replicas - 1] += 1;
         assert!(
             r.violations.is_empty(),
             "seed {seed} broke invariants on the {} store: {:#?}\nreplay: cargo run --release -p paygate-simulation -- --seed {seed} --store {} --trace",
@@ -46,8 +48,15 @@ fn a_thousand_histories_keep_every_invariant() {
         "{approvals} approvals in {n} seeds"
     );
     assert!(u64::from(crashes) > n / 2, "{crashes} crashes in {n} seeds");
+    // Every count of replicas is drawn (one, two and three serving at once).
+    if n >= 100 {
+        assert!(
+            replicas.iter().all(|&k| k > n / 6),
+            "replicas 1/2/3: {replicas:?}"
+        );
+    }
     println!(
-        "{n} seeds on the {} store: {approvals} approvals, {crashes} gateway crashes, 0 violations",
+        "{n} seeds on the {} store (replicas 1/2/3: {replicas:?}): {approvals} approvals, {crashes} gateway crashes, 0 violations",
         mode.name()
     );
 }
