@@ -447,7 +447,7 @@ pub async fn seed_realtime(
 ) {
     let sql = format!(
         "INSERT INTO realtime_payments ({}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         crate::sql::RECORD_COLUMNS
     );
     let mut i = 0;
@@ -463,6 +463,7 @@ pub async fn seed_realtime(
                     .bind(r.card_status.as_str()).bind(r.approved_at.as_deref()).bind(r.save_attempts)
                     .bind(r.batch_attempts).bind(r.failure_code.as_deref()).bind(r.last_error.as_deref())
                     .bind(&r.request_fingerprint).bind(r.idempotency_key.as_deref()).bind(r.created_at).bind(r.updated_at)
+                    .bind(r.version)
                     .execute(&mut *tx).await.expect("insert");
             }
             tx.commit().await.expect("commit");
