@@ -196,6 +196,9 @@ impl Saga {
             None => c.status.in_flight() && c.request_fingerprint == draft.request_fingerprint,
         });
         match ours {
+            Some(c) if c.request_fingerprint != draft.request_fingerprint => {
+                CancelOutcome::KeyReused
+            }
             Some(c) if c.status.in_flight() => {
                 CancelOutcome::Unknown(CanceledPayment { record, cancels })
             }
@@ -340,17 +343,23 @@ impl Saga {
                     "the card API refused paygate's credentials",
                     30,
                 ),
-                CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound => (
-                    CancelTransition::MarkFailed {
-                        failure_code: ce.code().to_owned(),
-                        last_error: classify::card_message(ce),
-                        release_key: false,
-                        seen_version: None,
-                    },
-                    CancelOutcome::Refused {
-                        code: ce.code().to_owned(),
-                    },
-                ),
+                // A refusal of the only attempt; after an earlier attempt
+                // that may have gone through, only a lookup can tell.
+                CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound
+                    if sent <= 1 =>
+                {
+                    (
+                        CancelTransition::MarkFailed {
+                            failure_code: ce.code().to_owned(),
+                            last_error: classify::card_message(ce),
+                            release_key: false,
+                            seen_version: None,
+                        },
+                        CancelOutcome::Refused {
+                            code: ce.code().to_owned(),
+                        },
+                    )
+                }
                 _ => return None,
             },
             _ => return None,
@@ -485,19 +494,21 @@ impl Saga {
             _ => return CancelSettlement::Skipped,
         }
         let sent = Arc::new(AtomicU32::new(0));
-        let why = match self
-            .cancel_call(&record, c, RequestKind::Idempotent, sent)
-            .await
-        {
+        let res = self
+            .cancel_call(&record, c, RequestKind::Idempotent, sent.clone())
+            .await;
+        let sent = sent.load(Ordering::SeqCst);
+        let why = match res {
             Ok(p) => match self.done_by(&p, c).await {
                 Some(at) => return self.batch_done(&record, c, at).await,
                 None => "the card company's answer does not list this cancel".to_owned(),
             },
             Err(CallError::Downstream(AttemptError::Downstream(ce)))
-                if matches!(
-                    ce.class(),
-                    CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound
-                ) =>
+                if sent <= 1
+                    && matches!(
+                        ce.class(),
+                        CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound
+                    ) =>
             {
                 let t = CancelTransition::MarkFailed {
                     failure_code: ce.code().to_owned(),

@@ -273,7 +273,7 @@ impl Saga {
                 self.unknown(record, AlertReason::OutcomeUnknown, detail)
                     .await
             }
-            CardVerdict::Mismatch { detail } => {
+            CardVerdict::Mismatch { detail, .. } => {
                 self.unknown(record, AlertReason::CardMismatch, detail)
                     .await
             }
@@ -301,19 +301,27 @@ impl Saga {
     ) -> Option<ConfirmOutcome> {
         let pid = &record.payment_id;
         let request = card_site(record).1.first_request();
+        let fence = Transition::MarkSending {
+            seen_version: record.version,
+        };
         let mut fenced = None;
+        let mut journal_failed = false;
         if let Some(journal) = &self.journal {
             match journal
-                .answer_and_transition(request.entry(), &Transition::MarkSending, None)
+                .answer_and_transition(request.entry(), &fence, None)
                 .await
             {
                 Ok(applied) => fenced = Some(Ok(applied)),
                 // One transaction: nothing was written, or (a lost commit
                 // answer) both were. Writing them apart is safe either way:
-                // a second REQUEST row for one call only errs towards
-                // "sent", and a second fence moves `updated_at` again.
-                Err(e) => tracing::warn!(payment_id = %pid, error = %e,
-                    "could not commit the card REQUEST row with its fence; writing them apart"),
+                // if the commit did land, the second fence (on the same
+                // version) fails and no call is made, and both REQUEST
+                // rows are withdrawn below.
+                Err(e) => {
+                    journal_failed = true;
+                    tracing::warn!(payment_id = %pid, error = %e,
+                        "could not commit the card REQUEST row with its fence; writing them apart");
+                }
             }
         }
         let fenced = match fenced {
@@ -330,7 +338,7 @@ impl Saga {
                             .await
                     });
                 }
-                self.store.transition(pid, &Transition::MarkSending).await
+                self.store.transition(pid, &fence).await
             }
         };
         match fenced {
@@ -341,6 +349,11 @@ impl Saga {
                 "could not fence the record before the card call; no card call made"),
         }
         self.withdraw_prewritten(record).await;
+        if journal_failed {
+            // The journal's row may have landed too (the withdrawals are
+            // counted down to zero, never below).
+            self.withdraw_prewritten(record).await;
+        }
         // Another actor may own the payment now (a retry that reopened
         // it): this request made no call, but only the record can say what
         // the payment did. Poll.
@@ -789,6 +802,7 @@ impl Saga {
                     "card company approved orderId={} amount={} for a payment of amount={}",
                     p.order_id, p.total_amount, record.amount
                 ),
+                canceled: false,
             }
         }
     }

@@ -67,6 +67,7 @@ impl Saga {
                     "order {} is held at the card company by another paymentKey",
                     record.order_id
                 ),
+                canceled: false,
             });
         }
         if p.is_approved() {
@@ -75,6 +76,7 @@ impl Saga {
         match p.status.as_str() {
             "CANCELED" | "PARTIAL_CANCELED" => Ok(CardVerdict::Mismatch {
                 detail: format!("card company shows the payment {}", p.status),
+                canceled: true,
             }),
             "ABORTED" | "EXPIRED" => {
                 let (code, message) = p

@@ -188,6 +188,10 @@ pub enum Settlement {
     Unknown(String),
     /// The card company's answer does not match the payment.
     Mismatch(String),
+    /// The card company shows the payment canceled (fully or in part): a
+    /// mismatch unless the record, read again, is paid (it was approved,
+    /// and refunded, after the read the settlement started from).
+    Canceled(String),
 }
 
 /// What the card company's answers settled for one payment.
@@ -206,5 +210,11 @@ pub(crate) enum CardVerdict {
     /// No answer settled it.
     Unsettled { detail: String },
     /// The card company's answer does not match the payment.
-    Mismatch { detail: String },
+    Mismatch {
+        detail: String,
+        /// The card company shows the payment canceled (fully or in part):
+        /// it was approved there first, so a record read before it was
+        /// approved and refunded is no mismatch once read again paid.
+        canceled: bool,
+    },
 }

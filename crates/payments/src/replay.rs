@@ -139,7 +139,9 @@ impl Saga {
                 self.unknown(stored, AlertReason::OutcomeUnknown, detail)
                     .await
             }
-            Settlement::Mismatch(detail) => {
+            // Approved and refunded since this retry read it: its answer.
+            Settlement::Canceled(_) if stored.is_paid => ConfirmOutcome::Approved(stored),
+            Settlement::Mismatch(detail) | Settlement::Canceled(detail) => {
                 self.unknown(stored, AlertReason::CardMismatch, detail)
                     .await
             }

@@ -230,7 +230,9 @@ impl Saga {
             Ok(crate::outcome::CardVerdict::Declined { code, .. }) => {
                 CardEvidence::NotApproved { code }
             }
-            Ok(crate::outcome::CardVerdict::Mismatch { detail }) => CardEvidence::Mismatch(detail),
+            Ok(crate::outcome::CardVerdict::Mismatch { detail, .. }) => {
+                CardEvidence::Mismatch(detail)
+            }
             Ok(
                 crate::outcome::CardVerdict::Unsettled { detail }
                 | crate::outcome::CardVerdict::NoCall { detail, .. },
@@ -304,6 +306,10 @@ impl Resolver {
                 record.is_saved
             )));
         }
+        // Taken before the lookup: a lookup answered before a confirm still
+        // in flight reaches the card company proves nothing however long
+        // the resolver then takes.
+        let looked_up_at = paygate_core::time::now_ms();
         let evidence = self.saga.card_evidence(record).await;
         if evidence.contradicts(req.decision) && !req.force {
             return Err(ResolveError::Contradicted {
@@ -319,7 +325,7 @@ impl Resolver {
         // the record's last change, so a 404 lookup before then proves
         // nothing. Counted with a margin for the clocks of other replicas.
         // (An approval is a fact at any age.)
-        let age_ms = paygate_core::time::now_ms() - record.updated_at;
+        let age_ms = looked_up_at - record.updated_at;
         let in_flight_ms = self.saga.settings.settle_on_access_after.as_millis() as i64;
         if req.decision == Decision::NotCharged && age_ms < in_flight_ms {
             return Err(ResolveError::NotOpen(format!(

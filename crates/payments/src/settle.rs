@@ -75,7 +75,11 @@ impl Saga {
             CardVerdict::Unsettled { detail } | CardVerdict::NoCall { detail, .. } => {
                 Ok(Settlement::Unknown(detail))
             }
-            CardVerdict::Mismatch { detail } => Ok(Settlement::Mismatch(detail)),
+            CardVerdict::Mismatch {
+                detail,
+                canceled: true,
+            } => Ok(Settlement::Canceled(detail)),
+            CardVerdict::Mismatch { detail, .. } => Ok(Settlement::Mismatch(detail)),
         }
     }
 }
@@ -246,12 +250,31 @@ impl Settler {
                     t.alerts += 1;
                 }
             }
+            // Raised whatever changed since the read: every mismatch but a
+            // cancel was checked against a fresh read already (a failed
+            // MarkPaid re-reads the record), and an approval the record
+            // cannot take is I1's last line.
             Settlement::Mismatch(detail) => {
-                if self.still_as_read(&r, r.version).await?
-                    && self
-                        .saga
-                        .alert(&r, AlertReason::CardMismatch, detail.clone())
-                        .await
+                if self
+                    .saga
+                    .alert(&r, AlertReason::CardMismatch, detail.clone())
+                    .await
+                {
+                    t.alerts += 1;
+                }
+            }
+            // A cancel at the card company is explained by a record read
+            // again paid (approved and refunded since the read).
+            Settlement::Canceled(detail) => {
+                let paid_now =
+                    matches!(self.store.get(&r.payment_id).await?, Some((_, f)) if f.is_paid);
+                if paid_now {
+                    tracing::info!(payment_id = %r.payment_id,
+                        "the card company shows a cancel of a payment approved since it was read; no alert");
+                } else if self
+                    .saga
+                    .alert(&r, AlertReason::CardMismatch, detail.clone())
+                    .await
                 {
                     t.alerts += 1;
                 }
@@ -260,12 +283,12 @@ impl Settler {
         Ok((Some(settlement), t))
     }
 
-    /// An alert is a state change too: raised only when a fresh read shows
-    /// the record at `expected` (the version the verdict was drawn from,
-    /// plus this settler's own transition). A record another actor moved
-    /// on since (the saga approved it, the merchant refunded part of it)
-    /// makes the card company's answer stale, not alarming: the next
-    /// sweep judges it again from what it is then.
+    /// An alert is a state change too: "outcome unknown" is raised only
+    /// when a fresh read shows the record at `expected` (the version the
+    /// verdict was drawn from, plus this settler's own transition). A
+    /// record another actor moved on since (the saga approved or declined
+    /// it) makes the lookup's silence stale, not alarming: the next sweep
+    /// judges it again from what it is then.
     async fn still_as_read(&self, r: &PaymentRecord, expected: i64) -> Result<bool, StoreError> {
         let fresh = self.store.get(&r.payment_id).await?;
         let same = fresh.as_ref().is_some_and(|(_, f)| f.version == expected);

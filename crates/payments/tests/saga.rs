@@ -1060,6 +1060,28 @@ async fn a_settlement_judged_on_a_stale_read_pages_no_one() {
         w.alerts.0.lock().unwrap().is_empty(),
         "an operator was paged for a payment that is fine"
     );
+
+    // But an approval the record can no longer take (an operator filed it
+    // not charged since the scan) is alerted, changed record or not.
+    let order = "order-stale-approved";
+    let scanned = w.left_pending(order, Duration::from_secs(600)).await;
+    let not_charged = Transition::MarkAborted {
+        failure_code: paygate_payments::resolve::OPERATOR_NOT_CHARGED.into(),
+        last_error: "resolved not charged".into(),
+        seen_version: Some(scanned.version),
+    };
+    assert!(w
+        .store
+        .transition(&scanned.payment_id, &not_charged)
+        .await
+        .unwrap());
+    w.card
+        .lookups
+        .lock()
+        .unwrap()
+        .push_back(Ok(Some(payment(order, "DONE", Some(AT)))));
+    let (_, tally) = settler.settle(scanned, false).await.unwrap();
+    assert_eq!(tally.alerts, 1, "an approval paygate cannot record paged no one");
     w.cleanup();
 }
 

@@ -47,6 +47,8 @@ pub struct Approval {
     pub key: String,
     /// When the confirm that approved it arrived, epoch ms.
     pub request_at: i64,
+    /// Its place in the history's causal order ([`crate::next_event`]).
+    pub request_seq: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -205,7 +207,7 @@ impl SimCard {
         &self,
         req: &ConfirmRequest,
         key: &str,
-        at: i64,
+        (at, seq): (i64, u64),
     ) -> Result<CardPayment, CardApiError> {
         let faulty = self.faulty();
         let decline = self.rng.chance(0.1);
@@ -258,6 +260,7 @@ impl SimCard {
                 amount: req.amount,
                 key: key.to_owned(),
                 request_at: at,
+                request_seq: seq,
             });
             Pay {
                 payment_key: req.payment_key.clone(),
@@ -283,7 +286,7 @@ impl SimCard {
 #[async_trait]
 impl CardApi for SimCard {
     async fn confirm(&self, req: &ConfirmRequest, key: &str) -> Result<CardPayment, CardApiError> {
-        let at = now_ms();
+        let at = (now_ms(), crate::next_event());
         if let Ok(request) = crate::gateway::REQUEST.try_with(|r| *r) {
             self.state().calling_requests.insert(request);
         }

@@ -304,7 +304,7 @@ pub fn check(
     for ans in answers.iter().chain(finals) {
         let approved_before = approvals
             .iter()
-            .any(|a| a.order_id == ans.order_id && a.request_at <= ans.at_ms);
+            .any(|a| a.order_id == ans.order_id && a.request_seq < ans.seq);
         let lie = match ans.kind {
             AnswerKind::Approved => !approved_before,
             // A card-account refusal says this order was not charged: its
@@ -314,10 +314,21 @@ pub fn check(
             _ => false,
         };
         if lie {
+            let of_order: Vec<String> = approvals
+                .iter()
+                .filter(|a| a.order_id == ans.order_id)
+                .map(|a| format!("{} (confirm arrived at {} ms)", a.key, a.request_at))
+                .collect();
             out.push(v(
                 "I4",
                 &ans.order_id,
-                format!("answered {:?} at {} ms", ans.kind, ans.at_ms),
+                format!(
+                    "answered {:?} to request {} at {} ms; approvals: [{}]",
+                    ans.kind,
+                    ans.request,
+                    ans.at_ms,
+                    of_order.join(", ")
+                ),
             ));
         }
     }

@@ -125,17 +125,20 @@ impl Gateway {
         self.replicas[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one confirm at a replica; the request's number and the reply,
-    /// or `None` when the process died before it answered (or the client
-    /// gave up waiting: the request runs on there).
-    pub async fn confirm(&self, input: ConfirmInput) -> Option<(u64, Reply)> {
+    /// Runs one confirm at a replica; the request's number, the reply and
+    /// the reply's place in the history's causal order (taken when the
+    /// saga returned or the deadline answered, [`crate::next_event`]), or
+    /// `None` when the process died before it answered (or the client gave
+    /// up waiting: the request runs on there).
+    pub async fn confirm(&self, input: ConfirmInput) -> Option<(u64, Reply, u64)> {
         let request = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let replica = self.pick();
         let saga = self.inner(replica).current.saga.clone();
         let ticket = ConfirmTicket::new();
         let saga_ticket = ticket.clone();
         let mut task = tokio::spawn(REQUEST.scope(request, async move {
-            saga.confirm_with_ticket(input, saga_ticket).await
+            let outcome = saga.confirm_with_ticket(input, saga_ticket).await;
+            (outcome, crate::next_event())
         }));
         {
             let mut inner = self.inner(replica);
@@ -148,20 +151,25 @@ impl Gateway {
                 None => std::future::pending().await,
             }
         };
-        let reply = match self.deadline {
+        let saga_reply =
+            |(outcome, seq): (ConfirmOutcome, u64)| (Reply::Saga(Box::new(outcome)), seq);
+        let (reply, seq) = match self.deadline {
             None => tokio::select! {
                 biased;
-                joined = &mut task => Reply::Saga(Box::new(joined.ok()?)),
+                joined = &mut task => saga_reply(joined.ok()?),
                 () = client_gives_up => return None,
             },
             Some(deadline) => tokio::select! {
                 biased;
-                joined = &mut task => Reply::Saga(Box::new(joined.ok()?)),
-                () = tokio::time::sleep(deadline) => Reply::Early(ticket.give_up()),
+                joined = &mut task => saga_reply(joined.ok()?),
+                () = tokio::time::sleep(deadline) => {
+                    let early = ticket.give_up();
+                    (Reply::Early(early), crate::next_event())
+                }
                 () = client_gives_up => return None,
             },
         };
-        Some((request, reply))
+        Some((request, reply, seq))
     }
 
     /// `kill -9` and restart of one replica: the old incarnation can no

@@ -52,6 +52,18 @@ use crate::{
     world::World,
 };
 
+/// The next number of the history's causal order of events that the
+/// checker compares (a confirm arriving at the card company, an answer
+/// given): in memory no simulated time passes between two awaits, so two
+/// events one after the other can share a millisecond, and "at or before"
+/// by the clock would call a retry that was sent after a 503 a charge
+/// before it. One counter for the process: a history runs on one thread,
+/// so its own events are numbered in the order they happen.
+pub fn next_event() -> u64 {
+    static EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    EVENTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+}
+
 /// Epoch of every history: 2026-01-01T00:00:00Z, ms.
 pub const EPOCH_MS: i64 = 1_767_225_600_000;
 

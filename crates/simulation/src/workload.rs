@@ -62,6 +62,8 @@ pub struct Answer {
     pub at_ms: i64,
     /// The request's number (see [`crate::gateway::REQUEST`]).
     pub request: u64,
+    /// Its place in the history's causal order ([`crate::next_event`]).
+    pub seq: u64,
 }
 
 /// The answers of one history.
@@ -206,7 +208,7 @@ async fn confirm_once(
     amount: i64,
     answers: &Answers,
 ) -> Option<AnswerKind> {
-    let (request, reply) = gw.confirm(order.input(amount)).await?;
+    let (request, reply, seq) = gw.confirm(order.input(amount)).await?;
     let k = kind(&reply);
     tracing::info!(order_id = %order.order_id, key = ?order.key, request, answer = ?k,
         "sim: a merchant was answered");
@@ -218,6 +220,7 @@ async fn confirm_once(
             kind: k,
             at_ms: paygate_core::time::now_ms(),
             request,
+            seq,
         });
     Some(k)
 }
@@ -225,7 +228,7 @@ async fn confirm_once(
 /// After everything settled: the merchant asks once more (same body); the
 /// answer is recorded as final.
 pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
-    if let Some((request, reply)) = gw.confirm(order.input(order.amount)).await {
+    if let Some((request, reply, seq)) = gw.confirm(order.input(order.amount)).await {
         tracing::info!(order_id = %order.order_id, request, answer = ?kind(&reply),
             "sim: a merchant's final retry was answered");
         answers
@@ -236,6 +239,7 @@ pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
                 kind: kind(&reply),
                 at_ms: paygate_core::time::now_ms(),
                 request,
+                seq,
             });
     }
 }

@@ -337,17 +337,24 @@ impl InventoryStore for SqlInventoryStore {
             } else {
                 Some(HoldState::Released)
             };
+            let mut version = read_version;
             if let Some(to) = to {
-                for table in ["holds", "hold_items"] {
-                    let extra = if table == "holds" { ", updated_at = $3, version = version + 1" } else { "" };
-                    let sql = format!("UPDATE {table} SET state = $2{extra} WHERE hold_id = $1 AND state IN ('pre', 'released')");
-                    let q = sqlx::query(&sql).bind(&hold.hold_id).bind(to.as_str());
-                    let q = if table == "holds" { q.bind(now_ms) } else { q };
-                    q.execute(&mut *tx).await.map_err(map_err)?;
+                // The version this write left, as the database says (the
+                // hold row is not under the SKU lock: a `DELETE` of it may
+                // have landed since the read).
+                let row = sqlx::query("UPDATE holds SET state = $2, updated_at = $3, version = version + 1 \
+                                       WHERE hold_id = $1 AND state IN ('pre', 'released') RETURNING version")
+                    .bind(&hold.hold_id).bind(to.as_str()).bind(now_ms)
+                    .fetch_optional(&mut *tx).await.map_err(map_err)?;
+                if let Some(row) = row {
+                    version = row.try_get("version").map_err(corrupt)?;
                 }
+                sqlx::query("UPDATE hold_items SET state = $2 WHERE hold_id = $1 AND state IN ('pre', 'released')")
+                    .bind(&hold.hold_id).bind(to.as_str())
+                    .execute(&mut *tx).await.map_err(map_err)?;
             }
             tx.commit().await.map_err(map_err)?;
-            (to.unwrap_or(state), short, read_version + i64::from(to.is_some()))
+            (to.unwrap_or(state), short, version)
         });
         hold.state = state;
         hold.updated_at = now_ms;

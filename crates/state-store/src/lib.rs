@@ -59,16 +59,28 @@ use paygate_core::{CardStatus, MerchantId, OrderId, Partition, PaymentId, Paymen
 /// The copy of a record to believe when a move between partitions was
 /// interrupted and left it in two: the one of the higher `version` (a move
 /// writes its target copy one version on from the source it read, and any
-/// later transition of either copy moves it further); on a tie, the later
-/// in the iteration. Never by `updated_at`: that is the writer's clock,
-/// and a replica whose clock runs fast would win over a later write.
+/// later transition moves a copy further); on a tie, the one in
+/// `realtime_payments` (transitions apply only there, so a tie is a
+/// realtime record changed once while a stalled move's copy of its
+/// earlier state sits elsewhere), else the later in the iteration. Never
+/// by `updated_at`: that is the writer's clock, and a replica whose clock
+/// runs fast would win over a later write.
 pub fn newest_copy(
     copies: impl IntoIterator<Item = (Partition, PaymentRecord)>,
 ) -> Option<(Partition, PaymentRecord)> {
     copies.into_iter().fold(None, |best, copy| match best {
-        Some(b) if b.1.version > copy.1.version => Some(b),
+        Some(b) if !newer(&copy, &b) => Some(b),
         _ => Some(copy),
     })
+}
+
+/// Whether `a` is to be believed over `b` (see [`newest_copy`]).
+fn newer(a: &(Partition, PaymentRecord), b: &(Partition, PaymentRecord)) -> bool {
+    match a.1.version.cmp(&b.1.version) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => b.0 != Partition::Realtime,
+    }
 }
 
 /// [`newest_copy`] for many records at once: one entry per `payment_id`,
@@ -80,7 +92,7 @@ pub fn newest_copies(
         std::collections::HashMap::new();
     for copy in copies {
         match by_id.get(copy.1.payment_id.as_str()) {
-            Some(kept) if kept.1.version > copy.1.version => {}
+            Some(kept) if !newer(&copy, kept) => {}
             _ => {
                 by_id.insert(copy.1.payment_id.to_string(), copy);
             }
@@ -218,11 +230,19 @@ pub enum Transition {
     /// A confirm has written its card `REQUEST` row and is about to send
     /// the call: the version moves on (and `updated_at` strictly forward,
     /// so the stale age counts from the send), nothing else changes.
-    /// Guard: not paid and `card_status = PENDING`. It fences a
-    /// [`Transition::FileNotSent`] that read the record before the row
-    /// landed (DESIGN.md §1): either the filing sees a new version and
-    /// changes nothing, or this guard fails and the confirm makes no call.
-    MarkSending,
+    /// Guard: not paid, `card_status = PENDING`, and the record is still
+    /// at `seen_version` (the version the confirm last wrote or read). It
+    /// fences a [`Transition::FileNotSent`] that read the record before
+    /// the row landed (DESIGN.md §1): either the filing sees a new version
+    /// and changes nothing, or this guard fails and the confirm makes no
+    /// call. Guarded on the version too, so a confirm that stalled before
+    /// its fence while its payment was filed, reopened and sent by another
+    /// replica makes no second call, and the confirm knows its version
+    /// after it (`seen_version + 1`).
+    MarkSending {
+        /// The version the confirm holds.
+        seen_version: i64,
+    },
     /// No card `REQUEST` row is in the log for a record read at
     /// `seen_version` (by I3 no confirm was sent): `card_status = ABORTED`,
     /// `failure_code = PAYGATE_NOT_SENT`. Guard: not paid, `PENDING` or
@@ -478,8 +498,34 @@ mod tests {
         ])
         .unwrap_or_else(|| unreachable!());
         assert_eq!((part, kept.version), (Partition::Unpaid, 4));
-        let kept = newest_copies([(Partition::Realtime, earlier), (Partition::Unpaid, later)]);
+        let kept = newest_copies([
+            (Partition::Realtime, earlier.clone()),
+            (Partition::Unpaid, later),
+        ]);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].1.version, 4);
+        // A tie: a stalled move's copy beside a realtime record changed
+        // once since; realtime is the truth, whatever the order.
+        let mut changed = earlier.clone();
+        changed.version = 4;
+        let copy = {
+            let mut c = earlier;
+            c.version = 4;
+            c
+        };
+        for copies in [
+            vec![
+                (Partition::Realtime, changed.clone()),
+                (Partition::Unpaid, copy.clone()),
+            ],
+            vec![
+                (Partition::Unpaid, copy.clone()),
+                (Partition::Realtime, changed.clone()),
+            ],
+        ] {
+            let (part, _) = newest_copy(copies.clone()).unwrap_or_else(|| unreachable!());
+            assert_eq!(part, Partition::Realtime);
+            assert_eq!(newest_copies(copies)[0].0, Partition::Realtime);
+        }
     }
 }

@@ -344,8 +344,8 @@ fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
         !r.is_paid && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
     let saving = r.is_paid && !r.is_saved;
     match t {
-        Transition::MarkSending => {
-            if r.is_paid || r.card_status != CardStatus::Pending {
+        Transition::MarkSending { seen_version } => {
+            if r.is_paid || r.card_status != CardStatus::Pending || r.version != *seen_version {
                 return false;
             }
             r.updated_at = (r.updated_at + 1).max(now);

@@ -862,8 +862,8 @@ impl MongoStateStore {
             }
             // The version is the fence; `updated_at` only moves forward
             // (the stale age counts from the send).
-            Transition::MarkSending => (
-                doc! {"is_paid": false, "card_status": "PENDING"},
+            Transition::MarkSending { seen_version } => (
+                doc! {"is_paid": false, "card_status": "PENDING", "version": version_is(*seen_version)},
                 doc! {"$max": {"updated_at": now}, "$inc": {"version": 1_i64}},
             ),
             Transition::FileNotSent {

@@ -1492,13 +1492,16 @@ fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<Cow<'_, str
                     }
                 }
             }
-            Transition::MarkSending => (
-                "UPDATE realtime_payments SET \
-                 updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, \
-                 version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status = 'PENDING'",
-                vec![],
-            ),
+            Transition::MarkSending { seen_version } => {
+                return Some((
+                    "UPDATE realtime_payments SET \
+                     updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, \
+                     version = version + 1 \
+                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status = 'PENDING' \
+                     AND version = CAST($3 AS BIGINT)",
+                    vec![Cow::Owned(seen_version.to_string())],
+                ))
+            }
             Transition::FileNotSent {
                 seen_version,
                 last_error,

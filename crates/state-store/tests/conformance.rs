@@ -281,8 +281,9 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
         let a = pending(&m, "order-fence-first", None);
         store.create(&a).await.unwrap();
         let (_, read) = store.get(&a.payment_id).await.unwrap().unwrap();
+        let fence = |v: i64| Transition::MarkSending { seen_version: v };
         assert!(store
-            .transition(&a.payment_id, &Transition::MarkSending)
+            .transition(&a.payment_id, &fence(read.version))
             .await
             .unwrap());
         let (_, fenced) = store.get(&a.payment_id).await.unwrap().unwrap();
@@ -300,9 +301,18 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
                 .unwrap(),
             "{name}: a filing guarded on a stale version applied"
         );
-        // A second fence also moves it (a reopened confirm's own fence).
+        // A fence on a version the record no longer has fails (a confirm
+        // that stalled before its fence while another actor changed the
+        // record); one on the version it has moves it on again.
+        assert!(
+            !store
+                .transition(&a.payment_id, &fence(read.version))
+                .await
+                .unwrap(),
+            "{name}: a fence on a stale version applied"
+        );
         assert!(store
-            .transition(&a.payment_id, &Transition::MarkSending)
+            .transition(&a.payment_id, &fence(fenced.version))
             .await
             .unwrap());
         let (_, again) = store.get(&a.payment_id).await.unwrap().unwrap();
@@ -324,7 +334,12 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
         );
         assert!(
             !store
-                .transition(&b.payment_id, &Transition::MarkSending)
+                .transition(
+                    &b.payment_id,
+                    &Transition::MarkSending {
+                        seen_version: read.version
+                    }
+                )
                 .await
                 .unwrap(),
             "{name}: a confirm fenced a record already filed as not sent"
@@ -336,7 +351,12 @@ async fn filing_as_not_sent_and_the_send_fence_exclude_each_other() {
         assert!(store.transition(&c.payment_id, &paid()).await.unwrap());
         let (_, read) = store.get(&c.payment_id).await.unwrap().unwrap();
         assert!(!store
-            .transition(&c.payment_id, &Transition::MarkSending)
+            .transition(
+                &c.payment_id,
+                &Transition::MarkSending {
+                    seen_version: read.version
+                }
+            )
             .await
             .unwrap());
         assert!(!store
@@ -1593,9 +1613,13 @@ async fn every_applied_change_moves_the_version_on() {
             0,
             "{name}: a refused transition moved the version"
         );
-        for (n, t) in [Transition::MarkSending, paid(), Transition::MarkSaved]
-            .iter()
-            .enumerate()
+        for (n, t) in [
+            Transition::MarkSending { seen_version: 0 },
+            paid(),
+            Transition::MarkSaved,
+        ]
+        .iter()
+        .enumerate()
         {
             assert!(store.transition(id, t).await.unwrap(), "{name}: {t:?}");
             assert_eq!(
