@@ -28,10 +28,13 @@
 //! | [`resolve`] | an operator's decision on an open payment, audited | I1 |
 //! | [`wiring`] | building stores, stacks and the saga from config | — |
 
+mod at_card;
 pub mod cancel;
+mod cancel_batch;
 mod card_calls;
 pub mod classify;
 mod confirm;
+mod ends;
 mod holds;
 pub mod ledger;
 mod logged_call;
@@ -44,7 +47,8 @@ pub mod saga;
 pub mod settle;
 pub mod wiring;
 
-pub use cancel::{CancelInput, CancelOutcome, CancelSettlement, CanceledPayment};
+pub use cancel::{CancelInput, CancelOutcome, CanceledPayment};
+pub use cancel_batch::CancelSettlement;
 pub use holds::StuckHolds;
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{

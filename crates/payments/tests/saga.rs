@@ -1081,7 +1081,10 @@ async fn a_settlement_judged_on_a_stale_read_pages_no_one() {
         .unwrap()
         .push_back(Ok(Some(payment(order, "DONE", Some(AT)))));
     let (_, tally) = settler.settle(scanned, false).await.unwrap();
-    assert_eq!(tally.alerts, 1, "an approval paygate cannot record paged no one");
+    assert_eq!(
+        tally.alerts, 1,
+        "an approval paygate cannot record paged no one"
+    );
     w.cleanup();
 }
 
