@@ -164,12 +164,17 @@ impl Saga {
         // of the reopened confirm can promise that nothing was charged:
         // they answer 409, poll, and the record stays PAYGATE_NOT_SENT.
         let in_doubt = code == failure_codes::NOT_SENT;
+        // A store that failed here leaves this request unable to say what
+        // the payment does now: another replica's retry may have reopened
+        // it and be sending it. The answer promises only that this
+        // request charged nothing (no paymentId, as when the record could
+        // not be written).
         let unavailable = if in_doubt {
             ConfirmOutcome::InFlight(existing.clone())
         } else {
             ConfirmOutcome::Unavailable {
-                detail: "payment state store unavailable; nothing was charged",
-                payment_id: Some(existing.payment_id.clone()),
+                detail: "payment state store unavailable; this request made no card call; poll GET /v1/payments/orders/{orderId} for the order",
+                payment_id: None,
                 retry_after_s: None,
             }
         };

@@ -59,7 +59,13 @@ impl Saga {
                     return Ok(Settlement::Declined);
                 }
                 match self.store.get(pid).await? {
+                    // Declined already (an earlier settlement whose
+                    // acknowledgement was lost, or another actor): the
+                    // card company's decline is final for the payment, so
+                    // its hold is released here too, or it stays `during`
+                    // for nobody.
                     Some((_, now)) if now.card_status == CardStatus::Aborted && !now.is_paid => {
+                        self.hold_on_aborted(&now).await;
                         Ok(Settlement::Declined)
                     }
                     Some((_, now)) if now.is_paid => Ok(Settlement::Mismatch(format!(

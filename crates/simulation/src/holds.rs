@@ -198,15 +198,22 @@ pub fn check(
                 .iter()
                 .filter(|r| r.merchant_id == h.merchant_id && r.order_id == h.order_id)
                 .find_map(|r| {
-                    (r.is_paid || r.card_status == CardStatus::Aborted)
-                        .then(|| r.card_status.as_str())
+                    (r.is_paid || r.card_status == CardStatus::Aborted).then(|| {
+                        format!(
+                            "{} {} {}",
+                            r.payment_id,
+                            r.card_status.as_str(),
+                            r.failure_code.as_deref().unwrap_or("-")
+                        )
+                    })
                 });
             if let Some(status) = ended {
                 out.push(Violation {
                     invariant: "I7",
                     subject: order.clone(),
                     detail: format!(
-                        "hold left `during` although its payment ended ({status}): stock held for nobody"
+                        "hold left `during` (version {}) although its payment ended ({status}): stock held for nobody",
+                        h.version
                     ),
                 });
             }

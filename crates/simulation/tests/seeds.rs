@@ -83,6 +83,20 @@ fn one_seed_is_one_history() {
 /// not write its own REQUEST row and answered 503 "nothing was charged"
 /// (a retry of a payment filed as never sent now answers 409 on a no-call
 /// end and keeps it `PAYGATE_NOT_SENT`).
+/// Seeds of the first million-seed run over one to three replicas: a
+/// decline learned by a batch lookup whose acknowledgement was lost left
+/// its hold `during` (1616530); a retry whose move back from unpaid failed
+/// answered 503 "nothing was charged" while another replica's retry was
+/// sending the payment (1942455); and two whose 503 and the retry's card
+/// call fell in one simulated millisecond, which the checker misread
+/// before it ordered events causally (1095029, 1545134).
+#[test]
+fn seeds_of_the_replicas_run_stay_clean() {
+    for seed in [1_095_029, 1_545_134, 1_616_530, 1_942_455] {
+        assert_clean(seed);
+    }
+}
+
 #[test]
 fn seeds_that_found_defects_stay_clean() {
     for seed in [14, 51, 69, 128, 160, 4706, 17115, 30919] {

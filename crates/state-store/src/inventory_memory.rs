@@ -27,7 +27,11 @@ struct Inner {
 }
 
 impl Inner {
+    /// As the SQL stores: a `pre` hold counts until its `expires_at` by the
+    /// earlier of `now` and the machine's clock (the memory store's
+    /// "database").
     fn held(&self, merchant: &str, sku: &str, now: i64, except: Option<&str>) -> i64 {
+        let now = now.min(system_now_ms());
         self.holds
             .values()
             .filter(|h| h.merchant_id.as_str() == merchant && h.is_active(now))
@@ -342,4 +346,14 @@ pub(crate) fn purgeable(h: &Hold, before_ms: i64) -> bool {
         HoldState::Pre => h.expires_at < before_ms,
         HoldState::During | HoldState::Sold => false,
     }
+}
+
+/// The machine's clock, epoch ms (never the ambient override: it is the
+/// store's own clock, as a database's is).
+fn system_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(i64::MAX, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        })
 }

@@ -175,6 +175,27 @@ fn states(from: &[HoldState]) -> Vec<&'static str> {
 }
 
 impl MongoInventoryStore {
+    /// The instant a hold's expiry is judged at: the earlier of the
+    /// caller's clock and the server's (`localTime` of `hello`), so a
+    /// replica whose clock runs ahead cannot free a hold before its time by
+    /// the database's clock (the SQL stores do the same in their query).
+    /// One round trip; a server that reports no `localTime` leaves the
+    /// caller's clock.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the server does not answer.
+    async fn judged_now(&self, caller_ms: i64) -> Result<i64, StoreError> {
+        let hello = self
+            .db
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(map_err)?;
+        Ok(match hello.get_datetime("localTime") {
+            Ok(at) => caller_ms.min(at.timestamp_millis()),
+            Err(_) => caller_ms,
+        })
+    }
+
     /// The store on `db`; creates its indexes.
     ///
     /// # Errors
@@ -378,6 +399,7 @@ impl InventoryStore for MongoInventoryStore {
         stock: i64,
         now_ms: i64,
     ) -> Result<SetStock, StoreError> {
+        let now_ms = self.judged_now(now_ms).await?;
         self.update_sku(merchant, sku, now_ms, |s| {
             let held = s.held(now_ms, "");
             if stock < s.sold + held {
@@ -401,6 +423,7 @@ impl InventoryStore for MongoInventoryStore {
         sku: &str,
         now_ms: i64,
     ) -> Result<Option<StockLevel>, StoreError> {
+        let now_ms = self.judged_now(now_ms).await?;
         let found = self
             .inventory()
             .find_one(doc! {"_id": sku_id(merchant, sku)})
@@ -415,6 +438,7 @@ impl InventoryStore for MongoInventoryStore {
     }
 
     async fn take(&self, hold: &Hold, now_ms: i64) -> Result<TakeOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms).await?;
         if let Some(existing) = self
             .hold_by_order(&hold.merchant_id, &hold.order_id)
             .await?
@@ -482,6 +506,7 @@ impl InventoryStore for MongoInventoryStore {
         order: &OrderId,
         now_ms: i64,
     ) -> Result<BeginOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms).await?;
         let Some(mut hold) = self.hold_by_order(merchant, order).await? else {
             return Ok(BeginOutcome::NoHold);
         };
@@ -546,6 +571,7 @@ impl InventoryStore for MongoInventoryStore {
         order: &OrderId,
         now_ms: i64,
     ) -> Result<SellOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms).await?;
         let Some(hold) = self.hold_by_order(merchant, order).await? else {
             return Ok(SellOutcome::NoHold);
         };

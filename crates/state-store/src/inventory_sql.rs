@@ -34,10 +34,22 @@ pub struct SqlInventoryStore {
 const HOLD_COLUMNS: &str =
     "hold_id, merchant_id, order_id, state, expires_at, fingerprint, created_at, updated_at, version";
 
-/// Units held at `$3` by active hold lines of `($1, $2)` other than hold `$4`.
-const HELD_SQL: &str = "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) AS n FROM hold_items \
+/// Units held by active hold lines of `($1, $2)` other than hold `$4`, a
+/// `pre` line counting until its `expires_at` by the earlier of `$3` (the
+/// caller's clock) and the database's own: a replica whose clock runs
+/// ahead cannot take a unit from a hold in its last seconds (nor refuse
+/// its holder before its `expiresAt`), and one running behind only judges
+/// on the safe side. PostgreSQL's `clock_timestamp()`.
+const HELD_SQL_PG: &str = "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) AS n FROM hold_items \
      WHERE merchant_id = $1 AND sku = $2 AND hold_id <> $4 \
-     AND (state = 'during' OR (state = 'pre' AND expires_at > $3))";
+     AND (state = 'during' OR (state = 'pre' AND expires_at > \
+     LEAST($3, CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT))))";
+/// [`HELD_SQL_PG`] on SQLite, whose clock is the process's (`julianday`).
+const HELD_SQL_SQLITE: &str =
+    "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) AS n FROM hold_items \
+     WHERE merchant_id = $1 AND sku = $2 AND hold_id <> $4 \
+     AND (state = 'during' OR (state = 'pre' AND expires_at > \
+     MIN($3, CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER))))";
 
 const LOCK_PG: &str =
     "SELECT stock, sold FROM inventory WHERE merchant_id = $1 AND sku = $2 FOR UPDATE";
@@ -84,8 +96,8 @@ macro_rules! lock_sku {
 }
 
 macro_rules! held {
-    ($ex:expr, $m:expr, $sku:expr, $now:expr, $except:expr) => {{
-        let row = sqlx::query(HELD_SQL)
+    ($held_sql:expr, $ex:expr, $m:expr, $sku:expr, $now:expr, $except:expr) => {{
+        let row = sqlx::query($held_sql)
             .bind($m)
             .bind($sku)
             .bind($now)
@@ -127,6 +139,13 @@ impl SqlInventoryStore {
         match self.db {
             SqlDatabase::Sqlite(_) => LOCK_SQLITE,
             SqlDatabase::Postgres(_) => LOCK_PG,
+        }
+    }
+
+    fn held_sql(&self) -> &'static str {
+        match self.db {
+            SqlDatabase::Sqlite(_) => HELD_SQL_SQLITE,
+            SqlDatabase::Postgres(_) => HELD_SQL_PG,
         }
     }
 
@@ -172,7 +191,7 @@ impl InventoryStore for SqlInventoryStore {
                 .bind(m).bind(sku).bind(now_ms)
                 .execute(&mut *tx).await.map_err(map_err)?;
             let (old, sold) = lock_sku!(tx, lock, m, sku);
-            let held = held!(&mut *tx, m, sku, now_ms, "");
+            let held = held!(self.held_sql(), &mut *tx, m, sku, now_ms, "");
             if stock < sold + held {
                 tx.rollback().await.map_err(map_err)?;
                 return Ok(SetStock::BelowCommitted(StockLevel::new(sku, old, sold, held)));
@@ -199,7 +218,7 @@ impl InventoryStore for SqlInventoryStore {
             };
             let stock: i64 = row.try_get("stock").map_err(corrupt)?;
             let sold: i64 = row.try_get("sold").map_err(corrupt)?;
-            let held = held!(pool, m, sku, now_ms, "");
+            let held = held!(self.held_sql(), pool, m, sku, now_ms, "");
             Ok(Some(StockLevel::new(sku, stock, sold, held)))
         })
     }
@@ -212,7 +231,7 @@ impl InventoryStore for SqlInventoryStore {
             let mut short = Vec::new();
             for item in &hold.items {
                 let (stock, sold) = lock_sku!(tx, lock, m, &item.sku);
-                let held = held!(&mut *tx, m, &item.sku, now_ms, &hold.hold_id);
+                let held = held!(self.held_sql(), &mut *tx, m, &item.sku, now_ms, &hold.hold_id);
                 if stock - sold - held < item.quantity {
                     short.push(item.sku.clone());
                 }
@@ -321,7 +340,7 @@ impl InventoryStore for SqlInventoryStore {
             let mut short = Vec::new();
             for item in &hold.items {
                 let (stock, sold) = lock_sku!(tx, lock, m, &item.sku);
-                let held = held!(&mut *tx, m, &item.sku, now_ms, &hold.hold_id);
+                let held = held!(self.held_sql(), &mut *tx, m, &item.sku, now_ms, &hold.hold_id);
                 if stock - sold - held < item.quantity {
                     short.push(item.sku.clone());
                 }
@@ -404,7 +423,7 @@ impl InventoryStore for SqlInventoryStore {
                         .fetch_one(&mut *tx).await.map_err(map_err)?;
                     let stock: i64 = row.try_get("stock").map_err(corrupt)?;
                     let sold: i64 = row.try_get("sold").map_err(corrupt)?;
-                    let held = held!(&mut *tx, m, &item.sku, now_ms, "");
+                    let held = held!(self.held_sql(), &mut *tx, m, &item.sku, now_ms, "");
                     if stock - sold - held < 0 {
                         over.push(item.sku.clone());
                     }

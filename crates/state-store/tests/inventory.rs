@@ -14,7 +14,10 @@ use paygate_state_store::{
     BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock, TakeOutcome,
 };
 
-const T0: i64 = 1_800_000_000_000;
+/// A fixed instant in the past (2023-11-14): stores judge a hold's expiry
+/// by the earlier of the caller's clock and their own, so the tests' own
+/// instants must not run ahead of the machine's.
+const T0: i64 = 1_700_000_000_000;
 const TTL: i64 = 600_000;
 
 async fn on_every_backend<F, Fut>(test: F)
@@ -541,6 +544,46 @@ async fn a_release_is_guarded_on_the_version_read_whatever_the_clocks() {
             "{name}"
         );
         assert_eq!(available(&store, &m, "sku-v", T0 + 12).await, 1, "{name}");
+    })
+    .await;
+}
+
+/// A replica whose clock runs 15 s fast takes stock: it must not take a
+/// unit from a hold that, by the database's clock, has 10 s to run. (Judged
+/// by the caller's clock, it took it, and the holder's confirm then sold
+/// the unit a second time, or was refused 409 `HOLD_EXPIRED` before its
+/// `expiresAt`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_clock_does_not_expire_a_hold_early() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let now = paygate_core::time::now_ms();
+        store.set_stock(&m, "sku-clock", 1, now).await.unwrap();
+        let mut held = hold(&m, "order-clock-held", &[("sku-clock", 1)], now);
+        held.expires_at = now + 10_000;
+        assert!(matches!(
+            store.take(&held, now).await.unwrap(),
+            TakeOutcome::Taken(_)
+        ));
+        let fast = now + 15_000;
+        let other = hold(&m, "order-clock-fast", &[("sku-clock", 1)], fast);
+        match store.take(&other, fast).await.unwrap() {
+            TakeOutcome::OutOfStock(short) => assert_eq!(short, vec!["sku-clock"], "{name}"),
+            got => panic!("{name}: a replica 15 s fast took a held unit: {got:?}"),
+        }
+        assert_eq!(available(&store, &m, "sku-clock", fast).await, 0, "{name}");
+        // The holder's confirm begins on it in time.
+        assert!(
+            matches!(
+                store
+                    .begin_payment(&m, &order("order-clock-held"), now + 1)
+                    .await
+                    .unwrap(),
+                BeginOutcome::During(_)
+            ),
+            "{name}"
+        );
     })
     .await;
 }
