@@ -126,3 +126,29 @@ pub fn start_sim(extra: &[&str]) -> (KillOnDrop, String, String) {
         format!("http://127.0.0.1:{ledger_port}"),
     )
 }
+
+/// Claims a cancel of `amount` (minor units) of the paid record `r`, as a
+/// merchant's request does before its card call (no Idempotency-Key).
+///
+/// # Panics
+/// When the store fails or answers anything but a fresh claim.
+pub async fn claim_cancel(
+    store: &dyn paygate_state_store::StateStore,
+    r: &paygate_core::PaymentRecord,
+    amount: i64,
+) -> paygate_state_store::CancelRecord {
+    let draft = paygate_state_store::CancelDraft {
+        payment_id: r.payment_id.clone(),
+        merchant_id: r.merchant_id.clone(),
+        total_amount: r.amount,
+        amount: Some(amount),
+        reason: "refund".into(),
+        idempotency_key: None,
+        request_fingerprint: "fp".into(),
+        now: paygate_core::time::now_ms(),
+    };
+    match store.claim_cancel(&draft).await.unwrap() {
+        paygate_state_store::CancelClaim::Claimed(c) => c,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}

@@ -71,6 +71,65 @@ impl Env {
         r
     }
 
+    /// A paid and saved record created 30 minutes ago, approved at the
+    /// card company now (through its API, so the simulator lists the
+    /// approval), and refunded there once per amount of `refunds` (cancel
+    /// keys `<payment_id>:cancel:1`, `:2`, ...).
+    async fn approved_and_refunded(&self, order: &str, refunds: &[i64]) -> PaymentRecord {
+        use paygate_card_api::{CancelRequest, CardApi, ConfirmRequest, TossCardApi};
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &self.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        let r = self.record(order, 5_000, 30).await;
+        self.paid(&r).await;
+        assert!(self
+            .c
+            .store
+            .transition(&r.payment_id, &Transition::MarkSaved)
+            .await
+            .unwrap());
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: r.payment_key.clone(),
+                order_id: order.into(),
+                amount: 5_000,
+            },
+            r.payment_id.as_str(),
+        )
+        .await
+        .unwrap();
+        for (n, amount) in refunds.iter().enumerate() {
+            card.cancel(
+                &r.payment_key,
+                &CancelRequest {
+                    cancel_reason: "refund".into(),
+                    cancel_amount: Some(*amount),
+                },
+                &format!("{}:cancel:{}", r.payment_id, n + 1),
+            )
+            .await
+            .unwrap();
+        }
+        r
+    }
+
+    /// paygate holds one `DONE` cancel of `amount` for `r`.
+    async fn done_cancel(&self, r: &PaymentRecord, amount: i64) {
+        let c = paygate_e2e::claim_cancel(self.c.store.as_ref(), r, amount).await;
+        let done = paygate_state_store::CancelTransition::MarkDone {
+            canceled_at: "2026-11-21T12:10:00+09:00".into(),
+        };
+        assert!(self
+            .c
+            .store
+            .cancel_transition(&r.payment_id, c.n, &done)
+            .await
+            .unwrap());
+    }
+
     async fn paid(&self, r: &PaymentRecord) {
         let t = Transition::MarkPaid {
             approved_at: paygate_core::time::kst_rfc3339_from_ms(r.created_at),
@@ -379,77 +438,19 @@ async fn stale_pending_records_are_settled_each_in_isolation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canceled_payments_are_matched_and_a_cancel_paygate_does_not_hold_is_alerted() {
-    use paygate_card_api::{CancelRequest, CardApi, ConfirmRequest, TossCardApi};
     use paygate_reconcile::check::{check, CardApproval};
-    use paygate_state_store::{CancelClaim, CancelDraft, CancelTransition};
     for backend in e2e_backends() {
         let e = env(&backend).await;
         let name = backend.name();
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &e.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
+        // Refunded 2,000 at the card company; paygate's record says 30
+        // minutes ago, so the not-approved pass looks it up and finds it
+        // canceled. paygate holds the first order's cancel, not the
+        // second's.
         let mut records = Vec::new();
         for order in ["order-canceled", "order-card-only-cancel"] {
-            let r = e.record(order, 5_000, 30).await;
-            e.paid(&r).await;
-            assert!(e
-                .c
-                .store
-                .transition(&r.payment_id, &Transition::MarkSaved)
-                .await
-                .unwrap());
-            // Approved now through the card API (so the simulator lists the
-            // approval for `check`); paygate's record says 30 minutes ago,
-            // so the not-approved pass looks it up and finds it canceled.
-            card.confirm(
-                &ConfirmRequest {
-                    payment_key: r.payment_key.clone(),
-                    order_id: order.into(),
-                    amount: 5_000,
-                },
-                r.payment_id.as_str(),
-            )
-            .await
-            .unwrap();
-            card.cancel(
-                &r.payment_key,
-                &CancelRequest {
-                    cancel_reason: "refund".into(),
-                    cancel_amount: Some(2_000),
-                },
-                &format!("{}:cancel:1", r.payment_id),
-            )
-            .await
-            .unwrap();
-            records.push(r);
+            records.push(e.approved_and_refunded(order, &[2_000]).await);
         }
-        // paygate holds the first order's cancel, not the second's.
-        let r = &records[0];
-        let draft = CancelDraft {
-            payment_id: r.payment_id.clone(),
-            merchant_id: r.merchant_id.clone(),
-            total_amount: r.amount,
-            amount: Some(2_000),
-            reason: "refund".into(),
-            idempotency_key: None,
-            request_fingerprint: "fp".into(),
-            now: paygate_core::time::now_ms(),
-        };
-        let CancelClaim::Claimed(c) = e.c.store.claim_cancel(&draft).await.unwrap() else {
-            panic!("{name}: claimed");
-        };
-        let done = CancelTransition::MarkDone {
-            canceled_at: "2026-11-21T12:10:00+09:00".into(),
-        };
-        assert!(e
-            .c
-            .store
-            .cancel_transition(&r.payment_id, c.n, &done)
-            .await
-            .unwrap());
+        e.done_cancel(&records[0], 2_000).await;
 
         let approvals = |e: &Env| -> Vec<CardApproval> {
             e.sandbox
@@ -558,71 +559,14 @@ async fn approvals_match_from_the_slice_read_or_a_fresh_one_and_copies_count_onc
 /// to one, and the second is alerted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_card_refunds_for_one_paygate_cancel_are_alerted() {
-    use paygate_card_api::{CancelRequest, CardApi, ConfirmRequest, TossCardApi};
-    use paygate_state_store::{CancelClaim, CancelDraft, CancelTransition};
     for backend in e2e_backends() {
         let e = env(&backend).await;
         let name = backend.name();
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &e.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
-        let order = "order-refunded-twice";
-        let r = e.record(order, 5_000, 30).await;
-        e.paid(&r).await;
-        assert!(e
-            .c
-            .store
-            .transition(&r.payment_id, &Transition::MarkSaved)
-            .await
-            .unwrap());
-        card.confirm(
-            &ConfirmRequest {
-                payment_key: r.payment_key.clone(),
-                order_id: order.into(),
-                amount: 5_000,
-            },
-            r.payment_id.as_str(),
-        )
-        .await
-        .unwrap();
-        for n in [1, 2] {
-            card.cancel(
-                &r.payment_key,
-                &CancelRequest {
-                    cancel_reason: "refund".into(),
-                    cancel_amount: Some(1_000),
-                },
-                &format!("{}:cancel:{n}", r.payment_id),
-            )
-            .await
-            .unwrap();
-        }
-        // paygate holds one cancel of 1,000.
-        let draft = CancelDraft {
-            payment_id: r.payment_id.clone(),
-            merchant_id: r.merchant_id.clone(),
-            total_amount: r.amount,
-            amount: Some(1_000),
-            reason: "refund".into(),
-            idempotency_key: None,
-            request_fingerprint: "fp".into(),
-            now: paygate_core::time::now_ms(),
-        };
-        let CancelClaim::Claimed(c) = e.c.store.claim_cancel(&draft).await.unwrap() else {
-            panic!("{name}: claimed");
-        };
-        let done = CancelTransition::MarkDone {
-            canceled_at: "2026-11-21T12:10:00+09:00".into(),
-        };
-        assert!(e
-            .c
-            .store
-            .cancel_transition(&r.payment_id, c.n, &done)
-            .await
-            .unwrap());
+        // Two refunds of 1,000 at the card company; paygate holds one.
+        let r = e
+            .approved_and_refunded("order-refunded-twice", &[1_000, 1_000])
+            .await;
+        e.done_cancel(&r, 1_000).await;
         let opts = ReconcileOptions {
             stale_after: Duration::from_secs(86_400),
             ..ReconcileOptions::window(e.now - 60 * MINUTE, paygate_core::time::now_ms() + MINUTE)

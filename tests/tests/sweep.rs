@@ -662,20 +662,7 @@ impl Env {
         r: &PaymentRecord,
         amount: i64,
     ) -> paygate_state_store::CancelRecord {
-        let draft = paygate_state_store::CancelDraft {
-            payment_id: r.payment_id.clone(),
-            merchant_id: r.merchant_id.clone(),
-            total_amount: r.amount,
-            amount: Some(amount),
-            reason: "refund".into(),
-            idempotency_key: None,
-            request_fingerprint: "fp".into(),
-            now: paygate_core::time::now_ms(),
-        };
-        match self.c.store.claim_cancel(&draft).await.unwrap() {
-            paygate_state_store::CancelClaim::Claimed(c) => c,
-            other => panic!("expected a claim, got {other:?}"),
-        }
+        paygate_e2e::claim_cancel(self.c.store.as_ref(), r, amount).await
     }
 }
 

@@ -253,13 +253,10 @@ impl Saga {
     /// Whether an `ABORTED` payment is known to have ended unpaid: it
     /// carries the card company's own decline code (from a confirm's answer
     /// or a lookup) or an operator's "not charged" (final, never reopened),
-    /// no confirm was logged as
-    /// sent, or its answers prove a decline (as the batch decides before
-    /// filing it unpaid). Otherwise the batch settles it by lookup first,
-    /// and that settlement sells or releases the hold.
+    /// no confirm was logged as sent, or its answers prove a decline (as the
+    /// batch decides before filing it unpaid). Otherwise the batch settles
+    /// it by lookup first, and that settlement sells or releases the hold.
     async fn ended_unpaid(&self, r: &PaymentRecord) -> Result<bool, StoreError> {
-        // A code that is not a no-call code is the card company's own
-        // (or an operator's "not charged"): final, never reopened.
         let card_declined = r
             .failure_code
             .as_deref()

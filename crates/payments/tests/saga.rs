@@ -832,6 +832,16 @@ fn canceled(order: &str, amounts: &[i64]) -> CardPayment {
     p
 }
 
+/// `out` is 200 with its (only) cancel `DONE`; `what` names the case.
+fn assert_done(out: paygate_payments::CancelOutcome, what: &str) {
+    match out {
+        paygate_payments::CancelOutcome::Canceled(p) => {
+            assert_eq!(p.cancels[0].status, paygate_state_store::CancelStatus::Done);
+        }
+        other => panic!("{what} answered {other:?}"),
+    }
+}
+
 fn cancel_input(w: &World, r: &PaymentRecord, amount: i64) -> paygate_payments::CancelInput {
     paygate_payments::CancelInput {
         merchant_id: w.merchant.clone(),
@@ -949,12 +959,7 @@ async fn a_cancel_with_an_attempt_sent_is_never_answered_nothing_canceled() {
         .unwrap()
         .push_back(Ok(Some(canceled(order, &[1_000]))));
     let out = w.saga.cancel(cancel_input(&w, &r, 1_000)).await;
-    match out {
-        paygate_payments::CancelOutcome::Canceled(p) => {
-            assert_eq!(p.cancels[0].status, paygate_state_store::CancelStatus::Done);
-        }
-        other => panic!("a cancel that reached the card company answered {other:?}"),
-    }
+    assert_done(out, "a cancel that reached the card company");
     assert_eq!(*w.card.cancel_calls.lock().unwrap(), 1);
     w.cleanup();
 }
@@ -998,12 +1003,7 @@ async fn a_cancel_the_batch_sent_is_not_failed_by_the_request_that_stalled() {
             .push_back(Ok(Some(canceled(order, &[1_000]))));
     });
     let out = w.saga.cancel(cancel_input(&w, &r, 1_000)).await;
-    match out {
-        paygate_payments::CancelOutcome::Canceled(p) => {
-            assert_eq!(p.cancels[0].status, paygate_state_store::CancelStatus::Done);
-        }
-        other => panic!("a cancel the batch sent answered {other:?}"),
-    }
+    assert_done(out, "a cancel the batch sent");
     assert_eq!(*w.card.cancel_calls.lock().unwrap(), 3, "only the batch's");
     w.cleanup();
 }

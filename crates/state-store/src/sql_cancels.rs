@@ -116,8 +116,9 @@ impl CancelStore for SqlStateStore {
     ) -> Result<bool, StoreError> {
         let now = paygate_core::time::now_ms();
         const IN_FLIGHT: &str = "status IN ('PENDING', 'UNKNOWN')";
-        // The transition's own values and, for a version guard, the
-        // version last (its placeholder follows them).
+        const SAVING: &str = "status = 'DONE' AND is_saved = FALSE";
+        // The version a guard compares, bound after the transition's own
+        // values (its placeholder follows theirs).
         let seen = match t {
             CancelTransition::MarkFailed {
                 seen_version: Some(v),
@@ -126,7 +127,6 @@ impl CancelStore for SqlStateStore {
             | CancelTransition::MarkSending { seen_version: v } => Some(v.to_string()),
             _ => None,
         };
-        const SAVING: &str = "status = 'DONE' AND is_saved = FALSE";
         // $1 = payment_id, $2 = n, $3 = now, $4.. = the transition's values.
         let (set, guard, values): (&str, &str, Vec<&str>) = match t {
             CancelTransition::MarkDone { canceled_at } => (
