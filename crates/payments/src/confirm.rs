@@ -371,12 +371,7 @@ impl Saga {
         };
         let (marked, ledger_prewritten) = self.mark_paid(&record, &paid, answer).await;
         match marked {
-            Ok(true) => {
-                record.is_paid = true;
-                record.card_status = CardStatus::Done;
-                record.approved_at = Some(approved_at);
-                record.failure_code = None;
-            }
+            Ok(true) => paid.apply(&mut record, paygate_core::time::now_ms()),
             // The guard failed: another actor (the batch, the
             // reconciliation, a merchant's retry) changed the record since
             // this confirm read it. Go on from what is stored, never from
@@ -400,10 +395,8 @@ impl Saga {
                         && self.repair_no_call(&current, part, &paid).await =>
                 {
                     tracing::warn!(payment_id = %pid, "an approved payment had been filed as not sent; put back and marked paid");
-                    record.is_paid = true;
-                    record.card_status = CardStatus::Done;
-                    record.approved_at = Some(approved_at);
-                    record.failure_code = None;
+                    record = current;
+                    paid.apply(&mut record, paygate_core::time::now_ms());
                 }
                 Ok(current) => {
                     let state = current.map_or("gone".to_owned(), |(part, r)| {
@@ -440,12 +433,11 @@ impl Saga {
         answer: Option<OwnedRow>,
     ) -> (Result<bool, paygate_state_store::StoreError>, bool) {
         let pid = &record.payment_id;
-        if let (Some(journal), Some(row), Transition::MarkPaid { approved_at }) =
+        if let (Some(journal), Some(row), Transition::MarkPaid { .. }) =
             (&self.journal, &answer, paid)
         {
             let mut paid_record = record.clone();
-            paid_record.is_paid = true;
-            paid_record.approved_at = Some(approved_at.clone());
+            paid.apply(&mut paid_record, paygate_core::time::now_ms());
             let next = self
                 .ledger_site(&paid_record)
                 .map(|(_, site)| site.first_request());

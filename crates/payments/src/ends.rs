@@ -8,7 +8,7 @@
 //! alerted).
 
 use paygate_alert::AlertReason;
-use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
+use paygate_core::{payment::failure_codes, PaymentRecord};
 use paygate_state_store::{Hold, Transition};
 
 use crate::{outcome::ConfirmOutcome, Saga};
@@ -29,9 +29,9 @@ impl Saga {
             format!("mark paid failed: {e}"),
         )
         .await;
-        record.is_paid = true;
-        record.card_status = CardStatus::Done;
-        record.approved_at = Some(approved_at);
+        // What the record would be had the write applied: the merchant is
+        // answered from the approval, not from the store.
+        Transition::MarkPaid { approved_at }.apply(&mut record, paygate_core::time::now_ms());
         ConfirmOutcome::Approved(record)
     }
 
@@ -54,8 +54,7 @@ impl Saga {
         if let Err(e) = self.store.transition(pid, &t).await {
             tracing::warn!(payment_id = %pid, error = %e, "could not record the decline; the batch will settle it");
         }
-        record.card_status = CardStatus::Aborted;
-        record.failure_code = Some(code.clone());
+        t.apply(&mut record, paygate_core::time::now_ms());
         self.release_moved_hold(&record, moved).await;
         metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
         ConfirmOutcome::Declined {
@@ -169,7 +168,7 @@ impl Saga {
             tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record unknown");
         }
         self.alert(&record, reason, detail).await;
-        record.card_status = CardStatus::Unknown;
+        t.apply(&mut record, paygate_core::time::now_ms());
         metrics::counter!("paygate_payments_total", "outcome" => "unknown").increment(1);
         ConfirmOutcome::Unknown(record)
     }

@@ -215,9 +215,7 @@ impl Saga {
         match self.store.transition(&pid, &reopen).await {
             Ok(true) => {
                 let mut reopened = current;
-                reopened.card_status = CardStatus::Pending;
-                reopened.failure_code = None;
-                reopened.version += 1;
+                reopen.apply(&mut reopened, paygate_core::time::now_ms());
                 if in_doubt {
                     self.run_reopened_not_sent(reopened, ticket).await
                 } else {

@@ -25,6 +25,7 @@
 use futures_util::stream::BoxStream;
 use paygate_core::{MerchantId, PaymentId};
 
+use crate::rules::{Change, Cond, Rule, Stored, Value};
 use crate::StoreError;
 
 /// How many times a claim reads again after losing the race for its number.
@@ -293,58 +294,200 @@ pub enum CancelTransition {
     },
 }
 
+/// The fields of a [`CancelRecord`] a rule names (`version` and
+/// `updated_at` are the rules' own bookkeeping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelField {
+    /// `status`, in its stored spelling.
+    Status,
+    /// `canceled_at`.
+    CanceledAt,
+    /// `failure_code`.
+    FailureCode,
+    /// `last_error`.
+    LastError,
+    /// `idempotency_key` (the merchant's).
+    IdempotencyKey,
+    /// `is_saved`.
+    IsSaved,
+    /// `save_attempts`.
+    SaveAttempts,
+    /// `batch_attempts`.
+    BatchAttempts,
+}
+
+impl Stored for CancelRecord {
+    type Field = CancelField;
+
+    fn column(field: CancelField) -> &'static str {
+        match field {
+            CancelField::Status => "status",
+            CancelField::CanceledAt => "canceled_at",
+            CancelField::FailureCode => "failure_code",
+            CancelField::LastError => "last_error",
+            CancelField::IdempotencyKey => "idempotency_key",
+            CancelField::IsSaved => "is_saved",
+            CancelField::SaveAttempts => "save_attempts",
+            CancelField::BatchAttempts => "batch_attempts",
+        }
+    }
+
+    fn read(&self, field: CancelField) -> Value {
+        match field {
+            CancelField::Status => Value::Const(self.status.as_str()),
+            CancelField::CanceledAt => self.canceled_at.as_ref().into(),
+            CancelField::FailureCode => self.failure_code.as_ref().into(),
+            CancelField::LastError => self.last_error.as_ref().into(),
+            CancelField::IdempotencyKey => self.idempotency_key.as_ref().into(),
+            CancelField::IsSaved => Value::Bool(self.is_saved),
+            CancelField::SaveAttempts => Value::Int(self.save_attempts),
+            CancelField::BatchAttempts => Value::Int(self.batch_attempts),
+        }
+    }
+
+    fn write(&mut self, field: CancelField, value: Value) {
+        let text = || value.text().map(str::to_owned);
+        match (field, &value) {
+            (CancelField::Status, _) => {
+                if let Some(Ok(s)) = value.text().map(CancelStatus::from_stored) {
+                    self.status = s;
+                }
+            }
+            (CancelField::CanceledAt, _) => self.canceled_at = text(),
+            (CancelField::FailureCode, _) => self.failure_code = text(),
+            (CancelField::LastError, _) => self.last_error = text(),
+            (CancelField::IdempotencyKey, _) => self.idempotency_key = text(),
+            (CancelField::IsSaved, Value::Bool(b)) => self.is_saved = *b,
+            (CancelField::SaveAttempts, Value::Int(i)) => self.save_attempts = *i,
+            (CancelField::BatchAttempts, Value::Int(i)) => self.batch_attempts = *i,
+            _ => {}
+        }
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn bookkeeping(&mut self) -> (&mut i64, &mut i64) {
+        (&mut self.version, &mut self.updated_at)
+    }
+}
+
+/// `status` is one of `states`.
+fn status_in(states: &[CancelStatus]) -> Cond<CancelField> {
+    match states {
+        [one] => Cond::Is(CancelField::Status, Value::Const(one.as_str())),
+        _ => Cond::OneOf(
+            CancelField::Status,
+            states.iter().map(|s| Value::Const(s.as_str())).collect(),
+        ),
+    }
+}
+
+/// In flight: the card company may still act on it.
+fn in_flight() -> Vec<Cond<CancelField>> {
+    vec![status_in(&[CancelStatus::Pending, CancelStatus::Unknown])]
+}
+
+/// Done at the card company, the reversal not in the ledger yet.
+fn saving() -> Vec<Cond<CancelField>> {
+    vec![
+        status_in(&[CancelStatus::Done]),
+        Cond::Is(CancelField::IsSaved, Value::Bool(false)),
+    ]
+}
+
+/// The cancels the batch still has work on: in flight, or done and not
+/// saved ([`CancelStore::scan_open_cancels`]).
+pub fn open_guard() -> Vec<Cond<CancelField>> {
+    vec![Cond::AnyOf(vec![in_flight(), saving()])]
+}
+
+impl CancelTransition {
+    /// The transition as a rule: its guard and its effect (see each variant).
+    pub fn rule(&self) -> Rule<CancelField> {
+        use CancelField as F;
+        let text = |s: &str| Value::Text(s.to_owned());
+        let status = |s: CancelStatus| Change::Set(F::Status, Value::Const(s.as_str()));
+        let (guard, mut effect) = match self {
+            Self::MarkDone { canceled_at } => (
+                in_flight(),
+                vec![
+                    status(CancelStatus::Done),
+                    Change::Set(F::CanceledAt, text(canceled_at)),
+                    Change::Set(F::FailureCode, Value::Null),
+                ],
+            ),
+            Self::MarkFailed {
+                failure_code,
+                last_error,
+                release_key,
+                seen_version,
+            } => {
+                let mut guard = in_flight();
+                guard.extend(seen_version.map(Cond::Version));
+                let mut effect = vec![
+                    status(CancelStatus::Failed),
+                    Change::Set(F::FailureCode, text(failure_code)),
+                    Change::Set(F::LastError, text(last_error)),
+                ];
+                if *release_key {
+                    effect.push(Change::Set(F::IdempotencyKey, Value::Null));
+                }
+                (guard, effect)
+            }
+            Self::MarkSending { seen_version } => {
+                let mut guard = in_flight();
+                guard.push(Cond::Version(*seen_version));
+                (guard, Vec::new())
+            }
+            Self::MarkUnknown { last_error } => (
+                vec![status_in(&[CancelStatus::Pending])],
+                vec![
+                    status(CancelStatus::Unknown),
+                    Change::Set(F::LastError, text(last_error)),
+                ],
+            ),
+            Self::LookupFailed { last_error } => (
+                in_flight(),
+                vec![
+                    status(CancelStatus::Unknown),
+                    Change::Add(F::BatchAttempts, 1),
+                    Change::Set(F::LastError, text(last_error)),
+                ],
+            ),
+            Self::MarkSaved => (
+                saving(),
+                vec![
+                    Change::Set(F::IsSaved, Value::Bool(true)),
+                    Change::Add(F::SaveAttempts, 1),
+                    Change::Set(F::LastError, Value::Null),
+                ],
+            ),
+            Self::SaveFailed { last_error } => (
+                saving(),
+                vec![
+                    Change::Add(F::SaveAttempts, 1),
+                    Change::Set(F::LastError, text(last_error)),
+                ],
+            ),
+            Self::BatchSaveFailed { last_error } => (
+                saving(),
+                vec![
+                    Change::Add(F::BatchAttempts, 1),
+                    Change::Set(F::LastError, text(last_error)),
+                ],
+            ),
+        };
+        effect.push(Change::Stamp);
+        Rule { guard, effect }
+    }
+}
+
 /// Applies `t` to `c` when its guard holds (the reference semantics every
 /// backend's conditional update follows); `true` when it applied.
 pub fn apply_cancel_transition(c: &mut CancelRecord, t: &CancelTransition, now: i64) -> bool {
-    let saving = c.status == CancelStatus::Done && !c.is_saved;
-    match t {
-        CancelTransition::MarkDone { canceled_at } if c.status.in_flight() => {
-            c.status = CancelStatus::Done;
-            c.canceled_at = Some(canceled_at.clone());
-            c.failure_code = None;
-        }
-        CancelTransition::MarkFailed {
-            failure_code,
-            last_error,
-            release_key,
-            seen_version,
-        } if c.status.in_flight() && seen_version.is_none_or(|v| c.version == v) => {
-            c.status = CancelStatus::Failed;
-            c.failure_code = Some(failure_code.clone());
-            c.last_error = Some(last_error.clone());
-            if *release_key {
-                c.idempotency_key = None;
-            }
-        }
-        CancelTransition::MarkSending { seen_version }
-            if c.status.in_flight() && c.version == *seen_version => {}
-        CancelTransition::MarkUnknown { last_error } if c.status == CancelStatus::Pending => {
-            c.status = CancelStatus::Unknown;
-            c.last_error = Some(last_error.clone());
-        }
-        CancelTransition::LookupFailed { last_error } if c.status.in_flight() => {
-            c.status = CancelStatus::Unknown;
-            c.batch_attempts += 1;
-            c.last_error = Some(last_error.clone());
-        }
-        CancelTransition::MarkSaved if saving => {
-            c.is_saved = true;
-            c.save_attempts += 1;
-            c.last_error = None;
-        }
-        CancelTransition::SaveFailed { last_error } if saving => {
-            c.save_attempts += 1;
-            c.last_error = Some(last_error.clone());
-        }
-        CancelTransition::BatchSaveFailed { last_error } if saving => {
-            c.batch_attempts += 1;
-            c.last_error = Some(last_error.clone());
-        }
-        _ => return false,
-    }
-    c.updated_at = now;
-    c.version += 1;
-    true
+    t.rule().apply_if(c, now)
 }
 
 /// The cancels of payments, on every backend (a part of

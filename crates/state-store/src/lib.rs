@@ -28,6 +28,8 @@ pub mod memory;
 mod merchants;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
+pub mod payment;
+pub mod rules;
 pub mod sql;
 mod sql_cancels;
 pub mod sqlite_writer;
@@ -51,10 +53,11 @@ pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};
+pub use payment::{entry_guard, is_stale, may_enter, stale_guard, PaymentField, Transition};
 pub use sql::{LogRow, SqlDatabase, SqlStateStore, SqliteDatabase};
 
 use futures_util::{stream::BoxStream, TryStreamExt};
-use paygate_core::{CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
+use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 
 /// The copy of a record to believe when a move between partitions was
 /// interrupted and left it in two: the one of the higher `version` (a move
@@ -101,31 +104,6 @@ pub fn newest_copies(
     by_id.into_values().collect()
 }
 
-/// Whether a stale-payment pass settles `r`: not paid, `PENDING` or
-/// `UNKNOWN`, last updated at or before `updated_before_ms` (epoch ms).
-/// [`StateStore::scan_stale`] streams exactly these.
-pub fn is_stale(r: &PaymentRecord, updated_before_ms: i64) -> bool {
-    !r.is_paid
-        && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown)
-        && r.updated_at <= updated_before_ms
-}
-
-/// Whether a record may enter `partition`: a move is guarded on the state
-/// that justifies it (DESIGN.md §1), checked atomically with the move, so a
-/// move decided on a stale read (the batch scanned the record, then a
-/// merchant's retry reopened it) does not apply.
-///
-/// - `completed_payments`: paid and saved;
-/// - `unpaid_payments`: not paid and `ABORTED` (declined, or no card call);
-/// - `realtime_payments`: anything (it is where work happens).
-pub fn may_enter(partition: Partition, r: &PaymentRecord) -> bool {
-    match partition {
-        Partition::Completed => r.is_paid && r.is_saved,
-        Partition::Unpaid => !r.is_paid && r.card_status == CardStatus::Aborted,
-        Partition::Realtime => true,
-    }
-}
-
 /// What went wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -168,92 +146,6 @@ pub enum CreateOutcome {
     /// of this merchant or of any merchant on the card account). Nothing was
     /// written; the holder is not returned.
     PaymentKeyReused,
-}
-
-/// A guarded change to one record in `realtime_payments`. Each applies only
-/// when its guard holds; [`StateStore::transition`] says whether it applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
-    /// The card company approved: `is_paid = true`, `card_status = DONE`.
-    /// Guard: not paid yet and `card_status` is `PENDING` or `UNKNOWN`.
-    MarkPaid {
-        /// The card company's `approvedAt`, RFC 3339.
-        approved_at: String,
-    },
-    /// The card company declined, or no call was made: `card_status = ABORTED`.
-    /// Guard: not paid and `card_status` is `PENDING` or `UNKNOWN`, and,
-    /// with `seen_version`, the record is still at that version.
-    MarkAborted {
-        /// The card company's code, or a paygate no-call code.
-        failure_code: String,
-        /// Detail for operators.
-        last_error: String,
-        /// `Some(v)`: apply only to the record as it was at version `v`. A
-        /// no-call abort passes the version its confirm last wrote, so a
-        /// confirm that stalled cannot abort a payment that another
-        /// replica reopened and is sending since. `None` (an answer of the
-        /// card company, true whoever sent the call): state only.
-        seen_version: Option<i64>,
-    },
-    /// The outcome could not be learned: `card_status = UNKNOWN`.
-    /// Guard: `card_status = PENDING`.
-    MarkUnknown {
-        /// Detail for operators.
-        last_error: String,
-    },
-    /// The ledger recorded it: `is_saved = true`, `save_attempts += 1`.
-    /// Guard: paid and not saved.
-    MarkSaved,
-    /// A ledger try failed: `save_attempts += 1`, `last_error` set.
-    /// Guard: paid and not saved.
-    SaveFailed {
-        /// Detail for operators.
-        last_error: String,
-    },
-    /// The batch tried the ledger and failed: `batch_attempts += 1`,
-    /// `last_error` set. Guard: paid and not saved.
-    BatchSaveFailed {
-        /// Detail for operators.
-        last_error: String,
-    },
-    /// A no-call abort (see `paygate_core::payment::failure_codes`) is opened
-    /// again for a merchant retry: `card_status = PENDING`, failure cleared.
-    /// Guard: `card_status = ABORTED` with that `failure_code`, and, with
-    /// `seen_version`, the record is still at that version (the retry
-    /// that reopens it then knows the version it holds: `seen + 1`).
-    Reopen {
-        /// The no-call code the record must carry.
-        failure_code: String,
-        /// `Some(v)`: apply only to the record as it was at version `v`.
-        seen_version: Option<i64>,
-    },
-    /// A confirm has written its card `REQUEST` row and is about to send
-    /// the call: the version moves on (and `updated_at` strictly forward,
-    /// so the stale age counts from the send), nothing else changes.
-    /// Guard: not paid, `card_status = PENDING`, and the record is still
-    /// at `seen_version` (the version the confirm last wrote or read). It
-    /// fences a [`Transition::FileNotSent`] that read the record before
-    /// the row landed (DESIGN.md §1): either the filing sees a new version
-    /// and changes nothing, or this guard fails and the confirm makes no
-    /// call. Guarded on the version too, so a confirm that stalled before
-    /// its fence while its payment was filed, reopened and sent by another
-    /// replica makes no second call, and the confirm knows its version
-    /// after it (`seen_version + 1`).
-    MarkSending {
-        /// The version the confirm holds.
-        seen_version: i64,
-    },
-    /// No card `REQUEST` row is in the log for a record read at
-    /// `seen_version` (by I3 no confirm was sent): `card_status = ABORTED`,
-    /// `failure_code = PAYGATE_NOT_SENT`. Guard: not paid, `PENDING` or
-    /// `UNKNOWN`, and the version is still `seen_version` (a confirm that
-    /// wrote its row since then moved it with [`Transition::MarkSending`]).
-    FileNotSent {
-        /// `version` of the record as read before the log.
-        seen_version: i64,
-        /// Detail for operators.
-        last_error: String,
-    },
 }
 
 /// The realtime state store.

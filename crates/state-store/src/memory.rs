@@ -35,7 +35,7 @@ use std::{
 
 use futures_util::{stream::BoxStream, TryStreamExt};
 use paygate_core::{
-    payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
+    payment::failure_codes, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
 
 use crate::{
@@ -338,77 +338,6 @@ impl MemoryStateStore {
     }
 }
 
-/// Applies `t` to `r` when its guard (the SQL `WHERE` clause) holds.
-fn apply_transition(r: &mut PaymentRecord, t: &Transition, now: i64) -> bool {
-    let undecided =
-        !r.is_paid && matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
-    let saving = r.is_paid && !r.is_saved;
-    match t {
-        Transition::MarkSending { seen_version } => {
-            if r.is_paid || r.card_status != CardStatus::Pending || r.version != *seen_version {
-                return false;
-            }
-            r.updated_at = (r.updated_at + 1).max(now);
-            r.version += 1;
-            return true;
-        }
-        Transition::FileNotSent {
-            seen_version,
-            last_error,
-        } if undecided && r.version == *seen_version => {
-            r.card_status = CardStatus::Aborted;
-            r.failure_code = Some(failure_codes::NOT_SENT.to_owned());
-            r.last_error = Some(last_error.clone());
-        }
-        Transition::MarkPaid { approved_at } if undecided => {
-            r.is_paid = true;
-            r.card_status = CardStatus::Done;
-            r.approved_at = Some(approved_at.clone());
-            r.failure_code = None;
-        }
-        Transition::MarkAborted {
-            failure_code,
-            last_error,
-            seen_version,
-        } if undecided && seen_version.is_none_or(|v| r.version == v) => {
-            r.card_status = CardStatus::Aborted;
-            r.failure_code = Some(failure_code.clone());
-            r.last_error = Some(last_error.clone());
-        }
-        Transition::MarkUnknown { last_error } if r.card_status == CardStatus::Pending => {
-            r.card_status = CardStatus::Unknown;
-            r.last_error = Some(last_error.clone());
-        }
-        Transition::MarkSaved if saving => {
-            r.is_saved = true;
-            r.save_attempts += 1;
-            r.last_error = None;
-        }
-        Transition::SaveFailed { last_error } if saving => {
-            r.save_attempts += 1;
-            r.last_error = Some(last_error.clone());
-        }
-        Transition::BatchSaveFailed { last_error } if saving => {
-            r.batch_attempts += 1;
-            r.last_error = Some(last_error.clone());
-        }
-        Transition::Reopen {
-            failure_code,
-            seen_version,
-        } if r.card_status == CardStatus::Aborted
-            && r.failure_code.as_deref() == Some(failure_code.as_str())
-            && seen_version.is_none_or(|v| r.version == v) =>
-        {
-            r.card_status = CardStatus::Pending;
-            r.failure_code = None;
-        }
-        _ => return false,
-    }
-    r.updated_at = now;
-    r.version += 1;
-    true
-}
-
 impl State {
     fn cancels_of(&self, payment_id: &PaymentId) -> Vec<CancelRecord> {
         self.cancels
@@ -575,7 +504,7 @@ impl StateStore for MemoryStateStore {
                 .table_mut(Partition::Realtime)
                 .rows
                 .get_mut(payment_id)
-                .is_some_and(|r| apply_transition(r, t, now)))
+                .is_some_and(|r| t.apply_if(r, now)))
         })
     }
 

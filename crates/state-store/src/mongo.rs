@@ -228,11 +228,9 @@ fn moved_copy(mut d: Document, now: i64) -> Document {
 /// The filter of a guarded move of `id` into `to` (see
 /// [`crate::may_enter`]).
 fn guarded(id: &str, to: Partition) -> Document {
-    match to {
-        Partition::Completed => doc! {"_id": id, "is_paid": true, "is_saved": true},
-        Partition::Unpaid => doc! {"_id": id, "is_paid": false, "card_status": "ABORTED"},
-        Partition::Realtime => doc! {"_id": id},
-    }
+    let mut filter = crate::rules::mongo::filter::<PaymentRecord>(&crate::entry_guard(to));
+    filter.insert("_id", id);
+    filter
 }
 
 /// Reads a record from its BSON document.
@@ -804,80 +802,11 @@ impl MongoStateStore {
         Ok(copies)
     }
 
-    /// The guard (filter, without `_id`) and the update of a transition;
-    /// every update increments `version`.
+    /// The guard (filter, without `_id`) and the update of a transition,
+    /// compiled from its rule; every update increments `version`.
     fn transition_update(t: &Transition) -> Option<(Document, Document)> {
         let now = paygate_core::time::now_ms();
-        let undecided = || doc! {"is_paid": false, "card_status": {"$in": ["PENDING", "UNKNOWN"]}};
-        Some(match t {
-            Transition::MarkPaid { approved_at } => (
-                undecided(),
-                doc! {"$set": {"is_paid": true, "card_status": "DONE", "approved_at": approved_at, "failure_code": Bson::Null, "updated_at": now}, "$inc": {"version": 1_i64}},
-            ),
-            Transition::MarkAborted {
-                failure_code,
-                last_error,
-                seen_version,
-            } => {
-                let mut guard = undecided();
-                if let Some(v) = seen_version {
-                    guard.insert("version", version_is(*v));
-                }
-                (
-                    guard,
-                    doc! {"$set": {"card_status": "ABORTED", "failure_code": failure_code, "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
-                )
-            }
-            Transition::MarkUnknown { last_error } => (
-                doc! {"card_status": "PENDING"},
-                doc! {"$set": {"card_status": "UNKNOWN", "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
-            ),
-            Transition::MarkSaved => (
-                doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"is_saved": true, "last_error": Bson::Null, "updated_at": now}, "$inc": {"save_attempts": 1_i64, "version": 1_i64}},
-            ),
-            Transition::SaveFailed { last_error } => (
-                doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"save_attempts": 1_i64, "version": 1_i64}},
-            ),
-            Transition::BatchSaveFailed { last_error } => (
-                doc! {"is_paid": true, "is_saved": false},
-                doc! {"$set": {"last_error": last_error, "updated_at": now}, "$inc": {"batch_attempts": 1_i64, "version": 1_i64}},
-            ),
-            Transition::Reopen {
-                failure_code,
-                seen_version,
-            } => {
-                if !paygate_core::payment::failure_codes::is_no_call(failure_code) {
-                    return None;
-                }
-                let mut guard = doc! {"card_status": "ABORTED", "failure_code": failure_code};
-                if let Some(v) = seen_version {
-                    guard.insert("version", version_is(*v));
-                }
-                (
-                    guard,
-                    doc! {"$set": {"card_status": "PENDING", "failure_code": Bson::Null, "updated_at": now}, "$inc": {"version": 1_i64}},
-                )
-            }
-            // The version is the fence; `updated_at` only moves forward
-            // (the stale age counts from the send).
-            Transition::MarkSending { seen_version } => (
-                doc! {"is_paid": false, "card_status": "PENDING", "version": version_is(*seen_version)},
-                doc! {"$max": {"updated_at": now}, "$inc": {"version": 1_i64}},
-            ),
-            Transition::FileNotSent {
-                seen_version,
-                last_error,
-            } => {
-                let mut guard = undecided();
-                guard.insert("version", version_is(*seen_version));
-                (
-                    guard,
-                    doc! {"$set": {"card_status": "ABORTED", "failure_code": paygate_core::payment::failure_codes::NOT_SENT, "last_error": last_error, "updated_at": now}, "$inc": {"version": 1_i64}},
-                )
-            }
-        })
+        Some(t.rule()?.to_mongo::<PaymentRecord>(now))
     }
 
     /// A guarded move in one transaction, retried as the driver documents:
@@ -1259,15 +1188,10 @@ impl StateStore for MongoStateStore {
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         // The filter runs in the server: the run reads the stale records,
-        // not the whole partition. Any status but the three settled ones,
-        // as an unrecognised stored value reads as `UNKNOWN`.
+        // not the whole partition; compiled from the one stale predicate.
         stream_records(
             self.partition(Partition::Realtime),
-            doc! {
-                "is_paid": false,
-                "card_status": {"$nin": ["DONE", "ABORTED", "CANCELED"]},
-                "updated_at": {"$lte": updated_before_ms},
-            },
+            crate::rules::mongo::filter::<PaymentRecord>(&crate::stale_guard(updated_before_ms)),
             doc! {"_id": 1},
             batch_size,
         )

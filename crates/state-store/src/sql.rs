@@ -10,9 +10,7 @@
 use std::{borrow::Cow, str::FromStr, time::Duration};
 
 use futures_util::{future::BoxFuture, stream::BoxStream, TryStreamExt};
-use paygate_core::{
-    payment::failure_codes, CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
-};
+use paygate_core::{CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord};
 use sqlx::{
     migrate::{Migration, MigrationSource, MigrationType, Migrator},
     postgres::{PgPool, PgPoolOptions},
@@ -22,7 +20,11 @@ use sqlx::{
     Row,
 };
 
-use crate::{sqlite_writer::SqliteWriter, CreateOutcome, StateStore, StoreError, Transition};
+use crate::{
+    rules::sql::{Bind, Binds},
+    sqlite_writer::SqliteWriter,
+    CreateOutcome, StateStore, StoreError, Transition,
+};
 
 /// A connection pool to the SQL database: SQLite (`sqlite://path`) or
 /// PostgreSQL (`postgres://...`). Cheap to clone (the pools are shared).
@@ -49,6 +51,21 @@ macro_rules! with_pool {
         }
     };
 }
+
+/// Binds a translated rule's parameters onto a query, in order.
+macro_rules! bind_rule {
+    ($q:expr, $binds:expr) => {{
+        let mut q = $q;
+        for b in $binds {
+            q = match b {
+                $crate::rules::sql::Bind::Text(s) => q.bind(s.as_str()),
+                $crate::rules::sql::Bind::Int(i) => q.bind(*i),
+            };
+        }
+        q
+    }};
+}
+pub(crate) use bind_rule;
 
 /// A SQLite database: the pool (every read, and the rare writes outside a
 /// confirm's path) and, for a file database, the group-commit writer
@@ -883,12 +900,13 @@ impl SqlStateStore {
                     .await
                     .map_err(map_err)?;
                 let applied = match transition_statement($t) {
-                    Some((sql, values)) => {
-                        let mut q = sqlx::query(sql).bind($pid).bind(now);
-                        for v in &values {
-                            q = q.bind(v.as_ref());
-                        }
-                        q.execute(&mut *$c).await.map_err(map_err)?.rows_affected() == 1
+                    Some((sql, binds)) => {
+                        bind_rule!(sqlx::query(&sql).bind($pid).bind(now), &binds)
+                            .execute(&mut *$c)
+                            .await
+                            .map_err(map_err)?
+                            .rows_affected()
+                            == 1
                     }
                     None => false,
                 };
@@ -988,23 +1006,23 @@ impl StateStore for SqlStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        let Some((sql, values)) = transition_statement(t) else {
+        let Some((sql, binds)) = transition_statement(t) else {
             return Ok(false);
         };
         let now = paygate_core::time::now_ms();
         if let SqlDatabase::Sqlite(db) = &self.db {
             if db.writer().is_some() {
                 let pid = payment_id.as_str().to_owned();
-                let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
                 return db
                     .write(move |c| {
                         Box::pin(async move {
-                            let mut q = sqlx::query(sql).bind(pid.as_str()).bind(now);
-                            for v in &values {
-                                q = q.bind(v.as_str());
-                            }
                             let applied =
-                                q.execute(&mut *c).await.map_err(map_err)?.rows_affected() == 1;
+                                bind_rule!(sqlx::query(&sql).bind(pid.as_str()).bind(now), &binds)
+                                    .execute(&mut *c)
+                                    .await
+                                    .map_err(map_err)?
+                                    .rows_affected()
+                                    == 1;
                             Ok((applied, true))
                         })
                     })
@@ -1012,11 +1030,11 @@ impl StateStore for SqlStateStore {
             }
         }
         with_pool!(&self.db, pool => {
-            let mut q = sqlx::query(sql).bind(payment_id.as_str()).bind(now);
-            for v in &values {
-                q = q.bind(v.as_ref());
-            }
-            q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
+            bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(now), &binds)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected() == 1)
+                .map_err(map_err)
         })
     }
 
@@ -1209,13 +1227,17 @@ impl StateStore for SqlStateStore {
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>> {
         // The filter runs in the database: the run reads the stale records,
-        // not every record of the partition. A status other than the three
-        // settled ones is taken as stale: an unrecognised stored value reads
-        // as `UNKNOWN` (`CardStatus::from_stored`), which goes to an
-        // operator rather than being dropped.
+        // not every record of the partition. Compiled from the one stale
+        // predicate; its one parameter is the cutoff, `$3` after the
+        // keyset's two.
+        let mut binds = Binds::from(3);
+        let stale_sql = crate::rules::sql::guard::<PaymentRecord>(
+            &crate::stale_guard(updated_before_ms),
+            &mut binds,
+        );
         self.scan_by_id(
             Partition::Realtime.table(),
-            "is_paid = FALSE AND card_status NOT IN ('DONE', 'ABORTED', 'CANCELED') AND updated_at <= $3",
+            &stale_sql,
             Some(updated_before_ms),
             batch_size,
         )
@@ -1318,13 +1340,10 @@ impl StateStore for SqlStateStore {
     }
 }
 
-/// The SQL form of [`crate::may_enter`]: what a record must be to enter `to`.
-fn guard_sql(to: Partition) -> &'static str {
-    match to {
-        Partition::Completed => "is_paid = TRUE AND is_saved = TRUE",
-        Partition::Unpaid => "is_paid = FALSE AND card_status = 'ABORTED'",
-        Partition::Realtime => "TRUE",
-    }
+/// The SQL form of [`crate::may_enter`]: what a record must be to enter
+/// `to`, compiled from [`crate::entry_guard`] (it takes no parameters).
+fn guard_sql(to: Partition) -> String {
+    crate::rules::sql::guard::<PaymentRecord>(&crate::entry_guard(to), &mut Binds::from(1))
 }
 
 /// The columns of [`RECORD_COLUMNS`], the `SELECT` list that stamps
@@ -1355,7 +1374,11 @@ fn move_columns() -> (String, String, String) {
 /// `guarded`, only a record that may enter `to` is copied.
 fn copy_sql(from: Partition, to: Partition, guarded: bool) -> String {
     let (cols, select, updates) = move_columns();
-    let guard = if guarded { guard_sql(to) } else { "TRUE" };
+    let guard = if guarded {
+        guard_sql(to)
+    } else {
+        "TRUE".to_owned()
+    };
     format!(
         "INSERT INTO {to} ({cols}) SELECT {select} FROM {from} WHERE payment_id = $1 AND {guard} \
          ON CONFLICT (payment_id) DO UPDATE SET {updates}",
@@ -1421,106 +1444,14 @@ fn move_sql_postgres(from: Partition, to: Partition) -> String {
     )
 }
 
-/// The guarded `UPDATE` of a [`Transition`] and its own values: `$1` =
-/// payment_id, `$2` = now, `$3..` = the values. `None` when the transition
-/// can never apply (a `Reopen` of a code that is not a no-call code).
-fn transition_statement(t: &Transition) -> Option<(&'static str, Vec<Cow<'_, str>>)> {
-    let statement: (&'static str, Vec<&str>) = match t {
-            Transition::MarkPaid { approved_at } => (
-                "UPDATE realtime_payments SET is_paid = TRUE, card_status = 'DONE', approved_at = $3, \
-                 failure_code = NULL, updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
-                vec![approved_at],
-            ),
-            Transition::MarkAborted { failure_code, last_error, seen_version: None } => (
-                "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
-                 updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN')",
-                vec![failure_code, last_error],
-            ),
-            Transition::MarkAborted { failure_code, last_error, seen_version: Some(v) } => {
-                return Some((
-                    "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, last_error = $4, \
-                     updated_at = $2, version = version + 1 \
-                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') \
-                     AND version = CAST($5 AS BIGINT)",
-                    vec![
-                        Cow::Borrowed(failure_code.as_str()),
-                        Cow::Borrowed(last_error.as_str()),
-                        Cow::Owned(v.to_string()),
-                    ],
-                ))
-            }
-            Transition::MarkUnknown { last_error } => (
-                "UPDATE realtime_payments SET card_status = 'UNKNOWN', last_error = $3, updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND card_status = 'PENDING'",
-                vec![last_error],
-            ),
-            Transition::MarkSaved => (
-                "UPDATE realtime_payments SET is_saved = TRUE, save_attempts = save_attempts + 1, \
-                 last_error = NULL, updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![],
-            ),
-            Transition::SaveFailed { last_error } => (
-                "UPDATE realtime_payments SET save_attempts = save_attempts + 1, last_error = $3, updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![last_error],
-            ),
-            Transition::BatchSaveFailed { last_error } => (
-                "UPDATE realtime_payments SET batch_attempts = batch_attempts + 1, last_error = $3, updated_at = $2, version = version + 1 \
-                 WHERE payment_id = $1 AND is_paid = TRUE AND is_saved = FALSE",
-                vec![last_error],
-            ),
-            Transition::Reopen { failure_code, seen_version } => {
-                if !failure_codes::is_no_call(failure_code) {
-                    return None;
-                }
-                match seen_version {
-                    None => (
-                        "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2, version = version + 1 \
-                         WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3",
-                        vec![failure_code],
-                    ),
-                    Some(v) => {
-                        return Some((
-                            "UPDATE realtime_payments SET card_status = 'PENDING', failure_code = NULL, updated_at = $2, version = version + 1 \
-                             WHERE payment_id = $1 AND card_status = 'ABORTED' AND failure_code = $3 \
-                             AND version = CAST($4 AS BIGINT)",
-                            vec![Cow::Borrowed(failure_code.as_str()), Cow::Owned(v.to_string())],
-                        ))
-                    }
-                }
-            }
-            Transition::MarkSending { seen_version } => {
-                return Some((
-                    "UPDATE realtime_payments SET \
-                     updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, \
-                     version = version + 1 \
-                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status = 'PENDING' \
-                     AND version = CAST($3 AS BIGINT)",
-                    vec![Cow::Owned(seen_version.to_string())],
-                ))
-            }
-            Transition::FileNotSent {
-                seen_version,
-                last_error,
-            } => {
-                return Some((
-                    "UPDATE realtime_payments SET card_status = 'ABORTED', failure_code = $3, \
-                     last_error = $4, updated_at = $2, version = version + 1 \
-                     WHERE payment_id = $1 AND is_paid = FALSE AND card_status IN ('PENDING', 'UNKNOWN') \
-                     AND version = CAST($5 AS BIGINT)",
-                    vec![
-                        Cow::Borrowed(failure_codes::NOT_SENT),
-                        Cow::Borrowed(last_error.as_str()),
-                        Cow::Owned(seen_version.to_string()),
-                    ],
-                ))
-            }
-        };
+/// The guarded `UPDATE` of a [`Transition`], compiled from its rule, and
+/// its parameters: `$1` = payment_id, `$2` = now, `$3..` = the rule's.
+/// `None` when the transition can never apply (a `Reopen` of a code that
+/// is not a no-call code).
+fn transition_statement(t: &Transition) -> Option<(String, Vec<Bind>)> {
+    let (set, guard, binds) = t.rule()?.to_sql::<PaymentRecord>("$2", 3);
     Some((
-        statement.0,
-        statement.1.into_iter().map(Cow::Borrowed).collect(),
+        format!("UPDATE realtime_payments SET {set} WHERE payment_id = $1 AND {guard}"),
+        binds,
     ))
 }

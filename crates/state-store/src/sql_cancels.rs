@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use crate::{
     cancels::{decide_claim, ClaimDecision, CLAIM_ATTEMPTS},
-    sql::{map_err, SqlStateStore},
+    sql::{bind_rule, map_err, SqlStateStore},
     with_pool, CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
     StoreError,
 };
@@ -115,89 +115,17 @@ impl CancelStore for SqlStateStore {
         t: &CancelTransition,
     ) -> Result<bool, StoreError> {
         let now = paygate_core::time::now_ms();
-        const IN_FLIGHT: &str = "status IN ('PENDING', 'UNKNOWN')";
-        const SAVING: &str = "status = 'DONE' AND is_saved = FALSE";
-        // The version a guard compares, bound after the transition's own
-        // values (its placeholder follows theirs).
-        let seen = match t {
-            CancelTransition::MarkFailed {
-                seen_version: Some(v),
-                ..
-            }
-            | CancelTransition::MarkSending { seen_version: v } => Some(v.to_string()),
-            _ => None,
-        };
-        // $1 = payment_id, $2 = n, $3 = now, $4.. = the transition's values.
-        let (set, guard, values): (&str, &str, Vec<&str>) = match t {
-            CancelTransition::MarkDone { canceled_at } => (
-                "status = 'DONE', canceled_at = $4, failure_code = NULL",
-                IN_FLIGHT,
-                vec![canceled_at],
-            ),
-            CancelTransition::MarkFailed {
-                failure_code,
-                last_error,
-                release_key: true,
-                ..
-            } => (
-                "status = 'FAILED', failure_code = $4, last_error = $5, idempotency_key = NULL",
-                IN_FLIGHT,
-                vec![failure_code, last_error],
-            ),
-            CancelTransition::MarkFailed {
-                failure_code,
-                last_error,
-                release_key: false,
-                ..
-            } => (
-                "status = 'FAILED', failure_code = $4, last_error = $5",
-                IN_FLIGHT,
-                vec![failure_code, last_error],
-            ),
-            CancelTransition::MarkSending { .. } => ("status = status", IN_FLIGHT, vec![]),
-            CancelTransition::MarkUnknown { last_error } => (
-                "status = 'UNKNOWN', last_error = $4",
-                "status = 'PENDING'",
-                vec![last_error],
-            ),
-            CancelTransition::LookupFailed { last_error } => (
-                "status = 'UNKNOWN', batch_attempts = batch_attempts + 1, last_error = $4",
-                IN_FLIGHT,
-                vec![last_error],
-            ),
-            CancelTransition::MarkSaved => (
-                "is_saved = TRUE, save_attempts = save_attempts + 1, last_error = NULL",
-                SAVING,
-                vec![],
-            ),
-            CancelTransition::SaveFailed { last_error } => (
-                "save_attempts = save_attempts + 1, last_error = $4",
-                SAVING,
-                vec![last_error],
-            ),
-            CancelTransition::BatchSaveFailed { last_error } => (
-                "batch_attempts = batch_attempts + 1, last_error = $4",
-                SAVING,
-                vec![last_error],
-            ),
-        };
-        let version_guard = match seen {
-            Some(_) => format!(" AND version = CAST(${} AS BIGINT)", values.len() + 4),
-            None => String::new(),
-        };
+        // $1 = payment_id, $2 = n, $3 = now, $4.. = the rule's values.
+        let (set, guard, binds) = t.rule().to_sql::<CancelRecord>("$3", 4);
         let sql = format!(
-            "UPDATE payment_cancels SET {set}, updated_at = $3, version = version + 1 \
-             WHERE payment_id = $1 AND n = $2 AND {guard}{version_guard}"
+            "UPDATE payment_cancels SET {set} WHERE payment_id = $1 AND n = $2 AND {guard}"
         );
         with_pool!(self.database(), pool => {
-            let mut q = sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now);
-            for v in &values {
-                q = q.bind(*v);
-            }
-            if let Some(v) = &seen {
-                q = q.bind(v.as_str());
-            }
-            q.execute(pool).await.map(|r| r.rows_affected() == 1).map_err(map_err)
+            bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now), &binds)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected() == 1)
+                .map_err(map_err)
         })
     }
 
@@ -205,10 +133,13 @@ impl CancelStore for SqlStateStore {
         &self,
         batch_size: u32,
     ) -> BoxStream<'_, Result<CancelRecord, StoreError>> {
+        let open = crate::rules::sql::guard::<CancelRecord>(
+            &crate::cancels::open_guard(),
+            &mut crate::rules::sql::Binds::from(4),
+        );
         let sql = format!(
             "SELECT {COLUMNS} FROM payment_cancels \
-             WHERE (status IN ('PENDING', 'UNKNOWN') OR (status = 'DONE' AND is_saved = FALSE)) \
-             AND (payment_id, n) > ($1, $2) ORDER BY payment_id, n LIMIT $3"
+             WHERE {open} AND (payment_id, n) > ($1, $2) ORDER BY payment_id, n LIMIT $3"
         );
         let limit = i64::from(batch_size.max(1));
         let pages = futures_util::stream::try_unfold(Some((String::new(), 0_i64)), move |after| {

@@ -79,79 +79,10 @@ fn cancel_from_doc(d: &Document) -> Result<CancelRecord, StoreError> {
     })
 }
 
-/// The guard (filter) and the update of a transition; every update
-/// increments `version`.
+/// The guard (filter) and the update of a transition, compiled from its
+/// rule; every update increments `version`.
 fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
-    let (guard, mut update) = guard_and_update(t, now);
-    let inc = match update.get_document_mut("$inc") {
-        Ok(inc) => inc,
-        Err(_) => {
-            update.insert("$inc", doc! {});
-            match update.get_document_mut("$inc") {
-                Ok(inc) => inc,
-                Err(_) => return (guard, update),
-            }
-        }
-    };
-    inc.insert("version", 1_i64);
-    (guard, update)
-}
-
-fn guard_and_update(t: &CancelTransition, now: i64) -> (Document, Document) {
-    let in_flight = doc! {"status": {"$in": ["PENDING", "UNKNOWN"]}};
-    let saving = doc! {"status": "DONE", "is_saved": false};
-    match t {
-        CancelTransition::MarkDone { canceled_at } => (
-            in_flight,
-            doc! {"$set": {"status": "DONE", "canceled_at": canceled_at, "failure_code": Bson::Null, "updated_at": now}},
-        ),
-        CancelTransition::MarkFailed {
-            failure_code,
-            last_error,
-            release_key,
-            seen_version,
-        } => {
-            let mut set = doc! {"status": "FAILED", "failure_code": failure_code,
-            "last_error": last_error, "updated_at": now};
-            if *release_key {
-                set.insert("idempotency_key", Bson::Null);
-            }
-            let mut guard = in_flight;
-            if let Some(v) = seen_version {
-                guard.insert("version", super::version_is(*v));
-            }
-            (guard, doc! {"$set": set})
-        }
-        CancelTransition::MarkSending { seen_version } => {
-            let mut guard = in_flight;
-            guard.insert("version", super::version_is(*seen_version));
-            (guard, doc! {"$set": {"updated_at": now}})
-        }
-        CancelTransition::MarkUnknown { last_error } => (
-            doc! {"status": "PENDING"},
-            doc! {"$set": {"status": "UNKNOWN", "last_error": last_error, "updated_at": now}},
-        ),
-        CancelTransition::LookupFailed { last_error } => (
-            in_flight,
-            doc! {"$set": {"status": "UNKNOWN", "last_error": last_error, "updated_at": now},
-            "$inc": {"batch_attempts": 1_i64}},
-        ),
-        CancelTransition::MarkSaved => (
-            saving,
-            doc! {"$set": {"is_saved": true, "last_error": Bson::Null, "updated_at": now},
-            "$inc": {"save_attempts": 1_i64}},
-        ),
-        CancelTransition::SaveFailed { last_error } => (
-            saving,
-            doc! {"$set": {"last_error": last_error, "updated_at": now},
-            "$inc": {"save_attempts": 1_i64}},
-        ),
-        CancelTransition::BatchSaveFailed { last_error } => (
-            saving,
-            doc! {"$set": {"last_error": last_error, "updated_at": now},
-            "$inc": {"batch_attempts": 1_i64}},
-        ),
-    }
+    t.rule().to_mongo::<CancelRecord>(now)
 }
 
 #[async_trait::async_trait]
@@ -210,10 +141,7 @@ impl CancelStore for MongoStateStore {
         batch_size: u32,
     ) -> BoxStream<'_, Result<CancelRecord, StoreError>> {
         let coll = self.coll(CANCELS);
-        let filter = doc! {"$or": [
-            {"status": {"$in": ["PENDING", "UNKNOWN"]}},
-            {"status": "DONE", "is_saved": false},
-        ]};
+        let filter = crate::rules::mongo::filter::<CancelRecord>(&crate::cancels::open_guard());
         let stream = futures_util::stream::once(async move {
             coll.find(filter)
                 .sort(doc! {"payment_id": 1, "n": 1})
