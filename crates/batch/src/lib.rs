@@ -62,6 +62,9 @@ use serde::Serialize;
 /// could still recover for them (a recovered approval of a deleted hold
 /// sells nothing, so keep this above the reconciliation window).
 pub const HOLD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3_600);
+/// SKU documents [`paygate_state_store::InventoryStore::repair_lines`]
+/// looks at per sweep (orphaned lines are rare: a writer died mid-change).
+pub const REPAIR_SKUS: u32 = 1_000;
 
 /// How a sweep runs.
 #[derive(Clone, Debug)]
@@ -331,6 +334,22 @@ impl Sweeper {
         let Some(inventory) = self.saga.inventory() else {
             return;
         };
+        // Units held by lines of a hold that is not `during` (a writer died
+        // between its steps on a store without cross-document transactions)
+        // are freed first; the SQL and memory stores have none.
+        match inventory
+            .repair_lines(paygate_core::ambient::now_ms(), REPAIR_SKUS)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                lines_freed = n,
+                "freed units held for holds that are not during"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not repair hold lines; the next sweep retries")
+            }
+        }
         let retention = i64::try_from(HOLD_RETENTION.as_millis()).unwrap_or(i64::MAX);
         let before = paygate_core::ambient::now_ms().saturating_sub(retention);
         match inventory.purge(before).await {

@@ -377,6 +377,22 @@ pub trait InventoryStore: Send + Sync + 'static {
     /// finishes it.
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError>;
 
+    /// Frees units held by `during` lines whose hold is not `during` (up to
+    /// `limit` SKU documents a run): what a writer that died between its
+    /// steps leaves on a store without transactions spanning a hold and its
+    /// SKUs (MongoDB; see `MongoInventoryStore`). Returns the lines freed.
+    /// A confirm still between its steps on such a hold loses its guarded
+    /// move and starts over; it never calls the card on units freed here.
+    /// The SQL and memory stores change a hold and its lines atomically and
+    /// have nothing to repair.
+    ///
+    /// # Errors
+    /// [`StoreError`]; what was freed stays freed, a rerun goes on.
+    async fn repair_lines(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let _ = (now_ms, limit);
+        Ok(0)
+    }
+
     /// Housekeeping: deletes holds that are `released`, or `pre` and
     /// expired, whose `updated_at` / `expires_at` is before `before_ms`;
     /// the number deleted. Correctness never depends on it.

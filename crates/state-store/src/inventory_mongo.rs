@@ -4,7 +4,8 @@
 //!
 //! - `inventory`: one document per (merchant, SKU), `_id = "<merchant>|<sku>"`,
 //!   with `stock`, `sold`, a version `v` and `lines`: one entry per hold on
-//!   that SKU (`h` hold id, `q` quantity, `s` state, `e` expires_at). The
+//!   that SKU (`h` hold id, `q` quantity, `s` state, `e` expires_at, `hv`
+//!   the version of the hold document its writer read). The
 //!   SKU's document *is* its lock: every change reads it, decides, and
 //!   replaces it with a filter on `{_id, v}` (a single-document conditional
 //!   write, atomic by the driver's documented semantics); a lost race reads
@@ -16,13 +17,29 @@
 //!   `(merchant_id, order_id)`, index on `(state, expires_at)` for
 //!   housekeeping), what `GET /v1/holds/{id}` reads.
 //!
-//! A multi-SKU change writes its SKUs one after the other, in SKU order,
-//! and the hold document last. A take that dies half way leaves `pre`
-//! lines that expire at the hold's `expires_at` (the timestamp rule cleans
-//! up after a crash); a take that finds a SKU short removes the lines it
-//! wrote. `during` lines never expire: the payment's settlement (confirm,
-//! batch or reconciliation) sells or releases them, and a rerun of any step
-//! is guarded by the line's state.
+//! No transaction spans the SKU documents and the hold's, so every change
+//! is ordered so that a writer dying half way leaves units held by nobody
+//! only in a shape a later pass can find and free, never units sold twice:
+//!
+//! - a take writes its `pre` lines, then the hold; dying half way leaves
+//!   `pre` lines that expire at the hold's `expires_at`;
+//! - a confirm's `begin_payment` writes `during` lines carrying the hold
+//!   version it read (`hv`), then moves the hold to `during` guarded on that
+//!   version (a lost race reads again and starts over);
+//! - a release or a stuck-hold release moves the hold first (guarded), then
+//!   drops the lines written for an earlier version of the hold (`hv` below
+//!   the version the release left), so a confirm that began on the hold
+//!   since (its lines carry the newer version) keeps its units;
+//! - a sale turns the lines `sold`, then the hold.
+//!
+//! `during` lines never expire. One whose hold is not `during` (its
+//! `begin_payment` died before moving the hold, or its release died after
+//! moving it) is freed by [`InventoryStore::repair_lines`], which the
+//! batch runs: it fences the hold (one version on, state unchanged) and
+//! then drops the lines written for a version at or below the one it
+//! fenced, so a confirm still between its two steps loses its guarded move
+//! and starts over rather than calling the card on units it no longer
+//! holds.
 
 use mongodb::{
     bson::{doc, Bson, Document},
@@ -45,6 +62,9 @@ const HOLDS: &str = "holds";
 /// Conditional writes of one SKU document before giving up (each lost try
 /// means another writer's change applied: the system made progress).
 const SKU_ATTEMPTS: usize = 10_000;
+/// Tries of a `begin_payment` whose guarded move of the hold lost a race
+/// (each lost try means another writer changed the hold).
+const BEGIN_ATTEMPTS: usize = 16;
 
 /// Inventory and holds on MongoDB.
 #[derive(Clone, Debug)]
@@ -58,6 +78,9 @@ struct Line {
     q: i64,
     s: HoldState,
     e: i64,
+    /// The version of the hold document the line's writer read (-1 for a
+    /// line written before lines carried it).
+    hv: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +135,7 @@ fn sku_from_doc(d: &Document) -> Result<(i64, Sku), StoreError> {
                 q: int(l, "q")?,
                 s: HoldState::parse(&text(l, "s")?)?,
                 e: int(l, "e")?,
+                hv: int(l, "hv").unwrap_or(-1),
             });
         }
     }
@@ -271,7 +295,11 @@ impl MongoInventoryStore {
             let lines: Vec<Bson> = s
                 .lines
                 .iter()
-                .map(|l| Bson::Document(doc! {"h": &l.h, "q": l.q, "s": l.s.as_str(), "e": l.e}))
+                .map(|l| {
+                    Bson::Document(
+                        doc! {"h": &l.h, "q": l.q, "s": l.s.as_str(), "e": l.e, "hv": l.hv},
+                    )
+                })
                 .collect();
             let new = doc! {
                 "_id": &id, "merchant_id": m.as_str(), "sku": sku, "stock": s.stock,
@@ -317,8 +345,22 @@ impl MongoInventoryStore {
             let ok = self
                 .update_sku(&hold.merchant_id, &item.sku, now, |sku| {
                     if let Some(l) = sku.line(&hold.hold_id) {
-                        if matches!(l.s, HoldState::During | HoldState::Sold) {
-                            return (false, true);
+                        match l.s {
+                            HoldState::Sold => return (false, true),
+                            // The hold's own units, already counted: kept,
+                            // and marked as written for the version this
+                            // writer read, so a release or repair of an
+                            // earlier version leaves them.
+                            HoldState::During if s == HoldState::During => {
+                                if l.hv == hold.version {
+                                    return (false, true);
+                                }
+                                let mut l = l.clone();
+                                l.hv = hold.version;
+                                sku.put(l);
+                                return (true, true);
+                            }
+                            _ => {}
                         }
                     }
                     if !short.is_empty()
@@ -333,6 +375,7 @@ impl MongoInventoryStore {
                         q: item.quantity,
                         s,
                         e: hold.expires_at,
+                        hv: hold.version,
                     });
                     (true, true)
                 })
@@ -344,49 +387,123 @@ impl MongoInventoryStore {
             }
         }
         if !short.is_empty() {
+            let version = hold.version;
             for sku in &wrote {
-                self.drop_line(hold, sku, &[HoldState::Pre, HoldState::During], now)
-                    .await?;
+                self.drop_line(hold, sku, now, |l| {
+                    l.hv == version && matches!(l.s, HoldState::Pre | HoldState::During)
+                })
+                .await?;
             }
         }
         Ok(short)
     }
 
-    /// Removes `hold`'s line from `sku` when its state is one of `from`.
+    /// Removes `hold`'s line from `sku` when `drop` says so of it; `true`
+    /// when one was removed.
     async fn drop_line(
         &self,
         hold: &Hold,
         sku: &str,
-        from: &[HoldState],
         now: i64,
-    ) -> Result<(), StoreError> {
+        drop: impl Fn(&Line) -> bool,
+    ) -> Result<bool, StoreError> {
         self.update_sku(&hold.merchant_id, sku, now, |s| {
             match s.line(&hold.hold_id) {
-                Some(l) if from.contains(&l.s) => {}
-                _ => return (false, ()),
+                Some(l) if drop(l) => {}
+                _ => return (false, false),
             }
             s.lines.retain(|l| l.h != hold.hold_id);
-            (true, ())
+            (true, true)
         })
         .await
     }
 
+    /// Drops the lines of `hold` (on each of its SKUs) that are not sold and
+    /// were written for a version of the hold below `below`: what a release
+    /// that left the hold at `below` frees. A line a confirm wrote for that
+    /// version or a later one (it began on the hold since) stays.
+    async fn drop_lines_before(
+        &self,
+        hold: &Hold,
+        below: i64,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for item in &hold.items {
+            if self
+                .drop_line(hold, &item.sku, now, |l| {
+                    l.s != HoldState::Sold && l.hv < below
+                })
+                .await?
+            {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Moves the hold from one of `from` (and, with `seen_version`, only
+    /// at that version) to `to`; the hold as it was left, `None` when the
+    /// guard did not hold.
     async fn set_hold_state(
         &self,
         hold_id: &str,
         from: &[HoldState],
+        seen_version: Option<i64>,
         to: HoldState,
         now: i64,
-    ) -> Result<bool, StoreError> {
-        let r = self
-            .holds()
-            .update_one(
-                doc! {"_id": hold_id, "state": {"$in": states(from)}},
+    ) -> Result<Option<Hold>, StoreError> {
+        let mut filter = doc! {"_id": hold_id, "state": {"$in": states(from)}};
+        if let Some(v) = seen_version {
+            filter.insert("version", crate::mongo::version_is(v));
+        }
+        self.holds()
+            .find_one_and_update(
+                filter,
                 doc! {"$set": {"state": to.as_str(), "updated_at": now}, "$inc": {"version": 1_i64}},
             )
+            .return_document(mongodb::options::ReturnDocument::After)
             .await
-            .map_err(map_err)?;
-        Ok(r.matched_count == 1)
+            .map_err(map_err)?
+            .map(|d| hold_from_doc(&d))
+            .transpose()
+    }
+}
+
+impl MongoInventoryStore {
+    /// Drops the `during` lines of `hold_id`, a hold with no document, from
+    /// the SKU documents in `docs` of `merchant`.
+    async fn drop_orphan_lines(
+        &self,
+        merchant: &MerchantId,
+        hold_id: &str,
+        docs: &[Document],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for d in docs {
+            let sku = text(d, "sku")?;
+            if text(d, "merchant_id")? != merchant.as_str() {
+                continue;
+            }
+            let gone = self
+                .update_sku(merchant, &sku, now_ms, |s| {
+                    if !s
+                        .lines
+                        .iter()
+                        .any(|l| l.h == hold_id && l.s == HoldState::During)
+                    {
+                        return (false, false);
+                    }
+                    s.lines.retain(|l| l.h != hold_id);
+                    (true, true)
+                })
+                .await?;
+            if gone {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 }
 
@@ -461,7 +578,7 @@ impl InventoryStore for MongoInventoryStore {
             Ok(_) => Ok(TakeOutcome::Taken(hold.clone())),
             Err(e) if is_duplicate(&e) => {
                 for item in &hold.items {
-                    self.drop_line(hold, &item.sku, &[HoldState::Pre], now_ms)
+                    self.drop_line(hold, &item.sku, now_ms, |l| l.s == HoldState::Pre)
                         .await?;
                 }
                 match self
@@ -507,62 +624,61 @@ impl InventoryStore for MongoInventoryStore {
         now_ms: i64,
     ) -> Result<BeginOutcome, StoreError> {
         let now_ms = self.judged_now(now_ms).await?;
-        let Some(mut hold) = self.hold_by_order(merchant, order).await? else {
-            return Ok(BeginOutcome::NoHold);
-        };
-        match hold.state {
-            HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
-            HoldState::During => {
-                // The fence against a stale `release_stuck` (see the trait):
-                // one version on.
-                let touched = self
-                    .holds()
-                    .find_one_and_update(
-                        doc! {"_id": &hold.hold_id, "state": "during"},
-                        doc! {"$max": {"updated_at": now_ms}, "$inc": {"version": 1_i64}},
-                    )
-                    .return_document(mongodb::options::ReturnDocument::After)
-                    .await
-                    .map_err(map_err)?;
-                if let Some(d) = touched {
-                    return Ok(BeginOutcome::During(hold_from_doc(&d)?));
+        for _ in 0..BEGIN_ATTEMPTS {
+            let Some(hold) = self.hold_by_order(merchant, order).await? else {
+                return Ok(BeginOutcome::NoHold);
+            };
+            match hold.state {
+                HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
+                HoldState::During => {
+                    // The fence against a stale `release_stuck` (see the
+                    // trait): one version on.
+                    let touched = self
+                        .holds()
+                        .find_one_and_update(
+                            doc! {"_id": &hold.hold_id, "state": "during"},
+                            doc! {"$max": {"updated_at": now_ms}, "$inc": {"version": 1_i64}},
+                        )
+                        .return_document(mongodb::options::ReturnDocument::After)
+                        .await
+                        .map_err(map_err)?;
+                    if let Some(d) = touched {
+                        return Ok(BeginOutcome::During(hold_from_doc(&d)?));
+                    }
+                    // Sold or released meanwhile: read again.
                 }
-                // Changed meanwhile: read again and decide once more.
-                let Some(again) = self.hold_by_order(merchant, order).await? else {
-                    return Ok(BeginOutcome::NoHold);
-                };
-                hold = again;
-                match hold.state {
-                    HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
-                    // Touched by another confirm of this order just now.
-                    HoldState::During => return Ok(BeginOutcome::During(hold)),
-                    HoldState::Pre | HoldState::Released => {}
+                HoldState::Pre | HoldState::Released => {
+                    // Lines first (written for the version read), then the
+                    // hold, guarded on that version: a release, a repair or
+                    // another confirm that changed the hold in between makes
+                    // this move fail, and this confirm starts over.
+                    let short = self.reserve(&hold, HoldState::During, now_ms).await?;
+                    let to = if short.is_empty() {
+                        HoldState::During
+                    } else {
+                        HoldState::Released
+                    };
+                    let moved = self
+                        .set_hold_state(
+                            &hold.hold_id,
+                            &[HoldState::Pre, HoldState::Released],
+                            Some(hold.version),
+                            to,
+                            now_ms,
+                        )
+                        .await?;
+                    match moved {
+                        Some(hold) if short.is_empty() => return Ok(BeginOutcome::During(hold)),
+                        Some(hold) => return Ok(BeginOutcome::Expired { hold, short }),
+                        None => {}
+                    }
                 }
             }
-            HoldState::Pre | HoldState::Released => {}
+            tokio::task::yield_now().await;
         }
-        let short = self.reserve(&hold, HoldState::During, now_ms).await?;
-        let to = if short.is_empty() {
-            HoldState::During
-        } else {
-            HoldState::Released
-        };
-        self.set_hold_state(
-            &hold.hold_id,
-            &[HoldState::Pre, HoldState::Released],
-            to,
-            now_ms,
-        )
-        .await?;
-        let Some(now) = self.hold(merchant, &hold.hold_id).await? else {
-            return Ok(BeginOutcome::NoHold);
-        };
-        hold = now;
-        Ok(match hold.state {
-            HoldState::Sold => BeginOutcome::Sold(hold),
-            HoldState::During if short.is_empty() => BeginOutcome::During(hold),
-            _ => BeginOutcome::Expired { hold, short },
-        })
+        Err(StoreError::Unavailable(format!(
+            "the hold of order {order} changed {BEGIN_ATTEMPTS} times while a confirm began; retry"
+        )))
     }
 
     async fn sell(
@@ -591,6 +707,7 @@ impl InventoryStore for MongoInventoryStore {
                                 q: item.quantity,
                                 s: HoldState::Sold,
                                 e: hold.expires_at,
+                                hv: hold.version,
                             });
                             true
                         }
@@ -603,17 +720,13 @@ impl InventoryStore for MongoInventoryStore {
             }
         }
         let from = [HoldState::Pre, HoldState::During, HoldState::Released];
-        if !self
-            .set_hold_state(&hold.hold_id, &from, HoldState::Sold, now_ms)
+        match self
+            .set_hold_state(&hold.hold_id, &from, None, HoldState::Sold, now_ms)
             .await?
         {
-            return Ok(SellOutcome::AlreadySold);
+            Some(hold) => Ok(SellOutcome::Sold { hold, oversold }),
+            None => Ok(SellOutcome::AlreadySold),
         }
-        let mut hold = hold;
-        hold.state = HoldState::Sold;
-        hold.updated_at = now_ms;
-        hold.version += 1;
-        Ok(SellOutcome::Sold { hold, oversold })
     }
 
     async fn release(
@@ -627,14 +740,16 @@ impl InventoryStore for MongoInventoryStore {
             return Ok(None);
         };
         if from.contains(&hold.state) {
-            // Lines first: a release that dies here leaves a hold document
-            // that still says pre/during but holds nothing (safe), never the
-            // reverse (units held by nobody).
-            for item in &hold.items {
-                self.drop_line(&hold, &item.sku, from, now_ms).await?;
+            // The hold first, then the lines written for earlier versions
+            // of it: a release that dies in between leaves lines of a
+            // released hold, which `repair_lines` frees.
+            if let Some(released) = self
+                .set_hold_state(&hold.hold_id, from, None, HoldState::Released, now_ms)
+                .await?
+            {
+                self.drop_lines_before(&hold, released.version, now_ms)
+                    .await?;
             }
-            self.set_hold_state(&hold.hold_id, from, HoldState::Released, now_ms)
-                .await?;
         }
         self.hold(merchant, &hold.hold_id).await
     }
@@ -664,39 +779,100 @@ impl InventoryStore for MongoInventoryStore {
     }
 
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
-        let guard = doc! {"_id": &seen.hold_id, "state": "during", "version": crate::mongo::version_is(seen.version)};
-        if self
-            .holds()
-            .find_one(guard.clone())
+        // The hold first, guarded on the version read: a confirm that began
+        // on it since moved the version and keeps it. Then the lines written
+        // for a version below the one this release left; a confirm that
+        // begins on the released hold from now on writes its lines for the
+        // newer version, and they stay. A release that dies in between
+        // leaves lines of a released hold, which `repair_lines` frees.
+        let Some(released) = self
+            .set_hold_state(
+                &seen.hold_id,
+                &[HoldState::During],
+                Some(seen.version),
+                HoldState::Released,
+                now_ms,
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.drop_lines_before(seen, released.version, now_ms)
+            .await?;
+        Ok(true)
+    }
+
+    async fn repair_lines(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        use futures_util::TryStreamExt;
+        let docs: Vec<Document> = self
+            .inventory()
+            .find(doc! {"lines.s": HoldState::During.as_str()})
+            .limit(i64::from(limit.max(1)))
             .await
             .map_err(map_err)?
-            .is_none()
-        {
-            return Ok(false);
-        }
-        // Lines first, as `release` does: a crash here leaves a `during`
-        // hold holding nothing, which a rerun finishes.
-        for item in &seen.items {
-            self.drop_line(seen, &item.sku, &[HoldState::During], now_ms)
-                .await?;
-        }
-        let r = self
-            .holds()
-            .update_one(
-                guard,
-                doc! {"$set": {"state": "released", "updated_at": now_ms}, "$inc": {"version": 1_i64}},
-            )
+            .try_collect()
             .await
             .map_err(map_err)?;
-        if r.matched_count == 1 {
-            return Ok(true);
+        let mut held_by: Vec<(MerchantId, String)> = Vec::new();
+        for d in &docs {
+            let (_, sku) = sku_from_doc(d)?;
+            let merchant = MerchantId::from_stored(text(d, "merchant_id")?);
+            for l in sku.lines.iter().filter(|l| l.s == HoldState::During) {
+                if !held_by.iter().any(|(_, h)| *h == l.h) {
+                    held_by.push((merchant.clone(), l.h.clone()));
+                }
+            }
         }
-        // A confirm began on it between the check and now (no transaction
-        // spans the SKU documents and the hold's): put its lines back. If
-        // the units went to others meanwhile, its approval's sale reports
-        // the oversell (an `oversold` alert), as for any lapsed hold.
-        let _short = self.reserve(seen, HoldState::During, now_ms).await?;
-        Ok(false)
+        let mut freed = 0;
+        for (merchant, hold_id) in held_by {
+            let found = self
+                .holds()
+                .find_one(doc! {"_id": &hold_id})
+                .await
+                .map_err(map_err)?;
+            let hold = match found {
+                Some(d) => hold_from_doc(&d)?,
+                // No hold document (a purged hold whose confirm died half
+                // way): its lines hold units for nobody; no confirm can
+                // begin on a hold that does not exist.
+                None => {
+                    freed += self
+                        .drop_orphan_lines(&merchant, &hold_id, &docs, now_ms)
+                        .await?;
+                    continue;
+                }
+            };
+            if matches!(hold.state, HoldState::During | HoldState::Sold) {
+                continue;
+            }
+            // Fence: one version on, state unchanged. A confirm between its
+            // two steps (lines written for the version read, the hold not
+            // moved yet) then fails its guarded move and starts over; its
+            // lines are written for a version this fence passed, so they
+            // are dropped below and written again by its next try.
+            let fenced = self
+                .holds()
+                .find_one_and_update(
+                    doc! {"_id": &hold.hold_id, "state": hold.state.as_str(),
+                    "version": crate::mongo::version_is(hold.version)},
+                    doc! {"$inc": {"version": 1_i64}},
+                )
+                .return_document(mongodb::options::ReturnDocument::After)
+                .await
+                .map_err(map_err)?;
+            let Some(fenced) = fenced else {
+                continue; // changed meanwhile: the next run looks again
+            };
+            let fenced = hold_from_doc(&fenced)?;
+            let dropped = self
+                .drop_lines_before(&fenced, fenced.version, now_ms)
+                .await?;
+            if dropped > 0 {
+                tracing::warn!(hold_id = %fenced.hold_id, lines = dropped, "freed units held by lines of a hold that is not during (a writer died between its steps)");
+            }
+            freed += dropped;
+        }
+        Ok(freed)
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
