@@ -245,7 +245,7 @@ pub mod sql {
         parts.join(" AND ")
     }
 
-    fn list<E: Stored>(vs: &[Value], binds: &mut Binds) -> String {
+    fn list(vs: &[Value], binds: &mut Binds) -> String {
         vs.iter()
             .map(|v| binds.value(v))
             .collect::<Vec<_>>()
@@ -256,9 +256,9 @@ pub mod sql {
         match c {
             Cond::Is(f, Value::Null) => format!("{} IS NULL", E::column(*f)),
             Cond::Is(f, v) => format!("{} = {}", E::column(*f), binds.value(v)),
-            Cond::OneOf(f, vs) => format!("{} IN ({})", E::column(*f), list::<E>(vs, binds)),
+            Cond::OneOf(f, vs) => format!("{} IN ({})", E::column(*f), list(vs, binds)),
             Cond::NoneOf(f, vs) => {
-                format!("{} NOT IN ({})", E::column(*f), list::<E>(vs, binds))
+                format!("{} NOT IN ({})", E::column(*f), list(vs, binds))
             }
             Cond::AtMost(f, max) => {
                 format!("{} <= {}", E::column(*f), binds.value(&Value::Int(*max)))
