@@ -22,7 +22,10 @@
 
 use paygate_core::{MerchantId, OrderId};
 
-use crate::StoreError;
+use crate::{
+    rules::{Change, Cond, Rule, Stored, Value},
+    StoreError,
+};
 
 /// Where a hold is in its life (DESIGN.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -159,6 +162,145 @@ pub fn is_active(state: HoldState, expires_at: i64, now_ms: i64) -> bool {
         HoldState::During => true,
         HoldState::Pre => expires_at > now_ms,
         HoldState::Sold | HoldState::Released => false,
+    }
+}
+
+/// The stored fields of a hold a [`Rule`] may name (besides `version` and
+/// `updated_at`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldField {
+    /// `state`: `pre`, `during`, `sold` or `released`.
+    State,
+}
+
+impl Stored for Hold {
+    type Field = HoldField;
+
+    fn column(field: HoldField) -> &'static str {
+        match field {
+            HoldField::State => "state",
+        }
+    }
+
+    fn read(&self, field: HoldField) -> Value {
+        match field {
+            HoldField::State => Value::Const(self.state.as_str()),
+        }
+    }
+
+    fn write(&mut self, field: HoldField, value: Value) {
+        match field {
+            HoldField::State => {
+                if let Some(Ok(s)) = value.text().map(HoldState::parse) {
+                    self.state = s;
+                }
+            }
+        }
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn bookkeeping(&mut self) -> (&mut i64, &mut i64) {
+        (&mut self.version, &mut self.updated_at)
+    }
+}
+
+/// A legal change of a hold's state (DESIGN.md §3), defined once: the
+/// memory store applies [`HoldTransition::rule`], the SQL and MongoDB
+/// stores compile it into their conditional update of the hold. What a
+/// change does to the SKUs' numbers (checked under the SKU's lock) stays
+/// with each store; the rule decides whether the hold may move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldTransition {
+    /// A confirm on a hold already `during`: one version on and
+    /// `updated_at` forward (never back, whatever the writer's clock), so
+    /// an actor that read the hold earlier and is about to release it
+    /// ([`HoldTransition::ReleaseStuck`]) fails its guard.
+    Refence,
+    /// A confirm begins on a `pre` or `released` hold: to `during` when
+    /// its units are available without it, else to `released`. With
+    /// `seen_version`, only at that version (MongoDB writes the hold's
+    /// lines first, for the version it read).
+    Begin {
+        /// `during` or `released`.
+        to: HoldState,
+        /// The version the confirm read, when its lines depend on it.
+        seen_version: Option<i64>,
+    },
+    /// An approval sells the hold, from any state but `sold` (a charge
+    /// sells even an expired or released hold; the store reports the
+    /// oversell).
+    Sell,
+    /// Given back from one of `from` (a merchant's `DELETE`, a decline, an
+    /// end the payment's record already shows).
+    Release {
+        /// The states it may be released from.
+        from: Vec<HoldState>,
+    },
+    /// A `during` hold released at the version the releaser read (the
+    /// stuck-hold pass, an abort releasing the hold it moved itself): a
+    /// confirm that began on it since moved the version and keeps it.
+    ReleaseStuck {
+        /// The version read.
+        seen_version: i64,
+    },
+    /// One version on, state unchanged, at the state and version read:
+    /// MongoDB's line repair fences off a confirm between its two steps.
+    Fence {
+        /// The state read.
+        state: HoldState,
+        /// The version read.
+        seen_version: i64,
+    },
+}
+
+impl HoldTransition {
+    /// The guard and the effect (see [`Rule`]).
+    pub fn rule(&self) -> Rule<HoldField> {
+        let state = |s: HoldState| Value::Const(s.as_str());
+        let is = |s: HoldState| Cond::Is(HoldField::State, state(s));
+        let to = |s: HoldState| Change::Set(HoldField::State, state(s));
+        let (guard, effect) = match self {
+            Self::Refence => (vec![is(HoldState::During)], vec![Change::StampForward]),
+            Self::Begin {
+                to: t,
+                seen_version,
+            } => {
+                let mut guard = vec![Cond::OneOf(
+                    HoldField::State,
+                    vec![state(HoldState::Pre), state(HoldState::Released)],
+                )];
+                guard.extend(seen_version.map(Cond::Version));
+                (guard, vec![to(*t), Change::Stamp])
+            }
+            Self::Sell => (
+                vec![Cond::NoneOf(HoldField::State, vec![state(HoldState::Sold)])],
+                vec![to(HoldState::Sold), Change::Stamp],
+            ),
+            Self::Release { from } => (
+                vec![Cond::OneOf(
+                    HoldField::State,
+                    from.iter().map(|s| state(*s)).collect(),
+                )],
+                vec![to(HoldState::Released), Change::Stamp],
+            ),
+            Self::ReleaseStuck { seen_version } => (
+                vec![is(HoldState::During), Cond::Version(*seen_version)],
+                vec![to(HoldState::Released), Change::Stamp],
+            ),
+            Self::Fence {
+                state: s,
+                seen_version,
+            } => (vec![is(*s), Cond::Version(*seen_version)], vec![]),
+        };
+        Rule { guard, effect }
+    }
+
+    /// Applies the rule to `hold` when its guard holds; `true` when it did.
+    pub fn apply_if(&self, hold: &mut Hold, now_ms: i64) -> bool {
+        self.rule().apply_if(hold, now_ms)
     }
 }
 

@@ -10,8 +10,8 @@ use paygate_core::{MerchantId, OrderId};
 
 use crate::{
     inventory::{
-        BeginOutcome, Hold, HoldState, InventoryStore, SellOutcome, SetStock, StockLevel,
-        TakeOutcome,
+        BeginOutcome, Hold, HoldState, HoldTransition, InventoryStore, SellOutcome, SetStock,
+        StockLevel, TakeOutcome,
     },
     StoreError,
 };
@@ -207,9 +207,8 @@ impl InventoryStore for MemoryInventoryStore {
                 let Some(h) = g.by_order_mut(merchant, order) else {
                     return Ok(BeginOutcome::NoHold);
                 };
-                // The fence: one version on.
-                h.updated_at = h.updated_at.max(now_ms);
-                h.version += 1;
+                // The fence: one version on (under the lock, it applies).
+                HoldTransition::Refence.apply_if(h, now_ms);
                 return Ok(BeginOutcome::During(h.clone()));
             }
             HoldState::Pre | HoldState::Released => {}
@@ -218,13 +217,19 @@ impl InventoryStore for MemoryInventoryStore {
         let Some(h) = g.by_order_mut(merchant, order) else {
             return Ok(BeginOutcome::NoHold);
         };
-        h.updated_at = now_ms;
-        h.version += 1;
+        let to = if short.is_empty() {
+            HoldState::During
+        } else {
+            HoldState::Released
+        };
+        HoldTransition::Begin {
+            to,
+            seen_version: None,
+        }
+        .apply_if(h, now_ms);
         if short.is_empty() {
-            h.state = HoldState::During;
             Ok(BeginOutcome::During(h.clone()))
         } else {
-            h.state = HoldState::Released;
             Ok(BeginOutcome::Expired {
                 hold: h.clone(),
                 short,
@@ -239,12 +244,13 @@ impl InventoryStore for MemoryInventoryStore {
         now_ms: i64,
     ) -> Result<SellOutcome, StoreError> {
         let mut g = self.lock();
-        let Some(hold) = g.by_order(merchant, order).cloned() else {
+        let Some(h) = g.by_order_mut(merchant, order) else {
             return Ok(SellOutcome::NoHold);
         };
-        if hold.state == HoldState::Sold {
+        if !HoldTransition::Sell.apply_if(h, now_ms) {
             return Ok(SellOutcome::AlreadySold);
         }
+        let hold = h.clone();
         for i in &hold.items {
             let e = g
                 .skus
@@ -252,13 +258,6 @@ impl InventoryStore for MemoryInventoryStore {
                 .or_insert((0, 0));
             e.1 += i.quantity;
         }
-        let Some(h) = g.by_order_mut(merchant, order) else {
-            return Ok(SellOutcome::NoHold);
-        };
-        h.state = HoldState::Sold;
-        h.updated_at = now_ms;
-        h.version += 1;
-        let hold = h.clone();
         let oversold = hold
             .items
             .iter()
@@ -282,11 +281,10 @@ impl InventoryStore for MemoryInventoryStore {
         let Some(h) = g.by_order_mut(merchant, order) else {
             return Ok(None);
         };
-        if from.contains(&h.state) {
-            h.state = HoldState::Released;
-            h.updated_at = now_ms;
-            h.version += 1;
+        HoldTransition::Release {
+            from: from.to_vec(),
         }
+        .apply_if(h, now_ms);
         Ok(Some(h.clone()))
     }
 
@@ -308,15 +306,12 @@ impl InventoryStore for MemoryInventoryStore {
 
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
         let mut g = self.lock();
-        match g.holds.get_mut(&seen.hold_id) {
-            Some(h) if h.state == HoldState::During && h.version == seen.version => {
-                h.state = HoldState::Released;
-                h.updated_at = now_ms;
-                h.version += 1;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        let rule = HoldTransition::ReleaseStuck {
+            seen_version: seen.version,
+        };
+        Ok(g.holds
+            .get_mut(&seen.hold_id)
+            .is_some_and(|h| rule.apply_if(h, now_ms)))
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

@@ -50,8 +50,8 @@ use paygate_core::{MerchantId, OrderId};
 
 use crate::{
     inventory::{
-        is_active, BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock,
-        StockLevel, TakeOutcome,
+        is_active, BeginOutcome, Hold, HoldItem, HoldState, HoldTransition, InventoryStore,
+        SellOutcome, SetStock, StockLevel, TakeOutcome,
     },
     mongo::{is_duplicate, map_err},
     StoreError,
@@ -192,10 +192,6 @@ fn hold_from_doc(d: &Document) -> Result<Hold, StoreError> {
 
 fn sku_id(m: &MerchantId, sku: &str) -> String {
     format!("{}|{sku}", m.as_str())
-}
-
-fn states(from: &[HoldState]) -> Vec<&'static str> {
-    from.iter().map(|s| s.as_str()).collect()
 }
 
 impl MongoInventoryStore {
@@ -389,7 +385,7 @@ impl MongoInventoryStore {
         if !short.is_empty() {
             let version = hold.version;
             for sku in &wrote {
-                self.drop_line(hold, sku, now, |l| {
+                self.drop_line(&hold.merchant_id, &hold.hold_id, sku, now, |l| {
                     l.hv == version && matches!(l.s, HoldState::Pre | HoldState::During)
                 })
                 .await?;
@@ -398,21 +394,22 @@ impl MongoInventoryStore {
         Ok(short)
     }
 
-    /// Removes `hold`'s line from `sku` when `drop` says so of it; `true`
-    /// when one was removed.
+    /// Removes the line of hold `hold_id` from `(merchant, sku)` when
+    /// `drop` says so of it; `true` when one was removed.
     async fn drop_line(
         &self,
-        hold: &Hold,
+        merchant: &MerchantId,
+        hold_id: &str,
         sku: &str,
         now: i64,
         drop: impl Fn(&Line) -> bool,
     ) -> Result<bool, StoreError> {
-        self.update_sku(&hold.merchant_id, sku, now, |s| {
-            match s.line(&hold.hold_id) {
+        self.update_sku(merchant, sku, now, |s| {
+            match s.line(hold_id) {
                 Some(l) if drop(l) => {}
                 _ => return (false, false),
             }
-            s.lines.retain(|l| l.h != hold.hold_id);
+            s.lines.retain(|l| l.h != hold_id);
             (true, true)
         })
         .await
@@ -431,7 +428,7 @@ impl MongoInventoryStore {
         let mut dropped = 0;
         for item in &hold.items {
             if self
-                .drop_line(hold, &item.sku, now, |l| {
+                .drop_line(&hold.merchant_id, &hold.hold_id, &item.sku, now, |l| {
                     l.s != HoldState::Sold && l.hv < below
                 })
                 .await?
@@ -442,26 +439,19 @@ impl MongoInventoryStore {
         Ok(dropped)
     }
 
-    /// Moves the hold from one of `from` (and, with `seen_version`, only
-    /// at that version) to `to`; the hold as it was left, `None` when the
-    /// guard did not hold.
-    async fn set_hold_state(
+    /// Applies `t` to the hold `hold_id`, its rule compiled into one
+    /// conditional update; the hold as it was left, `None` when the guard
+    /// did not hold.
+    async fn apply_hold(
         &self,
         hold_id: &str,
-        from: &[HoldState],
-        seen_version: Option<i64>,
-        to: HoldState,
+        t: &HoldTransition,
         now: i64,
     ) -> Result<Option<Hold>, StoreError> {
-        let mut filter = doc! {"_id": hold_id, "state": {"$in": states(from)}};
-        if let Some(v) = seen_version {
-            filter.insert("version", crate::mongo::version_is(v));
-        }
+        let (mut filter, update) = t.rule().to_mongo::<Hold>(now);
+        filter.insert("_id", hold_id);
         self.holds()
-            .find_one_and_update(
-                filter,
-                doc! {"$set": {"state": to.as_str(), "updated_at": now}, "$inc": {"version": 1_i64}},
-            )
+            .find_one_and_update(filter, update)
             .return_document(mongodb::options::ReturnDocument::After)
             .await
             .map_err(map_err)?
@@ -487,16 +477,8 @@ impl MongoInventoryStore {
                 continue;
             }
             let gone = self
-                .update_sku(merchant, &sku, now_ms, |s| {
-                    if !s
-                        .lines
-                        .iter()
-                        .any(|l| l.h == hold_id && l.s == HoldState::During)
-                    {
-                        return (false, false);
-                    }
-                    s.lines.retain(|l| l.h != hold_id);
-                    (true, true)
+                .drop_line(merchant, hold_id, &sku, now_ms, |l| {
+                    l.s == HoldState::During
                 })
                 .await?;
             if gone {
@@ -578,8 +560,10 @@ impl InventoryStore for MongoInventoryStore {
             Ok(_) => Ok(TakeOutcome::Taken(hold.clone())),
             Err(e) if is_duplicate(&e) => {
                 for item in &hold.items {
-                    self.drop_line(hold, &item.sku, now_ms, |l| l.s == HoldState::Pre)
-                        .await?;
+                    self.drop_line(&hold.merchant_id, &hold.hold_id, &item.sku, now_ms, |l| {
+                        l.s == HoldState::Pre
+                    })
+                    .await?;
                 }
                 match self
                     .hold_by_order(&hold.merchant_id, &hold.order_id)
@@ -634,16 +618,10 @@ impl InventoryStore for MongoInventoryStore {
                     // The fence against a stale `release_stuck` (see the
                     // trait): one version on.
                     let touched = self
-                        .holds()
-                        .find_one_and_update(
-                            doc! {"_id": &hold.hold_id, "state": "during"},
-                            doc! {"$max": {"updated_at": now_ms}, "$inc": {"version": 1_i64}},
-                        )
-                        .return_document(mongodb::options::ReturnDocument::After)
-                        .await
-                        .map_err(map_err)?;
-                    if let Some(d) = touched {
-                        return Ok(BeginOutcome::During(hold_from_doc(&d)?));
+                        .apply_hold(&hold.hold_id, &HoldTransition::Refence, now_ms)
+                        .await?;
+                    if let Some(h) = touched {
+                        return Ok(BeginOutcome::During(h));
                     }
                     // Sold or released meanwhile: read again.
                 }
@@ -658,15 +636,11 @@ impl InventoryStore for MongoInventoryStore {
                     } else {
                         HoldState::Released
                     };
-                    let moved = self
-                        .set_hold_state(
-                            &hold.hold_id,
-                            &[HoldState::Pre, HoldState::Released],
-                            Some(hold.version),
-                            to,
-                            now_ms,
-                        )
-                        .await?;
+                    let begin = HoldTransition::Begin {
+                        to,
+                        seen_version: Some(hold.version),
+                    };
+                    let moved = self.apply_hold(&hold.hold_id, &begin, now_ms).await?;
                     match moved {
                         Some(hold) if short.is_empty() => return Ok(BeginOutcome::During(hold)),
                         Some(hold) => return Ok(BeginOutcome::Expired { hold, short }),
@@ -719,9 +693,8 @@ impl InventoryStore for MongoInventoryStore {
                 oversold.push(item.sku.clone());
             }
         }
-        let from = [HoldState::Pre, HoldState::During, HoldState::Released];
         match self
-            .set_hold_state(&hold.hold_id, &from, None, HoldState::Sold, now_ms)
+            .apply_hold(&hold.hold_id, &HoldTransition::Sell, now_ms)
             .await?
         {
             Some(hold) => Ok(SellOutcome::Sold { hold, oversold }),
@@ -739,14 +712,14 @@ impl InventoryStore for MongoInventoryStore {
         let Some(hold) = self.hold_by_order(merchant, order).await? else {
             return Ok(None);
         };
+        // The hold first, then the lines written for earlier versions of
+        // it: a release that dies in between leaves lines of a released
+        // hold, which `repair_lines` frees.
+        let release = HoldTransition::Release {
+            from: from.to_vec(),
+        };
         if from.contains(&hold.state) {
-            // The hold first, then the lines written for earlier versions
-            // of it: a release that dies in between leaves lines of a
-            // released hold, which `repair_lines` frees.
-            if let Some(released) = self
-                .set_hold_state(&hold.hold_id, from, None, HoldState::Released, now_ms)
-                .await?
-            {
+            if let Some(released) = self.apply_hold(&hold.hold_id, &release, now_ms).await? {
                 self.drop_lines_before(&hold, released.version, now_ms)
                     .await?;
             }
@@ -785,16 +758,10 @@ impl InventoryStore for MongoInventoryStore {
         // begins on the released hold from now on writes its lines for the
         // newer version, and they stay. A release that dies in between
         // leaves lines of a released hold, which `repair_lines` frees.
-        let Some(released) = self
-            .set_hold_state(
-                &seen.hold_id,
-                &[HoldState::During],
-                Some(seen.version),
-                HoldState::Released,
-                now_ms,
-            )
-            .await?
-        else {
+        let release = HoldTransition::ReleaseStuck {
+            seen_version: seen.version,
+        };
+        let Some(released) = self.apply_hold(&seen.hold_id, &release, now_ms).await? else {
             return Ok(false);
         };
         self.drop_lines_before(seen, released.version, now_ms)
@@ -850,20 +817,13 @@ impl InventoryStore for MongoInventoryStore {
             // moved yet) then fails its guarded move and starts over; its
             // lines are written for a version this fence passed, so they
             // are dropped below and written again by its next try.
-            let fenced = self
-                .holds()
-                .find_one_and_update(
-                    doc! {"_id": &hold.hold_id, "state": hold.state.as_str(),
-                    "version": crate::mongo::version_is(hold.version)},
-                    doc! {"$inc": {"version": 1_i64}},
-                )
-                .return_document(mongodb::options::ReturnDocument::After)
-                .await
-                .map_err(map_err)?;
-            let Some(fenced) = fenced else {
+            let fence = HoldTransition::Fence {
+                state: hold.state,
+                seen_version: hold.version,
+            };
+            let Some(fenced) = self.apply_hold(&hold.hold_id, &fence, now_ms).await? else {
                 continue; // changed meanwhile: the next run looks again
             };
-            let fenced = hold_from_doc(&fenced)?;
             let dropped = self
                 .drop_lines_before(&fenced, fenced.version, now_ms)
                 .await?;

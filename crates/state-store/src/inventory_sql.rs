@@ -9,19 +9,21 @@
 //! lock at once (a deferred transaction that read first could not upgrade
 //! its lock under contention without failing `SQLITE_BUSY`). Availability is
 //! then one indexed query on `hold_items (merchant_id, sku, state,
-//! expires_at)` and every hold change is guarded on the state read under
-//! the lock. Items of a hold never change, so they are read before the
-//! transaction.
+//! expires_at)`. Every change of a hold is a [`HoldTransition`] compiled
+//! into one conditional `UPDATE` (its guard decides, not the state read
+//! earlier), and the hold's items take its state in the same transaction.
+//! Items of a hold never change, so they are read before the transaction.
 
 use paygate_core::{MerchantId, OrderId};
 use sqlx::Row;
 
 use crate::{
     inventory::{
-        BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock, StockLevel,
-        TakeOutcome,
+        BeginOutcome, Hold, HoldItem, HoldState, HoldTransition, InventoryStore, SellOutcome,
+        SetStock, StockLevel, TakeOutcome,
     },
-    sql::{map_err, SqlDatabase},
+    rules::sql::Bind,
+    sql::{bind_rule, map_err, SqlDatabase},
     with_pool, StoreError,
 };
 
@@ -56,24 +58,49 @@ const LOCK_PG: &str =
 const LOCK_SQLITE: &str = "UPDATE inventory SET stock = stock WHERE merchant_id = $1 AND sku = $2 \
      RETURNING stock, sold";
 
-/// Moves a `during` hold one version on (and its `updated_at` forward, for
-/// the stuck-hold pass's age), so a batch's `release_stuck` of what it
-/// read before fails its guard.
-const TOUCH_DURING: &str = "UPDATE holds SET updated_at = \
-     CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END, version = version + 1 \
-     WHERE hold_id = $1 AND state = 'during' RETURNING updated_at, version";
-
 fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-fn in_list(states: &[HoldState]) -> String {
-    let v: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
-    if v.is_empty() {
-        "''".to_owned()
-    } else {
-        v.join(", ")
-    }
+/// The conditional `UPDATE` of the hold `key` names, compiled from `t`'s
+/// rule: `$1` (and `$3` when `key` has it) the key, `$2` the writer's now
+/// (epoch ms); the rule's parameters follow from `first`. It returns the
+/// hold as the change left it (`hold_id`, `state`, `version`,
+/// `updated_at`), no row when the guard did not hold.
+fn hold_update(t: &HoldTransition, key: &str, first: usize) -> (String, Vec<Bind>) {
+    let (set, guard, binds) = t.rule().to_sql::<Hold>("$2", first);
+    (
+        format!(
+            "UPDATE holds SET {set} WHERE {key} AND {guard} \
+             RETURNING hold_id, state, version, updated_at"
+        ),
+        binds,
+    )
+}
+
+/// After [`hold_update`] returned `$row`: the hold's items take its state
+/// (they mirror it, for the availability query), on executor `$ex`.
+/// `Some((state, version, updated_at))` when the hold moved, `None` when
+/// its guard did not hold (nothing is written then).
+macro_rules! mirror_items {
+    ($ex:expr, $row:expr) => {{
+        match $row {
+            Some(row) => {
+                let id: String = row.try_get("hold_id").map_err(corrupt)?;
+                let state: String = row.try_get("state").map_err(corrupt)?;
+                let version: i64 = row.try_get("version").map_err(corrupt)?;
+                let at: i64 = row.try_get("updated_at").map_err(corrupt)?;
+                sqlx::query("UPDATE hold_items SET state = $2 WHERE hold_id = $1 AND state <> $2")
+                    .bind(&id)
+                    .bind(&state)
+                    .execute($ex)
+                    .await
+                    .map_err(map_err)?;
+                Some((HoldState::parse(&state)?, version, at))
+            }
+            None => None,
+        }
+    }};
 }
 
 /// Locks `($merchant, $sku)`'s row; `(stock, sold)`, `(0, 0)` when missing.
@@ -312,19 +339,13 @@ impl InventoryStore for SqlInventoryStore {
             HoldState::Sold => return Ok(BeginOutcome::Sold(hold)),
             HoldState::During => {
                 // The fence against a stale `release_stuck` (see the trait).
-                let touched: Option<(i64, i64)> = with_pool!(&self.db, pool => {
-                    match sqlx::query(TOUCH_DURING)
-                        .bind(&hold.hold_id).bind(now_ms)
-                        .fetch_optional(pool).await.map_err(map_err)?
-                    {
-                        Some(r) => Some((
-                            r.try_get::<i64, _>("updated_at").map_err(corrupt)?,
-                            r.try_get::<i64, _>("version").map_err(corrupt)?,
-                        )),
-                        None => None,
-                    }
+                let (sql, binds) = hold_update(&HoldTransition::Refence, "hold_id = $1", 3);
+                let touched = with_pool!(&self.db, pool => {
+                    let row = bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
+                        .fetch_optional(pool).await.map_err(map_err)?;
+                    mirror_items!(pool, row)
                 });
-                if let Some((at, version)) = touched {
+                if let Some((_, version, at)) = touched {
                     hold.updated_at = at;
                     hold.version = version;
                     return Ok(BeginOutcome::During(hold));
@@ -335,7 +356,7 @@ impl InventoryStore for SqlInventoryStore {
         }
         let m = merchant.as_str();
         let lock = self.lock_sql();
-        let (state, short, version) = with_pool!(&self.db, pool => {
+        let moved = with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
             let mut short = Vec::new();
             for item in &hold.items {
@@ -345,38 +366,38 @@ impl InventoryStore for SqlInventoryStore {
                     short.push(item.sku.clone());
                 }
             }
-            let row = sqlx::query("SELECT state, version FROM holds WHERE hold_id = $1")
-                .bind(&hold.hold_id).fetch_one(&mut *tx).await.map_err(map_err)?;
-            let state = HoldState::parse(&row.try_get::<String, _>("state").map_err(corrupt)?)?;
-            let read_version: i64 = row.try_get("version").map_err(corrupt)?;
-            let to = if matches!(state, HoldState::Sold | HoldState::During) {
-                None
-            } else if short.is_empty() {
-                Some(HoldState::During)
-            } else {
-                Some(HoldState::Released)
-            };
-            let mut version = read_version;
-            if let Some(to) = to {
-                // The version this write left, as the database says (the
-                // hold row is not under the SKU lock: a `DELETE` of it may
-                // have landed since the read).
-                let row = sqlx::query("UPDATE holds SET state = $2, updated_at = $3, version = version + 1 \
-                                       WHERE hold_id = $1 AND state IN ('pre', 'released') RETURNING version")
-                    .bind(&hold.hold_id).bind(to.as_str()).bind(now_ms)
-                    .fetch_optional(&mut *tx).await.map_err(map_err)?;
-                if let Some(row) = row {
-                    version = row.try_get("version").map_err(corrupt)?;
+            let to = if short.is_empty() { HoldState::During } else { HoldState::Released };
+            // The hold row is not under the SKU lock: another confirm, a
+            // sale or a release may have moved it since the read. The
+            // guard decides; when it did not hold, the hold is read again
+            // as it stands and nothing was written.
+            let (sql, binds) = hold_update(&HoldTransition::Begin { to, seen_version: None }, "hold_id = $1", 3);
+            let row = bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
+                .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            let moved = match mirror_items!(&mut *tx, row) {
+                Some((state, version, at)) => Some((state, version, at)),
+                None => {
+                    let row = sqlx::query("SELECT state, version, updated_at FROM holds WHERE hold_id = $1")
+                        .bind(&hold.hold_id).fetch_optional(&mut *tx).await.map_err(map_err)?;
+                    match row {
+                        Some(r) => Some((
+                            HoldState::parse(&r.try_get::<String, _>("state").map_err(corrupt)?)?,
+                            r.try_get::<i64, _>("version").map_err(corrupt)?,
+                            r.try_get::<i64, _>("updated_at").map_err(corrupt)?,
+                        )),
+                        None => None,
+                    }
                 }
-                sqlx::query("UPDATE hold_items SET state = $2 WHERE hold_id = $1 AND state IN ('pre', 'released')")
-                    .bind(&hold.hold_id).bind(to.as_str())
-                    .execute(&mut *tx).await.map_err(map_err)?;
-            }
+            };
             tx.commit().await.map_err(map_err)?;
-            (to.unwrap_or(state), short, version)
+            moved.map(|m| (m, short))
         });
+        // Deleted meanwhile (purged): no hold any more.
+        let Some(((state, version, at), short)) = moved else {
+            return Ok(BeginOutcome::NoHold);
+        };
         hold.state = state;
-        hold.updated_at = now_ms;
+        hold.updated_at = at;
         hold.version = version;
         Ok(match state {
             HoldState::Sold => BeginOutcome::Sold(hold),
@@ -404,16 +425,12 @@ impl InventoryStore for SqlInventoryStore {
             for item in &hold.items {
                 let _ = lock_sku!(tx, lock, m, &item.sku);
             }
-            let n = sqlx::query("UPDATE holds SET state = 'sold', updated_at = $2, version = version + 1 WHERE hold_id = $1 AND state <> 'sold'")
-                .bind(&hold.hold_id).bind(now_ms)
-                .execute(&mut *tx).await.map_err(map_err)?
-                .rows_affected();
-            if n == 0 {
-                tx.rollback().await.map_err(map_err)?;
-                None
-            } else {
-                sqlx::query("UPDATE hold_items SET state = 'sold' WHERE hold_id = $1")
-                    .bind(&hold.hold_id).execute(&mut *tx).await.map_err(map_err)?;
+            let (sql, binds) = hold_update(&HoldTransition::Sell, "hold_id = $1", 3);
+            let row = bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
+                .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            if let Some((_, version, at)) = mirror_items!(&mut *tx, row) {
+                hold.version = version;
+                hold.updated_at = at;
                 let mut over = Vec::new();
                 for item in &hold.items {
                     let row = sqlx::query("INSERT INTO inventory (merchant_id, sku, stock, sold, updated_at) VALUES ($1, $2, 0, $3, $4) \
@@ -430,14 +447,15 @@ impl InventoryStore for SqlInventoryStore {
                 }
                 tx.commit().await.map_err(map_err)?;
                 Some(over)
+            } else {
+                tx.rollback().await.map_err(map_err)?;
+                None
             }
         });
         match oversold {
             None => Ok(SellOutcome::AlreadySold),
             Some(oversold) => {
                 hold.state = HoldState::Sold;
-                hold.updated_at = now_ms;
-                hold.version += 1;
                 Ok(SellOutcome::Sold { hold, oversold })
             }
         }
@@ -450,19 +468,18 @@ impl InventoryStore for SqlInventoryStore {
         from: &[HoldState],
         now_ms: i64,
     ) -> Result<Option<Hold>, StoreError> {
-        let states = in_list(from);
-        let m = merchant.as_str();
+        let t = HoldTransition::Release {
+            from: from.to_vec(),
+        };
+        let (sql, binds) = hold_update(&t, "merchant_id = $1 AND order_id = $3", 4);
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
-            let sql = format!("UPDATE holds SET state = 'released', updated_at = $3, version = version + 1 \
-                               WHERE merchant_id = $1 AND order_id = $2 AND state IN ({states}) RETURNING hold_id");
-            let row = sqlx::query(&sql).bind(m).bind(order.as_str()).bind(now_ms)
-                .fetch_optional(&mut *tx).await.map_err(map_err)?;
-            if let Some(row) = row {
-                let id: String = row.try_get("hold_id").map_err(corrupt)?;
-                sqlx::query("UPDATE hold_items SET state = 'released' WHERE hold_id = $1")
-                    .bind(&id).execute(&mut *tx).await.map_err(map_err)?;
-            }
+            let row = bind_rule!(
+                sqlx::query(&sql).bind(merchant.as_str()).bind(now_ms).bind(order.as_str()),
+                &binds
+            )
+            .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            let _ = mirror_items!(&mut *tx, row);
             tx.commit().await.map_err(map_err)?;
         });
         self.hold_by_order(merchant, order).await
@@ -504,17 +521,13 @@ impl InventoryStore for SqlInventoryStore {
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
-            let n = sqlx::query("UPDATE holds SET state = 'released', updated_at = $3, version = version + 1 \
-                                 WHERE hold_id = $1 AND state = 'during' AND version = $2")
-                .bind(&seen.hold_id).bind(seen.version).bind(now_ms)
-                .execute(&mut *tx).await.map_err(map_err)?
-                .rows_affected();
-            if n == 1 {
-                sqlx::query("UPDATE hold_items SET state = 'released' WHERE hold_id = $1")
-                    .bind(&seen.hold_id).execute(&mut *tx).await.map_err(map_err)?;
-            }
+            let t = HoldTransition::ReleaseStuck { seen_version: seen.version };
+            let (sql, binds) = hold_update(&t, "hold_id = $1", 3);
+            let row = bind_rule!(sqlx::query(&sql).bind(&seen.hold_id).bind(now_ms), &binds)
+                .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            let released = mirror_items!(&mut *tx, row).is_some();
             tx.commit().await.map_err(map_err)?;
-            Ok(n == 1)
+            Ok(released)
         })
     }
 

@@ -40,8 +40,8 @@ pub use cancels::{
     CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
 };
 pub use inventory::{
-    BeginOutcome, Hold, HoldItem, HoldState, InventoryStore, SellOutcome, SetStock, StockLevel,
-    TakeOutcome,
+    BeginOutcome, Hold, HoldField, HoldItem, HoldState, HoldTransition, InventoryStore,
+    SellOutcome, SetStock, StockLevel, TakeOutcome,
 };
 #[cfg(feature = "memory")]
 pub use inventory_memory::MemoryInventoryStore;

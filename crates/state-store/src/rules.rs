@@ -5,7 +5,7 @@
 //! its *effect* (fields set, incremented, the change stamped). Each
 //! entity's rules are written once, beside its transition enum
 //! ([`crate::Transition::rule`], [`crate::CancelTransition::rule`],
-//! [`crate::inventory::hold_rules`]). The in-memory store and the saga
+//! [`crate::inventory::HoldTransition::rule`]). The in-memory store and the saga
 //! apply a rule to a record with [`Rule::apply_if`] and [`Rule::apply`];
 //! the SQL and MongoDB backends compile the same rule into their
 //! conditional update with the translators here ([`Rule::to_sql`],
@@ -256,6 +256,9 @@ pub mod sql {
         match c {
             Cond::Is(f, Value::Null) => format!("{} IS NULL", E::column(*f)),
             Cond::Is(f, v) => format!("{} = {}", E::column(*f), binds.value(v)),
+            // `IN ()` is not SQL: an empty list matches nothing.
+            Cond::OneOf(_, vs) if vs.is_empty() => "FALSE".to_owned(),
+            Cond::NoneOf(_, vs) if vs.is_empty() => "TRUE".to_owned(),
             Cond::OneOf(f, vs) => format!("{} IN ({})", E::column(*f), list(vs, binds)),
             Cond::NoneOf(f, vs) => {
                 format!("{} NOT IN ({})", E::column(*f), list(vs, binds))
