@@ -129,8 +129,8 @@ pub trait LedgerApi: Send + Sync + 'static {
     /// Records the reversal of one cancel with `Idempotency-Key:
     /// <payment_id>:cancel:<n>`: 201 recorded, 200 already recorded with the
     /// same body, 409 that key with another body. A ledger that keeps no
-    /// reversals (the simulation's, which models no cancels) keeps this
-    /// default and refuses with [`LedgerApiError::Rejected`] 501.
+    /// reversals keeps this default and refuses with
+    /// [`LedgerApiError::Rejected`] 501.
     ///
     /// # Errors
     /// [`LedgerApiError`]; [`LedgerApiError::is_transient`] says whether to retry.

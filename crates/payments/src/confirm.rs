@@ -268,6 +268,10 @@ impl Saga {
                 self.unknown(record, AlertReason::OutcomeUnknown, detail)
                     .await
             }
+            CardVerdict::Mismatch {
+                detail,
+                canceled: true,
+            } => self.canceled_at_card(record, detail).await,
             CardVerdict::Mismatch { detail, .. } => {
                 self.unknown(record, AlertReason::CardMismatch, detail)
                     .await

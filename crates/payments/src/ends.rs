@@ -155,6 +155,31 @@ impl Saga {
         ConfirmOutcome::InFlight(record)
     }
 
+    /// The card company shows the payment canceled (fully or in part), so
+    /// it approved it first: when the record, read again, is paid, another
+    /// actor recorded that approval (a retry at another replica settled it
+    /// by lookup) and the merchant refunded it since this confirm's call,
+    /// so the approval is this confirm's answer and nobody is paged. Any
+    /// other record is a mismatch in front of an operator. An alert is a
+    /// state change too: raised only when a fresh read still justifies it.
+    pub(crate) async fn canceled_at_card(
+        &self,
+        record: PaymentRecord,
+        detail: String,
+    ) -> ConfirmOutcome {
+        match self.store.get(&record.payment_id).await {
+            Ok(Some((_, fresh))) if fresh.is_paid => {
+                tracing::info!(payment_id = %record.payment_id,
+                    "the card company shows a cancel of a payment another actor recorded paid since this confirm's call; no alert");
+                ConfirmOutcome::Approved(fresh)
+            }
+            _ => {
+                self.unknown(record, AlertReason::CardMismatch, detail)
+                    .await
+            }
+        }
+    }
+
     pub(crate) async fn unknown(
         &self,
         mut record: PaymentRecord,

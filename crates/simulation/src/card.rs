@@ -27,8 +27,8 @@ use std::{
 
 use async_trait::async_trait;
 use paygate_card_api::{
-    codes, CancelRequest, CardApi, CardApiError, CardPayment, ConfirmRequest, Failure, Transaction,
-    TransactionsQuery,
+    codes, Cancel, CancelRequest, CardApi, CardApiError, CardPayment, ConfirmRequest, Failure,
+    Transaction, TransactionsQuery,
 };
 use paygate_core::time::{kst_rfc3339_from_ms, ms_from_rfc3339_or_kst, now_ms};
 
@@ -63,6 +63,31 @@ struct Pay {
     visible_from: i64,
     tx_key: String,
     failure: Option<Failure>,
+    /// Cancels (refunds) applied, in order.
+    cancels: Vec<Cancel>,
+}
+
+impl Pay {
+    /// What is left to cancel, minor units.
+    fn balance(&self) -> i64 {
+        self.amount - self.cancels.iter().map(|c| c.cancel_amount).sum::<i64>()
+    }
+}
+
+/// One refund the card company made (the checker's ground truth for
+/// cancels).
+#[derive(Clone, Debug)]
+pub struct Refund {
+    /// The order.
+    pub order_id: String,
+    /// The cancel's idempotency key (`<payment_id>:cancel:<n>` for a
+    /// merchant's cancel through paygate).
+    pub key: String,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// The merchant request whose task made the call that applied it, if
+    /// any (see [`crate::gateway::REQUEST`]).
+    pub request: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -80,7 +105,7 @@ struct State {
     /// Orders for which a confirm arrived under a second idempotency key.
     second_keys: BTreeSet<String>,
     order_keys: BTreeMap<String, BTreeSet<String>>,
-    canceled: BTreeSet<String>,
+    refunds: Vec<Refund>,
     next_tx: u64,
     /// The merchant requests (see [`crate::gateway::REQUEST`]) whose
     /// confirm tasks called the card's confirm.
@@ -170,9 +195,30 @@ impl SimCard {
         self.state().calling_requests.clone()
     }
 
-    /// Orders whose payment was canceled.
+    /// Orders whose approval the card company canceled on a request that
+    /// was not a merchant's cancel through paygate (the reconciliation's
+    /// cancel of an orphan approval).
     pub fn canceled(&self) -> BTreeSet<String> {
-        self.state().canceled.clone()
+        self.state()
+            .refunds
+            .iter()
+            .filter(|r| !r.key.contains(":cancel:"))
+            .map(|r| r.order_id.clone())
+            .collect()
+    }
+
+    /// Every refund made, in order.
+    pub fn refunds(&self) -> Vec<Refund> {
+        self.state().refunds.clone()
+    }
+
+    /// The amount the card company approved for `order`, if it did.
+    pub fn approved_amount(&self, order: &str) -> Option<i64> {
+        self.state()
+            .pays
+            .get(order)
+            .filter(|p| p.approved_at.is_some())
+            .map(|p| p.amount)
     }
 
     async fn latency(&self, max_ms: u64) {
@@ -187,18 +233,23 @@ impl SimCard {
             Some(at) if p.status == "IN_PROGRESS" && now >= at => "DONE",
             _ => p.status,
         };
+        let status = match (status, p.cancels.is_empty(), p.balance()) {
+            (_, true, _) => status,
+            (_, false, 0) => "CANCELED",
+            (_, false, _) => "PARTIAL_CANCELED",
+        };
         CardPayment {
             payment_key: p.payment_key.clone(),
             order_id: order_id.to_owned(),
             status: status.to_owned(),
             total_amount: p.amount,
-            balance_amount: Some(if status == "CANCELED" { 0 } else { p.amount }),
+            balance_amount: Some(p.balance()),
             approved_at: p.approved_at.map(kst_rfc3339_from_ms),
             requested_at: None,
             method: Some("카드".to_owned()),
             currency: Some("KRW".to_owned()),
             failure: p.failure.clone(),
-            cancels: None,
+            cancels: (!p.cancels.is_empty()).then(|| p.cancels.clone()),
         }
     }
 
@@ -252,6 +303,7 @@ impl SimCard {
                     code: codes::REJECT_CARD_PAYMENT.to_owned(),
                     message: "declined".to_owned(),
                 }),
+                cancels: Vec::new(),
             }
         } else {
             st.approvals.push(Approval {
@@ -271,6 +323,7 @@ impl SimCard {
                 visible_from: now_ms() + lag,
                 tx_key,
                 failure: None,
+                cancels: Vec::new(),
             }
         };
         let answer = if decline {
@@ -280,6 +333,96 @@ impl SimCard {
         };
         st.pays.insert(order, pay);
         answer
+    }
+    /// Applies a cancel the card company received (see [`SimCard::cancel`])
+    /// and records its answer under its idempotency scope.
+    fn apply_cancel(
+        &self,
+        scope: &(String, String),
+        payment_key: &str,
+        req: &CancelRequest,
+        key: &str,
+        request: Option<u64>,
+    ) -> Result<CardPayment, CardApiError> {
+        let now = now_ms();
+        let answer = {
+            let mut st = self.state();
+            let order = st.key_orders.get(payment_key).cloned();
+            let pay = order
+                .as_ref()
+                .and_then(|o| st.pays.get(o).map(|p| (o.clone(), p.clone())));
+            match pay {
+                Some((order, p)) if p.approved_at.is_some() => {
+                    let view = Self::view(&order, &p, now);
+                    let amount = req.cancel_amount.unwrap_or(p.balance());
+                    if view.status == "IN_PROGRESS" || p.balance() == 0 {
+                        Err(err(400, codes::ALREADY_CANCELED_PAYMENT))
+                    } else if amount <= 0 || amount > p.balance() {
+                        Err(err(400, codes::NOT_CANCELABLE_AMOUNT))
+                    } else {
+                        st.next_tx += 1;
+                        let tx = format!("ctx{:012}", st.next_tx);
+                        st.refunds.push(Refund {
+                            order_id: order.clone(),
+                            key: key.to_owned(),
+                            amount,
+                            request,
+                        });
+                        let p = st.pays.get_mut(&order).map(|p| {
+                            p.cancels.push(Cancel {
+                                cancel_amount: amount,
+                                cancel_reason: req.cancel_reason.clone(),
+                                canceled_at: kst_rfc3339_from_ms(now),
+                                transaction_key: Some(tx),
+                            });
+                            p.clone()
+                        });
+                        match p {
+                            Some(p) => Ok(Self::view(&order, &p, now)),
+                            None => Err(err(404, codes::NOT_FOUND_PAYMENT)),
+                        }
+                    }
+                }
+                _ => Err(err(404, codes::NOT_FOUND_PAYMENT)),
+            }
+        };
+        self.state()
+            .keys
+            .insert(scope.clone(), KeyState::Done(Box::new(answer.clone())));
+        answer
+    }
+}
+
+/// A cancel the card company has received: finished when its call
+/// returns, or when the call is dropped before (see [`SimCard::cancel`]).
+struct PendingCancel<'a> {
+    card: &'a SimCard,
+    scope: (String, String),
+    payment_key: &'a str,
+    req: &'a CancelRequest,
+    key: &'a str,
+    request: Option<u64>,
+    done: bool,
+}
+
+impl PendingCancel<'_> {
+    fn finish(&mut self) -> Result<CardPayment, CardApiError> {
+        self.done = true;
+        self.card.apply_cancel(
+            &self.scope,
+            self.payment_key,
+            self.req,
+            self.key,
+            self.request,
+        )
+    }
+}
+
+impl Drop for PendingCancel<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.finish();
+        }
     }
 }
 
@@ -362,34 +505,64 @@ impl CardApi for SimCard {
     async fn cancel(
         &self,
         payment_key: &str,
-        _req: &CancelRequest,
+        req: &CancelRequest,
         key: &str,
     ) -> Result<CardPayment, CardApiError> {
+        let request = crate::gateway::REQUEST.try_with(|r| *r).ok();
         self.latency(50).await;
         if self.down.load(Ordering::SeqCst) {
             return Err(err(503, "SIM_OUTAGE"));
         }
         let scope = (format!("cancel:{payment_key}"), key.to_owned());
-        let mut st = self.state();
-        if let Some(KeyState::Done(answer)) = st.keys.get(&scope).cloned() {
-            return *answer;
-        }
-        let Some(order) = st.key_orders.get(payment_key).cloned() else {
-            return Err(err(404, codes::NOT_FOUND_PAYMENT));
-        };
-        let now = now_ms();
-        let answer = match st.pays.get_mut(&order) {
-            Some(p) if p.status != "ABORTED" => {
-                p.status = "CANCELED";
-                p.done_at = None;
-                let view = Self::view(&order, p, now);
-                st.canceled.insert(order);
-                Ok(view)
+        match self.state().keys.get(&scope).cloned() {
+            Some(KeyState::Processing) => {
+                return Err(err(409, codes::IDEMPOTENT_REQUEST_PROCESSING))
             }
-            _ => Err(err(404, codes::NOT_FOUND_PAYMENT)),
+            Some(KeyState::Done(answer)) => return *answer,
+            None => {}
+        }
+        if self.faulty() {
+            match self.rng.between(0, 999) {
+                0..=39 => return Err(err(500, codes::FAILED_INTERNAL_SYSTEM_PROCESSING)),
+                40..=59 => return Err(err(429, "TOO_MANY_REQUESTS")),
+                60..=79 => {
+                    // Lost on the way in: nothing happened.
+                    tokio::time::sleep(Duration::from_secs(12)).await;
+                    return Err(CardApiError::Timeout);
+                }
+                _ => {}
+            }
+        }
+        self.state()
+            .keys
+            .insert(scope.clone(), KeyState::Processing);
+        // The card company processes a cancel it received even when its
+        // caller goes away (a crashed replica's task is dropped here).
+        let mut pending = PendingCancel {
+            card: self,
+            scope,
+            payment_key,
+            req,
+            key,
+            request,
+            done: false,
         };
-        st.keys
-            .insert(scope, KeyState::Done(Box::new(answer.clone())));
+        self.latency(300).await;
+        let answer = pending.finish();
+        if self.faulty() && answer.is_ok() {
+            // More often than a confirm's: a lost answer of an applied
+            // cancel is what the cancel path's "nothing was canceled" must
+            // never be said after.
+            let roll = self.rng.between(0, 999);
+            if roll < 150 {
+                // Canceled, and the answer is lost on the way back.
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                return Err(CardApiError::Timeout);
+            }
+            if roll < 250 {
+                tokio::time::sleep(Duration::from_millis(self.rng.between(2_000, 15_000))).await;
+            }
+        }
         answer
     }
 
@@ -402,27 +575,54 @@ impl CardApi for SimCard {
         let to = ms_from_rfc3339_or_kst(&q.end_date).map_or(i64::MAX, |t| t + 999);
         let now = now_ms();
         let st = self.state();
-        let mut list: Vec<(i64, String, Transaction)> = st
-            .pays
-            .iter()
-            .filter_map(|(order, p)| {
-                let at = p.approved_at?;
-                let view = Self::view(order, p, now);
-                (at >= from && at <= to && view.status != "IN_PROGRESS").then(|| {
-                    let tx = Transaction {
-                        transaction_key: p.tx_key.clone(),
-                        payment_key: p.payment_key.clone(),
-                        order_id: order.clone(),
-                        method: Some("카드".to_owned()),
-                        status: view.status.clone(),
-                        transaction_at: kst_rfc3339_from_ms(at),
-                        currency: Some("KRW".to_owned()),
-                        amount: p.amount,
-                    };
-                    (at, p.tx_key.clone(), tx)
-                })
-            })
-            .collect();
+        // As Toss lists them: the approval (`DONE`, its status when it was
+        // made) and each cancel as a transaction of its own, with its
+        // amount and the payment's status after it.
+        let mut list: Vec<(i64, String, Transaction)> = Vec::new();
+        for (order, p) in &st.pays {
+            let Some(approved) = p.approved_at else {
+                continue;
+            };
+            let first = Self::view(
+                order,
+                &Pay {
+                    cancels: Vec::new(),
+                    ..p.clone()
+                },
+                now,
+            );
+            if first.status == "IN_PROGRESS" {
+                continue;
+            }
+            let row = |key: &str, status: &str, at: i64, amount: i64| Transaction {
+                transaction_key: key.to_owned(),
+                payment_key: p.payment_key.clone(),
+                order_id: order.clone(),
+                method: Some("카드".to_owned()),
+                status: status.to_owned(),
+                transaction_at: kst_rfc3339_from_ms(at),
+                currency: Some("KRW".to_owned()),
+                amount,
+            };
+            list.push((
+                approved,
+                p.tx_key.clone(),
+                row(&p.tx_key, "DONE", approved, p.amount),
+            ));
+            let mut left = p.amount;
+            for c in &p.cancels {
+                left -= c.cancel_amount;
+                let at = ms_from_rfc3339_or_kst(&c.canceled_at).unwrap_or(approved);
+                let key = c.transaction_key.clone().unwrap_or_default();
+                let status = if left == 0 {
+                    "CANCELED"
+                } else {
+                    "PARTIAL_CANCELED"
+                };
+                list.push((at, key.clone(), row(&key, status, at, c.cancel_amount)));
+            }
+        }
+        list.retain(|(at, _, _)| *at >= from && *at <= to);
         list.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         let start = match &q.starting_after {
             Some(after) => list

@@ -44,6 +44,15 @@ pub fn install(world: &World, o: &Options) {
             Fault::None
         },
     )));
+    *world
+        .inventory_faults
+        .outage
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = o.store_outage;
+    world.inventory_faults.lost_ack_per_mille.store(
+        o.store_lost_ack_per_mille,
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let log_outage = o.log_outage;
     world
         .log
@@ -56,6 +65,7 @@ impl World {
         self.card.heal();
         self.ledger.heal();
         self.store.set_fault(None);
+        self.inventory_faults.heal();
         self.log.set_fault(None);
     }
 }

@@ -25,7 +25,9 @@ use std::{
     time::Duration,
 };
 
-use paygate_payments::{ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer};
+use paygate_payments::{
+    CancelInput, CancelOutcome, ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer,
+};
 use tokio::task::AbortHandle;
 
 use crate::{
@@ -170,6 +172,48 @@ impl Gateway {
             },
         };
         Some((request, reply, seq))
+    }
+
+    /// Runs one merchant cancel at a replica, as the HTTP handler does: in
+    /// a task of its own, answered 202 ("in flight") at the answer deadline
+    /// while the task carries on. The request's number, the saga's outcome
+    /// (`None`: the deadline answered first) and the answer's place in the
+    /// causal order; `None` as for [`Gateway::confirm`].
+    pub async fn cancel(&self, input: CancelInput) -> Option<(u64, Option<CancelOutcome>, u64)> {
+        let request = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let replica = self.pick();
+        let saga = self.inner(replica).current.saga.clone();
+        let mut task = tokio::spawn(REQUEST.scope(request, async move {
+            let outcome = saga.cancel(input).await;
+            (outcome, crate::next_event())
+        }));
+        {
+            let mut inner = self.inner(replica);
+            inner.tasks.retain(|t| !t.is_finished());
+            inner.tasks.push(task.abort_handle());
+        }
+        let client_gives_up = async {
+            match self.client_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let (outcome, seq) = tokio::select! {
+            biased;
+            joined = &mut task => {
+                let (outcome, seq) = joined.ok()?;
+                (Some(outcome), seq)
+            }
+            () = deadline => (None, crate::next_event()),
+            () = client_gives_up => return None,
+        };
+        Some((request, outcome, seq))
     }
 
     /// `kill -9` and restart of one replica: the old incarnation can no

@@ -162,6 +162,33 @@ pub fn check(
             detail: format!("sold + active holds > stock at {at}: {alerted}"),
         });
     }
+    for order in world
+        .inventory_faults
+        .sold_released
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        out.push(Violation {
+            invariant: "I7",
+            subject: order.clone(),
+            detail: "an approval sold a hold that had been released: it was released while its payment was live".into(),
+        });
+    }
+    for order in world
+        .inventory_faults
+        .released_approved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        out.push(Violation {
+            invariant: "I7",
+            subject: order.clone(),
+            detail: "a during hold was released after the card company had approved its order"
+                .into(),
+        });
+    }
     let approved: BTreeSet<String> = world
         .card
         .approvals()

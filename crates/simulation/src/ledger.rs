@@ -13,7 +13,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome};
+use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome, LedgerReversal};
 
 use crate::rng::SimRng;
 
@@ -21,6 +21,7 @@ use crate::rng::SimRng;
 pub struct SimLedger {
     rng: SimRng,
     entries: Mutex<BTreeMap<String, LedgerEntry>>,
+    reversals: Mutex<BTreeMap<String, LedgerReversal>>,
     healed: AtomicBool,
     down: AtomicBool,
 }
@@ -31,6 +32,7 @@ impl SimLedger {
         Self {
             rng,
             entries: Mutex::new(BTreeMap::new()),
+            reversals: Mutex::new(BTreeMap::new()),
             healed: AtomicBool::new(false),
             down: AtomicBool::new(false),
         }
@@ -54,6 +56,29 @@ impl SimLedger {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    /// Every reversal, by its idempotency key (`<payment_id>:cancel:<n>`).
+    pub fn reversals(&self) -> BTreeMap<String, LedgerReversal> {
+        self.reversals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The faults of one call before it is processed: latency, outage, 5xx.
+    async fn before(&self) -> Result<bool, LedgerApiError> {
+        let faulty = !self.healed.load(Ordering::SeqCst);
+        if faulty {
+            tokio::time::sleep(Duration::from_millis(self.rng.between(0, 100))).await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LedgerApiError::Server(503));
+        }
+        if faulty && self.rng.chance(0.05) {
+            return Err(LedgerApiError::Server(500));
+        }
+        Ok(faulty)
+    }
 }
 
 #[async_trait]
@@ -76,6 +101,41 @@ impl LedgerApi for SimLedger {
                 Some(_) => Err(LedgerApiError::Conflict),
                 None => {
                     entries.insert(key.to_owned(), e.clone());
+                    Ok(LedgerOutcome::Recorded)
+                }
+            }
+        };
+        if faulty && outcome.is_ok() && self.rng.chance(0.04) {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            return Err(LedgerApiError::Timeout);
+        }
+        outcome
+    }
+
+    /// A reversal of a payment the ledger holds (else 404, as the ledger
+    /// refuses a reversal of an entry it does not hold); idempotent by key
+    /// like [`LedgerApi::record`].
+    async fn reverse(
+        &self,
+        r: &LedgerReversal,
+        key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
+        let faulty = self.before().await?;
+        let holds = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&r.payment_id);
+        if !holds {
+            return Err(LedgerApiError::Rejected(404));
+        }
+        let outcome = {
+            let mut reversals = self.reversals.lock().unwrap_or_else(|e| e.into_inner());
+            match reversals.get(key) {
+                Some(existing) if existing == r => Ok(LedgerOutcome::AlreadyRecorded),
+                Some(_) => Err(LedgerApiError::Conflict),
+                None => {
+                    reversals.insert(key.to_owned(), r.clone());
                     Ok(LedgerOutcome::Recorded)
                 }
             }

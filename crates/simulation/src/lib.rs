@@ -25,11 +25,13 @@
 //! [`workload`], [`faults`], [`world`] (what survives a crash),
 //! [`checker`].
 
+pub mod cancels;
 pub mod card;
 pub mod checker;
 pub mod faults;
 pub mod gateway;
 pub mod holds;
+pub mod inventory;
 pub mod ledger;
 pub mod options;
 pub mod rng;
@@ -81,6 +83,11 @@ pub struct Report {
     pub approvals: usize,
     /// Answers merchants got.
     pub answers: usize,
+    /// Refunds the card company made (merchants' cancels and the
+    /// reconciliation's cancels of orphan approvals).
+    pub refunds: usize,
+    /// Cancel answers merchants got.
+    pub cancel_answers: usize,
     /// Gateway crashes.
     pub crashes: u32,
     /// Broken invariants (empty: the history passed).
@@ -184,6 +191,8 @@ async fn history(
             ),
         );
     }
+    world.job_stall_per_mille = options.job_stall_per_mille;
+    world.gateway_stall_per_mille = options.gateway_stall_per_mille;
     let world = std::sync::Arc::new(world);
     faults::install(&world, &options);
     let gw = Gateway::replicas(
@@ -212,6 +221,8 @@ async fn history(
     );
     let buyers = holds::buyers(&world, &rng, &merchants, &orders);
     let (monitor, breaches) = holds::monitor(&world, HISTORY_MS);
+    let cancel_answers = cancels::CancelAnswers::default();
+    let refunds = SimRng::new(seed ^ 0x2545_F491_4F6C_DD1D);
     for order in orders.clone() {
         clients.push(tokio::task::spawn_local(workload::client(
             gw.clone(),
@@ -220,6 +231,7 @@ async fn history(
             answers.clone(),
             options.tries,
             options.retry_pause_ms,
+            Some((refunds.clone(), cancel_answers.clone())),
         )));
     }
     let jobs = tokio::task::spawn_local(faults::actors(
@@ -254,6 +266,18 @@ async fn history(
         Err(e) => (Vec::new(), Some(e)),
     };
     let mut violations = checker::check(&world, &snapshot, &answers, &finals);
+    let cancel_answers = cancel_answers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match cancels::snapshot_cancels(&world, &snapshot).await {
+        Ok(of) => violations.extend(cancels::check(&world, &snapshot, &of, &cancel_answers)),
+        Err(e) => violations.push(Violation {
+            invariant: "store",
+            subject: "cancels".to_owned(),
+            detail: format!("the cancels could not be read for the check: {e}"),
+        }),
+    }
     if let Some(e) = unread {
         violations.push(Violation {
             invariant: "store",
@@ -268,6 +292,8 @@ async fn history(
         options,
         approvals: world.card.approvals().len(),
         answers: answers.len(),
+        refunds: world.card.refunds().len(),
+        cancel_answers: cancel_answers.len(),
         crashes: gw.crashes(),
         violations,
         digest,

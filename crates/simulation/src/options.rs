@@ -51,6 +51,12 @@ pub struct Options {
     /// A merchant's client gives up on a request after this long and
     /// retries (at another replica), ms.
     pub client_timeout_ms: Option<u64>,
+    /// A store, log or inventory round trip of a batch or reconciliation
+    /// run stalls 1-6 s and carries on, per mille (with several replicas).
+    pub job_stall_per_mille: u64,
+    /// The same for a gateway replica's round trips (one request stalls
+    /// between two of its writes while the others go on).
+    pub gateway_stall_per_mille: u64,
 }
 
 impl Options {
@@ -90,6 +96,8 @@ impl Options {
             pauses: Vec::new(),
             job_pause_per_mille: 0,
             client_timeout_ms: None,
+            job_stall_per_mille: 0,
+            gateway_stall_per_mille: 0,
         }
     }
 
@@ -108,6 +116,16 @@ impl Options {
                 .collect();
             self.job_pause_per_mille = chaos.between(0, 300);
             self.client_timeout_ms = Some(chaos.between(1_000, 8_000));
+            self.job_stall_per_mille = if chaos.chance(0.5) {
+                chaos.between(5, 40)
+            } else {
+                0
+            };
+            self.gateway_stall_per_mille = if chaos.chance(0.5) {
+                chaos.between(5, 30)
+            } else {
+                0
+            };
         }
         self
     }

@@ -16,10 +16,11 @@ use std::{
     time::Duration,
 };
 
-use paygate_core::{MerchantId, OrderId};
+use paygate_core::{MerchantId, OrderId, PaymentId};
 use paygate_payments::{ConfirmInput, ConfirmOutcome, EarlyAnswer};
 
 use crate::{
+    cancels::CancelAnswers,
     gateway::{Gateway, Reply},
     rng::SimRng,
 };
@@ -208,8 +209,27 @@ async fn confirm_once(
     amount: i64,
     answers: &Answers,
 ) -> Option<AnswerKind> {
+    confirm_once_paid(gw, order, amount, answers)
+        .await
+        .map(|(k, _)| k)
+}
+
+/// [`confirm_once`], with the payment a 200 named.
+async fn confirm_once_paid(
+    gw: &Gateway,
+    order: &Order,
+    amount: i64,
+    answers: &Answers,
+) -> Option<(AnswerKind, Option<PaymentId>)> {
     let (request, reply, seq) = gw.confirm(order.input(amount)).await?;
     let k = kind(&reply);
+    let paid = match &reply {
+        Reply::Saga(o) => match o.as_ref() {
+            ConfirmOutcome::Approved(r) => Some(r.payment_id.clone()),
+            _ => None,
+        },
+        Reply::Early(_) => None,
+    };
     tracing::info!(order_id = %order.order_id, key = ?order.key, request, answer = ?k,
         "sim: a merchant was answered");
     answers
@@ -222,7 +242,7 @@ async fn confirm_once(
             request,
             seq,
         });
-    Some(k)
+    Some((k, paid))
 }
 
 /// After everything settled: the merchant asks once more (same body); the
@@ -246,7 +266,8 @@ pub async fn final_retry(gw: &Gateway, order: &Order, answers: &Answers) {
 
 /// A merchant's client for one order: confirm, retry what got no final
 /// answer (at most `tries` times, pausing within `pause_ms` between two),
-/// with the order's quirks.
+/// with the order's quirks; once approved, the merchant may refund it
+/// ([`crate::cancels::refund`], drawing from `refunds`' stream).
 pub async fn client(
     gw: Gateway,
     order: Order,
@@ -254,6 +275,7 @@ pub async fn client(
     answers: Answers,
     tries: u32,
     pause_ms: (u64, u64),
+    refunds: Option<(SimRng, CancelAnswers)>,
 ) {
     tokio::time::sleep(Duration::from_millis(order.start_ms)).await;
     if order.race {
@@ -271,14 +293,21 @@ pub async fn client(
         if order.other_body && attempt == 1 {
             let _ = confirm_once(&gw, &order, order.amount + 1, &answers).await;
         }
-        match confirm_once(&gw, &order, order.amount, &answers).await {
-            Some(
-                AnswerKind::Approved
-                | AnswerKind::Declined
-                | AnswerKind::Reused
-                | AnswerKind::Refused,
-            ) => return,
-            Some(AnswerKind::Unknown) if rng.chance(0.5) => return,
+        match confirm_once_paid(&gw, &order, order.amount, &answers).await {
+            Some((AnswerKind::Approved, paid)) => {
+                if let (Some(pid), Some((rng, cancel_answers))) = (paid, refunds) {
+                    let paid = crate::cancels::Approved {
+                        merchant: &order.merchant,
+                        order_id: &order.order_id,
+                        payment_id: &pid,
+                        amount: order.amount,
+                    };
+                    crate::cancels::refund(gw.clone(), paid, rng, cancel_answers).await;
+                }
+                return;
+            }
+            Some((AnswerKind::Declined | AnswerKind::Reused | AnswerKind::Refused, _)) => return,
+            Some((AnswerKind::Unknown, _)) if rng.chance(0.5) => return,
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(rng.between(pause_ms.0, pause_ms.1))).await;

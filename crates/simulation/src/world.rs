@@ -26,7 +26,7 @@ use paygate_card_api::{
 use paygate_core::{
     config::DownstreamPolicy, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
-use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome};
+use paygate_ledger_api::{LedgerApi, LedgerApiError, LedgerEntry, LedgerOutcome, LedgerReversal};
 use paygate_payments::{saga::Downstreams, Saga, SagaSettings};
 use paygate_resilience::Downstream;
 use paygate_state_store::{CreateOutcome, MemoryStateStore, StateStore, StoreError, Transition};
@@ -113,6 +113,10 @@ pub struct Change {
 /// The journal of every applied change of a history.
 pub type Changes = Arc<Mutex<Vec<Change>>>;
 
+/// The cancel each merchant request claimed: request number to
+/// `(payment_id, n)`.
+pub type CancelClaims = Arc<Mutex<std::collections::BTreeMap<u64, (String, i64)>>>;
+
 /// Everything that outlives a process.
 pub struct World {
     /// The realtime state records: in memory, or on a real backend
@@ -130,10 +134,15 @@ pub struct World {
     pub ledger: Arc<SimLedger>,
     /// Inventory and holds (issue 17).
     pub inventory: Arc<paygate_state_store::MemoryInventoryStore>,
+    /// The inventory's faults, and the sales it watched
+    /// ([`crate::inventory`]).
+    pub inventory_faults: Arc<crate::inventory::InventoryFaults>,
     /// The seeded RNG.
     pub rng: SimRng,
     /// Every change applied to a record, by whom and when.
     pub changes: Changes,
+    /// The cancel each merchant request claimed.
+    pub cancel_claims: CancelClaims,
     /// Store and log round trips that stall (20-400 ms: a lock wait, a
     /// pause, a slow disk), per mille.
     pub stall_per_mille: u64,
@@ -149,6 +158,11 @@ pub struct World {
     pub settle_on_access_after: Duration,
     /// The stream of the draws only several replicas make (job pauses).
     pub chaos: SimRng,
+    /// Round trips of a batch or reconciliation process that stall 1-6 s,
+    /// per mille.
+    pub job_stall_per_mille: u64,
+    /// Round trips of a gateway replica that stall 1-6 s, per mille.
+    pub gateway_stall_per_mille: u64,
 }
 
 impl World {
@@ -164,12 +178,16 @@ impl World {
             card: Arc::new(SimCard::new(rng.clone())),
             ledger: Arc::new(SimLedger::new(rng.clone())),
             inventory: Arc::new(paygate_state_store::MemoryInventoryStore::new()),
+            inventory_faults: Arc::default(),
             rng,
             changes: Changes::default(),
+            cancel_claims: CancelClaims::default(),
             requests: Arc::default(),
             stall_per_mille,
             settle_on_access_after: Duration::from_secs(5),
             chaos: SimRng::new(0),
+            job_stall_per_mille: 0,
+            gateway_stall_per_mille: 0,
         }
     }
 }
@@ -204,7 +222,7 @@ impl Pause {
     }
 
     /// Waits while the process is paused.
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             let until = *self.0.lock().unwrap_or_else(|e| e.into_inner());
             match until {
@@ -229,6 +247,10 @@ impl Incarnation {
     /// A new process over `world`, with the sim's fast resilience policies;
     /// its changes are journaled as `actor`'s.
     pub fn start(world: &World, actor: Actor) -> Self {
+        let long_stall = match actor {
+            Actor::Gateway => world.gateway_stall_per_mille,
+            Actor::Sweep { .. } | Actor::Reconcile => world.job_stall_per_mille,
+        };
         let dead = Arc::new(AtomicBool::new(false));
         let pause = Pause::default();
         let store: Arc<dyn StateStore> = Arc::new(StoreHandle {
@@ -238,9 +260,11 @@ impl Incarnation {
                 pause: pause.clone(),
                 rng: Some(world.rng.clone()),
                 stall_per_mille: world.stall_per_mille,
+                long_stall_per_mille: long_stall,
             },
             actor,
             changes: world.changes.clone(),
+            cancel_claims: world.cancel_claims.clone(),
         });
         // A small breaker window: the sim's few orders can open it, and an
         // open breaker makes the no-call aborts that merchant retries reopen.
@@ -259,6 +283,7 @@ impl Incarnation {
                     pause: pause.clone(),
                     rng: Some(world.rng.clone()),
                     stall_per_mille: world.stall_per_mille,
+                    long_stall_per_mille: long_stall,
                 }),
                 Downstreams {
                     card: Arc::new(Handle {
@@ -267,6 +292,7 @@ impl Incarnation {
                         pause: pause.clone(),
                         rng: None,
                         stall_per_mille: 0,
+                        long_stall_per_mille: 0,
                     }),
                     card_stack: Arc::new(Downstream::new("card_api", &card_policy)),
                     list_stack: Arc::new(Downstream::new("card_api_list", &card_policy)),
@@ -276,6 +302,7 @@ impl Incarnation {
                         pause: pause.clone(),
                         rng: None,
                         stall_per_mille: 0,
+                        long_stall_per_mille: 0,
                     }),
                     ledger_stack: Arc::new(Downstream::new(
                         "ledger_api",
@@ -288,13 +315,22 @@ impl Incarnation {
                     pause: pause.clone(),
                     rng: None,
                     stall_per_mille: 0,
+                    long_stall_per_mille: 0,
                 }),
                 SagaSettings {
                     settle_on_access_after: world.settle_on_access_after,
                     ..SagaSettings::default()
                 },
             )
-            .with_inventory(world.inventory.clone()),
+            .with_inventory(Arc::new(crate::inventory::InventoryHandle {
+                inner: world.inventory.clone(),
+                dead: dead.clone(),
+                pause: pause.clone(),
+                rng: world.rng.clone(),
+                faults: world.inventory_faults.clone(),
+                long_stall_per_mille: long_stall,
+                card: world.card.clone(),
+            })),
         );
         Self {
             dead,
@@ -327,6 +363,9 @@ struct Handle<T: ?Sized> {
     /// Of those, this many per mille stall 20-400 ms, widening every
     /// window between a read and the write it decides.
     stall_per_mille: u64,
+    /// And this many per mille stall 1-6 s (a job process descheduled or
+    /// cut from its database between two awaits, then carrying on).
+    long_stall_per_mille: u64,
 }
 
 impl<T: ?Sized> Handle<T> {
@@ -349,6 +388,9 @@ impl<T: ?Sized> Handle<T> {
             if self.stall_per_mille > 0 && rng.between(0, 999) < self.stall_per_mille {
                 ms += rng.between(20, 400);
             }
+            if self.long_stall_per_mille > 0 && rng.between(0, 999) < self.long_stall_per_mille {
+                ms += rng.between(1_000, 6_000);
+            }
             if ms > 0 {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
@@ -362,6 +404,7 @@ struct StoreHandle {
     handle: Handle<dyn SimStore>,
     actor: Actor,
     changes: Changes,
+    cancel_claims: CancelClaims,
 }
 
 impl StoreHandle {
@@ -395,6 +438,16 @@ impl StoreHandle {
                     payment_id: payment_id.to_string(),
                     what,
                 });
+            // The process may be descheduled right after a commit: the
+            // instant between a write and what the writer does next is
+            // where a decision read earlier goes stale.
+            if self.handle.long_stall_per_mille > 0 {
+                if let Some(rng) = &self.handle.rng {
+                    if rng.between(0, 999) < 10 * self.handle.long_stall_per_mille {
+                        tokio::time::sleep(Duration::from_millis(rng.between(1_000, 6_000))).await;
+                    }
+                }
+            }
         }
         result
     }
@@ -412,8 +465,10 @@ fn gone() -> StoreError {
     StoreError::Unavailable("process died".to_owned())
 }
 
-/// Cancels are not part of the simulated workload; they pass through with
-/// the same round trip as every store call.
+/// Cancels pass through with the same round trip as every store call; a
+/// claim made for a merchant's request is noted with the request's number
+/// ([`World::cancel_claims`]), so the checker can hold the request's answer
+/// to what became of the cancel it claimed.
 #[async_trait]
 impl paygate_state_store::CancelStore for StoreHandle {
     async fn claim_cancel(
@@ -423,7 +478,16 @@ impl paygate_state_store::CancelStore for StoreHandle {
         if !self.handle.round_trip().await {
             return Err(gone());
         }
-        self.handle.inner.claim_cancel(draft).await
+        let claim = self.handle.inner.claim_cancel(draft).await;
+        if let (Ok(paygate_state_store::CancelClaim::Claimed(c)), Ok(request)) =
+            (&claim, crate::gateway::REQUEST.try_with(|r| *r))
+        {
+            self.cancel_claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(request, (c.payment_id.to_string(), c.n));
+        }
+        claim
     }
     async fn cancels_of(
         &self,
@@ -632,6 +696,16 @@ impl LedgerApi for Handle<SimLedger> {
             return Err(LedgerApiError::Connection("process died".to_owned()));
         }
         self.inner.get(id).await
+    }
+    async fn reverse(
+        &self,
+        r: &LedgerReversal,
+        key: &str,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
+        if !self.go().await {
+            return Err(LedgerApiError::Connection("process died".to_owned()));
+        }
+        self.inner.reverse(r, key).await
     }
 }
 
