@@ -34,6 +34,7 @@ mod cancel_batch;
 mod card_calls;
 pub mod classify;
 mod confirm;
+pub mod decide;
 mod ends;
 mod holds;
 pub mod ledger;
@@ -49,6 +50,7 @@ pub mod wiring;
 
 pub use cancel::{CancelInput, CancelOutcome, CanceledPayment};
 pub use cancel_batch::CancelSettlement;
+pub use decide::{Decided, Decider};
 pub use holds::StuckHolds;
 pub use ledger::{RetryTracker, SaveResult};
 pub use outcome::{

@@ -23,11 +23,11 @@ use std::sync::Arc;
 use paygate_alert::SqlOutbox;
 use paygate_api_log::{NewResolution, ResolutionLog};
 use paygate_card_api::CardPayment;
-use paygate_core::{CardStatus, Partition, PaymentId, PaymentRecord};
-use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
+use paygate_core::{Partition, PaymentId, PaymentRecord};
+use paygate_state_store::{SqlDatabase, StateStore, StoreError};
 use serde_json::{json, Value};
 
-use crate::{confirm::approved_at_of, Saga, Settler, Tally};
+use crate::{confirm::approved_at_of, decide::Decider, Saga, Tally};
 
 /// The `failure_code` of a payment an operator resolved as not charged.
 pub const OPERATOR_NOT_CHARGED: &str = "PAYGATE_OPERATOR_NOT_CHARGED";
@@ -242,13 +242,13 @@ impl Saga {
     }
 }
 
-/// Carries out operators' decisions.
+/// Carries out operators' decisions: [`Decider::decide`], then the audit
+/// row and the payment's alerts marked resolved.
 pub struct Resolver {
     store: Arc<dyn StateStore>,
-    saga: Arc<Saga>,
+    decider: Decider,
     audit: ResolutionLog,
     outbox: SqlOutbox,
-    settler: Settler,
 }
 
 impl Resolver {
@@ -262,9 +262,8 @@ impl Resolver {
         ledger_alert_threshold: i64,
     ) -> Self {
         Self {
-            settler: Settler::new(store.clone(), saga.clone(), ledger_alert_threshold),
+            decider: Decider::new(store.clone(), saga, ledger_alert_threshold),
             store,
-            saga,
             audit: ResolutionLog::new(db.clone()),
             outbox: SqlOutbox::new(db),
         }
@@ -277,63 +276,8 @@ impl Resolver {
     /// was changed.
     pub async fn resolve(&self, req: &ResolveRequest) -> Result<ResolveReport, ResolveError> {
         let pid = &req.payment_id;
-        let before = self
-            .store
-            .get(pid)
-            .await?
-            .ok_or_else(|| ResolveError::NotFound(pid.to_string()))?;
-        let (part, record) = &before;
-        let open = *part == Partition::Realtime
-            && !record.is_paid
-            && matches!(
-                record.card_status,
-                CardStatus::Pending | CardStatus::Unknown
-            );
-        if let Some(seen) = req.seen_version.filter(|v| *v != record.version) {
-            return Err(ResolveError::NotOpen(format!(
-                "{pid} changed since it was looked at (version {seen}, now {}): look again",
-                record.version
-            )));
-        }
-        if !open {
-            return Err(ResolveError::NotOpen(format!(
-                "{pid} is {} in {} (paid: {}, saved: {}); only a payment whose card outcome is open \
-                 (PENDING or UNKNOWN, not paid) is resolved by hand: `paygate payments recheck` \
-                 finishes the others as the batch would",
-                record.card_status.as_str(),
-                part.table(),
-                record.is_paid,
-                record.is_saved
-            )));
-        }
-        // Taken before the lookup: a lookup answered before a confirm still
-        // in flight reaches the card company proves nothing however long
-        // the resolver then takes.
-        let looked_up_at = paygate_core::time::now_ms();
-        let evidence = self.saga.card_evidence(record).await;
-        if evidence.contradicts(req.decision) && !req.force {
-            return Err(ResolveError::Contradicted {
-                evidence,
-                decision: match req.decision {
-                    Decision::Approved => "approved",
-                    Decision::NotCharged => "not-charged",
-                },
-            });
-        }
-        // "Not charged": a confirm may still be at the card company (on
-        // any replica) until the card stack's deadline has passed since
-        // the record's last change, so a 404 lookup before then proves
-        // nothing. Counted with a margin for the clocks of other replicas.
-        // (An approval is a fact at any age.)
-        let age_ms = looked_up_at - record.updated_at;
-        let in_flight_ms = self.saga.settings.settle_on_access_after.as_millis() as i64;
-        if req.decision == Decision::NotCharged && age_ms < in_flight_ms {
-            return Err(ResolveError::NotOpen(format!(
-                "{pid} last changed {age_ms} ms ago; a confirm may still be at the card company \
-                 until {in_flight_ms} ms have passed: resolve it after that"
-            )));
-        }
-        // The alerts this decision answers: those raised so far.
+        // The alerts this decision answers: those raised before it was
+        // checked.
         let answered = self
             .outbox
             .for_payment(pid.as_str())
@@ -342,51 +286,12 @@ impl Resolver {
             .map(|a| a.id)
             .max()
             .unwrap_or(0);
-        let mut tally = Tally::default();
-        // Once the transition applied, nothing may skip the audit: a failure
-        // of what follows is reported, not returned early.
-        let mut follow_up: Result<(), StoreError> = match req.decision {
-            Decision::Approved => {
-                let approved_at = match &evidence {
-                    CardEvidence::Approved { approved_at } => approved_at.clone(),
-                    _ => paygate_core::time::kst_rfc3339_from_ms(paygate_core::time::now_ms()),
-                };
-                // An approval the operator saw is a fact whatever changed:
-                // guarded on state, as every approval.
-                if !self
-                    .store
-                    .transition(pid, &Transition::MarkPaid { approved_at })
-                    .await?
-                {
-                    return Err(self.raced(pid).await);
-                }
-                async {
-                    if let Some((Partition::Realtime, paid)) = self.store.get(pid).await? {
-                        tally += self.settler.save(paid, false).await?;
-                    }
-                    Ok(())
-                }
-                .await
-            }
-            Decision::NotCharged => {
-                let t = Transition::MarkAborted {
-                    failure_code: OPERATOR_NOT_CHARGED.to_owned(),
-                    last_error: format!("resolved not charged by {}: {}", req.operator, req.reason),
-                    // Only the record the operator and the lookup judged.
-                    seen_version: Some(record.version),
-                };
-                if !self.store.transition(pid, &t).await? {
-                    return Err(self.raced(pid).await);
-                }
-                if let Some((_, aborted)) = self.store.get(pid).await? {
-                    self.saga.hold_on_aborted(&aborted).await;
-                }
-                self.store
-                    .move_record(pid, Partition::Realtime, Partition::Unpaid)
-                    .await
-                    .map(|moved| tally.unpaid += u64::from(moved))
-            }
-        };
+        let crate::decide::Decided {
+            evidence,
+            before,
+            tally,
+            mut follow_up,
+        } = self.decider.decide(req).await?;
         let applied = match req.decision {
             Decision::Approved => "marked paid",
             Decision::NotCharged => "marked aborted",
@@ -442,19 +347,6 @@ impl Resolver {
             alerts_resolved,
             follow_up_error: follow_up.err().map(|e| e.to_string()),
         })
-    }
-
-    async fn raced(&self, pid: &PaymentId) -> ResolveError {
-        match self.store.get(pid).await {
-            Ok(Some((part, r))) => ResolveError::Raced(format!(
-                "{} in {}, paid: {}",
-                r.card_status.as_str(),
-                part.table(),
-                r.is_paid
-            )),
-            Ok(None) => ResolveError::Raced("gone".to_owned()),
-            Err(e) => ResolveError::Store(e),
-        }
     }
 }
 

@@ -17,7 +17,8 @@ use crate::{
     EPOCH_MS,
 };
 
-fn elapsed_ms() -> u64 {
+/// Simulated ms since the history's start.
+pub(crate) fn elapsed_ms() -> u64 {
     u64::try_from(paygate_core::time::now_ms() - EPOCH_MS).unwrap_or(0)
 }
 

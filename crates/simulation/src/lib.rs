@@ -33,6 +33,7 @@ pub mod gateway;
 pub mod holds;
 pub mod inventory;
 pub mod ledger;
+pub mod operator;
 pub mod options;
 pub mod rng;
 pub mod store;
@@ -234,6 +235,11 @@ async fn history(
             Some((refunds.clone(), cancel_answers.clone())),
         )));
     }
+    let operator = tokio::task::spawn_local(operator::operator(
+        world.clone(),
+        SimRng::new(seed ^ 0x5851_F42D_4C95_7F2D),
+        HISTORY_MS,
+    ));
     let jobs = tokio::task::spawn_local(faults::actors(
         world.clone(),
         gw.clone(),
@@ -243,6 +249,7 @@ async fn history(
     tokio::time::sleep(Duration::from_millis(HISTORY_MS)).await;
     world.heal();
     let _ = jobs.await;
+    let _ = operator.await;
     for b in buyers {
         let _ = b.await;
     }

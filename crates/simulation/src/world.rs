@@ -90,6 +90,8 @@ pub enum Actor {
     },
     /// A reconciliation run.
     Reconcile,
+    /// An operator resolving payments by hand (`paygate payments resolve`).
+    Operator,
 }
 
 /// One change a process applied to a record, as the sim saw it from
@@ -248,7 +250,7 @@ impl Incarnation {
     /// its changes are journaled as `actor`'s.
     pub fn start(world: &World, actor: Actor) -> Self {
         let long_stall = match actor {
-            Actor::Gateway => world.gateway_stall_per_mille,
+            Actor::Gateway | Actor::Operator => world.gateway_stall_per_mille,
             Actor::Sweep { .. } | Actor::Reconcile => world.job_stall_per_mille,
         };
         let dead = Arc::new(AtomicBool::new(false));
@@ -318,7 +320,16 @@ impl Incarnation {
                     long_stall_per_mille: 0,
                 }),
                 SagaSettings {
-                    settle_on_access_after: world.settle_on_access_after,
+                    // An operator's command runs in a process of its own,
+                    // which sees no replica's live confirms: it judges
+                    // "still in flight" by the production window, as the
+                    // CLI does.
+                    settle_on_access_after: match actor {
+                        Actor::Operator => paygate_payments::in_flight_window(
+                            DownstreamPolicy::card_api().deadline_ms,
+                        ),
+                        _ => world.settle_on_access_after,
+                    },
                     ..SagaSettings::default()
                 },
             )
