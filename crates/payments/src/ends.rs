@@ -8,7 +8,7 @@
 //! alerted).
 
 use paygate_alert::AlertReason;
-use paygate_core::{payment::failure_codes, PaymentRecord};
+use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
 use paygate_state_store::{Hold, Transition};
 
 use crate::{outcome::ConfirmOutcome, Saga};
@@ -117,10 +117,41 @@ impl Saga {
             _ => "card company unavailable; nothing was charged, retry later",
         };
         metrics::counter!("paygate_payments_total", "outcome" => "not_attempted").increment(1);
-        ConfirmOutcome::Unavailable {
+        let answer = ConfirmOutcome::Unavailable {
             detail,
             payment_id: Some(pid),
             retry_after_s,
+        };
+        self.nothing_charged(record, code, answer).await
+    }
+
+    /// `answer` ("nothing was charged" for the payment) when a fresh read
+    /// still shows the payment as this confirm's no-call end left it:
+    /// aborted with `code`, unpaid. The promise is about the payment and
+    /// reaches the merchant after whatever this request did last: one that
+    /// stalled after its abort while a retry at another replica reopened
+    /// the payment and sent it must not make it. Otherwise 409 with the
+    /// payment as it stands (poll), and 409 when the store cannot say.
+    pub(crate) async fn nothing_charged(
+        &self,
+        record: PaymentRecord,
+        code: &str,
+        answer: ConfirmOutcome,
+    ) -> ConfirmOutcome {
+        match self.store.get(&record.payment_id).await {
+            Ok(Some((_, now)))
+                if !now.is_paid
+                    && now.card_status == CardStatus::Aborted
+                    && now.failure_code.as_deref() == Some(code) =>
+            {
+                answer
+            }
+            Ok(Some((_, now))) => {
+                tracing::info!(payment_id = %record.payment_id,
+                    "the payment changed since this request's no-call end; answering 409, not \"nothing was charged\"");
+                ConfirmOutcome::InFlight(now)
+            }
+            _ => ConfirmOutcome::InFlight(record),
         }
     }
 

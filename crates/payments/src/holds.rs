@@ -87,7 +87,7 @@ impl Saga {
                 tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record aborted");
             }
         }
-        Err(match short {
+        let answer = match short {
             Some(short) => ConfirmOutcome::HoldExpired {
                 payment_id: record.payment_id.clone(),
                 short,
@@ -97,7 +97,8 @@ impl Saga {
                 payment_id: Some(record.payment_id.clone()),
                 retry_after_s: Some(1),
             },
-        })
+        };
+        Err(self.nothing_charged(record.clone(), code, answer).await)
     }
 
     /// After an approval: sells the order's hold (idempotent) and raises an

@@ -141,10 +141,17 @@ fn seeds_of_a_filing_that_raced_the_request_row_stay_clean() {
 /// - a card company's "canceled" answer alerted without a fresh read, by
 ///   the batch (63, 113, 819) and by a confirm's own lookup (3, 5, 104): a
 ///   false `card_mismatch` page for a payment approved and refunded since.
+///
+/// Seeds of the million-seed run with stalls of seconds (1019141, 1028122,
+/// 1502854, 1520718, 1524206): a confirm's no-call end stalled after its
+/// abort while another replica's retry reopened the payment and had it
+/// approved, and then answered 503 "nothing was charged" (the answer is
+/// now given only when a fresh read still shows the abort).
 #[test]
 fn seeds_that_catch_reverted_fixes_stay_clean() {
     for seed in [
-        110, 357, 581, 3447, 4752, 135, 163, 273, 9, 17, 42, 63, 113, 819, 3, 5, 104,
+        110, 357, 581, 3447, 4752, 135, 163, 273, 9, 17, 42, 63, 113, 819, 3, 5, 104, 1_019_141,
+        1_028_122, 1_502_854, 1_520_718, 1_524_206,
     ] {
         assert_clean(seed);
     }
