@@ -54,8 +54,13 @@ pub async fn operator(world: Arc<World>, rng: SimRng, until_ms: u64) {
                 tried.insert(pid);
                 continue;
             }
-            // Reading the card company's console.
+            // Reading the card company's console: an operator who sees an
+            // approval there does not resolve "not charged", whatever a
+            // lookup that failed says (an unverified decision is theirs).
             tokio::time::sleep(Duration::from_millis(rng.between(0, 3_000))).await;
+            if world.card.approved_amount(r.order_id.as_str()).is_some() {
+                continue;
+            }
             let decider = Decider::new(inc.store.clone(), inc.saga.clone(), 5);
             let req = ResolveRequest {
                 payment_id: id,

@@ -146,12 +146,17 @@ fn seeds_of_a_filing_that_raced_the_request_row_stay_clean() {
 /// 1502854, 1520718, 1524206): a confirm's no-call end stalled after its
 /// abort while another replica's retry reopened the payment and had it
 /// approved, and then answered 503 "nothing was charged" (the answer is
-/// now given only when a fresh read still shows the abort).
+/// now given only when a fresh read still shows the abort). And five of the
+/// next million-seed run (1036284, 1407472, 1439047, 1583511, 1606915),
+/// where the simulated operator resolved "not charged" on a lookup that
+/// failed while the card company's console showed the approval: the
+/// operator model now reads the console first, as an operator does.
 #[test]
 fn seeds_that_catch_reverted_fixes_stay_clean() {
     for seed in [
         110, 357, 581, 3447, 4752, 135, 163, 273, 9, 17, 42, 63, 113, 819, 3, 5, 104, 1_019_141,
-        1_028_122, 1_502_854, 1_520_718, 1_524_206,
+        1_028_122, 1_502_854, 1_520_718, 1_524_206, 1_036_284, 1_407_472, 1_439_047, 1_583_511,
+        1_606_915,
     ] {
         assert_clean(seed);
     }
