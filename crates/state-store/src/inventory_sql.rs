@@ -340,12 +340,21 @@ impl InventoryStore for SqlInventoryStore {
             HoldState::During => {
                 // The fence against a stale `release_stuck` (see the trait).
                 let (sql, binds) = hold_update(&HoldTransition::Refence, "hold_id = $1", 3);
-                let touched = with_pool!(&self.db, pool => {
+                // The state does not change, so the items are not touched:
+                // a mirror written apart from the update could land after a
+                // sale or a release and put the items back to `during`.
+                let touched: Option<(i64, i64)> = with_pool!(&self.db, pool => {
                     let row = bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
                         .fetch_optional(pool).await.map_err(map_err)?;
-                    mirror_items!(pool, row)
+                    match row {
+                        Some(r) => Some((
+                            r.try_get::<i64, _>("version").map_err(corrupt)?,
+                            r.try_get::<i64, _>("updated_at").map_err(corrupt)?,
+                        )),
+                        None => None,
+                    }
                 });
-                if let Some((_, version, at)) = touched {
+                if let Some((version, at)) = touched {
                     hold.updated_at = at;
                     hold.version = version;
                     return Ok(BeginOutcome::During(hold));
