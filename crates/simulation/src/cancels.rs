@@ -179,7 +179,11 @@ pub async fn refund(gw: Gateway, paid: Approved<'_>, rng: SimRng, answers: Cance
     }
 }
 
-/// The cancels of every payment in `snapshot`, read from the world's store.
+/// The cancels of every payment in `snapshot` that has any, by payment id,
+/// read from the world's store.
+///
+/// # Errors
+/// [`paygate_state_store::StoreError`] when the store cannot be read.
 pub async fn snapshot_cancels(
     world: &World,
     snapshot: &[(Partition, PaymentRecord)],

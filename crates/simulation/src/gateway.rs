@@ -142,17 +142,8 @@ impl Gateway {
             let outcome = saga.confirm_with_ticket(input, saga_ticket).await;
             (outcome, crate::next_event())
         }));
-        {
-            let mut inner = self.inner(replica);
-            inner.tasks.retain(|t| !t.is_finished());
-            inner.tasks.push(task.abort_handle());
-        }
-        let client_gives_up = async {
-            match self.client_timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        self.track(replica, task.abort_handle());
+        let client_gives_up = self.client_gives_up();
         let saga_reply =
             |(outcome, seq): (ConfirmOutcome, u64)| (Reply::Saga(Box::new(outcome)), seq);
         let (reply, seq) = match self.deadline {
@@ -174,6 +165,22 @@ impl Gateway {
         Some((request, reply, seq))
     }
 
+    /// Registers a request's task with its replica, so a crash drops it.
+    fn track(&self, replica: usize, task: AbortHandle) {
+        let mut inner = self.inner(replica);
+        inner.tasks.retain(|t| !t.is_finished());
+        inner.tasks.push(task);
+    }
+
+    /// Resolves when a merchant's client gives up on a request (never with
+    /// one replica).
+    async fn client_gives_up(&self) {
+        match self.client_timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Runs one merchant cancel at a replica, as the HTTP handler does: in
     /// a task of its own, answered 202 ("in flight") at the answer deadline
     /// while the task carries on. The request's number, the saga's outcome
@@ -187,17 +194,8 @@ impl Gateway {
             let outcome = saga.cancel(input).await;
             (outcome, crate::next_event())
         }));
-        {
-            let mut inner = self.inner(replica);
-            inner.tasks.retain(|t| !t.is_finished());
-            inner.tasks.push(task.abort_handle());
-        }
-        let client_gives_up = async {
-            match self.client_timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        self.track(replica, task.abort_handle());
+        let client_gives_up = self.client_gives_up();
         let deadline = async {
             match self.deadline {
                 Some(d) => tokio::time::sleep(d).await,

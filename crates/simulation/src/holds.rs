@@ -162,32 +162,24 @@ pub fn check(
             detail: format!("sold + active holds > stock at {at}: {alerted}"),
         });
     }
-    for order in world
-        .inventory_faults
-        .sold_released
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        out.push(Violation {
-            invariant: "I7",
-            subject: order.clone(),
-            detail: "an approval sold a hold that had been released: it was released while its payment was live".into(),
-        });
-    }
-    for order in world
-        .inventory_faults
-        .released_approved
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        out.push(Violation {
-            invariant: "I7",
-            subject: order.clone(),
-            detail: "a during hold was released after the card company had approved its order"
-                .into(),
-        });
+    let f = &world.inventory_faults;
+    for (seen, what) in [
+        (
+            &f.sold_released,
+            "an approval sold a hold that had been released: it was released while its payment was live",
+        ),
+        (
+            &f.released_approved,
+            "a during hold was released after the card company had approved its order",
+        ),
+    ] {
+        for order in seen.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            out.push(Violation {
+                invariant: "I7",
+                subject: order.clone(),
+                detail: what.into(),
+            });
+        }
     }
     let approved: BTreeSet<String> = world
         .card

@@ -79,37 +79,46 @@ impl SimLedger {
         }
         Ok(faulty)
     }
-}
 
-#[async_trait]
-impl LedgerApi for SimLedger {
-    async fn record(&self, e: &LedgerEntry, key: &str) -> Result<LedgerOutcome, LedgerApiError> {
-        let faulty = !self.healed.load(Ordering::SeqCst);
-        if faulty {
-            tokio::time::sleep(Duration::from_millis(self.rng.between(0, 100))).await;
-        }
-        if self.down.load(Ordering::SeqCst) {
-            return Err(LedgerApiError::Server(503));
-        }
-        if faulty && self.rng.chance(0.05) {
-            return Err(LedgerApiError::Server(500));
-        }
-        let outcome = {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            match entries.get(key) {
-                Some(existing) if existing == e => Ok(LedgerOutcome::AlreadyRecorded),
-                Some(_) => Err(LedgerApiError::Conflict),
-                None => {
-                    entries.insert(key.to_owned(), e.clone());
-                    Ok(LedgerOutcome::Recorded)
-                }
-            }
-        };
+    /// The faults of a call after it was processed: an answer lost on the
+    /// way back.
+    async fn after(
+        &self,
+        faulty: bool,
+        outcome: Result<LedgerOutcome, LedgerApiError>,
+    ) -> Result<LedgerOutcome, LedgerApiError> {
         if faulty && outcome.is_ok() && self.rng.chance(0.04) {
             tokio::time::sleep(Duration::from_secs(4)).await;
             return Err(LedgerApiError::Timeout);
         }
         outcome
+    }
+}
+
+/// Idempotent by key: the same body again is `AlreadyRecorded`, another
+/// body under the key is a conflict (409).
+fn once<T: Clone + PartialEq>(
+    map: &Mutex<BTreeMap<String, T>>,
+    key: &str,
+    value: &T,
+) -> Result<LedgerOutcome, LedgerApiError> {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    match map.get(key) {
+        Some(existing) if existing == value => Ok(LedgerOutcome::AlreadyRecorded),
+        Some(_) => Err(LedgerApiError::Conflict),
+        None => {
+            map.insert(key.to_owned(), value.clone());
+            Ok(LedgerOutcome::Recorded)
+        }
+    }
+}
+
+#[async_trait]
+impl LedgerApi for SimLedger {
+    async fn record(&self, e: &LedgerEntry, key: &str) -> Result<LedgerOutcome, LedgerApiError> {
+        let faulty = self.before().await?;
+        let outcome = once(&self.entries, key, e);
+        self.after(faulty, outcome).await
     }
 
     /// A reversal of a payment the ledger holds (else 404, as the ledger
@@ -129,22 +138,8 @@ impl LedgerApi for SimLedger {
         if !holds {
             return Err(LedgerApiError::Rejected(404));
         }
-        let outcome = {
-            let mut reversals = self.reversals.lock().unwrap_or_else(|e| e.into_inner());
-            match reversals.get(key) {
-                Some(existing) if existing == r => Ok(LedgerOutcome::AlreadyRecorded),
-                Some(_) => Err(LedgerApiError::Conflict),
-                None => {
-                    reversals.insert(key.to_owned(), r.clone());
-                    Ok(LedgerOutcome::Recorded)
-                }
-            }
-        };
-        if faulty && outcome.is_ok() && self.rng.chance(0.04) {
-            tokio::time::sleep(Duration::from_secs(4)).await;
-            return Err(LedgerApiError::Timeout);
-        }
-        outcome
+        let outcome = once(&self.reversals, key, r);
+        self.after(faulty, outcome).await
     }
 
     async fn get(&self, payment_id: &str) -> Result<Option<LedgerEntry>, LedgerApiError> {

@@ -16,7 +16,7 @@
 use mongodb::bson::{doc, Bson, Document};
 use paygate_core::{MerchantId, OrderId};
 use paygate_state_store::{
-    testing::{mongodb_backends, Cleanup},
+    testing::{mongodb_backends, Backend, Cleanup},
     BeginOutcome, Hold, HoldItem, InventoryStore, MongoInventoryStore, TakeOutcome,
 };
 
@@ -37,6 +37,18 @@ fn hold(m: &MerchantId, order: &str, sku: &str, now: i64) -> Hold {
         format!("fp-{order}"),
         now,
     )
+}
+
+/// A fresh database on `backend`'s server and the store over it.
+async fn fresh(backend: &Backend) -> (mongodb::Database, MongoInventoryStore) {
+    let uri = backend.mongodb_uri().unwrap();
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    let db = client.database(&format!(
+        "paygate_test_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    ));
+    let store = MongoInventoryStore::new(db.clone()).await.unwrap();
+    (db, store)
 }
 
 async fn available(store: &MongoInventoryStore, m: &MerchantId, sku: &str, now: i64) -> i64 {
@@ -73,13 +85,7 @@ async fn leave_during_line(db: &mongodb::Database, m: &MerchantId, sku: &str, ho
 async fn an_interrupted_begin_payment_leaves_no_unit_held_by_nobody() {
     for backend in mongodb_backends() {
         let name = backend.name();
-        let uri = backend.mongodb_uri().unwrap();
-        let client = mongodb::Client::with_uri_str(uri).await.unwrap();
-        let db = client.database(&format!(
-            "paygate_test_{}",
-            ulid::Ulid::new().to_string().to_lowercase()
-        ));
-        let store = MongoInventoryStore::new(db.clone()).await.unwrap();
+        let (db, store) = fresh(&backend).await;
         let m = MerchantId::generate();
         store.set_stock(&m, "sku-a", 1, T0).await.unwrap();
         store.set_stock(&m, "sku-live", 1, T0).await.unwrap();
@@ -145,13 +151,7 @@ async fn an_interrupted_begin_payment_leaves_no_unit_held_by_nobody() {
 async fn a_begin_payment_after_the_repair_reserves_again() {
     for backend in mongodb_backends() {
         let name = backend.name();
-        let uri = backend.mongodb_uri().unwrap();
-        let client = mongodb::Client::with_uri_str(uri).await.unwrap();
-        let db = client.database(&format!(
-            "paygate_test_{}",
-            ulid::Ulid::new().to_string().to_lowercase()
-        ));
-        let store = MongoInventoryStore::new(db.clone()).await.unwrap();
+        let (db, store) = fresh(&backend).await;
         let m = MerchantId::generate();
         store.set_stock(&m, "sku-a", 1, T0).await.unwrap();
         let a = hold(&m, "order-a", "sku-a", T0);
