@@ -37,6 +37,10 @@ pub struct Lease {
     name: String,
     owner: String,
     ttl: Duration,
+    /// Expiries are this process's clock plus `ttl`. Another process's
+    /// clock judges them: a lease only keeps runs from overlapping (their
+    /// writes are guarded on versions), so skew costs at most an overlap.
+    clock: paygate_core::Clock,
 }
 
 /// Who holds a lease another process wanted.
@@ -56,6 +60,7 @@ impl Lease {
             name: name.to_owned(),
             owner: owner.to_owned(),
             ttl,
+            clock: paygate_core::Clock::system(),
         }
     }
 
@@ -71,7 +76,15 @@ impl Lease {
             name: name.to_owned(),
             owner: owner.to_owned(),
             ttl,
+            clock: paygate_core::Clock::system(),
         }
+    }
+
+    /// The same lease timed by `clock` instead of the process clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: paygate_core::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The owner id.
@@ -80,7 +93,7 @@ impl Lease {
     }
 
     fn expiry(&self) -> i64 {
-        paygate_core::time::now_ms() + self.ttl.as_millis() as i64
+        self.clock.now_ms() + self.ttl.as_millis() as i64
     }
 
     /// Takes the lease when it is free, expired, or already ours.
@@ -92,7 +105,7 @@ impl Lease {
         let sql = "INSERT INTO batch_leases (name, owner, expires_at) VALUES ($1, $2, $3) \
                    ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
                    WHERE batch_leases.expires_at < $4 OR batch_leases.owner = excluded.owner";
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         let db = match &self.db {
             Leases::Sql(db) => db,
             Leases::Memory(m) => {

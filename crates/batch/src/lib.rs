@@ -290,11 +290,12 @@ impl Sweeper {
             Leases::Memory(m) => {
                 lease::Lease::in_memory(m.clone(), "batch-sweep", &owner, opts.lease_ttl)
             }
-        };
+        }
+        .with_clock(self.saga.clock().clone());
         if let Err(held) = lease.acquire().await? {
             return Err(BatchError::LeaseHeld {
                 owner: held.owner,
-                expires_in_ms: held.expires_at - paygate_core::time::now_ms(),
+                expires_in_ms: held.expires_at - self.saga.clock().now_ms(),
             });
         }
         let renewal = lease.keep_alive(opts.lease_ttl);
@@ -338,7 +339,7 @@ impl Sweeper {
         // between its steps on a store without cross-document transactions)
         // are freed first; the SQL and memory stores have none.
         match inventory
-            .repair_lines(paygate_core::ambient::now_ms(), REPAIR_SKUS)
+            .repair_lines(self.saga.clock().now_ms(), REPAIR_SKUS)
             .await
         {
             Ok(0) => {}
@@ -351,7 +352,7 @@ impl Sweeper {
             }
         }
         let retention = i64::try_from(HOLD_RETENTION.as_millis()).unwrap_or(i64::MAX);
-        let before = paygate_core::ambient::now_ms().saturating_sub(retention);
+        let before = self.saga.clock().now_ms().saturating_sub(retention);
         match inventory.purge(before).await {
             Ok(n) => tracing::info!(holds_purged = n, "old released and expired holds deleted"),
             Err(e) => {
@@ -399,7 +400,10 @@ impl Sweeper {
     ) -> Result<Summary, BatchError> {
         let started = Instant::now();
         let counters = Counters::default();
-        let cutoff = paygate_core::time::now_ms() - opts.grace.as_millis() as i64;
+        // Widened by the skew margin: a stamp another process wrote may be
+        // from a clock behind this one.
+        let cutoff = self.saga.clock().now_ms()
+            - (opts.grace + paygate_payments::CLOCK_SKEW_MARGIN).as_millis() as i64;
         let moved = self.move_settled(opts, lost, cutoff, &counters).await;
         let records = match moved {
             // The lease was lost in the set-based pass: read nothing more.

@@ -1,7 +1,7 @@
 //! The merchant API's inventory and hold routes (DESIGN.md §5, issue 17),
 //! guarding I7 through the `InventoryStore`: `PUT`/`GET
 //! /v1/inventory/{sku}`, `POST /v1/holds`, `GET`/`DELETE /v1/holds/{holdId}`.
-//! Time is read once per request from `paygate_core::ambient`.
+//! Time is read once per request from the saga's [`paygate_core::Clock`].
 
 use axum::{
     body::Bytes,
@@ -10,7 +10,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use paygate_core::{ambient, time::rfc3339_from_ms, OrderId};
+use paygate_core::{time::rfc3339_from_ms, OrderId};
 use paygate_state_store::{
     Hold, HoldItem, HoldState, InventoryStore, SetStock, StockLevel, StoreError, TakeOutcome,
 };
@@ -220,7 +220,7 @@ pub async fn put_inventory(
     if !(0..=MAX_UNITS).contains(&body.stock) {
         return Err(Problem::invalid("stock must be 0 to 1000000000"));
     }
-    let now = ambient::now_ms();
+    let now = state.saga.clock().now_ms();
     match inventory(&state)?
         .set_stock(&merchant.merchant_id, &sku, body.stock, now)
         .await
@@ -258,7 +258,7 @@ pub async fn get_inventory(
     sku: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let sku = sku_param(sku)?;
-    let now = ambient::now_ms();
+    let now = state.saga.clock().now_ms();
     match inventory(&state)?
         .level(&merchant.merchant_id, &sku, now)
         .await
@@ -357,7 +357,7 @@ pub async fn post_hold(State(state): State<AppState>, req: Request) -> Result<Re
         "{\"orderId\": string, \"items\": [{\"sku\": string, \"quantity\": integer}], \"ttlSeconds\"?: integer}",
     )
     .await?;
-    let now = ambient::now_ms();
+    let now = state.saga.clock().now_ms();
     let hold = hold_of(&state, &merchant, body, now)?;
     match inventory(&state)?.take(&hold, now).await {
         Ok(TakeOutcome::Taken(h)) => {
@@ -410,7 +410,7 @@ pub async fn get_hold(
     hold_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = hold_id_param(hold_id)?;
-    let now = ambient::now_ms();
+    let now = state.saga.clock().now_ms();
     match inventory(&state)?.hold(&merchant.merchant_id, &id).await {
         Ok(Some(h)) => Ok(Json(HoldView::of(&h, now)).into_response()),
         Ok(None) => Err(no_hold()),
@@ -440,7 +440,7 @@ pub async fn delete_hold(
 ) -> Result<Response, Problem> {
     let id = hold_id_param(hold_id)?;
     let inv = inventory(&state)?;
-    let now = ambient::now_ms();
+    let now = state.saga.clock().now_ms();
     let hold = match inv.hold(&merchant.merchant_id, &id).await {
         Ok(Some(h)) => h,
         Ok(None) => return Err(no_hold()),

@@ -153,7 +153,7 @@ impl Saga {
                 &input.reason,
                 &amount,
             ]),
-            now: paygate_core::time::now_ms(),
+            now: self.clock.now_ms(),
         };
         match self.store.claim_cancel(&draft).await {
             Err(e) => {

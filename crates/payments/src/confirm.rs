@@ -32,13 +32,6 @@ use crate::{
     Saga,
 };
 
-/// The card company's `approvedAt`, or now when an approval carried none.
-pub(crate) fn approved_at_of(p: &CardPayment) -> String {
-    p.approved_at
-        .clone()
-        .unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(paygate_core::time::now_ms()))
-}
-
 /// The card confirm of `record`: its request and its logged call site.
 pub(crate) fn card_site(record: &PaymentRecord) -> (ConfirmRequest, CallSite) {
     let req = ConfirmRequest {
@@ -88,7 +81,7 @@ impl Saga {
             self.settings.currency.clone(),
             fingerprint.clone(),
             input.idempotency_key.clone(),
-            paygate_core::time::now_ms(),
+            self.clock.now_ms(),
         );
         let span = tracing::Span::current();
         // With a journal, commit (a): the record, its claims and the first
@@ -369,13 +362,13 @@ impl Saga {
         answer: Option<OwnedRow>,
     ) -> ConfirmOutcome {
         let pid = record.payment_id.clone();
-        let approved_at = approved_at_of(p);
+        let approved_at = self.approved_at_of(p);
         let paid = Transition::MarkPaid {
             approved_at: approved_at.clone(),
         };
         let (marked, ledger_prewritten) = self.mark_paid(&record, &paid, answer).await;
         match marked {
-            Ok(true) => paid.apply(&mut record, paygate_core::time::now_ms()),
+            Ok(true) => paid.apply(&mut record, self.clock.now_ms()),
             // The guard failed: another actor (the batch, the
             // reconciliation, a merchant's retry) changed the record since
             // this confirm read it. Go on from what is stored, never from
@@ -400,7 +393,7 @@ impl Saga {
                 {
                     tracing::warn!(payment_id = %pid, "an approved payment had been filed as not sent; put back and marked paid");
                     record = current;
-                    paid.apply(&mut record, paygate_core::time::now_ms());
+                    paid.apply(&mut record, self.clock.now_ms());
                 }
                 Ok(current) => {
                     let state = current.map_or("gone".to_owned(), |(part, r)| {
@@ -441,7 +434,7 @@ impl Saga {
             (&self.journal, &answer, paid)
         {
             let mut paid_record = record.clone();
-            paid.apply(&mut paid_record, paygate_core::time::now_ms());
+            paid.apply(&mut paid_record, self.clock.now_ms());
             let next = self
                 .ledger_site(&paid_record)
                 .map(|(_, site)| site.first_request());

@@ -92,7 +92,7 @@ impl Decider {
         // Taken before the lookup: a lookup answered before a confirm still
         // in flight reaches the card company proves nothing however long
         // the resolver then takes.
-        let looked_up_at = paygate_core::time::now_ms();
+        let looked_up_at = self.saga.clock.now_ms();
         let evidence = self.saga.card_evidence(record).await;
         if evidence.contradicts(req.decision) && !req.force {
             return Err(ResolveError::Contradicted {
@@ -123,7 +123,7 @@ impl Decider {
             Decision::Approved => {
                 let approved_at = match &evidence {
                     CardEvidence::Approved { approved_at } => approved_at.clone(),
-                    _ => paygate_core::time::kst_rfc3339_from_ms(paygate_core::time::now_ms()),
+                    _ => paygate_core::time::kst_rfc3339_from_ms(self.saga.clock.now_ms()),
                 };
                 // An approval the operator saw is a fact whatever changed:
                 // guarded on state, as every approval.

@@ -31,7 +31,7 @@ impl Saga {
         .await;
         // What the record would be had the write applied: the merchant is
         // answered from the approval, not from the store.
-        Transition::MarkPaid { approved_at }.apply(&mut record, paygate_core::time::now_ms());
+        Transition::MarkPaid { approved_at }.apply(&mut record, self.clock.now_ms());
         ConfirmOutcome::Approved(record)
     }
 
@@ -54,7 +54,7 @@ impl Saga {
         if let Err(e) = self.store.transition(pid, &t).await {
             tracing::warn!(payment_id = %pid, error = %e, "could not record the decline; the batch will settle it");
         }
-        t.apply(&mut record, paygate_core::time::now_ms());
+        t.apply(&mut record, self.clock.now_ms());
         self.release_moved_hold(&record, moved).await;
         metrics::counter!("paygate_payments_total", "outcome" => "declined").increment(1);
         ConfirmOutcome::Declined {
@@ -224,7 +224,7 @@ impl Saga {
             tracing::warn!(payment_id = %record.payment_id, error = %e, "could not mark the record unknown");
         }
         self.alert(&record, reason, detail).await;
-        t.apply(&mut record, paygate_core::time::now_ms());
+        t.apply(&mut record, self.clock.now_ms());
         metrics::counter!("paygate_payments_total", "outcome" => "unknown").increment(1);
         ConfirmOutcome::Unknown(record)
     }

@@ -56,7 +56,7 @@ impl Saga {
         let Some(inventory) = self.inventory.as_ref() else {
             return Ok(None);
         };
-        let now = paygate_core::ambient::now_ms();
+        let now = self.clock.now_ms();
         let (code, detail, short) = match inventory
             .begin_payment(&record.merchant_id, &record.order_id, now)
             .await
@@ -109,7 +109,7 @@ impl Saga {
         let Some(inventory) = self.inventory.as_ref() else {
             return true;
         };
-        let now = paygate_core::ambient::now_ms();
+        let now = self.clock.now_ms();
         match inventory
             .sell(&record.merchant_id, &record.order_id, now)
             .await
@@ -141,7 +141,7 @@ impl Saga {
         let (Some(inventory), Some(hold)) = (self.inventory.as_ref(), moved) else {
             return;
         };
-        let now = paygate_core::ambient::now_ms();
+        let now = self.clock.now_ms();
         match inventory.release_stuck(hold, now).await {
             Ok(true) => {}
             Ok(false) => tracing::info!(payment_id = %record.payment_id, hold_id = %hold.hold_id,
@@ -185,7 +185,7 @@ impl Saga {
         let Some(inventory) = self.inventory.as_ref() else {
             return;
         };
-        let now = paygate_core::ambient::now_ms();
+        let now = self.clock.now_ms();
         // Only `during`: an abort before the hold moved (an answer that
         // timed out first) leaves a `pre` hold to its buyer's retry.
         let from = [HoldState::During];
@@ -297,7 +297,7 @@ impl Saga {
                 }
             }
             Some(r) if r.card_status == CardStatus::Aborted && self.ended_unpaid(&r).await? => {
-                let now = paygate_core::ambient::now_ms();
+                let now = self.clock.now_ms();
                 if dry_run || inventory.release_stuck(hold, now).await? {
                     tracing::info!(payment_id = %r.payment_id, hold_id = %hold.hold_id,
                         "released a hold left `during` by a payment that ended unpaid");

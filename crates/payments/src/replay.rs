@@ -68,7 +68,7 @@ impl Saga {
         existing: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        let age_ms = paygate_core::time::now_ms() - existing.updated_at;
+        let age_ms = self.clock.now_ms() - existing.updated_at;
         let young = age_ms < self.settings.settle_on_access_after.as_millis() as i64;
         if young {
             return ConfirmOutcome::InFlight(existing);
@@ -215,7 +215,7 @@ impl Saga {
         match self.store.transition(&pid, &reopen).await {
             Ok(true) => {
                 let mut reopened = current;
-                reopen.apply(&mut reopened, paygate_core::time::now_ms());
+                reopen.apply(&mut reopened, self.clock.now_ms());
                 if in_doubt {
                     self.run_reopened_not_sent(reopened, ticket).await
                 } else {

@@ -27,7 +27,7 @@ use paygate_core::{Partition, PaymentId, PaymentRecord};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError};
 use serde_json::{json, Value};
 
-use crate::{confirm::approved_at_of, decide::Decider, Saga, Tally};
+use crate::{decide::Decider, Saga, Tally};
 
 /// The `failure_code` of a payment an operator resolved as not charged.
 pub const OPERATOR_NOT_CHARGED: &str = "PAYGATE_OPERATOR_NOT_CHARGED";
@@ -225,7 +225,7 @@ impl Saga {
         let status = p.status.clone();
         match self.verdict_of_lookup(record, p) {
             Ok(crate::outcome::CardVerdict::Approved(p)) => CardEvidence::Approved {
-                approved_at: approved_at_of(&p),
+                approved_at: self.approved_at_of(&p),
             },
             Ok(crate::outcome::CardVerdict::Declined { code, .. }) => {
                 CardEvidence::NotApproved { code }

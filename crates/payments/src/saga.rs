@@ -66,8 +66,12 @@ impl Default for SagaSettings {
     }
 }
 
-/// Margin for the clocks of other replicas in [`in_flight_window`].
-pub const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(5);
+/// How far two processes' clocks may disagree: each within ±3 s of true
+/// time (NTP keeps machines far closer), so two of them within 6 s. Every
+/// age one process measures against a stamp another wrote is widened by
+/// it: the settle-on-access age ([`in_flight_window`]), the batch's grace
+/// and the reconciliation's `min_age`.
+pub const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(6);
 
 /// How long after a record's last change a confirm of it may still be at
 /// the card company: the card stack's whole deadline (`deadline_ms`,
@@ -93,6 +97,9 @@ pub struct Saga {
     /// Commits log rows with state changes when both live in one SQL
     /// database (see [`paygate_api_log::journal`]); `None`: separate writes.
     pub(crate) journal: Option<Arc<dyn Journal>>,
+    /// This process's clock: ages it measures (settle-on-access, a hold's
+    /// expiry as this process asks it) and the stamps of its own copies.
+    pub(crate) clock: paygate_core::Clock,
 }
 
 /// The payments whose confirm is running in this process right now. A
@@ -166,7 +173,28 @@ impl Saga {
             live: LiveConfirms::default(),
             inventory: None,
             journal: None,
+            clock: paygate_core::Clock::system(),
         }
+    }
+
+    /// The saga on `clock` instead of the process clock (the simulation
+    /// gives each replica a skewed one).
+    #[must_use]
+    pub fn with_clock(mut self, clock: paygate_core::Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The card company's `approvedAt`, or now when an approval carried none.
+    pub(crate) fn approved_at_of(&self, p: &paygate_card_api::CardPayment) -> String {
+        p.approved_at
+            .clone()
+            .unwrap_or_else(|| paygate_core::time::rfc3339_from_ms(self.clock.now_ms()))
+    }
+
+    /// This process's clock, for the jobs that run over this saga.
+    pub fn clock(&self) -> &paygate_core::Clock {
+        &self.clock
     }
 
     /// The saga with a [`Journal`]: only when `journal` writes to the

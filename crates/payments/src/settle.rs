@@ -12,7 +12,6 @@ use paygate_core::{CardStatus, Partition, PaymentRecord};
 use paygate_state_store::{StateStore, StoreError, Transition};
 
 use crate::{
-    confirm::approved_at_of,
     ledger::SaveResult,
     outcome::{CardVerdict, Settlement},
     Saga,
@@ -33,7 +32,7 @@ impl Saga {
         let pid = &record.payment_id;
         match self.settle_by_lookup(record).await {
             CardVerdict::Approved(p) => {
-                let approved_at = approved_at_of(&p);
+                let approved_at = self.approved_at_of(&p);
                 let t = Transition::MarkPaid { approved_at };
                 if self.store.transition(pid, &t).await? {
                     self.hold_on_paid(record).await;

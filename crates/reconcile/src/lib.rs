@@ -462,6 +462,16 @@ struct Run {
     card_cancels: std::sync::Mutex<HashMap<(String, i64), std::collections::HashSet<String>>>,
 }
 
+impl Run {
+    /// Records last changed at or before this (epoch ms, this process's
+    /// clock) are the stale pass's: `stale_after` widened by the skew
+    /// margin, as the batch's grace is, since another process stamped them.
+    fn stale_cutoff(&self) -> i64 {
+        self.now_ms
+            - (self.opts.stale_after + paygate_payments::CLOCK_SKEW_MARGIN).as_millis() as i64
+    }
+}
+
 impl Reconciler {
     /// A reconciler over the store, the saga (its card stack, logged calls
     /// and alerter) and the SQL database (lease).
@@ -531,11 +541,12 @@ impl Reconciler {
                     "a reconciler needs a lease store".to_owned(),
                 ))
             }
-        };
+        }
+        .with_clock(self.saga.clock().clone());
         if let Err(held) = lease.acquire().await? {
             return Err(ReconcileError::LeaseHeld {
                 owner: held.owner,
-                expires_in_ms: held.expires_at - paygate_core::time::now_ms(),
+                expires_in_ms: held.expires_at - self.saga.clock().now_ms(),
             });
         }
         let renewal = lease.keep_alive(opts.lease_ttl);
@@ -548,7 +559,7 @@ impl Reconciler {
                 opts.ledger_alert_threshold,
             ),
             lost: renewal.lost_flag(),
-            now_ms: paygate_core::time::now_ms(),
+            now_ms: self.saga.clock().now_ms(),
             log_subject: PaymentId::from_stored(format!(
                 "reconcile_{}",
                 paygate_core::ambient::ulid()
@@ -628,7 +639,7 @@ impl Reconciler {
 
     /// Step 1: not-paid records past `stale_after`, settled as the batch does.
     async fn stale_pass(&self, run: &Run) -> Result<(), ReconcileError> {
-        let cutoff = run.now_ms - run.opts.stale_after.as_millis() as i64;
+        let cutoff = run.stale_cutoff();
         self.store
             .scan_stale(cutoff, 500)
             .map_err(ReconcileError::Store)
@@ -900,11 +911,13 @@ impl Reconciler {
         }
         let pending = matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
         if *partition == Partition::Realtime && pending {
-            if r.updated_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
+            // Widened by the skew margin, as the batch's grace is.
+            let min_age = run.opts.min_age + paygate_payments::CLOCK_SKEW_MARGIN;
+            if r.updated_at > run.now_ms - min_age.as_millis() as i64 {
                 // Its saga may be finishing right now; leave it to the saga.
                 return;
             }
-            if r.updated_at <= run.now_ms - run.opts.stale_after.as_millis() as i64 {
+            if r.updated_at <= run.stale_cutoff() {
                 // The stale pass of this run owns it.
                 return;
             }

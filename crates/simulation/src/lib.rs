@@ -185,12 +185,14 @@ async fn history(
         .draw_replicas(&chaos, replicas);
     let mut world = World::new(rng.clone(), options.store_stall_per_mille, store);
     if options.replicas > 1 {
-        world = world.with_replicas(
-            SimRng::new(seed ^ 0xE703_7ED1_A0B4_28DB),
-            paygate_payments::in_flight_window(
-                paygate_core::config::DownstreamPolicy::card_api().deadline_ms,
-            ),
-        );
+        world = world
+            .with_replicas(
+                SimRng::new(seed ^ 0xE703_7ED1_A0B4_28DB),
+                paygate_payments::in_flight_window(
+                    paygate_core::config::DownstreamPolicy::card_api().deadline_ms,
+                ),
+            )
+            .with_skew(SimRng::new(seed ^ 0x5851_F42D_4C95_7F2D));
     }
     world.job_stall_per_mille = options.job_stall_per_mille;
     world.gateway_stall_per_mille = options.gateway_stall_per_mille;

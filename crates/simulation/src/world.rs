@@ -165,6 +165,9 @@ pub struct World {
     pub job_stall_per_mille: u64,
     /// Round trips of a gateway replica that stall 1-6 s, per mille.
     pub gateway_stall_per_mille: u64,
+    /// Draws each process's clock skew ([`World::with_skew`]); `None`:
+    /// every process reads the history's clock.
+    pub skews: Option<SimRng>,
 }
 
 impl World {
@@ -190,6 +193,7 @@ impl World {
             chaos: SimRng::new(0),
             job_stall_per_mille: 0,
             gateway_stall_per_mille: 0,
+            skews: None,
         }
     }
 }
@@ -203,11 +207,43 @@ impl World {
         self
     }
 
+    /// The world whose processes each read a clock of their own, drawn
+    /// from `skews` by [`skewed_clock`]. The stores keep the history's
+    /// clock: they are the database, whose clock decides where it decides.
+    pub fn with_skew(mut self, skews: SimRng) -> Self {
+        self.skews = Some(skews);
+        self
+    }
+
     /// A fresh in-memory state store on the history's (simulated) clock.
     pub fn memory_store() -> Arc<MemoryStateStore> {
-        let clock: paygate_state_store::memory::Clock = Arc::new(paygate_core::time::now_ms);
+        let clock = paygate_core::Clock::system();
         Arc::new(MemoryStateStore::new(clock))
     }
+}
+
+/// Largest offset of a process's clock from the history's, ms: NTP keeps
+/// production machines well inside it.
+pub const MAX_CLOCK_SKEW_MS: u64 = 3_000;
+
+/// A process clock: the history's clock offset by a skew drawn from
+/// `skews` (up to [`MAX_CLOCK_SKEW_MS`] either way), which in a third of
+/// the processes steps backwards by 0.1-2 s once, at a drawn instant (an
+/// NTP step), so that the process reads an earlier time than it did.
+pub fn skewed_clock(skews: &SimRng) -> (paygate_core::Clock, i64) {
+    let offset = skews.between(0, 2 * MAX_CLOCK_SKEW_MS) as i64 - MAX_CLOCK_SKEW_MS as i64;
+    let step = skews.chance(0.3).then(|| {
+        let at = paygate_core::ambient::now_ms() + skews.between(0, 20_000) as i64;
+        (at, skews.between(100, 2_000) as i64)
+    });
+    let clock = paygate_core::Clock::from_fn(move || {
+        let now = paygate_core::ambient::now_ms();
+        match step {
+            Some((at, back)) if now >= at => now + offset - back,
+            _ => now + offset,
+        }
+    });
+    (clock, offset)
 }
 
 /// Until when a paused process stalls (`None`: it runs). Every call of
@@ -255,6 +291,18 @@ impl Incarnation {
         };
         let dead = Arc::new(AtomicBool::new(false));
         let pause = Pause::default();
+        let clock = match &world.skews {
+            Some(skews) => {
+                let (clock, offset) = skewed_clock(skews);
+                tracing::debug!(
+                    ?actor,
+                    skew_ms = offset,
+                    "a process starts on a skewed clock"
+                );
+                clock
+            }
+            None => paygate_core::Clock::system(),
+        };
         let store: Arc<dyn StateStore> = Arc::new(StoreHandle {
             handle: Handle {
                 inner: world.store.clone(),
@@ -333,6 +381,7 @@ impl Incarnation {
                     ..SagaSettings::default()
                 },
             )
+            .with_clock(clock)
             .with_inventory(Arc::new(crate::inventory::InventoryHandle {
                 inner: world.inventory.clone(),
                 dead: dead.clone(),

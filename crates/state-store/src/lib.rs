@@ -16,23 +16,20 @@
 //! The SQL database also holds the merchants ([`SqlMerchantStore`]) and the
 //! request/response log (crate `paygate-api-log`).
 
+// The entities, each with its rules: payment records, their cancels,
+// inventory holds.
 pub mod cancels;
 pub mod inventory;
-#[cfg(feature = "memory")]
-pub mod inventory_memory;
-#[cfg(feature = "mongodb")]
-pub mod inventory_mongo;
-pub mod inventory_sql;
+pub mod payment;
+pub mod rules;
+// The backends, each with a module per entity (`mod.rs` the payments,
+// then `cancels.rs` and `inventory.rs`).
 #[cfg(feature = "memory")]
 pub mod memory;
 mod merchants;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
-pub mod payment;
-pub mod rules;
 pub mod sql;
-mod sql_cancels;
-pub mod sqlite_writer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -44,16 +41,16 @@ pub use inventory::{
     SellOutcome, SetStock, StockLevel, TakeOutcome,
 };
 #[cfg(feature = "memory")]
-pub use inventory_memory::MemoryInventoryStore;
-#[cfg(feature = "mongodb")]
-pub use inventory_mongo::MongoInventoryStore;
-pub use inventory_sql::SqlInventoryStore;
+pub use memory::inventory::MemoryInventoryStore;
 #[cfg(feature = "memory")]
 pub use memory::{Fault, FaultFn, MemoryStateStore, WriteKind};
 pub use merchants::{Merchant, SqlMerchantStore};
 #[cfg(feature = "mongodb")]
+pub use mongo::inventory::MongoInventoryStore;
+#[cfg(feature = "mongodb")]
 pub use mongo::{MongoOptions, MongoStateStore};
 pub use payment::{entry_guard, is_stale, may_enter, stale_guard, PaymentField, Transition};
+pub use sql::inventory::SqlInventoryStore;
 pub use sql::{LogRow, SqlDatabase, SqlStateStore, SqliteDatabase};
 
 use futures_util::{stream::BoxStream, TryStreamExt};

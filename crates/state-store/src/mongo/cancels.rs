@@ -126,7 +126,7 @@ impl CancelStore for MongoStateStore {
         n: i64,
         t: &CancelTransition,
     ) -> Result<bool, StoreError> {
-        let (mut filter, update) = transition_update(t, paygate_core::time::now_ms());
+        let (mut filter, update) = transition_update(t, self.clock.now_ms());
         filter.insert("_id", cancel_id(payment_id, n));
         let updated = self
             .coll(CANCELS)

@@ -6,6 +6,14 @@
 //! [`with_pool!`](crate::with_pool) expands one body once per backend so each
 //! gets sqlx's native, fully typed driver (rather than sqlx's `Any` driver,
 //! which cannot decode booleans from SQLite).
+//!
+//! This module holds the database and the payment records; [`cancels`]
+//! and [`inventory`] the other two entities on the same database;
+//! [`sqlite_writer`] SQLite's group commit.
+
+mod cancels;
+pub mod inventory;
+pub mod sqlite_writer;
 
 use std::{borrow::Cow, str::FromStr, time::Duration};
 
@@ -20,9 +28,9 @@ use sqlx::{
     Row,
 };
 
+use self::sqlite_writer::SqliteWriter;
 use crate::{
     rules::sql::{Bind, Binds},
-    sqlite_writer::SqliteWriter,
     CreateOutcome, StateStore, StoreError, Transition,
 };
 
@@ -69,7 +77,7 @@ pub(crate) use bind_rule;
 
 /// A SQLite database: the pool (every read, and the rare writes outside a
 /// confirm's path) and, for a file database, the group-commit writer
-/// ([`crate::sqlite_writer`]) that commits the confirm's writes.
+/// ([`sqlite_writer`]) that commits the confirm's writes.
 #[derive(Clone, Debug)]
 pub struct SqliteDatabase {
     /// The connection pool.
@@ -159,114 +167,114 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "init",
-        include_str!("../../../migrations/sqlite/0001_init.sql"),
+        include_str!("../../../../migrations/sqlite/0001_init.sql"),
     ),
     (
         2,
         "alert outbox",
-        include_str!("../../../migrations/sqlite/0002_alert_outbox.sql"),
+        include_str!("../../../../migrations/sqlite/0002_alert_outbox.sql"),
     ),
     (
         3,
         "batch leases",
-        include_str!("../../../migrations/sqlite/0003_batch_leases.sql"),
+        include_str!("../../../../migrations/sqlite/0003_batch_leases.sql"),
     ),
     (
         4,
         "reconciliation indexes",
-        include_str!("../../../migrations/sqlite/0004_reconcile_indexes.sql"),
+        include_str!("../../../../migrations/sqlite/0004_reconcile_indexes.sql"),
     ),
     (
         5,
         "job runs",
-        include_str!("../../../migrations/sqlite/0005_job_runs.sql"),
+        include_str!("../../../../migrations/sqlite/0005_job_runs.sql"),
     ),
     (
         6,
         "alert parking",
-        include_str!("../../../migrations/sqlite/0006_alert_parking.sql"),
+        include_str!("../../../../migrations/sqlite/0006_alert_parking.sql"),
     ),
     (
         7,
         "operator audit",
-        include_str!("../../../migrations/sqlite/0007_operator_audit.sql"),
+        include_str!("../../../../migrations/sqlite/0007_operator_audit.sql"),
     ),
     (
         8,
         "card account claims",
-        include_str!("../../../migrations/sqlite/0008_card_account_claims.sql"),
+        include_str!("../../../../migrations/sqlite/0008_card_account_claims.sql"),
     ),
     (
         9,
         "payment cancels",
-        include_str!("../../../migrations/sqlite/0009_payment_cancels.sql"),
+        include_str!("../../../../migrations/sqlite/0009_payment_cancels.sql"),
     ),
     (
         10,
         "inventory and holds",
-        include_str!("../../../migrations/sqlite/0010_inventory_holds.sql"),
+        include_str!("../../../../migrations/sqlite/0010_inventory_holds.sql"),
     ),
     (
         11,
         "versions",
-        include_str!("../../../migrations/sqlite/0011_versions.sql"),
+        include_str!("../../../../migrations/sqlite/0011_versions.sql"),
     ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "init",
-        include_str!("../../../migrations/postgres/0001_init.sql"),
+        include_str!("../../../../migrations/postgres/0001_init.sql"),
     ),
     (
         2,
         "alert outbox",
-        include_str!("../../../migrations/postgres/0002_alert_outbox.sql"),
+        include_str!("../../../../migrations/postgres/0002_alert_outbox.sql"),
     ),
     (
         3,
         "batch leases",
-        include_str!("../../../migrations/postgres/0003_batch_leases.sql"),
+        include_str!("../../../../migrations/postgres/0003_batch_leases.sql"),
     ),
     (
         4,
         "reconciliation indexes",
-        include_str!("../../../migrations/postgres/0004_reconcile_indexes.sql"),
+        include_str!("../../../../migrations/postgres/0004_reconcile_indexes.sql"),
     ),
     (
         5,
         "job runs",
-        include_str!("../../../migrations/postgres/0005_job_runs.sql"),
+        include_str!("../../../../migrations/postgres/0005_job_runs.sql"),
     ),
     (
         6,
         "alert parking",
-        include_str!("../../../migrations/postgres/0006_alert_parking.sql"),
+        include_str!("../../../../migrations/postgres/0006_alert_parking.sql"),
     ),
     (
         7,
         "operator audit",
-        include_str!("../../../migrations/postgres/0007_operator_audit.sql"),
+        include_str!("../../../../migrations/postgres/0007_operator_audit.sql"),
     ),
     (
         8,
         "card account claims",
-        include_str!("../../../migrations/postgres/0008_card_account_claims.sql"),
+        include_str!("../../../../migrations/postgres/0008_card_account_claims.sql"),
     ),
     (
         9,
         "payment cancels",
-        include_str!("../../../migrations/postgres/0009_payment_cancels.sql"),
+        include_str!("../../../../migrations/postgres/0009_payment_cancels.sql"),
     ),
     (
         10,
         "inventory and holds",
-        include_str!("../../../migrations/postgres/0010_inventory_holds.sql"),
+        include_str!("../../../../migrations/postgres/0010_inventory_holds.sql"),
     ),
     (
         11,
         "versions",
-        include_str!("../../../migrations/postgres/0011_versions.sql"),
+        include_str!("../../../../migrations/postgres/0011_versions.sql"),
     ),
 ];
 
@@ -580,12 +588,23 @@ fn partition_from(name: &str) -> Partition {
 #[derive(Clone, Debug)]
 pub struct SqlStateStore {
     db: SqlDatabase,
+    /// Stamps what this process writes (`updated_at`, a move's stamp).
+    pub(crate) clock: paygate_core::Clock,
 }
 
 impl SqlStateStore {
     /// A store on `db` (migrated).
     pub fn new(db: SqlDatabase) -> Self {
-        Self { db }
+        Self {
+            db,
+            clock: paygate_core::Clock::system(),
+        }
+    }
+
+    /// The same store stamping by `clock` instead of the process clock.
+    pub fn with_clock(mut self, clock: paygate_core::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The underlying database.
@@ -892,7 +911,7 @@ impl SqlStateStore {
         next: Option<&LogRow<'_>>,
     ) -> Result<bool, StoreError> {
         let log_sql = log_insert_sql(&self.db);
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         macro_rules! logged_body {
             ($c:expr, $pid:expr, $answer:expr, $t:expr, $next:expr) => {{
                 bind_log_row!(sqlx::query(log_sql), $answer)
@@ -1009,7 +1028,7 @@ impl StateStore for SqlStateStore {
         let Some((sql, binds)) = transition_statement(t) else {
             return Ok(false);
         };
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         if let SqlDatabase::Sqlite(db) = &self.db {
             if db.writer().is_some() {
                 let pid = payment_id.as_str().to_owned();
@@ -1050,7 +1069,7 @@ impl StateStore for SqlStateStore {
                 from.table()
             )));
         }
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         match &self.db {
             // One statement: the guarded DELETE locks the row (a concurrent
             // UPDATE waits, then finds it gone; an UPDATE that committed first
@@ -1104,7 +1123,7 @@ impl StateStore for SqlStateStore {
     }
 
     async fn move_settled(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         let limit = i64::from(limit);
         match &self.db {
             // One statement: the picked rows are locked (`SKIP LOCKED`: a
@@ -1203,7 +1222,7 @@ impl StateStore for SqlStateStore {
         to: Partition,
     ) -> Result<bool, StoreError> {
         let copy = copy_sql(from, to, false);
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         with_pool!(&self.db, pool => sqlx::query(&copy)
             .bind(payment_id.as_str())
             .bind(now)

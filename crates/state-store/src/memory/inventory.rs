@@ -27,11 +27,9 @@ struct Inner {
 }
 
 impl Inner {
-    /// As the SQL stores: a `pre` hold counts until its `expires_at` by the
-    /// earlier of `now` and the machine's clock (the memory store's
-    /// "database").
+    /// A `pre` hold counts until its `expires_at` at `now`, the judged time
+    /// ([`MemoryInventoryStore::judged_now`]).
     fn held(&self, merchant: &str, sku: &str, now: i64, except: Option<&str>) -> i64 {
-        let now = now.min(system_now_ms());
         self.holds
             .values()
             .filter(|h| h.merchant_id.as_str() == merchant && h.is_active(now))
@@ -89,12 +87,23 @@ impl Inner {
 #[derive(Default, Debug)]
 pub struct MemoryInventoryStore {
     inner: Mutex<Inner>,
+    /// The store's own clock (its "database's"); see [`Self::judged_now`].
+    clock: paygate_core::Clock,
 }
 
 impl MemoryInventoryStore {
-    /// An empty store.
+    /// An empty store on the process clock (in the simulation, the
+    /// history's unskewed clock: the database's).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// As the SQL stores: a caller's `now` judged against the store's own
+    /// clock, the earlier of the two, so that a caller whose clock runs
+    /// ahead never finds a `pre` hold expired before the store does (and
+    /// gives its units to another buyer while the holder may still pay).
+    fn judged_now(&self, caller_ms: i64) -> i64 {
+        caller_ms.min(self.clock.now_ms())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -129,6 +138,7 @@ impl InventoryStore for MemoryInventoryStore {
         stock: i64,
         now_ms: i64,
     ) -> Result<SetStock, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         let key = (merchant.as_str().to_owned(), sku.to_owned());
         let sold = g.skus.get(&key).map_or(0, |s| s.1);
@@ -151,10 +161,12 @@ impl InventoryStore for MemoryInventoryStore {
         sku: &str,
         now_ms: i64,
     ) -> Result<Option<StockLevel>, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         Ok(self.lock().level(merchant.as_str(), sku, now_ms))
     }
 
     async fn take(&self, hold: &Hold, now_ms: i64) -> Result<TakeOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         if let Some(existing) = g.by_order(&hold.merchant_id, &hold.order_id) {
             return Ok(TakeOutcome::Exists(existing.clone()));
@@ -197,6 +209,7 @@ impl InventoryStore for MemoryInventoryStore {
         order: &OrderId,
         now_ms: i64,
     ) -> Result<BeginOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         let Some(hold) = g.by_order(merchant, order).cloned() else {
             return Ok(BeginOutcome::NoHold);
@@ -243,6 +256,7 @@ impl InventoryStore for MemoryInventoryStore {
         order: &OrderId,
         now_ms: i64,
     ) -> Result<SellOutcome, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         let Some(h) = g.by_order_mut(merchant, order) else {
             return Ok(SellOutcome::NoHold);
@@ -277,6 +291,7 @@ impl InventoryStore for MemoryInventoryStore {
         from: &[HoldState],
         now_ms: i64,
     ) -> Result<Option<Hold>, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         let Some(h) = g.by_order_mut(merchant, order) else {
             return Ok(None);
@@ -305,6 +320,7 @@ impl InventoryStore for MemoryInventoryStore {
     }
 
     async fn release_stuck(&self, seen: &Hold, now_ms: i64) -> Result<bool, StoreError> {
+        let now_ms = self.judged_now(now_ms);
         let mut g = self.lock();
         let rule = HoldTransition::ReleaseStuck {
             seen_version: seen.version,
@@ -341,14 +357,4 @@ pub(crate) fn purgeable(h: &Hold, before_ms: i64) -> bool {
         HoldState::Pre => h.expires_at < before_ms,
         HoldState::During | HoldState::Sold => false,
     }
-}
-
-/// The machine's clock, epoch ms (never the ambient override: it is the
-/// store's own clock, as a database's is).
-fn system_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(i64::MAX, |d| {
-            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-        })
 }

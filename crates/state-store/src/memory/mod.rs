@@ -23,6 +23,12 @@
 //!   lost). Reads and `ping` never fail.
 //! - [`MemoryStateStore::snapshot`] hands an invariant checker every record
 //!   with its partition.
+//!
+//! [`inventory`] keeps inventory and holds in memory; the cancels are in
+//! `cancels.rs`.
+
+mod cancels;
+pub mod inventory;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -38,11 +44,7 @@ use paygate_core::{
     payment::failure_codes, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
 
-use crate::{
-    cancels::{apply_cancel_transition, decide_claim, ClaimDecision},
-    CancelClaim, CancelDraft, CancelRecord, CancelStore, CancelTransition, CreateOutcome,
-    StateStore, StoreError, Transition,
-};
+use crate::{CreateOutcome, StateStore, StoreError, Transition};
 
 /// The kind of write a fault closure is asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,8 +81,9 @@ pub enum Fault {
 /// it writes; see [`MemoryStateStore::set_fault`].
 pub type FaultFn = Arc<dyn Fn(WriteKind, &PaymentId) -> Fault + Send + Sync>;
 
-/// A clock in epoch milliseconds; see [`MemoryStateStore::new`].
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+/// The clock the store stamps by (its "database's" clock); see
+/// [`MemoryStateStore::new`].
+pub use paygate_core::Clock;
 
 /// One partition: the records by id, and the `(created_at, payment_id)`
 /// index `scan_created` pages on (a record's `created_at` never changes).
@@ -183,7 +186,7 @@ impl std::fmt::Debug for MemoryStateStore {
 
 impl MemoryStateStore {
     /// An empty store whose transitions, moves and copies stamp `updated_at`
-    /// with `clock()` (epoch ms), read once per such call, before the write
+    /// with `clock.now_ms()` (epoch ms), read once per such call, before the write
     /// and outside the store's lock (as the SQL backend reads the time before
     /// its statement). The simulation passes a clock driven by tokio's paused
     /// time.
@@ -195,10 +198,10 @@ impl MemoryStateStore {
         }
     }
 
-    /// An empty store on the wall clock ([`paygate_core::time::now_ms`]), as
+    /// An empty store on the process clock ([`Clock::system`]), as
     /// the SQL backend stamps it.
     pub fn with_system_clock() -> Self {
-        Self::new(Arc::new(paygate_core::time::now_ms))
+        Self::new(Clock::system())
     }
 
     /// Installs (`Some`) or removes (`None`) the fault closure. It is asked
@@ -338,68 +341,6 @@ impl MemoryStateStore {
     }
 }
 
-impl State {
-    fn cancels_of(&self, payment_id: &PaymentId) -> Vec<CancelRecord> {
-        self.cancels
-            .range((payment_id.clone(), i64::MIN)..=(payment_id.clone(), i64::MAX))
-            .map(|(_, c)| c.clone())
-            .collect()
-    }
-}
-
-/// As the SQL backend; the claim reads and inserts under the one mutex.
-#[async_trait::async_trait]
-impl CancelStore for MemoryStateStore {
-    async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError> {
-        self.write(
-            WriteKind::Cancel,
-            &draft.payment_id,
-            |state| match decide_claim(draft, &state.cancels_of(&draft.payment_id)) {
-                ClaimDecision::Answer(a) => Ok(a),
-                ClaimDecision::Insert(c) => {
-                    state.cancels.insert((c.payment_id.clone(), c.n), c.clone());
-                    Ok(CancelClaim::Claimed(c))
-                }
-            },
-        )
-    }
-
-    async fn cancels_of(&self, payment_id: &PaymentId) -> Result<Vec<CancelRecord>, StoreError> {
-        Ok(self.lock().cancels_of(payment_id))
-    }
-
-    async fn cancel_transition(
-        &self,
-        payment_id: &PaymentId,
-        n: i64,
-        t: &CancelTransition,
-    ) -> Result<bool, StoreError> {
-        let now = (self.clock)();
-        self.write(WriteKind::Cancel, payment_id, |state| {
-            Ok(state
-                .cancels
-                .get_mut(&(payment_id.clone(), n))
-                .is_some_and(|c| apply_cancel_transition(c, t, now)))
-        })
-    }
-
-    fn scan_open_cancels(
-        &self,
-        _batch_size: u32,
-    ) -> BoxStream<'_, Result<CancelRecord, StoreError>> {
-        let open: Vec<CancelRecord> = self
-            .lock()
-            .cancels
-            .values()
-            .filter(|c| {
-                c.status.in_flight() || (c.status == crate::CancelStatus::Done && !c.is_saved)
-            })
-            .cloned()
-            .collect();
-        Box::pin(futures_util::stream::iter(open.into_iter().map(Ok)))
-    }
-}
-
 #[async_trait::async_trait]
 impl StateStore for MemoryStateStore {
     async fn create(&self, r: &PaymentRecord) -> Result<CreateOutcome, StoreError> {
@@ -498,7 +439,7 @@ impl StateStore for MemoryStateStore {
                 return Ok(false);
             }
         }
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         self.write(WriteKind::Transition, payment_id, |state| {
             Ok(state
                 .table_mut(Partition::Realtime)
@@ -523,7 +464,7 @@ impl StateStore for MemoryStateStore {
                 from.table()
             )));
         }
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         self.write(WriteKind::Move, payment_id, |state| {
             let may = state
                 .table(from)
@@ -581,7 +522,7 @@ impl StateStore for MemoryStateStore {
         from: Partition,
         to: Partition,
     ) -> Result<bool, StoreError> {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         self.write(WriteKind::Copy, payment_id, |state| {
             let Some(mut copy) = state.table(from).rows.get(payment_id).cloned() else {
                 return Ok(false);
@@ -701,7 +642,7 @@ mod tests {
     fn store_at(start: i64) -> (MemoryStateStore, Arc<AtomicI64>) {
         let now = Arc::new(AtomicI64::new(start));
         let clock = now.clone();
-        let store = MemoryStateStore::new(Arc::new(move || clock.load(Ordering::SeqCst)));
+        let store = MemoryStateStore::new(Clock::from_fn(move || clock.load(Ordering::SeqCst)));
         (store, now)
     }
 

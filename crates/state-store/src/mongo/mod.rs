@@ -70,6 +70,7 @@
 //! [`StoreError::Unavailable`] (a rerun finishes it).
 
 mod cancels;
+pub mod inventory;
 
 use std::time::{Duration, Instant};
 
@@ -142,6 +143,8 @@ pub struct MongoStateStore {
     client: Client,
     db: Database,
     transactions: bool,
+    /// Stamps what this process writes and measures a claim's age.
+    clock: paygate_core::Clock,
 }
 
 pub(crate) fn map_err(e: mongodb::error::Error) -> StoreError {
@@ -336,12 +339,18 @@ fn secondary_claims(record: &PaymentRecord) -> Vec<(String, Secondary)> {
 /// A claim document: `_id`, the payment it names, the snapshot of that
 /// payment's first record, when it was taken, and whether it is final (a
 /// claim written before `final` existed is final).
-fn claim_doc(id: &str, record: &PaymentRecord, snapshot: &Document, final_: bool) -> Document {
+fn claim_doc(
+    id: &str,
+    record: &PaymentRecord,
+    snapshot: &Document,
+    final_: bool,
+    now: i64,
+) -> Document {
     doc! {
         "_id": id,
         "payment_id": record.payment_id.as_str(),
         "record": snapshot.clone(),
-        "created_at": paygate_core::time::now_ms(),
+        "created_at": now,
         "final": final_,
     }
 }
@@ -357,14 +366,14 @@ fn claim_is_final(claim: &Document) -> bool {
     claim.get_bool("final").unwrap_or(true)
 }
 
-/// The claim's age by its own clock, in ms (0 when unreadable).
-fn claim_age_ms(claim: &Document) -> i64 {
+/// The claim's age at `now` (epoch ms), in ms (`i64::MAX` when unreadable).
+fn claim_age_ms(claim: &Document, now: i64) -> i64 {
     let created = match claim.get("created_at") {
         Some(Bson::Int64(v)) => *v,
         Some(Bson::Int32(v)) => i64::from(*v),
         _ => return i64::MAX,
     };
-    paygate_core::time::now_ms().saturating_sub(created)
+    now.saturating_sub(created)
 }
 
 impl MongoStateStore {
@@ -402,9 +411,16 @@ impl MongoStateStore {
             client,
             db,
             transactions,
+            clock: paygate_core::Clock::system(),
         };
         store.ensure_indexes().await?;
         Ok(store)
+    }
+
+    /// The same store stamping by `clock` instead of the process clock.
+    pub fn with_clock(mut self, clock: paygate_core::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// True when moves run inside multi-document transactions.
@@ -495,7 +511,7 @@ impl MongoStateStore {
             if let Some((_, r)) = self.get(&pid).await? {
                 return Ok(Some(r));
             }
-            let young = claim_age_ms(&claim) < CLAIM_WAIT.as_millis() as i64
+            let young = claim_age_ms(&claim, self.clock.now_ms()) < CLAIM_WAIT.as_millis() as i64
                 && started.elapsed() < CLAIM_WAIT;
             if !young {
                 break;
@@ -596,7 +612,8 @@ impl MongoStateStore {
                     if claim_is_final(&p) {
                         return Ok(true);
                     }
-                    let young = claim_age_ms(&p) < CLAIM_WAIT.as_millis() as i64
+                    let young = claim_age_ms(&p, self.clock.now_ms())
+                        < CLAIM_WAIT.as_millis() as i64
                         && started.elapsed() < CLAIM_WAIT;
                     if young {
                         tokio_sleep(CLAIM_POLL).await;
@@ -681,7 +698,7 @@ impl MongoStateStore {
         let token = Bson::ObjectId(mongodb::bson::oid::ObjectId::new());
         let exists = |r: Option<PaymentRecord>| r.map(|r| CreateOutcome::Exists(Box::new(r)));
         // 1. The order: tentative until every secondary claim is taken.
-        let mut primary = claim_doc(&order_claim, record, &snapshot, false);
+        let mut primary = claim_doc(&order_claim, record, &snapshot, false, self.clock.now_ms());
         primary.insert("token", token.clone());
         match claims.insert_one(primary.clone()).await {
             Ok(_) => {}
@@ -695,7 +712,7 @@ impl MongoStateStore {
                 "payment_id": pid,
                 "primary": &order_claim,
                 "token": token.clone(),
-                "created_at": paygate_core::time::now_ms(),
+                "created_at": self.clock.now_ms(),
             };
             let holder = match claims.insert_one(doc).await {
                 Ok(_) => continue,
@@ -804,8 +821,8 @@ impl MongoStateStore {
 
     /// The guard (filter, without `_id`) and the update of a transition,
     /// compiled from its rule; every update increments `version`.
-    fn transition_update(t: &Transition) -> Option<(Document, Document)> {
-        let now = paygate_core::time::now_ms();
+    fn transition_update(&self, t: &Transition) -> Option<(Document, Document)> {
+        let now = self.clock.now_ms();
         Some(t.rule()?.to_mongo::<PaymentRecord>(now))
     }
 
@@ -877,10 +894,7 @@ impl MongoStateStore {
         let mut seen = guarded(id, to);
         seen.insert("version", version_is(version_of(&d)));
         self.partition(to)
-            .replace_one(
-                doc! {"_id": id},
-                moved_copy(d, paygate_core::time::now_ms()),
-            )
+            .replace_one(doc! {"_id": id}, moved_copy(d, self.clock.now_ms()))
             .upsert(true)
             .session(&mut *session)
             .await?;
@@ -973,7 +987,7 @@ impl StateStore for MongoStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        let Some((mut filter, update)) = Self::transition_update(t) else {
+        let Some((mut filter, update)) = self.transition_update(t) else {
             return Ok(false);
         };
         filter.insert("_id", payment_id.as_str());
@@ -1015,10 +1029,7 @@ impl StateStore for MongoStateStore {
         };
         let seen_version = version_of(&d);
         self.partition(to)
-            .replace_one(
-                doc! {"_id": id},
-                moved_copy(d, paygate_core::time::now_ms()),
-            )
+            .replace_one(doc! {"_id": id}, moved_copy(d, self.clock.now_ms()))
             .upsert(true)
             .await
             .map_err(map_err)?;
@@ -1084,7 +1095,7 @@ impl StateStore for MongoStateStore {
         if picked.is_empty() {
             return Ok(0);
         }
-        let stamp = paygate_core::time::now_ms();
+        let stamp = self.clock.now_ms();
         let mut seen = Vec::with_capacity(picked.len());
         let mut ids = Vec::with_capacity(picked.len());
         let mut copies = Vec::with_capacity(picked.len());
@@ -1159,10 +1170,7 @@ impl StateStore for MongoStateStore {
             return Ok(false);
         };
         self.partition(to)
-            .replace_one(
-                doc! {"_id": id},
-                moved_copy(d, paygate_core::time::now_ms()),
-            )
+            .replace_one(doc! {"_id": id}, moved_copy(d, self.clock.now_ms()))
             .upsert(true)
             .await
             .map_err(map_err)?;

@@ -114,7 +114,7 @@ impl CancelStore for SqlStateStore {
         n: i64,
         t: &CancelTransition,
     ) -> Result<bool, StoreError> {
-        let now = paygate_core::time::now_ms();
+        let now = self.clock.now_ms();
         // $1 = payment_id, $2 = n, $3 = now, $4.. = the rule's values.
         let (set, guard, binds) = t.rule().to_sql::<CancelRecord>("$3", 4);
         let sql = format!(
