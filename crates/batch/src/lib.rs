@@ -70,7 +70,11 @@ pub const REPAIR_SKUS: u32 = 1_000;
 #[derive(Clone, Debug)]
 pub struct SweepOptions {
     /// Records whose last transition is younger than this are left alone
-    /// (their saga may be running).
+    /// (their saga may be running). Judged by this process's clock against
+    /// `updated_at` stamps other processes wrote, so it must exceed a
+    /// confirm's in-flight window plus the clocks' disagreement
+    /// ([`paygate_payments::in_flight_window`], 36 s with the defaults);
+    /// the default, 120 s, does by far.
     pub grace: Duration,
     /// Classify and count, change nothing, call nothing.
     pub dry_run: bool,
@@ -400,10 +404,9 @@ impl Sweeper {
     ) -> Result<Summary, BatchError> {
         let started = Instant::now();
         let counters = Counters::default();
-        // Widened by the skew margin: a stamp another process wrote may be
-        // from a clock behind this one.
-        let cutoff = self.saga.clock().now_ms()
-            - (opts.grace + paygate_payments::CLOCK_SKEW_MARGIN).as_millis() as i64;
+        // This process's clock against stamps other processes wrote: the
+        // grace is only as exact as the clocks (see `SweepOptions::grace`).
+        let cutoff = self.saga.clock().now_ms() - opts.grace.as_millis() as i64;
         let moved = self.move_settled(opts, lost, cutoff, &counters).await;
         let records = match moved {
             // The lease was lost in the set-based pass: read nothing more.

@@ -911,9 +911,7 @@ impl Reconciler {
         }
         let pending = matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown);
         if *partition == Partition::Realtime && pending {
-            // Widened by the skew margin, as the batch's grace is.
-            let min_age = run.opts.min_age + paygate_payments::CLOCK_SKEW_MARGIN;
-            if r.updated_at > run.now_ms - min_age.as_millis() as i64 {
+            if r.updated_at > run.now_ms - run.opts.min_age.as_millis() as i64 {
                 // Its saga may be finishing right now; leave it to the saga.
                 return;
             }

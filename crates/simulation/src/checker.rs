@@ -23,7 +23,7 @@
 //! - **ages:** a batch sweep changes a record only when the record's last
 //!   change (by anyone) was at least the sweep's grace before the sweep
 //!   started (DESIGN.md §1: ages count from the last transition, not from
-//!   creation). Read from the sim's own journal of applied changes, not
+//!   creation), less the disagreement of two clocks when they are skewed. Read from the sim's own journal of applied changes, not
 //!   from the records' `updated_at`, so a wrong timestamp cannot hide it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -270,6 +270,11 @@ pub fn check(
     }
 
     // Ages: a sweep acts only on records that were left alone for its grace.
+    let skew_slack = if world.skews.is_some() {
+        2 * crate::world::MAX_CLOCK_SKEW_MS as i64
+    } else {
+        0
+    };
     let changes = world
         .changes
         .lock()
@@ -283,7 +288,10 @@ pub fn check(
         else {
             continue;
         };
-        let cutoff = started_ms - i64::try_from(grace_ms).unwrap_or(i64::MAX);
+        // With skewed clocks the sweep judges the grace by its own clock
+        // against stamps from others (a create's from its replica's
+        // clock): exact only to the two clocks' disagreement.
+        let cutoff = started_ms - i64::try_from(grace_ms).unwrap_or(i64::MAX) + skew_slack;
         if let Some(young) = changes
             .iter()
             .find(|o| o.payment_id == c.payment_id && o.at_ms > cutoff && o.at_ms < started_ms)

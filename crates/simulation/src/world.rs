@@ -228,13 +228,16 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 3_000;
 
 /// A process clock: the history's clock offset by a skew drawn from
 /// `skews` (up to [`MAX_CLOCK_SKEW_MS`] either way), which in a third of
-/// the processes steps backwards by 0.1-2 s once, at a drawn instant (an
-/// NTP step), so that the process reads an earlier time than it did.
+/// the processes steps backwards by up to 2 s once (never past the bound),
+/// at a drawn instant (an NTP step), so that the process reads an earlier
+/// time than it did.
 pub fn skewed_clock(skews: &SimRng) -> (paygate_core::Clock, i64) {
     let offset = skews.between(0, 2 * MAX_CLOCK_SKEW_MS) as i64 - MAX_CLOCK_SKEW_MS as i64;
     let step = skews.chance(0.3).then(|| {
         let at = paygate_core::ambient::now_ms() + skews.between(0, 20_000) as i64;
-        (at, skews.between(100, 2_000) as i64)
+        // Never below the bound: a step lands on a clock still within it.
+        let back = (skews.between(100, 2_000) as i64).min(offset + MAX_CLOCK_SKEW_MS as i64);
+        (at, back)
     });
     let clock = paygate_core::Clock::from_fn(move || {
         let now = paygate_core::ambient::now_ms();
