@@ -9,17 +9,36 @@ use std::sync::{
     Arc,
 };
 
-use paygate_card_api::{CardApiError, CardPayment};
+use paygate_api_log::Target;
+use paygate_card_api::{CardApiError, CardPayment, ConfirmRequest, CONFIRM_PATH};
 use paygate_core::{payment::failure_codes, PaymentRecord};
 use paygate_resilience::{CallError, RequestKind};
 
 use crate::{
     classify::{self, card_message, AttemptError},
-    confirm::card_site,
-    logged_call::{describe_card, Fusion, OwnedRow, Policy},
+    logged_call::{describe_card, CallSite, Fusion, OwnedRow, Policy},
     outcome::CardVerdict,
     Saga,
 };
+
+/// The card confirm of `record`: its request and its logged call site.
+pub(crate) fn card_site(record: &PaymentRecord) -> (ConfirmRequest, CallSite) {
+    let req = ConfirmRequest {
+        payment_key: record.payment_key.clone(),
+        order_id: record.order_id.to_string(),
+        amount: record.amount,
+    };
+    let site = CallSite {
+        payment_id: record.payment_id.clone(),
+        target: Target::CardApi,
+        method: "POST",
+        path: CONFIRM_PATH.to_owned(),
+        body: serde_json::to_value(&req).ok(),
+        attempt_offset: 0,
+        fusion: Fusion::default(),
+    };
+    (req, site)
+}
 
 impl Saga {
     /// Confirms at the card company through its stack (5xx retried with the

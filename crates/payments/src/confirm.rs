@@ -14,41 +14,50 @@
 //! 4. the `RESPONSE`/`ERROR` row and the record's new state, then the
 //!    ledger (see [`crate::ledger`]).
 //!
-//! With a journal (state and log in one SQL database) steps 1-2 are one
-//! commit, and an approval's answer row, `MarkPaid` and the ledger
-//! `REQUEST` row another (see [`paygate_api_log::journal`]).
+//! Each write after step 1 is a [`crate::steps::Step`] (a row and a guarded
+//! transition): one commit with a journal (state and log in one SQL
+//! database, [`paygate_api_log::journal`]), its parts in the same order
+//! without one; the saga reads one answer either way. With a journal, step
+//! 1 also commits the first card `REQUEST` row ([`RequestRow::Committed`]);
+//! otherwise that row goes with the fence. A confirm that reopened a
+//! payment filed as never sent promises nothing when it makes no call
+//! ([`NoCallPromise::InDoubt`]).
 
 use std::sync::{atomic::AtomicBool, Arc};
 
 use paygate_alert::AlertReason;
-use paygate_api_log::Target;
-use paygate_card_api::{CardPayment, ConfirmRequest, CONFIRM_PATH};
+use paygate_card_api::CardPayment;
 use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
 use paygate_state_store::{CreateOutcome, Hold, Transition};
 
 use crate::{
-    logged_call::{CallSite, Fusion, OwnedRow},
+    at_card::card_site,
+    logged_call::{Fusion, OwnedRow},
     outcome::{CardVerdict, ConfirmInput, ConfirmOutcome, ConfirmTicket, Refusal},
+    steps::{Landed, RowNeed, Step},
     Saga,
 };
 
-/// The card confirm of `record`: its request and its logged call site.
-pub(crate) fn card_site(record: &PaymentRecord) -> (ConfirmRequest, CallSite) {
-    let req = ConfirmRequest {
-        payment_key: record.payment_key.clone(),
-        order_id: record.order_id.to_string(),
-        amount: record.amount,
-    };
-    let site = CallSite {
-        payment_id: record.payment_id.clone(),
-        target: Target::CardApi,
-        method: "POST",
-        path: CONFIRM_PATH.to_owned(),
-        body: serde_json::to_value(&req).ok(),
-        attempt_offset: 0,
-        fusion: Fusion::default(),
-    };
-    (req, site)
+/// Where a confirm's first card `REQUEST` row stands when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestRow {
+    /// Committed with the record (a journal's commit (a)): withdrawn if the
+    /// call is not made.
+    Committed,
+    /// Still to be written, with the fence, before the call
+    /// ([`Saga::open_for_sending`]).
+    ToWrite,
+}
+
+/// What a confirm that ends without a card call may tell the merchant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoCallPromise {
+    /// Nothing was charged: no earlier confirm of the payment was sent.
+    NothingCharged,
+    /// An earlier confirm may have been sent (this retry reopened a
+    /// payment filed as never sent while that confirm's `REQUEST` row was
+    /// landing): a no-call end promises nothing.
+    InDoubt,
 }
 
 impl Saga {
@@ -86,13 +95,14 @@ impl Saga {
         let span = tracing::Span::current();
         // With a journal, commit (a): the record, its claims and the first
         // card REQUEST row together (I3: the row is durable before the call).
-        let (created, prewritten) = self.create_record(&record).await;
+        let (created, row) = self.create_record(&record).await;
         match created {
             Ok(CreateOutcome::Created) => {
                 span.record("payment_id", record.payment_id.as_str());
                 // A fresh id: no one else can own it.
                 let _live = self.live.claim(&record.payment_id);
-                self.run_with(record, &ticket, prewritten, false).await
+                self.run_with(record, &ticket, row, NoCallPromise::NothingCharged)
+                    .await
             }
             Ok(CreateOutcome::Exists(existing)) => {
                 span.record("payment_id", existing.payment_id.as_str());
@@ -129,26 +139,31 @@ impl Saga {
 
     /// Step 1. With a journal, commit (a): the record, its claims and the
     /// first card `REQUEST` row together (I3: the row is durable before the
-    /// call); the `bool` says the row was written. A failed commit wrote
-    /// nothing; the record alone is then tried, as without a journal (a log
-    /// that refuses writes then ends in DESIGN.md §4's step-2 abort: 503,
-    /// no card call).
+    /// call). A failed commit wrote nothing; the record alone is then
+    /// tried, as without a journal (its row then follows with the fence;
+    /// a log that refuses writes ends there in DESIGN.md §4's step-2 abort:
+    /// 503, no card call).
     async fn create_record(
         &self,
         record: &PaymentRecord,
-    ) -> (Result<CreateOutcome, paygate_state_store::StoreError>, bool) {
+    ) -> (
+        Result<CreateOutcome, paygate_state_store::StoreError>,
+        RequestRow,
+    ) {
         if let Some(journal) = &self.journal {
             let request = card_site(record).1.first_request();
             match journal.create_with_request(record, request.entry()).await {
-                Ok(CreateOutcome::Created) => return (Ok(CreateOutcome::Created), true),
-                Ok(exists) => return (Ok(exists), false),
+                Ok(CreateOutcome::Created) => {
+                    return (Ok(CreateOutcome::Created), RequestRow::Committed)
+                }
+                Ok(exists) => return (Ok(exists), RequestRow::ToWrite),
                 Err(e) => {
                     tracing::warn!(payment_id = %record.payment_id, error = %e,
                         "could not commit the record with its card REQUEST row; writing them apart");
                 }
             }
         }
-        (self.store.create(record).await, false)
+        (self.store.create(record).await, RequestRow::ToWrite)
     }
 
     /// Steps 2-6 for a `PENDING` record this confirm owns. The ticket is
@@ -158,7 +173,13 @@ impl Saga {
         record: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        self.run_with(record, ticket, false, false).await
+        self.run_with(
+            record,
+            ticket,
+            RequestRow::ToWrite,
+            NoCallPromise::NothingCharged,
+        )
+        .await
     }
 
     /// Withdraws the first card `REQUEST` row that a journal committed with
@@ -183,12 +204,12 @@ impl Saga {
         record: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        self.run_with(record, ticket, false, true).await
+        self.run_with(record, ticket, RequestRow::ToWrite, NoCallPromise::InDoubt)
+            .await
     }
 
-    /// [`Saga::run`]; `prewritten`: the first card `REQUEST` row was
-    /// committed with the record (a journal's commit (a)); `in_doubt`: see
-    /// [`Saga::run_reopened_not_sent`].
+    /// [`Saga::run`] from where the first card `REQUEST` row stands, and
+    /// with what a no-call end may promise.
     ///
     /// `record.version` is kept equal to the version this confirm last
     /// wrote: every guarded no-call abort compares it, so a confirm that
@@ -197,22 +218,22 @@ impl Saga {
         self: &Arc<Self>,
         mut record: PaymentRecord,
         ticket: &ConfirmTicket,
-        prewritten: bool,
-        in_doubt: bool,
+        row: RequestRow,
+        promise: NoCallPromise,
     ) -> ConfirmOutcome {
         if !ticket.make_durable(&record) {
-            if prewritten {
-                self.withdraw_prewritten(&record).await;
-            }
+            self.abandon_request(&record, row).await;
             let detail =
                 "the merchant was answered 503 before the card call; none was made".to_owned();
-            if in_doubt {
-                return self
-                    .not_attempted_in_doubt(record, failure_codes::ANSWER_TIMED_OUT, detail)
-                    .await;
-            }
             return self
-                .not_attempted(record, failure_codes::ANSWER_TIMED_OUT, detail, None, None)
+                .no_call(
+                    record,
+                    promise,
+                    failure_codes::ANSWER_TIMED_OUT,
+                    detail,
+                    None,
+                    None,
+                )
                 .await;
         }
         // The hold this confirm moved to `during` (at the version it left
@@ -220,18 +241,14 @@ impl Saga {
         let moved = match self.hold_before_card(&record).await {
             Ok(moved) => moved,
             Err(refused) => {
-                // The stock is gone: no card call. A REQUEST row committed
-                // with the record is withdrawn, so the log still proves
-                // none was made.
-                if prewritten {
-                    self.withdraw_prewritten(&record).await;
-                }
+                // The stock is gone: no card call, and the log says so.
+                self.abandon_request(&record, row).await;
                 return refused;
             }
         };
-        if !prewritten {
+        if row == RequestRow::ToWrite {
             if let Some(outcome) = self
-                .open_for_sending(&record, in_doubt, moved.as_ref())
+                .open_for_sending(&record, promise, moved.as_ref())
                 .await
             {
                 return outcome;
@@ -246,15 +263,12 @@ impl Saga {
             CardVerdict::Declined { code, message } => {
                 self.declined(record, code, message, moved.as_ref()).await
             }
-            CardVerdict::NoCall { code, detail, .. } if in_doubt => {
-                self.not_attempted_in_doubt(record, code, detail).await
-            }
             CardVerdict::NoCall {
                 code,
                 detail,
                 retry_after_s,
             } => {
-                self.not_attempted(record, code, detail, retry_after_s, moved.as_ref())
+                self.no_call(record, promise, code, detail, retry_after_s, moved.as_ref())
                     .await
             }
             CardVerdict::Unsettled { detail } => {
@@ -269,6 +283,36 @@ impl Saga {
                 self.unknown(record, AlertReason::CardMismatch, detail)
                     .await
             }
+        }
+    }
+
+    /// Ends a confirm that made no card call with what it may promise:
+    /// "nothing was charged" ([`Saga::not_attempted`], releasing only the
+    /// hold it `moved`), or, when an earlier confirm may have been sent,
+    /// a not-sent filing that promises nothing ([`Saga::not_attempted_in_doubt`]).
+    async fn no_call(
+        &self,
+        record: PaymentRecord,
+        promise: NoCallPromise,
+        code: &'static str,
+        detail: String,
+        retry_after_s: Option<u64>,
+        moved: Option<&Hold>,
+    ) -> ConfirmOutcome {
+        match promise {
+            NoCallPromise::NothingCharged => {
+                self.not_attempted(record, code, detail, retry_after_s, moved)
+                    .await
+            }
+            NoCallPromise::InDoubt => self.not_attempted_in_doubt(record, code, detail).await,
+        }
+    }
+
+    /// A confirm that will not call after all withdraws the first card
+    /// `REQUEST` row when it was committed with the record.
+    async fn abandon_request(self: &Arc<Self>, record: &PaymentRecord, row: RequestRow) {
+        if row == RequestRow::Committed {
+            self.withdraw_prewritten(record).await;
         }
     }
 
@@ -288,60 +332,42 @@ impl Saga {
     async fn open_for_sending(
         self: &Arc<Self>,
         record: &PaymentRecord,
-        in_doubt: bool,
+        promise: NoCallPromise,
         moved: Option<&Hold>,
     ) -> Option<ConfirmOutcome> {
         let pid = &record.payment_id;
-        let request = card_site(record).1.first_request();
         let fence = Transition::MarkSending {
             seen_version: record.version,
         };
-        let mut fenced = None;
-        let mut journal_failed = false;
-        if let Some(journal) = &self.journal {
-            match journal
-                .answer_and_transition(request.entry(), &fence, None)
-                .await
-            {
-                Ok(applied) => fenced = Some(Ok(applied)),
-                // One transaction: nothing was written, or (a lost commit
-                // answer) both were. Writing them apart is safe either way:
-                // if the commit did land, the second fence (on the same
-                // version) fails and no call is made, and both REQUEST
-                // rows are withdrawn below.
-                Err(e) => {
-                    journal_failed = true;
-                    tracing::warn!(payment_id = %pid, error = %e,
-                        "could not commit the card REQUEST row with its fence; writing them apart");
-                }
+        let step = Step {
+            payment_id: pid,
+            row: Some(card_site(record).1.first_request()),
+            need: RowNeed::BeforeTransition,
+            transition: &fence,
+            next: None,
+        };
+        let row_twice = match self.commit_step(step).await {
+            Landed::Applied { .. } => return None,
+            Landed::RowFailed(detail) => {
+                let code = failure_codes::LOG_UNAVAILABLE;
+                return Some(
+                    self.no_call(record.clone(), promise, code, detail, None, moved)
+                        .await,
+                );
             }
-        }
-        let fenced = match fenced {
-            Some(fenced) => fenced,
-            None => {
-                if let Err(e) = self.log.append(request.entry()).await {
-                    let code = failure_codes::LOG_UNAVAILABLE;
-                    let detail = e.to_string();
-                    return Some(if in_doubt {
-                        self.not_attempted_in_doubt(record.clone(), code, detail)
-                            .await
-                    } else {
-                        self.not_attempted(record.clone(), code, detail, None, moved)
-                            .await
-                    });
-                }
-                self.store.transition(pid, &fence).await
+            Landed::Refused { row_twice } => {
+                tracing::warn!(payment_id = %pid,
+                    "the record changed before the card call (filed as not sent, or taken over); no card call made");
+                row_twice
+            }
+            Landed::StoreFailed { error, row_twice } => {
+                tracing::warn!(payment_id = %pid, error = %error,
+                    "could not fence the record before the card call; no card call made");
+                row_twice
             }
         };
-        match fenced {
-            Ok(true) => return None,
-            Ok(false) => tracing::warn!(payment_id = %pid,
-                "the record changed before the card call (filed as not sent, or taken over); no card call made"),
-            Err(e) => tracing::warn!(payment_id = %pid, error = %e,
-                "could not fence the record before the card call; no card call made"),
-        }
         self.withdraw_prewritten(record).await;
-        if journal_failed {
+        if row_twice {
             // The journal's row may have landed too (the withdrawals are
             // counted down to zero, never below).
             self.withdraw_prewritten(record).await;
@@ -418,39 +444,39 @@ impl Saga {
         ConfirmOutcome::Approved(record)
     }
 
-    /// `MarkPaid`, guarded. With a journal and the card's deferred answer
-    /// row, commit (b): that row, `MarkPaid` and, when it applied, the
-    /// ledger `REQUEST` row of the synchronous try, together; the `bool` is
-    /// then `true` (the try must not write its row again). A failed commit
-    /// wrote nothing: the separate writes of DESIGN.md §4 follow.
+    /// `MarkPaid`, guarded, as one step (see [`crate::steps`]): the card's
+    /// deferred answer row, `MarkPaid` and, committed with it by a journal,
+    /// the ledger `REQUEST` row of the synchronous try; the `bool` says that
+    /// row was written (the try must not write it again).
     async fn mark_paid(
         &self,
         record: &PaymentRecord,
         paid: &Transition,
         answer: Option<OwnedRow>,
     ) -> (Result<bool, paygate_state_store::StoreError>, bool) {
-        let pid = &record.payment_id;
-        if let (Some(journal), Some(row), Transition::MarkPaid { .. }) =
-            (&self.journal, &answer, paid)
-        {
+        let next = self.journal.as_ref().and_then(|_| {
             let mut paid_record = record.clone();
             paid.apply(&mut paid_record, self.clock.now_ms());
-            let next = self
-                .ledger_site(&paid_record)
-                .map(|(_, site)| site.first_request());
-            match journal
-                .answer_and_transition(row.entry(), paid, next.as_ref().map(OwnedRow::entry))
-                .await
-            {
-                Ok(applied) => return (Ok(applied), applied && next.is_some()),
-                Err(e) => {
-                    tracing::warn!(payment_id = %pid, error = %e,
-                        "could not commit the card answer with the paid mark; writing them apart");
-                }
-            }
+            self.ledger_site(&paid_record)
+                .map(|(_, site)| site.first_request())
+        });
+        let step = Step {
+            payment_id: &record.payment_id,
+            row: answer,
+            need: RowNeed::BestEffort,
+            transition: paid,
+            next,
+        };
+        match self.commit_step(step).await {
+            Landed::Applied { next_written } => (Ok(true), next_written),
+            Landed::Refused { .. } => (Ok(false), false),
+            Landed::StoreFailed { error, .. } => (Err(error), false),
+            // Only a `BeforeTransition` row stops a step.
+            Landed::RowFailed(detail) => (
+                Err(paygate_state_store::StoreError::Unavailable(detail)),
+                false,
+            ),
         }
-        self.write_row(answer).await;
-        (self.store.transition(pid, paid).await, false)
     }
 
     /// Moves a no-call abort back to realtime, reopens it and marks it paid

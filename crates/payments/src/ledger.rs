@@ -24,6 +24,7 @@ use tower::retry::budget::Budget as _;
 use crate::{
     classify::{self, AttemptError},
     logged_call::{describe_ledger, CallSite, Fusion, OwnedRow, Policy},
+    steps::{Landed, RowNeed, Step},
     Saga,
 };
 
@@ -287,28 +288,27 @@ impl Saga {
         }
     }
 
-    /// `MarkSaved`, guarded. With a journal and the ledger's deferred
-    /// answer row, commit (c): the row and `MarkSaved` together; a failed
-    /// commit wrote nothing, and the separate writes follow.
+    /// `MarkSaved`, guarded, as one step with the ledger's deferred answer
+    /// row (see [`crate::steps`]).
     async fn mark_saved(
         &self,
         pid: &PaymentId,
         answer: Option<OwnedRow>,
     ) -> Result<bool, paygate_state_store::StoreError> {
-        if let (Some(journal), Some(row)) = (&self.journal, &answer) {
-            match journal
-                .answer_and_transition(row.entry(), &Transition::MarkSaved, None)
-                .await
-            {
-                Ok(applied) => return Ok(applied),
-                Err(e) => {
-                    tracing::warn!(payment_id = %pid, error = %e,
-                        "could not commit the ledger answer with the saved mark; writing them apart");
-                }
-            }
+        let step = Step {
+            payment_id: pid,
+            row: answer,
+            need: RowNeed::BestEffort,
+            transition: &Transition::MarkSaved,
+            next: None,
+        };
+        match self.commit_step(step).await {
+            Landed::Applied { .. } => Ok(true),
+            Landed::Refused { .. } => Ok(false),
+            Landed::StoreFailed { error, .. } => Err(error),
+            // Only a `BeforeTransition` row stops a step.
+            Landed::RowFailed(detail) => Err(paygate_state_store::StoreError::Unavailable(detail)),
         }
-        self.write_row(answer).await;
-        self.store.transition(pid, &Transition::MarkSaved).await
     }
 
     /// `save_attempts += 1` (or `batch_attempts` for the batch), guarded on

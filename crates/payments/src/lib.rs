@@ -46,6 +46,7 @@ pub mod resolve;
 mod reversal;
 pub mod saga;
 pub mod settle;
+mod steps;
 pub mod wiring;
 
 pub use cancel::{CancelInput, CancelOutcome, CanceledPayment};
