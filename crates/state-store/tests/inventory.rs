@@ -587,3 +587,58 @@ async fn a_fast_clock_does_not_expire_a_hold_early() {
     })
     .await;
 }
+
+/// Confirms of one order racing at several replicas each begin on the hold
+/// at a version of their own: a `begin_payment` that finds the hold moved to
+/// `during` by another (it read `pre`, lost the move) fences it one version
+/// on before it answers, so each confirm releases only the version it left
+/// and a stalled one cannot free the units of the one that is sending.
+#[tokio::test]
+async fn racing_begins_each_leave_a_version_of_their_own() {
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        store.set_stock(&m, "sku-r", 1, T0).await.unwrap();
+        let h = hold(&m, "order-r0001", &[("sku-r", 1)], T0);
+        assert!(
+            matches!(store.take(&h, T0).await.unwrap(), TakeOutcome::Taken(_)),
+            "{name}"
+        );
+        for round in 0..5 {
+            let begins = (0..4).map(|_| {
+                let store = store.clone();
+                let m = m.clone();
+                tokio::spawn(
+                    async move { store.begin_payment(&m, &order("order-r0001"), T0).await },
+                )
+            });
+            let mut versions = Vec::new();
+            for b in futures_util::future::join_all(begins).await {
+                match b.unwrap().unwrap() {
+                    BeginOutcome::During(h) => versions.push(h.version),
+                    other => panic!("{name}: a begin answered {other:?}"),
+                }
+            }
+            let n = versions.len();
+            versions.sort_unstable();
+            versions.dedup();
+            assert_eq!(
+                versions.len(),
+                n,
+                "{name}, round {round}: two begins answered the same hold version"
+            );
+            // Back to `pre`-like competition: release the newest, so the
+            // next round's begins read a released hold and race to move it.
+            let current = store
+                .hold_by_order(&m, &order("order-r0001"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                store.release_stuck(&current, T0 + 1).await.unwrap(),
+                "{name}"
+            );
+        }
+    })
+    .await;
+}

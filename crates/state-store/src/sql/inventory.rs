@@ -378,11 +378,21 @@ impl InventoryStore for SqlInventoryStore {
             let to = if short.is_empty() { HoldState::During } else { HoldState::Released };
             // The hold row is not under the SKU lock: another confirm, a
             // sale or a release may have moved it since the read. The
-            // guard decides; when it did not hold, the hold is read again
-            // as it stands and nothing was written.
+            // guard decides; when it did not hold, a hold another confirm
+            // moved to `during` is fenced one version on in this
+            // transaction (so that this confirm, too, releases only the
+            // version it left), and any other is read again as it stands.
             let (sql, binds) = hold_update(&HoldTransition::Begin { to, seen_version: None }, "hold_id = $1", 3);
             let row = bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
                 .fetch_optional(&mut *tx).await.map_err(map_err)?;
+            let row = match row {
+                Some(row) => Some(row),
+                None => {
+                    let (sql, binds) = hold_update(&HoldTransition::Refence, "hold_id = $1", 3);
+                    bind_rule!(sqlx::query(&sql).bind(&hold.hold_id).bind(now_ms), &binds)
+                        .fetch_optional(&mut *tx).await.map_err(map_err)?
+                }
+            };
             let moved = match mirror_items!(&mut *tx, row) {
                 Some((state, version, at)) => Some((state, version, at)),
                 None => {
