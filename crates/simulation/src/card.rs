@@ -426,6 +426,37 @@ impl Drop for PendingCancel<'_> {
     }
 }
 
+/// A confirm the card company has received: processed when its call
+/// returns, or when the call is dropped before (see [`SimCard::confirm`]).
+struct PendingConfirm<'a> {
+    card: &'a SimCard,
+    scope: (String, String),
+    req: &'a ConfirmRequest,
+    key: &'a str,
+    at: (i64, u64),
+    done: bool,
+}
+
+impl PendingConfirm<'_> {
+    fn finish(&mut self) -> Result<CardPayment, CardApiError> {
+        self.done = true;
+        let answer = self.card.process(self.req, self.key, self.at);
+        self.card
+            .state()
+            .keys
+            .insert(self.scope.clone(), KeyState::Done(Box::new(answer.clone())));
+        answer
+    }
+}
+
+impl Drop for PendingConfirm<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.finish();
+        }
+    }
+}
+
 #[async_trait]
 impl CardApi for SimCard {
     async fn confirm(&self, req: &ConfirmRequest, key: &str) -> Result<CardPayment, CardApiError> {
@@ -462,11 +493,18 @@ impl CardApi for SimCard {
         self.state()
             .keys
             .insert(scope.clone(), KeyState::Processing);
+        // Received: processed even if the caller stops waiting (an attempt
+        // timeout drops this future), as a card company's server does.
+        let mut pending = PendingConfirm {
+            card: self,
+            scope,
+            req,
+            key,
+            at,
+            done: false,
+        };
         self.latency(400).await;
-        let answer = self.process(req, key, at);
-        self.state()
-            .keys
-            .insert(scope, KeyState::Done(Box::new(answer.clone())));
+        let answer = pending.finish();
         if self.faulty() && answer.is_ok() {
             let roll = self.rng.between(0, 999);
             if roll < 60 {
