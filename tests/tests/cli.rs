@@ -519,6 +519,37 @@ fn sigterm_during_in_flight_confirms_loses_no_approval() {
     remove_db(&path);
 }
 
+/// Lowering the global in-flight limit alone is a valid configuration:
+/// an unset per-merchant cap follows it (half, rounded up); only an explicit
+/// cap above the global limit is refused, naming its key.
+#[test]
+fn the_per_merchant_cap_follows_a_lowered_global_limit_unless_set_above_it() {
+    let out = paygate()
+        .args(["config", "check"])
+        .env("PAYGATE_INBOUND_MAX_CONCURRENT", "6")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["inbound_max_concurrent"], 6);
+    assert_eq!(
+        v["inbound_max_concurrent_per_merchant"],
+        serde_json::Value::Null
+    );
+    let out = paygate()
+        .args(["config", "check"])
+        .env("PAYGATE_INBOUND_MAX_CONCURRENT", "6")
+        .env("PAYGATE_INBOUND_MAX_CONCURRENT_PER_MERCHANT", "7")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inbound_max_concurrent_per_merchant"));
+}
+
 #[test]
 fn config_check_prints_the_effective_config_with_secrets_masked() {
     let out = paygate()

@@ -236,8 +236,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 Command::Serve => serve(config).await,
                 Command::Migrate => {
-                    let db = SqlDatabase::connect(config.database_url.expose(), 1).await?;
-                    db.migrate().await?;
+                    // Retried: a connection terminated mid-migration rolls
+                    // that migration back, and the next try applies it.
+                    let db = SqlDatabase::open(
+                        config.database_url.expose(),
+                        1,
+                        paygate_state_store::SchemaStep::Migrate,
+                        paygate_payments::wiring::DATABASE_OPEN_WAIT,
+                    )
+                    .await?;
                     println!("migrations applied ({})", db.backend());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -276,8 +283,7 @@ async fn merchants(
     config: paygate_core::Config,
     command: MerchantsCommand,
 ) -> anyhow::Result<ExitCode> {
-    let db = SqlDatabase::connect(config.database_url.expose(), 1).await?;
-    db.migrate().await?;
+    let db = paygate_payments::wiring::open_database(&config, 1).await?;
     let store = SqlMerchantStore::new(db);
     match command {
         MerchantsCommand::Create { name } => {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use chrono::TimeZone;
 use paygate_state_store::{SqlDatabase, StateStore};
 
-/// The SQL database (migrated when `migrate_on_start`) and the state store
+/// The SQL database (migrated when `migrate_on_start`, else checked; see
+/// [`paygate_payments::wiring::open_database`]) and the state store
 /// the config selects; no card API, ledger or sandbox is started.
 ///
 /// # Errors
@@ -15,10 +16,7 @@ use paygate_state_store::{SqlDatabase, StateStore};
 pub async fn open_stores(
     config: &paygate_core::Config,
 ) -> anyhow::Result<(SqlDatabase, Arc<dyn StateStore>)> {
-    let db = SqlDatabase::connect(config.database_url.expose(), 2).await?;
-    if config.migrate_on_start {
-        db.migrate().await?;
-    }
+    let db = paygate_payments::wiring::open_database(config, 2).await?;
     let store = paygate_payments::wiring::state_store(config, &db).await?;
     Ok((db, store))
 }

@@ -36,7 +36,9 @@ pub struct Config {
     pub database_url: Secret<String>,
     /// Maximum connections in the SQL pool. Default 10.
     pub database_max_connections: u32,
-    /// Apply migrations when `serve` starts. Default true.
+    /// Apply pending migrations when a process opens the SQL database;
+    /// `false`: only check the schema is at this binary's migrations (a
+    /// deployment applies them once, with `paygate migrate`). Default true.
     pub migrate_on_start: bool,
     /// `sql` (default) or `mongodb`.
     pub state_store: StateStoreKind,
@@ -90,8 +92,11 @@ pub struct Config {
     /// moment the request is authenticated (a slow upload counts while it
     /// is read); more are refused with 429 `RATE_LIMITED` and `Retry-After`,
     /// so one merchant cannot take the whole `inbound_max_concurrent` from
-    /// the others. 1 to `inbound_max_concurrent`. Default 128.
-    pub inbound_max_concurrent_per_merchant: u32,
+    /// the others. 1 to `inbound_max_concurrent`. Unset: half of
+    /// `inbound_max_concurrent`, rounded up (128 of the default 256), so that
+    /// lowering the global limit alone stays valid; read it through
+    /// [`Config::per_merchant_max_concurrent`].
+    pub inbound_max_concurrent_per_merchant: Option<u32>,
     /// Time a merchant request has to be answered, ms, from its arrival.
     /// Past it a request is answered 503, except a confirm whose card call
     /// may be in flight: that one is answered 202 with its paymentId
@@ -190,7 +195,7 @@ impl Default for Config {
             inbound_rate_limit_per_second: 50,
             inbound_rate_limit_burst: 100,
             inbound_max_concurrent: 256,
-            inbound_max_concurrent_per_merchant: 128,
+            inbound_max_concurrent_per_merchant: None,
             inbound_request_timeout_ms: 30_000,
             inbound_header_read_timeout_ms: 10_000,
             inbound_idle_timeout_ms: 75_000,
@@ -232,6 +237,14 @@ impl Config {
     /// True when the ledger is the in-process sandbox.
     pub fn ledger_sandbox(&self) -> bool {
         self.ledger_api_url.is_none()
+    }
+
+    /// Requests one merchant may have in flight at once: the configured
+    /// `inbound_max_concurrent_per_merchant`, or half of
+    /// `inbound_max_concurrent` rounded up when it is unset.
+    pub fn per_merchant_max_concurrent(&self) -> u32 {
+        self.inbound_max_concurrent_per_merchant
+            .unwrap_or_else(|| self.inbound_max_concurrent.div_ceil(2))
     }
 
     /// Checks every value; call before binding anything.
@@ -328,7 +341,7 @@ impl Config {
         if self.inbound_max_concurrent == 0 {
             return Err(bad("inbound_max_concurrent", "must be at least 1"));
         }
-        if !(1..=self.inbound_max_concurrent).contains(&self.inbound_max_concurrent_per_merchant) {
+        if !(1..=self.inbound_max_concurrent).contains(&self.per_merchant_max_concurrent()) {
             return Err(bad(
                 "inbound_max_concurrent_per_merchant",
                 "must be at least 1 and at most inbound_max_concurrent",
@@ -654,7 +667,7 @@ mod tests {
             (
                 "inbound_max_concurrent_per_merchant",
                 Config {
-                    inbound_max_concurrent_per_merchant: 0,
+                    inbound_max_concurrent_per_merchant: Some(0),
                     ..Config::default()
                 },
             ),
@@ -662,13 +675,27 @@ mod tests {
                 "inbound_max_concurrent_per_merchant",
                 Config {
                     inbound_max_concurrent: 10,
-                    inbound_max_concurrent_per_merchant: 11,
+                    inbound_max_concurrent_per_merchant: Some(11),
                     ..Config::default()
                 },
             ),
         ] {
             assert_eq!(c.validate().map_err(|e| e.key), Err(key.to_owned()));
         }
+        // The global limit lowered alone: the per-merchant cap follows it.
+        let c = Config {
+            inbound_max_concurrent: 6,
+            ..Config::default()
+        };
+        assert_eq!(c.validate().map_err(|e| e.key), Ok(()));
+        assert_eq!(c.per_merchant_max_concurrent(), 3);
+        assert_eq!(Config::default().per_merchant_max_concurrent(), 128);
+        let c = Config {
+            inbound_max_concurrent: 1,
+            ..Config::default()
+        };
+        assert_eq!(c.per_merchant_max_concurrent(), 1);
+        assert_eq!(c.validate().map_err(|e| e.key), Ok(()));
         let mut c = Config::default();
         c.ledger_api_policy.breaker_window_type = "sliding".into();
         assert_eq!(

@@ -209,7 +209,7 @@ impl Application {
             db: db.clone(),
             shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             merchant_slots: merchant_slots::MerchantSlots::new(
-                config.inbound_max_concurrent_per_merchant as usize,
+                config.per_merchant_max_concurrent() as usize,
             ),
             merchant_limiter: NonZeroU32::new(config.inbound_rate_limit_per_second).map(|rate| {
                 let burst = NonZeroU32::new(config.inbound_rate_limit_burst).unwrap_or(rate);

@@ -42,6 +42,34 @@ pub enum WiringError {
     Unconfigured(&'static str),
 }
 
+/// How long a process waits for its SQL database and its schema at start
+/// (a database restarting, a migration job still running) before it fails.
+pub const DATABASE_OPEN_WAIT: Duration = Duration::from_secs(60);
+
+/// The SQL database of `config`, with `max_connections`: migrated when
+/// `migrate_on_start`, else checked to be at this binary's migrations;
+/// connection and step retried for up to [`DATABASE_OPEN_WAIT`].
+///
+/// # Errors
+/// [`StoreError`] once the wait has passed.
+pub async fn open_database(
+    config: &Config,
+    max_connections: u32,
+) -> Result<SqlDatabase, paygate_state_store::StoreError> {
+    let step = if config.migrate_on_start {
+        paygate_state_store::SchemaStep::Migrate
+    } else {
+        paygate_state_store::SchemaStep::Check
+    };
+    SqlDatabase::open(
+        config.database_url.expose(),
+        max_connections,
+        step,
+        DATABASE_OPEN_WAIT,
+    )
+    .await
+}
+
 /// The in-process sandbox's addresses, for the downstreams the config leaves
 /// unset.
 #[derive(Clone, Debug)]
@@ -80,14 +108,7 @@ impl Components {
         sandbox: Option<&SandboxUrls>,
     ) -> Result<Self, WiringError> {
         config.validate()?;
-        let db = SqlDatabase::connect(
-            config.database_url.expose(),
-            config.database_max_connections,
-        )
-        .await?;
-        if config.migrate_on_start {
-            db.migrate().await?;
-        }
+        let db = open_database(config, config.database_max_connections).await?;
         let (store, inventory) = stores(config, &db).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)

@@ -51,7 +51,7 @@ pub use mongo::inventory::MongoInventoryStore;
 pub use mongo::{MongoOptions, MongoStateStore};
 pub use payment::{entry_guard, is_stale, may_enter, stale_guard, PaymentField, Transition};
 pub use sql::inventory::SqlInventoryStore;
-pub use sql::{LogRow, SqlDatabase, SqlStateStore, SqliteDatabase};
+pub use sql::{LogRow, SchemaStep, SqlDatabase, SqlStateStore, SqliteDatabase};
 
 use futures_util::{stream::BoxStream, TryStreamExt};
 use paygate_core::{MerchantId, OrderId, Partition, PaymentId, PaymentRecord};

@@ -176,7 +176,7 @@ async fn one_merchant_at_its_cap_is_shed_while_another_is_served() {
     };
     let app = spawn_app(&Backend::Sqlite, profile, |c| {
         c.inbound_max_concurrent = 8;
-        c.inbound_max_concurrent_per_merchant = 2;
+        c.inbound_max_concurrent_per_merchant = Some(2);
         c.inbound_rate_limit_per_second = 0;
     })
     .await;

@@ -256,7 +256,7 @@ async fn the_inbound_concurrency_limit_is_one_limit_across_routes() {
     };
     let app = spawn_app(&Backend::Sqlite, profile, |c| {
         c.inbound_max_concurrent = 2;
-        c.inbound_max_concurrent_per_merchant = 2;
+        c.inbound_max_concurrent_per_merchant = Some(2);
         c.inbound_rate_limit_per_second = 0;
     })
     .await;

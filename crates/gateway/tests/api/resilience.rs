@@ -24,7 +24,7 @@ async fn the_bulkhead_caps_concurrency_at_a_slow_card_api() {
         c.inbound_rate_limit_per_second = 0;
         c.database_max_connections = 20;
         // One merchant sends all 200: only the card bulkhead may shed here.
-        c.inbound_max_concurrent_per_merchant = c.inbound_max_concurrent;
+        c.inbound_max_concurrent_per_merchant = Some(c.inbound_max_concurrent);
     })
     .await;
     let bodies: Vec<_> = (0..200)

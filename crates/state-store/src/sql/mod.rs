@@ -34,6 +34,18 @@ use crate::{
     CreateOutcome, StateStore, StoreError, Transition,
 };
 
+/// What a process does to the schema when it opens the database
+/// ([`SqlDatabase::open`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaStep {
+    /// Apply the pending migrations (`migrate_on_start`, the default for a
+    /// single process or development).
+    Migrate,
+    /// Only check that they are applied: a deployment applies them once,
+    /// with `paygate migrate` (a Kubernetes Job or init container).
+    Check,
+}
+
 /// A connection pool to the SQL database: SQLite (`sqlite://path`) or
 /// PostgreSQL (`postgres://...`). Cheap to clone (the pools are shared).
 #[derive(Clone, Debug)]
@@ -338,6 +350,95 @@ impl SqlDatabase {
             .await
             .map_err(err)?;
         with_pool!(self, pool => migrator.run(pool).await.map_err(err))
+    }
+
+    /// Checks that every migration this binary embeds is applied. A schema
+    /// ahead of the binary (a newer binary's migrations, which only add) is
+    /// accepted, so an old replica keeps serving through a rolling update.
+    ///
+    /// # Errors
+    /// [`StoreError::Rejected`] naming the missing migrations (apply them
+    /// with `paygate migrate`); [`StoreError::Unavailable`] when the
+    /// database cannot be read.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let wanted = match self {
+            Self::Sqlite(_) => SQLITE_MIGRATIONS,
+            Self::Postgres(_) => POSTGRES_MIGRATIONS,
+        };
+        let sql = "SELECT version FROM _sqlx_migrations WHERE success";
+        let applied: Vec<i64> = with_pool!(self, pool => {
+            match sqlx::query_scalar::<_, i64>(sql).fetch_all(pool).await {
+                Ok(v) => v,
+                // No migrations table: nothing was ever applied.
+                Err(sqlx::Error::Database(_)) => Vec::new(),
+                Err(e) => return Err(map_err(e)),
+            }
+        });
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|(v, _, _)| !applied.contains(v))
+            .map(|(v, desc, _)| format!("{v:04} {desc}"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Rejected(format!(
+                "the {} schema lacks migrations {}; apply them with `paygate migrate`",
+                self.backend(),
+                missing.join(", ")
+            )))
+        }
+    }
+
+    /// Connects and readies the schema: applies the migrations
+    /// ([`SchemaStep::Migrate`]) or checks they are applied
+    /// ([`SchemaStep::Check`]), retrying the connection and the step with
+    /// exponential backoff (0.2 s to 5 s) while `wait` lasts, so a process
+    /// that starts while its database restarts, a connection terminated
+    /// mid-step or a migration job still running do not fail it at once.
+    ///
+    /// # Errors
+    /// The last [`StoreError`] once `wait` has passed.
+    pub async fn open(
+        url: &str,
+        max_connections: u32,
+        step: SchemaStep,
+        wait: Duration,
+    ) -> Result<Self, StoreError> {
+        use backon::BackoffBuilder;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .build();
+        loop {
+            let attempt = async {
+                let db = Self::connect(url, max_connections).await?;
+                let ready = match step {
+                    SchemaStep::Migrate => db.migrate().await,
+                    SchemaStep::Check => db.check_schema().await,
+                };
+                match ready {
+                    Ok(()) => Ok(db),
+                    Err(e) => {
+                        db.close().await;
+                        Err(e)
+                    }
+                }
+            };
+            let e = match attempt.await {
+                Ok(db) => return Ok(db),
+                Err(e) => e,
+            };
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                "the SQL database is not ready; retrying");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// `SELECT 1`.
