@@ -465,7 +465,9 @@ struct Run {
 impl Run {
     /// Records last changed at or before this (epoch ms, this process's
     /// clock) are the stale pass's: `stale_after` widened by the skew
-    /// margin, as the batch's grace is, since another process stamped them.
+    /// margin, since other processes stamped them. (The list pass's
+    /// `min_age` is not widened: it recovers only what the card company
+    /// approved, and its writes are guarded on the version read.)
     fn stale_cutoff(&self) -> i64 {
         self.now_ms
             - (self.opts.stale_after + paygate_payments::CLOCK_SKEW_MARGIN).as_millis() as i64
