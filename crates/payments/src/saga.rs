@@ -69,8 +69,9 @@ impl Default for SagaSettings {
 /// How far two processes' clocks may disagree: each within ±3 s of true
 /// time (NTP keeps machines far closer), so two of them within 6 s. The
 /// settle-on-access age ([`in_flight_window`]) is widened by it, as one
-/// replica measures it against a stamp another wrote; the batch's grace
-/// and the reconciliation's ages are minutes, far above it.
+/// replica measures it against a stamp another wrote, and so is the
+/// reconciliation's stale pass; the batch's grace (120 s by default) and
+/// the reconciliation's `min_age` are far above it.
 pub const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(6);
 
 /// How long after a record's last change a confirm of it may still be at

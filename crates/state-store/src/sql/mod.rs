@@ -369,8 +369,12 @@ impl SqlDatabase {
         let applied: Vec<i64> = with_pool!(self, pool => {
             match sqlx::query_scalar::<_, i64>(sql).fetch_all(pool).await {
                 Ok(v) => v,
-                // No migrations table: nothing was ever applied.
-                Err(sqlx::Error::Database(_)) => Vec::new(),
+                // No migrations table ("no such table" on SQLite, "does not
+                // exist" on PostgreSQL): nothing was ever applied. Any other
+                // refusal (a permission, a broken table) is reported as it is.
+                Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => {
+                    Vec::new()
+                }
                 Err(e) => return Err(map_err(e)),
             }
         });
