@@ -129,12 +129,33 @@ impl LedgerSim {
     }
 }
 
+/// `GET /sandbox/ledger` (not a ledger API): every entry and every reversal
+/// recorded, `{"entries": [LedgerEntry], "reversals": [{"key": str,
+/// "reversal": LedgerReversal}]}`, each sorted by key: the truth a drill
+/// compares paygate's cancels with (one reversal per `DONE` cancel).
+async fn everything(State(sim): State<Arc<LedgerSim>>) -> Response {
+    let mut entries: Vec<LedgerEntry> = sim.records().values().cloned().collect();
+    entries.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    let mut reversals: Vec<(String, LedgerReversal)> = sim
+        .reversals_map()
+        .iter()
+        .map(|(k, r)| (k.clone(), r.clone()))
+        .collect();
+    reversals.sort_by(|a, b| a.0.cmp(&b.0));
+    let reversals: Vec<serde_json::Value> = reversals
+        .into_iter()
+        .map(|(key, reversal)| serde_json::json!({ "key": key, "reversal": reversal }))
+        .collect();
+    Json(serde_json::json!({ "entries": entries, "reversals": reversals })).into_response()
+}
+
 /// The ledger's HTTP routes.
 pub fn router(sim: Arc<LedgerSim>) -> Router {
     Router::new()
         .route("/v1/ledger/transactions", post(record))
         .route("/v1/ledger/transactions/{payment_id}", get(fetch))
         .route("/v1/ledger/reversals", post(reverse))
+        .route("/sandbox/ledger", get(everything))
         .with_state(sim)
 }
 

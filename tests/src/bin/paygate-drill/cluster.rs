@@ -1,0 +1,295 @@
+//! The processes of a drill: `paygate sim`, the `paygate serve` replicas
+//! (each on one loopback port for the whole drill, so a merchant's list of
+//! addresses stays valid across restarts), the one-shot commands (`migrate`,
+//! `batch`, `reconcile`, `check`, `payments list`, `alerts list`), and the
+//! record of when each replica was down, which the transport-error check
+//! reads.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{mpsc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+/// How long a replica may take to listen: its database open retries for up
+/// to a minute (`paygate_payments::wiring::DATABASE_OPEN_WAIT`).
+const START_WAIT: Duration = Duration::from_secs(90);
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Owned(pub Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How a replica is stopped.
+#[derive(Clone, Copy, Debug)]
+pub enum Stop {
+    /// SIGKILL: no drain, no flush, mid-whatever it was doing.
+    Kill,
+    /// SIGTERM: the graceful shutdown (drain in-flight requests).
+    Term,
+}
+
+/// A span during which a replica did not serve: from the moment the signal
+/// was sent to the moment its restart listened (`None`: still down).
+#[derive(Clone, Copy, Debug)]
+pub struct Down {
+    /// The replica's index.
+    pub replica: usize,
+    /// When the signal was sent.
+    pub from: Instant,
+    /// When the restart listened.
+    pub to: Option<Instant>,
+}
+
+struct Replica {
+    port: u16,
+    child: Option<Owned>,
+}
+
+/// The drill's processes and their environment.
+pub struct Cluster {
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    work: PathBuf,
+    replicas: Vec<Mutex<Replica>>,
+    downs: Mutex<Vec<Down>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A port free a moment ago (the OS picks it; the child binds it).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `bin` with no inherited `PAYGATE_*` variable (the drill sets its own).
+fn clean(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAYGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "info,sqlx=warn");
+    c
+}
+
+fn append(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Reads a child's output into `log` and says once a line containing
+/// `ready` appeared.
+fn drain(
+    out: impl std::io::Read + Send + 'static,
+    mut log: File,
+    ready: &'static str,
+) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(log, "{line}");
+            if line.contains(ready) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
+}
+
+/// Starts `paygate sim` (flaky faults, duplicate confirms approved so an
+/// attempted double charge would show as a second approval) on free ports;
+/// returns it with its (card, ledger) URLs.
+pub fn start_sim(bin: &Path, seed: u64, work: &Path) -> anyhow::Result<(Owned, String, String)> {
+    let (card, ledger) = (free_port()?, free_port()?);
+    let mut child = clean(bin)
+        .args(["sim", "--faults", "flaky", "--approve-duplicate-confirms"])
+        .args(["--seed", &seed.to_string()])
+        .args(["--card-port", &card.to_string()])
+        .args(["--ledger-port", &ledger.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(append(&work.join("sim.log"))?)
+        .spawn()
+        .context("starting paygate sim")?;
+    let out = child.stdout.take().context("sim stdout")?;
+    let child = Owned(child);
+    let ready = drain(out, append(&work.join("sim.log"))?, "ledger simulator:");
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .context("paygate sim did not start (see sim.log)")?;
+    Ok((
+        child,
+        format!("http://127.0.0.1:{card}"),
+        format!("http://127.0.0.1:{ledger}"),
+    ))
+}
+
+impl Cluster {
+    /// `replicas` replicas of `bin serve` with `env`, not started yet; logs
+    /// go to `work`.
+    pub fn new(
+        bin: PathBuf,
+        env: Vec<(String, String)>,
+        work: PathBuf,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let replicas = (0..replicas)
+            .map(|_| {
+                Ok(Mutex::new(Replica {
+                    port: free_port()?,
+                    child: None,
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            bin,
+            env,
+            work,
+            replicas,
+            downs: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// How many replicas there are.
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Replica `i`'s base URL.
+    pub fn base(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", lock(&self.replicas[i]).port)
+    }
+
+    /// Runs `paygate ARGS` to its end with the drill's environment; its
+    /// stderr is appended to `commands.log`.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut log = append(&self.work.join("commands.log"))?;
+        let out = clean(&self.bin)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .with_context(|| format!("running paygate {args:?}"))?;
+        let _ = writeln!(log, "== paygate {} -> {}", args.join(" "), out.status);
+        let _ = log.write_all(&out.stderr);
+        Ok(out)
+    }
+
+    /// Like [`Cluster::run`], failing unless it exits 0; returns stdout.
+    pub fn run_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            bail!(
+                "paygate {args:?} exited {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts replica `i` (when it is not running) and waits until it listens.
+    pub fn start(&self, i: usize) -> anyhow::Result<()> {
+        let mut r = lock(&self.replicas[i]);
+        if r.child.is_some() {
+            return Ok(());
+        }
+        let mut child = clean(&self.bin)
+            .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("PAYGATE_LISTEN", format!("127.0.0.1:{}", r.port))
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting paygate serve")?;
+        let err = child.stderr.take().context("serve stderr")?;
+        let mut child = Owned(child);
+        let ready = drain(
+            err,
+            append(&self.work.join(format!("replica-{i}.log")))?,
+            "paygate listening",
+        );
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            match ready.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    if let Some(status) = child.0.try_wait()? {
+                        bail!(
+                            "replica {i} exited before it listened ({status}; see replica-{i}.log)"
+                        );
+                    }
+                }
+                Err(_) => {
+                    bail!("replica {i} did not listen within {START_WAIT:?} (see replica-{i}.log)")
+                }
+            }
+        }
+        r.child = Some(child);
+        let now = Instant::now();
+        for d in lock(&self.downs).iter_mut() {
+            if d.replica == i && d.to.is_none() {
+                d.to = Some(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops replica `i` (when it runs) and waits until it has exited; the
+    /// down span starts before the signal is sent.
+    pub fn stop(&self, i: usize, how: Stop) -> anyhow::Result<()> {
+        let mut r = lock(&self.replicas[i]);
+        let Some(mut child) = r.child.take() else {
+            return Ok(());
+        };
+        lock(&self.downs).push(Down {
+            replica: i,
+            from: Instant::now(),
+            to: None,
+        });
+        match how {
+            Stop::Kill => child.0.kill()?,
+            Stop::Term => {
+                Command::new("kill")
+                    .args(["-TERM", &child.0.id().to_string()])
+                    .status()
+                    .context("sending SIGTERM")?;
+            }
+        }
+        child.0.wait()?;
+        Ok(())
+    }
+
+    /// Starts every replica that is not running.
+    pub fn start_all(&self) -> anyhow::Result<()> {
+        (0..self.len()).try_for_each(|i| self.start(i))
+    }
+
+    /// Stops every replica gracefully.
+    pub fn stop_all(&self) -> anyhow::Result<()> {
+        (0..self.len()).try_for_each(|i| self.stop(i, Stop::Term))
+    }
+
+    /// Every down span so far.
+    pub fn downs(&self) -> Vec<Down> {
+        lock(&self.downs).clone()
+    }
+}
