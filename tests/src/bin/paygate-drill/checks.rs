@@ -696,3 +696,342 @@ fn the_drill_exercised_everything(f: &Facts) -> Check {
         f.downs.len()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+    use paygate_core::{MerchantId, OrderId, PaymentId};
+    use serde_json::json;
+
+    use super::*;
+
+    const APPROVED_AT: &str = "2026-12-07T13:00:00+09:00";
+
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn answer(base: Instant, op: Op, order: &str, status: u16, body: Value) -> Answer {
+        Answer {
+            op,
+            order: order.to_owned(),
+            replica: 0,
+            started: at(base, 100),
+            ended: at(base, 120),
+            status,
+            content_type: if status >= 400 {
+                "application/problem+json".into()
+            } else {
+                "application/json".into()
+            },
+            body,
+            error: None,
+        }
+    }
+
+    fn problem(status: u16, code: &str) -> Value {
+        json!({"type": "urn:paygate:problem:x", "title": "t", "status": status, "code": code})
+    }
+
+    fn paid(order: &str, pid: &str, amount: i64) -> PaymentRecord {
+        let mut r = PaymentRecord::new_pending(
+            MerchantId::from_stored("mer_1"),
+            OrderId::parse(order).unwrap(),
+            format!("pk_{order}"),
+            amount,
+            "KRW".into(),
+            "fp".into(),
+            None,
+            0,
+        );
+        r.payment_id = PaymentId::from_stored(pid);
+        r.is_paid = true;
+        r.is_saved = true;
+        r.card_status = CardStatus::Done;
+        r.approved_at = Some(APPROVED_AT.into());
+        r
+    }
+
+    fn cancel(pid: &str, n: i64, amount: i64) -> CancelRecord {
+        CancelRecord {
+            payment_id: PaymentId::from_stored(pid),
+            n,
+            merchant_id: MerchantId::from_stored("mer_1"),
+            amount,
+            reason: "r".into(),
+            idempotency_key: None,
+            request_fingerprint: "fp".into(),
+            status: CancelStatus::Done,
+            is_saved: true,
+            save_attempts: 0,
+            batch_attempts: 0,
+            failure_code: None,
+            last_error: None,
+            canceled_at: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+        }
+    }
+
+    /// A small history where everything holds: order A approved (200) and
+    /// half refunded, order B declined (402), one restart with a transport
+    /// error inside it, stock never short.
+    fn clean() -> Facts {
+        let base = Instant::now();
+        let responses = |codes: &[u16]| {
+            Value::Object(codes.iter().map(|c| (c.to_string(), json!({}))).collect())
+        };
+        let spec = json!({"paths": {
+            "/v1/payments/confirm": {"post": {"responses": responses(&[200, 202, 402, 409, 503])}},
+            "/v1/payments/{payment_id}/cancel": {"post": {"responses": responses(&[200, 409, 422])}},
+        }});
+        let body_a = json!({"paymentId": "pay_A", "orderId": "order-A", "paymentKey": "pk_order-A",
+            "amount": 1000, "status": "DONE", "approvedAt": APPROVED_AT});
+        let mut lost = answer(base, Op::Confirm, "order-A", 0, Value::Null);
+        lost.started = at(base, 10);
+        lost.ended = at(base, 30);
+        let mut f = Facts {
+            answers: vec![
+                lost,
+                answer(base, Op::Confirm, "order-A", 200, body_a),
+                answer(
+                    base,
+                    Op::Cancel,
+                    "order-A",
+                    200,
+                    json!({"paymentId": "pay_A"}),
+                ),
+                answer(
+                    base,
+                    Op::Confirm,
+                    "order-B",
+                    402,
+                    problem(402, "REJECT_CARD_PAYMENT"),
+                ),
+            ],
+            orders: vec!["order-A".into(), "order-B".into()],
+            samples: vec![StockSample {
+                stock: 5,
+                sold: 3,
+                held: 2,
+            }],
+            downs: vec![Down {
+                replica: 0,
+                from: at(base, 0),
+                to: Some(at(base, 50)),
+            }],
+            spec,
+            approvals: vec![Approval {
+                order_id: "order-A".into(),
+                payment_key: "pk_order-A".into(),
+                amount: 1000,
+                idempotency_key: None,
+                approved_at: APPROVED_AT.into(),
+                canceled_amount: 500,
+            }],
+            approval_index: BTreeMap::new(),
+            ledger_entries: [("pay_A".to_owned(), 1000)].into(),
+            reversals: [("pay_A:cancel:1".to_owned(), ("pay_A".to_owned(), 500))].into(),
+            records: [(
+                "order-A".to_owned(),
+                vec![(Partition::Completed, paid("order-A", "pay_A", 1000))],
+            )]
+            .into(),
+            cancels: [("pay_A".to_owned(), vec![cancel("pay_A", 1, 500)])].into(),
+            problems: BTreeSet::new(),
+            alerted: BTreeSet::new(),
+            check_report: json!({"lost": 0, "double_charges": 0, "approvals": 1}),
+            check_exit_ok: true,
+            discord_messages: 0,
+        };
+        reindex(&mut f);
+        f
+    }
+
+    fn reindex(f: &mut Facts) {
+        f.approval_index.clear();
+        for (i, a) in f.approvals.iter().enumerate() {
+            f.approval_index.entry(a.order_id.clone()).or_insert(i);
+        }
+    }
+
+    fn failing(f: &Facts) -> Vec<&'static str> {
+        run(f)
+            .into_iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_history_passes_every_check_but_the_coverage_one() {
+        // Coverage wants holds and units sold; this history has none.
+        let failed = failing(&clean());
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].starts_with("the drill exercised"), "{failed:?}");
+    }
+
+    #[test]
+    fn each_planted_fault_fails_its_own_check() {
+        let base = Instant::now();
+        type Plant = Box<dyn Fn(&mut Facts)>;
+        let cases: Vec<(&str, Plant)> = vec![
+            (
+                "at most one approval",
+                Box::new(|f| {
+                    let again = f.approvals[0].clone();
+                    f.approvals.push(again);
+                }),
+            ),
+            (
+                "no 402",
+                Box::new(move |f| {
+                    f.answers.push(answer(
+                        base,
+                        Op::Confirm,
+                        "order-A",
+                        402,
+                        problem(402, "REJECT_CARD_PAYMENT"),
+                    ));
+                }),
+            ),
+            (
+                "no lost approval",
+                Box::new(|f| {
+                    f.records.get_mut("order-A").unwrap()[0].1.is_paid = false;
+                }),
+            ),
+            (
+                "no lost approval",
+                Box::new(|f| {
+                    f.ledger_entries.clear();
+                }),
+            ),
+            (
+                "refunds at the card company",
+                Box::new(|f| f.approvals[0].canceled_amount = 1000),
+            ),
+            ("one ledger reversal", Box::new(|f| f.reversals.clear())),
+            (
+                "one ledger reversal",
+                Box::new(|f| {
+                    f.reversals
+                        .insert("pay_A:cancel:2".into(), ("pay_A".into(), 1));
+                }),
+            ),
+            (
+                "sold + active holds",
+                Box::new(|f| {
+                    f.samples.push(StockSample {
+                        stock: 5,
+                        sold: 4,
+                        held: 2,
+                    })
+                }),
+            ),
+            (
+                "every answer a documented status",
+                Box::new(move |f| {
+                    f.answers.push(answer(
+                        base,
+                        Op::Confirm,
+                        "order-A",
+                        418,
+                        problem(418, "TEAPOT"),
+                    ));
+                }),
+            ),
+            (
+                "every answer a documented status",
+                Box::new(move |f| {
+                    let mut a = answer(
+                        base,
+                        Op::Confirm,
+                        "order-A",
+                        409,
+                        problem(409, "PAYMENT_IN_PROGRESS"),
+                    );
+                    a.content_type = "text/plain".into();
+                    f.answers.push(a);
+                }),
+            ),
+            (
+                "transport errors only",
+                Box::new(move |f| {
+                    let mut a = answer(base, Op::Confirm, "order-A", 0, Value::Null);
+                    a.started = at(base, 60);
+                    a.ended = at(base, 70);
+                    f.answers.push(a);
+                }),
+            ),
+            (
+                "every order still open",
+                Box::new(|f| {
+                    let r = &mut f.records.get_mut("order-A").unwrap()[0];
+                    r.0 = Partition::Realtime;
+                    r.1.is_saved = false;
+                }),
+            ),
+            (
+                "every approved answer matches",
+                Box::new(|f| {
+                    f.answers[1].body["amount"] = json!(999);
+                }),
+            ),
+            (
+                "no 503",
+                Box::new(move |f| {
+                    f.answers
+                        .retain(|a| !(a.order == "order-A" && a.op == Op::Confirm));
+                    f.answers.push(answer(
+                        base,
+                        Op::Confirm,
+                        "order-A",
+                        503,
+                        problem(503, "SERVICE_UNAVAILABLE"),
+                    ));
+                }),
+            ),
+            (
+                "one paymentId per order",
+                Box::new(move |f| {
+                    f.answers.push(answer(
+                        base,
+                        Op::GetByOrder,
+                        "order-A",
+                        200,
+                        json!({"paymentId": "pay_Z"}),
+                    ));
+                }),
+            ),
+            (
+                "paygate check",
+                Box::new(|f| f.check_report["lost"] = json!(1)),
+            ),
+        ];
+        for (expected, plant) in cases {
+            let mut f = clean();
+            plant(&mut f);
+            reindex(&mut f);
+            let failed = failing(&f);
+            assert!(
+                failed.iter().any(|n| n.starts_with(expected)),
+                "planting a fault for {expected:?} failed only {failed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_open_order_in_front_of_an_operator_passes() {
+        let mut f = clean();
+        let r = &mut f.records.get_mut("order-A").unwrap()[0];
+        r.0 = Partition::Realtime;
+        r.1.is_saved = false;
+        f.alerted.insert("pay_A".into());
+        assert!(!failing(&f)
+            .iter()
+            .any(|n| n.starts_with("every order still open")));
+    }
+}
