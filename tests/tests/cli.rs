@@ -641,3 +641,157 @@ fn an_all_digit_secret_is_accepted_masked_and_never_echoed() {
         );
     }
 }
+
+/// A payment left `UNKNOWN` (its confirm's answer was lost) that the card
+/// company approved is settled by `serve`'s janitor within seconds, with no
+/// batch or reconciliation run: paid, saved, recorded in the ledger once.
+#[test]
+fn serve_s_janitor_settles_an_unknown_payment_without_a_batch() {
+    let (_sim, card_url, ledger_url) = start_sim(&[]);
+    let (url, path) = temp_db("janitor");
+    let migrated = paygate()
+        .arg("migrate")
+        .env("PAYGATE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt
+        .block_on(paygate_state_store::SqlDatabase::open(
+            &url,
+            2,
+            paygate_state_store::SchemaStep::Check,
+            Duration::from_secs(5),
+        ))
+        .unwrap();
+    // Stamped ten minutes ago: past any in-flight window.
+    let then = paygate_core::time::now_ms() - 600_000;
+    let old = paygate_state_store::SqlStateStore::new(db.clone())
+        .with_clock(paygate_core::Clock::from_fn(move || then));
+    let r = paygate_core::PaymentRecord::new_pending(
+        paygate_core::MerchantId::generate(),
+        paygate_core::OrderId::parse("order-janitor-1").unwrap(),
+        "pk_janitor_1".into(),
+        4_200,
+        "KRW".into(),
+        "fp".into(),
+        None,
+        then,
+    );
+    rt.block_on(async {
+        use paygate_api_log::{Kind, LogEntry, SqlApiLog, Target};
+        use paygate_state_store::{StateStore, Transition};
+        old.create(&r).await.unwrap();
+        let unknown = Transition::MarkUnknown {
+            last_error: "card API call timed out".into(),
+        };
+        assert!(old.transition(&r.payment_id, &unknown).await.unwrap());
+        SqlApiLog::new(db.clone())
+            .append(LogEntry {
+                payment_id: &r.payment_id,
+                target: Target::CardApi,
+                kind: Kind::Request,
+                attempt: 1,
+                method: "POST",
+                path: "/v1/payments/confirm",
+                status_code: None,
+                body: None,
+                latency_ms: None,
+            })
+            .await
+            .unwrap();
+    });
+    // The card company approved it; paygate never heard.
+    let approved = reqwest::blocking::Client::new()
+        .post(format!("{card_url}/v1/payments/confirm"))
+        .basic_auth(SIM_SECRET, Some(""))
+        .header("Idempotency-Key", r.payment_id.as_str())
+        .json(&serde_json::json!({"paymentKey": "pk_janitor_1", "orderId": "order-janitor-1", "amount": 4200}))
+        .send()
+        .unwrap();
+    assert_eq!(approved.status().as_u16(), 200);
+
+    let port = free_port();
+    let _serve = KillOnDrop(
+        paygate()
+            .arg("serve")
+            .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PAYGATE_DATABASE_URL", &url)
+            .env("PAYGATE_CARD_API_URL", &card_url)
+            .env("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET)
+            .env("PAYGATE_LEDGER_API_URL", &ledger_url)
+            .env("PAYGATE_JANITOR_INTERVAL_MS", "200")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let settled = loop {
+        let now = rt.block_on(async {
+            use paygate_state_store::StateStore;
+            paygate_state_store::SqlStateStore::new(db.clone())
+                .get(&r.payment_id)
+                .await
+                .unwrap()
+        });
+        match now {
+            Some((_, s)) if s.is_paid && s.is_saved => break s,
+            _ if Instant::now() > deadline => panic!("not settled by the janitor: {now:?}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(settled.card_status, paygate_core::CardStatus::Done);
+    let ledger = reqwest::blocking::get(format!("{ledger_url}/sandbox/ledger"))
+        .unwrap()
+        .json::<serde_json::Value>()
+        .unwrap();
+    let entries = ledger["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{ledger}");
+    assert_eq!(entries[0]["paymentId"], r.payment_id.as_str());
+    remove_db(&path);
+}
+
+/// A log sink that stops reading (a full stderr pipe, a stalled disk under
+/// the container runtime) does not stall requests: `serve` writes its log
+/// lines from a background thread and drops what it cannot buffer.
+#[test]
+fn serve_keeps_answering_when_nobody_reads_its_log() {
+    let (url, path) = temp_db("stalled-log");
+    let key = create_merchant(&url, "shop");
+    let port = free_port();
+    let mut child = paygate()
+        .arg("serve")
+        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("paygate listening") {
+            break;
+        }
+    }
+    // From here on nobody reads: the pipe (64 KiB) fills after a few
+    // hundred request lines.
+    let _serve = KillOnDrop(child);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    for i in 0..1_500 {
+        let status = client
+            .get(format!(
+                "http://127.0.0.1:{port}/v1/payments/orders/order-nobody-{i:05}"
+            ))
+            .bearer_auth(&key)
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or_else(|e| panic!("request {i} got no answer after {:?}: {e}", started.elapsed()));
+        assert_eq!(status, 404, "request {i}");
+    }
+    drop(lines);
+    remove_db(&path);
+}

@@ -882,3 +882,111 @@ async fn holds_left_during_by_a_dead_confirm_are_sold_or_released_by_the_sweep()
         e.cleanup.run().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_looked_up_again_only_once_its_next_check_is_due() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        // UNKNOWN after a call the card company never received.
+        let u = e.record("order-recheck-1").await;
+        e.t(
+            &u,
+            Transition::MarkUnknown {
+                last_error: "timeout".into(),
+            },
+        )
+        .await;
+        e.sent(&u).await;
+        let opts = SweepOptions {
+            recheck: paygate_payments::RecheckSchedule {
+                first: Duration::from_millis(1_500),
+                max: Duration::from_secs(60),
+            },
+            ..now_opts()
+        };
+        let first = e.sweeper().sweep(&opts).await.unwrap();
+        let lookups = e.sandbox.card.stats().lookup_calls;
+        assert_eq!(
+            (first.settled, first.alerts, first.deferred),
+            (0, 1, 0),
+            "{name}: {first:?}"
+        );
+        assert!(lookups > 0, "{name}: the first check looks it up");
+        let (_, checked) = e.c.store.get(&u.payment_id).await.unwrap().unwrap();
+        assert_eq!(checked.batch_attempts, 1, "{name}: the check is counted");
+        assert_eq!(
+            checked.version,
+            u.version + 2,
+            "{name}: MarkUnknown, then the check"
+        );
+
+        // At once again: not due, no lookup, no new alert.
+        let again = e.sweeper().sweep(&opts).await.unwrap();
+        assert_eq!((again.deferred, again.alerts), (1, 0), "{name}: {again:?}");
+        assert_eq!(
+            e.sandbox.card.stats().lookup_calls,
+            lookups,
+            "{name}: no second lookup yet"
+        );
+
+        // Once its wait has passed it is looked up again, and counted again.
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        let later = e.sweeper().sweep(&opts).await.unwrap();
+        assert_eq!(later.deferred, 0, "{name}: {later:?}");
+        assert_eq!(e.sandbox.card.stats().lookup_calls, 2 * lookups, "{name}");
+        let (_, twice) = e.c.store.get(&u.payment_id).await.unwrap().unwrap();
+        assert_eq!(twice.batch_attempts, 2, "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_settles_an_undecided_payment_the_card_company_approved_and_nothing_else() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &e.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        // D: UNKNOWN, and the card company approved it (the answer was lost).
+        let d = e.record("order-janitor-d").await;
+        e.t(
+            &d,
+            Transition::MarkUnknown {
+                last_error: "timeout".into(),
+            },
+        )
+        .await;
+        e.sent(&d).await;
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: d.payment_key.clone(),
+                order_id: d.order_id.to_string(),
+                amount: d.amount,
+            },
+            d.payment_id.as_str(),
+        )
+        .await
+        .unwrap();
+        // B: paid, not saved: the sweep's work, not the janitor's.
+        let b = e.record("order-janitor-b").await;
+        e.t(&b, paid()).await;
+        let s = e.sweeper().janitor(&now_opts()).await.unwrap();
+        assert_eq!((s.scanned, s.settled, s.saved), (1, 1, 1), "{name}: {s:?}");
+        let (part, settled) = e.c.store.get(&d.payment_id).await.unwrap().unwrap();
+        assert!(
+            settled.is_paid && settled.is_saved,
+            "{name}: {settled:?} in {part:?}"
+        );
+        assert!(e.sandbox.ledger.record(d.payment_id.as_str()).is_some());
+        assert!(
+            e.sandbox.ledger.record(b.payment_id.as_str()).is_none(),
+            "{name}: the janitor leaves a paid payment to the batch"
+        );
+        e.cleanup.run().await;
+    }
+}

@@ -53,7 +53,7 @@ use std::{
 use futures_util::{StreamExt, TryStreamExt};
 use paygate_api_log::{ApiLog, SqlApiLog};
 use paygate_core::{CardStatus, Partition, PaymentRecord};
-use paygate_payments::{Saga, Settler, Tally};
+use paygate_payments::{RecheckSchedule, Saga, Settler, Tally};
 use paygate_state_store::{SqlDatabase, StateStore, StoreError, Transition};
 use serde::Serialize;
 
@@ -91,6 +91,12 @@ pub struct SweepOptions {
     /// SQL, bulk writes on MongoDB) before the per-record pass; 0 turns
     /// the set-based pass off (every record then moves on its own).
     pub move_chunk: u32,
+    /// When an undecided payment (`PENDING`, `UNKNOWN`) is looked up
+    /// again after lookups that learned nothing; one not due yet is
+    /// counted in [`Summary::deferred`] and left. The default,
+    /// [`RecheckSchedule::EVERY_SWEEP`], looks every one up; `paygate
+    /// batch` and `serve`'s janitor pass the configured schedule.
+    pub recheck: RecheckSchedule,
 }
 
 impl Default for SweepOptions {
@@ -103,6 +109,7 @@ impl Default for SweepOptions {
             lease_ttl: Duration::from_secs(60),
             scan_batch: 500,
             move_chunk: 1_000,
+            recheck: RecheckSchedule::EVERY_SWEEP,
         }
     }
 }
@@ -133,6 +140,9 @@ pub struct Summary {
     /// Holds left `during` by a confirm that died, released now (their
     /// payment ended unpaid).
     pub holds_released: u64,
+    /// Undecided payments not looked up this time: their next check is not
+    /// due ([`SweepOptions::recheck`]).
+    pub deferred: u64,
     /// Wall time, ms.
     pub duration_ms: u64,
 }
@@ -180,6 +190,7 @@ struct Counters {
     failures: AtomicU64,
     holds_sold: AtomicU64,
     holds_released: AtomicU64,
+    deferred: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -210,6 +221,7 @@ impl Counters {
             failures: g(&self.failures),
             holds_sold: g(&self.holds_sold),
             holds_released: g(&self.holds_released),
+            deferred: g(&self.deferred),
             duration_ms: started.elapsed().as_millis() as u64,
         }
     }
@@ -312,6 +324,72 @@ impl Sweeper {
             record_run(db, "batch", summary).await;
         }
         result
+    }
+
+    /// The janitor's pass, which `serve` runs every few seconds under the
+    /// lease `janitor` (one replica at a time; a pass that finds the lease
+    /// held does nothing): every undecided payment (not paid, `PENDING` or
+    /// `UNKNOWN`) unchanged for `opts.grace` whose next check is due by
+    /// `opts.recheck` is handled exactly as the sweep handles it (filed
+    /// unpaid when no card call was logged for it, else looked up and
+    /// settled: paid, then saved in the ledger; declined; still unknown,
+    /// counted, and an operator alerted). So a payment answered 202 settles
+    /// within minutes of the card company knowing its outcome, not at the
+    /// next daily sweep. Nothing else of the sweep runs here (moves,
+    /// cancels, holds).
+    ///
+    /// # Errors
+    /// [`BatchError::LeaseHeld`], [`BatchError::LeaseLost`],
+    /// [`BatchError::Store`] as [`Sweeper::sweep`].
+    pub async fn janitor(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
+        let owner = format!("{}-{}", std::process::id(), paygate_core::ambient::ulid());
+        let lease = match &self.leases {
+            Leases::Sql(db) => lease::Lease::new(db.clone(), "janitor", &owner, opts.lease_ttl),
+            Leases::Memory(m) => {
+                lease::Lease::in_memory(m.clone(), "janitor", &owner, opts.lease_ttl)
+            }
+        }
+        .with_clock(self.saga.clock().clone());
+        if let Err(held) = lease.acquire().await? {
+            return Err(BatchError::LeaseHeld {
+                owner: held.owner,
+                expires_in_ms: held.expires_at - self.saga.clock().now_ms(),
+            });
+        }
+        let renewal = lease.keep_alive(opts.lease_ttl);
+        let lost = renewal.lost_flag();
+        let started = Instant::now();
+        let counters = Counters::default();
+        let cutoff = self.saga.clock().now_ms() - opts.grace.as_millis() as i64;
+        let outcome = self
+            .store
+            .scan_stale(cutoff, opts.scan_batch)
+            .map_err(BatchError::Store)
+            .try_for_each_concurrent(opts.concurrency.max(1), |record| {
+                let counters = &counters;
+                let lost = &lost;
+                async move {
+                    if lost.load(Ordering::SeqCst) {
+                        return Err(BatchError::LeaseLost(Summary::default()));
+                    }
+                    bump(&counters.scanned);
+                    let pid = record.payment_id.clone();
+                    if let Err(e) = self.handle(record, opts, counters).await {
+                        bump(&counters.failures);
+                        tracing::error!(payment_id = %pid, error = %e, "janitor: payment failed; continuing");
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+        renewal.finish().await;
+        let summary = counters.summary(started);
+        metrics::counter!("paygate_janitor_runs_total").increment(1);
+        match outcome {
+            Ok(()) => Ok(summary),
+            Err(BatchError::LeaseLost(_)) => Err(BatchError::LeaseLost(summary)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The pass over holds left `during` (issue 17,
@@ -566,6 +644,11 @@ impl Sweeper {
                 {
                     bump(&c.unpaid);
                 }
+            }
+            CardStatus::Pending | CardStatus::Unknown
+                if !opts.recheck.due(&r, self.saga.clock().now_ms()) =>
+            {
+                bump(&c.deferred);
             }
             CardStatus::Aborted | CardStatus::Pending | CardStatus::Unknown => {
                 c.add(settler.settle(r, opts.dry_run).await?.1);

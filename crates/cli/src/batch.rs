@@ -99,6 +99,7 @@ pub async fn run(config: paygate_core::Config, args: BatchArgs) -> anyhow::Resul
         dry_run: args.dry_run,
         concurrency: args.concurrency,
         ledger_alert_threshold: args.alert_threshold,
+        recheck: paygate_payments::wiring::recheck_schedule(&config),
         ..SweepOptions::default()
     };
     let once = || async {

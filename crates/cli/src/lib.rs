@@ -138,17 +138,46 @@ enum MerchantsCommand {
     List,
 }
 
-fn init_tracing(default_filter: &str, json: bool) {
+/// Log lines go to stderr through `tracing-appender`'s non-blocking
+/// writer: a background thread writes them, so a slow log sink (a full
+/// pipe, a stalled disk under the container runtime) never blocks a
+/// request's task. Lossy by choice: when its buffer (128k lines) is full a
+/// line is dropped and counted, rather than every request waiting; the
+/// durable record of each downstream call is the SQL log, not these lines.
+/// The guard flushes what is buffered when the command ends.
+fn init_tracing(default_filter: &str, json: bool) -> Logging {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    Logging {
+        _guard: guard,
+        dropped,
+    }
+}
+
+/// The logging of one command: flushes its buffered lines when dropped and
+/// says how many it had to drop.
+struct Logging {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl Drop for Logging {
+    fn drop(&mut self) {
+        let n = self.dropped.dropped_lines();
+        if n > 0 {
+            eprintln!("paygate: {n} log lines were dropped: the log sink could not keep up");
+        }
+    }
 }
 
 /// The `paygate` command: parses the arguments, runs the subcommand, and
@@ -168,7 +197,7 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => {
-            init_tracing("error", false);
+            let _logging = init_tracing("error", false);
             demo::run(args).await
         }
         Command::Sim {
@@ -182,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ledger_latency_ms,
             approve_duplicate_confirms,
         } => {
-            init_tracing("info", false);
+            let _logging = init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
                 .with_context(|| {
                     format!(
@@ -232,7 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         command => {
             let config = settings::load(cli.config.as_deref())?;
-            init_tracing("info,sqlx=warn", config.log_format == "json");
+            let _logging = init_tracing("info,sqlx=warn", config.log_format == "json");
             match command {
                 Command::Serve => serve(config).await,
                 Command::Migrate => {
@@ -274,9 +303,72 @@ async fn serve(config: paygate_core::Config) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", config.listen))?;
     let app = Application::build(listener, &config).await?;
     tracing::info!(addr = %app.local_addr(), backend = app.database().backend(), "paygate listening");
-    app.run_until(shutdown_signal()).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let janitor = tokio::spawn(janitor(&config, &app, stopped));
+    app.run_until(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    })
+    .await?;
+    let _ = janitor.await;
     tracing::info!("paygate stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `serve`'s janitor: every `janitor_interval_ms`, one pass of
+/// [`paygate_batch::Sweeper::janitor`] over the undecided payments whose
+/// next check is due (grace: a confirm's in-flight window, so no live
+/// confirm's payment is looked up). A pass another replica holds the lease
+/// for is skipped; a pass still running at shutdown is dropped between two
+/// awaits, which every step of it survives (each change is a guarded
+/// transition, as when a replica dies). Its alerts go out with `serve`'s
+/// own outbox sender.
+fn janitor(
+    config: &paygate_core::Config,
+    app: &Application,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let interval = std::time::Duration::from_millis(config.janitor_interval_ms);
+    let saga = app.saga();
+    let sweeper = paygate_batch::Sweeper::new(saga.store().clone(), saga.clone(), app.database());
+    let opts = paygate_batch::SweepOptions {
+        grace: paygate_payments::in_flight_window(config.card_api_policy.deadline_ms),
+        recheck: paygate_payments::wiring::recheck_schedule(config),
+        concurrency: 4,
+        ..paygate_batch::SweepOptions::default()
+    };
+    async move {
+        if interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let pass = sweeper.janitor(&opts);
+            let result = tokio::select! {
+                _ = stopped.changed() => return,
+                r = pass => r,
+            };
+            match result {
+                Ok(s) if s.settled + s.unpaid + s.alerts + s.failures > 0 => {
+                    tracing::info!(
+                        scanned = s.scanned,
+                        settled = s.settled,
+                        unpaid = s.unpaid,
+                        saved = s.saved,
+                        alerts = s.alerts,
+                        deferred = s.deferred,
+                        failures = s.failures,
+                        "janitor: undecided payments checked"
+                    );
+                }
+                Ok(_) | Err(paygate_batch::BatchError::LeaseHeld { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "janitor: pass failed; the next one retries"),
+            }
+        }
+    }
 }
 
 async fn merchants(

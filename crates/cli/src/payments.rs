@@ -281,8 +281,15 @@ async fn show(config: paygate_core::Config, args: ShowArgs) -> anyhow::Result<Ex
         yes(record.is_saved)
     );
     println!("  approved at  {}", text(&p["approvedAt"]));
+    // `batch_attempts` counts the batch's ledger retries of a paid
+    // payment, and the lookups that learned nothing of an undecided one.
+    let batch = if record.is_paid {
+        "batch ledger retries"
+    } else {
+        "lookups that learned nothing"
+    };
     println!(
-        "  attempts     ledger {}, batch {}",
+        "  attempts     ledger {}, {batch} {}",
         record.save_attempts, record.batch_attempts
     );
     println!("  failure      {}", text(&p["failureCode"]));

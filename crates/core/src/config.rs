@@ -137,6 +137,19 @@ pub struct Config {
     /// before the server stops waiting, ms. Default 25,000 (inside
     /// Kubernetes' default 30 s grace period).
     pub shutdown_timeout_ms: u64,
+    /// How often `serve`'s janitor looks for undecided payments (`PENDING`
+    /// past a confirm's in-flight window, `UNKNOWN`) whose next check is
+    /// due, ms; one replica at a time runs it (the lease `janitor`). 0
+    /// turns it off (the batch still checks them). Default 30,000.
+    pub janitor_interval_ms: u64,
+    /// Wait before looking an undecided payment up again after the first
+    /// lookup that learned nothing, ms; four times longer after each
+    /// further one, at most `unknown_recheck_max_ms`. The janitor and
+    /// `paygate batch` follow it. Default 60,000 (1, 4, 16, 60 minutes).
+    pub unknown_recheck_first_ms: u64,
+    /// Longest wait between two lookups of an undecided payment, ms, at
+    /// least `unknown_recheck_first_ms`. Default 3,600,000 (1 h).
+    pub unknown_recheck_max_ms: u64,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -207,6 +220,9 @@ impl Default for Config {
             log_format: "pretty".to_owned(),
             time_zone: "Asia/Seoul".to_owned(),
             shutdown_timeout_ms: 25_000,
+            janitor_interval_ms: 30_000,
+            unknown_recheck_first_ms: 60_000,
+            unknown_recheck_max_ms: 3_600_000,
         }
     }
 }
@@ -276,6 +292,12 @@ impl Config {
         }
         if self.shutdown_timeout_ms == 0 {
             return Err(bad("shutdown_timeout_ms", "must be greater than 0"));
+        }
+        if self.unknown_recheck_max_ms < self.unknown_recheck_first_ms {
+            return Err(bad(
+                "unknown_recheck_max_ms",
+                "must be at least unknown_recheck_first_ms",
+            ));
         }
         if self.database_max_connections == 0 {
             return Err(bad("database_max_connections", "must be at least 1"));
@@ -586,6 +608,28 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_recheck_schedule_whose_longest_wait_is_below_its_first_is_refused() {
+        let c = Config {
+            unknown_recheck_first_ms: 120_000,
+            unknown_recheck_max_ms: 60_000,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "unknown_recheck_max_ms");
+        let every_time = Config {
+            unknown_recheck_first_ms: 0,
+            unknown_recheck_max_ms: 0,
+            janitor_interval_ms: 0,
+            ..Config::default()
+        };
+        assert_eq!(
+            every_time.validate(),
+            Ok(()),
+            "0 is every check, and no janitor"
+        );
     }
 
     #[test]

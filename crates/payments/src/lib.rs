@@ -41,6 +41,7 @@ pub mod ledger;
 mod logged_call;
 mod lookup;
 pub mod outcome;
+pub mod recheck;
 mod replay;
 pub mod resolve;
 mod reversal;
@@ -58,6 +59,7 @@ pub use outcome::{
     ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse, Settlement,
     TicketState,
 };
+pub use recheck::RecheckSchedule;
 pub use resolve::{
     record_json, CardEvidence, Decision, ResolveError, ResolveReport, ResolveRequest, Resolver,
 };

@@ -236,15 +236,17 @@ impl Settler {
                 }
             }
             Settlement::Unknown(detail) => {
-                let mut expected = r.version;
-                if r.card_status == CardStatus::Pending {
-                    let t = Transition::MarkUnknown {
-                        last_error: detail.clone(),
-                    };
-                    if self.store.transition(&r.payment_id, &t).await? {
-                        expected += 1;
-                    }
-                }
+                // Counted on the record (the recheck schedule backs off by
+                // it), guarded on the version the lookup was judged from.
+                let checked = Transition::CheckedUnknown {
+                    last_error: detail.clone(),
+                    seen_version: r.version,
+                };
+                let expected = if self.store.transition(&r.payment_id, &checked).await? {
+                    r.version + 1
+                } else {
+                    r.version
+                };
                 let detail = format!("payment needs checking: {detail}");
                 if self.still_as_read(&r, expected).await?
                     && self

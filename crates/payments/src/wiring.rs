@@ -255,6 +255,15 @@ fn downstreams(
     })
 }
 
+/// The recheck schedule of undecided payments the config sets
+/// (`unknown_recheck_first_ms`, `unknown_recheck_max_ms`).
+pub fn recheck_schedule(config: &Config) -> crate::RecheckSchedule {
+    crate::RecheckSchedule {
+        first: Duration::from_millis(config.unknown_recheck_first_ms),
+        max: Duration::from_millis(config.unknown_recheck_max_ms),
+    }
+}
+
 /// The transaction list's policy: the card API's, with the list's own
 /// per-attempt timeout (`card_api_list_attempt_timeout_ms`, 60 s by default
 /// as Toss asks) and a deadline that lets every attempt run to it.

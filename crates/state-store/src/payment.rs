@@ -40,6 +40,18 @@ pub enum Transition {
         /// Detail for operators.
         last_error: String,
     },
+    /// A lookup after the confirm (the batch's, the janitor's) found no
+    /// outcome: `card_status = UNKNOWN`, `batch_attempts += 1` (the checks
+    /// so far, which the recheck schedule backs off by), `last_error` set.
+    /// Guard: not paid, `PENDING` or `UNKNOWN`, and the record is still at
+    /// `seen_version`, the version the check's verdict was drawn from (an
+    /// actor that settled or reopened it since makes the verdict stale).
+    CheckedUnknown {
+        /// Detail for operators.
+        last_error: String,
+        /// The version the lookup's verdict was drawn from.
+        seen_version: i64,
+    },
     /// The ledger recorded it: `is_saved = true`, `save_attempts += 1`.
     /// Guard: paid and not saved.
     MarkSaved,
@@ -269,6 +281,18 @@ impl Transition {
                 vec![card_status_in(&[CardStatus::Pending])],
                 vec![
                     status(CardStatus::Unknown),
+                    Change::Set(F::LastError, text(last_error)),
+                    Change::Stamp,
+                ],
+            ),
+            Self::CheckedUnknown {
+                last_error,
+                seen_version,
+            } => (
+                with_version(undecided(), Some(*seen_version)),
+                vec![
+                    status(CardStatus::Unknown),
+                    Change::Add(F::BatchAttempts, 1),
                     Change::Set(F::LastError, text(last_error)),
                     Change::Stamp,
                 ],

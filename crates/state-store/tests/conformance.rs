@@ -214,7 +214,28 @@ async fn every_transition_applies_only_under_its_guard() {
             )
             .await
             .unwrap());
+        // A check that learned nothing is counted, on the version it read.
+        let checked = |seen_version: i64| Transition::CheckedUnknown {
+            last_error: "no payment yet".into(),
+            seen_version,
+        };
+        assert!(
+            !store.transition(&u.payment_id, &checked(0)).await.unwrap(),
+            "{name}: CheckedUnknown on a version moved on"
+        );
+        assert!(store.transition(&u.payment_id, &checked(1)).await.unwrap());
+        let (_, got) = store.get(&u.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (got.card_status, got.batch_attempts, got.version),
+            (CardStatus::Unknown, 1, 2),
+            "{name}"
+        );
+        assert_eq!(got.last_error.as_deref(), Some("no payment yet"));
         assert!(store.transition(&u.payment_id, &paid()).await.unwrap());
+        assert!(
+            !store.transition(&u.payment_id, &checked(3)).await.unwrap(),
+            "{name}: a paid payment is not checked"
+        );
 
         // A decline is final; only a no-call abort reopens.
         let d = pending(&m, "order-declined", None);

@@ -62,7 +62,7 @@ impl Draw {
 
     fn transition(&mut self, r: &PaymentRecord) -> Transition {
         let error = format!("error {}", self.next() % 1000);
-        match self.below(9) {
+        match self.below(10) {
             0 => Transition::MarkPaid {
                 approved_at: "2026-12-07T12:00:00+09:00".into(),
             },
@@ -80,6 +80,10 @@ impl Draw {
                 seen_version: self.maybe_version(r.version),
             },
             7 => Transition::MarkSending {
+                seen_version: self.version_near(r.version),
+            },
+            8 => Transition::CheckedUnknown {
+                last_error: error,
                 seen_version: self.version_near(r.version),
             },
             _ => Transition::FileNotSent {

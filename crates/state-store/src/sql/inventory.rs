@@ -238,14 +238,23 @@ impl InventoryStore for SqlInventoryStore {
         now_ms: i64,
     ) -> Result<Option<StockLevel>, StoreError> {
         let m = merchant.as_str();
+        // One statement, so one snapshot: read apart, a sale landing between
+        // the two reads (its units leave `held` and join `sold`) or a
+        // restock followed by a take could show sold + held above stock,
+        // an oversell that never happened.
+        let sql = format!(
+            "SELECT stock, sold, ({}) AS held FROM inventory WHERE merchant_id = $1 AND sku = $2",
+            self.held_sql()
+        );
         with_pool!(&self.db, pool => {
-            let Some(row) = sqlx::query("SELECT stock, sold FROM inventory WHERE merchant_id = $1 AND sku = $2")
-                .bind(m).bind(sku).fetch_optional(pool).await.map_err(map_err)? else {
+            let Some(row) = sqlx::query(&sql)
+                .bind(m).bind(sku).bind(now_ms).bind("")
+                .fetch_optional(pool).await.map_err(map_err)? else {
                 return Ok(None);
             };
             let stock: i64 = row.try_get("stock").map_err(corrupt)?;
             let sold: i64 = row.try_get("sold").map_err(corrupt)?;
-            let held = held!(self.held_sql(), pool, m, sku, now_ms, "");
+            let held: i64 = row.try_get("held").map_err(corrupt)?;
             Ok(Some(StockLevel::new(sku, stock, sold, held)))
         })
     }
