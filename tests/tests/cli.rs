@@ -789,7 +789,12 @@ fn serve_keeps_answering_when_nobody_reads_its_log() {
             .bearer_auth(&key)
             .send()
             .map(|r| r.status().as_u16())
-            .unwrap_or_else(|e| panic!("request {i} got no answer after {:?}: {e}", started.elapsed()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "request {i} got no answer after {:?}: {e}",
+                    started.elapsed()
+                )
+            });
         assert_eq!(status, 404, "request {i}");
     }
     drop(lines);

@@ -52,7 +52,6 @@ pub struct Down {
 }
 
 struct Replica {
-    port: u16,
     child: Option<Owned>,
 }
 
@@ -61,6 +60,9 @@ pub struct Cluster {
     bin: PathBuf,
     env: Vec<(String, String)>,
     work: PathBuf,
+    /// Each replica's port, fixed for the drill: read without a lock, so a
+    /// merchant never waits on a replica being stopped.
+    ports: Vec<u16>,
     replicas: Vec<Mutex<Replica>>,
     downs: Mutex<Vec<Down>>,
 }
@@ -152,19 +154,18 @@ impl Cluster {
         work: PathBuf,
         replicas: usize,
     ) -> anyhow::Result<Self> {
-        let replicas = (0..replicas)
-            .map(|_| {
-                Ok(Mutex::new(Replica {
-                    port: free_port()?,
-                    child: None,
-                }))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let ports = (0..replicas)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             bin,
             env,
             work,
-            replicas,
+            replicas: ports
+                .iter()
+                .map(|_| Mutex::new(Replica { child: None }))
+                .collect(),
+            ports,
             downs: Mutex::new(Vec::new()),
         })
     }
@@ -176,7 +177,7 @@ impl Cluster {
 
     /// Replica `i`'s base URL.
     pub fn base(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", lock(&self.replicas[i]).port)
+        format!("http://127.0.0.1:{}", self.ports[i])
     }
 
     /// Runs `paygate ARGS` to its end with the drill's environment; its
@@ -215,7 +216,7 @@ impl Cluster {
         let mut child = clean(&self.bin)
             .arg("serve")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("PAYGATE_LISTEN", format!("127.0.0.1:{}", r.port))
+            .env("PAYGATE_LISTEN", format!("127.0.0.1:{}", self.ports[i]))
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
