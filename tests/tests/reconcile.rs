@@ -434,6 +434,56 @@ async fn stale_pending_records_are_settled_each_in_isolation() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_pass_defers_an_unknown_payment_whose_next_check_is_not_due() {
+    for backend in e2e_backends() {
+        let e = env(&backend).await;
+        let name = backend.name();
+        // Both UNKNOWN, last checked 12 minutes ago (stale past 10), the
+        // card company has nothing for either: one was checked once (next
+        // check 1 min after), the other three times (next 16 min after).
+        let unknown = |order: &str, checks: i64| {
+            let mut r = PaymentRecord::new_pending(
+                e.merchant.clone(),
+                OrderId::parse(order).unwrap(),
+                format!("pk_{order}"),
+                5_000,
+                "KRW".into(),
+                format!("fp_{order}"),
+                None,
+                e.now - 12 * MINUTE,
+            );
+            r.card_status = paygate_core::CardStatus::Unknown;
+            r.batch_attempts = checks;
+            r
+        };
+        let due = unknown("order-recheck-due", 1);
+        let later = unknown("order-recheck-later", 3);
+        e.c.store.create(&due).await.unwrap();
+        e.c.store.create(&later).await.unwrap();
+        let opts = ReconcileOptions {
+            stale_after: Duration::from_secs(600),
+            recheck: paygate_payments::RecheckSchedule::DEFAULT,
+            ..e.opts()
+        };
+        let s = e.reconciler().run(&opts).await.unwrap();
+        assert_eq!(
+            (s.deferred, s.alerts, s.failures),
+            (1, 1, 0),
+            "{name}: {s:?}"
+        );
+        let (_, d) = e.c.store.get(&due.payment_id).await.unwrap().unwrap();
+        let (_, l) = e.c.store.get(&later.payment_id).await.unwrap().unwrap();
+        assert_eq!(d.batch_attempts, 2, "{name}: looked up and counted");
+        assert_eq!(
+            (l.batch_attempts, l.version),
+            (3, later.version),
+            "{name}: not due, untouched"
+        );
+        e.cleanup.run().await;
+    }
+}
+
 // ---- cancels (issue 15, point 11) ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,10 @@ fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
     Ok(now_ms - ago.as_millis() as i64)
 }
 
-fn options(args: &ReconcileArgs) -> anyhow::Result<ReconcileOptions> {
+fn options(
+    args: &ReconcileArgs,
+    recheck: paygate_payments::RecheckSchedule,
+) -> anyhow::Result<ReconcileOptions> {
     let now = paygate_core::time::now_ms();
     let from = parse_time(&args.from, now).context("--from")?;
     let to = parse_time(&args.to, now).context("--to")?;
@@ -92,6 +95,7 @@ fn options(args: &ReconcileArgs) -> anyhow::Result<ReconcileOptions> {
         stale_after: args.stale_after,
         stale_concurrency: args.stale_concurrency,
         dry_run: args.dry_run,
+        recheck,
         ..ReconcileOptions::window(from, to)
     };
     opts.validate()?;
@@ -122,7 +126,8 @@ fn print(summary: &Summary, json: bool, dry_run: bool) {
 /// # Errors
 /// Setup failures (config, database) and bad options.
 pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::Result<ExitCode> {
-    options(&args)?;
+    let recheck = paygate_payments::wiring::recheck_schedule(&config);
+    options(&args, recheck)?;
     let (components, _sandbox) = paygate_gateway::components(&config).await?;
     let json = args.json;
     let zone = crate::ops::zone(&config);
@@ -143,7 +148,7 @@ pub async fn run(config: paygate_core::Config, args: ReconcileArgs) -> anyhow::R
         }));
     }
     let once = || async {
-        let result = match options(&args) {
+        let result = match options(&args, recheck) {
             Ok(opts) => reconciler.run(&opts).await,
             Err(e) => Err(ReconcileError::Invalid(e.to_string())),
         };

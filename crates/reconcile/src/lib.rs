@@ -113,6 +113,11 @@ pub struct ReconcileOptions {
     pub lease_ttl: Duration,
     /// "ledger save failed" threshold of the shared batch save.
     pub ledger_alert_threshold: i64,
+    /// When the stale pass looks an undecided payment up again after
+    /// lookups that learned nothing (the batch's schedule); one not due is
+    /// counted in [`Summary::deferred`] and left. An approval the list
+    /// shows is recovered whatever the schedule.
+    pub recheck: paygate_payments::RecheckSchedule,
 }
 
 impl ReconcileOptions {
@@ -131,6 +136,7 @@ impl ReconcileOptions {
             dry_run: false,
             lease_ttl: Duration::from_secs(60),
             ledger_alert_threshold: 5,
+            recheck: paygate_payments::RecheckSchedule::EVERY_SWEEP,
         }
     }
 
@@ -182,6 +188,9 @@ pub struct Summary {
     /// cancelled): the window was not fully reconciled (not in the JSON keys; the CLI exits 1).
     #[serde(skip)]
     pub incomplete_slices: u64,
+    /// Stale payments not looked up this run: their next check is not due
+    /// ([`ReconcileOptions::recheck`]).
+    pub deferred: u64,
 }
 
 /// One planned or taken action, for the dry run's plan and the logs.
@@ -302,6 +311,7 @@ struct Counters {
     alerts: AtomicU64,
     failures: AtomicU64,
     incomplete_slices: AtomicU64,
+    deferred: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -321,6 +331,7 @@ impl Counters {
             failures: g(&self.failures),
             duration_ms: started.elapsed().as_millis() as u64,
             incomplete_slices: g(&self.incomplete_slices),
+            deferred: g(&self.deferred),
         }
     }
 }
@@ -647,6 +658,10 @@ impl Reconciler {
             .map_err(ReconcileError::Store)
             .try_for_each_concurrent(run.opts.stale_concurrency, |r| async move {
                 if run.lost.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                if !run.opts.recheck.due(&r, run.now_ms) {
+                    add(&run.counters.deferred, 1);
                     return Ok(());
                 }
                 self.emit(Action::SettleStale {

@@ -97,6 +97,7 @@ fn reconcile_options(stale_after_ms: u64, min_age_ms: u64) -> ReconcileOptions {
         dry_run: false,
         lease_ttl: Duration::from_secs(30),
         ledger_alert_threshold: 5,
+        recheck: paygate_payments::RecheckSchedule::EVERY_SWEEP,
     }
 }
 
