@@ -322,6 +322,7 @@ fn reconcile_dry_run_pages_a_generated_list_and_prints_the_plan() {
         "cancelled",
         "alerts",
         "failures",
+        "deferred",
         "duration_ms",
     ];
     want.sort_unstable();
