@@ -293,19 +293,17 @@ impl Sweeper {
         self.progress = Some(progress);
         self
     }
-    /// Runs one sweep under the lease `batch-sweep`.
+    /// Takes the lease `name` for this process (renewed every third of
+    /// `ttl` until the returned renewal is finished).
     ///
     /// # Errors
-    /// [`BatchError::LeaseHeld`] when another sweep runs;
-    /// [`BatchError::LeaseLost`] when the lease was taken mid-sweep;
-    /// [`BatchError::Store`] when the store cannot be read.
-    pub async fn sweep(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
+    /// [`BatchError::LeaseHeld`] when another process holds it;
+    /// [`BatchError::Store`] when the lease cannot be read or written.
+    async fn take_lease(&self, name: &str, ttl: Duration) -> Result<lease::Renewal, BatchError> {
         let owner = format!("{}-{}", std::process::id(), paygate_core::ambient::ulid());
         let lease = match &self.leases {
-            Leases::Sql(db) => lease::Lease::new(db.clone(), "batch-sweep", &owner, opts.lease_ttl),
-            Leases::Memory(m) => {
-                lease::Lease::in_memory(m.clone(), "batch-sweep", &owner, opts.lease_ttl)
-            }
+            Leases::Sql(db) => lease::Lease::new(db.clone(), name, &owner, ttl),
+            Leases::Memory(m) => lease::Lease::in_memory(m.clone(), name, &owner, ttl),
         }
         .with_clock(self.saga.clock().clone());
         if let Err(held) = lease.acquire().await? {
@@ -314,7 +312,17 @@ impl Sweeper {
                 expires_in_ms: held.expires_at - self.saga.clock().now_ms(),
             });
         }
-        let renewal = lease.keep_alive(opts.lease_ttl);
+        Ok(lease.keep_alive(ttl))
+    }
+
+    /// Runs one sweep under the lease `batch-sweep`.
+    ///
+    /// # Errors
+    /// [`BatchError::LeaseHeld`] when another sweep runs;
+    /// [`BatchError::LeaseLost`] when the lease was taken mid-sweep;
+    /// [`BatchError::Store`] when the store cannot be read.
+    pub async fn sweep(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
+        let renewal = self.take_lease("batch-sweep", opts.lease_ttl).await?;
         let result = self.sweep_records(opts, &renewal.lost_flag()).await;
         if !opts.dry_run {
             self.purge_holds().await;
@@ -342,21 +350,7 @@ impl Sweeper {
     /// [`BatchError::LeaseHeld`], [`BatchError::LeaseLost`],
     /// [`BatchError::Store`] as [`Sweeper::sweep`].
     pub async fn janitor(&self, opts: &SweepOptions) -> Result<Summary, BatchError> {
-        let owner = format!("{}-{}", std::process::id(), paygate_core::ambient::ulid());
-        let lease = match &self.leases {
-            Leases::Sql(db) => lease::Lease::new(db.clone(), "janitor", &owner, opts.lease_ttl),
-            Leases::Memory(m) => {
-                lease::Lease::in_memory(m.clone(), "janitor", &owner, opts.lease_ttl)
-            }
-        }
-        .with_clock(self.saga.clock().clone());
-        if let Err(held) = lease.acquire().await? {
-            return Err(BatchError::LeaseHeld {
-                owner: held.owner,
-                expires_in_ms: held.expires_at - self.saga.clock().now_ms(),
-            });
-        }
-        let renewal = lease.keep_alive(opts.lease_ttl);
+        let renewal = self.take_lease("janitor", opts.lease_ttl).await?;
         let lost = renewal.lost_flag();
         let started = Instant::now();
         let counters = Counters::default();

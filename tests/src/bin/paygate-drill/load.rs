@@ -116,6 +116,14 @@ impl Answer {
     }
 }
 
+/// The payment a cancel worker is cancelling.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    http: &'a reqwest::Client,
+    order: &'a str,
+    pid: &'a str,
+}
+
 /// What the merchants share: the answers, the orders, the approved payments
 /// waiting for a cancel.
 pub struct Load {
@@ -433,119 +441,59 @@ impl Load {
             let k = |what: &str| format!("cx-{pid}-{what}");
             let (k_full, k_p1, k_p2, k_rest) = (k("full"), k("p1"), k("p2"), k("rest"));
             let (k_half, k_all, k_q) = (k("half"), k("all"), k("q"));
+            let t = Target {
+                http: &http,
+                order: &order,
+                pid: &pid,
+            };
             match rng.below(4) {
                 0 => {
                     // A full cancel sent twice at once, one key, two replicas.
                     tokio::join!(
-                        self.cancel(&http, rng.below(u64::MAX), &order, &pid, r, None, &k_full),
-                        self.cancel(
-                            &http,
-                            rng.below(u64::MAX),
-                            &order,
-                            &pid,
-                            other,
-                            None,
-                            &k_full
-                        ),
+                        self.cancel(&t, rng.below(u64::MAX), r, None, &k_full),
+                        self.cancel(&t, rng.below(u64::MAX), other, None, &k_full),
                     );
                 }
                 1 => {
                     // Two partial cancels under new keys, then the rest.
-                    self.cancel(
-                        &http,
-                        rng.below(u64::MAX),
-                        &order,
-                        &pid,
-                        r,
-                        Some(amount / 3),
-                        &k_p1,
-                    )
-                    .await;
-                    self.cancel(
-                        &http,
-                        rng.below(u64::MAX),
-                        &order,
-                        &pid,
-                        other,
-                        Some(amount / 3),
-                        &k_p2,
-                    )
-                    .await;
-                    self.cancel(&http, rng.below(u64::MAX), &order, &pid, r, None, &k_rest)
+                    self.cancel(&t, rng.below(u64::MAX), r, Some(amount / 3), &k_p1)
                         .await;
+                    self.cancel(&t, rng.below(u64::MAX), other, Some(amount / 3), &k_p2)
+                        .await;
+                    self.cancel(&t, rng.below(u64::MAX), r, None, &k_rest).await;
                 }
                 2 => {
                     // A partial and a full cancel racing under different keys.
                     tokio::join!(
-                        self.cancel(
-                            &http,
-                            rng.below(u64::MAX),
-                            &order,
-                            &pid,
-                            r,
-                            Some(amount / 2),
-                            &k_half
-                        ),
-                        self.cancel(
-                            &http,
-                            rng.below(u64::MAX),
-                            &order,
-                            &pid,
-                            other,
-                            None,
-                            &k_all
-                        ),
+                        self.cancel(&t, rng.below(u64::MAX), r, Some(amount / 2), &k_half),
+                        self.cancel(&t, rng.below(u64::MAX), other, None, &k_all),
                     );
                 }
                 _ => {
                     // A partial cancel replayed at another replica, then its
                     // key reused with another amount (422).
-                    self.cancel(
-                        &http,
-                        rng.below(u64::MAX),
-                        &order,
-                        &pid,
-                        r,
-                        Some(amount / 4),
-                        &k_q,
-                    )
-                    .await;
-                    self.cancel(
-                        &http,
-                        rng.below(u64::MAX),
-                        &order,
-                        &pid,
-                        other,
-                        Some(amount / 4),
-                        &k_q,
-                    )
-                    .await;
-                    self.cancel(
-                        &http,
-                        rng.below(u64::MAX),
-                        &order,
-                        &pid,
-                        r,
-                        Some(amount / 5),
-                        &k_q,
-                    )
-                    .await;
+                    self.cancel(&t, rng.below(u64::MAX), r, Some(amount / 4), &k_q)
+                        .await;
+                    self.cancel(&t, rng.below(u64::MAX), other, Some(amount / 4), &k_q)
+                        .await;
+                    self.cancel(&t, rng.below(u64::MAX), r, Some(amount / 5), &k_q)
+                        .await;
                 }
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // the cancel's whole description
+    /// Cancels `amount` (`None`: the balance) of `t`'s payment under `key`
+    /// at replica `r`, retrying at the next replica as a merchant would.
     async fn cancel(
         &self,
-        http: &reqwest::Client,
+        t: &Target<'_>,
         seed: u64,
-        order: &str,
-        pid: &str,
         mut r: usize,
         amount: Option<i64>,
         key: &str,
     ) {
+        let Target { http, order, pid } = *t;
         let mut body = json!({"cancelReason": "drill refund"});
         if let Some(a) = amount {
             body["cancelAmount"] = json!(a);
