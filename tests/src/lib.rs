@@ -33,14 +33,20 @@ pub fn binary() -> std::path::PathBuf {
 
 /// The `paygate` command with a clean configuration environment.
 pub fn paygate() -> Command {
-    let mut c = Command::new(binary());
-    // Start from a clean configuration environment.
+    let mut c = command_at(&binary());
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// `bin` with no inherited `PAYGATE_*` variable: the caller sets the
+/// configuration it means (the drill runs a binary it was given).
+pub fn command_at(bin: &std::path::Path) -> Command {
+    let mut c = Command::new(bin);
     for (k, _) in std::env::vars() {
         if k.starts_with("PAYGATE_") {
             c.env_remove(k);
         }
     }
-    c.env("RUST_LOG", "info");
     c
 }
 
@@ -87,11 +93,17 @@ impl Drop for KillOnDrop {
 
 /// A port free a moment ago (the OS picks it; the child binds it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    try_free_port().unwrap()
+}
+
+/// [`free_port`], with the OS's refusal as an error.
+///
+/// # Errors
+/// Loopback cannot be bound.
+pub fn try_free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Starts `paygate sim` on free ports; returns it and (card, ledger) URLs.

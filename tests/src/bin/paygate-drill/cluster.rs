@@ -9,26 +9,17 @@ use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{mpsc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
+use paygate_e2e::KillOnDrop;
 
 /// How long a replica may take to listen: its database open retries for up
 /// to a minute (`paygate_payments::wiring::DATABASE_OPEN_WAIT`).
 const START_WAIT: Duration = Duration::from_secs(90);
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-pub struct Owned(pub Child);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// How a replica is stopped.
 #[derive(Clone, Copy, Debug)]
@@ -51,10 +42,6 @@ pub struct Down {
     pub to: Option<Instant>,
 }
 
-struct Replica {
-    child: Option<Owned>,
-}
-
 /// The drill's processes and their environment.
 pub struct Cluster {
     bin: PathBuf,
@@ -63,7 +50,7 @@ pub struct Cluster {
     /// Each replica's port, fixed for the drill: read without a lock, so a
     /// merchant never waits on a replica being stopped.
     ports: Vec<u16>,
-    replicas: Vec<Mutex<Replica>>,
+    replicas: Vec<Mutex<Option<KillOnDrop>>>,
     downs: Mutex<Vec<Down>>,
 }
 
@@ -71,21 +58,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A port free a moment ago (the OS picks it; the child binds it).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// `bin` with no inherited `PAYGATE_*` variable (the drill sets its own).
 fn clean(bin: &Path) -> Command {
-    let mut c = Command::new(bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PAYGATE_") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = paygate_e2e::command_at(bin);
     c.env("RUST_LOG", "info,sqlx=warn");
     c
 }
@@ -121,8 +96,12 @@ fn drain(
 /// Starts `paygate sim` (flaky faults, duplicate confirms approved so an
 /// attempted double charge would show as a second approval) on free ports;
 /// returns it with its (card, ledger) URLs.
-pub fn start_sim(bin: &Path, seed: u64, work: &Path) -> anyhow::Result<(Owned, String, String)> {
-    let (card, ledger) = (free_port()?, free_port()?);
+pub fn start_sim(
+    bin: &Path,
+    seed: u64,
+    work: &Path,
+) -> anyhow::Result<(KillOnDrop, String, String)> {
+    let (card, ledger) = (paygate_e2e::try_free_port()?, paygate_e2e::try_free_port()?);
     let mut child = clean(bin)
         .args(["sim", "--faults", "flaky", "--approve-duplicate-confirms"])
         .args(["--seed", &seed.to_string()])
@@ -133,7 +112,7 @@ pub fn start_sim(bin: &Path, seed: u64, work: &Path) -> anyhow::Result<(Owned, S
         .spawn()
         .context("starting paygate sim")?;
     let out = child.stdout.take().context("sim stdout")?;
-    let child = Owned(child);
+    let child = KillOnDrop(child);
     let ready = drain(out, append(&work.join("sim.log"))?, "ledger simulator:");
     ready
         .recv_timeout(Duration::from_secs(30))
@@ -155,16 +134,13 @@ impl Cluster {
         replicas: usize,
     ) -> anyhow::Result<Self> {
         let ports = (0..replicas)
-            .map(|_| free_port())
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|_| paygate_e2e::try_free_port())
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
             bin,
             env,
             work,
-            replicas: ports
-                .iter()
-                .map(|_| Mutex::new(Replica { child: None }))
-                .collect(),
+            replicas: ports.iter().map(|_| Mutex::new(None)).collect(),
             ports,
             downs: Mutex::new(Vec::new()),
         })
@@ -210,7 +186,7 @@ impl Cluster {
     /// Starts replica `i` (when it is not running) and waits until it listens.
     pub fn start(&self, i: usize) -> anyhow::Result<()> {
         let mut r = lock(&self.replicas[i]);
-        if r.child.is_some() {
+        if r.is_some() {
             return Ok(());
         }
         let mut child = clean(&self.bin)
@@ -222,7 +198,7 @@ impl Cluster {
             .spawn()
             .context("starting paygate serve")?;
         let err = child.stderr.take().context("serve stderr")?;
-        let mut child = Owned(child);
+        let mut child = KillOnDrop(child);
         let ready = drain(
             err,
             append(&self.work.join(format!("replica-{i}.log")))?,
@@ -244,7 +220,7 @@ impl Cluster {
                 }
             }
         }
-        r.child = Some(child);
+        *r = Some(child);
         let now = Instant::now();
         for d in lock(&self.downs).iter_mut() {
             if d.replica == i && d.to.is_none() {
@@ -258,7 +234,7 @@ impl Cluster {
     /// down span starts before the signal is sent.
     pub fn stop(&self, i: usize, how: Stop) -> anyhow::Result<()> {
         let mut r = lock(&self.replicas[i]);
-        let Some(mut child) = r.child.take() else {
+        let Some(mut child) = r.take() else {
             return Ok(());
         };
         lock(&self.downs).push(Down {
