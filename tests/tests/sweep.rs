@@ -29,14 +29,24 @@ struct Env {
 }
 
 async fn env<B: Clone + Into<E2eBackend>>(backend: &B, profile: FaultProfile) -> Env {
+    env_with(backend, profile, |_| {}).await
+}
+
+/// [`env`] with `tune` applied to the configuration.
+async fn env_with<B: Clone + Into<E2eBackend>>(
+    backend: &B,
+    profile: FaultProfile,
+    tune: impl FnOnce(&mut Config),
+) -> Env {
     let sandbox = SandboxServers::start(profile, SECRET).await.unwrap();
     let (stores, cleanup) = fresh_e2e(&backend.clone().into()).await;
-    let config = Config {
+    let mut config = Config {
         card_api_url: Some(sandbox.card_url.clone()),
         card_api_secret_key: Some(Secret::new(SECRET.into())),
         ledger_api_url: Some(sandbox.ledger_url.clone()),
         ..stores.config()
     };
+    tune(&mut config);
     let c = Components::build(&config, None).await.unwrap();
     Env {
         sandbox,
@@ -48,18 +58,45 @@ async fn env<B: Clone + Into<E2eBackend>>(backend: &B, profile: FaultProfile) ->
 
 impl Env {
     async fn record(&self, order: &str) -> PaymentRecord {
+        self.record_at(order, paygate_core::time::now_ms()).await
+    }
+
+    /// A `PENDING` record created (and last changed) at `created_ms`.
+    async fn record_at(&self, order: &str, created_ms: i64) -> PaymentRecord {
         let r = PaymentRecord::new_pending(
             self.merchant.clone(),
             OrderId::parse(order).unwrap(),
             format!("pk_{order}"),
             5_000,
             "KRW".into(),
-            format!("fp_{order}"),
+            // As the saga fingerprints a confirm: a merchant's retry of the
+            // same body replays this record.
+            paygate_core::crypto::fingerprint(&[&format!("pk_{order}"), order, "5000"]),
             None,
-            paygate_core::time::now_ms(),
+            created_ms,
         );
         self.c.store.create(&r).await.unwrap();
         r
+    }
+
+    /// The merchant's confirm of `r`'s order, as the gateway makes it.
+    fn input(&self, r: &PaymentRecord) -> paygate_payments::ConfirmInput {
+        paygate_payments::ConfirmInput {
+            merchant_id: self.merchant.clone(),
+            payment_key: r.payment_key.clone(),
+            order_id: r.order_id.clone(),
+            amount: r.amount,
+            idempotency_key: None,
+        }
+    }
+
+    /// Confirm `REQUEST` rows in the log for `r`.
+    async fn confirm_requests(&self, r: &PaymentRecord) -> i64 {
+        SqlApiLog::new(self.c.db.clone())
+            .confirm_evidence(r.payment_id.as_str(), "/v1/payments/confirm")
+            .await
+            .unwrap()
+            .requests
     }
 
     /// The confirm `REQUEST` row the saga writes before every card call
@@ -187,7 +224,8 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         )
         .await
         .unwrap();
-        // E: UNKNOWN, and the card company has nothing.
+        // E: UNKNOWN, and the card company has nothing: inside its confirm
+        // window, the sweep confirms it again under its Idempotency-Key.
         let u = e.record("order-e-unknown").await;
         e.t(
             &u,
@@ -211,43 +249,44 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
                 s.alerts,
                 s.failures
             ),
-            (6, 3, 2, 1, 2, 2, 1, 0),
+            (6, 4, 2, 2, 3, 3, 0, 0),
             "{name}: {s:?}"
         );
         let card_stats = e.sandbox.card.stats();
         assert_eq!(
             card_stats.lookup_calls,
             1 + 3,
-            "{name}: one lookup settles D, three leave E unknown"
+            "{name}: one lookup settles D, three find nothing for E"
         );
-        assert_eq!(card_stats.approvals, 1);
+        assert_eq!(
+            (card_stats.confirm_calls, card_stats.approvals),
+            (2, 2),
+            "{name}: D's confirm, then E's re-send"
+        );
         assert_eq!(
             e.sandbox.ledger.stats().records,
-            2,
-            "{name}: B and D recorded"
+            3,
+            "{name}: B, D and E recorded"
         );
-        assert!(
-            e.sandbox.ledger.record(b.payment_id.as_str()).is_some()
-                && e.sandbox.ledger.record(d.payment_id.as_str()).is_some()
-        );
+        for r in [&b, &d, &u] {
+            assert!(e.sandbox.ledger.record(r.payment_id.as_str()).is_some());
+        }
         assert_eq!(
             (
                 e.count(Partition::Realtime).await,
                 e.count(Partition::Completed).await,
                 e.count(Partition::Unpaid).await
             ),
-            (1, 3, 2)
+            (0, 4, 2)
         );
         let (part, settled_d) = e.c.store.get(&d.payment_id).await.unwrap().unwrap();
         assert!(part == Partition::Completed && settled_d.is_paid && settled_d.is_saved);
-        let alerts = e.c.alerter.outbox().all().await.unwrap();
-        assert_eq!(alerts.len(), 1);
-        assert_eq!(
-            alerts[0].dedup_key,
-            format!("{}:outcome_unknown", u.payment_id)
+        assert!(
+            e.c.alerter.outbox().all().await.unwrap().is_empty(),
+            "{name}: nothing needed an operator"
         );
 
-        // A rerun: E is looked up again, nothing else happens, no new alert.
+        // A rerun finds nothing to do.
         let again = e.sweeper().sweep(&now_opts()).await.unwrap();
         assert_eq!(
             (
@@ -257,11 +296,11 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
                 again.saved,
                 again.alerts
             ),
-            (1, 0, 0, 0, 0),
+            (0, 0, 0, 0, 0),
             "{name}"
         );
-        assert_eq!(e.c.alerter.outbox().all().await.unwrap().len(), 1);
-        assert_eq!(e.sandbox.ledger.stats().records, 2);
+        assert_eq!(e.sandbox.card.stats().confirm_calls, 2, "{name}");
+        assert_eq!(e.sandbox.ledger.stats().records, 3);
         e.cleanup.run().await;
     }
 }
@@ -751,7 +790,11 @@ async fn a_reversal_left_unsaved_is_retried_by_the_batch_and_alerted_at_the_thre
 async fn holds_left_during_by_a_dead_confirm_are_sold_or_released_by_the_sweep() {
     use paygate_state_store::{BeginOutcome, Hold, HoldItem, HoldState, TakeOutcome};
     for backend in e2e_backends() {
-        let e = env(&backend, FaultProfile::none()).await;
+        // No re-sends: the open payment stays open while the sweep runs.
+        let e = env_with(&backend, FaultProfile::none(), |c| {
+            c.card_confirm_window_ms = 0;
+        })
+        .await;
         let name = backend.name();
         let inv = e.c.inventory.clone();
         let now = paygate_core::time::now_ms();
@@ -886,7 +929,11 @@ async fn holds_left_during_by_a_dead_confirm_are_sold_or_released_by_the_sweep()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_outcome_is_looked_up_again_only_once_its_next_check_is_due() {
     for backend in e2e_backends() {
-        let e = env(&backend, FaultProfile::none()).await;
+        // No re-sends (a confirm window of 0), so every check is a lookup.
+        let e = env_with(&backend, FaultProfile::none(), |c| {
+            c.card_confirm_window_ms = 0;
+        })
+        .await;
         let name = backend.name();
         // UNKNOWN after a call the card company never received.
         let u = e.record("order-recheck-1").await;
@@ -907,9 +954,11 @@ async fn an_unknown_outcome_is_looked_up_again_only_once_its_next_check_is_due()
         };
         let first = e.sweeper().sweep(&opts).await.unwrap();
         let lookups = e.sandbox.card.stats().lookup_calls;
+        // The card company answers, and has no payment for the order: a
+        // confirm may still be on its way, nobody is paged yet.
         assert_eq!(
             (first.settled, first.alerts, first.deferred),
-            (0, 1, 0),
+            (0, 0, 0),
             "{name}: {first:?}"
         );
         assert!(lookups > 0, "{name}: the first check looks it up");
@@ -986,6 +1035,183 @@ async fn the_janitor_settles_an_undecided_payment_the_card_company_approved_and_
         assert!(
             e.sandbox.ledger.record(b.payment_id.as_str()).is_none(),
             "{name}: the janitor leaves a paid payment to the batch"
+        );
+        e.cleanup.run().await;
+    }
+}
+
+/// A confirm that got nothing but transient errors (three 500s) and whose
+/// lookups answer 404 was never seen by the card company. Inside its confirm
+/// window the janitor confirms it again under its own Idempotency-Key: it
+/// ends approved, saved once in the ledger, with no operator and no batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_transient_errors_then_404_lookups_end_approved_by_a_resend_inside_the_window() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        e.sandbox.card.fail_next_confirms(3);
+        let input = paygate_payments::ConfirmInput {
+            merchant_id: e.merchant.clone(),
+            payment_key: "pk_resend_1".into(),
+            order_id: OrderId::parse("order-resend-1").unwrap(),
+            amount: 5_000,
+            idempotency_key: None,
+        };
+        let outcome = e.c.saga.confirm(input.clone()).await;
+        let paygate_payments::ConfirmOutcome::Unknown(r) = outcome else {
+            panic!("{name}: expected 202, got {outcome:?}");
+        };
+        let before = e.sandbox.card.stats();
+        assert_eq!((before.confirm_calls, before.approvals), (3, 0), "{name}");
+        assert_eq!(e.confirm_requests(&r).await, 3, "{name}");
+
+        let s = e.sweeper().janitor(&now_opts()).await.unwrap();
+        assert_eq!((s.settled, s.saved), (1, 1), "{name}: {s:?}");
+        let (_, done) = e.c.store.get(&r.payment_id).await.unwrap().unwrap();
+        assert!(done.is_paid && done.is_saved, "{name}: {done:?}");
+        let after = e.sandbox.card.stats();
+        assert_eq!(
+            (after.confirm_calls, after.approvals, after.double_charges),
+            (4, 1, 0),
+            "{name}: one more confirm, one approval"
+        );
+        assert_eq!(
+            e.confirm_requests(&r).await,
+            4,
+            "{name}: the re-send is logged first"
+        );
+        assert!(
+            e.sandbox.ledger.record(r.payment_id.as_str()).is_some(),
+            "{name}"
+        );
+
+        // The merchant's retry answers the approval; nothing is sent again.
+        let again = e.c.saga.confirm(input).await;
+        assert!(
+            matches!(again, paygate_payments::ConfirmOutcome::Approved(_)),
+            "{name}: {again:?}"
+        );
+        let s = e.sweeper().janitor(&now_opts()).await.unwrap();
+        assert_eq!(s.settled, 0, "{name}: {s:?}");
+        assert_eq!(e.sandbox.card.stats().confirm_calls, 4, "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+/// A confirm whose replica died between its `REQUEST` row (and fence) and
+/// the call left a `PENDING` payment the card company never saw. Two checks
+/// that judge it at once (the janitor and a batch) send one confirm between
+/// them; it ends approved and saved once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_killed_before_its_call_is_resent_once_inside_the_window() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        let then = paygate_core::time::now_ms() - 120_000;
+        let r = e.record_at("order-killed-1", then).await;
+        e.sent(&r).await;
+        let fenced = Transition::MarkSending {
+            seen_version: r.version,
+        };
+        e.t(&r, fenced).await;
+        let (_, read) = e.c.store.get(&r.payment_id).await.unwrap().unwrap();
+
+        let settler = || paygate_payments::Settler::new(e.c.store.clone(), e.c.saga.clone(), 3);
+        let (janitor, batch) = (settler(), settler());
+        let (a, b) = tokio::join!(
+            janitor.settle(read.clone(), false),
+            batch.settle(read.clone(), false)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let stats = e.sandbox.card.stats();
+        assert_eq!(
+            (stats.confirm_calls, stats.approvals),
+            (1, 1),
+            "{name}: one re-send between them ({a:?}, {b:?})"
+        );
+        assert_eq!(a.1.alerts + b.1.alerts, 0, "{name}: nobody paged");
+        let (_, done) = e.c.store.get(&r.payment_id).await.unwrap().unwrap();
+        assert!(done.is_paid && done.is_saved, "{name}: {done:?}");
+        let entry = e.sandbox.ledger.record(r.payment_id.as_str());
+        assert_eq!(entry.map(|l| l.amount), Some(r.amount), "{name}");
+        e.cleanup.run().await;
+    }
+}
+
+/// Once the card company's confirm window (and a confirm's in-flight
+/// window) has closed, a payment its lookup and its transaction list both
+/// do not show is settled as not charged: `PAYGATE_CONFIRM_EXPIRED`, filed
+/// unpaid, nobody paged, and a merchant's retry is answered with it and
+/// sends nothing. One the transaction list shows (under its paymentKey)
+/// while the lookup answers 404 is put in front of an operator instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_window_a_payment_neither_source_shows_is_settled_as_not_charged() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        let then = paygate_core::time::now_ms() - 11 * 60_000;
+        let gone = e.record_at("order-expired-1", then).await;
+        e.sent(&gone).await;
+        // The second's paymentKey was approved under another orderId: the
+        // lookup by its own order answers 404, the list shows the key.
+        let odd = e.record_at("order-expired-2", then).await;
+        e.sent(&odd).await;
+        let card = TossCardApi::new(
+            reqwest::Client::new(),
+            &e.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        );
+        card.confirm(
+            &ConfirmRequest {
+                payment_key: odd.payment_key.clone(),
+                order_id: "order-elsewhere".into(),
+                amount: odd.amount,
+            },
+            "elsewhere",
+        )
+        .await
+        .unwrap();
+        let calls = e.sandbox.card.stats().confirm_calls;
+
+        let s = e.sweeper().janitor(&now_opts()).await.unwrap();
+        assert_eq!((s.unpaid, s.alerts), (1, 1), "{name}: {s:?}");
+        let (part, expired) = e.c.store.get(&gone.payment_id).await.unwrap().unwrap();
+        assert_eq!(part, Partition::Unpaid, "{name}");
+        assert_eq!(
+            expired.failure_code.as_deref(),
+            Some(failure_codes::CONFIRM_EXPIRED),
+            "{name}: {expired:?}"
+        );
+        assert!(e.sandbox.card.stats().transaction_pages >= 2, "{name}");
+        let (part, disputed) = e.c.store.get(&odd.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (part, disputed.card_status),
+            (Partition::Realtime, paygate_core::CardStatus::Pending),
+            "{name}: the sources disagree; left to an operator"
+        );
+        let outbox = paygate_alert::SqlOutbox::new(e.c.db.clone());
+        assert!(
+            outbox
+                .for_payment(gone.payment_id.as_str())
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+        let raised = outbox.for_payment(odd.payment_id.as_str()).await.unwrap();
+        assert_eq!(raised.len(), 1, "{name}: {raised:?}");
+        assert_eq!(raised[0].reason, "card_mismatch", "{name}");
+
+        let retry = e.c.saga.confirm(e.input(&gone)).await;
+        let paygate_payments::ConfirmOutcome::Declined { code, .. } = retry else {
+            panic!("{name}: {retry:?}");
+        };
+        assert_eq!(code, failure_codes::CONFIRM_EXPIRED, "{name}");
+        assert_eq!(
+            e.sandbox.card.stats().confirm_calls,
+            calls,
+            "{name}: no confirm sent"
         );
         e.cleanup.run().await;
     }

@@ -592,8 +592,13 @@ impl Sweeper {
             .confirm_evidence(r.payment_id.as_str(), paygate_card_api::CONFIRM_PATH)
             .await?;
         match r.card_status {
+            // Declined, never sent, or settled as not charged once its
+            // confirm window closed (the card company has nothing to add).
             CardStatus::Aborted
-                if evidence.requests == 0 || paygate_payments::classify::declined(&evidence) =>
+                if evidence.requests == 0
+                    || paygate_payments::classify::declined(&evidence)
+                    || r.failure_code.as_deref()
+                        == Some(paygate_core::payment::failure_codes::CONFIRM_EXPIRED) =>
             {
                 if !opts.dry_run {
                     // Its confirm may have died between the abort and the

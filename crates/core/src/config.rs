@@ -150,6 +150,16 @@ pub struct Config {
     /// Longest wait between two lookups of an undecided payment, ms, at
     /// least `unknown_recheck_first_ms`. Default 3,600,000 (1 h).
     pub unknown_recheck_max_ms: u64,
+    /// How long the card company accepts a confirm after the customer
+    /// authenticated, ms (Toss Payments discards a payment not confirmed
+    /// within 10 minutes). Inside it, a payment whose lookup answers 404 is
+    /// confirmed again under its own Idempotency-Key; once it (and a
+    /// confirm's in-flight window) has passed with no approval in the
+    /// lookup or the transaction list, it is settled as not charged
+    /// (`PAYGATE_CONFIRM_EXPIRED`). Never set it below the card company's
+    /// window. 0: never re-send (settle as soon as the in-flight window
+    /// has passed). Default 600,000.
+    pub card_confirm_window_ms: u64,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -223,6 +233,7 @@ impl Default for Config {
             janitor_interval_ms: 30_000,
             unknown_recheck_first_ms: 60_000,
             unknown_recheck_max_ms: 3_600_000,
+            card_confirm_window_ms: 600_000,
         }
     }
 }
@@ -297,6 +308,12 @@ impl Config {
             return Err(bad(
                 "unknown_recheck_max_ms",
                 "must be at least unknown_recheck_first_ms",
+            ));
+        }
+        if self.card_confirm_window_ms > 86_400_000 {
+            return Err(bad(
+                "card_confirm_window_ms",
+                "must be at most 86400000 (one day)",
             ));
         }
         if self.database_max_connections == 0 {

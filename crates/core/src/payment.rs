@@ -133,6 +133,12 @@ pub mod failure_codes {
     /// The inventory store could not move the order's hold to `during`, so
     /// no card call was made (503).
     pub const INVENTORY_UNAVAILABLE: &str = "PAYGATE_INVENTORY_UNAVAILABLE";
+    /// The card company's confirm window closed and neither its lookup nor
+    /// its transaction list over the window shows the payment: nothing was
+    /// charged. Not a no-call code (a confirm was sent, so a retry is not
+    /// reopened: the card company would refuse it), but as final for the
+    /// merchant as a decline.
+    pub const CONFIRM_EXPIRED: &str = "PAYGATE_CONFIRM_EXPIRED";
 
     /// True when the code means no card call was made.
     pub fn is_no_call(code: &str) -> bool {

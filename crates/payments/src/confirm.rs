@@ -185,7 +185,7 @@ impl Saga {
     /// Withdraws the first card `REQUEST` row that a journal committed with
     /// the record, when the call will not be made after all (an `ERROR` row
     /// with [`paygate_api_log::NOT_SENT`]).
-    async fn withdraw_prewritten(self: &Arc<Self>, record: &PaymentRecord) {
+    pub(crate) async fn withdraw_prewritten(self: &Arc<Self>, record: &PaymentRecord) {
         let (_, site) = card_site(record);
         let fusion = Fusion {
             prewritten: Some(Arc::new(AtomicBool::new(true))),
@@ -271,7 +271,7 @@ impl Saga {
                 self.no_call(record, promise, code, detail, retry_after_s, moved.as_ref())
                     .await
             }
-            CardVerdict::Unsettled { detail } => {
+            CardVerdict::Unsettled { detail } | CardVerdict::Absent { detail } => {
                 self.unknown(record, AlertReason::OutcomeUnknown, detail)
                     .await
             }

@@ -36,6 +36,7 @@ pub mod classify;
 mod confirm;
 pub mod decide;
 mod ends;
+mod expiry;
 mod holds;
 pub mod ledger;
 mod logged_call;

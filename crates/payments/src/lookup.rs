@@ -24,6 +24,7 @@ impl Saga {
     /// Looks the payment up by orderId until the card company's answer settles it.
     pub(crate) async fn settle_by_lookup(self: &Arc<Self>, record: &PaymentRecord) -> CardVerdict {
         let mut last = String::from("no lookup made");
+        let mut absent = false;
         for attempt in 1..=self.settings.lookup_attempts {
             if attempt > 1 {
                 tokio::time::sleep(self.settings.lookup_delay * (attempt - 1)).await;
@@ -32,6 +33,7 @@ impl Saga {
             let res = self
                 .lookup_once(&record.payment_id, record.order_id.as_str(), offset)
                 .await;
+            absent = matches!(res, Ok(None));
             match res {
                 Ok(Some(p)) => match self.verdict_of_lookup(record, p) {
                     Ok(verdict) => return verdict,
@@ -46,11 +48,14 @@ impl Saga {
                 Err(e) => last = format!("lookup failed: {e}"),
             }
         }
-        CardVerdict::Unsettled {
-            detail: format!(
-                "outcome unknown after {} lookups: {last}",
-                self.settings.lookup_attempts
-            ),
+        let detail = format!(
+            "outcome unknown after {} lookups: {last}",
+            self.settings.lookup_attempts
+        );
+        if absent {
+            CardVerdict::Absent { detail }
+        } else {
+            CardVerdict::Unsettled { detail }
         }
     }
 

@@ -184,8 +184,25 @@ pub enum Settlement {
     Paid,
     /// The card company declined it; the record is now `ABORTED`.
     Declined,
-    /// Still not known.
-    Unknown(String),
+    /// Still not known, and an operator is told: the card company could
+    /// not be reached, or its answers could not be recorded. `version`:
+    /// the record's version the verdict was judged at (a check counts
+    /// itself on it).
+    Unknown {
+        /// Why, for the operator.
+        detail: String,
+        /// The version judged.
+        version: i64,
+    },
+    /// Not known yet, and nobody to page: the card company has no payment
+    /// for the order and its confirm window is closing, or another actor
+    /// is acting on it. The recheck schedule brings it back.
+    Waiting {
+        /// Why, for the record.
+        detail: String,
+        /// The version judged.
+        version: i64,
+    },
     /// The card company's answer does not match the payment.
     Mismatch(String),
     /// The card company shows the payment canceled (fully or in part): a
@@ -209,6 +226,9 @@ pub(crate) enum CardVerdict {
     },
     /// No answer settled it.
     Unsettled { detail: String },
+    /// The last lookup answered 404: the card company has no payment for
+    /// the order (see [`crate::expiry`] for what a check does then).
+    Absent { detail: String },
     /// The card company's answer does not match the payment.
     Mismatch {
         detail: String,

@@ -135,9 +135,21 @@ impl Saga {
                 message: stored.last_error.clone().unwrap_or_default(),
                 record: stored,
             },
-            Settlement::Unknown(detail) => {
+            Settlement::Unknown { detail, .. } => {
                 self.unknown(stored, AlertReason::OutcomeUnknown, detail)
                     .await
+            }
+            // Nothing to page about: counted as a check, answered 202.
+            Settlement::Waiting { detail, version } => {
+                let t = Transition::CheckedUnknown {
+                    last_error: detail,
+                    seen_version: version,
+                };
+                let mut r = stored;
+                if matches!(self.store.transition(&pid, &t).await, Ok(true)) {
+                    t.apply(&mut r, self.clock.now_ms());
+                }
+                ConfirmOutcome::Unknown(r)
             }
             // Approved and refunded since this retry read it: its answer.
             Settlement::Canceled(_) if stored.is_paid => ConfirmOutcome::Approved(stored),

@@ -235,6 +235,7 @@ impl Saga {
             }
             Ok(
                 crate::outcome::CardVerdict::Unsettled { detail }
+                | crate::outcome::CardVerdict::Absent { detail }
                 | crate::outcome::CardVerdict::NoCall { detail, .. },
             ) => CardEvidence::Unavailable(detail),
             Err(_) => CardEvidence::NotFinal(status),

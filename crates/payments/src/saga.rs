@@ -47,6 +47,13 @@ pub struct SagaSettings {
     /// [`in_flight_window`] of the card policy. Operators' resolves wait
     /// as long.
     pub settle_on_access_after: Duration,
+    /// How long the card company accepts a confirm after the customer
+    /// authenticated (Toss: 10 minutes), counted from the record's
+    /// `created_at`: inside it a payment the card company has no record of
+    /// is confirmed again under its Idempotency-Key; after it (and
+    /// `settle_on_access_after`) it is settled as not charged when the
+    /// transaction list agrees (see [`crate::expiry`]).
+    pub card_confirm_window: Duration,
 }
 
 impl Default for SagaSettings {
@@ -62,6 +69,7 @@ impl Default for SagaSettings {
             settle_on_access_after: in_flight_window(
                 paygate_core::config::DownstreamPolicy::card_api().deadline_ms,
             ),
+            card_confirm_window: Duration::from_secs(600),
         }
     }
 }

@@ -12,6 +12,7 @@ use paygate_core::{CardStatus, Partition, PaymentRecord};
 use paygate_state_store::{StateStore, StoreError, Transition};
 
 use crate::{
+    expiry::Absent,
     ledger::SaveResult,
     outcome::{CardVerdict, Settlement},
     Saga,
@@ -29,8 +30,34 @@ impl Saga {
         self: &Arc<Self>,
         record: &PaymentRecord,
     ) -> Result<Settlement, StoreError> {
+        let (verdict, version) = match self.settle_by_lookup(record).await {
+            // The card company has no payment for the order: re-send it
+            // inside its confirm window, settle it as not charged after.
+            CardVerdict::Absent { detail } => match self.when_absent(record, detail).await {
+                Absent::Judged(verdict, version) => (verdict, version),
+                Absent::Expire(detail) => return self.expire(record, detail).await,
+                Absent::Wait(detail) => {
+                    return Ok(Settlement::Waiting {
+                        detail,
+                        version: record.version,
+                    })
+                }
+            },
+            verdict => (verdict, record.version),
+        };
+        self.record_verdict(record, verdict, version).await
+    }
+
+    /// Records what the card company's answers settled for `record`
+    /// (`version`: the version they were judged at).
+    async fn record_verdict(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        verdict: CardVerdict,
+        version: i64,
+    ) -> Result<Settlement, StoreError> {
         let pid = &record.payment_id;
-        match self.settle_by_lookup(record).await {
+        match verdict {
             CardVerdict::Approved(p) => {
                 let approved_at = self.approved_at_of(&p);
                 let t = Transition::MarkPaid { approved_at };
@@ -71,15 +98,19 @@ impl Saga {
                         "the card company shows the order not approved, but the record is paid ({})",
                         now.card_status.as_str()
                     ))),
-                    now => Ok(Settlement::Unknown(format!(
-                        "the decline could not be recorded (the record is {})",
-                        describe(now.as_ref())
-                    ))),
+                    now => Ok(Settlement::Unknown {
+                        detail: format!(
+                            "the decline could not be recorded (the record is {})",
+                            describe(now.as_ref())
+                        ),
+                        version,
+                    }),
                 }
             }
             CardVerdict::Unsettled { detail } | CardVerdict::NoCall { detail, .. } => {
-                Ok(Settlement::Unknown(detail))
+                Ok(Settlement::Unknown { detail, version })
             }
+            CardVerdict::Absent { detail } => Ok(Settlement::Waiting { detail, version }),
             CardVerdict::Mismatch {
                 detail,
                 canceled: true,
@@ -235,18 +266,11 @@ impl Settler {
                     t.unpaid += 1;
                 }
             }
-            Settlement::Unknown(detail) => {
-                // Counted on the record (the recheck schedule backs off by
-                // it), guarded on the version the lookup was judged from.
-                let checked = Transition::CheckedUnknown {
-                    last_error: detail.clone(),
-                    seen_version: r.version,
-                };
-                let expected = if self.store.transition(&r.payment_id, &checked).await? {
-                    r.version + 1
-                } else {
-                    r.version
-                };
+            Settlement::Waiting { detail, version } => {
+                self.count_check(&r, detail, *version).await?;
+            }
+            Settlement::Unknown { detail, version } => {
+                let expected = self.count_check(&r, detail, *version).await?;
                 let detail = format!("payment needs checking: {detail}");
                 if self.still_as_read(&r, expected).await?
                     && self
@@ -288,6 +312,27 @@ impl Settler {
             }
         }
         Ok((Some(settlement), t))
+    }
+
+    /// A check that learned nothing is counted on the record (the recheck
+    /// schedule backs off by it), guarded on the version the check was
+    /// judged at; returns the version the record is at if nobody else
+    /// moved it.
+    async fn count_check(
+        &self,
+        r: &PaymentRecord,
+        detail: &str,
+        version: i64,
+    ) -> Result<i64, StoreError> {
+        let checked = Transition::CheckedUnknown {
+            last_error: detail.to_owned(),
+            seen_version: version,
+        };
+        Ok(if self.store.transition(&r.payment_id, &checked).await? {
+            version + 1
+        } else {
+            version
+        })
     }
 
     /// An alert is a state change too: "outcome unknown" is raised only

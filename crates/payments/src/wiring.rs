@@ -133,6 +133,7 @@ impl Components {
             settle_on_access_after: crate::saga::in_flight_window(
                 config.card_api_policy.deadline_ms,
             ),
+            card_confirm_window: Duration::from_millis(config.card_confirm_window_ms),
             ..SagaSettings::default()
         };
         let saga = Saga::new(

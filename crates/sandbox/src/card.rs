@@ -407,6 +407,8 @@ pub struct CardSim {
     transaction_pages: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Confirm attempts still to answer 500 before processing them.
+    failing_confirms: AtomicU64,
 }
 
 impl CardSim {
@@ -426,7 +428,16 @@ impl CardSim {
             transaction_pages: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            failing_confirms: AtomicU64::new(0),
         }
+    }
+
+    /// The next `n` confirm attempts (of any order) answer 500
+    /// `FAILED_INTERNAL_SYSTEM_PROCESSING` before anything is processed, as
+    /// a transient failure does: a test's script for "the confirm got
+    /// nothing but transient errors", whatever the fault profile's rolls.
+    pub fn fail_next_confirms(&self, n: u64) {
+        self.failing_confirms.store(n, Ordering::SeqCst);
     }
 
     fn state(&self) -> MutexGuard<'_, CardState> {
@@ -702,6 +713,17 @@ async fn confirm(
     };
     if sim.unavailable() {
         return outage();
+    }
+    let scripted = sim
+        .failing_confirms
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if scripted {
+        return error_response(
+            500,
+            codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+            "internal processing failed; try again shortly",
+        );
     }
     let p = &sim.profile;
     let attempt = {

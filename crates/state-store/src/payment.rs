@@ -94,6 +94,20 @@ pub enum Transition {
         /// The version the confirm holds.
         seen_version: i64,
     },
+    /// The card company has no record of an undecided payment while its
+    /// confirm window is open, and a check is about to confirm it again
+    /// under the payment's own Idempotency-Key, having written the card
+    /// `REQUEST` row: the version moves on and `updated_at` strictly
+    /// forward (every stale pass then waits a confirm's in-flight window
+    /// from the re-send), nothing else changes. Guard: not paid, `PENDING`
+    /// or `UNKNOWN`, and the record is still at `seen_version`, the version
+    /// the lookup was judged from: of two checks that judged the same
+    /// version, one re-sends, and a settlement "not charged" judged before
+    /// the re-send fails its own guard.
+    MarkResending {
+        /// The version the 404 lookup was judged from.
+        seen_version: i64,
+    },
     /// No card `REQUEST` row is in the log for a record read at
     /// `seen_version` (by I3 no confirm was sent): `card_status = ABORTED`,
     /// `failure_code = PAYGATE_NOT_SENT`. Guard: not paid, `PENDING` or
@@ -352,6 +366,10 @@ impl Transition {
                     card_status_in(&[CardStatus::Pending]),
                     Cond::Version(*seen_version),
                 ],
+                vec![Change::StampForward],
+            ),
+            Self::MarkResending { seen_version } => (
+                with_version(undecided(), Some(*seen_version)),
                 vec![Change::StampForward],
             ),
             Self::FileNotSent {

@@ -231,9 +231,31 @@ async fn every_transition_applies_only_under_its_guard() {
             "{name}"
         );
         assert_eq!(got.last_error.as_deref(), Some("no payment yet"));
+        // A re-send is fenced on the version its lookup was judged from:
+        // the status stays, the version and `updated_at` move on.
+        let resend = |seen_version: i64| Transition::MarkResending { seen_version };
+        assert!(
+            !store.transition(&u.payment_id, &resend(1)).await.unwrap(),
+            "{name}: MarkResending on a version moved on"
+        );
+        assert!(store.transition(&u.payment_id, &resend(2)).await.unwrap());
+        let (_, resent) = store.get(&u.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (resent.card_status, resent.batch_attempts, resent.version),
+            (CardStatus::Unknown, 1, 3),
+            "{name}"
+        );
+        assert!(
+            resent.updated_at > got.updated_at,
+            "{name}: stamped forward"
+        );
         assert!(store.transition(&u.payment_id, &paid()).await.unwrap());
         assert!(
-            !store.transition(&u.payment_id, &checked(3)).await.unwrap(),
+            !store.transition(&u.payment_id, &resend(4)).await.unwrap(),
+            "{name}: a paid payment is not re-sent"
+        );
+        assert!(
+            !store.transition(&u.payment_id, &checked(4)).await.unwrap(),
             "{name}: a paid payment is not checked"
         );
 

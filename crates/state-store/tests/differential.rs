@@ -62,7 +62,7 @@ impl Draw {
 
     fn transition(&mut self, r: &PaymentRecord) -> Transition {
         let error = format!("error {}", self.next() % 1000);
-        match self.below(10) {
+        match self.below(11) {
             0 => Transition::MarkPaid {
                 approved_at: "2026-12-07T12:00:00+09:00".into(),
             },
@@ -84,6 +84,9 @@ impl Draw {
             },
             8 => Transition::CheckedUnknown {
                 last_error: error,
+                seen_version: self.version_near(r.version),
+            },
+            9 => Transition::MarkResending {
                 seen_version: self.version_near(r.version),
             },
             _ => Transition::FileNotSent {
