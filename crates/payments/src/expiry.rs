@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use paygate_card_api::{Transaction, TransactionsQuery};
 use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
-use paygate_state_store::{StoreError, Transition};
+use paygate_state_store::{BeginOutcome, StoreError, Transition};
 
 use crate::{
     at_card::card_site,
@@ -132,6 +132,36 @@ impl Saga {
     /// judged at the fenced version.
     async fn resend(self: &Arc<Self>, record: &PaymentRecord) -> Absent {
         let pid = &record.payment_id;
+        // I7 first, as before any card call: the order's hold must be
+        // `during` (a no-call abort of an earlier try released it, or it
+        // expired). Unlike a confirm's, a refusal here files nothing: a
+        // confirm was sent before, so this is no no-call abort; the
+        // payment waits for its window to close.
+        if let Some(inventory) = self.inventory.as_ref() {
+            let now = self.clock.now_ms();
+            match inventory
+                .begin_payment(&record.merchant_id, &record.order_id, now)
+                .await
+            {
+                Ok(BeginOutcome::During(_) | BeginOutcome::NoHold | BeginOutcome::Sold(_)) => {}
+                Ok(BeginOutcome::Expired { short, .. }) => {
+                    return Absent::Wait(format!(
+                        "the card company has no payment for the order, and its stock hold expired with {} gone: not confirmed again",
+                        short.join(", ")
+                    ))
+                }
+                Err(e) => {
+                    return Absent::Judged(
+                        CardVerdict::Unsettled {
+                            detail: format!(
+                                "the card company has no payment for the order; not confirmed again: inventory store: {e}"
+                            ),
+                        },
+                        record.version,
+                    )
+                }
+            }
+        }
         let fence = Transition::MarkResending {
             seen_version: record.version,
         };
