@@ -1216,3 +1216,62 @@ async fn after_the_window_a_payment_neither_source_shows_is_settled_as_not_charg
         e.cleanup.run().await;
     }
 }
+
+/// A merchant's retry of an `UNKNOWN` payment the card company never saw
+/// checks it as the janitor would once it has been still for a confirm's
+/// in-flight window: confirmed again under its Idempotency-Key and answered
+/// approved. A retry of one that changed just now is answered 202 and
+/// calls nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_s_retry_of_an_old_unknown_payment_resends_it() {
+    for backend in e2e_backends() {
+        let e = env(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        let unknown_at = |order: &str, at: i64| {
+            let mut r = PaymentRecord::new_pending(
+                e.merchant.clone(),
+                OrderId::parse(order).unwrap(),
+                format!("pk_{order}"),
+                5_000,
+                "KRW".into(),
+                paygate_core::crypto::fingerprint(&[&format!("pk_{order}"), order, "5000"]),
+                None,
+                at,
+            );
+            r.card_status = paygate_core::CardStatus::Unknown;
+            r
+        };
+        let now = paygate_core::time::now_ms();
+        let young = unknown_at("order-retry-young", now);
+        let old = unknown_at("order-retry-old", now - 120_000);
+        for r in [&young, &old] {
+            e.c.store.create(r).await.unwrap();
+            e.sent(r).await;
+        }
+        let answer = e.c.saga.confirm(e.input(&young)).await;
+        assert!(
+            matches!(answer, paygate_payments::ConfirmOutcome::Unknown(_)),
+            "{name}: {answer:?}"
+        );
+        let stats = e.sandbox.card.stats();
+        assert_eq!((stats.lookup_calls, stats.confirm_calls), (0, 0), "{name}");
+
+        let answer = e.c.saga.confirm(e.input(&old)).await;
+        let paygate_payments::ConfirmOutcome::Approved(r) = answer else {
+            panic!("{name}: {answer:?}");
+        };
+        assert!(r.is_paid && r.is_saved, "{name}: {r:?}");
+        let stats = e.sandbox.card.stats();
+        assert_eq!((stats.confirm_calls, stats.approvals), (1, 1), "{name}");
+        assert_eq!(
+            e.confirm_requests(&old).await,
+            2,
+            "{name}: the re-send is logged"
+        );
+        assert!(
+            e.sandbox.ledger.record(old.payment_id.as_str()).is_some(),
+            "{name}"
+        );
+        e.cleanup.run().await;
+    }
+}

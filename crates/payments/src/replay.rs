@@ -10,7 +10,10 @@
 //! (I3), it is a no-call abort that this retry reopens; otherwise it is
 //! looked up at the card company and filed through the same guarded
 //! transitions the batch uses. The retry gets the true answer at once
-//! instead of 409 until the batch runs.
+//! instead of 409 until the batch runs. An `UNKNOWN` payment as old is
+//! checked the same way (the janitor's check: a lookup, and inside the card
+//! company's confirm window a re-send under its Idempotency-Key), so a
+//! merchant who retries is not answered 202 until the janitor comes by.
 
 use std::sync::Arc;
 
@@ -46,7 +49,7 @@ impl Saga {
         match existing.card_status {
             CardStatus::Pending => self.pending_on_access(existing, ticket).await,
             CardStatus::Done | CardStatus::Canceled => ConfirmOutcome::Approved(existing),
-            CardStatus::Unknown => ConfirmOutcome::Unknown(existing),
+            CardStatus::Unknown => self.unknown_on_access(existing, ticket).await,
             CardStatus::Aborted => {
                 let code = existing.failure_code.clone().unwrap_or_default();
                 if failure_codes::is_no_call(&code) {
@@ -110,7 +113,31 @@ impl Saga {
         }
     }
 
-    /// Looks a `PENDING` payment up and answers what the card company says,
+    /// A retry of an `UNKNOWN` payment: once it has been still for a
+    /// confirm's in-flight window and no confirm of it runs in this
+    /// process, it is checked as the janitor checks it (looked up; inside
+    /// the card company's confirm window and unknown there, confirmed
+    /// again under its Idempotency-Key; after it, settled as not charged)
+    /// and the retry answers what that settled. Otherwise 202 as it stands.
+    async fn unknown_on_access(
+        self: &Arc<Self>,
+        existing: PaymentRecord,
+        ticket: &ConfirmTicket,
+    ) -> ConfirmOutcome {
+        let age_ms = self.clock.now_ms() - existing.updated_at;
+        if age_ms < self.settings.settle_on_access_after.as_millis() as i64 {
+            return ConfirmOutcome::Unknown(existing);
+        }
+        let Some(_live) = self.live.claim(&existing.payment_id) else {
+            return ConfirmOutcome::Unknown(existing);
+        };
+        if !ticket.make_durable(&existing) {
+            return ConfirmOutcome::Unknown(existing);
+        }
+        self.settle_on_access(existing).await
+    }
+
+    /// Looks an undecided payment up and answers what the card company says,
     /// recorded through the guarded transitions of [`Saga::settle_unknown`].
     async fn settle_on_access(self: &Arc<Self>, existing: PaymentRecord) -> ConfirmOutcome {
         let pid = existing.payment_id.clone();
@@ -135,9 +162,18 @@ impl Saga {
                 message: stored.last_error.clone().unwrap_or_default(),
                 record: stored,
             },
-            Settlement::Unknown { detail, .. } => {
-                self.unknown(stored, AlertReason::OutcomeUnknown, detail)
-                    .await
+            Settlement::Unknown { detail, version } => {
+                // Counted as a check, as the janitor counts it (the recheck
+                // schedule and the next retry's age start from it).
+                let t = Transition::CheckedUnknown {
+                    last_error: detail.clone(),
+                    seen_version: version,
+                };
+                let mut r = stored;
+                if matches!(self.store.transition(&pid, &t).await, Ok(true)) {
+                    t.apply(&mut r, self.clock.now_ms());
+                }
+                self.unknown(r, AlertReason::OutcomeUnknown, detail).await
             }
             // Nothing to page about: counted as a check, answered 202.
             Settlement::Waiting { detail, version } => {
