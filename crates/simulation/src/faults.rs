@@ -122,6 +122,9 @@ async fn reconcile(world: &World, stale_after_ms: u64, min_age_ms: u64) {
 }
 
 /// A sweep starting now with this grace.
+/// How often the simulated janitor runs, ms of the history's clock.
+const JANITOR_EVERY_MS: u64 = 1_500;
+
 fn sweeper(grace_ms: u64) -> Actor {
     Actor::Sweep {
         started_ms: paygate_core::time::now_ms(),
@@ -212,6 +215,38 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
                             world.leases.clone(),
                         );
                         let _ = s.sweep(&sweep_options(grace)).await;
+                    })
+                },
+            )
+            .await;
+        }
+    }));
+    // `serve`'s janitor: a pass over the undecided payments unchanged for
+    // the in-flight window, on a fixed cadence (one replica at a time holds
+    // its lease, as the batch's), killed and stalled like the other jobs.
+    // Its checks re-send a payment the card company has no record of.
+    let (w, opts) = (world.clone(), o.clone());
+    tasks.push(tokio::task::spawn_local(async move {
+        let grace = u64::try_from(w.settle_on_access_after.as_millis()).unwrap_or(u64::MAX);
+        while elapsed_ms() < until_ms {
+            tokio::time::sleep(Duration::from_millis(JANITOR_EVERY_MS)).await;
+            job(
+                w.clone(),
+                sweeper(grace),
+                opts.job_kill_per_mille,
+                opts.job_pause_per_mille,
+                move |world, inc| {
+                    Box::pin(async move {
+                        let s = Sweeper::in_memory(
+                            inc.store.clone(),
+                            inc.saga.clone(),
+                            world.leases.clone(),
+                        );
+                        match s.janitor(&sweep_options(grace)).await {
+                            Ok(s) if s.scanned > 0 => tracing::info!(?s, "sim: janitor"),
+                            Ok(_) => tracing::debug!("sim: janitor found nothing due"),
+                            Err(e) => tracing::info!(error = %e, "sim: janitor stopped"),
+                        }
                     })
                 },
             )
