@@ -118,6 +118,25 @@ impl Env {
             .unwrap();
     }
 
+    /// An answer of the card company to `r`'s confirm, as the saga logs
+    /// it: `status` with Toss's code for a transient failure.
+    async fn answered(&self, r: &PaymentRecord, status: i32) {
+        SqlApiLog::new(self.c.db.clone())
+            .append(LogEntry {
+                payment_id: &r.payment_id,
+                target: Target::CardApi,
+                kind: Kind::Error,
+                attempt: 1,
+                method: "POST",
+                path: "/v1/payments/confirm",
+                status_code: Some(status),
+                body: Some(serde_json::json!({"code": "FAILED_INTERNAL_SYSTEM_PROCESSING"})),
+                latency_ms: None,
+            })
+            .await
+            .unwrap();
+    }
+
     async fn t(&self, r: &PaymentRecord, t: Transition) {
         assert!(
             self.c.store.transition(&r.payment_id, &t).await.unwrap(),
@@ -224,8 +243,9 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         )
         .await
         .unwrap();
-        // E: UNKNOWN, and the card company has nothing: inside its confirm
-        // window, the sweep confirms it again under its Idempotency-Key.
+        // E: UNKNOWN, and the card company has nothing. Its log holds the
+        // REQUEST row alone (no answer proves the call left), so inside its
+        // confirm window it is not sent again: it waits, nobody paged.
         let u = e.record("order-e-unknown").await;
         e.t(
             &u,
@@ -249,7 +269,7 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
                 s.alerts,
                 s.failures
             ),
-            (6, 4, 2, 2, 3, 3, 0, 0),
+            (6, 3, 2, 1, 2, 2, 0, 0),
             "{name}: {s:?}"
         );
         let card_stats = e.sandbox.card.stats();
@@ -260,33 +280,40 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         );
         assert_eq!(
             (card_stats.confirm_calls, card_stats.approvals),
-            (2, 2),
-            "{name}: D's confirm, then E's re-send"
+            (1, 1),
+            "{name}: D's confirm; E is not sent again"
         );
         assert_eq!(
             e.sandbox.ledger.stats().records,
-            3,
-            "{name}: B, D and E recorded"
+            2,
+            "{name}: B and D recorded"
         );
-        for r in [&b, &d, &u] {
-            assert!(e.sandbox.ledger.record(r.payment_id.as_str()).is_some());
-        }
+        assert!(
+            e.sandbox.ledger.record(b.payment_id.as_str()).is_some()
+                && e.sandbox.ledger.record(d.payment_id.as_str()).is_some()
+        );
         assert_eq!(
             (
                 e.count(Partition::Realtime).await,
                 e.count(Partition::Completed).await,
                 e.count(Partition::Unpaid).await
             ),
-            (0, 4, 2)
+            (1, 3, 2)
         );
         let (part, settled_d) = e.c.store.get(&d.payment_id).await.unwrap().unwrap();
         assert!(part == Partition::Completed && settled_d.is_paid && settled_d.is_saved);
+        let (_, waiting) = e.c.store.get(&u.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (waiting.card_status, waiting.batch_attempts),
+            (paygate_core::CardStatus::Unknown, 1),
+            "{name}: the check is counted"
+        );
         assert!(
             e.c.alerter.outbox().all().await.unwrap().is_empty(),
             "{name}: nothing needed an operator"
         );
 
-        // A rerun finds nothing to do.
+        // A rerun: E is looked up again, nothing else happens.
         let again = e.sweeper().sweep(&now_opts()).await.unwrap();
         assert_eq!(
             (
@@ -296,11 +323,11 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
                 again.saved,
                 again.alerts
             ),
-            (0, 0, 0, 0, 0),
+            (1, 0, 0, 0, 0),
             "{name}"
         );
-        assert_eq!(e.sandbox.card.stats().confirm_calls, 2, "{name}");
-        assert_eq!(e.sandbox.ledger.stats().records, 3);
+        assert_eq!(e.sandbox.card.stats().confirm_calls, 1, "{name}");
+        assert_eq!(e.sandbox.ledger.stats().records, 2);
         e.cleanup.run().await;
     }
 }
@@ -1098,17 +1125,22 @@ async fn three_transient_errors_then_404_lookups_end_approved_by_a_resend_inside
     }
 }
 
-/// A confirm whose replica died between its `REQUEST` row (and fence) and
-/// the call left a `PENDING` payment the card company never saw. Two checks
-/// that judge it at once (the janitor and a batch) send one confirm between
-/// them; it ends approved and saved once.
+/// A confirm whose replica died after a transient error (its log holds the
+/// card's 500) left a `PENDING` payment the card company never saw. Two
+/// checks that judge it at once (the janitor and a batch) send one confirm
+/// between them; it ends approved and saved once. One whose replica died
+/// between its `REQUEST` row and the call (nothing proves the call left) is
+/// not sent again inside the window: it waits, nobody paged, until the
+/// window closes (then it is settled as not charged, as the next test shows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirm_killed_before_its_call_is_resent_once_inside_the_window() {
+async fn a_confirm_killed_after_an_answer_is_resent_once_and_one_killed_before_its_call_waits() {
     for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         let name = backend.name();
         let then = paygate_core::time::now_ms() - 120_000;
         let r = e.record_at("order-killed-1", then).await;
+        e.sent(&r).await;
+        e.answered(&r, 500).await;
         e.sent(&r).await;
         let fenced = Transition::MarkSending {
             seen_version: r.version,
@@ -1134,6 +1166,30 @@ async fn a_confirm_killed_before_its_call_is_resent_once_inside_the_window() {
         assert!(done.is_paid && done.is_saved, "{name}: {done:?}");
         let entry = e.sandbox.ledger.record(r.payment_id.as_str());
         assert_eq!(entry.map(|l| l.amount), Some(r.amount), "{name}");
+
+        // Killed between the REQUEST row (and its fence) and the call.
+        let k = e.record_at("order-killed-2", then).await;
+        e.sent(&k).await;
+        e.t(
+            &k,
+            Transition::MarkSending {
+                seen_version: k.version,
+            },
+        )
+        .await;
+        let s = e.sweeper().janitor(&now_opts()).await.unwrap();
+        assert_eq!((s.scanned, s.settled, s.alerts), (1, 0, 0), "{name}: {s:?}");
+        assert_eq!(
+            e.sandbox.card.stats().confirm_calls,
+            1,
+            "{name}: not sent again"
+        );
+        let (_, waiting) = e.c.store.get(&k.payment_id).await.unwrap().unwrap();
+        assert_eq!(
+            (waiting.card_status, waiting.batch_attempts),
+            (paygate_core::CardStatus::Unknown, 1),
+            "{name}: counted as a check"
+        );
         e.cleanup.run().await;
     }
 }
@@ -1247,6 +1303,7 @@ async fn a_merchant_s_retry_of_an_old_unknown_payment_resends_it() {
         for r in [&young, &old] {
             e.c.store.create(r).await.unwrap();
             e.sent(r).await;
+            e.answered(r, 500).await;
         }
         let answer = e.c.saga.confirm(e.input(&young)).await;
         assert!(

@@ -345,7 +345,11 @@ pub async fn confirm(State(state): State<AppState>, req: Request) -> Result<Resp
             code,
             message,
         } => {
-            let detail = if message.is_empty() {
+            // A code of paygate's own carries operators' detail in the
+            // record: the merchant gets a fixed sentence for it.
+            let detail = if code == paygate_core::payment::failure_codes::CONFIRM_EXPIRED {
+                "the card company's confirm window closed with no approval for the order; nothing was charged".to_owned()
+            } else if message.is_empty() {
                 "the card company declined the payment".to_owned()
             } else {
                 message

@@ -8,10 +8,11 @@
 //! arrived after the authentication, so the window closes no later than
 //! `created_at + window`):
 //!
-//! - **window open** ([`Saga::resend`]): confirm again under the payment's
-//!   own Idempotency-Key. The card company replays the first answer for a
-//!   key it has seen and refuses one still in progress, so a second confirm
-//!   can never charge twice; it goes through the card stack and its
+//! - **window open** ([`Saga::resend`]), and the card company answered
+//!   the confirm at least once (a `REQUEST` row alone proves no call left):
+//!   confirm again under the payment's own Idempotency-Key. The card
+//!   company replays the first answer for a key it has seen and refuses one
+//!   still in progress, so a second confirm can never charge twice; it goes through the card stack and its
 //!   `REQUEST` row like any confirm, fenced by
 //!   [`Transition::MarkResending`] on the version the lookup was judged
 //!   from (of two actors that judged the same version, one sends);
@@ -19,6 +20,9 @@
 //!   confirm's in-flight window after it, or the record changed within an
 //!   in-flight window): wait, nobody paged; the recheck schedule brings it
 //!   back;
+//! - **window open, no answer logged** (a `REQUEST` row alone: the replica
+//!   died before or during the call, or the merchant was answered 503
+//!   before it and the abort was lost): wait for the window to close;
 //! - **closed** ([`Saga::expire`]): the transaction list over the window
 //!   (Toss `GET /v1/transactions`) must agree. No transaction for the
 //!   order: settled as not charged (`ABORTED`,
@@ -28,7 +32,7 @@
 
 use std::sync::Arc;
 
-use paygate_card_api::{Transaction, TransactionsQuery};
+use paygate_card_api::{Transaction, TransactionsQuery, CONFIRM_PATH};
 use paygate_core::{payment::failure_codes, CardStatus, PaymentRecord};
 use paygate_state_store::{BeginOutcome, StoreError, Transition};
 
@@ -44,6 +48,10 @@ use crate::{
 /// minutes.
 const MAX_LIST_PAGES: usize = 20;
 
+/// How far past the confirm window (and its in-flight window) the
+/// transaction list is read, ms.
+const LIST_PAST_WINDOW_MS: i64 = 3_600_000;
+
 /// The page size asked for (Toss's largest).
 const LIST_PAGE_SIZE: u32 = 5_000;
 
@@ -55,8 +63,9 @@ pub(crate) enum Absent {
     /// The window has closed and the transaction list agrees: settle it
     /// as not charged (the operator's detail).
     Expire(String),
-    /// Nothing to do yet and nobody to page (the detail, for the record).
-    Wait(String),
+    /// Nothing to do yet and nobody to page (the detail, for the record),
+    /// judged at this version.
+    Wait(String, i64),
 }
 
 fn ms(d: std::time::Duration) -> i64 {
@@ -77,23 +86,49 @@ impl Saga {
         let skew = ms(CLOCK_SKEW_MARGIN);
         let closes_at = record.created_at.saturating_add(window);
         if window > 0 && now < closes_at.saturating_sub(skew) {
-            return self.resend(record).await;
+            // Only a confirm the card company answered at least once is
+            // sent again: a `REQUEST` row alone does not prove a call left
+            // (a confirm whose merchant was answered 503 before the call,
+            // and whose abort was then lost, leaves one too), and a
+            // re-send would then charge what was promised uncharged. That
+            // payment waits for the window to close instead.
+            let answered = self
+                .log
+                .confirm_evidence(record.payment_id.as_str(), CONFIRM_PATH)
+                .await
+                .is_ok_and(|e| !e.answers.is_empty());
+            if answered {
+                return self.resend(record).await;
+            }
+            return Absent::Wait(
+                format!(
+                    "{detail}; no answer of the card company to its confirm is logged, so it is not sent again: settled when the confirm window closes at {}",
+                    paygate_core::time::rfc3339_from_ms(closes_at)
+                ),
+                record.version,
+            );
         }
         let settled_after = closes_at.saturating_add(in_flight);
         if now < settled_after || now.saturating_sub(record.updated_at) < in_flight {
-            return Absent::Wait(format!(
-                "{detail}; the card company's confirm window closes at {}: judged again after {}",
-                paygate_core::time::rfc3339_from_ms(closes_at),
-                paygate_core::time::rfc3339_from_ms(
-                    settled_after.max(record.updated_at + in_flight)
+            return Absent::Wait(
+                format!(
+                    "{detail}; the card company's confirm window closes at {}: judged again after {}",
+                    paygate_core::time::rfc3339_from_ms(closes_at),
+                    paygate_core::time::rfc3339_from_ms(
+                        settled_after.max(record.updated_at + in_flight)
+                    ),
                 ),
-            ));
+                record.version,
+            );
         }
-        // From the confirm's arrival to now: a transaction for the order at
-        // any time is a disagreement with the lookup (the list's dates are
-        // whole seconds, so the end is rounded up).
+        // From the confirm's arrival to now, at most an hour past the
+        // window (nothing can be approved later; a payment first judged
+        // days on does not page days of traffic): a transaction for the
+        // order is a disagreement with the lookup. The list's dates are
+        // whole seconds, so the end is rounded up.
         let from = record.created_at.saturating_sub(skew);
-        match self.transactions_of(record, from, now.saturating_add(999)).await {
+        let to = now.min(settled_after.saturating_add(LIST_PAST_WINDOW_MS));
+        match self.transactions_of(record, from, to.saturating_add(999)).await {
             Err(e) => Absent::Judged(
                 CardVerdict::Unsettled {
                     detail: format!(
@@ -148,7 +183,7 @@ impl Saga {
                     return Absent::Wait(format!(
                         "the card company has no payment for the order, and its stock hold expired with {} gone: not confirmed again",
                         short.join(", ")
-                    ))
+                    ), record.version)
                 }
                 Err(e) => {
                     return Absent::Judged(
@@ -197,6 +232,7 @@ impl Saga {
                 return Absent::Wait(
                     "the record changed (or could not be fenced) before it was confirmed again; judged again when due"
                         .to_owned(),
+                    record.version,
                 );
             }
         }
@@ -210,9 +246,10 @@ impl Saga {
         // with `MarkPaid`; a check writes it on its own.
         self.write_row(answer).await;
         match verdict {
-            CardVerdict::Absent { detail } => Absent::Wait(format!(
-                "confirmed again, still unknown: {detail}; judged again when due"
-            )),
+            CardVerdict::Absent { detail } => Absent::Wait(
+                format!("confirmed again, still unknown: {detail}; judged again when due"),
+                fenced.version,
+            ),
             v => Absent::Judged(v, fenced.version),
         }
     }

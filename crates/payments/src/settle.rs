@@ -36,11 +36,8 @@ impl Saga {
             CardVerdict::Absent { detail } => match self.when_absent(record, detail).await {
                 Absent::Judged(verdict, version) => (verdict, version),
                 Absent::Expire(detail) => return self.expire(record, detail).await,
-                Absent::Wait(detail) => {
-                    return Ok(Settlement::Waiting {
-                        detail,
-                        version: record.version,
-                    })
+                Absent::Wait(detail, version) => {
+                    return Ok(Settlement::Waiting { detail, version })
                 }
             },
             verdict => (verdict, record.version),
