@@ -61,9 +61,27 @@ impl Env {
         self.record_at(order, paygate_core::time::now_ms()).await
     }
 
+    /// The sandbox card company, called directly (as a merchant's other
+    /// system, or the card company's own console, would).
+    fn card_api(&self) -> TossCardApi {
+        TossCardApi::new(
+            reqwest::Client::new(),
+            &self.sandbox.card_url,
+            Secret::new(SECRET.into()),
+            Duration::from_secs(5),
+        )
+    }
+
     /// A `PENDING` record created (and last changed) at `created_ms`.
     async fn record_at(&self, order: &str, created_ms: i64) -> PaymentRecord {
-        let r = PaymentRecord::new_pending(
+        let r = self.unsaved(order, created_ms);
+        self.c.store.create(&r).await.unwrap();
+        r
+    }
+
+    /// A `PENDING` record of `order` at `created_ms`, not stored yet.
+    fn unsaved(&self, order: &str, created_ms: i64) -> PaymentRecord {
+        PaymentRecord::new_pending(
             self.merchant.clone(),
             OrderId::parse(order).unwrap(),
             format!("pk_{order}"),
@@ -74,9 +92,7 @@ impl Env {
             paygate_core::crypto::fingerprint(&[&format!("pk_{order}"), order, "5000"]),
             None,
             created_ms,
-        );
-        self.c.store.create(&r).await.unwrap();
-        r
+        )
     }
 
     /// The merchant's confirm of `r`'s order, as the gateway makes it.
@@ -227,12 +243,7 @@ async fn every_class_gets_exactly_its_action_and_a_rerun_does_nothing_new() {
         // D: PENDING, but the card company approved it (the gateway died after the call).
         let d = e.record("order-d-orphan").await;
         e.sent(&d).await;
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &e.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
+        let card = e.card_api();
         card.confirm(
             &ConfirmRequest {
                 payment_key: d.payment_key.clone(),
@@ -698,12 +709,7 @@ impl Env {
     /// with its record paid and saved.
     async fn approved_and_saved(&self, order: &str) -> PaymentRecord {
         let r = self.record(order).await;
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &self.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
+        let card = self.card_api();
         card.confirm(
             &ConfirmRequest {
                 payment_key: r.payment_key.clone(),
@@ -1022,12 +1028,7 @@ async fn the_janitor_settles_an_undecided_payment_the_card_company_approved_and_
     for backend in e2e_backends() {
         let e = env(&backend, FaultProfile::none()).await;
         let name = backend.name();
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &e.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
+        let card = e.card_api();
         // D: UNKNOWN, and the card company approved it (the answer was lost).
         let d = e.record("order-janitor-d").await;
         e.t(
@@ -1212,12 +1213,7 @@ async fn after_the_window_a_payment_neither_source_shows_is_settled_as_not_charg
         // lookup by its own order answers 404, the list shows the key.
         let odd = e.record_at("order-expired-2", then).await;
         e.sent(&odd).await;
-        let card = TossCardApi::new(
-            reqwest::Client::new(),
-            &e.sandbox.card_url,
-            Secret::new(SECRET.into()),
-            Duration::from_secs(5),
-        );
+        let card = e.card_api();
         card.confirm(
             &ConfirmRequest {
                 payment_key: odd.payment_key.clone(),
@@ -1284,16 +1280,7 @@ async fn a_merchant_s_retry_of_an_old_unknown_payment_resends_it() {
         let e = env(&backend, FaultProfile::none()).await;
         let name = backend.name();
         let unknown_at = |order: &str, at: i64| {
-            let mut r = PaymentRecord::new_pending(
-                e.merchant.clone(),
-                OrderId::parse(order).unwrap(),
-                format!("pk_{order}"),
-                5_000,
-                "KRW".into(),
-                paygate_core::crypto::fingerprint(&[&format!("pk_{order}"), order, "5000"]),
-                None,
-                at,
-            );
+            let mut r = e.unsaved(order, at);
             r.card_status = paygate_core::CardStatus::Unknown;
             r
         };

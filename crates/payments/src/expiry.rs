@@ -281,8 +281,12 @@ impl Saga {
         }
         match self.store.get(pid).await? {
             Some((_, now)) if now.is_paid => Ok(Settlement::Paid),
+            // Ended since (another check expired it, or a decline): its
+            // hold is released only if it still ended when read after the
+            // hold, as the batch releases it (a no-call abort may be
+            // reopened by a merchant's retry meanwhile).
             Some((_, now)) if now.card_status == CardStatus::Aborted => {
-                self.hold_on_aborted(&now).await;
+                self.release_hold_if_ended(&now).await?;
                 Ok(Settlement::Declined)
             }
             _ => Ok(Settlement::Waiting {

@@ -71,19 +71,9 @@ impl Saga {
         existing: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        let age_ms = self.clock.now_ms() - existing.updated_at;
-        let young = age_ms < self.settings.settle_on_access_after.as_millis() as i64;
-        if young {
-            return ConfirmOutcome::InFlight(existing);
-        }
-        let Some(live) = self.live.claim(&existing.payment_id) else {
+        let Some(live) = self.claim_on_access(&existing, ticket) else {
             return ConfirmOutcome::InFlight(existing);
         };
-        // An earlier confirm may have charged it: from here an early answer
-        // must be 202, never "nothing was charged".
-        if !ticket.make_durable(&existing) {
-            return ConfirmOutcome::InFlight(existing);
-        }
         let pid = existing.payment_id.clone();
         let evidence = self.log.confirm_evidence(pid.as_str(), CONFIRM_PATH).await;
         match evidence {
@@ -124,17 +114,29 @@ impl Saga {
         existing: PaymentRecord,
         ticket: &ConfirmTicket,
     ) -> ConfirmOutcome {
-        let age_ms = self.clock.now_ms() - existing.updated_at;
-        if age_ms < self.settings.settle_on_access_after.as_millis() as i64 {
-            return ConfirmOutcome::Unknown(existing);
-        }
-        let Some(_live) = self.live.claim(&existing.payment_id) else {
+        let Some(_live) = self.claim_on_access(&existing, ticket) else {
             return ConfirmOutcome::Unknown(existing);
         };
-        if !ticket.make_durable(&existing) {
-            return ConfirmOutcome::Unknown(existing);
-        }
         self.settle_on_access(existing).await
+    }
+
+    /// Whether this retry may settle `existing` itself: its last change is
+    /// at least a confirm's in-flight window old (an age, not a guard: the
+    /// transitions that follow are guarded on the version), no confirm of
+    /// it runs in this process (the claim, held while it settles), and the
+    /// handler has not answered yet. From here an early answer is 202,
+    /// never "nothing was charged": an earlier confirm may have charged it.
+    fn claim_on_access(
+        &self,
+        existing: &PaymentRecord,
+        ticket: &ConfirmTicket,
+    ) -> Option<crate::saga::LiveConfirm> {
+        let age_ms = self.clock.now_ms() - existing.updated_at;
+        if age_ms < self.settings.settle_on_access_after.as_millis() as i64 {
+            return None;
+        }
+        let live = self.live.claim(&existing.payment_id)?;
+        ticket.make_durable(existing).then_some(live)
     }
 
     /// Looks an undecided payment up and answers what the card company says,

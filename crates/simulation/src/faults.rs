@@ -122,6 +122,44 @@ async fn reconcile(world: &World, stale_after_ms: u64, min_age_ms: u64) {
 }
 
 /// A sweep starting now with this grace.
+/// Which pass of the [`Sweeper`] a job runs.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// The batch's sweep.
+    Sweep,
+    /// `serve`'s janitor.
+    Janitor,
+}
+
+/// One batch sweep or janitor pass at `grace_ms`, as a job that may be
+/// killed or stalled mid-run.
+async fn sweep_job(w: &Arc<World>, opts: &Options, grace_ms: u64, pass: Pass) {
+    job(
+        w.clone(),
+        sweeper(grace_ms),
+        opts.job_kill_per_mille,
+        opts.job_pause_per_mille,
+        move |world, inc| {
+            Box::pin(async move {
+                let s =
+                    Sweeper::in_memory(inc.store.clone(), inc.saga.clone(), world.leases.clone());
+                let opts = sweep_options(grace_ms);
+                match pass {
+                    Pass::Sweep => {
+                        let _ = s.sweep(&opts).await;
+                    }
+                    Pass::Janitor => match s.janitor(&opts).await {
+                        Ok(s) if s.scanned > 0 => tracing::info!(?s, "sim: janitor"),
+                        Ok(_) => tracing::debug!("sim: janitor found nothing due"),
+                        Err(e) => tracing::info!(error = %e, "sim: janitor stopped"),
+                    },
+                }
+            })
+        },
+    )
+    .await;
+}
+
 /// How often the simulated janitor runs, ms of the history's clock.
 const JANITOR_EVERY_MS: u64 = 1_500;
 
@@ -201,24 +239,7 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
         while elapsed_ms() < until_ms {
             let every = w.rng.between(opts.batch_every_ms.0, opts.batch_every_ms.1);
             tokio::time::sleep(Duration::from_millis(every)).await;
-            let grace = opts.batch_grace_ms;
-            job(
-                w.clone(),
-                sweeper(grace),
-                opts.job_kill_per_mille,
-                opts.job_pause_per_mille,
-                move |world, inc| {
-                    Box::pin(async move {
-                        let s = Sweeper::in_memory(
-                            inc.store.clone(),
-                            inc.saga.clone(),
-                            world.leases.clone(),
-                        );
-                        let _ = s.sweep(&sweep_options(grace)).await;
-                    })
-                },
-            )
-            .await;
+            sweep_job(&w, &opts, opts.batch_grace_ms, Pass::Sweep).await;
         }
     }));
     // `serve`'s janitor: a pass over the undecided payments unchanged for
@@ -230,27 +251,7 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
         let grace = u64::try_from(w.settle_on_access_after.as_millis()).unwrap_or(u64::MAX);
         while elapsed_ms() < until_ms {
             tokio::time::sleep(Duration::from_millis(JANITOR_EVERY_MS)).await;
-            job(
-                w.clone(),
-                sweeper(grace),
-                opts.job_kill_per_mille,
-                opts.job_pause_per_mille,
-                move |world, inc| {
-                    Box::pin(async move {
-                        let s = Sweeper::in_memory(
-                            inc.store.clone(),
-                            inc.saga.clone(),
-                            world.leases.clone(),
-                        );
-                        match s.janitor(&sweep_options(grace)).await {
-                            Ok(s) if s.scanned > 0 => tracing::info!(?s, "sim: janitor"),
-                            Ok(_) => tracing::debug!("sim: janitor found nothing due"),
-                            Err(e) => tracing::info!(error = %e, "sim: janitor stopped"),
-                        }
-                    })
-                },
-            )
-            .await;
+            sweep_job(&w, &opts, grace, Pass::Janitor).await;
         }
     }));
     let (w, opts) = (world.clone(), o.clone());
