@@ -12,7 +12,10 @@ pub use memory::MemoryApiLog;
 pub mod audit;
 
 pub use audit::{NewResolution, Resolution, ResolutionLog};
+pub mod inbox;
 pub mod journal;
+
+pub use inbox::{CardWebhook, Receipt, SqlCardInbox};
 
 pub use journal::{Journal, SqlJournal};
 

@@ -160,6 +160,14 @@ pub struct Config {
     /// window. 0: never re-send (settle as soon as the in-flight window
     /// has passed). Default 600,000.
     pub card_confirm_window_ms: u64,
+    /// Card company webhooks (`POST /v1/webhooks/card`) accepted per
+    /// second on one replica, before 429 (the card company delivers a
+    /// refused one again). Default 100; 0 turns the limit off.
+    pub card_webhook_rate_limit_per_second: u32,
+    /// How often a replica's webhook worker looks for receipts it has not
+    /// been woken for (another replica's, or a retry due), ms. Default
+    /// 1,000. A receipt taken by this replica is worked at once.
+    pub card_webhook_poll_ms: u64,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -234,6 +242,8 @@ impl Default for Config {
             unknown_recheck_first_ms: 60_000,
             unknown_recheck_max_ms: 3_600_000,
             card_confirm_window_ms: 600_000,
+            card_webhook_rate_limit_per_second: 100,
+            card_webhook_poll_ms: 1_000,
         }
     }
 }
@@ -315,6 +325,9 @@ impl Config {
                 "card_confirm_window_ms",
                 "must be at most 86400000 (one day)",
             ));
+        }
+        if self.card_webhook_poll_ms == 0 || self.card_webhook_poll_ms > 60_000 {
+            return Err(bad("card_webhook_poll_ms", "must be 1 to 60000"));
         }
         if self.database_max_connections == 0 {
             return Err(bad("database_max_connections", "must be at least 1"));

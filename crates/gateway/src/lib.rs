@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod card_webhooks;
 pub mod holds;
 pub mod merchant_slots;
 pub mod openapi;
@@ -89,6 +90,10 @@ pub struct AppState {
     /// Turns `true` at the shutdown deadline: a confirm still waiting for
     /// its saga answers at once (202 or a true 503).
     shutdown_deadline: tokio::sync::watch::Receiver<bool>,
+    /// `card_webhook_rate_limit_per_second`, one bucket per replica.
+    card_webhook_limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    /// Wakes this replica's webhook worker when a new receipt is stored.
+    card_webhook_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Protection of the merchant API on the way in.
@@ -112,6 +117,9 @@ pub enum Protection {
     /// handler bounds its own time and answers 202 once the card may be
     /// called, which a timeout layer (503) could not know.
     OwnDeadline,
+    /// The card company's webhooks: the global concurrency limit and the
+    /// request timeout, no merchant (the route has its own rate limit).
+    CardCompany,
     /// Probes, metrics and the OpenAPI document: outside the limit, so an
     /// overloaded gateway is neither killed by its liveness probe nor blind
     /// to its metrics scraper.
@@ -173,6 +181,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     conn_limits: server::ConnLimits,
     router: Router,
+    card_webhook_wake: Arc<tokio::sync::Notify>,
+    card_webhook_poll: Duration,
     saga: Arc<Saga>,
     db: SqlDatabase,
     alerter: Arc<OutboxAlerter>,
@@ -211,6 +221,14 @@ impl Application {
             merchant_slots: merchant_slots::MerchantSlots::new(
                 config.per_merchant_max_concurrent() as usize,
             ),
+            card_webhook_limiter: NonZeroU32::new(config.card_webhook_rate_limit_per_second).map(
+                |rate| {
+                    Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                        rate,
+                    )))
+                },
+            ),
+            card_webhook_wake: Arc::new(tokio::sync::Notify::new()),
             merchant_limiter: NonZeroU32::new(config.inbound_rate_limit_per_second).map(|rate| {
                 let burst = NonZeroU32::new(config.inbound_rate_limit_burst).unwrap_or(rate);
                 Arc::new(governor::RateLimiter::keyed(
@@ -223,6 +241,13 @@ impl Application {
             request_timeout: Duration::from_millis(config.inbound_request_timeout_ms),
         };
         let shutting_down = state.shutting_down.clone();
+        let card_webhook_wake = state.card_webhook_wake.clone();
+        if let Some(sandbox) = &sandbox {
+            // The in-process card company tells this replica of its changes.
+            sandbox
+                .card
+                .send_webhooks_to(&format!("http://{addr}/v1/webhooks/card"), 1);
+        }
         Ok(Self {
             listener,
             addr,
@@ -234,6 +259,8 @@ impl Application {
                 idle_timeout: Duration::from_millis(config.inbound_idle_timeout_ms),
             },
             router: router(state, &inbound),
+            card_webhook_wake,
+            card_webhook_poll: Duration::from_millis(config.card_webhook_poll_ms),
             saga,
             db,
             alerter,
@@ -298,6 +325,16 @@ impl Application {
                     let _ = sender_stopped.await;
                 }),
         );
+        // The card company's webhooks are worked until the server drained.
+        let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
+        let worker = tokio::spawn(card_webhooks::run_worker(
+            self.saga.clone(),
+            paygate_api_log::SqlCardInbox::new(self.db.clone()),
+            self.card_webhook_wake.clone(),
+            self.card_webhook_poll,
+            card_webhooks::LEDGER_ALERT_THRESHOLD,
+            worker_stopped,
+        ));
         let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
         let shutting_down = self.shutting_down.clone();
         let signal = async move {
@@ -340,6 +377,8 @@ impl Application {
                 "async ledger retries not finished; their payments are stored paid-unsaved for the batch"
             );
         }
+        let _ = stop_worker.send(true);
+        let _ = worker.await;
         let _ = stop_sender.send(());
         let _ = sender.await;
         served
@@ -372,7 +411,7 @@ pub fn routes_table() -> Vec<(
     axum::routing::MethodRouter<AppState>,
     Protection,
 )> {
-    use Protection::{Merchant, Operations, OwnDeadline};
+    use Protection::{CardCompany, Merchant, Operations, OwnDeadline};
     vec![
         (
             "POST",
@@ -418,6 +457,13 @@ pub fn routes_table() -> Vec<(
             delete(holds::delete_hold),
             Merchant,
         ),
+        (
+            "POST",
+            "/v1/webhooks/card",
+            post(card_webhooks::receive)
+                .layer(DefaultBodyLimit::max(card_webhooks::MAX_WEBHOOK_BYTES)),
+            CardCompany,
+        ),
         ("GET", "/healthz", get(routes::healthz), Operations),
         ("GET", "/readyz", get(routes::readyz), Operations),
         ("GET", "/metrics", get(routes::metrics), Operations),
@@ -454,6 +500,7 @@ pub fn router(state: AppState, inbound: &Inbound) -> Router {
             let handler = match protection {
                 Protection::Merchant => handler.layer(timed.clone()).layer(slot),
                 Protection::OwnDeadline => handler.layer(limited.clone()).layer(slot),
+                Protection::CardCompany => handler.layer(timed.clone()),
                 Protection::Operations => handler,
             };
             r.route(path, handler)

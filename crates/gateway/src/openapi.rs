@@ -29,6 +29,7 @@ use crate::{problem::ProblemDetails, routes};
         crate::holds::post_hold,
         crate::holds::get_hold,
         crate::holds::delete_hold,
+        crate::card_webhooks::receive,
         routes::healthz,
         routes::readyz,
         routes::metrics,
@@ -50,6 +51,7 @@ use crate::{problem::ProblemDetails, routes};
     tags(
         (name = "payments", description = "confirm, read and cancel payments"),
         (name = "inventory", description = "stock per SKU and holds on it while a buyer pays (the timestamp rule)"),
+        (name = "webhooks", description = "what the card company tells paygate (never trusted: each is a reason to look the payment up)"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     )
 )]

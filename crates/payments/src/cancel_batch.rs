@@ -60,44 +60,16 @@ impl Saga {
                 return self.batch_done(&record, c, at).await;
             }
         }
-        let fence = CancelTransition::MarkSending {
-            seen_version: c.version,
-        };
-        match self.store.cancel_transition(pid, c.n, &fence).await {
-            Ok(true) => {}
-            // Settled or fenced by another actor since it was read: the
-            // next sweep reads it again.
-            _ => return CancelSettlement::Skipped,
-        }
-        let sent = Arc::new(AtomicU32::new(0));
-        let res = self
-            .cancel_call(&record, c, RequestKind::Idempotent, sent.clone())
-            .await;
-        let sent = sent.load(Ordering::SeqCst);
-        let why = match res {
-            Ok(p) => match self.done_by(&p, c).await {
-                Some(at) => return self.batch_done(&record, c, at).await,
-                None => "the card company's answer does not list this cancel".to_owned(),
-            },
-            Err(CallError::Downstream(AttemptError::Downstream(ce)))
-                if sent <= 1
-                    && matches!(
-                        ce.class(),
-                        CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound
-                    ) =>
-            {
-                let t = CancelTransition::MarkFailed {
-                    failure_code: ce.code().to_owned(),
-                    last_error: classify::card_message(&ce),
-                    release_key: false,
-                    seen_version: None,
-                };
-                return match self.store.cancel_transition(pid, c.n, &t).await {
-                    Ok(true) => CancelSettlement::Failed,
-                    _ => CancelSettlement::Skipped,
-                };
+        let why = if crate::card_webhook::card_made(c) {
+            // Recorded from the card company's own list, never sent by
+            // paygate: sending it under `<payment_id>:cancel:<n>` would be a
+            // new refund. Only a lookup settles it.
+            "a cancel recorded from the card company's list is not in its cancels[]".to_owned()
+        } else {
+            match self.resend_cancel(&record, c).await {
+                Ok(settled) => return settled,
+                Err(why) => why,
             }
-            Err(e) => e.to_string(),
         };
         let t = CancelTransition::LookupFailed {
             last_error: why.clone(),
@@ -116,6 +88,56 @@ impl Saga {
             }
             _ => CancelSettlement::Skipped,
         }
+    }
+
+    /// Fences `c` on the version read and sends it again under its own
+    /// key: what that settled, or why it is still not known.
+    async fn resend_cancel(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        c: &CancelRecord,
+    ) -> Result<CancelSettlement, String> {
+        let pid = &c.payment_id;
+        let fence = CancelTransition::MarkSending {
+            seen_version: c.version,
+        };
+        match self.store.cancel_transition(pid, c.n, &fence).await {
+            Ok(true) => {}
+            // Settled or fenced by another actor since it was read: the
+            // next sweep reads it again.
+            _ => return Ok(CancelSettlement::Skipped),
+        }
+        let sent = Arc::new(AtomicU32::new(0));
+        let res = self
+            .cancel_call(record, c, RequestKind::Idempotent, sent.clone())
+            .await;
+        let sent = sent.load(Ordering::SeqCst);
+        let why = match res {
+            Ok(p) => match self.done_by(&p, c).await {
+                Some(at) => return Ok(self.batch_done(record, c, at).await),
+                None => "the card company's answer does not list this cancel".to_owned(),
+            },
+            Err(CallError::Downstream(AttemptError::Downstream(ce)))
+                if sent <= 1
+                    && matches!(
+                        ce.class(),
+                        CodeClass::Decline | CodeClass::InvalidRequest | CodeClass::NotFound
+                    ) =>
+            {
+                let t = CancelTransition::MarkFailed {
+                    failure_code: ce.code().to_owned(),
+                    last_error: classify::card_message(&ce),
+                    release_key: false,
+                    seen_version: None,
+                };
+                return Ok(match self.store.cancel_transition(pid, c.n, &t).await {
+                    Ok(true) => CancelSettlement::Failed,
+                    _ => CancelSettlement::Skipped,
+                });
+            }
+            Err(e) => e.to_string(),
+        };
+        Err(why)
     }
 
     async fn batch_done(

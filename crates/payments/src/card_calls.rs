@@ -11,13 +11,90 @@ use paygate_card_api::{CancelRequest, CardPayment, Transaction, TransactionsQuer
 use paygate_core::PaymentId;
 use paygate_resilience::RequestKind;
 
+use paygate_alert::{Alert, AlertReason};
+
 use crate::{
     classify,
     logged_call::{describe_card, describe_page, CallSite, Fusion, Policy},
     Saga,
 };
 
+/// What [`Saga::cancel_orphan`] did with an approval paygate has no
+/// record of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrphanCancel {
+    /// Canceled at the card company; `alerted`: a new `orphan_canceled`
+    /// alert was raised (false when one was open already).
+    Canceled {
+        /// A new alert was raised.
+        alerted: bool,
+    },
+    /// The cancel failed; `orphan_not_canceled` raised (`alerted`: new).
+    Failed {
+        /// A new alert was raised.
+        alerted: bool,
+    },
+}
+
+/// The subject an order paygate has no record of is logged and alerted
+/// under: `orphan_<orderId>`.
+pub fn orphan_subject(order_id: &str) -> PaymentId {
+    PaymentId::from_stored(format!("orphan_{order_id}"))
+}
+
 impl Saga {
+    /// Cancels an approval paygate has no payment for (found by the
+    /// reconciliation's list or a card webhook, and shown still charged by
+    /// a lookup the caller made), with the idempotency key
+    /// `reconcile-cancel-<paymentKey>` (whoever finds it first cancels it;
+    /// a second finder's cancel replays the first answer), then alerts an
+    /// operator: `orphan_canceled`, or `orphan_not_canceled` with the
+    /// reason. Logged under `subject` ([`orphan_subject`]). `amount` in
+    /// minor units, for the alert.
+    pub async fn cancel_orphan(
+        self: &Arc<Self>,
+        subject: &PaymentId,
+        order_id: &str,
+        payment_key: &str,
+        amount: i64,
+    ) -> OrphanCancel {
+        let key = format!("reconcile-cancel-{payment_key}");
+        let reason = "reconciliation: approval without a paygate payment";
+        let alert = |reason, detail| Alert {
+            reason,
+            payment_id: subject.to_string(),
+            merchant_id: String::new(),
+            order_id: order_id.to_owned(),
+            amount,
+            detail,
+        };
+        match self
+            .cancel_at_card(subject, payment_key, reason, &key)
+            .await
+        {
+            Ok(_) => {
+                let detail = format!(
+                    "approval of order {order_id} (amount {amount}) had no paygate payment; canceled at the card company"
+                );
+                OrphanCancel::Canceled {
+                    alerted: self
+                        .raise_alert(alert(AlertReason::OrphanCanceled, detail))
+                        .await,
+                }
+            }
+            Err(e) => {
+                let detail = format!(
+                    "approval of order {order_id} (amount {amount}) has no paygate payment and the cancel failed: {e}"
+                );
+                OrphanCancel::Failed {
+                    alerted: self
+                        .raise_alert(alert(AlertReason::OrphanNotCanceled, detail))
+                        .await,
+                }
+            }
+        }
+    }
+
     /// Cancels a payment at the card company (Toss
     /// `POST /v1/payments/{paymentKey}/cancel`, full amount) with
     /// `idempotency_key`, through the card stack (retried on 5xx and lost

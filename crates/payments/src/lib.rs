@@ -23,6 +23,7 @@
 //! | [`cancel`] | a merchant's cancel (refund): claim, card call, verdict | I1, I2, I3 |
 //! | `reversal` | a cancel's ledger reversal: sync try, async retries | I1, I4 |
 //! | `card_calls` | orphan cancels and transaction-list pages | I3 |
+//! | `card_webhook` | what a card company's webhook settles, from a lookup | I1, I3 |
 //! | [`ledger`] | the ledger's sync try and async retries | I1, I4 |
 //! | [`settle`] | lookups and saves for the batch and reconciliation | I1 |
 //! | [`resolve`] | an operator's decision on an open payment, audited | I1 |
@@ -32,6 +33,7 @@ mod at_card;
 pub mod cancel;
 mod cancel_batch;
 mod card_calls;
+mod card_webhook;
 pub mod classify;
 mod confirm;
 pub mod decide;
@@ -53,6 +55,8 @@ pub mod wiring;
 
 pub use cancel::{CancelInput, CancelOutcome, CanceledPayment};
 pub use cancel_batch::CancelSettlement;
+pub use card_calls::{orphan_subject, OrphanCancel};
+pub use card_webhook::WebhookOutcome;
 pub use decide::{Decided, Decider};
 pub use holds::StuckHolds;
 pub use ledger::{RetryTracker, SaveResult};

@@ -45,6 +45,29 @@ impl Saga {
         self.record_verdict(record, verdict, version).await
     }
 
+    /// Settles `record` (not paid, outcome unknown) from a payment the
+    /// caller just looked up (a card webhook's worker, which looks once):
+    /// approved → paid, declined → `ABORTED`, a mismatch as
+    /// [`Saga::settle_unknown`] says it. `Ok(None)` when the card company's
+    /// status is not final yet (nothing is written; the next change, or the
+    /// janitor, settles it).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the outcome could not be recorded.
+    pub async fn settle_found(
+        self: &Arc<Self>,
+        record: &PaymentRecord,
+        found: paygate_card_api::CardPayment,
+    ) -> Result<Option<Settlement>, StoreError> {
+        match self.verdict_of_lookup(record, found) {
+            Ok(verdict) => self
+                .record_verdict(record, verdict, record.version)
+                .await
+                .map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Records what the card company's answers settled for `record`
     /// (`version`: the version they were judged at).
     async fn record_verdict(
@@ -246,7 +269,35 @@ impl Settler {
             return Ok((None, t));
         }
         let settlement = self.saga.settle_unknown(&r).await?;
-        match &settlement {
+        let t = self.file(&r, &settlement).await?;
+        Ok((Some(settlement), t))
+    }
+
+    /// [`Settler::settle`] from a payment the caller just looked up
+    /// ([`Saga::settle_found`]): the record filed the same way. `Ok(None)`
+    /// when the card company's status is not final yet.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn settle_found(
+        &self,
+        r: PaymentRecord,
+        found: paygate_card_api::CardPayment,
+    ) -> Result<Option<(Settlement, Tally)>, StoreError> {
+        let Some(settlement) = self.saga.settle_found(&r, found).await? else {
+            return Ok(None);
+        };
+        let t = self.file(&r, &settlement).await?;
+        Ok(Some((settlement, t)))
+    }
+
+    /// Files `r` by what settled it: paid → saved in the ledger and moved;
+    /// declined → `unpaid_payments`; unknown → counted, and an operator
+    /// told; a mismatch → an alert.
+    async fn file(&self, r: &PaymentRecord, settlement: &Settlement) -> Result<Tally, StoreError> {
+        let mut t = Tally::default();
+        let r = r.clone();
+        match settlement {
             Settlement::Paid => {
                 t.settled += 1;
                 if let Some((Partition::Realtime, paid)) = self.store.get(&r.payment_id).await? {
@@ -308,7 +359,7 @@ impl Settler {
                 }
             }
         }
-        Ok((Some(settlement), t))
+        Ok(t)
     }
 
     /// A check that learned nothing is counted on the record (the recheck

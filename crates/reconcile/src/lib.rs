@@ -71,7 +71,7 @@ use std::{
 };
 
 use futures_util::{StreamExt, TryStreamExt};
-use paygate_alert::{Alert, AlertReason};
+use paygate_alert::AlertReason;
 use paygate_batch::lease::Lease;
 use paygate_card_api::{Transaction, TransactionsQuery};
 use paygate_core::{CardStatus, Partition, PaymentId, PaymentRecord};
@@ -983,7 +983,7 @@ impl Reconciler {
             add(&run.counters.alerts, 1);
             return;
         }
-        let subject = PaymentId::from_stored(format!("orphan_{}", tx.order_id));
+        let subject = paygate_payments::orphan_subject(&tx.order_id);
         // The list is history; the lookup tells whether it is still charged
         // (a rerun finds it canceled and does nothing).
         match self.saga.lookup_order(&subject, &tx.order_id).await {
@@ -997,42 +997,22 @@ impl Reconciler {
                 return;
             }
         }
-        let key = format!("reconcile-cancel-{}", tx.payment_key);
-        let reason = "reconciliation: approval without a paygate payment";
-        let alert = |reason, detail| Alert {
-            reason,
-            payment_id: subject.to_string(),
-            merchant_id: String::new(),
-            order_id: tx.order_id.clone(),
-            amount: tx.amount,
-            detail,
-        };
-        let raised = match self
+        let (canceled, raised) = match self
             .saga
-            .cancel_at_card(&subject, &tx.payment_key, reason, &key)
+            .cancel_orphan(&subject, &tx.order_id, &tx.payment_key, tx.amount)
             .await
         {
-            Ok(_) => {
-                add(&run.counters.cancelled, 1);
-                let detail = format!(
-                    "approval of order {} (amount {}) had no paygate payment; canceled at the card company",
-                    tx.order_id, tx.amount
-                );
-                self.saga
-                    .raise_alert(alert(AlertReason::OrphanCanceled, detail))
-                    .await
-            }
-            Err(e) => {
-                add(&run.counters.failures, 1);
-                let detail = format!(
-                    "approval of order {} (amount {}) has no paygate payment and the cancel failed: {e}",
-                    tx.order_id, tx.amount
-                );
-                self.saga
-                    .raise_alert(alert(AlertReason::OrphanNotCanceled, detail))
-                    .await
-            }
+            paygate_payments::OrphanCancel::Canceled { alerted } => (true, alerted),
+            paygate_payments::OrphanCancel::Failed { alerted } => (false, alerted),
         };
+        add(
+            if canceled {
+                &run.counters.cancelled
+            } else {
+                &run.counters.failures
+            },
+            1,
+        );
         if raised {
             add(&run.counters.alerts, 1);
         }

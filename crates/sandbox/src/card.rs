@@ -45,6 +45,7 @@ use paygate_card_api::{
 use crate::{
     error_response,
     faults::{in_outage, roll, FaultProfile},
+    webhooks::WebhookSender,
     wire, CallObserver, ObserverSlot, SimTarget,
 };
 
@@ -409,6 +410,11 @@ pub struct CardSim {
     max_in_flight: AtomicU64,
     /// Confirm attempts still to answer 500 before processing them.
     failing_confirms: AtomicU64,
+    /// Confirms still to answer `IN_PROGRESS`, approved this long (ms)
+    /// later: `(count, delay_ms)`.
+    late_approvals: Mutex<(u64, u64)>,
+    /// The `PAYMENT_STATUS_CHANGED` webhooks it sends.
+    webhooks: Arc<WebhookSender>,
 }
 
 impl CardSim {
@@ -429,7 +435,114 @@ impl CardSim {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             failing_confirms: AtomicU64::new(0),
+            late_approvals: Mutex::new((0, 0)),
+            webhooks: Arc::new(WebhookSender::default()),
         }
+    }
+
+    /// The next `n` confirms that would be approved answer 200 with the
+    /// payment `IN_PROGRESS` (not final: its lookups say so too) and are
+    /// approved `after` later, with the webhook of that change: a card
+    /// company that settles after it answered.
+    pub fn approve_later(&self, n: u64, after: Duration) {
+        *self
+            .late_approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (n, after.as_millis() as u64);
+    }
+
+    /// Sends a `PAYMENT_STATUS_CHANGED` webhook for every later change to
+    /// `url`, with Toss's redelivery schedule divided by `compression`.
+    pub fn send_webhooks_to(&self, url: &str, compression: u32) {
+        self.webhooks.send_to(url, compression);
+    }
+
+    /// The webhooks sent so far.
+    pub fn webhook_stats(&self) -> crate::WebhookStats {
+        self.webhooks.stats()
+    }
+
+    /// Takes one late approval if any is left: its delay.
+    fn take_late_approval(&self) -> Option<Duration> {
+        let mut late = self
+            .late_approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if late.0 == 0 {
+            return None;
+        }
+        late.0 -= 1;
+        Some(Duration::from_millis(late.1))
+    }
+
+    /// Approves the `IN_PROGRESS` payment of `order_id` (a late approval),
+    /// and sends its webhook.
+    fn approve_now(&self, order_id: &str) {
+        let json = {
+            let mut st = self.state();
+            let Some(p) = st.payments.get(order_id).cloned() else {
+                return;
+            };
+            if p.status != "IN_PROGRESS" {
+                return;
+            }
+            let now_ms = now_s_ms();
+            let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
+            st.approvals.push(Approval {
+                order_id: p.order_id.clone(),
+                payment_key: p.payment_key.clone(),
+                amount: p.total,
+                idempotency_key: None,
+                approved_at: now.clone(),
+                canceled_amount: 0,
+            });
+            *st.approvals_per_order
+                .entry(p.order_id.clone())
+                .or_insert(0) += 1;
+            let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
+                transaction_key,
+                payment_key: p.payment_key.clone(),
+                order_id: p.order_id.clone(),
+                status: "DONE",
+                transaction_at,
+                amount: p.total,
+            });
+            let n = st.approvals.len() as u64;
+            let mut done = SimPayment::approved(p.payment_key, p.order_id, p.total, now, n);
+            done.requested_at = p.requested_at;
+            done.last_transaction_key = Some(tx_key);
+            let json = done.json();
+            st.payments.insert(order_id.to_owned(), done);
+            json
+        };
+        self.webhooks.emit(json);
+    }
+
+    /// A cancel made in the card company's own console (not through the
+    /// API, no idempotency key): as `POST /v1/payments/{paymentKey}/cancel`,
+    /// with its webhook. `amount` `None` cancels the balance.
+    ///
+    /// # Errors
+    /// The Toss error answer (404 unknown key, 400 already canceled, 403
+    /// over the balance).
+    pub fn console_cancel(
+        &self,
+        payment_key: &str,
+        reason: &str,
+        amount: Option<i64>,
+    ) -> Result<CardPayment, Box<Response>> {
+        let json = {
+            let mut st = self.state();
+            cancel_in(&mut st, payment_key, reason, amount)?
+        };
+        self.webhooks.emit(json.clone());
+        serde_json::from_value(json).map_err(|_| {
+            Box::new(error_response(
+                500,
+                codes::FAILED_INTERNAL_SYSTEM_PROCESSING,
+                "encoding",
+            ))
+        })
     }
 
     /// The next `n` confirm attempts (of any order) answer 500
@@ -656,6 +769,10 @@ pub fn router(sim: Arc<CardSim>) -> Router {
         .route("/v1/payments/{payment_key}/cancel", post(cancel))
         .route("/v1/transactions", get(transactions))
         .route("/sandbox/approvals", get(approvals))
+        .route(
+            "/sandbox/console/payments/{payment_key}/cancel",
+            post(console_cancel),
+        )
         .with_state(sim)
 }
 
@@ -753,7 +870,7 @@ async fn confirm(
     }
     let declined = roll(p.seed, &req.order_id, "decline", 0) < p.decline_rate;
     let dropped = !declined && roll(p.seed, &req.order_id, "drop", 0) < p.drop_response_rate;
-    let (status, body) = {
+    let (status, body, changed) = {
         let mut st = sim.state();
         let now_ms = now_s_ms();
         let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
@@ -807,6 +924,28 @@ async fn confirm(
                     approve_no: String::new(),
                 });
             (403u16, error_json(&failure.code, &failure.message))
+        } else if let Some(after) = sim.take_late_approval() {
+            // Answered before it is settled: `IN_PROGRESS` now, approved
+            // (with its webhook) `after` later.
+            let payment = SimPayment {
+                status: "IN_PROGRESS",
+                approved_at: None,
+                ..SimPayment::approved(
+                    req.payment_key.clone(),
+                    req.order_id.clone(),
+                    req.amount,
+                    now.clone(),
+                    0,
+                )
+            };
+            let body = payment.json();
+            st.payments.insert(req.order_id.clone(), payment);
+            let (sim, order) = (sim.clone(), req.order_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                sim.approve_now(&order);
+            });
+            (200u16, body)
         } else {
             if already {
                 st.duplicate_confirms += 1;
@@ -846,8 +985,22 @@ async fn confirm(
         if let Some(s) = scope {
             st.replays.insert(s, (status, body.clone()));
         }
-        (status, body)
+        // A change of the payment at the card company is told by webhook:
+        // an approval, or a decline that created the payment.
+        let changed = match status {
+            200 => st.payments.get(&req.order_id).map(SimPayment::json),
+            403 => st
+                .payments
+                .get(&req.order_id)
+                .filter(|p| p.status == "ABORTED" && p.payment_key == req.payment_key)
+                .map(SimPayment::json),
+            _ => None,
+        };
+        (status, body, changed)
     };
+    if let Some(changed) = changed {
+        sim.webhooks.emit(changed);
+    }
     if dropped && status == 200 {
         // The approval is made and recorded; the answer never arrives in time.
         tokio::time::sleep(std::time::Duration::from_millis(p.drop_hold_ms)).await;
@@ -893,42 +1046,97 @@ async fn cancel(
     if let Some((status, body)) = scope.as_ref().and_then(|s| st.replays.get(s).cloned()) {
         return json_response(status, body);
     }
+    let body = match cancel_in(&mut st, &payment_key, &req.cancel_reason, req.cancel_amount) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
+    if let Some(s) = scope {
+        st.replays.insert(s, (200, body.clone()));
+    }
+    drop(st);
+    sim.webhooks.emit(body.clone());
+    json_response(200, body)
+}
+
+/// `POST /sandbox/console/payments/{paymentKey}/cancel` (not a Toss API):
+/// a cancel made in the card company's own console, which paygate learns
+/// of only from the webhook and its lookups. Body as Toss's cancel.
+async fn console_cancel(
+    State(sim): State<Arc<CardSim>>,
+    headers: HeaderMap,
+    Path(payment_key): Path<String>,
+    Json(req): Json<CancelRequest>,
+) -> Response {
+    if !sim.authorized(&headers) {
+        return unauthorized();
+    }
+    match sim.console_cancel(&payment_key, &req.cancel_reason, req.cancel_amount) {
+        Ok(p) => Json(p).into_response(),
+        Err(refused) => *refused,
+    }
+}
+
+/// Cancels `amount` (the balance when `None`) of the payment of
+/// `payment_key` under the simulator's lock, as Toss does: the Payment
+/// object after it, or Toss's refusal.
+fn cancel_in(
+    st: &mut CardState,
+    payment_key: &str,
+    reason: &str,
+    amount: Option<i64>,
+) -> Result<serde_json::Value, Box<Response>> {
     let Some(order_id) = st
         .payments
         .values()
         .find(|p| p.payment_key == payment_key)
         .map(|p| p.order_id.clone())
     else {
-        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
+        return Err(Box::new(error_response(
+            404,
+            codes::NOT_FOUND_PAYMENT,
+            "no payment for that key",
+        )));
     };
     let Some(payment) = st.payments.get(&order_id).cloned() else {
-        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
+        return Err(Box::new(error_response(
+            404,
+            codes::NOT_FOUND_PAYMENT,
+            "no payment for that key",
+        )));
     };
     match payment.status {
         "DONE" | "PARTIAL_CANCELED" => {}
         "CANCELED" => {
-            return error_response(
+            return Err(Box::new(error_response(
                 400,
                 codes::ALREADY_CANCELED_PAYMENT,
                 "payment is already canceled",
-            )
+            )))
         }
         _ => {
-            return error_response(403, "NOT_CANCELABLE_PAYMENT", "payment is not cancelable");
+            return Err(Box::new(error_response(
+                403,
+                "NOT_CANCELABLE_PAYMENT",
+                "payment is not cancelable",
+            )));
         }
     }
     let balance = payment.balance;
-    let amount = req.cancel_amount.unwrap_or(balance);
+    let amount = amount.unwrap_or(balance);
     if amount <= 0 {
-        return error_response(400, "INVALID_REQUEST", "cancelAmount must be positive");
+        return Err(Box::new(error_response(
+            400,
+            "INVALID_REQUEST",
+            "cancelAmount must be positive",
+        )));
     }
     if amount > balance {
         // Toss refuses more than is left to cancel (its 결제 취소 table: 403).
-        return error_response(
+        return Err(Box::new(error_response(
             403,
             codes::NOT_CANCELABLE_AMOUNT,
             "cancelAmount is more than the cancelable balance",
-        );
+        )));
     }
     let status = if balance - amount == 0 {
         "CANCELED"
@@ -945,23 +1153,23 @@ async fn cancel(
         amount,
     });
     let Some(payment) = st.payments.get_mut(&order_id) else {
-        return error_response(404, codes::NOT_FOUND_PAYMENT, "no payment for that key");
+        return Err(Box::new(error_response(
+            404,
+            codes::NOT_FOUND_PAYMENT,
+            "no payment for that key",
+        )));
     };
     payment.balance = balance - amount;
     payment.status = status;
     payment.last_transaction_key = Some(tx_key.clone());
     payment.cancels.push(SimCancel {
         amount,
-        reason: req.cancel_reason.clone(),
+        reason: reason.to_owned(),
         canceled_at: paygate_core::time::kst_rfc3339_from_ms(now_ms),
         transaction_key: tx_key,
         refundable: balance - amount,
     });
-    let body = payment.json();
-    if let Some(s) = scope {
-        st.replays.insert(s, (200, body.clone()));
-    }
-    json_response(200, body)
+    Ok(payment.json())
 }
 
 /// Toss Payments v1 `GET /v1/transactions`.

@@ -19,6 +19,7 @@ pub mod card;
 pub mod discord;
 pub mod faults;
 pub mod ledger;
+pub mod webhooks;
 mod wire;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -26,6 +27,7 @@ use std::{net::SocketAddr, sync::Arc};
 pub use card::{generated_approvals, Approval, CardSim, CardStats, SeedApproval};
 pub use discord::{DiscordSim, DiscordStats};
 pub use faults::{FaultProfile, OutageWindow};
+pub use webhooks::{WebhookSender, WebhookStats};
 
 /// The card secret key the in-process sandbox (and `paygate sim`) accepts by
 /// default.

@@ -231,6 +231,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "versions",
         include_str!("../../../../migrations/sqlite/0011_versions.sql"),
     ),
+    (
+        12,
+        "card webhooks",
+        include_str!("../../../../migrations/sqlite/0012_card_webhooks.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -287,6 +292,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "versions",
         include_str!("../../../../migrations/postgres/0011_versions.sql"),
+    ),
+    (
+        12,
+        "card webhooks",
+        include_str!("../../../../migrations/postgres/0012_card_webhooks.sql"),
     ),
 ];
 
