@@ -205,7 +205,7 @@ async fn a_confirm_answered_202_is_done_within_seconds_of_the_card_company_s_web
         let ledger = g.sandbox.ledger.stats();
         assert_eq!(ledger.records, 1, "{name}: {ledger:?}");
         assert!(g.sandbox.ledger.record(&id).is_some(), "{name}");
-        println!("{name}: 202 settled {settled:?} after the answer (approval 1.5 s after it)");
+        println!("{name}: 202 settled {settled:?} after the answer (the card company approved 1.5 s after its IN_PROGRESS answer)");
         g.cleanup.run().await;
     }
 }
@@ -380,8 +380,29 @@ async fn a_replayed_or_reordered_webhook_changes_nothing() {
         );
         assert_eq!(
             g.lookups(&id).await,
-            lookups + 2,
-            "{name}: one lookup per receipt"
+            lookups,
+            "{name}: an approval or a decline of a paid payment changes nothing even if true: no lookup"
+        );
+        // A cancel claimed for it is looked up, once, and is false.
+        assert_eq!(
+            g.deliver(&webhook("order-replay-1", "CANCELED", at)).await,
+            200,
+            "{name}"
+        );
+        let rs = g.worked("order-replay-1", 4).await;
+        assert_eq!(
+            rs[3].outcome.as_deref(),
+            Some("nothing_new"),
+            "{name}: {rs:?}"
+        );
+        assert_eq!(g.lookups(&id).await, lookups + 1, "{name}");
+        assert!(
+            g.store
+                .cancels_of(&before.payment_id)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
         );
         let (_, after) = g
             .store

@@ -45,6 +45,12 @@ pub struct DemoArgs {
     /// Seed of the fault rolls.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Approvals the sandbox card company settles late: it answers the
+    /// first N confirms it would approve `IN_PROGRESS` and approves them
+    /// 1.5 s later, telling paygate by webhook (so they are answered 202
+    /// and then settled by the webhook alone).
+    #[arg(long, default_value_t = 10)]
+    late_approvals: u64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -83,6 +89,12 @@ struct Summary {
     throughput_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Of the confirms answered 202, how many a card webhook settled.
+    unknown_settled_by_webhook: u64,
+    /// Median and longest time from the webhook's receipt to its
+    /// settlement, ms.
+    webhook_settle_p50_ms: f64,
+    webhook_settle_max_ms: f64,
 }
 
 const DEMO_SECRET: &str = "test_sk_paygate_demo";
@@ -226,6 +238,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let url = format!("http://{addr}/v1/payments/confirm");
+    // The sandbox card company tells paygate of its changes, as Toss does
+    // (its redelivery schedule a minute to 1 s).
+    sandbox
+        .card
+        .send_webhooks_to(&format!("http://{addr}/v1/webhooks/card"), 60);
+    sandbox
+        .card
+        .approve_later(args.late_approvals, Duration::from_millis(1_500));
     let started = Instant::now();
     let orders: Vec<String> = (0..args.payments)
         .map(|i| format!("demo-{run_id}-{i:06}"))
@@ -267,6 +287,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Let async ledger retries finish (bounded: they give up by themselves).
     let _ = tokio::time::timeout(Duration::from_secs(60), saga.retries().wait_idle()).await;
 
+    // Let the webhooks' worker finish what it has (bounded).
+    let inbox = paygate_api_log::SqlCardInbox::new(db.clone());
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(20) && inbox.open().await.unwrap_or(0) > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let store = saga.store().clone();
     let mut latencies = Vec::new();
     let mut summary = Summary {
@@ -282,9 +309,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         throughput_per_s: 0.0,
         p50_ms: 0.0,
         p99_ms: 0.0,
+        unknown_settled_by_webhook: 0,
+        webhook_settle_p50_ms: 0.0,
+        webhook_settle_max_ms: 0.0,
     };
+    let mut webhook_settles = Vec::new();
     let mut replay_mismatches = 0u64;
-    for (_, sent) in &results {
+    for (order, sent) in &results {
         summary.sent += sent.len() as u64;
         latencies.extend(sent.iter().map(|s| s.latency));
         let ids: Vec<&String> = sent.iter().filter_map(|s| s.payment_id.as_ref()).collect();
@@ -296,10 +327,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         match sent.last().map(|s| s.status) {
             Some(200) => summary.approved += 1,
             Some(402) => summary.declined += 1,
-            Some(202) => summary.unknown += 1,
+            Some(202) => {
+                summary.unknown += 1;
+                // From the approval's (or decline's) webhook to the
+                // settlement, which an earlier receipt's retry may make.
+                let receipts = inbox.for_order(order).await?;
+                let settled_at = receipts
+                    .iter()
+                    .filter(|r| {
+                        r.outcome
+                            .as_deref()
+                            .is_some_and(|o| o.starts_with("settled_"))
+                    })
+                    .filter_map(|r| r.done_at)
+                    .min();
+                let told_at = receipts
+                    .iter()
+                    .filter(|r| matches!(r.status.as_str(), "DONE" | "ABORTED"))
+                    .map(|r| r.received_at)
+                    .min();
+                if let (Some(settled), Some(told)) = (settled_at, told_at) {
+                    summary.unknown_settled_by_webhook += 1;
+                    let ms = (settled - told).max(0) as u64;
+                    webhook_settles.push(Duration::from_millis(ms));
+                }
+            }
             _ => {}
         }
     }
+    webhook_settles.sort();
+    summary.webhook_settle_p50_ms = percentile(&webhook_settles, 0.50);
+    summary.webhook_settle_max_ms = percentile(&webhook_settles, 1.0);
     let mut records = HashMap::new();
     for order in &orders {
         let oid = OrderId::parse(order)?;
@@ -356,7 +414,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("  confirms sent        {}", summary.sent);
         println!("  approved             {}", summary.approved);
         println!("  declined             {}", summary.declined);
-        println!("  unknown (alerted)    {}", summary.unknown);
+        println!("  unknown (202)        {}", summary.unknown);
+        println!(
+            "    settled by webhook {}  (p50 {:.0} ms, max {:.0} ms after the card company's webhook)",
+            summary.unknown_settled_by_webhook,
+            summary.webhook_settle_p50_ms,
+            summary.webhook_settle_max_ms
+        );
         println!("  saved in ledger      {}", summary.saved);
         println!(
             "  not yet saved        {}  (left for the batch)",

@@ -85,6 +85,16 @@ enum Command {
         /// for measuring paygate's own no-double-charge guarantee.
         #[arg(long)]
         approve_duplicate_confirms: bool,
+        /// Send a Toss `PAYMENT_STATUS_CHANGED` webhook for every change the
+        /// card simulator makes to this URL (paygate's
+        /// `http://HOST:PORT/v1/webhooks/card`, or a load balancer before
+        /// several replicas).
+        #[arg(long)]
+        webhook_url: Option<String>,
+        /// Divide Toss's webhook redelivery schedule (1, 4, 16 ... 4096
+        /// minutes) by this factor.
+        #[arg(long, default_value_t = 1)]
+        webhook_compression: u32,
     },
     /// Configuration: `paygate config check` validates it and prints the
     /// effective values (defaults, then --config, then PAYGATE_*), secrets
@@ -210,6 +220,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             page_latency_ms,
             ledger_latency_ms,
             approve_duplicate_confirms,
+            webhook_url,
+            webhook_compression,
         } => {
             let _logging = init_tracing("info", false);
             let profile = FaultProfile::preset(&faults)
@@ -251,6 +263,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     now,
                 ));
                 println!("transaction list: {transactions} generated approvals over the last 24 h");
+            }
+            if let Some(url) = &webhook_url {
+                card.send_webhooks_to(url, webhook_compression);
+                println!("card webhooks:      {url}");
             }
             let ledger = std::sync::Arc::new(LedgerSim::new(profile));
             let servers = SandboxServers::start_on(card, ledger, card_l, ledger_l).await?;

@@ -33,6 +33,10 @@ pub const MAX_WEBHOOK_BYTES: usize = 64 * 1024;
 /// The event type acted on.
 pub const PAYMENT_STATUS_CHANGED: &str = "PAYMENT_STATUS_CHANGED";
 
+/// Receipts one replica works at once (each is at most one card lookup,
+/// through the card stack's bulkhead like any other).
+pub const WORKERS: usize = 8;
+
 /// How long a worker holds a receipt it took before another may take it.
 pub const RECEIPT_LEASE: Duration = Duration::from_secs(60);
 
@@ -131,7 +135,7 @@ pub async fn receive(
 
 /// The worker: takes due receipts (at once when this replica received
 /// one, else every `poll`) and acts on each until `stopped` turns true.
-/// Receipts are worked four at a time; a failure of the inbox is logged
+/// Receipts are worked [`WORKERS`] at a time; a failure of the inbox is logged
 /// and the next round tries again.
 pub async fn run_worker(
     saga: Arc<Saga>,
@@ -154,7 +158,7 @@ pub async fn run_worker(
         };
         let busy = !taken.is_empty();
         futures_util::stream::iter(taken)
-            .for_each_concurrent(4, |r| work(&saga, &settler, &inbox, r))
+            .for_each_concurrent(WORKERS, |r| work(&saga, &settler, &inbox, r))
             .await;
         if let Ok(open) = inbox.open().await {
             metrics::gauge!("paygate_card_webhooks_open").set(open as f64);
@@ -177,7 +181,7 @@ pub async fn run_worker(
 async fn work(saga: &Arc<Saga>, settler: &Settler, inbox: &SqlCardInbox, r: Receipt) {
     let started = std::time::Instant::now();
     let outcome = saga
-        .act_on_card_webhook(settler, &r.order_id, &r.payment_key)
+        .act_on_card_webhook(settler, &r.order_id, &r.payment_key, &r.status)
         .await;
     metrics::histogram!("paygate_card_webhook_work_seconds").record(started.elapsed());
     metrics::counter!("paygate_card_webhook_outcomes_total", "outcome" => outcome.as_str())

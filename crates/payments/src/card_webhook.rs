@@ -91,13 +91,19 @@ impl WebhookOutcome {
 
 impl Saga {
     /// Acts on a card webhook that names `order_id` (and, as the sender
-    /// claims, `payment_key`): one logged lookup, then what it settles (see
-    /// the module doc). `settler` files a settled payment as the batch does.
+    /// claims, `payment_key` and `claimed_status`): one logged lookup, then
+    /// what it settles (see the module doc). `settler` files a settled
+    /// payment as the batch does. A claim that could not change anything
+    /// even if true (an approval of a paid payment, a decline of a decided
+    /// one, the approval's own webhook of a payment its confirm recorded)
+    /// is not looked up: every approval sends one, and a lookup each would
+    /// cost the card company as many calls as confirms.
     pub async fn act_on_card_webhook(
         self: &Arc<Self>,
         settler: &Settler,
         order_id: &str,
         payment_key: &str,
+        claimed_status: &str,
     ) -> WebhookOutcome {
         let found = match self
             .store
@@ -122,6 +128,9 @@ impl Saga {
                         .to_owned(),
                 );
             }
+        }
+        if !could_change(record.as_ref(), claimed_status) {
+            return WebhookOutcome::NothingNew("the claim, even if true, changes nothing held");
         }
         let subject = record
             .as_ref()
@@ -277,6 +286,20 @@ impl Saga {
             self.reverse_with_retries(&r.payment_id, n).await;
         }
         Ok(())
+    }
+}
+
+/// Whether a webhook claiming `status` could change anything about
+/// `record` (`None`: no paygate payment) if it were true; only then is the
+/// order looked up.
+fn could_change(record: Option<&PaymentRecord>, status: &str) -> bool {
+    let charged = matches!(status, "DONE" | "PARTIAL_CANCELED");
+    let canceled = matches!(status, "CANCELED" | "PARTIAL_CANCELED");
+    match record {
+        None => charged,
+        Some(r) if r.is_paid => canceled,
+        Some(r) if matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown) => true,
+        Some(_) => charged || canceled,
     }
 }
 
