@@ -164,3 +164,31 @@ pub async fn claim_cancel(
         other => panic!("expected a claim, got {other:?}"),
     }
 }
+
+/// Creates a merchant named `name` in `db` with a fresh API key hashed
+/// under `hash_key` (as `paygate merchants create` does); returns the key.
+///
+/// # Panics
+/// When the merchant cannot be stored.
+pub async fn merchant_key(
+    db: &paygate_state_store::SqlDatabase,
+    hash_key: &paygate_core::Secret<String>,
+    name: &str,
+) -> String {
+    use paygate_core::crypto;
+    let key = crypto::generate_api_key();
+    paygate_state_store::SqlMerchantStore::new(db.clone())
+        .create(
+            &paygate_state_store::Merchant {
+                merchant_id: paygate_core::MerchantId::generate(),
+                name: name.to_owned(),
+                api_key_prefix: key.expose()[..crypto::API_KEY_DISPLAY_LEN].to_owned(),
+                created_at: paygate_core::time::now_ms(),
+                revoked_at: None,
+            },
+            &crypto::hash_api_key(hash_key, key.expose()),
+        )
+        .await
+        .unwrap();
+    key.expose().clone()
+}

@@ -9,13 +9,13 @@ use std::{sync::Arc, time::Duration};
 
 use paygate_alert::SqlOutbox;
 use paygate_batch::{SweepOptions, Sweeper};
-use paygate_core::{config::DownstreamPolicy, crypto, Config, MerchantId, Secret};
+use paygate_core::{config::DownstreamPolicy, Config, Secret};
 use paygate_gateway::{Application, Saga};
 use paygate_reconcile::check::{check, CardApproval, CheckReport};
 use paygate_sandbox::{DiscordSim, FaultProfile, SandboxServers};
 use paygate_state_store::{
     testing::{e2e_backends, fresh_e2e, Backend, Cleanup, E2eBackend},
-    Merchant, SqlDatabase, SqlMerchantStore,
+    SqlDatabase,
 };
 
 const SECRET: &str = "test_sk_outage";
@@ -64,27 +64,14 @@ async fn start<B: Clone + Into<E2eBackend>>(backend: &B, discord: Option<String>
     let app = Application::build(listener, &config).await.unwrap();
     let base = format!("http://{}", app.local_addr());
     let (db, saga, alerter) = (app.database(), app.saga(), app.alerter());
-    let key = crypto::generate_api_key();
-    SqlMerchantStore::new(db.clone())
-        .create(
-            &Merchant {
-                merchant_id: MerchantId::generate(),
-                name: "outage".into(),
-                api_key_prefix: key.expose()[..crypto::API_KEY_DISPLAY_LEN].to_owned(),
-                created_at: paygate_core::time::now_ms(),
-                revoked_at: None,
-            },
-            &crypto::hash_api_key(&config.api_key_hash_key, key.expose()),
-        )
-        .await
-        .unwrap();
+    let key = paygate_e2e::merchant_key(&db, &config.api_key_hash_key, "outage").await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     Gateway {
         base,
-        key: key.expose().clone(),
+        key,
         sandbox,
         db,
         saga,

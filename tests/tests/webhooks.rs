@@ -9,12 +9,12 @@
 use std::time::{Duration, Instant};
 
 use paygate_api_log::{Receipt, SqlApiLog, SqlCardInbox};
-use paygate_core::{config::DownstreamPolicy, crypto, Config, MerchantId, PaymentId, Secret};
+use paygate_core::{config::DownstreamPolicy, Config, PaymentId, Secret};
 use paygate_gateway::Application;
 use paygate_sandbox::{FaultProfile, SandboxServers, WebhookSender};
 use paygate_state_store::{
     testing::{e2e_backends, fresh_e2e, Cleanup, E2eBackend},
-    CancelStatus, Merchant, SqlDatabase, SqlMerchantStore, StateStore,
+    CancelStatus, SqlDatabase, StateStore,
 };
 use serde_json::{json, Value};
 
@@ -56,27 +56,14 @@ async fn start<B: Clone + Into<E2eBackend>>(backend: &B, profile: FaultProfile) 
     };
     let app = Application::build(listener, &config).await.unwrap();
     let (db, store) = (app.database(), app.saga().store().clone());
-    let key = crypto::generate_api_key();
-    SqlMerchantStore::new(db.clone())
-        .create(
-            &Merchant {
-                merchant_id: MerchantId::generate(),
-                name: "webhooks".into(),
-                api_key_prefix: key.expose()[..crypto::API_KEY_DISPLAY_LEN].to_owned(),
-                created_at: paygate_core::time::now_ms(),
-                revoked_at: None,
-            },
-            &crypto::hash_api_key(&config.api_key_hash_key, key.expose()),
-        )
-        .await
-        .unwrap();
+    let key = paygate_e2e::merchant_key(&db, &config.api_key_hash_key, "webhooks").await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     Gateway {
         base,
-        key: key.expose().clone(),
+        key,
         sandbox,
         db,
         store,

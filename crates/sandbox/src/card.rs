@@ -332,6 +332,46 @@ struct CardState {
 }
 
 impl CardState {
+    /// Approves `amount` of `order_id` at `now_ms` (to the second): the
+    /// approval counted, its `DONE` transaction listed, the payment stored;
+    /// returns the payment as stored.
+    fn approve(
+        &mut self,
+        payment_key: &str,
+        order_id: &str,
+        amount: i64,
+        idempotency_key: Option<String>,
+        now_ms: i64,
+    ) -> SimPayment {
+        let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
+        self.approvals.push(Approval {
+            order_id: order_id.to_owned(),
+            payment_key: payment_key.to_owned(),
+            amount,
+            idempotency_key,
+            approved_at: now.clone(),
+            canceled_amount: 0,
+        });
+        *self
+            .approvals_per_order
+            .entry(order_id.to_owned())
+            .or_insert(0) += 1;
+        let tx_key = self.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
+            transaction_key,
+            payment_key: payment_key.to_owned(),
+            order_id: order_id.to_owned(),
+            status: "DONE",
+            transaction_at,
+            amount,
+        });
+        let n = self.approvals.len() as u64;
+        let mut payment =
+            SimPayment::approved(payment_key.to_owned(), order_id.to_owned(), amount, now, n);
+        payment.last_transaction_key = Some(tx_key);
+        self.payments.insert(order_id.to_owned(), payment.clone());
+        payment
+    }
+
     /// Appends a transaction dated `at_ms` (to the second), keeping the list
     /// sorted; `make` gets the new key and the `transactionAt` text.
     fn push_tx(&mut self, at_ms: i64, make: impl FnOnce(String, String) -> SimTx) -> String {
@@ -486,31 +526,8 @@ impl CardSim {
             if p.status != "IN_PROGRESS" {
                 return;
             }
-            let now_ms = now_s_ms();
-            let now = paygate_core::time::kst_rfc3339_from_ms(now_ms);
-            st.approvals.push(Approval {
-                order_id: p.order_id.clone(),
-                payment_key: p.payment_key.clone(),
-                amount: p.total,
-                idempotency_key: None,
-                approved_at: now.clone(),
-                canceled_amount: 0,
-            });
-            *st.approvals_per_order
-                .entry(p.order_id.clone())
-                .or_insert(0) += 1;
-            let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
-                transaction_key,
-                payment_key: p.payment_key.clone(),
-                order_id: p.order_id.clone(),
-                status: "DONE",
-                transaction_at,
-                amount: p.total,
-            });
-            let n = st.approvals.len() as u64;
-            let mut done = SimPayment::approved(p.payment_key, p.order_id, p.total, now, n);
+            let mut done = st.approve(&p.payment_key, &p.order_id, p.total, None, now_s_ms());
             done.requested_at = p.requested_at;
-            done.last_transaction_key = Some(tx_key);
             let json = done.json();
             st.payments.insert(order_id.to_owned(), done);
             json
@@ -950,37 +967,14 @@ async fn confirm(
             if already {
                 st.duplicate_confirms += 1;
             }
-            st.approvals.push(Approval {
-                order_id: req.order_id.clone(),
-                payment_key: req.payment_key.clone(),
-                amount: req.amount,
-                idempotency_key: key.clone(),
-                approved_at: now.clone(),
-                canceled_amount: 0,
-            });
-            *st.approvals_per_order
-                .entry(req.order_id.clone())
-                .or_insert(0) += 1;
-            let tx_key = st.push_tx(now_ms, |transaction_key, transaction_at| SimTx {
-                transaction_key,
-                payment_key: req.payment_key.clone(),
-                order_id: req.order_id.clone(),
-                status: "DONE",
-                transaction_at,
-                amount: req.amount,
-            });
-            let n = st.approvals.len() as u64;
-            let mut payment = SimPayment::approved(
-                req.payment_key.clone(),
-                req.order_id.clone(),
+            let payment = st.approve(
+                &req.payment_key,
+                &req.order_id,
                 req.amount,
-                now.clone(),
-                n,
+                key.clone(),
+                now_ms,
             );
-            payment.last_transaction_key = Some(tx_key);
-            let body = payment.json();
-            st.payments.insert(req.order_id.clone(), payment);
-            (200u16, body)
+            (200u16, payment.json())
         };
         if let Some(s) = scope {
             st.replays.insert(s, (status, body.clone()));
