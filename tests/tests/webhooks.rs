@@ -264,6 +264,65 @@ async fn a_cancel_made_in_the_card_company_s_console_is_recorded_with_its_revers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_cancel_after_a_console_cancel_paygate_has_not_heard_of_is_matched_by_amount() {
+    for backend in e2e_backends() {
+        let g = start(&backend, FaultProfile::none()).await;
+        let name = backend.name();
+        let (status, body) = g.confirm("order-unheard-1").await;
+        assert_eq!(status, 200, "{name}: {body}");
+        let id = body["paymentId"].as_str().unwrap().to_owned();
+        let pid = PaymentId::from_stored(&id);
+        g.worked("order-unheard-1", 1).await;
+        // The console cancel's webhook goes nowhere (a port that refuses).
+        g.sandbox
+            .card
+            .send_webhooks_to("http://127.0.0.1:9/", 60_000);
+        g.sandbox
+            .card
+            .console_cancel("pk_order-unheard-1", "phoned", Some(300))
+            .unwrap();
+        // The merchant's cancel of 200 finds itself second in the card's
+        // list, after a cancel paygate has not recorded: matched by amount.
+        let r = g
+            .http
+            .post(format!("{}/v1/payments/{id}/cancel", g.base))
+            .bearer_auth(&g.key)
+            .json(&json!({"cancelReason": "returned", "cancelAmount": 200}))
+            .send()
+            .await
+            .unwrap();
+        let (st, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
+        assert_eq!(st, 200, "{name}: {body}");
+        // The console cancel's webhook, delivered late, records the 300.
+        let late = webhook(
+            "order-unheard-1",
+            "PARTIAL_CANCELED",
+            paygate_core::time::now_ms(),
+        );
+        assert_eq!(g.deliver(&late).await, 200, "{name}");
+        g.worked("order-unheard-1", 2).await;
+        let cs = g.store.cancels_of(&pid).await.unwrap();
+        let got: Vec<_> = cs.iter().map(|c| (c.n, c.amount, c.status)).collect();
+        assert_eq!(
+            got,
+            vec![(1, 200, CancelStatus::Done), (2, 300, CancelStatus::Done)],
+            "{name}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.sandbox.ledger.reversals_of(&id).len() < 2 {
+            assert!(Instant::now() < deadline, "{name}: reversals");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            g.sandbox.card.stats().cancel_calls,
+            1,
+            "{name}: one cancel sent, the merchant's"
+        );
+        g.cleanup.run().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_webhook_for_an_unpaid_order_changes_nothing_but_one_logged_lookup() {
     for backend in e2e_backends() {
         let profile = FaultProfile {

@@ -3,8 +3,8 @@
 //! here before it is answered 200, so a change the card company told us of
 //! is never lost to a crash between the answer and the work.
 //!
-//! A receipt is deduplicated by paymentKey, status and the event's own
-//! `createdAt`: Toss redelivers an event it got no 200 for (up to 7 times
+//! A receipt is deduplicated by paymentKey, status, the event's own
+//! `createdAt` and a digest of the body: Toss redelivers an event it got no 200 for (up to 7 times
 //! over about 3 days 19 hours), and each redelivery only counts
 //! (`deliveries`). Nothing in a receipt is trusted (Toss does not sign its
 //! payment webhooks): the worker that takes one looks the payment up and
@@ -40,9 +40,16 @@ pub struct CardWebhook {
 }
 
 impl CardWebhook {
-    /// The deduplication key: `<paymentKey>|<status>|<createdAt>`.
+    /// The deduplication key: `<paymentKey>|<status>|<createdAt>|` and a
+    /// digest of the body, so a redelivery (the same body again) is one
+    /// receipt while two changes that share a status and a timestamp (or
+    /// carry none) are two.
     pub fn dedup_key(&self) -> String {
-        format!("{}|{}|{}", self.payment_key, self.status, self.event_at)
+        let digest = paygate_core::crypto::fingerprint(&[&self.body.to_string()]);
+        format!(
+            "{}|{}|{}|{digest}",
+            self.payment_key, self.status, self.event_at
+        )
     }
 }
 

@@ -99,23 +99,44 @@ pub enum CancelOutcome {
     },
 }
 
-/// The card company's `canceledAt` of cancel `c`, when `p` shows it: with
-/// at most one cancel in flight, the card's `cancels[]` lists paygate's
-/// done cancels in order, so `c` is the entry after those numbered below it.
+/// The entries of the card's `cancels[]` (indices) that paygate's done
+/// cancels of `done_amounts` (in number order) do not account for: each
+/// done cancel takes the first entry of its amount not taken yet. The rest
+/// are cancels paygate does not hold (in flight, or made in the card
+/// company's console), in the card's order.
+pub fn unmatched_card_cancels(p: &CardPayment, done_amounts: &[i64]) -> Vec<usize> {
+    let entries = p.cancels.as_deref().unwrap_or(&[]);
+    let mut taken = vec![false; entries.len()];
+    for amount in done_amounts {
+        if let Some(i) =
+            (0..entries.len()).find(|&i| !taken[i] && entries[i].cancel_amount == *amount)
+        {
+            taken[i] = true;
+        }
+    }
+    (0..entries.len()).filter(|&i| !taken[i]).collect()
+}
+
+/// The card company's `canceledAt` of cancel `c`, when `p` shows it: the
+/// first entry of `c`'s amount that paygate's done cancels numbered below
+/// it do not account for ([`unmatched_card_cancels`]). Matched by amount,
+/// not by position: a console cancel paygate has not recorded yet may sit
+/// before `c` in the card's list.
 pub fn card_shows_cancel(
     p: &CardPayment,
     cancels: &[CancelRecord],
     c: &CancelRecord,
 ) -> Option<String> {
-    let before = cancels
+    let before: Vec<i64> = cancels
         .iter()
         .filter(|x| x.n < c.n && x.status == CancelStatus::Done)
-        .count();
-    p.cancels
-        .as_deref()
-        .unwrap_or(&[])
-        .get(before)
-        .filter(|e| e.cancel_amount == c.amount)
+        .map(|x| x.amount)
+        .collect();
+    let entries = p.cancels.as_deref().unwrap_or(&[]);
+    unmatched_card_cancels(p, &before)
+        .into_iter()
+        .map(|i| &entries[i])
+        .find(|e| e.cancel_amount == c.amount)
         .map(|e| e.canceled_at.clone())
 }
 

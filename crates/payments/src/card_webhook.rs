@@ -23,10 +23,12 @@
 //!   (a replay, a reordered or forged webhook, a change already recorded)
 //!   changes nothing.
 //!
-//! Cancels are matched to the card's `cancels[]` by position (see
-//! [`crate::cancel::card_shows_cancel`]): with at most one cancel in flight
-//! per payment, paygate's done cancels in number order are the card's first
-//! entries, and the rest are the card company's own.
+//! Cancels are matched to the card's `cancels[]` by amount (see
+//! [`crate::cancel::unmatched_card_cancels`]): each of paygate's done
+//! cancels accounts for one entry of its amount, and the entries left are
+//! the card company's own (or a cancel in flight, which is why the receipt
+//! waits for one). Equal amounts are interchangeable, so the totals, the
+//! ledger's reversals and the balance agree whichever entry each takes.
 
 use std::sync::Arc;
 
@@ -38,7 +40,7 @@ use paygate_state_store::{
 };
 
 use crate::{
-    cancel::card_shows_cancel,
+    cancel::{card_shows_cancel, unmatched_card_cancels},
     card_calls::{orphan_subject, OrphanCancel},
     Saga, Settlement, Settler,
 };
@@ -129,7 +131,10 @@ impl Saga {
                 );
             }
         }
-        if !could_change(record.as_ref(), claimed_status) {
+        let other_key = record
+            .as_ref()
+            .is_some_and(|r| r.payment_key != payment_key);
+        if !other_key && !could_change(record.as_ref(), claimed_status) {
             return WebhookOutcome::NothingNew("the claim, even if true, changes nothing held");
         }
         let subject = record
@@ -166,7 +171,20 @@ impl Saga {
             };
         }
         if matches!(r.card_status, CardStatus::Pending | CardStatus::Unknown) {
-            return match settler.settle_found(r, p).await {
+            let pid = r.payment_id.clone();
+            return match settler.settle_found(r, p.clone()).await {
+                // Canceled at the card company, and (read again) paid by
+                // another actor since the read: record its cancels now.
+                Ok(Some((Settlement::Canceled(detail), _))) => match self.store.get(&pid).await {
+                    Ok(Some((_, now))) if now.is_paid => {
+                        match self.record_card_cancels(&now, &p).await {
+                            Ok(outcome) => outcome,
+                            Err(e) => WebhookOutcome::Later(format!("store: {e}")),
+                        }
+                    }
+                    Ok(_) => WebhookOutcome::Settled(Settlement::Canceled(detail)),
+                    Err(e) => WebhookOutcome::Later(format!("store: {e}")),
+                },
                 Ok(Some((settlement, _))) => WebhookOutcome::Settled(settlement),
                 Ok(None) => WebhookOutcome::NothingNew("not final at the card company yet"),
                 Err(e) => WebhookOutcome::Later(format!("store: {e}")),
@@ -226,11 +244,13 @@ impl Saga {
                 recorded += 1;
                 continue;
             }
-            let done = cancels
+            let done: Vec<i64> = cancels
                 .iter()
                 .filter(|c| c.status == CancelStatus::Done)
-                .count();
-            let Some(entry) = card.get(done) else {
+                .map(|c| c.amount)
+                .collect();
+            let first = unmatched_card_cancels(p, &done).into_iter().next();
+            let Some(entry) = first.and_then(|i| card.get(i)) else {
                 return Ok(if recorded > 0 {
                     WebhookOutcome::CancelsRecorded(recorded)
                 } else {
