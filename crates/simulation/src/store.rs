@@ -531,6 +531,21 @@ impl StateStore for RealStore {
     async fn transition(&self, id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
         applied(self.write(Write::Transition(id, t)).await.0)
     }
+    async fn events_of(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Vec<paygate_state_store::Event>, StoreError> {
+        paced(self.inner.events_of(id)).await
+    }
+    async fn pending_events(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<paygate_state_store::Event>, StoreError> {
+        paced(self.inner.pending_events(limit)).await
+    }
+    async fn forget_events(&self, events: &[paygate_state_store::Event]) -> Result<(), StoreError> {
+        paced(self.inner.forget_events(events)).await
+    }
     async fn move_record(
         &self,
         id: &PaymentId,

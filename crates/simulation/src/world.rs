@@ -622,6 +622,15 @@ impl StateStore for StoreHandle {
                 .await,
         )
     }
+    async fn events_of(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Vec<paygate_state_store::Event>, StoreError> {
+        if !self.handle.round_trip().await {
+            return Err(gone());
+        }
+        self.handle.inner.events_of(id).await
+    }
     async fn move_record(
         &self,
         id: &PaymentId,

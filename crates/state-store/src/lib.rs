@@ -19,6 +19,7 @@
 // The entities, each with its rules: payment records, their cancels,
 // inventory holds.
 pub mod cancels;
+pub mod events;
 pub mod inventory;
 pub mod payment;
 pub mod rules;
@@ -36,6 +37,7 @@ pub mod testing;
 pub use cancels::{
     CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
 };
+pub use events::{cancel_event, payment_event, Event, EventType};
 pub use inventory::{
     BeginOutcome, Hold, HoldField, HoldItem, HoldState, HoldTransition, InventoryStore,
     SellOutcome, SetStock, StockLevel, TakeOutcome,
@@ -348,6 +350,41 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
         to_ms: i64,
         batch_size: u32,
     ) -> BoxStream<'_, Result<PaymentRecord, StoreError>>;
+
+    /// The events of one payment this store holds, ordered by `(version,
+    /// cancel_n)`. SQL: its rows of `payment_events`. MongoDB: the events
+    /// still in the payment's and its cancels' documents, not yet relayed
+    /// to the SQL table ([`StateStore::pending_events`]). Memory: all.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn events_of(&self, payment_id: &PaymentId) -> Result<Vec<crate::Event>, StoreError>;
+
+    /// Up to `limit` events written into this store's own documents and
+    /// not yet relayed into the SQL `payment_events` table (MongoDB's
+    /// in-document outbox: an event is written in the same document update
+    /// as its transition). The relay inserts them (idempotently, by
+    /// `event_id`) and then calls [`StateStore::forget_events`]; a relay
+    /// that dies between the two inserts them again, harmlessly. Stores
+    /// that write events straight into the table (SQL) or keep them
+    /// themselves (memory) have none.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    async fn pending_events(&self, limit: u32) -> Result<Vec<crate::Event>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
+    /// Removes relayed events from this store's documents (see
+    /// [`StateStore::pending_events`]).
+    ///
+    /// # Errors
+    /// [`StoreError`]; the events are then relayed again later.
+    async fn forget_events(&self, events: &[crate::Event]) -> Result<(), StoreError> {
+        let _ = events;
+        Ok(())
+    }
 
     /// Checks the store answers (for `/readyz`).
     ///

@@ -1830,3 +1830,83 @@ async fn guards_hold_when_a_writers_clock_steps_back() {
         cleanup.run().await;
     }
 }
+
+/// Every applied transition that leaves an event has exactly one, written
+/// with it; a transition that did not apply (or leaves none) has none; a
+/// cancel's event follows the approval it cancels and says what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_written_with_its_transition_and_only_then() {
+    use paygate_state_store::{EventType, Transition};
+    on_every_backend(|backend, store| async move {
+        let name = backend.name();
+        let m = MerchantId::generate();
+        let r = pending(&m, "order-events", None);
+        store.create(&r).await.unwrap();
+        let id = &r.payment_id;
+        assert!(store.events_of(id).await.unwrap().is_empty(), "{name}");
+
+        let unknown = Transition::MarkUnknown {
+            last_error: "timeout".into(),
+        };
+        assert!(store.transition(id, &unknown).await.unwrap(), "{name}");
+        // Not applied (already UNKNOWN): no second event.
+        assert!(!store.transition(id, &unknown).await.unwrap(), "{name}");
+        // Applied but tells a merchant nothing: no event.
+        let checked = Transition::CheckedUnknown {
+            last_error: "lookup 404".into(),
+            seen_version: 1,
+        };
+        assert!(store.transition(id, &checked).await.unwrap(), "{name}");
+        assert!(store.transition(id, &paid()).await.unwrap(), "{name}");
+        assert!(!store.transition(id, &paid()).await.unwrap(), "{name}");
+        let declined = Transition::MarkAborted {
+            failure_code: "REJECT_CARD_COMPANY".into(),
+            last_error: "late".into(),
+            seen_version: None,
+        };
+        assert!(!store.transition(id, &declined).await.unwrap(), "{name}");
+        assert!(store.transition(id, &Transition::MarkSaved).await.unwrap(), "{name}");
+
+        let c1 = claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, Some(4_000), None))
+                .await
+                .unwrap(),
+        );
+        assert!(store.cancel_transition(id, c1.n, &done()).await.unwrap(), "{name}");
+        assert!(!store.cancel_transition(id, c1.n, &done()).await.unwrap(), "{name}");
+        let c2 = claimed(
+            store
+                .claim_cancel(&cancel_draft(&r, None, None))
+                .await
+                .unwrap(),
+        );
+        assert!(store.cancel_transition(id, c2.n, &done()).await.unwrap(), "{name}");
+
+        let events = store.events_of(id).await.unwrap();
+        let kinds: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventType::Unknown,
+                EventType::Approved,
+                EventType::PartiallyCanceled,
+                EventType::Canceled
+            ],
+            "{name}"
+        );
+        let versions: Vec<(i64, i64)> = events.iter().map(|e| (e.version, e.cancel_n)).collect();
+        assert_eq!(versions, [(1, 0), (3, 0), (4, 1), (4, 2)], "{name}");
+        let approval: serde_json::Value = serde_json::from_str(&events[1].payload).unwrap();
+        assert_eq!(approval["status"], "DONE", "{name}");
+        assert_eq!(approval["approvedAt"], "2026-11-21T12:00:00+09:00", "{name}");
+        let partial: serde_json::Value = serde_json::from_str(&events[2].payload).unwrap();
+        assert_eq!(partial["balanceAmount"], 6_000, "{name}");
+        assert_eq!(partial["cancel"]["cancelAmount"], 4_000, "{name}");
+        let ids: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids.len(), 4, "{name}: event ids are distinct");
+        assert!(events.iter().all(|e| e.merchant_id == m), "{name}");
+    })
+    .await;
+}

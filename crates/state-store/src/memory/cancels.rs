@@ -49,10 +49,33 @@ impl CancelStore for MemoryStateStore {
     ) -> Result<bool, StoreError> {
         let now = self.clock.now_ms();
         self.write(WriteKind::Cancel, payment_id, |state| {
-            Ok(state
-                .cancels
-                .get_mut(&(payment_id.clone(), n))
-                .is_some_and(|c| apply_cancel_transition(c, t, now)))
+            let Some(c) = state.cancels.get_mut(&(payment_id.clone(), n)) else {
+                return Ok(false);
+            };
+            if !apply_cancel_transition(c, t, now) {
+                return Ok(false);
+            }
+            if t.leaves_event() {
+                let done = c.clone();
+                let before: i64 = state
+                    .cancels_of(payment_id)
+                    .iter()
+                    .filter(|o| o.n != n && o.status == crate::CancelStatus::Done)
+                    .map(|o| o.amount)
+                    .sum();
+                let payment = crate::newest_copy(
+                    paygate_core::Partition::ALL
+                        .iter()
+                        .filter_map(|p| state.table(*p).rows.get(payment_id).map(|r| (*p, r.clone()))),
+                );
+                let Some((_, payment)) = payment else {
+                    return Err(StoreError::Corrupt(format!("cancel {n} of {payment_id} has no payment")));
+                };
+                if let Some(e) = crate::cancel_event(&payment, &done, before, now) {
+                    state.events.push(e);
+                }
+            }
+            Ok(true)
         })
     }
 

@@ -133,6 +133,8 @@ struct State {
     by_order_id: BTreeMap<String, BTreeSet<PaymentId>>,
     /// `payment_cancels`, by `(payment_id, n)`.
     cancels: BTreeMap<(PaymentId, i64), crate::CancelRecord>,
+    /// `payment_events`, in the order they were written.
+    events: Vec<crate::Event>,
 }
 
 impl State {
@@ -244,6 +246,12 @@ impl MemoryStateStore {
             .collect();
         all.sort_by(|a, b| (&a.2.payment_id, a.0).cmp(&(&b.2.payment_id, b.0)));
         all.into_iter().map(|(_, p, r)| (p, r)).collect()
+    }
+
+    /// Every event written, in the order written: for the simulation's
+    /// checker (every applied transition has exactly one).
+    pub fn events(&self) -> Vec<crate::Event> {
+        self.lock().events.clone()
     }
 
     /// Every copy of one record with its partition, in [`Partition::ALL`]
@@ -441,12 +449,29 @@ impl StateStore for MemoryStateStore {
         }
         let now = self.clock.now_ms();
         self.write(WriteKind::Transition, payment_id, |state| {
-            Ok(state
-                .table_mut(Partition::Realtime)
-                .rows
-                .get_mut(payment_id)
-                .is_some_and(|r| t.apply_if(r, now)))
+            let Some(r) = state.table_mut(Partition::Realtime).rows.get_mut(payment_id) else {
+                return Ok(false);
+            };
+            if !t.apply_if(r, now) {
+                return Ok(false);
+            }
+            if let Some(e) = crate::payment_event(t, r, now) {
+                state.events.push(e);
+            }
+            Ok(true)
         })
+    }
+
+    async fn events_of(&self, payment_id: &PaymentId) -> Result<Vec<crate::Event>, StoreError> {
+        let mut events: Vec<crate::Event> = self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| &e.payment_id == payment_id)
+            .cloned()
+            .collect();
+        events.sort_by_key(|e| (e.version, e.cancel_n));
+        Ok(events)
     }
 
     /// As the SQL backend, plus one refusal: a move within one partition is

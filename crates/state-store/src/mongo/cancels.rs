@@ -85,6 +85,59 @@ fn transition_update(t: &CancelTransition, now: i64) -> (Document, Document) {
     t.rule().to_mongo::<CancelRecord>(now)
 }
 
+impl MongoStateStore {
+    /// A cancel transition that leaves an event (see `super::events`): the
+    /// cancel read, its payment and its other done cancels (final: none
+    /// changes while this one is in flight), one update guarded on the
+    /// version read with the event pushed into the cancel's `outbox`.
+    async fn cancel_transition_with_event(
+        &self,
+        payment_id: &PaymentId,
+        n: i64,
+        t: &CancelTransition,
+    ) -> Result<bool, StoreError> {
+        let rule = t.rule();
+        for _ in 0..super::events::CAS_ATTEMPTS {
+            let cancels = self.cancels_of(payment_id).await?;
+            let Some(mut c) = cancels.iter().find(|c| c.n == n).cloned() else {
+                return Ok(false);
+            };
+            let seen = c.version;
+            let now = self.clock.now_ms();
+            if !rule.apply_if(&mut c, now) {
+                return Ok(false);
+            }
+            let before: i64 = cancels
+                .iter()
+                .filter(|o| o.n != n && o.status == crate::CancelStatus::Done)
+                .map(|o| o.amount)
+                .sum();
+            let Some((_, payment)) = crate::StateStore::get(self, payment_id).await? else {
+                return Err(StoreError::Corrupt(format!(
+                    "cancel {n} of {payment_id} has no payment"
+                )));
+            };
+            let event = crate::cancel_event(&payment, &c, before, now);
+            let (mut filter, update) =
+                super::events::versioned_update::<CancelRecord>(&rule, seen, event.as_ref(), now);
+            filter.insert("_id", cancel_id(payment_id, n));
+            let matched = self
+                .coll(CANCELS)
+                .update_one(filter, update)
+                .await
+                .map_err(map_err)?
+                .matched_count;
+            if matched == 1 {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "cancel {n} of {payment_id} lost to other writers {} times",
+            super::events::CAS_ATTEMPTS
+        )))
+    }
+}
+
 #[async_trait::async_trait]
 impl CancelStore for MongoStateStore {
     async fn claim_cancel(&self, draft: &CancelDraft) -> Result<CancelClaim, StoreError> {
@@ -126,6 +179,9 @@ impl CancelStore for MongoStateStore {
         n: i64,
         t: &CancelTransition,
     ) -> Result<bool, StoreError> {
+        if t.leaves_event() {
+            return self.cancel_transition_with_event(payment_id, n, t).await;
+        }
         let (mut filter, update) = transition_update(t, self.clock.now_ms());
         filter.insert("_id", cancel_id(payment_id, n));
         let updated = self

@@ -70,6 +70,7 @@
 //! [`StoreError::Unavailable`] (a rerun finishes it).
 
 mod cancels;
+mod events;
 pub mod inventory;
 
 use std::time::{Duration, Instant};
@@ -821,6 +822,46 @@ impl MongoStateStore {
 
     /// The guard (filter, without `_id`) and the update of a transition,
     /// compiled from its rule; every update increments `version`.
+    /// A transition that leaves an event: read, apply the rule in Rust,
+    /// and write the effect and the event in one update guarded on the
+    /// version read (module `events`).
+    async fn transition_with_event(
+        &self,
+        payment_id: &PaymentId,
+        t: &Transition,
+    ) -> Result<bool, StoreError> {
+        let Some(rule) = t.rule() else {
+            return Ok(false);
+        };
+        for _ in 0..events::CAS_ATTEMPTS {
+            let Some(mut r) = self.realtime_record(payment_id).await? else {
+                return Ok(false);
+            };
+            let seen = r.version;
+            let now = self.clock.now_ms();
+            if !rule.apply_if(&mut r, now) {
+                return Ok(false);
+            }
+            let event = crate::payment_event(t, &r, now);
+            let (mut filter, update) =
+                events::versioned_update::<PaymentRecord>(&rule, seen, event.as_ref(), now);
+            filter.insert("_id", payment_id.as_str());
+            let matched = self
+                .partition(Partition::Realtime)
+                .update_one(filter, update)
+                .await
+                .map_err(map_err)?
+                .matched_count;
+            if matched == 1 {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "transition of {payment_id} lost to other writers {} times",
+            events::CAS_ATTEMPTS
+        )))
+    }
+
     fn transition_update(&self, t: &Transition) -> Option<(Document, Document)> {
         let now = self.clock.now_ms();
         Some(t.rule()?.to_mongo::<PaymentRecord>(now))
@@ -987,6 +1028,9 @@ impl StateStore for MongoStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
+        if t.event_type().is_some() {
+            return self.transition_with_event(payment_id, t).await;
+        }
         let Some((mut filter, update)) = self.transition_update(t) else {
             return Ok(false);
         };
@@ -998,6 +1042,18 @@ impl StateStore for MongoStateStore {
             .await
             .map_err(map_err)?;
         Ok(updated.is_some())
+    }
+
+    async fn events_of(&self, payment_id: &PaymentId) -> Result<Vec<crate::Event>, StoreError> {
+        self.outbox_events_of(payment_id).await
+    }
+
+    async fn pending_events(&self, limit: u32) -> Result<Vec<crate::Event>, StoreError> {
+        self.outbox_pending(limit).await
+    }
+
+    async fn forget_events(&self, events: &[crate::Event]) -> Result<(), StoreError> {
+        self.outbox_forget(events).await
     }
 
     async fn move_record(

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use crate::{
     cancels::{decide_claim, ClaimDecision, CLAIM_ATTEMPTS},
-    sql::{bind_rule, map_err, SqlStateStore},
+    sql::{bind_rule, decode_rows, get_sql, map_err, SqlStateStore, EVENT_INSERT_SQL},
     with_pool, CancelClaim, CancelDraft, CancelRecord, CancelStatus, CancelStore, CancelTransition,
     StoreError,
 };
@@ -120,12 +120,56 @@ impl CancelStore for SqlStateStore {
         let sql = format!(
             "UPDATE payment_cancels SET {set} WHERE payment_id = $1 AND n = $2 AND {guard}"
         );
+        if !t.leaves_event() {
+            return with_pool!(self.database(), pool => {
+                bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now), &binds)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() == 1)
+                    .map_err(map_err)
+            });
+        }
+        // The cancel's event is written in the same transaction, from the
+        // cancel as the update left it, its payment, and the payment's other
+        // done cancels (final: none changes while this one is in flight).
+        let sql = format!("{sql} RETURNING {COLUMNS}");
+        let payment_sql = get_sql();
+        let done_sql = "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS done FROM payment_cancels \
+             WHERE payment_id = $1 AND n <> $2 AND status = 'DONE'";
         with_pool!(self.database(), pool => {
-            bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now), &binds)
-                .execute(pool)
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let Some(row) = bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(n).bind(now), &binds)
+                .fetch_optional(&mut *tx)
                 .await
-                .map(|r| r.rows_affected() == 1)
-                .map_err(map_err)
+                .map_err(map_err)?
+            else {
+                return Ok(false);
+            };
+            let done = cancel_from_row(&row)?;
+            let copies = sqlx::query(&payment_sql)
+                .bind(payment_id.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let Some((_, payment)) = crate::newest_copy(decode_rows(&copies)?) else {
+                return Err(StoreError::Corrupt(format!("cancel {n} of {payment_id} has no payment")));
+            };
+            let before: i64 = sqlx::query(done_sql)
+                .bind(payment_id.as_str())
+                .bind(n)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .try_get("done")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if let Some(e) = crate::events::cancel_event(&payment, &done, before, now) {
+                crate::bind_event!(sqlx::query(EVENT_INSERT_SQL), e)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(true)
         })
     }
 

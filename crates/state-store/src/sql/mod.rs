@@ -236,6 +236,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "card webhooks",
         include_str!("../../../../migrations/sqlite/0012_card_webhooks.sql"),
     ),
+    (
+        13,
+        "payment events",
+        include_str!("../../../../migrations/sqlite/0013_payment_events.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -297,6 +302,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         12,
         "card webhooks",
         include_str!("../../../../migrations/postgres/0012_card_webhooks.sql"),
+    ),
+    (
+        13,
+        "payment events",
+        include_str!("../../../../migrations/postgres/0013_payment_events.sql"),
     ),
 ];
 
@@ -627,6 +637,97 @@ macro_rules! bind_log_row {
     };
 }
 
+/// The `INSERT` of one [`Event`](crate::events::Event) (`$1..$8`), a
+/// no-op for an event already stored (its id is derived from what it is
+/// about, so a second copy is the same event).
+pub const EVENT_INSERT_SQL: &str =
+    "INSERT INTO payment_events (event_id, merchant_id, payment_id, type, version, cancel_n, payload, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING";
+
+/// Binds an [`Event`](crate::events::Event) to [`EVENT_INSERT_SQL`].
+#[macro_export]
+macro_rules! bind_event {
+    ($q:expr, $e:expr) => {
+        $q.bind($e.event_id.as_str())
+            .bind($e.merchant_id.as_str())
+            .bind($e.payment_id.as_str())
+            .bind($e.event_type.as_str())
+            .bind($e.version)
+            .bind($e.cancel_n)
+            .bind($e.payload.as_str())
+            .bind($e.created_at)
+    };
+}
+
+/// Columns of `payment_events` that make an [`Event`](crate::events::Event),
+/// in the order [`event_from_row`] reads.
+pub const EVENT_COLUMNS: &str =
+    "event_id, merchant_id, payment_id, type, version, cancel_n, payload, created_at";
+
+/// Decodes an [`Event`](crate::events::Event) from a `payment_events` row.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when a column is missing, of the wrong type, or
+/// the type is not one this build knows.
+pub fn event_from_row<R: Row>(row: &R) -> Result<crate::events::Event, StoreError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    let kind: String = row.try_get("type").map_err(c)?;
+    Ok(crate::events::Event {
+        event_id: row.try_get("event_id").map_err(c)?,
+        merchant_id: MerchantId::from_stored(row.try_get::<String, _>("merchant_id").map_err(c)?),
+        payment_id: PaymentId::from_stored(row.try_get::<String, _>("payment_id").map_err(c)?),
+        event_type: crate::events::EventType::from_stored(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("event type {kind}")))?,
+        version: row.try_get("version").map_err(c)?,
+        cancel_n: row.try_get("cancel_n").map_err(c)?,
+        payload: row.try_get("payload").map_err(c)?,
+        created_at: row.try_get("created_at").map_err(c)?,
+    })
+}
+
+/// Applies transition `t` to `payment_id` on connection `$c` (inside the
+/// caller's transaction) and, when it applied and leaves an event, writes
+/// that event with it; evaluates to `Result<bool, StoreError>`.
+macro_rules! apply_transition {
+    ($c:expr, $pid:expr, $now:expr, $t:expr) => {{
+        async {
+            let Some((sql, binds)) = transition_statement($t) else {
+                return Ok(false);
+            };
+            if $t.event_type().is_none() {
+                return Ok(bind_rule!(sqlx::query(&sql).bind($pid).bind($now), &binds)
+                    .execute(&mut *$c)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected()
+                    == 1);
+            }
+            let sql = format!("{sql} RETURNING {RECORD_COLUMNS}");
+            let Some(row) = bind_rule!(sqlx::query(&sql).bind($pid).bind($now), &binds)
+                .fetch_optional(&mut *$c)
+                .await
+                .map_err(map_err)?
+            else {
+                return Ok(false);
+            };
+            let after = record_from_row(&row)?;
+            if let Some(e) = $crate::events::payment_event($t, &after, $now) {
+                $crate::bind_event!(sqlx::query(EVENT_INSERT_SQL), e)
+                    .execute(&mut *$c)
+                    .await
+                    .map_err(map_err)?;
+            }
+            Ok::<bool, StoreError>(true)
+        }
+        .await
+    }};
+}
+
 /// Columns of the three partition tables, in the order [`record_from_row`] reads.
 pub const RECORD_COLUMNS: &str =
     "payment_id, merchant_id, order_id, payment_key, amount, currency, is_paid, \
@@ -670,7 +771,7 @@ where
 
 /// Decodes `(partition, record)` rows that carry the partition's name in
 /// a `part` column.
-fn decode_rows<R: Row>(rows: &[R]) -> Result<Vec<(Partition, PaymentRecord)>, StoreError>
+pub(crate) fn decode_rows<R: Row>(rows: &[R]) -> Result<Vec<(Partition, PaymentRecord)>, StoreError>
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -1033,17 +1134,7 @@ impl SqlStateStore {
                     .execute(&mut *$c)
                     .await
                     .map_err(map_err)?;
-                let applied = match transition_statement($t) {
-                    Some((sql, binds)) => {
-                        bind_rule!(sqlx::query(&sql).bind($pid).bind(now), &binds)
-                            .execute(&mut *$c)
-                            .await
-                            .map_err(map_err)?
-                            .rows_affected()
-                            == 1
-                    }
-                    None => false,
-                };
+                let applied = apply_transition!($c, $pid, now, $t)?;
                 if let (true, Some(next)) = (applied, $next) {
                     bind_log_row!(sqlx::query(log_sql), next)
                         .execute(&mut *$c)
@@ -1105,11 +1196,7 @@ impl StateStore for SqlStateStore {
         &self,
         payment_id: &PaymentId,
     ) -> Result<Option<(Partition, PaymentRecord)>, StoreError> {
-        let sql = format!(
-            "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE payment_id = $1 \
-             UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE payment_id = $1 \
-             UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE payment_id = $1"
-        );
+        let sql = get_sql();
         with_pool!(&self.db, pool => {
             let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
             // A move writes the target (with a fresh updated_at) before
@@ -1140,23 +1227,15 @@ impl StateStore for SqlStateStore {
     }
 
     async fn transition(&self, payment_id: &PaymentId, t: &Transition) -> Result<bool, StoreError> {
-        let Some((sql, binds)) = transition_statement(t) else {
-            return Ok(false);
-        };
         let now = self.clock.now_ms();
         if let SqlDatabase::Sqlite(db) = &self.db {
             if db.writer().is_some() {
                 let pid = payment_id.as_str().to_owned();
+                let t = t.clone();
                 return db
                     .write(move |c| {
                         Box::pin(async move {
-                            let applied =
-                                bind_rule!(sqlx::query(&sql).bind(pid.as_str()).bind(now), &binds)
-                                    .execute(&mut *c)
-                                    .await
-                                    .map_err(map_err)?
-                                    .rows_affected()
-                                    == 1;
+                            let applied = apply_transition!(c, pid.as_str(), now, &t)?;
                             Ok((applied, true))
                         })
                     })
@@ -1164,11 +1243,25 @@ impl StateStore for SqlStateStore {
             }
         }
         with_pool!(&self.db, pool => {
-            bind_rule!(sqlx::query(&sql).bind(payment_id.as_str()).bind(now), &binds)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected() == 1)
-                .map_err(map_err)
+            if t.event_type().is_none() {
+                // One statement, no event: no transaction around it.
+                let mut c = pool.acquire().await.map_err(map_err)?;
+                return apply_transition!(c, payment_id.as_str(), now, t);
+            }
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            let applied = apply_transition!(tx, payment_id.as_str(), now, t)?;
+            tx.commit().await.map_err(map_err)?;
+            Ok(applied)
+        })
+    }
+
+    async fn events_of(&self, payment_id: &PaymentId) -> Result<Vec<crate::Event>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM payment_events WHERE payment_id = $1 ORDER BY version, cancel_n"
+        );
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql).bind(payment_id.as_str()).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter().map(event_from_row).collect()
         })
     }
 
@@ -1575,6 +1668,16 @@ fn move_sql_postgres(from: Partition, to: Partition) -> String {
         to = to.table(),
         from = from.table(),
         guard = guard_sql(to),
+    )
+}
+
+/// Every copy of one record (`$1` = payment_id) with its partition's name
+/// in `part`; [`crate::newest_copy`] picks the one to believe.
+pub(crate) fn get_sql() -> String {
+    format!(
+        "SELECT 'realtime' AS part, {RECORD_COLUMNS} FROM realtime_payments WHERE payment_id = $1 \
+         UNION ALL SELECT 'completed' AS part, {RECORD_COLUMNS} FROM completed_payments WHERE payment_id = $1 \
+         UNION ALL SELECT 'unpaid' AS part, {RECORD_COLUMNS} FROM unpaid_payments WHERE payment_id = $1"
     )
 }
 
