@@ -168,6 +168,27 @@ pub struct Config {
     /// been woken for (another replica's, or a retry due), ms. Default
     /// 1,000. A receipt taken by this replica is worked at once.
     pub card_webhook_poll_ms: u64,
+    /// The key that seals merchants' webhook signing secrets at rest: 32
+    /// bytes, base64 (`openssl rand -base64 32`). Unset: sandbox mode uses
+    /// a development key; otherwise merchant webhooks are off (`PUT
+    /// /v1/webhook-endpoint` answers 503; events are still listed by `GET
+    /// /v1/events`). Changing it makes the stored secrets unreadable:
+    /// merchants then register their endpoints again.
+    pub secrets_key: Option<Secret<String>>,
+    /// Accept merchant webhook endpoints on loopback, private and
+    /// link-local addresses (tests and local development only; it lets a
+    /// merchant make paygate call inside its network). Default false.
+    pub webhook_allow_private: bool,
+    /// How often a replica's webhook worker looks for events to number
+    /// and deliver, ms. Default 500; 1 to 60000.
+    pub webhook_poll_ms: u64,
+    /// Wait after a merchant endpoint's first failed delivery, ms; each
+    /// later wait is three times the one before, at most a day. Default
+    /// 10,000.
+    pub webhook_retry_first_ms: u64,
+    /// Tries of one webhook delivery before it is marked failed (`paygate
+    /// webhooks resend` sends it again). Default 12 (about three days).
+    pub webhook_max_attempts: u32,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -193,6 +214,7 @@ pub const SECRET_KEYS: &[&str] = &[
     "card_api_secret_key",
     "discord_webhook_url",
     "api_key_hash_key",
+    "secrets_key",
 ];
 
 /// The development HMAC key used when none is configured.
@@ -244,6 +266,11 @@ impl Default for Config {
             card_confirm_window_ms: 600_000,
             card_webhook_rate_limit_per_second: 100,
             card_webhook_poll_ms: 1_000,
+            secrets_key: None,
+            webhook_allow_private: false,
+            webhook_poll_ms: 500,
+            webhook_retry_first_ms: 10_000,
+            webhook_max_attempts: 12,
         }
     }
 }
@@ -454,6 +481,25 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             return Err(bad("log_format", "must be pretty or json"));
+        }
+        if let Some(key) = &self.secrets_key {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(key.expose().trim());
+            if decoded.map(|k| k.len()) != Ok(32) {
+                return Err(bad(
+                    "secrets_key",
+                    "must be 32 bytes, base64-encoded (openssl rand -base64 32)",
+                ));
+            }
+        }
+        if self.webhook_poll_ms == 0 || self.webhook_poll_ms > 60_000 {
+            return Err(bad("webhook_poll_ms", "must be 1 to 60000"));
+        }
+        if self.webhook_retry_first_ms == 0 || self.webhook_retry_first_ms > 3_600_000 {
+            return Err(bad("webhook_retry_first_ms", "must be 1 to 3600000"));
+        }
+        if !(1..=100).contains(&self.webhook_max_attempts) {
+            return Err(bad("webhook_max_attempts", "must be 1 to 100"));
         }
         Ok(())
     }

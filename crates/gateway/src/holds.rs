@@ -163,7 +163,7 @@ fn sku_param(p: Result<Path<String>, PathRejection>) -> Result<String, Problem> 
 
 /// The merchant and the JSON body of a request (`Content-Type:
 /// application/json`, no unknown member).
-async fn authed_json<T: DeserializeOwned>(
+pub(crate) async fn authed_json<T: DeserializeOwned>(
     state: &AppState,
     req: Request,
     shape: &str,

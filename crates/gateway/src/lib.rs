@@ -13,6 +13,7 @@ pub mod cancel;
 pub mod card_webhooks;
 pub mod holds;
 pub mod merchant_slots;
+pub mod merchant_webhooks;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -94,6 +95,8 @@ pub struct AppState {
     card_webhook_limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
     /// Wakes this replica's webhook worker when a new receipt is stored.
     card_webhook_wake: Arc<tokio::sync::Notify>,
+    /// Merchant webhooks: endpoints, events, the secrets key.
+    webhooks: Arc<merchant_webhooks::MerchantWebhooks>,
 }
 
 /// Protection of the merchant API on the way in.
@@ -183,6 +186,7 @@ pub struct Application {
     router: Router,
     card_webhook_wake: Arc<tokio::sync::Notify>,
     card_webhook_poll: Duration,
+    delivery: paygate_webhooks::Delivery,
     saga: Arc<Saga>,
     db: SqlDatabase,
     alerter: Arc<OutboxAlerter>,
@@ -207,7 +211,30 @@ impl Application {
             sandbox,
         ) = components(config).await?;
         let (shutdown_deadline, deadline_rx) = tokio::sync::watch::channel(false);
+        let webhooks = Arc::new(
+            merchant_webhooks::MerchantWebhooks::from_config(config, db.clone()).map_err(|e| {
+                ConfigError {
+                    key: "secrets_key".to_owned(),
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let delivery = paygate_webhooks::Delivery {
+            events: webhooks.events.clone(),
+            state: saga.store().clone(),
+            secrets: webhooks.secrets.clone(),
+            http: paygate_webhooks::worker::client(config.webhook_allow_private).map_err(|e| {
+                StartupError::Listener(std::io::Error::other(format!("webhook client: {e}")))
+            })?,
+            retry: paygate_webhooks::RetryPolicy {
+                first_wait_ms: config.webhook_retry_first_ms,
+                max_attempts: config.webhook_max_attempts,
+            },
+            poll: Duration::from_millis(config.webhook_poll_ms),
+            clock: saga.clock().clone(),
+        };
         let state = AppState {
+            webhooks,
             max_amount: config.max_amount,
             hold_default_ttl_s: config.hold_default_ttl_seconds,
             hold_max_ttl_s: config.hold_max_ttl_seconds,
@@ -261,6 +288,7 @@ impl Application {
             router: router(state, &inbound),
             card_webhook_wake,
             card_webhook_poll: Duration::from_millis(config.card_webhook_poll_ms),
+            delivery,
             saga,
             db,
             alerter,
@@ -335,6 +363,12 @@ impl Application {
             card_webhooks::LEDGER_ALERT_THRESHOLD,
             worker_stopped,
         ));
+        // Merchant webhooks are delivered until the server drained.
+        let (stop_delivery, delivery_stopped) = tokio::sync::watch::channel(false);
+        let delivery = tokio::spawn(paygate_webhooks::worker::run(
+            self.delivery,
+            delivery_stopped,
+        ));
         let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
         let shutting_down = self.shutting_down.clone();
         let signal = async move {
@@ -379,6 +413,8 @@ impl Application {
         }
         let _ = stop_worker.send(true);
         let _ = worker.await;
+        let _ = stop_delivery.send(true);
+        let _ = delivery.await;
         let _ = stop_sender.send(());
         let _ = sender.await;
         served
@@ -455,6 +491,18 @@ pub fn routes_table() -> Vec<(
             "DELETE",
             "/v1/holds/{hold_id}",
             delete(holds::delete_hold),
+            Merchant,
+        ),
+        (
+            "PUT",
+            "/v1/webhook-endpoint",
+            put(merchant_webhooks::put_endpoint),
+            Merchant,
+        ),
+        (
+            "GET",
+            "/v1/events",
+            get(merchant_webhooks::list_events),
             Merchant,
         ),
         (

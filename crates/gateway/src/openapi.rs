@@ -30,6 +30,8 @@ use crate::{problem::ProblemDetails, routes};
         crate::holds::get_hold,
         crate::holds::delete_hold,
         crate::card_webhooks::receive,
+        crate::merchant_webhooks::put_endpoint,
+        crate::merchant_webhooks::list_events,
         routes::healthz,
         routes::readyz,
         routes::metrics,
@@ -45,13 +47,16 @@ use crate::{problem::ProblemDetails, routes};
         crate::holds::StockView,
         crate::holds::HoldBody,
         crate::holds::HoldLine,
-        crate::holds::HoldView
+        crate::holds::HoldView,
+        crate::merchant_webhooks::EndpointBody,
+        crate::merchant_webhooks::EndpointView,
+        crate::merchant_webhooks::EventsPage
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "payments", description = "confirm, read and cancel payments"),
         (name = "inventory", description = "stock per SKU and holds on it while a buyer pays (the timestamp rule)"),
-        (name = "webhooks", description = "what the card company tells paygate (never trusted: each is a reason to look the payment up)"),
+        (name = "webhooks", description = "what the card company tells paygate (never trusted: each is a reason to look the payment up), and a merchant's own webhook endpoint and events"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     )
 )]

@@ -1865,7 +1865,10 @@ async fn an_event_is_written_with_its_transition_and_only_then() {
             seen_version: None,
         };
         assert!(!store.transition(id, &declined).await.unwrap(), "{name}");
-        assert!(store.transition(id, &Transition::MarkSaved).await.unwrap(), "{name}");
+        assert!(
+            store.transition(id, &Transition::MarkSaved).await.unwrap(),
+            "{name}"
+        );
 
         let c1 = claimed(
             store
@@ -1873,15 +1876,24 @@ async fn an_event_is_written_with_its_transition_and_only_then() {
                 .await
                 .unwrap(),
         );
-        assert!(store.cancel_transition(id, c1.n, &done()).await.unwrap(), "{name}");
-        assert!(!store.cancel_transition(id, c1.n, &done()).await.unwrap(), "{name}");
+        assert!(
+            store.cancel_transition(id, c1.n, &done()).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !store.cancel_transition(id, c1.n, &done()).await.unwrap(),
+            "{name}"
+        );
         let c2 = claimed(
             store
                 .claim_cancel(&cancel_draft(&r, None, None))
                 .await
                 .unwrap(),
         );
-        assert!(store.cancel_transition(id, c2.n, &done()).await.unwrap(), "{name}");
+        assert!(
+            store.cancel_transition(id, c2.n, &done()).await.unwrap(),
+            "{name}"
+        );
 
         let events = store.events_of(id).await.unwrap();
         let kinds: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
@@ -1899,7 +1911,10 @@ async fn an_event_is_written_with_its_transition_and_only_then() {
         assert_eq!(versions, [(1, 0), (3, 0), (4, 1), (4, 2)], "{name}");
         let approval: serde_json::Value = serde_json::from_str(&events[1].payload).unwrap();
         assert_eq!(approval["status"], "DONE", "{name}");
-        assert_eq!(approval["approvedAt"], "2026-11-21T12:00:00+09:00", "{name}");
+        assert_eq!(
+            approval["approvedAt"], "2026-11-21T12:00:00+09:00",
+            "{name}"
+        );
         let partial: serde_json::Value = serde_json::from_str(&events[2].payload).unwrap();
         assert_eq!(partial["balanceAmount"], 6_000, "{name}");
         assert_eq!(partial["cancel"]["cancelAmount"], 4_000, "{name}");

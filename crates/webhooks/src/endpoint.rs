@@ -153,7 +153,10 @@ mod tests {
             ("https://10.1.2.3/hook", EndpointError::NotPublic),
             ("https://169.254.169.254/latest", EndpointError::NotPublic),
             ("https://[::1]/hook", EndpointError::NotPublic),
-            ("https://[::ffff:192.168.0.1]/hook", EndpointError::NotPublic),
+            (
+                "https://[::ffff:192.168.0.1]/hook",
+                EndpointError::NotPublic,
+            ),
             ("https://100.64.0.1/hook", EndpointError::NotPublic),
             ("https://localhost/hook", EndpointError::NotPublic),
             ("https://user:pw@93.184.215.14/hook", EndpointError::Invalid),

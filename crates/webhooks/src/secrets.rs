@@ -138,10 +138,16 @@ mod tests {
             key.open("mer_1", &sealed).map(|s| s.expose().clone()),
             Ok(secret.expose().clone())
         );
-        assert_eq!(key.open("mer_2", &sealed).map(|_| ()), Err(SecretsError::WontOpen));
+        assert_eq!(
+            key.open("mer_2", &sealed).map(|_| ()),
+            Err(SecretsError::WontOpen)
+        );
         let other = SecretsKey::from_base64(&STANDARD.encode([7_u8; 32]))
             .unwrap_or_else(|_| unreachable!());
-        assert_eq!(other.open("mer_1", &sealed).map(|_| ()), Err(SecretsError::WontOpen));
+        assert_eq!(
+            other.open("mer_1", &sealed).map(|_| ()),
+            Err(SecretsError::WontOpen)
+        );
         assert!(SecretsKey::from_base64("c2hvcnQ=").is_err());
     }
 }

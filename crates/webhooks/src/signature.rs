@@ -45,9 +45,8 @@ pub fn verify(header: &str, secret: &str, body: &[u8], now_s: i64, tolerance_s: 
     if (now_s - t).abs() > tolerance_s {
         return false;
     }
-    sigs.iter().any(|s| {
-        keyed(secret, t, body).is_some_and(|m| m.verify_slice(s).is_ok())
-    })
+    sigs.iter()
+        .any(|s| keyed(secret, t, body).is_some_and(|m| m.verify_slice(s).is_ok()))
 }
 
 #[cfg(test)]

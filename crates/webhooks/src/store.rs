@@ -51,7 +51,10 @@ where
     let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     Ok(EventRow {
         event: event_from_row(row)?,
-        seq: row.try_get::<Option<i64>, _>("seq").map_err(c)?.unwrap_or(0),
+        seq: row
+            .try_get::<Option<i64>, _>("seq")
+            .map_err(c)?
+            .unwrap_or(0),
         delivery: row.try_get("delivery").map_err(c)?,
         attempts: i64::from(row.try_get::<i32, _>("attempts").map_err(c)?),
         next_at: row.try_get("next_at").map_err(c)?,

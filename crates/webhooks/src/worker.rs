@@ -229,7 +229,14 @@ async fn deliver_merchant(d: &Delivery, key: &SecretsKey, merchant: &str, events
         metrics::counter!("paygate_webhook_deliveries_total", "result" => delivery).increment(1);
         if let Err(err) = d
             .events
-            .record(&e.event.event_id, delivery, next_at, status, error.as_deref(), now)
+            .record(
+                &e.event.event_id,
+                delivery,
+                next_at,
+                status,
+                error.as_deref(),
+                now,
+            )
             .await
         {
             // The lease passes and the event is tried again.

@@ -63,13 +63,18 @@ impl CancelStore for MemoryStateStore {
                     .filter(|o| o.n != n && o.status == crate::CancelStatus::Done)
                     .map(|o| o.amount)
                     .sum();
-                let payment = crate::newest_copy(
-                    paygate_core::Partition::ALL
-                        .iter()
-                        .filter_map(|p| state.table(*p).rows.get(payment_id).map(|r| (*p, r.clone()))),
-                );
+                let payment =
+                    crate::newest_copy(paygate_core::Partition::ALL.iter().filter_map(|p| {
+                        state
+                            .table(*p)
+                            .rows
+                            .get(payment_id)
+                            .map(|r| (*p, r.clone()))
+                    }));
                 let Some((_, payment)) = payment else {
-                    return Err(StoreError::Corrupt(format!("cancel {n} of {payment_id} has no payment")));
+                    return Err(StoreError::Corrupt(format!(
+                        "cancel {n} of {payment_id} has no payment"
+                    )));
                 };
                 if let Some(e) = crate::cancel_event(&payment, &done, before, now) {
                     state.events.push(e);

@@ -449,7 +449,11 @@ impl StateStore for MemoryStateStore {
         }
         let now = self.clock.now_ms();
         self.write(WriteKind::Transition, payment_id, |state| {
-            let Some(r) = state.table_mut(Partition::Realtime).rows.get_mut(payment_id) else {
+            let Some(r) = state
+                .table_mut(Partition::Realtime)
+                .rows
+                .get_mut(payment_id)
+            else {
                 return Ok(false);
             };
             if !t.apply_if(r, now) {

@@ -61,7 +61,9 @@ fn event_from_doc(d: &Document) -> Result<Event, StoreError> {
     let i = |k: &str| match d.get(k) {
         Some(Bson::Int64(v)) => Ok(*v),
         Some(Bson::Int32(v)) => Ok(i64::from(*v)),
-        _ => Err(StoreError::Corrupt(format!("event field {k} is not an integer"))),
+        _ => Err(StoreError::Corrupt(format!(
+            "event field {k} is not an integer"
+        ))),
     };
     let kind = s("type")?;
     Ok(Event {
@@ -104,7 +106,9 @@ fn outbox_of(d: &Document) -> Result<Vec<Event>, StoreError> {
             .iter()
             .map(|b| match b {
                 Bson::Document(e) => event_from_doc(e),
-                _ => Err(StoreError::Corrupt("an outbox entry is not a document".into())),
+                _ => Err(StoreError::Corrupt(
+                    "an outbox entry is not a document".into(),
+                )),
             })
             .collect(),
         _ => Ok(Vec::new()),

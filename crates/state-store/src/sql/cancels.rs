@@ -134,7 +134,8 @@ impl CancelStore for SqlStateStore {
         // done cancels (final: none changes while this one is in flight).
         let sql = format!("{sql} RETURNING {COLUMNS}");
         let payment_sql = get_sql();
-        let done_sql = "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS done FROM payment_cancels \
+        let done_sql =
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS done FROM payment_cancels \
              WHERE payment_id = $1 AND n <> $2 AND status = 'DONE'";
         with_pool!(self.database(), pool => {
             let mut tx = pool.begin().await.map_err(map_err)?;
