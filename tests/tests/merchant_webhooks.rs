@@ -346,6 +346,58 @@ async fn every_event_reaches_the_endpoint_signed_and_in_order_across_500s_and_a_
             .unwrap();
         assert_eq!(page["events"].as_array().unwrap().len(), 0, "{name}");
 
+        // An operator lists the deliveries and sends one again: the
+        // endpoint gets it a second time, with the same id and body.
+        let out = paygate()
+            .args(["webhooks", "list", "--json"])
+            .envs(stores.env())
+            .env("PAYGATE_SECRETS_KEY", SECRETS_KEY)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), stored.len(), "{name}");
+        assert!(
+            rows.iter().all(|r| r["delivery"] == "delivered"),
+            "{name}: {rows:?}"
+        );
+        let target = stored[0].event.event_id.clone();
+        let times = |id: &str| {
+            endpoint
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["eventId"] == id)
+                .count()
+        };
+        let before = times(&target);
+        let out = paygate()
+            .args(["webhooks", "resend", &target])
+            .envs(stores.env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while times(&target) == before {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: {target} was not sent again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
         server.abort();
         db.close().await;
         cleanup.run().await;

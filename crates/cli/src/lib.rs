@@ -5,8 +5,9 @@
 //! (invariants I1/I2 against the sandbox), `sim` (the
 //! sandbox simulators as HTTP servers), `demo` (an end-to-end run under
 //! faults that checks invariants I1-I3), and the operator tools: `payments`
-//! (show, list problems, recheck, resolve), `alerts` (list, resend) and
-//! `prune` (retention).
+//! (show, list problems, recheck, resolve), `alerts` (list, resend),
+//! `webhooks` (merchant webhooks: list, resend, endpoint) and `prune`
+//! (retention).
 
 mod alerts;
 mod batch;
@@ -19,6 +20,7 @@ mod progress;
 mod prune;
 mod reconcile;
 mod settings;
+mod webhooks;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -125,6 +127,12 @@ enum Command {
     Alerts {
         #[command(subcommand)]
         command: alerts::AlertsCommand,
+    },
+    /// Operators: merchant webhooks (list events and deliveries, resend
+    /// one, register a merchant's endpoint).
+    Webhooks {
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
     },
     /// Retention: delete old SQL log rows and alerts of settled payments,
     /// in bounded batches (`--dry-run` deletes nothing).
@@ -306,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Check(args) => check::run(config, args).await,
                 Command::Payments { command } => payments::run(config, command).await,
                 Command::Alerts { command } => alerts::run(config, command).await,
+                Command::Webhooks { command } => webhooks::run(config, command).await,
                 Command::Prune(args) => prune::run(config, args).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
