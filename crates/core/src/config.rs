@@ -715,6 +715,9 @@ mod tests {
             mongodb_uri: Some(Secret::new("mongodb://u:p@h".into())),
             card_api_secret_key: Some(Secret::new("test_sk_x".into())),
             discord_webhook_url: Some(Secret::new("https://discord/x".into())),
+            secrets_key: Some(Secret::new(
+                "c2VjcmV0cy1rZXktZm9yLXRlc3RzLTAxMjM0NTY3ODk=".into(),
+            )),
             ..Config::default()
         };
         let v = serde_json::to_value(&c).unwrap();

@@ -20,6 +20,7 @@
 //!   for a request whose confirm then called the card;
 //! - **liveness:** once every fault is healed, a merchant's last retry
 //!   gets a final answer: never 409 with nothing in flight, never 503;
+//! - **events:** see `crate::events` (one event per applied transition);
 //! - **ages:** a batch sweep changes a record only when the record's last
 //!   change (by anyone) was at least the sweep's grace before the sweep
 //!   started (DESIGN.md §1: ages count from the last transition, not from

@@ -280,6 +280,64 @@ pub async fn actors(world: Arc<World>, gw: Gateway, o: Options, until_ms: u64) {
             .await;
         }
     }));
+    // The card company's webhooks, as a replica's worker takes them: about
+    // one receipt a second, each a claim about an order that is true now,
+    // late (true of an earlier moment), delivered twice, reordered (an
+    // older status after a newer one) or forged (a status the card company
+    // never gave, or an order it never saw). The worker looks the order up
+    // and acts on the lookup alone, so none may break an invariant.
+    let w = world.clone();
+    let opts = o.clone();
+    tasks.push(tokio::task::spawn_local(async move {
+        let mut forged = 0_u64;
+        while elapsed_ms() < until_ms {
+            tokio::time::sleep(Duration::from_millis(w.rng.between(200, 1_800))).await;
+            let approvals = w.card.approvals();
+            let claim = match (w.rng.between(0, 9), approvals.is_empty()) {
+                (0..=5, false) => {
+                    let a = &approvals[w.rng.between(0, approvals.len() as u64 - 1) as usize];
+                    let status = [
+                        "DONE",
+                        "DONE",
+                        "CANCELED",
+                        "PARTIAL_CANCELED",
+                        "ABORTED",
+                        "IN_PROGRESS",
+                    ][w.rng.between(0, 5) as usize];
+                    (a.order_id.clone(), a.payment_key.clone(), status)
+                }
+                _ => {
+                    forged += 1;
+                    (
+                        format!("order-forged-{forged}"),
+                        format!("pk_forged_{forged}"),
+                        "DONE",
+                    )
+                }
+            };
+            let twice = w.rng.between(0, 3) == 0;
+            job(
+                w.clone(),
+                Actor::CardWebhook,
+                opts.job_kill_per_mille,
+                opts.job_pause_per_mille,
+                move |_world, inc| {
+                    Box::pin(async move {
+                        let settler =
+                            paygate_payments::Settler::new(inc.store.clone(), inc.saga.clone(), 5);
+                        let (order, key, status) = claim;
+                        for _ in 0..if twice { 2 } else { 1 } {
+                            let _ = inc
+                                .saga
+                                .act_on_card_webhook(&settler, &order, &key, status)
+                                .await;
+                        }
+                    })
+                },
+            )
+            .await;
+        }
+    }));
     for t in tasks {
         let _ = t.await;
     }

@@ -28,6 +28,7 @@
 pub mod cancels;
 pub mod card;
 pub mod checker;
+pub mod events;
 pub mod faults;
 pub mod gateway;
 pub mod holds;
@@ -280,7 +281,17 @@ async fn history(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     match cancels::snapshot_cancels(&world, &snapshot).await {
-        Ok(of) => violations.extend(cancels::check(&world, &snapshot, &of, &cancel_answers)),
+        Ok(of) => {
+            violations.extend(cancels::check(&world, &snapshot, &of, &cancel_answers));
+            match events::snapshot_events(&world, &snapshot).await {
+                Ok(evs) => violations.extend(events::check(&world, &snapshot, &evs, &of)),
+                Err(e) => violations.push(Violation {
+                    invariant: "store",
+                    subject: "events".to_owned(),
+                    detail: format!("the events could not be read for the check: {e}"),
+                }),
+            }
+        }
         Err(e) => violations.push(Violation {
             invariant: "store",
             subject: "cancels".to_owned(),

@@ -92,6 +92,9 @@ pub enum Actor {
     Reconcile,
     /// An operator resolving payments by hand (`paygate payments resolve`).
     Operator,
+    /// A replica's card webhook worker acting on a receipt (true, late,
+    /// duplicated, reordered or forged).
+    CardWebhook,
 }
 
 /// One change a process applied to a record, as the sim saw it from
@@ -110,6 +113,9 @@ pub struct Change {
     pub payment_id: String,
     /// What call (`create`, `transition`, `move`).
     pub what: &'static str,
+    /// The event the applied transition must have left
+    /// (`Transition::event_type`), for the events checker.
+    pub event: Option<&'static str>,
 }
 
 /// The journal of every applied change of a history.
@@ -290,7 +296,9 @@ impl Incarnation {
     pub fn start(world: &World, actor: Actor) -> Self {
         let long_stall = match actor {
             Actor::Gateway | Actor::Operator => world.gateway_stall_per_mille,
-            Actor::Sweep { .. } | Actor::Reconcile => world.job_stall_per_mille,
+            Actor::Sweep { .. } | Actor::Reconcile | Actor::CardWebhook => {
+                world.job_stall_per_mille
+            }
         };
         let dead = Arc::new(AtomicBool::new(false));
         let pause = Pause::default();
@@ -486,6 +494,10 @@ impl StoreHandle {
         stamped_ms: Option<i64>,
         write: Write<'_>,
     ) -> Result<Written, StoreError> {
+        let event = match &write {
+            Write::Transition(_, t) => t.event_type().map(|e| e.as_str()),
+            _ => None,
+        };
         if !self.handle.round_trip().await {
             return Err(gone());
         }
@@ -500,6 +512,7 @@ impl StoreHandle {
                     actor: self.actor,
                     payment_id: payment_id.to_string(),
                     what,
+                    event,
                 });
             // The process may be descheduled right after a commit: the
             // instant between a write and what the writer does next is
