@@ -352,10 +352,16 @@ fn set_down(world: &World, card: bool, down: bool) {
 }
 
 /// After healing: let everything in flight finish (async retries, slow
-/// answers, leases of killed jobs), then sweep, reconcile with no age
+/// answers, leases of killed jobs) and the card company's confirm window
+/// of every payment close (a payment the card company never saw is
+/// settled as not charged only then), then sweep, reconcile with no age
 /// limits, and sweep again until nothing moves.
 pub async fn settle(world: &World) {
     tokio::time::sleep(Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(
+        paygate_core::Config::default().card_confirm_window_ms,
+    ))
+    .await;
     for _ in 0..3 {
         sweep(world, 0).await;
         reconcile(world, 0, 0).await;

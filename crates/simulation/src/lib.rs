@@ -284,7 +284,7 @@ async fn history(
         Ok(of) => {
             violations.extend(cancels::check(&world, &snapshot, &of, &cancel_answers));
             match events::snapshot_events(&world, &snapshot).await {
-                Ok(evs) => violations.extend(events::check(&world, &snapshot, &evs, &of)),
+                Ok(evs) => violations.extend(events::check(&world, &snapshot, &evs, &of, !real)),
                 Err(e) => violations.push(Violation {
                     invariant: "store",
                     subject: "events".to_owned(),
