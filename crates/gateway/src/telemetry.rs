@@ -78,6 +78,11 @@ pub fn register_families() {
     for answer in ["in_progress", "nothing_charged"] {
         metrics::counter!("paygate_confirm_early_answers_total", "answer" => answer).increment(0);
     }
+    for result in ["delivered", "pending", "failed"] {
+        metrics::counter!("paygate_webhook_deliveries_total", "result" => result).increment(0);
+    }
+    metrics::gauge!("paygate_webhook_deliveries_pending").increment(0.0);
+    metrics::gauge!("paygate_events_unnumbered").increment(0.0);
 }
 
 /// Sets the job gauges from `job_runs` (see `paygate_api_log::JobRuns`):
