@@ -282,25 +282,30 @@ impl EventStore {
         .map_err(map_err))
     }
 
-    /// Records a try's outcome on a pending event: `delivered`, `failed`
-    /// (given up) or `pending` again at `next_at`.
+    /// Records a try's outcome: `delivered`, `failed` (given up) or
+    /// `pending` again at `next_at`. Guarded on the lease the try's take
+    /// wrote (`lease_until`): a worker that stalled past its lease, while
+    /// another took the event (or an operator resent it), changes nothing,
+    /// and the other's try decides. `Ok(false)` then.
     ///
     /// # Errors
     /// [`StoreError`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn record(
         &self,
         event_id: &str,
+        lease_until: i64,
         delivery: &str,
         next_at: i64,
         status: Option<u16>,
         error: Option<&str>,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let delivered_at = (delivery == "delivered").then_some(now_ms);
         with_pool!(&self.db, pool => sqlx::query(
             "UPDATE payment_events SET delivery = $2, next_at = $3, last_status = $4, \
              last_error = $5, delivered_at = COALESCE($6, delivered_at) \
-             WHERE event_id = $1 AND delivery = 'pending'",
+             WHERE event_id = $1 AND delivery = 'pending' AND next_at = $7",
         )
         .bind(event_id)
         .bind(delivery)
@@ -308,9 +313,10 @@ impl EventStore {
         .bind(status.map(i32::from))
         .bind(error)
         .bind(delivered_at)
+        .bind(lease_until)
         .execute(pool)
         .await
-        .map(|_| ())
+        .map(|r| r.rows_affected() == 1)
         .map_err(map_err))
     }
 

@@ -227,21 +227,30 @@ async fn deliver_merchant(d: &Delivery, key: &SecretsKey, merchant: &str, events
             }
         };
         metrics::counter!("paygate_webhook_deliveries_total", "result" => delivery).increment(1);
-        if let Err(err) = d
+        let recorded = d
             .events
             .record(
                 &e.event.event_id,
+                lease,
                 delivery,
                 next_at,
                 status,
                 error.as_deref(),
                 now,
             )
-            .await
-        {
-            // The lease passes and the event is tried again.
-            tracing::warn!(event_id = %e.event.event_id, error = %err, "could not record a webhook delivery");
-            held.insert(e.event.payment_id.as_str().to_owned());
+            .await;
+        match recorded {
+            Ok(true) => {}
+            // The lease passed while this try ran: another worker (or an
+            // operator's resend) owns the event now, and its try decides.
+            Ok(false) => {
+                held.insert(e.event.payment_id.as_str().to_owned());
+            }
+            Err(err) => {
+                // The lease passes and the event is tried again.
+                tracing::warn!(event_id = %e.event.event_id, error = %err, "could not record a webhook delivery");
+                held.insert(e.event.payment_id.as_str().to_owned());
+            }
         }
     }
 }
