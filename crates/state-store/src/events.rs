@@ -78,8 +78,8 @@ pub struct Event {
     /// What happened.
     pub event_type: EventType,
     /// The payment's version at the event: after the transition for a
-    /// payment's event; the version of the paid record the cancel was
-    /// made against for a cancel's.
+    /// payment's event; the paid record's version when the cancel was
+    /// marked done, for a cancel's (never below its approval's).
     pub version: i64,
     /// The cancel's number for a cancel's event, 0 for a payment's. A
     /// payment's events are ordered by `(version, cancel_n)`: every cancel

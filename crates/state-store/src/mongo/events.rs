@@ -144,10 +144,39 @@ impl MongoStateStore {
         Ok(dedup(events))
     }
 
-    /// Up to `limit` events from every outbox (see the module doc).
+    /// Up to about `limit` events from every outbox (see the module doc).
+    ///
+    /// A payment's events must reach the SQL table no later than any event
+    /// after them, or the numbering would put a cancel before the approval
+    /// it cancels. Cancels are read first, and with each cancel's events
+    /// the whole outbox of its payment: a cancel is claimed only on a paid
+    /// record, so its approval event was pushed before it, and is read here
+    /// unless a relay already moved it to the table (which it commits
+    /// before it pulls). Then the partitions.
     pub(super) async fn outbox_pending(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
         let mut events: Vec<Event> = Vec::new();
-        for name in outbox_collections() {
+        let cancel_docs: Vec<Document> = self
+            .coll(CANCELS)
+            .find(doc! {"outbox.0": {"$exists": true}})
+            .limit(i64::from(limit.max(1)))
+            .await
+            .map_err(map_err)?
+            .try_collect()
+            .await
+            .map_err(map_err)?;
+        let mut payments: Vec<PaymentId> = Vec::new();
+        for d in &cancel_docs {
+            for e in outbox_of(d)? {
+                if !payments.contains(&e.payment_id) {
+                    payments.push(e.payment_id.clone());
+                }
+                events.push(e);
+            }
+        }
+        for p in &payments {
+            events.extend(self.outbox_events_of(p).await?);
+        }
+        for name in outbox_collections().into_iter().filter(|n| *n != CANCELS) {
             let docs: Vec<Document> = self
                 .coll(name)
                 .find(doc! {"outbox.0": {"$exists": true}})

@@ -822,6 +822,36 @@ impl MongoStateStore {
 
     /// The guard (filter, without `_id`) and the update of a transition,
     /// compiled from its rule; every update increments `version`.
+    /// Writes a move's copy into `to` unless `to` already holds a newer
+    /// copy of the record (a higher version): a mover that read the source
+    /// and stalled while another mover moved the same version and the
+    /// record moved on (a retry reopened it and it was paid since) must not
+    /// put the old state back over the new, which would lose an approval
+    /// and the event it left. `Ok(false)` when a newer copy is there (the
+    /// filter misses and the upsert's insert meets the `_id`).
+    async fn upsert_copy(
+        &self,
+        to: Partition,
+        id: &str,
+        copy: Document,
+    ) -> Result<bool, StoreError> {
+        let next = version_of(&copy);
+        let filter = doc! {
+            "_id": id,
+            "$or": [{"version": {"$lte": next}}, {"version": {"$exists": false}}],
+        };
+        match self
+            .partition(to)
+            .replace_one(filter, copy)
+            .upsert(true)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate(&e) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     /// A transition that leaves an event: read, apply the rule in Rust,
     /// and write the effect and the event in one update guarded on the
     /// version read (module `events`).
@@ -1084,11 +1114,14 @@ impl StateStore for MongoStateStore {
             return Ok(false);
         };
         let seen_version = version_of(&d);
-        self.partition(to)
-            .replace_one(doc! {"_id": id}, moved_copy(d, self.clock.now_ms()))
-            .upsert(true)
-            .await
-            .map_err(map_err)?;
+        if !self
+            .upsert_copy(to, id, moved_copy(d, self.clock.now_ms()))
+            .await?
+        {
+            // The target already holds a newer copy: another mover moved
+            // this version and the record changed since; ours is stale.
+            return Ok(false);
+        }
         self.finish_move(payment_id, from, to, seen_version).await
     }
 
@@ -1225,12 +1258,8 @@ impl StateStore for MongoStateStore {
         else {
             return Ok(false);
         };
-        self.partition(to)
-            .replace_one(doc! {"_id": id}, moved_copy(d, self.clock.now_ms()))
-            .upsert(true)
+        self.upsert_copy(to, id, moved_copy(d, self.clock.now_ms()))
             .await
-            .map_err(map_err)?;
-        Ok(true)
     }
 
     fn scan(
