@@ -403,3 +403,121 @@ async fn every_event_reaches_the_endpoint_signed_and_in_order_across_500s_and_a_
         cleanup.run().await;
     }
 }
+
+/// What a merchant's endpoint that hangs has seen, and the gate that
+/// releases it.
+#[derive(Default)]
+struct Hanging {
+    started: std::sync::atomic::AtomicUsize,
+    in_flight: std::sync::atomic::AtomicUsize,
+    released: tokio::sync::Notify,
+    open: AtomicBool,
+}
+
+/// Counts a request as hanging until its handler ends (answered, or
+/// dropped when paygate's client gave up on it).
+struct InFlight(Arc<Hanging>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn hang(State(h): State<Arc<Hanging>>) -> StatusCode {
+    h.started.fetch_add(1, Ordering::SeqCst);
+    h.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _guard = InFlight(h.clone());
+    if !h.open.load(Ordering::SeqCst) {
+        h.released.notified().await;
+    }
+    StatusCode::OK
+}
+
+/// One merchant's endpoint hangs; another merchant's events are all
+/// delivered while it does, and the hanging one's arrive once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_endpoint_holds_only_its_own_merchant() {
+    let backend = e2e_backends().into_iter().next().unwrap();
+    let (stores, cleanup) = fresh_e2e(&backend).await;
+    let db = SqlDatabase::connect(&stores.database_url, 2).await.unwrap();
+    db.migrate().await.unwrap();
+    let slow_key = create_merchant(&stores.database_url, "slow");
+    let fast_key = create_merchant(&stores.database_url, "fast");
+    let fast = Arc::new(Endpoint::default());
+    let slow = Arc::new(Hanging::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/fast", post(receive).with_state(fast.clone()))
+        .route("/slow", post(hang).with_state(slow.clone()));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (_serve, base) = tokio::task::spawn_blocking({
+        let stores = stores.clone();
+        move || start_serve(&stores)
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    for (key, path) in [(&slow_key, "slow"), (&fast_key, "fast")] {
+        let r = http
+            .put(format!("{base}/v1/webhook-endpoint"))
+            .bearer_auth(key)
+            .json(&json!({ "url": format!("http://{at}/{path}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for (key, tag, n) in [(&slow_key, "slow", 2), (&fast_key, "fast", 4)] {
+        for i in 0..n {
+            let r = http
+                .post(format!("{base}/v1/payments/confirm"))
+                .bearer_auth(key)
+                .json(&json!({"paymentKey": format!("pk_{tag}_{i}"), "orderId": format!("order-{tag}-{i:03}"), "amount": 1_000}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    // The slow merchant's first delivery hangs; the fast one's all arrive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fast.seen.lock().unwrap().len() < 4 || slow.started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the fast merchant's events did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while the slow merchant's request is still hanging (a worker
+    // that served merchants one after another would have delivered them
+    // only after that request's 10 s timeout had ended it).
+    assert!(
+        slow.started.load(Ordering::SeqCst) >= 1,
+        "the slow endpoint was never called"
+    );
+    assert_eq!(
+        slow.in_flight.load(Ordering::SeqCst),
+        1,
+        "the fast merchant's events waited for the slow endpoint"
+    );
+    // Released, the slow merchant's events arrive too.
+    slow.open.store(true, Ordering::SeqCst);
+    slow.released.notify_waiters();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = EventStore::new(db.clone())
+            .list(None, None, 100)
+            .await
+            .unwrap();
+        if rows.len() == 6 && rows.iter().all(|r| r.delivery == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.abort();
+    db.close().await;
+    cleanup.run().await;
+}
