@@ -91,6 +91,32 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `paygate serve` on a free port with `envs` (the stores, the
+/// downstreams, anything else) and the inbound rate limit off, and waits
+/// until it listens; its stderr is drained. Returns it and its base URL.
+pub fn start_serve(envs: &[(&str, String)]) -> (KillOnDrop, String) {
+    let port = free_port();
+    let mut c = paygate();
+    c.arg("serve")
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        match lines.next() {
+            Some(Ok(l)) if l.contains("paygate listening") => break,
+            Some(_) => {}
+            None => panic!("serve exited before listening"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (KillOnDrop(child), format!("http://127.0.0.1:{port}"))
+}
+
 /// A port free a moment ago (the OS picks it; the child binds it).
 pub fn free_port() -> u16 {
     try_free_port().unwrap()

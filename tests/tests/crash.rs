@@ -17,8 +17,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -99,28 +98,15 @@ fn with_env(c: &mut Command, db: &E2eStores, card: &str, ledger: &str) {
         .env("PAYGATE_LEDGER_API_URL", ledger);
 }
 
-/// Starts `serve` and waits until it listens; its stderr is drained.
-fn start_serve(db: &E2eStores, card: &str, ledger: &str) -> (KillOnDrop, String) {
-    let port = free_port();
-    let mut c = paygate();
-    c.arg("serve")
-        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
-        .stderr(Stdio::piped());
-    with_env(&mut c, db, card, ledger);
-    let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "serve did not start");
-        match lines.next() {
-            Some(Ok(l)) if l.contains("paygate listening") => break,
-            Some(_) => {}
-            None => panic!("serve exited before listening"),
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    (KillOnDrop(child), format!("http://127.0.0.1:{port}"))
+/// Starts `serve` on the stores and the simulators.
+fn serve_on(db: &E2eStores, card: &str, ledger: &str) -> (KillOnDrop, String) {
+    let mut envs = db.env();
+    envs.extend([
+        ("PAYGATE_CARD_API_URL", card.to_owned()),
+        ("PAYGATE_CARD_API_SECRET_KEY", SIM_SECRET.to_owned()),
+        ("PAYGATE_LEDGER_API_URL", ledger.to_owned()),
+    ]);
+    start_serve(&envs)
 }
 
 /// Runs `paygate` with the environment; returns its stdout, asserting success.
@@ -152,7 +138,7 @@ fn crash_run(db: &E2eStores, kills: usize, seed: u64, label: &str) {
     let started = Instant::now();
     for round in 0..=kills {
         let last_round = round == kills;
-        let (mut serve, base) = start_serve(db, &card, &ledger);
+        let (mut serve, base) = serve_on(db, &card, &ledger);
         let stop = Arc::new(AtomicBool::new(false));
         let drivers: Vec<_> = (0..8)
             .map(|_| {

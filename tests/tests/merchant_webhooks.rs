@@ -11,8 +11,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader},
-    process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -55,32 +53,18 @@ async fn receive(State(e): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes
     StatusCode::OK
 }
 
-fn start_serve(stores: &E2eStores) -> (KillOnDrop, String) {
-    let port = free_port();
-    let mut c = paygate();
-    c.arg("serve")
-        .envs(stores.env())
-        .env("PAYGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PAYGATE_INBOUND_RATE_LIMIT_PER_SECOND", "0")
-        .env("PAYGATE_SECRETS_KEY", SECRETS_KEY)
-        .env("PAYGATE_WEBHOOK_ALLOW_PRIVATE", "true")
-        .env("PAYGATE_WEBHOOK_POLL_MS", "50")
-        .env("PAYGATE_WEBHOOK_RETRY_FIRST_MS", "100")
-        .env("PAYGATE_WEBHOOK_MAX_ATTEMPTS", "100")
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "serve did not start");
-        match lines.next() {
-            Some(Ok(l)) if l.contains("paygate listening") => break,
-            Some(_) => {}
-            None => panic!("serve exited before listening"),
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    (KillOnDrop(child), format!("http://127.0.0.1:{port}"))
+/// `serve` in sandbox mode with merchant webhooks on, polling and
+/// retrying fast, endpoints on loopback allowed.
+fn serve_with_webhooks(stores: &E2eStores) -> (KillOnDrop, String) {
+    let mut envs = stores.env();
+    envs.extend([
+        ("PAYGATE_SECRETS_KEY", SECRETS_KEY.to_owned()),
+        ("PAYGATE_WEBHOOK_ALLOW_PRIVATE", "true".to_owned()),
+        ("PAYGATE_WEBHOOK_POLL_MS", "50".to_owned()),
+        ("PAYGATE_WEBHOOK_RETRY_FIRST_MS", "100".to_owned()),
+        ("PAYGATE_WEBHOOK_MAX_ATTEMPTS", "100".to_owned()),
+    ]);
+    start_serve(&envs)
 }
 
 async fn stored_events(db: &SqlDatabase) -> Vec<EventRow> {
@@ -110,7 +94,7 @@ async fn every_event_reaches_the_endpoint_signed_and_in_order_across_500s_and_a_
 
         let (serve, base) = tokio::task::spawn_blocking({
             let stores = stores.clone();
-            move || start_serve(&stores)
+            move || serve_with_webhooks(&stores)
         })
         .await
         .unwrap();
@@ -191,7 +175,7 @@ async fn every_event_reaches_the_endpoint_signed_and_in_order_across_500s_and_a_
         endpoint.failing.store(false, Ordering::SeqCst);
         let (_serve, base) = tokio::task::spawn_blocking({
             let stores = stores.clone();
-            move || start_serve(&stores)
+            move || serve_with_webhooks(&stores)
         })
         .await
         .unwrap();
@@ -454,7 +438,7 @@ async fn a_hanging_endpoint_holds_only_its_own_merchant() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let (_serve, base) = tokio::task::spawn_blocking({
         let stores = stores.clone();
-        move || start_serve(&stores)
+        move || serve_with_webhooks(&stores)
     })
     .await
     .unwrap();
