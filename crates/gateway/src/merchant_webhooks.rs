@@ -22,6 +22,7 @@ use crate::{auth::AuthedMerchant, holds::authed_json, problem::Problem, AppState
 pub struct EndpointBody {
     /// Where events are posted: `https` (plain `http` only in sandbox
     /// mode), resolving to public addresses only, at most 2,048 bytes.
+    #[schema(max_length = 2048)]
     pub url: String,
 }
 
@@ -43,8 +44,10 @@ pub struct EndpointView {
 pub struct EventsQuery {
     /// The `sequence` of the last event already seen; 0 (default) from
     /// the start.
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// At most this many events, 1 to 100 (default 100).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
