@@ -258,7 +258,9 @@ pub trait StateStore: CancelStore + Send + Sync + 'static {
     }
 
     /// The first step of [`StateStore::move_record`] alone: writes the
-    /// record of `from` into `to` (replacing any copy) and leaves the source.
+    /// record of `from` into `to` (replacing a copy left there; MongoDB,
+    /// whose moves run without a transaction, never replaces a newer copy
+    /// and answers `Ok(false)` then) and leaves the source.
     /// Exposed so the conformance suite can stage a move interrupted by a
     /// crash; the batch always calls `move_record`.
     ///

@@ -820,8 +820,6 @@ impl MongoStateStore {
         Ok(copies)
     }
 
-    /// The guard (filter, without `_id`) and the update of a transition,
-    /// compiled from its rule; every update increments `version`.
     /// Writes a move's copy into `to` unless `to` already holds a newer
     /// copy of the record (a higher version): a mover that read the source
     /// and stalled while another mover moved the same version and the
@@ -892,6 +890,8 @@ impl MongoStateStore {
         )))
     }
 
+    /// The guard (filter, without `_id`) and the update of a transition,
+    /// compiled from its rule; every update increments `version`.
     fn transition_update(&self, t: &Transition) -> Option<(Document, Document)> {
         let now = self.clock.now_ms();
         Some(t.rule()?.to_mongo::<PaymentRecord>(now))
