@@ -37,17 +37,6 @@ pub use secrets::{SecretsError, SecretsKey};
 pub use store::{EventRow, EventStore};
 pub use worker::{Delivery, RetryPolicy};
 
-/// What went wrong in the webhook machinery.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    /// The SQL database or the state store failed.
-    #[error(transparent)]
-    Store(#[from] paygate_state_store::StoreError),
-    /// A signing secret could not be sealed or opened.
-    #[error(transparent)]
-    Secrets(#[from] SecretsError),
-}
-
 /// The JSON body of one event as a merchant receives it (webhook body and
 /// `GET /v1/events` item): `{"eventId", "type", "sequence", "createdAt"
 /// (RFC 3339), "paymentId", "version", "data": <payment object>}`.
