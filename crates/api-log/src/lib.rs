@@ -368,19 +368,57 @@ impl JobRuns {
     }
 
     /// Records `job`'s latest summary (a JSON object of counts), replacing
-    /// the previous one.
+    /// the previous one, and appends it to the run history (the console's
+    /// Reconciliation page).
     ///
     /// # Errors
     /// [`StoreError`].
     pub async fn record(&self, job: &str, summary: &serde_json::Value) -> Result<(), StoreError> {
-        let sql = "INSERT INTO job_runs (job, finished_at, summary) VALUES ($1, $2, $3) \
+        let latest = "INSERT INTO job_runs (job, finished_at, summary) VALUES ($1, $2, $3) \
                    ON CONFLICT (job) DO UPDATE SET finished_at = excluded.finished_at, summary = excluded.summary";
+        let history = "INSERT INTO job_run_history (job, finished_at, summary) VALUES ($1, $2, $3)";
         let now = paygate_core::time::now_ms();
         let text = summary.to_string();
         with_pool!(&self.db, pool => {
-            sqlx::query(sql).bind(job).bind(now).bind(&text).execute(pool).await.map_err(map_err)?;
+            let mut tx = pool.begin().await.map_err(map_err)?;
+            for sql in [latest, history] {
+                sqlx::query(sql).bind(job).bind(now).bind(&text).execute(&mut *tx).await.map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
         });
         Ok(())
+    }
+
+    /// `job`'s last `limit` runs, newest first: `(finished_at epoch ms,
+    /// summary)`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn history(
+        &self,
+        job: &str,
+        limit: u32,
+    ) -> Result<Vec<(i64, serde_json::Value)>, StoreError> {
+        let sql = "SELECT finished_at, summary FROM job_run_history WHERE job = $1 \
+                   ORDER BY id DESC LIMIT $2";
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql)
+                .bind(job)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+                .map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                    let text: String = row.try_get("summary").map_err(c)?;
+                    Ok((
+                        row.try_get("finished_at").map_err(c)?,
+                        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                    ))
+                })
+                .collect()
+        })
     }
 
     /// Every job's latest run: `(job, finished_at epoch ms, summary)`.
@@ -398,6 +436,65 @@ impl JobRuns {
                     Ok((
                         row.try_get("job").map_err(c)?,
                         row.try_get("finished_at").map_err(c)?,
+                        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                    ))
+                })
+                .collect()
+        })
+    }
+}
+
+/// What each `serve` replica last reported about its downstreams
+/// (`replica_status`): a replica writes its snapshot every few seconds and
+/// the console, another process, reads them all.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    db: SqlDatabase,
+}
+
+impl ReplicaStatus {
+    /// Replica statuses on `db` (migrated).
+    pub fn new(db: SqlDatabase) -> Self {
+        Self { db }
+    }
+
+    /// Replaces `replica`'s snapshot (a JSON object) with `snapshot`, stamped
+    /// with this process's clock.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn report(
+        &self,
+        replica: &str,
+        snapshot: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO replica_status (replica, updated_at, snapshot) VALUES ($1, $2, $3) \
+                   ON CONFLICT (replica) DO UPDATE SET updated_at = excluded.updated_at, snapshot = excluded.snapshot";
+        let now = paygate_core::time::now_ms();
+        let text = snapshot.to_string();
+        with_pool!(&self.db, pool => {
+            sqlx::query(sql).bind(replica).bind(now).bind(&text).execute(pool).await.map_err(map_err)?;
+        });
+        Ok(())
+    }
+
+    /// Every replica's last report: `(replica, updated_at epoch ms,
+    /// snapshot)`, most recent first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn all(&self) -> Result<Vec<(String, i64, serde_json::Value)>, StoreError> {
+        let sql =
+            "SELECT replica, updated_at, snapshot FROM replica_status ORDER BY updated_at DESC";
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).fetch_all(pool).await.map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let c = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                    let text: String = row.try_get("snapshot").map_err(c)?;
+                    Ok((
+                        row.try_get("replica").map_err(c)?,
+                        row.try_get("updated_at").map_err(c)?,
                         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
                     ))
                 })

@@ -16,6 +16,7 @@ pub mod merchant_slots;
 pub mod merchant_webhooks;
 pub mod openapi;
 pub mod problem;
+pub mod replica;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
@@ -369,6 +370,14 @@ impl Application {
             self.delivery,
             delivery_stopped,
         ));
+        // The replica reports its breakers and bulkheads for the console.
+        let (stop_report, report_stopped) = tokio::sync::watch::channel(false);
+        let report = tokio::spawn(replica::run(
+            self.saga.clone(),
+            paygate_api_log::ReplicaStatus::new(self.db.clone()),
+            replica::replica_name(self.addr),
+            report_stopped,
+        ));
         let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
         let shutting_down = self.shutting_down.clone();
         let signal = async move {
@@ -415,6 +424,8 @@ impl Application {
         let _ = worker.await;
         let _ = stop_delivery.send(true);
         let _ = delivery.await;
+        let _ = stop_report.send(true);
+        let _ = report.await;
         let _ = stop_sender.send(());
         let _ = sender.await;
         served

@@ -190,6 +190,14 @@ impl Downstream {
         &self.breaker
     }
 
+    /// Calls holding a bulkhead permit now, and the bulkhead's size (the
+    /// policy's `bulkhead_max_concurrent`): `(in use, max)`.
+    pub fn bulkhead_use(&self) -> (u32, u32) {
+        let max = self.policy.bulkhead_max_concurrent;
+        let free = u32::try_from(self.bulkhead.available_permits()).unwrap_or(max);
+        (max.saturating_sub(free), max)
+    }
+
     /// The retry budget (shared with callers that retry on their own, such
     /// as paygate's async ledger retries).
     pub fn budget(&self) -> &Arc<TpsBudget> {

@@ -241,6 +241,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "payment events",
         include_str!("../../../../migrations/sqlite/0013_payment_events.sql"),
     ),
+    (
+        14,
+        "console",
+        include_str!("../../../../migrations/sqlite/0014_console.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -307,6 +312,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         13,
         "payment events",
         include_str!("../../../../migrations/postgres/0013_payment_events.sql"),
+    ),
+    (
+        14,
+        "console",
+        include_str!("../../../../migrations/postgres/0014_console.sql"),
     ),
 ];
 
