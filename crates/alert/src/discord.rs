@@ -100,6 +100,30 @@ fn truncate(s: &str, max_chars: usize) -> String {
 
 /// The webhook body for an alert, within Discord's limits.
 pub fn message_for(a: &Alert) -> Value {
+    message_with_link(a, None)
+}
+
+/// The console page of a payment: `{base}/payments/{paymentId}`, the id
+/// percent-encoded (a payment id is `pay_` and a ULID, but an alert about
+/// an unknown order may carry whatever the card company sent).
+pub fn console_link(base: &str, payment_id: &str) -> String {
+    let id: String = payment_id
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    format!("{}/payments/{id}", base.trim_end_matches('/'))
+}
+
+/// [`message_for`], with a link to the payment's console page (`link`,
+/// from [`console_link`]): the embed's title links there and a `console`
+/// field carries it, so an operator goes from the alert to the payment's
+/// timeline in one click.
+pub fn message_with_link(a: &Alert, link: Option<&str>) -> Value {
     let content = truncate(
         &format!(
             "🚨 paygate: {} — payment `{}` (order `{}`)",
@@ -122,15 +146,25 @@ pub fn message_for(a: &Alert) -> Value {
     fields.push(
         json!({"name": "amount (minor units)", "value": a.amount.to_string(), "inline": true}),
     );
-    // Title 256 + description 1500 + five short fields stays well under 6000.
+    // A link longer than a field value is left out rather than cut (a cut
+    // link is a wrong link); console URLs are far shorter.
+    let link = link.filter(|l| l.chars().count() <= 1024);
+    if let Some(l) = link {
+        fields.push(json!({"name": "console", "value": l, "inline": false}));
+    }
+    // Title 256 + description 1500 + six short fields stays well under 6000.
+    let mut embed = json!({
+        "title": truncate(a.reason.title(), 256),
+        "description": truncate(&a.detail, 1500),
+        "fields": fields,
+    });
+    if let Some(l) = link {
+        embed["url"] = json!(l);
+    }
     json!({
         "content": content,
         "username": "paygate",
-        "embeds": [{
-            "title": truncate(a.reason.title(), 256),
-            "description": truncate(&a.detail, 1500),
-            "fields": fields,
-        }],
+        "embeds": [embed],
         "allowed_mentions": {"parse": []},
     })
 }
@@ -297,6 +331,32 @@ impl DiscordClient {
 mod tests {
     use super::*;
     use crate::AlertReason;
+
+    #[test]
+    fn a_message_links_to_its_payment_on_the_console() {
+        let a = Alert {
+            reason: AlertReason::OutcomeUnknown,
+            payment_id: "pay_01ABC".into(),
+            merchant_id: "mer_1".into(),
+            order_id: "order-1".into(),
+            amount: 1000,
+            detail: "lost".into(),
+        };
+        let link = console_link("https://console.example/", "pay_01ABC");
+        assert_eq!(link, "https://console.example/payments/pay_01ABC");
+        let m = message_with_link(&a, Some(&link));
+        assert_eq!(m["embeds"][0]["url"], link.as_str());
+        let fields = m["embeds"][0]["fields"].as_array().unwrap();
+        assert!(fields
+            .iter()
+            .any(|f| f["name"] == "console" && f["value"] == link.as_str()));
+        let plain = message_for(&a);
+        assert!(plain["embeds"][0].get("url").is_none());
+        assert_eq!(
+            console_link("https://c", "a b/c"),
+            "https://c/payments/a%20b%2Fc"
+        );
+    }
 
     #[test]
     fn messages_fit_discord_limits() {

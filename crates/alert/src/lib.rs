@@ -152,6 +152,7 @@ pub struct OutboxAlerter {
     outbox: SqlOutbox,
     client: Option<DiscordClient>,
     wake: Notify,
+    console_url: Option<String>,
 }
 
 impl std::fmt::Debug for OutboxAlerter {
@@ -180,10 +181,22 @@ impl OutboxAlerter {
     /// An alerter over `outbox`, delivering through `client` when a webhook
     /// is configured.
     pub fn new(outbox: SqlOutbox, client: Option<DiscordClient>) -> Arc<Self> {
+        Self::with_console(outbox, client, None)
+    }
+
+    /// [`OutboxAlerter::new`], with every alert's message linking to its
+    /// payment's page on the operator console at `console_url` (its public
+    /// base URL, `console_public_url`; `None`: no link).
+    pub fn with_console(
+        outbox: SqlOutbox,
+        client: Option<DiscordClient>,
+        console_url: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             outbox,
             client,
             wake: Notify::new(),
+            console_url: console_url.map(|u| u.trim_end_matches('/').to_owned()),
         })
     }
 
@@ -340,7 +353,11 @@ impl Alerter for OutboxAlerter {
             detail = %a.detail,
             "operator alert"
         );
-        let payload = discord::message_for(&a);
+        let link = self
+            .console_url
+            .as_ref()
+            .map(|base| discord::console_link(base, a.payment_id.as_str()));
+        let payload = discord::message_with_link(&a, link.as_deref());
         match self.outbox.enqueue(&a, &payload).await {
             Ok(true) => {
                 metrics::counter!("paygate_alerts_raised_total", "reason" => a.reason.as_str())

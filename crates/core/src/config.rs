@@ -189,6 +189,22 @@ pub struct Config {
     /// Tries of one webhook delivery before it is marked failed (`paygate
     /// webhooks resend` sends it again). Default 12 (about three days).
     pub webhook_max_attempts: u32,
+    /// The operator console's listen address (`paygate console`). Default
+    /// `127.0.0.1:8090`: loopback, reached through an SSH tunnel or a
+    /// proxy that terminates TLS. Must differ from `listen`: the console is
+    /// never served on the merchant port.
+    pub console_listen: String,
+    /// The console's address as operators reach it (`https://console.example`),
+    /// used for the link in every Discord alert and, when it is `https`, to
+    /// mark the session cookie `Secure`. Unset: alerts carry no link.
+    pub console_public_url: Option<String>,
+    /// How long a console login lasts, ms (absolute, from the login).
+    /// Default 28,800,000 (8 hours); 1,000 to 604,800,000 (7 days).
+    pub console_session_ttl_ms: u64,
+    /// Console login attempts allowed per minute for one operator name and,
+    /// separately, for one client address; further attempts are refused
+    /// (429) until the minute has passed. Default 5; 1 to 1000.
+    pub console_login_attempts_per_minute: u32,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -271,6 +287,10 @@ impl Default for Config {
             webhook_poll_ms: 500,
             webhook_retry_first_ms: 10_000,
             webhook_max_attempts: 12,
+            console_listen: "127.0.0.1:8090".to_owned(),
+            console_public_url: None,
+            console_session_ttl_ms: 28_800_000,
+            console_login_attempts_per_minute: 5,
         }
     }
 }
@@ -501,6 +521,43 @@ impl Config {
         if !(1..=100).contains(&self.webhook_max_attempts) {
             return Err(bad("webhook_max_attempts", "must be 1 to 100"));
         }
+        let console = self
+            .console_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| bad("console_listen", format!("not a socket address: {e}")))?;
+        if let Ok(merchant) = self.listen.parse::<SocketAddr>() {
+            let same_host = merchant.ip() == console.ip()
+                || merchant.ip().is_unspecified()
+                || console.ip().is_unspecified();
+            if same_host && merchant.port() == console.port() && console.port() != 0 {
+                return Err(bad(
+                    "console_listen",
+                    "must not be the merchant API's address (`listen`)",
+                ));
+            }
+        }
+        if let Some(url) = &self.console_public_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            if rest
+                .is_none_or(|r| r.trim_matches('/').is_empty() || r.contains(char::is_whitespace))
+            {
+                return Err(bad(
+                    "console_public_url",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        if !(1_000..=604_800_000).contains(&self.console_session_ttl_ms) {
+            return Err(bad("console_session_ttl_ms", "must be 1000 to 604800000"));
+        }
+        if !(1..=1000).contains(&self.console_login_attempts_per_minute) {
+            return Err(bad(
+                "console_login_attempts_per_minute",
+                "must be 1 to 1000",
+            ));
+        }
         Ok(())
     }
 }
@@ -684,6 +741,43 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_console_is_never_on_the_merchant_port_and_its_url_is_checked() {
+        let same = Config {
+            console_listen: "127.0.0.1:8080".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            same.validate().map_err(|e| e.key),
+            Err("console_listen".to_owned())
+        );
+        let wildcard = Config {
+            listen: "0.0.0.0:9000".into(),
+            console_listen: "127.0.0.1:9000".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            wildcard.validate().map_err(|e| e.key),
+            Err("console_listen".to_owned())
+        );
+        for url in ["console.example", "https://", "ftp://x", "https://a b"] {
+            let c = Config {
+                console_public_url: Some(url.into()),
+                ..Config::default()
+            };
+            assert_eq!(
+                c.validate().map_err(|e| e.key),
+                Err("console_public_url".to_owned()),
+                "{url}"
+            );
+        }
+        let ok = Config {
+            console_public_url: Some("https://console.example/".into()),
+            ..Config::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
     }
 
     #[test]

@@ -123,7 +123,11 @@ impl Components {
         if discord.is_none() {
             tracing::warn!("no Discord webhook configured (PAYGATE_DISCORD_WEBHOOK_URL): alerts are logged and kept in the outbox");
         }
-        let alerter = OutboxAlerter::new(paygate_alert::SqlOutbox::new(db.clone()), discord);
+        let alerter = OutboxAlerter::with_console(
+            paygate_alert::SqlOutbox::new(db.clone()),
+            discord,
+            config.console_public_url.clone(),
+        );
         let settings = SagaSettings {
             currency: config.currency.clone(),
             lookup_attempts: config.card_api_lookup_attempts,
