@@ -15,15 +15,14 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
-use futures_util::TryStreamExt;
 use paygate_alert::{outbox::OutboxRow, SqlOutbox};
 use paygate_api_log::{ResolutionLog, SqlApiLog, StoredLogEntry};
 use paygate_core::{
     masking::{mask_text, scrub_json_for_display},
-    CardStatus, MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
+    MerchantId, OrderId, Partition, PaymentId, PaymentRecord,
 };
-use paygate_payments::{record_json, Decision, ResolveError, ResolveRequest, Resolver};
-use paygate_state_store::{SqlDatabase, StateStore};
+use paygate_payments::{problems, record_json, Decision, ResolveError, ResolveRequest, Resolver};
+use paygate_state_store::StateStore;
 use serde_json::{json, Value};
 
 use crate::ops::{age, local_time, open_stores, truncate};
@@ -363,124 +362,6 @@ fn yes(b: bool) -> &'static str {
     } else {
         "no"
     }
-}
-
-/// One line of `payments list --problems`.
-struct Problem {
-    kind: &'static str,
-    since_ms: i64,
-    payment_id: String,
-    merchant_id: String,
-    order_id: String,
-    amount: Option<i64>,
-    status: String,
-    detail: String,
-}
-
-impl Problem {
-    fn of_record(kind: &'static str, r: &PaymentRecord) -> Self {
-        Self {
-            kind,
-            since_ms: r.updated_at,
-            payment_id: r.payment_id.to_string(),
-            merchant_id: r.merchant_id.to_string(),
-            order_id: r.order_id.to_string(),
-            amount: Some(r.amount),
-            status: format!(
-                "{}{}",
-                r.card_status.as_str(),
-                if r.is_paid { " paid" } else { "" }
-            ),
-            detail: mask_text(r.last_error.as_deref().unwrap_or_default()),
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "kind": self.kind,
-            "since": paygate_core::time::rfc3339_from_ms(self.since_ms),
-            "paymentId": self.payment_id,
-            "merchantId": self.merchant_id,
-            "orderId": self.order_id,
-            "amount": self.amount,
-            "status": self.status,
-            "detail": self.detail,
-        })
-    }
-}
-
-/// Alert reasons that stay a problem until an operator resolves them: the
-/// card company and paygate disagree, and nothing automatic will act.
-pub const MISMATCH_REASONS: &[&str] = &[
-    "card_mismatch",
-    "amount_mismatch",
-    "paid_not_approved",
-    "orphan_not_canceled",
-    "cancel_unknown",
-    "reversal_failed",
-    "cancel_mismatch",
-    "oversold",
-];
-
-async fn problems(
-    db: &SqlDatabase,
-    store: &Arc<dyn StateStore>,
-    merchant: Option<&str>,
-    older_than: Duration,
-) -> anyhow::Result<Vec<Problem>> {
-    let now = paygate_core::time::now_ms();
-    let stale_before = now - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
-    let mut out = Vec::new();
-    let mut records = store.scan(Partition::Realtime, 500);
-    while let Some(r) = records.try_next().await? {
-        if merchant.is_some_and(|m| r.merchant_id.as_str() != m) {
-            continue;
-        }
-        let kind = match r.card_status {
-            CardStatus::Unknown if !r.is_paid => Some("unknown"),
-            _ if r.is_paid && !r.is_saved => Some("paid_unsaved"),
-            CardStatus::Pending if !r.is_paid && r.updated_at <= stale_before => {
-                Some("stale_pending")
-            }
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            out.push(Problem::of_record(kind, &r));
-        }
-    }
-    for a in SqlOutbox::new(db.clone())
-        .unresolved(MISMATCH_REASONS, 10_000)
-        .await?
-    {
-        let pid = a.payment_id.clone().unwrap_or_default();
-        let record = if pid.starts_with("pay_") {
-            store.get(&PaymentId::from_stored(pid.as_str())).await?
-        } else {
-            None
-        };
-        let merchant_id = record
-            .as_ref()
-            .map(|(_, r)| r.merchant_id.to_string())
-            .unwrap_or_default();
-        if merchant.is_some_and(|m| merchant_id != m) {
-            continue;
-        }
-        out.push(Problem {
-            kind: "alert",
-            since_ms: a.created_at,
-            payment_id: pid,
-            merchant_id,
-            order_id: record
-                .as_ref()
-                .map(|(_, r)| r.order_id.to_string())
-                .unwrap_or_default(),
-            amount: record.as_ref().map(|(_, r)| r.amount),
-            status: format!("{} #{}", a.reason, a.id),
-            detail: mask_text(&a.detail()),
-        });
-    }
-    out.sort_by_key(|p| std::cmp::Reverse(p.since_ms));
-    Ok(out)
 }
 
 async fn list(config: paygate_core::Config, args: ListArgs) -> anyhow::Result<ExitCode> {

@@ -44,6 +44,7 @@ pub mod ledger;
 mod logged_call;
 mod lookup;
 pub mod outcome;
+pub mod problems;
 pub mod recheck;
 mod replay;
 pub mod resolve;
@@ -64,6 +65,7 @@ pub use outcome::{
     ConfirmInput, ConfirmOutcome, ConfirmTicket, EarlyAnswer, Refusal, Reuse, Settlement,
     TicketState,
 };
+pub use problems::{problems, Problem, MISMATCH_REASONS};
 pub use recheck::RecheckSchedule;
 pub use resolve::{
     record_json, CardEvidence, Decision, ResolveError, ResolveReport, ResolveRequest, Resolver,
