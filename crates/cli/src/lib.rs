@@ -6,12 +6,14 @@
 //! sandbox simulators as HTTP servers), `demo` (an end-to-end run under
 //! faults that checks invariants I1-I3), and the operator tools: `payments`
 //! (show, list problems, recheck, resolve), `alerts` (list, resend),
-//! `webhooks` (merchant webhooks: list, resend, endpoint) and `prune`
-//! (retention).
+//! `webhooks` (merchant webhooks: list, resend, endpoint), `prune`
+//! (retention), `console` (the operator console in the browser) and
+//! `operators` (its accounts).
 
 mod alerts;
 mod batch;
 mod check;
+mod console;
 mod demo;
 mod flash_sale;
 mod ops;
@@ -137,6 +139,14 @@ enum Command {
     /// Retention: delete old SQL log rows and alerts of settled payments,
     /// in bounded batches (`--dry-run` deletes nothing).
     Prune(prune::PruneArgs),
+    /// Serve the operator console on PAYGATE_CONSOLE_LISTEN (default
+    /// 127.0.0.1:8090).
+    Console,
+    /// Operators: console accounts (create, list, disable).
+    Operators {
+        #[command(subcommand)]
+        command: console::OperatorsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Alerts { command } => alerts::run(config, command).await,
                 Command::Webhooks { command } => webhooks::run(config, command).await,
                 Command::Prune(args) => prune::run(config, args).await,
+                Command::Console => console::serve(config).await,
+                Command::Operators { command } => console::operators(config, command).await,
                 Command::Demo(_) | Command::Sim { .. } => Ok(ExitCode::SUCCESS),
             }
         }

@@ -232,6 +232,26 @@ impl EventStore {
         })
     }
 
+    /// One payment's events with their delivery state, in `(version,
+    /// cancel_n)` order (the console's timeline).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn for_payment(&self, payment_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {ROW_COLUMNS} FROM payment_events \
+             WHERE payment_id = $1 ORDER BY version, cancel_n"
+        );
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql)
+                .bind(payment_id)
+                .fetch_all(pool)
+                .await
+                .map_err(map_err)?;
+            rows.iter().map(row_from).collect()
+        })
+    }
+
     /// Pending events due at `now_ms` (epoch ms), oldest first, at most
     /// `limit`: each the first undelivered event of its payment, so a
     /// payment's events go out in order.
