@@ -801,3 +801,134 @@ fn serve_keeps_answering_when_nobody_reads_its_log() {
     drop(lines);
     remove_db(&path);
 }
+
+/// `paygate operators create|list|disable` and `paygate console`: an
+/// account made with a password from stdin (or a generated one, printed
+/// once), the console serving its login page on its own port, refusing the
+/// merchant port, and stopping on SIGTERM.
+#[test]
+fn operators_are_managed_from_the_cli_and_the_console_serves_and_stops() {
+    use std::io::Write as _;
+    let (url, path) = temp_db("operators");
+    let mut create = paygate()
+        .args([
+            "operators",
+            "create",
+            "alice",
+            "--role",
+            "operator",
+            "--password-stdin",
+        ])
+        .env("PAYGATE_DATABASE_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(create.stdin.take().unwrap(), "correct horse battery staple").unwrap();
+    let out = create.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("operator alice created (operator)"), "{text}");
+    assert!(
+        !text.contains("password:"),
+        "a password from stdin is not printed"
+    );
+
+    let run = |args: &[&str]| {
+        paygate()
+            .args(args)
+            .env("PAYGATE_DATABASE_URL", &url)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // A generated password is printed once; a taken name, a bad role and a
+    // short password are refused.
+    let out = run(&["operators", "create", "ada", "--role", "admin"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let generated = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a generated password")
+        .to_owned();
+    assert!(generated.len() >= 20, "{text}");
+    assert!(!run(&["operators", "create", "alice", "--role", "viewer"])
+        .status
+        .success());
+    assert!(!run(&["operators", "create", "bob", "--role", "root"])
+        .status
+        .success());
+    let list = String::from_utf8_lossy(&run(&["operators", "list"]).stdout).to_string();
+    assert!(
+        list.contains("alice") && list.contains("ada") && list.contains("admin"),
+        "{list}"
+    );
+    assert!(!list.contains(&generated), "list never shows a password");
+    assert!(run(&["operators", "disable", "alice"]).status.success());
+    let list = String::from_utf8_lossy(&run(&["operators", "list"]).stdout).to_string();
+    assert!(list.contains("disabled"), "{list}");
+
+    // The console never shares the merchant port.
+    let out = paygate()
+        .arg("console")
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_LISTEN", "127.0.0.1:18555")
+        .env("PAYGATE_CONSOLE_LISTEN", "127.0.0.1:18555")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("console_listen"));
+
+    // It serves its login page, and stops on SIGTERM.
+    let port = free_port();
+    let mut console = paygate()
+        .arg("console")
+        .env("PAYGATE_DATABASE_URL", &url)
+        .env("PAYGATE_CONSOLE_LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(console.stderr.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("paygate console listening") => break,
+            Some(_) => {}
+            None => panic!("console exited before listening"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let page = reqwest::blocking::get(format!("http://127.0.0.1:{port}/login")).unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next(),
+        Some("default-src 'none'")
+    );
+    assert!(page.text().unwrap().contains("Operator name"));
+    assert!(Command::new("kill")
+        .args(["-TERM", &console.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = console.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    remove_db(&path);
+}

@@ -43,7 +43,7 @@ dl.facts dt { color:var(--muted); } dl.facts dd { margin:0; }
 .cols { display:grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap:16px; }
 .card { border:1px solid var(--line); border-radius:6px; padding:10px 14px; }
 form.inline { display:inline; }
-form.stack { display:grid; gap:6px; max-width:520px; }
+form.stack { display:grid; gap:6px; max-width:520px; align-content:start; }
 label { font-weight:600; }
 input[type=text], input[type=password], input[type=search], input[type=date], input[type=number], select, textarea { font:inherit; padding:4px 6px; border:1px solid var(--line); border-radius:4px; }
 textarea { min-height:3.2em; }
@@ -651,7 +651,6 @@ const RECONCILE_KEYS: &[&str] = &[
     "cancelled",
     "alerts",
     "failures",
-    "incomplete_slices",
     "deferred",
     "duration_ms",
 ];
