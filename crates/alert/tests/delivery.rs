@@ -378,3 +378,38 @@ async fn a_send_under_a_rate_limit_that_never_lifts_gives_up_at_its_deadline() {
     assert_eq!(again, Err(DiscordError::OutOfTime));
     assert_eq!(sim.stats().requests, 5, "no request inside the retry_after");
 }
+
+/// With the console's public URL set, the message Discord receives links to
+/// the payment's console page (the embed's title and a `console` field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_alert_links_to_its_payment_on_the_console() {
+    for backend in sql_backends() {
+        let sim = DiscordSim::new(50, Duration::from_millis(100));
+        let (url, cleanup) = fresh_sql_url(&backend).await;
+        let db = SqlDatabase::connect(&url, 4).await.unwrap();
+        db.migrate().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (webhook, _server) = serve_discord(sim.clone(), listener).unwrap();
+        let client = DiscordClient::new(reqwest::Client::new(), Secret::new(webhook), 50);
+        let alerter = OutboxAlerter::with_console(
+            SqlOutbox::new(db),
+            Some(client),
+            Some("https://console.example/".into()),
+        );
+        alerter.raise(alert(7)).await;
+        assert_eq!(alerter.flush().await.sent, 1, "{}", backend.name());
+        let got = sim.received();
+        let embed = &got[0]["embeds"][0];
+        assert_eq!(
+            embed["url"],
+            "https://console.example/payments/pay_test_0007"
+        );
+        assert!(embed["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "console"
+                && f["value"] == "https://console.example/payments/pay_test_0007"));
+        cleanup.run().await;
+    }
+}

@@ -39,16 +39,9 @@ pub fn local_time(ms: i64, zone: chrono_tz::Tz) -> String {
     }
 }
 
-/// How long ago `ms` was, coarsely: `42s`, `17m`, `5h`, `3d`.
-pub fn age(ms: i64) -> String {
-    let secs = (paygate_core::time::now_ms() - ms).max(0) / 1000;
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7_200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3_600),
-        s => format!("{}d", s / 86_400),
-    }
-}
+/// How long ago `ms` was, coarsely: `42s`, `17m`, `5h`, `3d` (the
+/// console shows ages the same way).
+pub use paygate_console::pages::age;
 
 /// `text` cut to `max` characters, with `…` when cut.
 pub fn truncate(text: &str, max: usize) -> String {

@@ -95,6 +95,7 @@ pub struct Console {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    state: Shared,
 }
 
 impl Console {
@@ -109,11 +110,13 @@ impl Console {
         components: Components,
     ) -> Result<Self, ConsoleError> {
         let addr = listener.local_addr()?;
-        let router = routes::router(routes::State::new(settings, components));
+        let state: Shared = Arc::new(routes::State::new(settings, components));
+        let router = routes::router(state.clone());
         Ok(Self {
             listener,
             addr,
             router,
+            state,
         })
     }
 
@@ -131,13 +134,17 @@ impl Console {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(
+        let sweeper = tokio::spawn(routes::sweep_limiters(Arc::downgrade(&self.state)));
+        drop(self.state);
+        let served = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+        sweeper.abort();
+        served
     }
 }
 

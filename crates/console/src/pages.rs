@@ -198,8 +198,25 @@ pub fn layout(title: &str, session: Option<&Session>, current: Nav, body: Markup
     }
 }
 
-/// The login page; `error` is shown above the form.
-pub fn login(csrf: &str, error: Option<&str>, name: &str) -> Markup {
+/// A page that sends the browser on to `to` at once (a same-site hop; see
+/// the routes' `no_session`), with a link for a browser that does not.
+pub fn hop(to: &str) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content=(format!("0;url={to}"));
+                title { "paygate console" }
+            }
+            body { p { a href=(to) { "Log in to the console" } } }
+        }
+    }
+}
+
+/// The login page; `error` is shown above the form; `next` is where a
+/// successful login goes.
+pub fn login(csrf: &str, error: Option<&str>, name: &str, next: &str) -> Markup {
     layout(
         "Log in",
         None,
@@ -208,6 +225,7 @@ pub fn login(csrf: &str, error: Option<&str>, name: &str) -> Markup {
             @if let Some(e) = error { p.note.bad role="alert" { (e) } }
             form.stack method="post" action="/login" {
                 input type="hidden" name="csrf" value=(csrf);
+                input type="hidden" name="next" value=(next);
                 label for="name" { "Operator name" }
                 input #name type="text" name="name" value=(name) autocomplete="username" required autofocus;
                 label for="password" { "Password" }
@@ -434,9 +452,9 @@ pub struct PaymentView {
     /// The outcome of the action just taken (an audit row's outcome and
     /// detail).
     pub banner: Option<(String, String)>,
-    /// A fresh idempotency key for the cancel form: a form submitted twice
-    /// cancels once.
-    pub cancel_key: String,
+    /// How many cancels the page shows (the cancel form carries it, with
+    /// the balance: a cancel of a payment changed since is refused).
+    pub cancels_seen: usize,
 }
 
 /// The Payment page: state, amounts, cancels, hold, the actions the state
@@ -522,7 +540,8 @@ pub fn payment(session: &Session, v: &PaymentView, zone: chrono_tz::Tz) -> Marku
                         @if cancelable {
                             form.card.stack method="post" action=(format!("{}/cancel", payment_href(pid))) {
                                 input type="hidden" name="csrf" value=(session.csrf());
-                                input type="hidden" name="idempotency_key" value=(v.cancel_key);
+                                input type="hidden" name="seen_cancels" value=(v.cancels_seen);
+                                input type="hidden" name="seen_balance" value=(v.balance);
                                 strong { "Cancel (refund)" }
                                 label for="cancel-amount" { "Amount (minor units; empty cancels all " (amount(v.balance)) ")" }
                                 input #cancel-amount type="number" name="amount" min="1" max=(v.balance);

@@ -12,7 +12,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     num::NonZeroU32,
-    sync::Arc,
     time::Duration,
 };
 
@@ -104,20 +103,8 @@ impl State {
     }
 }
 
-/// The router over `state`.
-pub(crate) fn router(state: State) -> Router {
-    let shared: Shared = Arc::new(state);
-    // The keyed limiters keep an entry per name and address seen: forget
-    // the ones whose minute has passed.
-    let sweeper = Arc::downgrade(&shared);
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            let Some(s) = sweeper.upgrade() else { return };
-            s.by_name.retain_recent();
-            s.by_addr.retain_recent();
-        }
-    });
+/// The router over `shared`.
+pub(crate) fn router(shared: Shared) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/problems") }))
         .route("/console.css", get(css))
@@ -137,7 +124,25 @@ pub(crate) fn router(state: State) -> Router {
         .route("/operators", get(operators).post(create_operator))
         .route("/operators/{name}/disable", post(disable_operator))
         .layer(axum::middleware::map_response(security_headers))
+        // Every console form is small (a reason is at most 500 characters):
+        // a larger body is refused before it is read.
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(shared)
+}
+
+/// The largest request body the console reads, bytes.
+const BODY_LIMIT: usize = 16 * 1024;
+
+/// Forgets, every minute, the login rate limiter's entries whose minute has
+/// passed (the keyed limiters keep one per name and address seen), until
+/// the console is dropped.
+pub(crate) async fn sweep_limiters(state: std::sync::Weak<State>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let Some(s) = state.upgrade() else { return };
+        s.by_name.retain_recent();
+        s.by_addr.retain_recent();
+    }
 }
 
 /// No caching, no framing, no referrer, no script, nothing from elsewhere.
@@ -207,13 +212,25 @@ fn unavailable(session: Option<&Session>, e: &dyn std::fmt::Display) -> Response
     )
 }
 
-/// A page or action without a live session goes to the login page.
-pub(crate) struct NoSession;
-
-impl IntoResponse for NoSession {
-    fn into_response(self) -> Response {
-        see_other("/login")
+/// Where a request without a live session goes: a POST to the login page
+/// (303); a page to `/login?next=<that page>` by a same-site hop (a
+/// `meta refresh`), because the session cookie is `SameSite=Strict`: a
+/// link followed from Discord arrives without it, and the hop, made by a
+/// page of the console itself, carries it, so a logged-in operator lands
+/// on the payment and one not logged in comes back to it after the login.
+fn no_session(parts: &Parts) -> Response {
+    if parts.method != axum::http::Method::GET {
+        return see_other("/login");
     }
+    let next = parts
+        .uri
+        .path_and_query()
+        .map_or("/problems", |pq| pq.as_str());
+    let to = match safe_next(Some(next)) {
+        Some(n) => format!("/login?next={}", pages::percent(n)),
+        None => "/login".to_owned(),
+    };
+    page(StatusCode::OK, pages::hop(&to))
 }
 
 impl FromRequestParts<Shared> for Session {
@@ -221,14 +238,34 @@ impl FromRequestParts<Shared> for Session {
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
-            return Err(NoSession.into_response());
+            return Err(no_session(parts));
         };
         match state.sessions.get(token).await {
             Ok(Some(s)) => Ok(s),
-            Ok(None) => Err(NoSession.into_response()),
+            Ok(None) => Err(no_session(parts)),
             Err(e) => Err(unavailable(None, &e)),
         }
     }
+}
+
+/// `next` when it is a page of this console (a path under one of its
+/// pages, printable ASCII only), else `None`: never a place elsewhere.
+fn safe_next(next: Option<&str>) -> Option<&str> {
+    const PAGES: &[&str] = &[
+        "/problems",
+        "/search",
+        "/payments/",
+        "/alerts",
+        "/reconciliation",
+        "/health",
+        "/operators",
+    ];
+    next.filter(|n| {
+        n.len() <= 2_048
+            && n.bytes().all(|b| b.is_ascii_graphic())
+            && !n.contains('\\')
+            && PAGES.iter().any(|p| n.starts_with(p))
+    })
 }
 
 /// Checks a POST's CSRF token and the operator's role; a refusal is
@@ -281,21 +318,40 @@ struct LoginForm {
     password: String,
     #[serde(default)]
     csrf: Option<String>,
+    #[serde(default)]
+    next: Option<String>,
 }
 
-async fn login_page(AxState(s): AxState<Shared>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct LoginQuery {
+    #[serde(default)]
+    next: Option<String>,
+}
+
+async fn login_page(
+    AxState(s): AxState<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    let next = safe_next(q.next.as_deref()).unwrap_or("/problems");
     if let Some(t) = cookie(&headers, SESSION_COOKIE) {
         if matches!(s.sessions.get(t).await, Ok(Some(_))) {
-            return see_other("/problems");
+            return see_other(next);
         }
     }
-    login_form(&s, StatusCode::OK, None, "")
+    login_form(&s, StatusCode::OK, None, "", next)
 }
 
 /// The login form with a fresh login cookie (its CSRF token's key).
-fn login_form(s: &State, status: StatusCode, error: Option<&str>, name: &str) -> Response {
+fn login_form(
+    s: &State,
+    status: StatusCode,
+    error: Option<&str>,
+    name: &str,
+    next: &str,
+) -> Response {
     let nonce = new_token();
-    let mut res = page(status, pages::login(&csrf_token(&nonce), error, name));
+    let mut res = page(status, pages::login(&csrf_token(&nonce), error, name, next));
     res.headers_mut().append(
         header::SET_COOKIE,
         set_cookie(
@@ -309,6 +365,28 @@ fn login_form(s: &State, status: StatusCode, error: Option<&str>, name: &str) ->
     res
 }
 
+/// The rate limiter's key of a client address: an IPv6 client is keyed by
+/// its /64 (one subscriber's whole prefix), an IPv4 one by its address.
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Passwords longer than this are refused unread (argon2 hashes any
+/// length; this bounds the work one request can ask for).
+const MAX_PASSWORD_BYTES: usize = 1_024;
+
+/// `POST /login`. The rate limiter is asked first, so an attempt beyond
+/// it costs no hash and writes no row: rate-limited attempts are logged,
+/// not audited (the audit cannot be pruned, and an unauthenticated client
+/// must not be able to grow it at will). Within the limit, every failure
+/// is audited with the name typed.
 async fn login(
     AxState(s): AxState<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -316,7 +394,24 @@ async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let name = form.name.trim().to_owned();
+    let next = safe_next(form.next.as_deref()).unwrap_or("/problems");
+    // A name that cannot exist is shown and audited cut, and keys no
+    // limiter entry of its own.
+    let valid_name = crate::operators::check_name(&name).is_ok();
     let shown_name: String = name.chars().take(64).collect();
+    let limited = s.by_addr.check_key(&addr_key(peer.ip())).is_err()
+        || (valid_name && s.by_name.check_key(&name).is_err());
+    if limited {
+        metrics::counter!("paygate_console_logins_rate_limited_total").increment(1);
+        tracing::warn!(name = %shown_name, from = %peer.ip(), "console login rate limited");
+        return login_form(
+            &s,
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("Too many login attempts; wait a minute and try again."),
+            &shown_name,
+            next,
+        );
+    }
     let nonce = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
     if nonce.is_empty() || !csrf_ok(nonce, form.csrf.as_deref()) {
         s.audit(
@@ -332,25 +427,15 @@ async fn login(
             StatusCode::FORBIDDEN,
             Some("The login form expired; log in again."),
             &shown_name,
+            next,
         );
     }
-    if s.by_addr.check_key(&peer.ip()).is_err() || s.by_name.check_key(&name).is_err() {
-        s.audit(
-            &shown_name,
-            "login_failed",
-            None,
-            "refused",
-            &format!("rate limited (from {})", peer.ip()),
-        )
-        .await;
-        return login_form(
-            &s,
-            StatusCode::TOO_MANY_REQUESTS,
-            Some("Too many login attempts; wait a minute and try again."),
-            &shown_name,
-        );
-    }
-    match s.operators.verify(&name, &form.password).await {
+    let verified = if valid_name && form.password.len() <= MAX_PASSWORD_BYTES {
+        s.operators.verify(&name, &form.password).await
+    } else {
+        Ok(None)
+    };
+    match verified {
         Ok(Some(op)) => match s.sessions.create(&op.name, s.settings.session_ttl_ms).await {
             Ok(token) => {
                 s.audit(
@@ -361,7 +446,7 @@ async fn login(
                     &format!("from {}", peer.ip()),
                 )
                 .await;
-                let mut res = see_other("/problems");
+                let mut res = see_other(next);
                 let max_age = s.settings.session_ttl_ms / 1000;
                 res.headers_mut().append(
                     header::SET_COOKIE,
@@ -395,6 +480,7 @@ async fn login(
                 StatusCode::UNAUTHORIZED,
                 Some("Wrong name or password."),
                 &shown_name,
+                next,
             )
         }
         Err(e) => unavailable(None, &e),
@@ -576,12 +662,17 @@ async fn operators(AxState(s): AxState<Shared>, session: Session) -> Response {
             ),
         );
     }
+    operators_page(&s, &session, None).await
+}
+
+/// The Operators page with `note` (what the last change did).
+async fn operators_page(s: &State, session: &Session, note: Option<&str>) -> Response {
     match s.operators.list().await {
         Ok(rows) => page(
             StatusCode::OK,
-            pages::operators(&session, &rows, None, s.settings.zone),
+            pages::operators(session, &rows, note, s.settings.zone),
         ),
-        Err(e) => unavailable(Some(&session), &e),
+        Err(e) => unavailable(Some(session), &e),
     }
 }
 
@@ -655,6 +746,18 @@ async fn resolve(
             return back_to_payment(&pid, a);
         }
     };
+    let Some(version) = form.version else {
+        let a = s
+            .audit(
+                &who,
+                "resolve",
+                Some(pid.as_str()),
+                "refused",
+                "the form carries no version; reload the page",
+            )
+            .await;
+        return back_to_payment(&pid, a);
+    };
     let reason = form.reason.trim();
     if reason.is_empty() || reason.chars().count() > 500 {
         let a = s
@@ -681,7 +784,7 @@ async fn resolve(
         reason: reason.to_owned(),
         operator: who.clone(),
         force: form.force.as_deref() == Some("on"),
-        seen_version: form.version,
+        seen_version: Some(version),
     };
     let (outcome, detail) = match resolver.resolve(&req).await {
         Ok(report) => {
@@ -793,8 +896,12 @@ struct CancelForm {
     reason: String,
     #[serde(default)]
     amount: String,
+    /// How many cancels the page showed.
     #[serde(default)]
-    idempotency_key: String,
+    seen_cancels: Option<usize>,
+    /// What the page showed left to cancel, minor units.
+    #[serde(default)]
+    seen_balance: Option<i64>,
 }
 
 async fn cancel(
@@ -822,12 +929,11 @@ async fn cancel(
         "" => Ok(None),
         a => a.parse::<i64>().ok().filter(|v| *v > 0).map(Some).ok_or(()),
     };
-    let key = form.idempotency_key.trim();
     let bad = if reason.is_empty() || reason.chars().count() > 200 {
         Some("a reason (1-200 characters) is required")
     } else if amount.is_err() {
         Some("the amount must be a whole number of minor units above 0, or empty for all")
-    } else if !key.starts_with("console-") || key.len() > 64 {
+    } else if form.seen_cancels.is_none() || form.seen_balance.is_none() {
         Some("the form is stale; reload the page")
     } else {
         None
@@ -855,12 +961,39 @@ async fn cancel(
         }
         Err(e) => return unavailable(Some(&session), &e),
     };
+    // The cancel the operator asked for is the one after what the page
+    // showed. A payment whose cancels changed since (another operator, the
+    // merchant, the batch) is refused: the operator looks again. Two
+    // submits of pages showing the same state share one idempotency key,
+    // so the second replays the first (or is refused as another cancel
+    // under that key) and never refunds twice; the claim behind the key is
+    // the store's atomic one.
+    let cancels = match c.store.cancels_of(&pid).await {
+        Ok(k) => k,
+        Err(e) => return unavailable(Some(&session), &e),
+    };
+    let balance = views::balance(&record, &cancels);
+    if form.seen_cancels != Some(cancels.len()) || form.seen_balance != Some(balance) {
+        let a = s
+            .audit(
+                &who,
+                "cancel",
+                Some(pid.as_str()),
+                "refused",
+                &format!(
+                    "the payment's cancels changed since the page was drawn (now {} cancels, {balance} left); nothing was done, look at it again",
+                    cancels.len()
+                ),
+            )
+            .await;
+        return back_to_payment(&pid, a);
+    }
     let input = CancelInput {
         merchant_id: record.merchant_id.clone(),
         payment_id: pid.clone(),
         reason: reason.to_owned(),
         amount: amount.ok().flatten(),
-        idempotency_key: Some(key.to_owned()),
+        idempotency_key: Some(format!("console-after-{}", cancels.len())),
     };
     let (outcome, detail) = match c.saga.cancel(input).await {
         CancelOutcome::Canceled(p) => (
@@ -912,8 +1045,20 @@ async fn cancel(
 }
 
 /// Only a path of this console is a place to go back to.
-fn safe_back(back: Option<&str>) -> Option<&str> {
-    back.filter(|b| b.starts_with('/') && !b.starts_with("//") && !b.contains('\\'))
+/// Where a resend goes back to: the alert's payment page (`to_payment`)
+/// or one of the Alerts page's listings; nothing else is accepted.
+enum Back {
+    Payment,
+    Alerts(&'static str),
+}
+
+fn back_of(back: Option<&str>) -> Back {
+    match back {
+        Some(b) if b.starts_with("/payments/") => Back::Payment,
+        Some("/alerts?show=unsent") => Back::Alerts("/alerts?show=unsent"),
+        Some("/alerts?show=parked") => Back::Alerts("/alerts?show=parked"),
+        _ => Back::Alerts("/alerts?show=all"),
+    }
 }
 
 async fn resend_alert(
@@ -943,7 +1088,8 @@ async fn resend_alert(
     let (outcome, detail) = match &alert {
         None => ("refused", format!("no alert #{id}")),
         Some(a) => match s.outbox.requeue(id).await {
-            Ok(_) => (
+            Ok(false) => ("refused", format!("alert #{id} is gone (pruned)")),
+            Ok(true) => (
                 "ok",
                 format!(
                     "alert #{id} ({}) was {}; queued to be sent again",
@@ -964,12 +1110,10 @@ async fn resend_alert(
     let audit = s
         .audit(&who, "resend_alert", payment.as_deref(), outcome, &detail)
         .await;
-    match (payment, safe_back(form.back.as_deref())) {
-        (Some(p), Some(back)) if back.starts_with("/payments/") => {
-            back_to_payment(&PaymentId::from_stored(p.as_str()), audit)
-        }
-        (_, Some(back)) => see_other(back),
-        _ => see_other("/alerts"),
+    match (payment, back_of(form.back.as_deref())) {
+        (Some(p), Back::Payment) => back_to_payment(&PaymentId::from_stored(p.as_str()), audit),
+        (None, Back::Payment) => see_other("/alerts?show=all"),
+        (_, Back::Alerts(to)) => see_other(to),
     }
 }
 
@@ -1023,13 +1167,7 @@ async fn create_operator(
             Err(e) => return unavailable(Some(&session), &e),
         },
     };
-    match s.operators.list().await {
-        Ok(rows) => page(
-            StatusCode::OK,
-            pages::operators(&session, &rows, Some(&note), s.settings.zone),
-        ),
-        Err(e) => unavailable(Some(&session), &e),
-    }
+    operators_page(&s, &session, Some(&note)).await
 }
 
 async fn disable_operator(
@@ -1063,13 +1201,7 @@ async fn disable_operator(
             Err(e) => return unavailable(Some(&session), &e),
         }
     };
-    match s.operators.list().await {
-        Ok(rows) => page(
-            StatusCode::OK,
-            pages::operators(&session, &rows, Some(&note), s.settings.zone),
-        ),
-        Err(e) => unavailable(Some(&session), &e),
-    }
+    operators_page(&s, &session, Some(&note)).await
 }
 
 #[cfg(test)]
@@ -1093,13 +1225,45 @@ mod tests {
     }
 
     #[test]
-    fn only_local_paths_are_places_to_go_back_to() {
+    fn only_console_pages_are_places_to_go() {
+        assert_eq!(safe_next(Some("/payments/pay_1")), Some("/payments/pay_1"));
         assert_eq!(
-            safe_back(Some("/alerts?show=all")),
-            Some("/alerts?show=all")
+            safe_next(Some("/search?order_id=a")),
+            Some("/search?order_id=a")
         );
-        assert_eq!(safe_back(Some("//evil.example")), None);
-        assert_eq!(safe_back(Some("https://evil.example")), None);
-        assert_eq!(safe_back(None), None);
+        for bad in [
+            "//evil.example",
+            "https://evil.example",
+            "/\t/evil.example",
+            "/\\evil",
+            "/login",
+            "/problems\t",
+        ] {
+            assert_eq!(safe_next(Some(bad)), None, "{bad:?}");
+        }
+        assert!(matches!(
+            back_of(Some("/alerts?show=parked")),
+            Back::Alerts("/alerts?show=parked")
+        ));
+        assert!(matches!(
+            back_of(Some("//evil.example")),
+            Back::Alerts("/alerts?show=all")
+        ));
+        assert!(matches!(back_of(Some("/payments/pay_1")), Back::Payment));
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1"
+            .parse()
+            .unwrap_or(IpAddr::from([0u8; 4]));
+        let b: IpAddr = "2001:db8:1:2:bbbb::9"
+            .parse()
+            .unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(addr_key(a), addr_key(b));
+        let v4: IpAddr = "10.0.0.7".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(addr_key(v4), v4);
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(addr_key(mapped), v4);
     }
 }

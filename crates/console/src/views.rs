@@ -52,16 +52,7 @@ pub async fn payment(
     };
     let id = pid.as_str();
     let cancels = c.store.cancels_of(pid).await?;
-    let done: i64 = cancels
-        .iter()
-        .filter(|k| k.status.as_str() != "FAILED")
-        .map(|k| k.amount)
-        .sum();
-    let balance = if record.is_paid {
-        (record.amount - done).max(0)
-    } else {
-        0
-    };
+    let balance = balance(&record, &cancels);
     let hold = c
         .inventory
         .hold_by_order(&record.merchant_id, &record.order_id)
@@ -233,8 +224,23 @@ pub async fn payment(
             .collect(),
         timeline,
         banner,
-        cancel_key: format!("console-{}", ulid::Ulid::new()),
+        cancels_seen: cancels.len(),
     }))
+}
+
+/// What is left to cancel of a paid payment, minor units: its amount less
+/// every cancel not failed (a pending or unknown one may have happened);
+/// 0 for one not paid.
+pub fn balance(record: &PaymentRecord, cancels: &[paygate_state_store::CancelRecord]) -> i64 {
+    if !record.is_paid {
+        return 0;
+    }
+    let taken: i64 = cancels
+        .iter()
+        .filter(|k| k.status != paygate_state_store::CancelStatus::Failed)
+        .map(|k| k.amount)
+        .sum();
+    (record.amount - taken).max(0)
 }
 
 /// `YYYY-MM-DD` at midnight in `zone`, epoch ms.

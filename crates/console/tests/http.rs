@@ -10,7 +10,13 @@ use std::time::Duration;
 
 use paygate_core::crypto;
 use paygate_state_store::testing::sql_backends;
-use support::{csrf_in, env, Client, PASSWORD};
+use support::{csrf_in, env, Answer, Client, PASSWORD};
+
+/// A page without a live session hops (same-site) to the login page, with
+/// itself as `next`.
+fn to_login(a: &Answer) -> bool {
+    a.status == 200 && a.body.contains("url=/login?next=")
+}
 
 async fn audit_rows(
     db: &paygate_state_store::SqlDatabase,
@@ -52,15 +58,10 @@ async fn logins_are_rate_limited_per_name_and_every_failure_is_audited() {
             .iter()
             .filter(|r| r.action == "login_failed" && r.operator == "alice")
             .collect();
-        assert_eq!(failed.len(), 6, "{name}: {rows:?}");
-        assert_eq!(
-            failed
-                .iter()
-                .filter(|r| r.detail.starts_with("rate limited"))
-                .count(),
-            1,
-            "{name}"
-        );
+        // Each failure within the limit is audited; the refused sixth costs
+        // no hash and no row (an unauthenticated client cannot grow the
+        // append-only table at will).
+        assert_eq!(failed.len(), 5, "{name}: {rows:?}");
         assert!(rows
             .iter()
             .any(|r| r.action == "login" && r.operator == "victor"));
@@ -80,6 +81,9 @@ async fn a_session_expires_ends_at_logout_and_when_its_operator_is_disabled() {
         // No session: every page goes to the login.
         let mut anon = Client::new(&e.base);
         let a = anon.get("/problems").await;
+        assert!(to_login(&a), "{name}: {}", a.body);
+        assert!(a.body.contains("next=%2Fproblems"), "{name}: {}", a.body);
+        let a = anon.post("/payments/pay_x/recheck", &[]).await;
         assert_eq!(
             (a.status, a.location.as_deref()),
             (303, Some("/login")),
@@ -92,11 +96,7 @@ async fn a_session_expires_ends_at_logout_and_when_its_operator_is_disabled() {
         assert_eq!(c.get("/problems").await.status, 200, "{name}");
         tokio::time::sleep(Duration::from_millis(1_700)).await;
         let a = c.get("/problems").await;
-        assert_eq!(
-            (a.status, a.location.as_deref()),
-            (303, Some("/login")),
-            "{name}: expired"
-        );
+        assert!(to_login(&a), "{name}: expired: {}", a.body);
 
         // Logout ends a live session.
         let mut c = Client::new(&e.base);
@@ -108,9 +108,8 @@ async fn a_session_expires_ends_at_logout_and_when_its_operator_is_disabled() {
         assert_eq!(a.status, 303, "{name}");
         let mut replay = Client::new(&e.base);
         replay.cookies.insert("paygate_console".into(), token);
-        assert_eq!(
-            replay.get("/problems").await.status,
-            303,
+        assert!(
+            to_login(&replay.get("/problems").await),
             "{name}: logged out"
         );
 
@@ -129,7 +128,7 @@ async fn a_session_expires_ends_at_logout_and_when_its_operator_is_disabled() {
             )
             .await;
         assert!(a.body.contains("Disabled alice"), "{name}: {}", a.body);
-        assert_eq!(alice.get("/problems").await.status, 303, "{name}: disabled");
+        assert!(to_login(&alice.get("/problems").await), "{name}: disabled");
         assert_eq!(
             Client::new(&e.base).login("alice", PASSWORD).await.status,
             401
@@ -352,6 +351,140 @@ async fn no_page_shows_a_secret_of_the_configuration() {
         assert!(
             pages[1].contains("card_mismatch"),
             "{name}: the alert is a problem"
+        );
+    }
+}
+
+/// A link from an alert (`/payments/<id>`) comes back to that page after
+/// the login, and a live session goes straight there; `next` never leaves
+/// the console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_from_an_alert_lands_on_its_payment_after_the_login() {
+    for backend in sql_backends() {
+        let name = backend.name();
+        let e = env(&backend, |_| {}).await;
+        let path = format!("/payments/{}", e.unknown.payment_id.as_str());
+        let mut c = Client::new(&e.base);
+        let hop = c.get(&path).await;
+        assert!(to_login(&hop), "{name}");
+        let login = c
+            .get(&format!("/login?next={}", path.replace('/', "%2F")))
+            .await;
+        assert!(
+            login
+                .body
+                .contains(&format!(r#"name="next" value="{path}""#)),
+            "{name}: {}",
+            login.body
+        );
+        let a = c
+            .post(
+                "/login",
+                &[
+                    ("name", "alice"),
+                    ("password", PASSWORD),
+                    ("csrf", &csrf_in(&login.body)),
+                    ("next", &path),
+                ],
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.location.as_deref()),
+            (303, Some(path.as_str())),
+            "{name}"
+        );
+        let again = c.get(&format!("/login?next={path}")).await;
+        assert_eq!(
+            again.location.as_deref(),
+            Some(path.as_str()),
+            "{name}: a live session goes straight there"
+        );
+        for bad in [
+            "//evil.example/x",
+            "https://evil.example",
+            "/%09/evil.example",
+        ] {
+            let a = c.get(&format!("/login?next={bad}")).await;
+            assert_eq!(a.location.as_deref(), Some("/problems"), "{name}: {bad}");
+        }
+    }
+}
+
+/// A cancel from the console refunds once: a page submitted twice, or a
+/// page drawn before another cancel, is refused or replayed, never sent to
+/// the card company a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_a_stale_or_twice_submitted_page_refunds_once() {
+    for backend in sql_backends() {
+        let name = backend.name();
+        let e = env(&backend, |_| {}).await;
+        let pid = e.unknown.payment_id.as_str().to_owned();
+        let path = format!("/payments/{pid}");
+        let mut alice = Client::new(&e.base);
+        alice.login("alice", PASSWORD).await;
+        // Settle it approved first (the card company approved it).
+        let page = alice.get(&path).await;
+        let version = e.unknown.version.to_string();
+        let a = alice
+            .post(
+                &format!("{path}/resolve"),
+                &[
+                    ("csrf", &csrf_in(&page.body)),
+                    ("decision", "approved"),
+                    ("reason", "DONE in the card console"),
+                    ("version", &version),
+                ],
+            )
+            .await;
+        assert_eq!(a.status, 303, "{name}: {}", a.body);
+        let page = alice.get(a.location.as_deref().unwrap()).await;
+        assert!(
+            page.body.contains("resolved as approved"),
+            "{name}: {}",
+            page.body
+        );
+        assert!(
+            page.body.contains(r#"name="seen_balance" value="15000""#),
+            "{name}"
+        );
+        let form = |csrf: &str| {
+            vec![
+                ("csrf", csrf.to_owned()),
+                ("amount", "5000".to_owned()),
+                ("reason", "customer returned one item".to_owned()),
+                ("seen_cancels", "0".to_owned()),
+                ("seen_balance", "15000".to_owned()),
+            ]
+        };
+        let csrf = csrf_in(&page.body);
+        let fields = form(&csrf);
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        // The same page submitted twice at once, then once more later.
+        let mut bob = Client::new(&e.base);
+        bob.cookies = alice.cookies.clone();
+        let cancel = format!("{path}/cancel");
+        let (first, second) =
+            tokio::join!(alice.post(&cancel, &fields), bob.post(&cancel, &fields));
+        assert_eq!((first.status, second.status), (303, 303), "{name}");
+        let third = alice.post(&cancel, &fields).await;
+        assert_eq!(third.status, 303, "{name}");
+        let page = alice.get(third.location.as_deref().unwrap()).await;
+        assert!(
+            page.body.contains("changed since the page was drawn"),
+            "{name}: {}",
+            page.body
+        );
+        let cancels = e.store.cancels_of(&e.unknown.payment_id).await.unwrap();
+        assert_eq!(cancels.len(), 1, "{name}: one cancel: {cancels:?}");
+        assert_eq!(cancels[0].amount, 5_000);
+        assert_eq!(
+            e.sandbox.card.stats().cancel_calls,
+            1,
+            "{name}: one call to the card company"
+        );
+        assert!(
+            page.body.contains(r#"name="seen_balance" value="10000""#),
+            "{name}: the fresh page"
         );
     }
 }
