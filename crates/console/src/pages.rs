@@ -246,7 +246,15 @@ pub fn message(title: &str, session: Option<&Session>, text: &str) -> Markup {
     )
 }
 
-/// One line of the Problems page (see [`paygate_payments::Problem`]).
+/// The most problems one page shows (an outage can leave thousands; the
+/// page stays readable and small, and says how many there are).
+pub const PROBLEMS_SHOWN: usize = 500;
+
+/// A replica that has not reported for this long is left off the Health
+/// page (it was scaled away or renamed), ms; the page counts them.
+pub const GONE_AFTER_MS: i64 = 86_400_000;
+
+/// The Problems page (see [`paygate_payments::Problem`]).
 pub fn problems(
     session: &Session,
     rows: &[paygate_payments::Problem],
@@ -264,10 +272,16 @@ pub fn problems(
             @if rows.is_empty() {
                 p.note.ok { "No problems." }
             } @else {
+                @if rows.len() > PROBLEMS_SHOWN {
+                    p.note.bad role="status" {
+                        (rows.len()) " problems; the newest " (PROBLEMS_SHOWN) " are shown ("
+                        code { "paygate payments list --problems --limit " (rows.len()) } " lists all)."
+                    }
+                }
                 table {
                     thead { tr { th { "Kind" } th { "Age" } th { "Payment" } th { "Merchant" } th { "Order" } th.num { "Amount" } th { "Status" } th { "Reason" } } }
                     tbody {
-                        @for p in rows {
+                        @for p in rows.iter().take(PROBLEMS_SHOWN) {
                             tr {
                                 td { (badge(p.kind)) }
                                 td title=(p.since_ms.to_string()) { (age(p.since_ms)) }
@@ -742,11 +756,15 @@ pub fn health(session: &Session, v: &HealthView, zone: chrono_tz::Tz) -> Markup 
         html! {
             h2 { "Replicas" }
             p.muted { "Each serve replica reports its circuit breakers and bulkheads every few seconds; one silent for 30 s is marked." }
-            @if v.replicas.is_empty() { p.muted { "No replica has reported." } } @else {
+            @let gone = v.replicas.iter().filter(|(_, at, _)| now - at > GONE_AFTER_MS).count();
+            @if gone > 0 {
+                p.muted { (gone) " replica(s) silent for over a day are not shown (" code { "replica_status" } " keeps their last report)." }
+            }
+            @if v.replicas.len() == gone { p.muted { "No replica has reported in the last day." } } @else {
                 table {
                     thead { tr { th { "Replica" } th { "Last report" } th { "Downstream" } th { "Circuit breaker" } th.num { "Bulkhead in use" } th.num { "Ledger retries pending" } } }
                     tbody {
-                        @for (name, at, snap) in &v.replicas {
+                        @for (name, at, snap) in v.replicas.iter().filter(|(_, at, _)| now - at <= GONE_AFTER_MS) {
                             @let silent = now - at > SILENT_AFTER_MS;
                             @let downstreams = snap.get("downstreams").and_then(Value::as_array).cloned().unwrap_or_default();
                             @for d in &downstreams {
@@ -839,6 +857,63 @@ mod tests {
         assert_eq!(amount(-1_234_567), "-1,234,567");
         assert_eq!(payment_href("pay_01"), "/payments/pay_01");
         assert_eq!(percent("a b&c"), "a%20b%26c");
+    }
+
+    fn session(role: Role) -> Session {
+        Session {
+            operator: crate::operators::Operator {
+                name: "kim".into(),
+                role,
+                created_at: 0,
+                disabled_at: None,
+            },
+            token: "t".into(),
+            expires_at: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn a_long_problem_list_is_cut_and_says_so() {
+        let p = paygate_payments::Problem {
+            kind: "unknown",
+            since_ms: 0,
+            payment_id: "pay_1".into(),
+            merchant_id: "mer_1".into(),
+            order_id: "o".into(),
+            amount: Some(1),
+            status: "UNKNOWN".into(),
+            detail: String::new(),
+            alert_id: None,
+        };
+        let rows = vec![p; PROBLEMS_SHOWN + 100];
+        let html = problems(&session(Role::Viewer), &rows, 10).into_string();
+        assert_eq!(
+            html.matches("<tr>").count(),
+            PROBLEMS_SHOWN + 1,
+            "the header and 500 rows"
+        );
+        assert!(html.contains(&format!("{} problems", PROBLEMS_SHOWN + 100)));
+        let short = problems(&session(Role::Viewer), &rows[..3], 10).into_string();
+        assert_eq!(short.matches("<tr>").count(), 4);
+        assert!(!short.contains("are shown"));
+    }
+
+    #[test]
+    fn replicas_gone_for_a_day_are_counted_not_listed() {
+        let now = paygate_core::time::now_ms();
+        let snap = serde_json::json!({"downstreams": [{"name": "card_api", "breaker": "closed", "bulkheadInUse": 0, "bulkheadMax": 100}]});
+        let v = HealthView {
+            replicas: vec![
+                ("live:8080".into(), now, snap.clone()),
+                ("old:8080".into(), now - GONE_AFTER_MS - 1, snap),
+            ],
+            outbox: (0, 0),
+            events: (0, 0),
+            jobs: vec![],
+        };
+        let html = health(&session(Role::Viewer), &v, chrono_tz::UTC).into_string();
+        assert!(html.contains("live:8080") && !html.contains("old:8080"));
+        assert!(html.contains("1 replica(s) silent for over a day"));
     }
 
     #[test]
