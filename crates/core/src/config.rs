@@ -205,6 +205,10 @@ pub struct Config {
     /// separately, for one client address; further attempts are refused
     /// (429) until the minute has passed. Default 5; 1 to 1000.
     pub console_login_attempts_per_minute: u32,
+    /// How long a replica keeps a merchant's key lookup, ms: a revoked key
+    /// stops working on every replica within this time. Default 5,000; 0
+    /// asks the database on every request; at most 60,000.
+    pub merchant_cache_ttl_ms: u64,
 }
 
 /// The least per-attempt timeout Toss Payments asks clients to allow for
@@ -291,6 +295,7 @@ impl Default for Config {
             console_public_url: None,
             console_session_ttl_ms: 28_800_000,
             console_login_attempts_per_minute: 5,
+            merchant_cache_ttl_ms: 5_000,
         }
     }
 }
@@ -551,6 +556,9 @@ impl Config {
         }
         if !(1_000..=604_800_000).contains(&self.console_session_ttl_ms) {
             return Err(bad("console_session_ttl_ms", "must be 1000 to 604800000"));
+        }
+        if self.merchant_cache_ttl_ms > 60_000 {
+            return Err(bad("merchant_cache_ttl_ms", "must be 0 to 60000"));
         }
         if !(1..=1000).contains(&self.console_login_attempts_per_minute) {
             return Err(bad(

@@ -5,7 +5,11 @@
 //! malformed request (400), not a choice paygate makes for the client.
 //!
 //! The key is hashed with the server's HMAC key and looked up by hash; the
-//! key itself is never stored or logged. Missing or bad key: 401. Each
+//! key itself is never stored or logged. Missing or bad key: 401. Lookups
+//! are kept in a small in-process cache for `merchant_cache_ttl_ms` (5 s):
+//! a confirm then costs no merchant query, and a revoked key stops working
+//! on every replica within that time. Unknown keys are cached too, so a
+//! client trying random keys does not reach the database with each. Each
 //! merchant then has its own GCRA rate limit (`governor`, keyed by merchant):
 //! over it, 429 with `Retry-After`; other merchants are unaffected. The
 //! authenticated request then takes one of its merchant's in-flight slots
@@ -24,6 +28,47 @@ fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once([' ', '\t'])?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Merchant lookups by key hash: `Some(merchant)`, or `None` for a hash
+/// no unrevoked merchant has. moka (a maintained concurrent cache with
+/// TinyLFU admission and per-entry expiry) also coalesces concurrent
+/// lookups of one key into one query.
+pub type MerchantCache = moka::future::Cache<String, Option<Merchant>>;
+
+/// Entries the cache holds at most (far more than merchants; the rest of
+/// the room absorbs unknown keys without evicting real ones first).
+const MERCHANT_CACHE_CAPACITY: u64 = 10_000;
+
+/// The cache for a time to live of `ttl_ms`; `None` when 0 (off).
+pub fn merchant_cache(ttl_ms: u64) -> Option<MerchantCache> {
+    (ttl_ms > 0).then(|| {
+        moka::future::Cache::builder()
+            .max_capacity(MERCHANT_CACHE_CAPACITY)
+            .time_to_live(std::time::Duration::from_millis(ttl_ms))
+            .build()
+    })
+}
+
+/// The unrevoked merchant of `hash`, from the cache when it has it.
+async fn find_merchant(
+    state: &AppState,
+    hash: String,
+) -> Result<Option<Merchant>, std::sync::Arc<paygate_state_store::StoreError>> {
+    match &state.merchant_cache {
+        Some(cache) => {
+            let merchants = state.merchants.clone();
+            let key = hash.clone();
+            cache
+                .try_get_with(hash, async move { merchants.find_by_key_hash(&key).await })
+                .await
+        }
+        None => state
+            .merchants
+            .find_by_key_hash(&hash)
+            .await
+            .map_err(std::sync::Arc::new),
+    }
 }
 
 /// The merchant a request is authenticated as.
@@ -50,7 +95,7 @@ impl FromRequestParts<AppState> for AuthedMerchant {
             .filter(|k| k.starts_with(API_KEY_PREFIX) && k.len() <= 128)
             .ok_or_else(Problem::unauthorized)?;
         let hash = hash_api_key(&state.api_key_hash_key, key);
-        match state.merchants.find_by_key_hash(&hash).await {
+        match find_merchant(state, hash).await {
             Ok(Some(m)) => {
                 tracing::Span::current().record("merchant_id", m.merchant_id.as_str());
                 if let Some(limiter) = &state.merchant_limiter {

@@ -73,6 +73,9 @@ pub const ANSWER_GRACE: Duration = Duration::from_millis(500);
 pub struct AppState {
     saga: Arc<Saga>,
     merchants: SqlMerchantStore,
+    /// Merchant lookups by key hash, kept `merchant_cache_ttl_ms` (`None`:
+    /// every request asks the database).
+    merchant_cache: Option<auth::MerchantCache>,
     api_key_hash_key: Secret<String>,
     db: SqlDatabase,
     merchant_limiter: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
@@ -243,6 +246,7 @@ impl Application {
             shutdown_deadline: deadline_rx,
             saga: saga.clone(),
             merchants: SqlMerchantStore::new(db.clone()),
+            merchant_cache: auth::merchant_cache(config.merchant_cache_ttl_ms),
             api_key_hash_key: config.api_key_hash_key.clone(),
             db: db.clone(),
             shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),

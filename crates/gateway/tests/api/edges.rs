@@ -579,3 +579,35 @@ async fn the_bearer_scheme_is_case_insensitive_and_two_authorizations_are_400() 
     assert_problem(resp, 401, "UNAUTHORIZED").await;
     app.teardown().await;
 }
+
+/// Merchant lookups are cached for `merchant_cache_ttl_ms`: a key revoked
+/// in the database keeps working until its entry expires (the bound the
+/// docs state), then gets 401; with the cache off it stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_stops_working_within_the_merchant_cache_ttl() {
+    for ttl_ms in [1_500u64, 0] {
+        let app = spawn_app(&Backend::Sqlite, FaultProfile::none(), |c| {
+            c.merchant_cache_ttl_ms = ttl_ms;
+        })
+        .await;
+        let path = "/v1/payments/orders/no-such-order";
+        // Authenticated (404, not 401): the lookup is now cached.
+        assert_eq!(app.get(&app.key, path).await.status(), 404, "ttl {ttl_ms}");
+        let revoke = paygate_state_store::with_pool!(&app.app_db, pool => {
+            sqlx::query("UPDATE merchants SET revoked_at = 1")
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        });
+        assert_eq!(revoke.unwrap(), 1);
+        let right_after = app.get(&app.key, path).await.status();
+        if ttl_ms == 0 {
+            assert_eq!(right_after, 401, "no cache: revoked at once");
+        } else {
+            assert_eq!(right_after, 404, "cached: still the merchant's");
+            tokio::time::sleep(Duration::from_millis(ttl_ms + 300)).await;
+            assert_eq!(app.get(&app.key, path).await.status(), 401, "after the ttl");
+        }
+        app.teardown().await;
+    }
+}
