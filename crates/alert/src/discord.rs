@@ -107,16 +107,24 @@ pub fn message_for(a: &Alert) -> Value {
 /// percent-encoded (a payment id is `pay_` and a ULID, but an alert about
 /// an unknown order may carry whatever the card company sent).
 pub fn console_link(base: &str, payment_id: &str) -> String {
-    let id: String = payment_id
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect();
-    format!("{}/payments/{id}", base.trim_end_matches('/'))
+    format!(
+        "{}/payments/{}",
+        base.trim_end_matches('/'),
+        percent(payment_id)
+    )
+}
+
+/// Every byte but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `s` percent-encoded for a URL path segment or query value: `a b/c` is
+/// `a%20b%2Fc`.
+pub fn percent(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, NOT_UNRESERVED).to_string()
 }
 
 /// [`message_for`], with a link to the payment's console page (`link`,

@@ -130,16 +130,10 @@ pub fn payment_href(id: &str) -> String {
     format!("/payments/{}", percent(id))
 }
 
-/// Percent-encodes `s` for a path segment or a query value.
+/// Percent-encodes `s` for a path segment or a query value (everything
+/// but RFC 3986's unreserved characters), as the alert links do.
 pub fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    paygate_alert::discord::percent(s)
 }
 
 fn status_class(status: &str) -> &'static str {
@@ -883,7 +877,6 @@ mod tests {
             amount: Some(1),
             status: "UNKNOWN".into(),
             detail: String::new(),
-            alert_id: None,
         };
         let rows = vec![p; PROBLEMS_SHOWN + 100];
         let html = problems(&session(Role::Viewer), &rows, 10).into_string();

@@ -103,6 +103,24 @@ impl State {
     }
 }
 
+impl State {
+    /// Audits an action on a payment and sends the browser back to the
+    /// payment's page, which shows the row's outcome.
+    async fn audited(
+        &self,
+        who: &str,
+        action: &str,
+        pid: &PaymentId,
+        outcome: &str,
+        detail: &str,
+    ) -> Response {
+        let id = self
+            .audit(who, action, Some(pid.as_str()), outcome, detail)
+            .await;
+        back_to_payment(pid, id)
+    }
+}
+
 /// The router over `shared`.
 pub(crate) fn router(shared: Shared) -> Router {
     Router::new()
@@ -403,7 +421,14 @@ async fn login(
         || (valid_name && s.by_name.check_key(&name).is_err());
     if limited {
         metrics::counter!("paygate_console_logins_rate_limited_total").increment(1);
-        tracing::warn!(name = %shown_name, from = %peer.ip(), "console login rate limited");
+        // Only a name that could be an operator's is logged: a password
+        // typed into the name field must not reach the log.
+        let logged = if valid_name {
+            name.as_str()
+        } else {
+            "(not a valid name)"
+        };
+        tracing::warn!(name = logged, from = %peer.ip(), "console login rate limited");
         return login_form(
             &s,
             StatusCode::TOO_MANY_REQUESTS,
@@ -734,42 +759,39 @@ async fn resolve(
         "approved" => Decision::Approved,
         "not_charged" => Decision::NotCharged,
         _ => {
-            let a = s
-                .audit(
+            return s
+                .audited(
                     &who,
                     "resolve",
-                    Some(pid.as_str()),
+                    &pid,
                     "refused",
                     "choose approved or not charged",
                 )
                 .await;
-            return back_to_payment(&pid, a);
         }
     };
     let Some(version) = form.version else {
-        let a = s
-            .audit(
+        return s
+            .audited(
                 &who,
                 "resolve",
-                Some(pid.as_str()),
+                &pid,
                 "refused",
                 "the form carries no version; reload the page",
             )
             .await;
-        return back_to_payment(&pid, a);
     };
     let reason = form.reason.trim();
     if reason.is_empty() || reason.chars().count() > 500 {
-        let a = s
-            .audit(
+        return s
+            .audited(
                 &who,
                 "resolve",
-                Some(pid.as_str()),
+                &pid,
                 "refused",
                 "a reason (1-500 characters) is required",
             )
             .await;
-        return back_to_payment(&pid, a);
     }
     let c = &s.components;
     let resolver = Resolver::new(
@@ -814,16 +836,14 @@ async fn resolve(
         Err(e) => ("refused", format!("as {}: {e}", req.decision.as_str())),
     };
     flush_alerts(&s);
-    let a = s
-        .audit(
-            &who,
-            "resolve",
-            Some(pid.as_str()),
-            outcome,
-            &format!("{detail}; reason: {reason}"),
-        )
-        .await;
-    back_to_payment(&pid, a)
+    s.audited(
+        &who,
+        "resolve",
+        &pid,
+        outcome,
+        &format!("{detail}; reason: {reason}"),
+    )
+    .await
 }
 
 async fn recheck(
@@ -882,10 +902,7 @@ async fn recheck(
         }
     };
     flush_alerts(&s);
-    let a = s
-        .audit(&who, "recheck", Some(pid.as_str()), outcome, &detail)
-        .await;
-    back_to_payment(&pid, a)
+    s.audited(&who, "recheck", &pid, outcome, &detail).await
 }
 
 #[derive(Deserialize)]
@@ -939,25 +956,15 @@ async fn cancel(
         None
     };
     if let Some(why) = bad {
-        let a = s
-            .audit(&who, "cancel", Some(pid.as_str()), "refused", why)
-            .await;
-        return back_to_payment(&pid, a);
+        return s.audited(&who, "cancel", &pid, "refused", why).await;
     }
     let c = &s.components;
     let record = match c.store.get(&pid).await {
         Ok(Some((_, r))) => r,
         Ok(None) => {
-            let a = s
-                .audit(
-                    &who,
-                    "cancel",
-                    Some(pid.as_str()),
-                    "refused",
-                    "no such payment",
-                )
+            return s
+                .audited(&who, "cancel", &pid, "refused", "no such payment")
                 .await;
-            return back_to_payment(&pid, a);
         }
         Err(e) => return unavailable(Some(&session), &e),
     };
@@ -974,19 +981,13 @@ async fn cancel(
     };
     let balance = views::balance(&record, &cancels);
     if form.seen_cancels != Some(cancels.len()) || form.seen_balance != Some(balance) {
-        let a = s
-            .audit(
-                &who,
-                "cancel",
-                Some(pid.as_str()),
+        return s.audited(&who, "cancel", &pid,
                 "refused",
                 &format!(
                     "the payment's cancels changed since the page was drawn (now {} cancels, {balance} left); nothing was done, look at it again",
                     cancels.len()
                 ),
-            )
-            .await;
-        return back_to_payment(&pid, a);
+            ).await;
     }
     let input = CancelInput {
         merchant_id: record.merchant_id.clone(),
@@ -1032,16 +1033,14 @@ async fn cancel(
         .ok()
         .flatten()
         .map_or("all".to_owned(), |a| a.to_string());
-    let a = s
-        .audit(
-            &who,
-            "cancel",
-            Some(pid.as_str()),
-            outcome,
-            &format!("{amount_text}: {detail}; reason: {reason}"),
-        )
-        .await;
-    back_to_payment(&pid, a)
+    s.audited(
+        &who,
+        "cancel",
+        &pid,
+        outcome,
+        &format!("{amount_text}: {detail}; reason: {reason}"),
+    )
+    .await
 }
 
 /// Only a path of this console is a place to go back to.

@@ -32,8 +32,6 @@ pub struct Problem {
     pub status: String,
     /// The last error or the alert's detail, masked.
     pub detail: String,
-    /// The alert's id, for `kind == "alert"`.
-    pub alert_id: Option<i64>,
 }
 
 impl Problem {
@@ -51,7 +49,6 @@ impl Problem {
                 if r.is_paid { " paid" } else { "" }
             ),
             detail: mask_text(r.last_error.as_deref().unwrap_or_default()),
-            alert_id: None,
         }
     }
 
@@ -149,7 +146,6 @@ pub async fn problems(
             amount: record.as_ref().map(|(_, r)| r.amount),
             status: format!("{} #{}", a.reason, a.id),
             detail: mask_text(&a.detail()),
-            alert_id: Some(a.id),
         });
     }
     out.sort_by_key(|p| std::cmp::Reverse(p.since_ms));
